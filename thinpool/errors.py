@@ -1,0 +1,191 @@
+"""Every exception thinpool raises, in one hierarchy.
+
+Layer: bottom. May import: nothing from thinpool.
+
+Constructors take keyword fields; ``__str__`` fills the class ``message`` template from them, so tests can
+assert on fields and the CLI can print one clear line.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+
+class ThinpoolError(Exception):
+    """Base of every thinpool error."""
+
+    message = "thinpool error"
+    exit_code = 1
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        self.fields = fields
+        for k, v in fields.items():
+            setattr(self, k, v)
+        if message is not None:
+            self.message = message
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        try:
+            return self.message.format(**self.fields)
+        except (KeyError, IndexError, ValueError):
+            return self.message
+
+
+# --- metadata -------------------------------------------------------------------------------------------------
+class MetadataError(ThinpoolError):
+    message = "metadata error"
+    exit_code = 4
+
+
+class MetadataCorrupt(MetadataError):
+    """Damaged metadata; ``block`` is the metadata block number where it was found."""
+
+    message = "metadata corrupt at block {block}: {reason}"
+
+    def __init__(self, message: str | None = None, *, block: int | None, reason: str, path: tuple[int, ...] = (),
+                 **kw: Any) -> None:
+        super().__init__(message, block=block, reason=reason, path=tuple(path), **kw)
+
+
+class ChecksumError(MetadataCorrupt):
+    message = "metadata corrupt at block {block}: bad checksum in {block_type} (stored {stored:#010x}, computed {computed:#010x})"
+
+    def __init__(self, *, block: int, block_type: str, stored: int, computed: int) -> None:
+        super().__init__(block=block, reason="bad checksum", block_type=block_type, stored=stored,
+                         computed=computed)
+
+
+class UnsupportedMetadata(MetadataError):
+    message = "unsupported metadata: {feature}"
+
+
+class NeedsCheck(MetadataError):
+    message = "metadata has the needs_check flag set: run check (and repair) before writing"
+
+
+# --- space ----------------------------------------------------------------------------------------------------
+class NoSpace(ThinpoolError):
+    message = "no {kind} space left ({requested} block(s) requested)"
+    exit_code = 3
+
+
+class NoDataSpace(NoSpace):
+    def __init__(self, message: str | None = None, *, requested: int = 1, **kw: Any) -> None:
+        super().__init__(message, kind="data", requested=requested, **kw)
+
+
+class NoMetadataSpace(NoSpace):
+    def __init__(self, message: str | None = None, *, requested: int = 1, **kw: Any) -> None:
+        super().__init__(message, kind="metadata", requested=requested, **kw)
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+class DeviceError(ThinpoolError):
+    message = "device {dev_id}: error"
+    exit_code = 5
+
+
+class DeviceExists(DeviceError):
+    message = "device {dev_id} already exists"
+
+
+class DeviceNotFound(DeviceError, LookupError):
+    message = "device {dev_id} does not exist"
+
+
+class DeviceBusy(DeviceError):
+    message = "device {dev_id} is busy"
+
+
+class BadDeviceId(DeviceError, ValueError):
+    message = "bad device id {dev_id}: must be 0..16777215"
+
+
+# --- transactions / pool state --------------------------------------------------------------------------------
+class TransactionError(ThinpoolError):
+    message = "transaction error"
+
+
+class TransactionIdMismatch(TransactionError):
+    message = "transaction id mismatch: pool has {current}, caller said {given}"
+
+
+class PoolFailed(TransactionError):
+    message = "pool has failed; only close is allowed"
+
+
+class ReadOnly(ThinpoolError):
+    message = "pool is read-only"
+
+
+class PoolLocked(ThinpoolError):
+    message = "pool {path} is in use by another writer (lock held on {lockfile})"
+
+
+class PoolNotFound(ThinpoolError, FileNotFoundError):
+    message = "no pool at {path}"
+
+
+class OutOfBounds(ThinpoolError, ValueError):
+    message = "I/O out of bounds: offset {offset} length {length} on a device of {size} bytes"
+
+
+class InvalidArgument(ThinpoolError, ValueError):
+    message = "{reason}"
+
+
+class StoreIOError(ThinpoolError, OSError):
+    message = "I/O error on {what} during {op}: {reason}"
+
+
+# --- filesystem -----------------------------------------------------------------------------------------------
+class FsError(ThinpoolError):
+    message = "filesystem error: {reason}"
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        fields.setdefault("reason", message or self.message)
+        fields.setdefault("path", "")
+        super().__init__(message, **fields)
+
+
+class FileNotFound(FsError, FileNotFoundError):
+    message = "no such file or directory: {path}"
+    errno = _errno.ENOENT
+
+
+class FileExists(FsError, FileExistsError):
+    message = "file exists: {path}"
+    errno = _errno.EEXIST
+
+
+class NotADirectory(FsError, NotADirectoryError):
+    message = "not a directory: {path}"
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(FsError, IsADirectoryError):
+    message = "is a directory: {path}"
+    errno = _errno.EISDIR
+
+
+class DirectoryNotEmpty(FsError):
+    message = "directory not empty: {path}"
+    errno = _errno.ENOTEMPTY
+
+
+class NameTooLong(FsError):
+    message = "file name too long: {path}"
+    errno = _errno.ENAMETOOLONG
+
+
+class FsCorrupt(FsError):
+    message = "filesystem corrupt: {reason}"
+
+
+class FsNoSpace(FsError, NoSpace):
+    message = "no space left on filesystem: {reason}"
+    errno = _errno.ENOSPC
+    exit_code = 3
