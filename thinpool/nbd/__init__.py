@@ -1,0 +1,5 @@
+"""NBD server exporting thinpool block devices (see :mod:`thinpool.nbd.server`)."""
+
+from thinpool.nbd.server import NBDServer, ServerThread, allocation_extents, serve
+
+__all__ = ["NBDServer", "ServerThread", "allocation_extents", "serve"]
