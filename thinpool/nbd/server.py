@@ -465,15 +465,15 @@ class _Connection(asyncio.BufferedProtocol):
         if exp.readonly and cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
             self._reply_error(cmd, cookie, P.EPERM, "export is read-only")
             return
+        if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
+            self._reply_error(cmd, cookie, P.EINVAL if not self._structured else P.EOVERFLOW,
+                              "read larger than the maximum block size")
+            return
         size = exp.size
         if cmd != P.CMD_FLUSH and offset + length > size:
             err = P.ENOSPC if cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
             self._reply_error(cmd, cookie, err,
                               f"request {offset}+{length} beyond the end of the export ({size} bytes)")
-            return
-        if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
-            self._reply_error(cmd, cookie, P.EINVAL if not self._structured else P.EOVERFLOW,
-                              "read larger than the maximum block size")
             return
         dev = exp.device
         try:
