@@ -1,0 +1,363 @@
+"""Persistent copy-on-write B-tree in the dm-thin node layout: lookup, insert, remove with rebalancing,
+ordered iteration, range lookup, highest key, bulk build and recursive delete.
+
+Layer: btree. May import: thinpool.errors, thinpool.btree.node, thinpool.tx.
+
+Every mutating call takes a root block and returns the (possibly new) root block; the old root stays intact
+whenever it was shared (snapshots, held metadata roots), because every node on the path is shadowed first.
+
+Shared nodes are reference-counted in the metadata space map; leaf values carry references of their own through
+the tree's ``ValueType`` (data blocks for mapping leaves, subtree roots for the top level of the mapping tree).
+
+Insertion splits full nodes on the way down (kernel btree_insert_raw), so a parent always has room:
+
+    before:  [ root: full leaf of 252 ]      after:  [ root: internal ]
+                                                       /            \\
+                                             [leaf 126]          [leaf 126]
+
+Removal rebalances on the way down so the child it descends into holds more than max_entries/3 entries
+(kernel rebalance_children / __rebalance2): two siblings holding fewer than 2*(max/3 + 1) entries are merged,
+otherwise their entries are split evenly. A root left with one child absorbs it. Every non-root node thus keeps
+at least max_entries/3 entries, which thin_check requires.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from thinpool.btree.node import Node
+from thinpool.errors import MetadataCorrupt
+from thinpool.formats.btree_node import calc_max_entries
+from thinpool.tx.transaction import TransactionManager
+
+MAX_DEPTH = 12  # a 4 KiB-node tree over 2^64 keys is at most ~8 deep; deeper means a cycle
+
+
+class ValueType(Protocol):
+    size: int
+
+    def inc(self, node: Node) -> None:
+        """Add a reference for every value of a leaf that is being copied."""
+
+    def dec(self, values: Any) -> None:
+        """Drop the references held by these values (removed entries, deleted leaves)."""
+
+
+class NoRefValue:
+    """Values that hold no references (details, ref counts, index entries)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def inc(self, node: Node) -> None:
+        pass
+
+    def dec(self, values: Any) -> None:
+        pass
+
+
+class BTree:
+    """Operations on trees of one value type inside a transaction manager."""
+
+    def __init__(self, tm: TransactionManager, vt: ValueType) -> None:
+        self.tm = tm
+        self.vt = vt
+        self.value_size = vt.size
+        self.leaf_max = calc_max_entries(vt.size)
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def _read(self, b: int) -> Node:
+        return self.tm.read_node(b, self.value_size)
+
+    def lookup(self, root: int, key: int) -> Any | None:
+        node = self._read(root)
+        depth = 0
+        while not node.is_leaf:
+            i = bisect_right(node.keys, key) - 1
+            if i < 0:
+                return None
+            node = self._read(node.values[i])  # type: ignore[arg-type]
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
+        i = bisect_right(node.keys, key) - 1
+        if i >= 0 and node.keys[i] == key:
+            return node.values[i]
+        return None
+
+    def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
+        """Leaves in key order that may hold keys in [lo, hi)."""
+        stack: list[tuple[int, int]] = [(root, 0)]
+        while stack:
+            b, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=b, reason="btree too deep (cycle?)")
+            node = self._read(b)
+            if node.is_leaf:
+                yield node
+                continue
+            keys = node.keys
+            start = max(bisect_right(keys, lo) - 1, 0)
+            end = len(keys) if hi is None else bisect_right(keys, hi - 1)
+            for i in range(end - 1, start - 1, -1):
+                stack.append((node.values[i], depth + 1))  # type: ignore[arg-type]
+
+    def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
+        for leaf in self.leaves(root, lo, hi):
+            for k, v in zip(leaf.keys, leaf.values):
+                if k < lo:
+                    continue
+                if hi is not None and k >= hi:
+                    return
+                yield k, v
+
+    def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All (keys, values) in [lo, hi) as uint64 numpy arrays (value_size 8 or 4 trees only)."""
+        ks, vs = [], []
+        for leaf in self.leaves(root, lo, hi):
+            ks.append(np.frombuffer(leaf.keys.tobytes(), dtype="<u8"))
+            vs.append(np.frombuffer(leaf.values.tobytes(), dtype="<u8" if self.value_size == 8 else "<u4"))  # type: ignore[union-attr]
+        if not ks:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
+        k = np.concatenate(ks)
+        v = np.concatenate(vs).astype(np.uint64)
+        m = (k >= lo) if hi is None else ((k >= lo) & (k < hi))
+        return k[m], v[m]
+
+    def highest_key(self, root: int) -> int | None:
+        node = self._read(root)
+        depth = 0
+        while not node.is_leaf:
+            if not node.keys:
+                raise MetadataCorrupt(block=node.block, reason="empty internal node")
+            node = self._read(node.values[-1])  # type: ignore[arg-type]
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
+        return node.keys[-1] if node.keys else None
+
+    def count(self, root: int) -> int:
+        return sum(len(leaf.keys) for leaf in self.leaves(root))
+
+    # --- building -------------------------------------------------------------------------------------------
+    def empty(self) -> int:
+        """A new empty tree (a single empty leaf); returns its root."""
+        return self.tm.new_node(True, self.value_size).block
+
+    def _shadow(self, b: int) -> Node:
+        return self.tm.shadow(b, self.value_size, self.vt.inc)
+
+    def _split_node(self, node: Node) -> Node:
+        """Move the upper half of ``node`` into a new sibling; returns the sibling."""
+        sib = self.tm.new_node(node.is_leaf, node.value_size)
+        half = len(node.keys) // 2
+        sib.keys = node.keys[half:]
+        sib.values = node.values[half:]
+        del node.keys[half:]
+        del node.values[half:]
+        return sib
+
+    def _split_beneath(self, root: Node) -> None:
+        """Root is full: move its entries into two new children; the root becomes internal over them."""
+        left = self.tm.new_node(root.is_leaf, root.value_size)
+        left.keys, left.values = root.keys, root.values
+        right = self._split_node(left)
+        root.is_leaf = False
+        root.value_size = 8
+        root.max_entries = calc_max_entries(8)
+        root.keys = array("Q", [left.keys[0], right.keys[0]])
+        root.values = array("Q", [left.block, right.block])
+
+    def insert(self, root: int, key: int, value: Any) -> tuple[int, bool]:
+        """Insert or overwrite ``key``. The tree takes over the caller's reference held by ``value``; an
+        overwritten value has its reference dropped. Returns (new root, whether the key is new). O(log n)."""
+        node = self._shadow(root)
+        new_root = node.block
+        if len(node.keys) >= node.max_entries:
+            self._split_beneath(node)
+        depth = 0
+        while not node.is_leaf:
+            keys = node.keys
+            i = bisect_right(keys, key) - 1
+            if i < 0:
+                i = 0
+                keys[0] = key
+            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            node.values[i] = child.block
+            if len(child.keys) >= child.max_entries:
+                sib = self._split_node(child)
+                keys.insert(i + 1, sib.keys[0])
+                node.values.insert(i + 1, sib.block)  # type: ignore[arg-type]
+                if key >= sib.keys[0]:
+                    child = sib
+            node = child
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
+        keys = node.keys
+        i = bisect_right(keys, key)
+        if i > 0 and keys[i - 1] == key:
+            old = node.values[i - 1]
+            node.values[i - 1] = value
+            self.vt.dec([old])
+            return new_root, False
+        keys.insert(i, key)
+        node.values.insert(i, value)  # type: ignore[arg-type]
+        return new_root, True
+
+    def shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
+        """Shadow every node from the root to the leaf holding ``key`` (which must exist).
+        Returns (new root, the writable leaf, index of key in it). Used to update a value in place, e.g. a
+        subtree root in the top level of the mapping tree, without the overwrite's reference drop."""
+        node = self._shadow(root)
+        new_root = node.block
+        depth = 0
+        while not node.is_leaf:
+            i = bisect_right(node.keys, key) - 1
+            if i < 0:
+                raise KeyError(key)
+            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            node.values[i] = child.block
+            node = child
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
+        i = bisect_right(node.keys, key) - 1
+        if i < 0 or node.keys[i] != key:
+            raise KeyError(key)
+        return new_root, node, i
+
+    def remove(self, root: int, key: int) -> tuple[int, bool]:
+        """Remove ``key`` (dropping its value's reference). Returns (new root, whether it was present)."""
+        if self.lookup(root, key) is None:
+            return root, False
+        node = self._shadow(root)
+        new_root = node.block
+        while not node.is_leaf:
+            i = max(bisect_right(node.keys, key) - 1, 0)
+            i = self._rebalance_child(node, i, key)
+            if node.block == new_root and len(node.keys) == 1:
+                self._absorb_only_child(node)
+                continue
+            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            node.values[i] = child.block
+            node = child
+        i = bisect_right(node.keys, key) - 1
+        old = node.values[i]
+        del node.keys[i]
+        del node.values[i]
+        self.vt.dec([old])
+        return new_root, True
+
+    def _min_entries(self, child: Node) -> int:
+        return child.max_entries // 3
+
+    def _rebalance_child(self, parent: Node, i: int, key: int) -> int:
+        """Make sure child ``i`` of ``parent`` holds more than max/3 entries; returns the child index for key."""
+        child = self._read(parent.values[i])  # type: ignore[arg-type]
+        if len(child.keys) > self._min_entries(child) or len(parent.keys) < 2:
+            return i
+        li = i if i + 1 < len(parent.keys) else i - 1
+        left = self._shadow(parent.values[li])  # type: ignore[arg-type]
+        parent.values[li] = left.block
+        right = self._shadow(parent.values[li + 1])  # type: ignore[arg-type]
+        parent.values[li + 1] = right.block
+        total = len(left.keys) + len(right.keys)
+        threshold = 2 * (self._min_entries(left) + 1)
+        if total < threshold:
+            # merge right into left:  [L][R] -> [L+R], parent entry for R removed, R freed (its children moved)
+            left.keys.extend(right.keys)
+            left.values.extend(right.values)  # type: ignore[arg-type]
+            del parent.keys[li + 1]
+            del parent.values[li + 1]
+            self.tm.dec(right.block)
+            return li
+        # redistribute evenly:  [L][R] -> [L'][R'] with |L'| = total // 2
+        target = total // 2
+        if len(left.keys) > target:
+            move = len(left.keys) - target
+            right.keys[0:0] = left.keys[target:]
+            right.values[0:0] = left.values[target:]
+            del left.keys[target:]
+            del left.values[target:]
+        elif len(left.keys) < target:
+            move = target - len(left.keys)
+            left.keys.extend(right.keys[:move])
+            left.values.extend(right.values[:move])  # type: ignore[arg-type]
+            del right.keys[:move]
+            del right.values[:move]
+        parent.keys[li + 1] = right.keys[0]
+        return li if key < right.keys[0] else li + 1
+
+    def _absorb_only_child(self, root: Node) -> None:
+        """A root with one child takes the child's entries (the tree loses a level)."""
+        child = self._shadow(root.values[0])  # type: ignore[arg-type]
+        root.is_leaf = child.is_leaf
+        root.value_size = child.value_size
+        root.max_entries = child.max_entries
+        root.keys = array("Q", child.keys)
+        root.values = child.values[:] if not isinstance(child.values, list) else list(child.values)
+        self.tm.dec(child.block)
+
+    def build(self, keys: np.ndarray, values: Any) -> int:
+        """Build a new tree bottom-up from sorted unique keys; the tree takes over the values' references.
+        Leaves hold at most max entries and at least max/3 (sizes spread evenly). Returns the root."""
+        n = len(keys)
+        if n == 0:
+            return self.empty()
+        level: list[tuple[int, int]] = []  # (first key, block)
+        for lo, hi in _even_chunks(n, self.leaf_max):
+            leaf = self.tm.new_node(True, self.value_size)
+            leaf.keys = array("Q", keys[lo:hi].astype("<u8").tobytes())
+            if self.value_size == 8:
+                leaf.values = array("Q", np.asarray(values[lo:hi], dtype="<u8").tobytes())
+            elif self.value_size == 4:
+                leaf.values = array("I", np.asarray(values[lo:hi], dtype="<u4").tobytes())
+            else:
+                leaf.values = list(values[lo:hi])
+            level.append((int(keys[lo]), leaf.block))
+        internal_max = calc_max_entries(8)
+        while len(level) > 1:
+            nxt = []
+            for lo, hi in _even_chunks(len(level), internal_max):
+                node = self.tm.new_node(False, 8)
+                node.keys = array("Q", [k for k, _ in level[lo:hi]])
+                node.values = array("Q", [b for _, b in level[lo:hi]])
+                nxt.append((node.keys[0], node.block))
+            level = nxt
+        return level[0][1]
+
+    # --- deletion -------------------------------------------------------------------------------------------
+    def delete(self, root: int) -> None:
+        """Drop one reference to the tree at ``root``; nodes (and values) no longer referenced are freed."""
+        stack = [(root, 0)]
+        while stack:
+            b, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise MetadataCorrupt(block=b, reason="btree too deep (cycle?)")
+            if self.tm.sm.count(b) > 1:
+                self.tm.dec(b)
+                continue
+            node = self._read(b)
+            if node.is_leaf:
+                self.vt.dec(node.values)
+            else:
+                stack.extend((c, depth + 1) for c in node.values)  # type: ignore[misc]
+            self.tm.dec(b)
+
+
+def _even_chunks(n: int, cap: int) -> list[tuple[int, int]]:
+    """Split n entries into ceil(n/cap) runs whose sizes differ by at most one."""
+    parts = -(-n // cap)
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for p in range(parts):
+        hi = lo + base + (1 if p < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+

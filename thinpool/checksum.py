@@ -1,0 +1,61 @@
+"""CRC-32C block checksums with dm-thin's per-block-type salts: stamp, verify and identify a 4 KiB block.
+
+Layer: bottom (beside units). May import: thinpool.errors.
+
+stored = crc32c(block[4:]) ^ 0xFFFFFFFF ^ salt  (the kernel's dm_bm_checksum: seed ~0, no final inversion).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+from typing import Final
+
+import crc32c as _crc32c
+
+from thinpool.errors import ChecksumError
+
+SUPERBLOCK_CSUM_XOR: Final = 160774  # K-meta SUPERBLOCK_CSUM_XOR
+BTREE_CSUM_XOR: Final = 121107  # K-spine BTREE_CSUM_XOR
+INDEX_CSUM_XOR: Final = 160478  # K-smc INDEX_CSUM_XOR
+BITMAP_CSUM_XOR: Final = 240779  # K-smc BITMAP_CSUM_XOR
+
+
+class BlockType(Enum):
+    SUPERBLOCK = SUPERBLOCK_CSUM_XOR
+    BTREE_NODE = BTREE_CSUM_XOR
+    INDEX = INDEX_CSUM_XOR
+    BITMAP = BITMAP_CSUM_XOR
+
+    @property
+    def label(self) -> str:
+        return {"SUPERBLOCK": "superblock", "BTREE_NODE": "btree node", "INDEX": "metadata index block",
+                "BITMAP": "space map bitmap"}[self.name]
+
+
+def compute(block: bytes | bytearray | memoryview, block_type: BlockType) -> int:
+    """Checksum a block would carry at offset 0."""
+    return (_crc32c.crc32c(memoryview(block)[4:]) ^ 0xFFFFFFFF ^ block_type.value) & 0xFFFFFFFF
+
+
+def stamp(block: bytearray, block_type: BlockType) -> None:
+    """Write the checksum into bytes 0..3 of ``block`` (in place)."""
+    struct.pack_into("<I", block, 0, compute(block, block_type))
+
+
+def verify(block: bytes | bytearray | memoryview, block_type: BlockType, blocknr: int) -> None:
+    """Raise ChecksumError (naming ``blocknr``) unless the stored checksum matches."""
+    stored = struct.unpack_from("<I", block, 0)[0]
+    computed = compute(block, block_type)
+    if stored != computed:
+        raise ChecksumError(block=blocknr, block_type=block_type.label, stored=stored, computed=computed)
+
+
+def identify(block: bytes | bytearray | memoryview) -> BlockType | None:
+    """Which block type's salt makes the checksum match (as thinp-tools' checksum.rs does), or None."""
+    stored = struct.unpack_from("<I", block, 0)[0]
+    raw = _crc32c.crc32c(memoryview(block)[4:]) ^ 0xFFFFFFFF
+    for t in BlockType:
+        if (raw ^ t.value) & 0xFFFFFFFF == stored:
+            return t
+    return None

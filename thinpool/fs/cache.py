@@ -1,0 +1,106 @@
+"""A write-back cache of file system metadata blocks (inode tables, directories, indirect blocks).
+
+Layer: fs. May import: thinpool.io.device, thinpool.errors.
+
+File data never goes through this cache: it is read and written straight on the device. The one rule that keeps the
+two paths apart: when a block is freed (or handed out for file data) it is dropped from the cache, so a stale dirty
+copy can never overwrite data later written to the same block.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from thinpool.io.device import BlockDevice
+
+MAX_CLEAN_BLOCKS = 8192  # 32 MiB of clean 4 KiB blocks kept for re-reads
+MAX_DIRTY_BLOCKS = 16384  # written back (without a device flush) beyond this many dirty blocks
+
+
+class BlockCache:
+    """Blocks by number; ``get`` returns a mutable buffer, ``mark_dirty`` schedules it for ``write_back``."""
+
+    def __init__(self, device: BlockDevice, block_size: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self._blocks: OrderedDict[int, bytearray] = OrderedDict()
+        self._dirty: set[int] = set()
+
+    def get(self, block: int) -> bytearray:
+        """The cached contents of ``block`` (read from the device on a miss)."""
+        buf = self._blocks.get(block)
+        if buf is None:
+            buf = bytearray(self.device.read(block * self.block_size, self.block_size))
+            self._blocks[block] = buf
+            self._evict()
+        return buf
+
+    def get_many(self, first: int, count: int) -> list[bytearray]:
+        """``count`` consecutive blocks from ``first``, reading all missing ones with one device read."""
+        if all(b in self._blocks for b in range(first, first + count)):
+            return [self._blocks[b] for b in range(first, first + count)]
+        data = self.device.read(first * self.block_size, count * self.block_size)
+        out = []
+        bs = self.block_size
+        for i in range(count):
+            b = first + i
+            buf = self._blocks.get(b)
+            if buf is None:
+                buf = bytearray(data[i * bs:(i + 1) * bs])
+                self._blocks[b] = buf
+            out.append(buf)
+        self._evict()
+        return out
+
+    def new(self, block: int) -> bytearray:
+        """A zero-filled dirty buffer for a freshly allocated metadata block (nothing is read)."""
+        buf = bytearray(self.block_size)
+        self._blocks[block] = buf
+        self._dirty.add(block)
+        self._evict()
+        return buf
+
+    def mark_dirty(self, block: int) -> None:
+        self._dirty.add(block)
+
+    def drop(self, block: int) -> None:
+        """Forget ``block`` without writing it (it was freed or now holds file data)."""
+        self._blocks.pop(block, None)
+        self._dirty.discard(block)
+
+    def write_back(self) -> None:
+        """Write every dirty block, merging runs of consecutive blocks into one device write."""
+        if not self._dirty:
+            return
+        bs = self.block_size
+        order = sorted(self._dirty)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and order[end] == order[end - 1] + 1:
+                end += 1
+            first = order[start]
+            if end - start == 1:
+                self.device.write(first * bs, self._blocks[first])
+            else:
+                self.device.write(first * bs, b"".join(self._blocks[b] for b in order[start:end]))
+            start = end
+        self._dirty.clear()
+
+    def invalidate(self) -> None:
+        """Drop every clean block (dirty ones are kept)."""
+        for b in [b for b in self._blocks if b not in self._dirty]:
+            del self._blocks[b]
+
+    def _evict(self) -> None:
+        if len(self._dirty) > MAX_DIRTY_BLOCKS:
+            self.write_back()
+        excess = len(self._blocks) - MAX_CLEAN_BLOCKS - len(self._dirty)
+        if excess <= 0:
+            return
+        for b in list(self._blocks.keys()):
+            if excess <= 0:
+                break
+            if b not in self._dirty:
+                del self._blocks[b]
+                excess -= 1

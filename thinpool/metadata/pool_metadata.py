@@ -1,0 +1,510 @@
+"""Thin-pool metadata: superblock, device-details tree, two-level mapping tree, space maps; the dm-thin messages.
+
+Layer: metadata. May import: errors, units, checksum, formats, io, tx, btree, spacemap.
+
+Layout (kernel dm-thin-metadata.c):
+- block 0: superblock; everything else is reached from it.
+- details tree: dev_id -> struct disk_device_details (24 bytes).
+- mapping tree, two levels: dev_id -> root of that device's tree; thin block -> block_time (data<<24 | time).
+- data space map (index btree + bitmaps + ref-count tree), metadata space map (index block + bitmaps +
+  ref-count tree, counting itself).
+
+A snapshot shares its origin's mapping root (one metadata reference more, O(1)). Writes shadow the top-level path
+first, then the device's own tree, so a shared tree is copied node by node on the way down and each copy takes a
+reference on what it points to (the kernel's shadowing with inc_children).
+
+Public methods check state (read-only, failed) then run inside the open transaction; ``commit`` makes it durable,
+``abort`` returns to the last commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from thinpool import checksum
+from thinpool.btree.btree import BTree, NoRefValue
+from thinpool.btree.node import Node
+from thinpool.checksum import BlockType
+from thinpool.errors import (BadDeviceId, DeviceExists, DeviceNotFound, InvalidArgument, MetadataCorrupt,
+                             NeedsCheck, PoolFailed, ReadOnly, ThinpoolError, TransactionIdMismatch,
+                             UnsupportedMetadata)
+from thinpool.formats.device_details import (TIME_MASK, DeviceDetails, build_device_details,
+                                             parse_device_details)
+from thinpool.formats.space_map import MAX_METADATA_BITMAPS, ENTRIES_PER_BITMAP
+from thinpool.formats.superblock import (NEEDS_CHECK_FLAG, THIN_SUPERBLOCK_MAGIC, THIN_VERSION, Superblock,
+                                         build_superblock, parse_superblock)
+from thinpool.io.block_store import BlockStore
+from thinpool.spacemap.core import CoreSpaceMap
+from thinpool.spacemap.disk import DiskSpaceMap
+from thinpool.tx.transaction import TransactionManager
+from thinpool.units import MAX_DEV_ID, METADATA_BLOCK_SIZE_SECTORS, MAX_METADATA_BLOCKS
+from thinpool.formats.space_map import SmRoot
+
+MIN_METADATA_BLOCKS = 16
+
+
+@dataclass(slots=True)
+class ThinDetails:
+    """In-core device details (kernel struct dm_thin_device) with a ``changed`` flag."""
+
+    dev_id: int
+    mapped_blocks: int
+    transaction_id: int
+    creation_time: int
+    snapshotted_time: int
+    changed: bool = False
+
+    def to_disk(self) -> DeviceDetails:
+        return DeviceDetails(self.mapped_blocks, self.transaction_id, self.creation_time, self.snapshotted_time)
+
+
+class MappingValue:
+    """Bottom-level leaf values (block_time): each holds one reference on its data block."""
+
+    size = 8
+
+    def __init__(self, data_sm: CoreSpaceMap) -> None:
+        self.data_sm = data_sm
+
+    def inc(self, node: Node) -> None:
+        if node.values:
+            self.data_sm.inc_many(np.frombuffer(node.values, dtype="<u8") >> np.uint64(24))  # type: ignore[arg-type]
+
+    def dec(self, values: Any) -> None:
+        if len(values):
+            arr = np.frombuffer(values, dtype="<u8") if not isinstance(values, list) else np.array(values, "<u8")
+            self.data_sm.dec_many((arr >> np.uint64(24)).astype(np.int64))
+
+
+class SubtreeValue:
+    """Top-level leaf values: each holds one metadata reference on a device's mapping-tree root."""
+
+    size = 8
+
+    def __init__(self, tm: TransactionManager, mapping: BTree) -> None:
+        self.tm = tm
+        self.mapping = mapping
+
+    def inc(self, node: Node) -> None:
+        for b in node.values:
+            self.tm.inc(b)  # type: ignore[arg-type]
+
+    def dec(self, values: Any) -> None:
+        for b in list(values):
+            self.mapping.delete(int(b))
+
+
+class PoolMetadata:
+    """An open pool metadata device."""
+
+    def __init__(self, store: BlockStore, tm: TransactionManager, sb: Superblock, meta: DiskSpaceMap,
+                 data: DiskSpaceMap | None, *, readonly: bool) -> None:
+        self.store = store
+        self.tm = tm
+        self.sb = sb  # the last committed superblock
+        self.meta_disk = meta
+        self.data_disk = data
+        self.readonly = readonly
+        self.failed = False
+        self.data_sm = data.core if data is not None else CoreSpaceMap(0, kind="data")
+        self.mapping = BTree(tm, MappingValue(self.data_sm))
+        self.top = BTree(tm, SubtreeValue(tm, self.mapping))
+        self.details_tree = BTree(tm, NoRefValue(24))
+        self._load_state(sb)
+
+    def _load_state(self, sb: Superblock) -> None:
+        self.time = sb.time
+        self.trans_id = sb.trans_id
+        self.flags = sb.flags
+        self.held_root = sb.held_root
+        self.mapping_root = sb.data_mapping_root
+        self.details_root = sb.device_details_root
+        self.devices: dict[int, ThinDetails] = {}
+        for dev_id, raw in self.details_tree.items(self.details_root):
+            d = parse_device_details(raw)
+            self.devices[dev_id] = ThinDetails(dev_id, d.mapped_blocks, d.transaction_id, d.creation_time,
+                                               d.snapshotted_time)
+        self._roots: dict[int, int] = {k: int(v) for k, v in self.top.items(self.mapping_root)}
+        if set(self._roots) != set(self.devices):
+            raise MetadataCorrupt(block=self.details_root, reason="details tree and mapping tree disagree on "
+                                  f"devices ({sorted(set(self._roots) ^ set(self.devices))[:5]})")
+
+    # --- format / open ----------------------------------------------------------------------------------------
+    @classmethod
+    def format(cls, store: BlockStore, *, data_block_size: int, nr_data_blocks: int) -> PoolMetadata:
+        """Write fresh, empty metadata. ``data_block_size`` in sectors (128..2097152, multiple of 128)."""
+        if data_block_size < 128 or data_block_size > 2097152 or data_block_size % 128:
+            raise InvalidArgument(reason=f"data block size {data_block_size} sectors: must be 128..2097152 in "
+                                         "steps of 128")
+        nr_meta = min(store.nr_blocks, MAX_METADATA_BLOCKS)
+        if nr_meta < MIN_METADATA_BLOCKS:
+            raise InvalidArgument(reason=f"metadata device too small: {nr_meta} blocks, need >= {MIN_METADATA_BLOCKS}")
+        if nr_data_blocks < 1:
+            raise InvalidArgument(reason="the pool needs at least one data block")
+        meta_core = CoreSpaceMap(nr_meta, kind="metadata")
+        meta_core.inc(0)  # the superblock
+        tm = TransactionManager(store, meta_core)
+        meta = DiskSpaceMap.create(tm, meta_core, is_metadata=True)
+        data = DiskSpaceMap.create(tm, CoreSpaceMap(nr_data_blocks, kind="data"), is_metadata=False)
+        details_root = BTree(tm, NoRefValue(24)).empty()
+        mapping_root = BTree(tm, NoRefValue(8)).empty()
+        sb = Superblock(flags=0, blocknr=0, uuid=bytes(16), magic=THIN_SUPERBLOCK_MAGIC, version=THIN_VERSION,
+                        time=0, trans_id=0, held_root=0, data_sm_root=SmRoot(0, 0, 0, 0),
+                        metadata_sm_root=SmRoot(0, 0, 0, 0), data_mapping_root=mapping_root,
+                        device_details_root=details_root, data_block_size=data_block_size,
+                        metadata_block_size=METADATA_BLOCK_SIZE_SECTORS, metadata_nr_blocks=nr_meta)
+        pmd = cls(store, tm, sb, meta, data, readonly=False)
+        pmd.commit()
+        return pmd
+
+    @staticmethod
+    def read_superblock(store: BlockStore, blocknr: int = 0) -> Superblock:
+        """Read and validate a superblock as the kernel's sb_check does (checksum, self block number, magic)."""
+        buf = store.read_block(blocknr)
+        if blocknr == 0 and not any(buf):
+            raise MetadataCorrupt(block=0, reason="superblock is all zeros (unformatted metadata)")
+        checksum.verify(buf, BlockType.SUPERBLOCK, blocknr)
+        sb = parse_superblock(buf, blocknr)
+        if sb.blocknr != blocknr:
+            raise MetadataCorrupt(block=blocknr, reason=f"superblock self block number is {sb.blocknr}")
+        if sb.magic != THIN_SUPERBLOCK_MAGIC:
+            raise MetadataCorrupt(block=blocknr, reason=f"bad superblock magic {sb.magic}")
+        if sb.metadata_block_size != METADATA_BLOCK_SIZE_SECTORS:
+            raise UnsupportedMetadata(feature=f"metadata block size {sb.metadata_block_size} sectors")
+        if sb.data_block_size < 128 or sb.data_block_size % 128 or sb.data_block_size > 2097152:
+            raise MetadataCorrupt(block=blocknr, reason=f"bad data block size {sb.data_block_size}")
+        return sb
+
+    @classmethod
+    def open(cls, store: BlockStore, *, readonly: bool = False, use_metadata_snap: bool = False,
+             allow_needs_check: bool = False) -> PoolMetadata:
+        """Open existing metadata. ``use_metadata_snap`` reads through the held metadata snapshot (read-only)."""
+        sb = cls.read_superblock(store)
+        if sb.incompat_flags:
+            raise UnsupportedMetadata(feature=f"incompat flags {sb.incompat_flags:#x}")
+        if sb.compat_ro_flags and not readonly:
+            raise UnsupportedMetadata(feature=f"compat_ro flags {sb.compat_ro_flags:#x} (open read-only)")
+        if sb.needs_check and not readonly and not allow_needs_check:
+            raise NeedsCheck()
+        mroot = sb.metadata_sm_root
+        if mroot.nr_blocks > store.nr_blocks:
+            raise MetadataCorrupt(block=0, reason=f"metadata device ({store.nr_blocks} blocks) too small: "
+                                                  f"expected {mroot.nr_blocks}")
+        if mroot.nr_blocks == 0 or -(-mroot.nr_blocks // ENTRIES_PER_BITMAP) > MAX_METADATA_BITMAPS:
+            raise MetadataCorrupt(block=0, reason=f"bad metadata space map size {mroot.nr_blocks}")
+        meta_core = CoreSpaceMap(mroot.nr_blocks, kind="metadata")
+        tm = TransactionManager(store, meta_core)
+        meta = DiskSpaceMap.load(tm, mroot, is_metadata=True, core=meta_core)
+        data = DiskSpaceMap.load(tm, sb.data_sm_root, is_metadata=False)
+        view = sb
+        if use_metadata_snap:
+            if not sb.held_root:
+                raise InvalidArgument(reason="no metadata snapshot is held")
+            held = cls.read_superblock(store, sb.held_root)
+            view = sb.replace(data_mapping_root=held.data_mapping_root,
+                              device_details_root=held.device_details_root, time=held.time,
+                              trans_id=held.trans_id)
+            readonly = True
+        return cls(store, tm, view, meta, data, readonly=readonly)
+
+    # --- properties -------------------------------------------------------------------------------------------
+    @property
+    def data_block_size(self) -> int:
+        """Sectors per data block."""
+        return self.sb.data_block_size
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return self.data_sm.nr_blocks
+
+    @property
+    def nr_metadata_blocks(self) -> int:
+        return self.tm.sm.nr_blocks
+
+    @property
+    def needs_check(self) -> bool:
+        return bool(self.flags & NEEDS_CHECK_FLAG)
+
+    def _check_writable(self) -> None:
+        if self.failed:
+            raise PoolFailed()
+        if self.readonly:
+            raise ReadOnly()
+
+    # --- devices ----------------------------------------------------------------------------------------------
+    def device_ids(self) -> list[int]:
+        return sorted(self.devices)
+
+    def get_device(self, dev_id: int) -> ThinDetails:
+        d = self.devices.get(dev_id)
+        if d is None:
+            raise DeviceNotFound(dev_id=dev_id)
+        return d
+
+    def device_root(self, dev_id: int) -> int:
+        self.get_device(dev_id)
+        return self._roots[dev_id]
+
+    @staticmethod
+    def _check_id(dev_id: int) -> None:
+        if not 0 <= dev_id <= MAX_DEV_ID:
+            raise BadDeviceId(dev_id=dev_id)
+
+    def create_thin(self, dev_id: int) -> None:
+        """dm-thin 'create_thin': a new device with an empty mapping tree."""
+        self._check_writable()
+        self._check_id(dev_id)
+        if dev_id in self.devices:
+            raise DeviceExists(dev_id=dev_id)
+        sub = self.mapping.empty()
+        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        self._roots[dev_id] = sub
+        self.devices[dev_id] = ThinDetails(dev_id, 0, self.trans_id, self.time, self.time, changed=True)
+
+    def create_snap(self, dev_id: int, origin_id: int) -> None:
+        """dm-thin 'create_snap': share the origin's mapping root (O(1)) and bump the pool time."""
+        self._check_writable()
+        self._check_id(dev_id)
+        if dev_id in self.devices:
+            raise DeviceExists(dev_id=dev_id)
+        origin = self.get_device(origin_id)
+        if self.time >= TIME_MASK:
+            raise InvalidArgument(reason="pool time would overflow 24 bits")
+        root = self._roots[origin_id]
+        self.tm.inc(root)
+        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
+        self._roots[dev_id] = root
+        self.time += 1
+        origin.snapshotted_time = self.time
+        origin.changed = True
+        self.devices[dev_id] = ThinDetails(dev_id, origin.mapped_blocks, self.trans_id, self.time, self.time,
+                                           changed=True)
+
+    def delete_thin(self, dev_id: int) -> None:
+        """dm-thin 'delete': drop the device; only blocks nobody else references are freed."""
+        self._check_writable()
+        self.get_device(dev_id)
+        self.mapping_root, _ = self.top.remove(self.mapping_root, dev_id)
+        self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
+        del self.devices[dev_id]
+        del self._roots[dev_id]
+
+    # --- mappings ---------------------------------------------------------------------------------------------
+    def lookup(self, dev_id: int, thin_block: int) -> tuple[int, int] | None:
+        """(data_block, time) mapped at ``thin_block``, or None."""
+        root = self._roots.get(dev_id)
+        if root is None:
+            raise DeviceNotFound(dev_id=dev_id)
+        v = self.mapping.lookup(root, thin_block)
+        if v is None:
+            return None
+        data_block = v >> 24
+        if data_block >= self.data_sm.nr_blocks and self.data_sm.nr_blocks:
+            raise MetadataCorrupt(block=root, reason=f"device {dev_id} block {thin_block} maps to data block "
+                                                     f"{data_block} beyond the data device")
+        return data_block, v & TIME_MASK
+
+    def is_shared(self, dev_id: int, mapping_time: int) -> bool:
+        """The kernel's __snapshotted_since: the mapping may be shared, so a write must copy."""
+        return self.devices[dev_id].snapshotted_time > mapping_time
+
+    def alloc_data_block(self) -> int:
+        self._check_writable()
+        return self.data_sm.new_block()
+
+    def insert(self, dev_id: int, thin_block: int, data_block: int, time: int | None = None) -> None:
+        """Map ``thin_block`` -> ``data_block`` at the pool time. The mapping takes over the caller's reference
+        on the data block (from ``alloc_data_block``); a replaced mapping drops its own."""
+        self._check_writable()
+        d = self.get_device(dev_id)
+        value = (data_block << 24) | (self.time if time is None else time)
+        self.mapping_root, leaf, i = self.top.shadow_path(self.mapping_root, dev_id)
+        new_sub, is_new = self.mapping.insert(leaf.values[i], thin_block, value)  # type: ignore[arg-type]
+        leaf.values[i] = new_sub  # type: ignore[index]
+        self._roots[dev_id] = new_sub
+        if is_new:
+            d.mapped_blocks += 1
+            d.changed = True
+
+    def remove(self, dev_id: int, thin_block: int) -> bool:
+        """Unmap ``thin_block``; its data block loses a reference. Returns whether it was mapped."""
+        self._check_writable()
+        d = self.get_device(dev_id)
+        if self.mapping.lookup(self._roots[dev_id], thin_block) is None:
+            return False
+        self.mapping_root, leaf, i = self.top.shadow_path(self.mapping_root, dev_id)
+        new_sub, removed = self.mapping.remove(leaf.values[i], thin_block)  # type: ignore[arg-type]
+        leaf.values[i] = new_sub  # type: ignore[index]
+        self._roots[dev_id] = new_sub
+        if removed:
+            d.mapped_blocks -= 1
+            d.changed = True
+        return removed
+
+    def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(thin_blocks, data_blocks, times) of the device's mappings in [lo, hi), as numpy arrays."""
+        k, v = self.mapping.arrays(self.device_root(dev_id), lo, hi)
+        return k, v >> np.uint64(24), v & np.uint64(TIME_MASK)
+
+    def iter_mappings(self, dev_id: int) -> Iterator[tuple[int, int, int]]:
+        for k, v in self.mapping.items(self.device_root(dev_id)):
+            yield k, v >> 24, v & TIME_MASK
+
+    def highest_mapped(self, dev_id: int) -> int | None:
+        return self.mapping.highest_key(self.device_root(dev_id))
+
+    def build_device(self, dev_id: int, thin_blocks: np.ndarray, data_blocks: np.ndarray, times: np.ndarray,
+                     details: DeviceDetails | None = None) -> None:
+        """Create a device whose mapping tree is built in bulk from sorted, unique thin blocks (restore)."""
+        self._check_writable()
+        self._check_id(dev_id)
+        if dev_id in self.devices:
+            raise DeviceExists(dev_id=dev_id)
+        values = (data_blocks.astype(np.uint64) << np.uint64(24)) | times.astype(np.uint64)
+        if len(data_blocks):
+            self.data_sm.inc_many(data_blocks.astype(np.int64))
+        sub = self.mapping.build(thin_blocks.astype(np.uint64), values)
+        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        self._roots[dev_id] = sub
+        d = details or DeviceDetails(0, self.trans_id, self.time, self.time)
+        self.devices[dev_id] = ThinDetails(dev_id, len(thin_blocks), d.transaction_id, d.creation_time,
+                                           d.snapshotted_time, changed=True)
+
+    # --- pool-wide messages -----------------------------------------------------------------------------------
+    def set_transaction_id(self, current: int, new: int) -> None:
+        """Compare-and-swap of the userspace transaction id (dm-thin 'set_transaction_id')."""
+        self._check_writable()
+        if current != self.trans_id:
+            raise TransactionIdMismatch(current=self.trans_id, given=current)
+        self.trans_id = new
+
+    def set_needs_check(self) -> None:
+        """Set NEEDS_CHECK and commit just the superblock flag (the failure path: trees are left alone)."""
+        self.flags |= NEEDS_CHECK_FLAG
+        buf = build_superblock(self.sb.replace(flags=self.sb.flags | NEEDS_CHECK_FLAG))
+        checksum.stamp(buf, BlockType.SUPERBLOCK)
+        self.store.write_block(0, buf)
+        self.store.sync()
+        self.sb = self.sb.replace(flags=self.sb.flags | NEEDS_CHECK_FLAG)
+
+    def clear_needs_check(self) -> None:
+        self.flags &= ~NEEDS_CHECK_FLAG
+
+    def reserve_metadata_snap(self) -> int:
+        """Commit, then copy the superblock to a new block that shares the details and mapping roots."""
+        self._check_writable()
+        if self.held_root:
+            raise InvalidArgument(reason="pool metadata snapshot already exists")
+        self.commit()
+        b = self.tm.new_block()
+        copy = self.sb.replace(blocknr=b, held_root=0)
+        self.tm.write_raw(b, build_superblock(copy, zero_sm_roots=True), BlockType.SUPERBLOCK)
+        self.tm.inc(self.details_root)
+        self.tm.inc(self.mapping_root)
+        self.held_root = b
+        self.commit()
+        return b
+
+    def release_metadata_snap(self) -> None:
+        self._check_writable()
+        if not self.held_root:
+            raise InvalidArgument(reason="no pool metadata snapshot is held")
+        held = self.read_superblock(self.store, self.held_root)
+        self.details_tree.delete(held.device_details_root)
+        self.top.delete(held.data_mapping_root)
+        self.tm.dec(self.held_root)
+        self.held_root = 0
+
+    def resize_data(self, nr_blocks: int) -> None:
+        self._check_writable()
+        if nr_blocks < self.data_sm.nr_blocks:
+            used = np.flatnonzero(self.data_sm.counts[nr_blocks:] | self.data_sm.committed[nr_blocks:])
+            if used.size:
+                raise InvalidArgument(reason=f"cannot shrink the data device below block {nr_blocks + int(used[-1])}"
+                                             " which is in use")
+            raise InvalidArgument(reason="shrinking the data space map is not supported (dm-thin cannot either)")
+        assert self.data_disk is not None
+        self.data_disk.extend(nr_blocks)
+
+    def resize_metadata(self, nr_blocks: int) -> None:
+        self._check_writable()
+        nr_blocks = min(nr_blocks, MAX_METADATA_BLOCKS)
+        if nr_blocks < self.tm.sm.nr_blocks:
+            raise InvalidArgument(reason="shrinking the metadata device is not supported")
+        self.store.grow(nr_blocks)
+        self.meta_disk.extend(nr_blocks)
+
+    # --- commit / abort ---------------------------------------------------------------------------------------
+    def current_superblock(self) -> Superblock:
+        assert self.data_disk is not None
+        return self.sb.replace(flags=self.flags, time=self.time, trans_id=self.trans_id, held_root=self.held_root,
+                               data_sm_root=self.data_disk.root(), metadata_sm_root=self.meta_disk.root(),
+                               data_mapping_root=self.mapping_root, device_details_root=self.details_root)
+
+    def commit(self) -> set[int]:
+        """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
+        in it (candidates for discard passdown)."""
+        self._check_writable()
+        try:
+            for d in self.devices.values():
+                if d.changed:
+                    self.details_root, _ = self.details_tree.insert(self.details_root, d.dev_id,
+                                                                    build_device_details(d.to_disk()))
+            assert self.data_disk is not None
+            self.data_disk.write()
+            self.meta_disk.write()
+            sb = self.current_superblock()
+            buf = build_superblock(sb)
+            checksum.stamp(buf, BlockType.SUPERBLOCK)
+            self.tm.pre_commit()
+            self.tm.commit(buf)
+        except ThinpoolError:
+            self.abort()
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+        for d in self.devices.values():
+            d.changed = False
+        freed = {b for b in self.data_sm.freed if self.data_sm.counts[b] == 0}
+        self.data_sm.commit()
+        self.tm.sm.commit()
+        self.sb = sb
+        return freed
+
+    def abort(self) -> None:
+        """Forget everything since the last commit."""
+        self.tm.abort()
+        self.tm.sm.abort()
+        self.data_sm.abort()
+        try:
+            nr_meta = self.sb.metadata_sm_root.nr_blocks
+            if nr_meta and nr_meta != self.tm.sm.nr_blocks:
+                self.meta_disk = DiskSpaceMap.load(self.tm, self.sb.metadata_sm_root, is_metadata=True,
+                                                   core=self.tm.sm)
+            else:
+                self.meta_disk = _reset_disk(self.meta_disk, self.sb.metadata_sm_root, self.tm)
+            if self.data_disk is not None:
+                self.data_disk = _reset_disk(self.data_disk, self.sb.data_sm_root, self.tm)
+            self._load_state(self.sb)
+        except ThinpoolError:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _reset_disk(disk: DiskSpaceMap, root: SmRoot, tm: TransactionManager) -> DiskSpaceMap:
+    """Reload a space map's on-disk bookkeeping from the last committed root."""
+    fresh = DiskSpaceMap.load(tm, root, is_metadata=disk.is_metadata,
+                              core=disk.core if disk.is_metadata else None)
+    if not disk.is_metadata:
+        disk.core.counts = fresh.core.counts
+        disk.core.committed = fresh.core.committed
+        disk.core.abort()
+        fresh.core = disk.core
+    return fresh
