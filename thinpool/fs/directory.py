@@ -41,9 +41,8 @@ def parse_dir_block(buf: bytes | bytearray, block: int, dir_ino: int, nr_inodes:
         if not filetype:
             name_len |= ftype << 8
             ftype = 0
-        if rec_len < 12 and not (rec_len == DIRENT_HEADER_SIZE and name_len == 0 and off + 8 == bs):
-            if rec_len < DIRENT_HEADER_SIZE or rec_len % 4:
-                raise _bad(dir_ino, block, off, f"rec_len {rec_len} is too small")
+        if rec_len < 12:
+            raise _bad(dir_ino, block, off, f"rec_len {rec_len} is too small")
         if rec_len % 4:
             raise _bad(dir_ino, block, off, f"rec_len {rec_len} is not a multiple of 4")
         if off + rec_len > bs:

@@ -180,9 +180,18 @@ class PoolMetadata:
 
     @classmethod
     def open(cls, store: BlockStore, *, readonly: bool = False, use_metadata_snap: bool = False,
-             allow_needs_check: bool = False) -> PoolMetadata:
-        """Open existing metadata. ``use_metadata_snap`` reads through the held metadata snapshot (read-only)."""
+             allow_needs_check: bool = False, space_maps: bool = True) -> PoolMetadata:
+        """Open existing metadata. ``use_metadata_snap`` reads through the held metadata snapshot (read-only).
+        ``space_maps=False`` (read-only tools such as dump) reads only the superblock, details and mappings."""
         sb = cls.read_superblock(store)
+        if not space_maps:
+            meta_core = CoreSpaceMap(store.nr_blocks, kind="metadata")
+            tm = TransactionManager(store, meta_core)
+            view = cls._snap_view(store, sb) if use_metadata_snap else sb
+            ro_meta = DiskSpaceMap(tm, meta_core, is_metadata=True, bitmap_blocks=[], ref_count_root=0, index_root=0)
+            ro_data = DiskSpaceMap(tm, CoreSpaceMap(sb.data_sm_root.nr_blocks, kind="data"), is_metadata=False,
+                                   bitmap_blocks=[], ref_count_root=0, index_root=0)
+            return cls(store, tm, view, ro_meta, ro_data, readonly=True)
         if sb.incompat_flags:
             raise UnsupportedMetadata(feature=f"incompat flags {sb.incompat_flags:#x}")
         if sb.compat_ro_flags and not readonly:
@@ -201,14 +210,18 @@ class PoolMetadata:
         data = DiskSpaceMap.load(tm, sb.data_sm_root, is_metadata=False)
         view = sb
         if use_metadata_snap:
-            if not sb.held_root:
-                raise InvalidArgument(reason="no metadata snapshot is held")
-            held = cls.read_superblock(store, sb.held_root)
-            view = sb.replace(data_mapping_root=held.data_mapping_root,
-                              device_details_root=held.device_details_root, time=held.time,
-                              trans_id=held.trans_id)
+            view = cls._snap_view(store, sb)
             readonly = True
         return cls(store, tm, view, meta, data, readonly=readonly)
+
+    @classmethod
+    def _snap_view(cls, store: BlockStore, sb: Superblock) -> Superblock:
+        if not sb.held_root:
+            raise InvalidArgument(reason="no metadata snapshot is held")
+        held = cls.read_superblock(store, sb.held_root)
+        return sb.replace(data_mapping_root=held.data_mapping_root, device_details_root=held.device_details_root,
+                          time=held.time, trans_id=held.trans_id, flags=held.flags, held_root=sb.held_root,
+                          data_sm_root=SmRoot(0, 0, 0, 0))
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
