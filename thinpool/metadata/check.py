@@ -1,0 +1,407 @@
+"""Metadata checker, at least as strict as the strictest thin_check (Rust 1.x), plus the time invariant.
+
+Layer: metadata. May import: errors, checksum, formats, io, btree.node, spacemap, metadata.pool_metadata.
+
+Walks everything reachable from the superblock without trusting the space maps, validating every node (checksum,
+self block number, flags, value size, max_entries, nr_entries, key order, one-third fill for non-roots, parent key
+<= first child key, leaf key order across a tree, cycles), then recomputes the metadata and data reference counts
+(dm-thin's rules: one metadata reference per distinct parent; one data reference per entry of each distinct
+bottom-level leaf) and compares them with both space maps (under-count = error, over-count = leak). It also checks
+details == top level of the mapping tree, mapped_blocks, and that every data block mapped by more than one device
+is mapped with a time older than each such device's snapshotted_time (otherwise a write could overwrite shared
+data in place; no thin-provisioning-tools version checks this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from thinpool import checksum
+from thinpool.btree.node import Node, decode_node
+from thinpool.checksum import BlockType
+from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
+from thinpool.formats.device_details import parse_device_details
+from thinpool.formats.space_map import ENTRIES_PER_BITMAP, SmRoot, decode_bitmap, parse_index_entry, parse_metadata_index
+from thinpool.formats.superblock import Superblock
+from thinpool.io.block_store import BlockStore
+from thinpool.metadata.pool_metadata import PoolMetadata
+
+E = ENTRIES_PER_BITMAP
+
+
+@dataclass
+class Problem:
+    section: str
+    message: str
+    block: int | None = None
+    fatal: bool = True
+    warning: bool = False  # a hazard no thin_check reports (shared block with a too-recent time): not fatal
+
+    def __str__(self) -> str:
+        where = f" (block {self.block})" if self.block is not None else ""
+        return f"{self.message}{where}"
+
+
+@dataclass
+class CheckReport:
+    transaction_id: int = 0
+    needs_check: bool = False
+    metadata_blocks: int = 0
+    metadata_free_blocks: int = 0
+    data_blocks: int = 0
+    data_used_blocks: int = 0
+    devices: int = 0
+    mappings: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    @property
+    def leaks(self) -> list[Problem]:
+        return [p for p in self.problems if not p.fatal and not p.warning]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.warning]
+
+    @property
+    def ok(self) -> bool:
+        """No errors and no leaks (what thin_check's exit status 0 means). Warnings are reported separately."""
+        return not self.errors and not self.leaks
+
+
+class _Walker:
+    def __init__(self, store: BlockStore, report: CheckReport, nr_meta: int) -> None:
+        self.store = store
+        self.report = report
+        self.nr_meta = nr_meta
+        self.meta = np.zeros(nr_meta, dtype=np.int64)
+        self.visited: dict[int, Node | None] = {}
+        self.section = "superblock"
+
+    def problem(self, msg: str, block: int | None = None, fatal: bool = True, warning: bool = False) -> None:
+        if len(self.report.problems) < 1000:
+            self.report.problems.append(Problem(self.section, msg, block, fatal and not warning, warning))
+
+    def ref(self, b: int) -> bool:
+        """Count a reference to metadata block b; True if it is in range."""
+        if not 0 <= b < self.nr_meta:
+            self.problem(f"block pointer {b} beyond the metadata device ({self.nr_meta} blocks)", b)
+            return False
+        self.meta[b] += 1
+        return True
+
+    def raw(self, b: int, bt: BlockType, what: str) -> bytes | None:
+        if not self.ref(b):
+            return None
+        try:
+            buf = self.store.read_block(b)
+            checksum.verify(buf, bt, b)
+        except (MetadataError, StoreIOError) as e:
+            self.problem(f"{what}: {e}", b)
+            return None
+        if int.from_bytes(buf[8:16], "little") != b:
+            self.problem(f"bad block nr in {what}", b)
+            return None
+        return buf
+
+    def tree(self, root: int, value_size: int, on_leaf: Callable[[Node], None] | None = None,
+             is_root_exempt: bool = True) -> tuple[bool, list[tuple[np.ndarray, Node]]]:
+        """Reference and walk a tree; on_leaf is called once per distinct leaf. Returns (ok, leaves in order)."""
+        leaves: list[tuple[np.ndarray, Node]] = []
+        ok = self._visit(root, value_size, on_leaf, True, None, (), leaves)
+        last = None
+        for keys, node in leaves:
+            if len(keys) and last is not None and keys[0] <= last:
+                self.problem(f"leaf keys out of order across leaves ({keys[0]} after {last})", node.block)
+                ok = False
+            if len(keys):
+                last = keys[-1]
+        return ok, leaves
+
+    def _visit(self, b: int, vs: int, on_leaf: Callable[[Node], None] | None, is_root: bool,
+               parent_key: int | None, path: tuple[int, ...], leaves: list[tuple[np.ndarray, Node]]) -> bool:
+        if b in path:
+            self.problem(f"cycle in btree: block {b} is its own ancestor", b)
+            return False
+        if not self.ref(b):
+            return False
+        first = b not in self.visited
+        if first:
+            try:
+                node = decode_node(self.store.read_block(b), b, vs)
+            except (MetadataError, StoreIOError) as e:
+                self.problem(str(e), b)
+                self.visited[b] = None
+                return False
+            self.visited[b] = node
+        node = self.visited[b]
+        if node is None:
+            return False
+        keys = np.frombuffer(node.keys.tobytes(), dtype="<u8")
+        if not is_root and len(keys) < node.max_entries // 3:
+            self.problem(f"too few entries in btree_node: {len(keys)}, expected at least {node.max_entries // 3}", b)
+        if parent_key is not None and len(keys) and keys[0] < parent_key:
+            self.problem(f"parent key mismatch: parent says {parent_key}, child starts at {keys[0]}", b)
+        if not node.is_leaf and len(keys) == 0:
+            self.problem("empty internal node", b)
+        if len(path) > 12:
+            self.problem("btree too deep", b)
+            return False
+        ok = True
+        if node.is_leaf:
+            leaves.append((keys, node))
+            if first and on_leaf is not None:
+                on_leaf(node)
+        else:
+            for k, child in zip(node.keys, node.values):
+                if first:
+                    ok &= self._visit(int(child), vs, on_leaf, False, k, path + (b,), leaves)
+                else:
+                    # already walked: count the reference only, but still collect leaves for ordering checks
+                    ok &= self._collect(int(child), vs, path + (b,), leaves)
+        return ok
+
+    def _collect(self, b: int, vs: int, path: tuple[int, ...], leaves: list[tuple[np.ndarray, Node]]) -> bool:
+        node = self.visited.get(b)
+        if b in path or node is None:
+            return node is not None
+        if node.is_leaf:
+            leaves.append((np.frombuffer(node.keys.tobytes(), dtype="<u8"), node))
+            return True
+        return all(self._collect(int(c), vs, path + (b,), leaves) for c in node.values)
+
+
+def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray | None:
+    """Reference the space map's own blocks and decode its counts; None if unreadable."""
+    kind = "metadata" if is_metadata else "data"
+    n = -(-root.nr_blocks // E)
+    entries = []
+    if is_metadata:
+        buf = w.raw(root.bitmap_root, BlockType.INDEX, "metadata index block")
+        if buf is None:
+            return None
+        entries = parse_metadata_index(buf, min(n, 255))
+    else:
+        ok, leaves = w.tree(root.bitmap_root, 16)
+        if not ok:
+            return None
+        i = 0
+        for keys, node in leaves:
+            for k, v in zip(keys.tolist(), node.values):
+                if k != i:
+                    w.problem(f"data space map index: key {k} where {i} expected", node.block)
+                    return None
+                entries.append(parse_index_entry(v))  # type: ignore[arg-type]
+                i += 1
+        if len(entries) != n:
+            w.problem(f"data space map index has {len(entries)} bitmaps, expected {n}", root.bitmap_root)
+            return None
+    counts = np.zeros(n * E, dtype=np.int64)
+    good = True
+    for i, e in enumerate(entries):
+        buf = w.raw(e.blocknr, BlockType.BITMAP, f"{kind} space map bitmap")
+        if buf is None:
+            good = False
+            continue
+        counts[i * E:(i + 1) * E] = decode_bitmap(buf)
+    rc_counts: dict[int, int] = {}
+
+    def on_leaf(node: Node) -> None:
+        for k, v in zip(node.keys, node.values):
+            rc_counts[int(k)] = int(v)  # type: ignore[arg-type]
+
+    ok, _ = w.tree(root.ref_count_root, 4, on_leaf)
+    if not ok or not good:
+        return None
+    counts = counts[:root.nr_blocks]
+    for b, c in rc_counts.items():
+        if b >= len(counts) or counts[b] != 3:
+            w.problem(f"{kind} ref-count tree has block {b} whose bitmap entry is not 3", root.ref_count_root)
+        elif c < 3:
+            w.problem(f"{kind} ref-count tree holds count {c} < 3 for block {b}", root.ref_count_root)
+        else:
+            counts[b] = c
+    missing = np.flatnonzero(counts == 3)
+    missing = [int(b) for b in missing if int(b) not in rc_counts]
+    if missing:
+        w.problem(f"{kind} block {missing[0]} has bitmap entry 3 but no ref-count tree entry", root.ref_count_root)
+    return counts
+
+
+def _compare(w: _Walker, kind: str, stored: np.ndarray | None, expected: np.ndarray) -> None:
+    if stored is None:
+        return
+    n = min(len(stored), len(expected))
+    if len(expected) > len(stored) and expected[len(stored):].any():
+        b = len(stored) + int(np.flatnonzero(expected[len(stored):])[0])
+        w.problem(f"{kind} block {b} is in use beyond the end of the {kind} space map ({len(stored)} blocks)",
+                  b if kind == "metadata" else None)
+    diff = np.flatnonzero(stored[:n] != expected[:n])
+    leaks = 0
+    for b in diff.tolist():
+        if stored[b] > expected[b]:
+            leaks += 1
+            if leaks <= 10:
+                w.problem(f"{kind} block {b} leaked: space map says {stored[b]}, expected {expected[b]}",
+                          b if kind == "metadata" else None, fatal=False)
+        else:
+            w.problem(f"{kind} reference counts differ for block {b}, expected {expected[b]}, but got {stored[b]}",
+                      b if kind == "metadata" else None)
+    if leaks > 10:
+        w.problem(f"{leaks} {kind} blocks have leaked in all", None, fatal=False)
+
+
+def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_mappings: bool = False) -> CheckReport:
+    """Check the metadata on ``store`` and return a report (never raises for damaged metadata)."""
+    report = CheckReport()
+    try:
+        sb = PoolMetadata.read_superblock(store)
+    except (MetadataError, StoreIOError) as e:
+        report.problems.append(Problem("superblock", str(e), 0))
+        return report
+    report.transaction_id = sb.trans_id
+    report.needs_check = sb.needs_check
+    nr_meta = max(sb.metadata_sm_root.nr_blocks, 1)
+    w = _Walker(store, report, max(nr_meta, store.nr_blocks))
+    report.metadata_blocks = sb.metadata_sm_root.nr_blocks
+    report.data_blocks = sb.data_sm_root.nr_blocks
+    if sb.incompat_flags:
+        w.problem(f"unsupported incompat flags {sb.incompat_flags:#x}", 0)
+    if sb.metadata_sm_root.nr_blocks > store.nr_blocks:
+        w.problem(f"metadata space map has {sb.metadata_sm_root.nr_blocks} blocks but the device only "
+                  f"{store.nr_blocks}", 0)
+    w.ref(0)
+    view: Superblock = sb
+    if sb.held_root:
+        w.section = "metadata snapshot"
+        buf = w.raw(sb.held_root, BlockType.SUPERBLOCK, "metadata snapshot superblock")
+        if buf is not None and use_metadata_snap:
+            from thinpool.formats.superblock import parse_superblock
+            held = parse_superblock(buf, sb.held_root)
+            view = sb.replace(device_details_root=held.device_details_root, data_mapping_root=held.data_mapping_root)
+    nr_data = sb.data_sm_root.nr_blocks
+    data_expected = np.zeros(max(nr_data, 1), dtype=np.int64)
+    roots = [(sb, "live")]
+    if sb.held_root and buf is not None:
+        from thinpool.formats.superblock import parse_superblock
+        roots.append((parse_superblock(buf, sb.held_root), "metadata snapshot"))
+    dev_details: dict[int, tuple[int, int, int, int]] = {}
+    for which, label in roots:
+        w.section = f"devices tree ({label})"
+        details: dict[int, tuple[int, int, int, int]] = {}
+
+        def on_details(node: Node) -> None:
+            for k, v in zip(node.keys, node.values):
+                d = parse_device_details(v)  # type: ignore[arg-type]
+                details[int(k)] = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
+
+        w.tree(which.device_details_root, 24, on_details)
+        w.section = f"mapping tree ({label})"
+        top: dict[int, int] = {}
+
+        def on_top(node: Node) -> None:
+            for k, v in zip(node.keys, node.values):
+                top[int(k)] = int(v)  # type: ignore[arg-type]
+
+        w.tree(which.data_mapping_root, 8, on_top)
+        if (which is sb) == (not use_metadata_snap or not sb.held_root):
+            dev_details = details
+        if set(details) != set(top):
+            w.problem(f"devices in the details tree and the mapping tree differ: "
+                      f"{sorted(set(details) ^ set(top))[:10]}", which.data_mapping_root)
+        for dev_id in sorted(top):
+            root = top[dev_id]
+
+            def on_map_leaf(node: Node, dev_id: int = dev_id) -> None:
+                if not node.values:
+                    return
+                blocks = np.frombuffer(node.values, dtype="<u8") >> np.uint64(24)  # type: ignore[arg-type]
+                bad = blocks >= nr_data
+                if bad.any():
+                    w.problem(f"device {dev_id}: mapping to data block {int(blocks[bad][0])} beyond the data "
+                              f"device ({nr_data} blocks)", node.block)
+                    blocks = blocks[~bad]
+                np.add.at(data_expected, blocks.astype(np.int64), 1)
+
+            if skip_mappings:
+                w.ref(root)
+                continue
+            ok, leaves = w.tree(root, 8, on_map_leaf)
+            if ok and label == "live" or (label != "live" and use_metadata_snap):
+                n = sum(len(k) for k, _ in leaves)
+                report.mappings += n
+                d = details.get(dev_id)
+                if d is not None and d[0] != n:
+                    w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {d[0]}",
+                              root)
+    report.devices = len(dev_details)
+    # times: every shared data block must be older than each mapping device's snapshotted_time.
+    w.section = "mapping times"
+    if not skip_mappings and not report.errors:
+        _check_times(w, store, sb if not use_metadata_snap else view, dev_details)
+    # space maps
+    w.section = "space map counts"
+    data_counts = _load_sm_counts(w, sb.data_sm_root, False)
+    meta_counts = _load_sm_counts(w, sb.metadata_sm_root, True)
+    if not skip_mappings:
+        _compare(w, "data", data_counts, data_expected[:nr_data] if nr_data else data_expected[:0])
+    _compare(w, "metadata", meta_counts, w.meta[:sb.metadata_sm_root.nr_blocks]
+             if len(w.meta) >= sb.metadata_sm_root.nr_blocks else w.meta)
+    if len(w.meta) > sb.metadata_sm_root.nr_blocks and w.meta[sb.metadata_sm_root.nr_blocks:].any():
+        b = sb.metadata_sm_root.nr_blocks + int(np.flatnonzero(w.meta[sb.metadata_sm_root.nr_blocks:])[0])
+        w.problem(f"metadata block {b} in use beyond the metadata space map", b)
+    if meta_counts is not None:
+        report.metadata_free_blocks = int(np.count_nonzero(meta_counts == 0))
+    if data_counts is not None:
+        report.data_used_blocks = int(np.count_nonzero(data_counts))
+    return report
+
+
+def _check_times(w: _Walker, store: BlockStore, sb: Superblock, details: dict[int, tuple[int, int, int, int]]) -> None:
+    pmd = PoolMetadata.open(store, readonly=True, space_maps=False)
+    if sb is not pmd.sb and sb.data_mapping_root != pmd.sb.data_mapping_root:
+        pmd = PoolMetadata.open(store, readonly=True, space_maps=False, use_metadata_snap=True)
+    per_dev = {}
+    for dev in pmd.device_ids():
+        _, db, t = pmd.mappings(dev)
+        per_dev[dev] = (db.astype(np.int64), t.astype(np.int64))
+        if len(t) and int(t.max()) > sb.time:
+            w.problem(f"device {dev}: mapping time {int(t.max())} is later than the pool time {sb.time}")
+        d = details.get(dev)
+        if d is not None and (d[2] > sb.time or d[3] > sb.time):
+            w.problem(f"device {dev}: creation/snapshot time later than the pool time {sb.time}")
+    if not per_dev:
+        return
+    allb = np.concatenate([db for db, _ in per_dev.values()])
+    if not allb.size:
+        return
+    users = np.bincount(allb)
+    for dev, (db, t) in per_dev.items():
+        shared = users[db] > 1
+        snap = details[dev][3] if dev in details else 0
+        bad = shared & (t >= snap)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            w.problem(f"device {dev}: data block {int(db[i])} is shared but its mapping time {int(t[i])} is not "
+                      f"older than the device's snapshotted_time {snap} (a write would overwrite shared data)",
+                      warning=True)
+
+
+def format_report(report: CheckReport) -> str:
+    """Human-readable report in thin_check's manner."""
+    lines = []
+    section = None
+    for p in report.problems:
+        if p.section != section:
+            lines.append(p.section)
+            section = p.section
+        tag = "(warning) " if p.warning else "(leak) " if not p.fatal else ""
+        lines.append(f"  {tag}{p}")
+    return "\n".join(lines)
+
