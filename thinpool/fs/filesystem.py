@@ -116,7 +116,7 @@ def _decode(name: bytes) -> str:
 
 
 class Filesystem:
-    """An ext2 file system on a block device. Use :meth:`mkfs` or :meth:`open`; paths are absolute, '/'-separated."""
+    """An ext2 file system on a block device. Use :meth:`mkfs` or :meth:`mount`; paths are absolute, '/'-separated."""
 
     def __init__(self, device: BlockDevice, sb: L.Superblock, groups: list[L.GroupDesc], *,
                  readonly: bool = False) -> None:
@@ -217,7 +217,7 @@ class Filesystem:
         return fs
 
     @classmethod
-    def open(cls, device: BlockDevice, *, readonly: bool = False) -> Filesystem:
+    def mount(cls, device: BlockDevice, *, readonly: bool = False) -> Filesystem:
         """Open the ext2 file system on ``device``, validating the superblock and every group descriptor.
 
         Raises:
@@ -748,7 +748,7 @@ class Filesystem:
             raise FileNotFound(path=src)
         if sname in (b".", b"..") or sino == L.ROOT_INO:
             raise FsError(reason=f"invalid argument: {src}", path=src, errno=_errno.EINVAL)
-        dparent, dino, dname = self._parent_of_new(dst)
+        dparent, dname, dino = self._parent_of_new(dst)
         sinode = self._inode(sino)
         if dino == sino:
             return

@@ -94,6 +94,12 @@ class CoreSpaceMap:
             self._cursor = 0
         self._candidates = idx[::-1].tolist()
 
+    def has_free(self, n: int) -> bool:
+        """Whether ``n`` blocks can be allocated now (cheap when the candidate batch covers it)."""
+        if n <= len(self._candidates):
+            return True
+        return self.nr_allocatable() >= n
+
     def nr_allocatable(self) -> int:
         return int(np.count_nonzero((self.counts == 0) & (self.committed == 0)))
 

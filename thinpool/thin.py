@@ -1,0 +1,315 @@
+"""ThinDevice: byte-addressed I/O on one thin device with dm-thin's data-path semantics.
+
+Layer: thin. May import: errors, units, io, metadata.
+
+- Unprovisioned chunks read as zeros (or the external origin's bytes); reads never allocate or copy.
+- The first write to a chunk allocates one; the part of the chunk not written is zeroed unless zeroing is off
+  (a hole is punched, which reads as zeros and keeps the data file sparse); a whole-chunk write needs no zeroing.
+- A write to a chunk that may be shared (the mapping's time is older than the device's snapshotted_time, the
+  kernel's __snapshotted_since) copies the chunk to a new one, applies the write and remaps; the old chunk loses
+  a reference.
+- discard unmaps whole chunks inside the range (a partial chunk is left alone, as dm-thin does); with passdown,
+  chunks whose count reaches 0 get a hole punched at the next commit.
+- A write that would need more chunks than are free is refused whole (NoDataSpace) before anything changes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from thinpool.errors import InvalidArgument
+from thinpool.io.device import check_bounds
+
+if TYPE_CHECKING:
+    from thinpool.pool import Pool
+
+
+class ThinDevice:
+    """A thin device of ``size`` bytes in ``pool`` (implements thinpool.io.device.BlockDevice)."""
+
+    def __init__(self, pool: Pool, dev_id: int) -> None:
+        self.pool = pool
+        self.dev_id = dev_id
+        self.chunk = pool.chunk_bytes
+
+    def __repr__(self) -> str:
+        return f"ThinDevice(dev_id={self.dev_id}, size={self.size})"
+
+    @property
+    def size(self) -> int:
+        return self.pool.device_size(self.dev_id)
+
+    @property
+    def name(self) -> str:
+        return self.pool.device_name(self.dev_id)
+
+    # --- reading ----------------------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        check_bounds(self.size, offset, length)
+        if length == 0:
+            return b""
+        with self.pool.lock:
+            return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
+        pool, md, ch = self.pool, self.pool.md, self.chunk
+        first, last = offset // ch, (offset + length - 1) // ch
+        if first == last:
+            m = md.lookup(self.dev_id, first)
+            o = offset - first * ch
+            if m is None:
+                return self._unprovisioned(first, o, length)
+            return pool.data.pread(m[0] * ch + o, length)
+        out = bytearray(length)
+        k, d, _ = md.mappings(self.dev_id, first, last + 1)
+        mapped = dict(zip(k.tolist(), d.tolist()))
+        pos = offset
+        end = offset + length
+        while pos < end:
+            c = pos // ch
+            o = pos - c * ch
+            n = min(ch - o, end - pos)
+            db = mapped.get(c)
+            if db is None:
+                piece = self._unprovisioned(c, o, n)
+            else:
+                # coalesce a run of physically contiguous chunks into one pread
+                run = 1
+                while pos + n < end and mapped.get(c + run) == db + run:
+                    n2 = min(ch, end - (pos + n))
+                    n += n2
+                    run += 1
+                piece = pool.data.pread(db * ch + o, n)
+            out[pos - offset:pos - offset + n] = piece
+            pos += n
+        return bytes(out)
+
+    def _unprovisioned(self, c: int, o: int, n: int) -> bytes:
+        origin = self.pool.external_origin(self.dev_id)
+        if origin is None:
+            return bytes(n)
+        start = c * self.chunk + o
+        data = origin.read_at(start, n)
+        return data
+
+    def mapped_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """Byte ranges holding data (provisioned chunks, plus the external origin's extent), merged."""
+        size = self.size
+        if length is None:
+            length = size - offset
+        check_bounds(size, offset, length)
+        ch = self.chunk
+        with self.pool.lock:
+            k, _, _ = self.pool.md.mappings(self.dev_id, offset // ch, -(-(offset + length) // ch))
+        ranges: list[tuple[int, int]] = []
+        if len(k):
+            k = k.astype(np.int64)
+            brk = np.flatnonzero(np.diff(k) != 1) + 1
+            starts = np.concatenate([[0], brk])
+            ends = np.concatenate([brk, [len(k)]])
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                ranges.append((int(k[s]) * ch, int(k[e - 1] + 1) * ch))
+        origin = self.pool.external_origin(self.dev_id)
+        if origin is not None:
+            ranges.append((0, origin.size))
+        lo, hi = offset, offset + length
+        clipped = sorted((max(a, lo), min(b, hi, size)) for a, b in ranges if min(b, hi, size) > max(a, lo))
+        merged: list[tuple[int, int]] = []
+        for a, b in clipped:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return [(a, b - a) for a, b in merged]
+
+    # --- writing ----------------------------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        check_bounds(self.size, offset, len(view))
+        if not len(view):
+            return
+        with self.pool.lock:
+            self.pool.check_writable()
+            self._write(offset, view)
+
+    def _needs_alloc(self, first: int, last: int) -> int:
+        md = self.pool.md
+        k, _, t = md.mappings(self.dev_id, first, last + 1)
+        snap = md.devices[self.dev_id].snapshotted_time
+        return (last - first + 1) - len(k) + int(np.count_nonzero(t < snap))
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        pool, md, ch, dev = self.pool, self.pool.md, self.chunk, self.dev_id
+        first, last = offset // ch, (offset + len(view) - 1) // ch
+        if last > first:
+            need = self._needs_alloc(first, last)
+        else:
+            m0 = md.lookup(dev, first)
+            need = 0 if m0 is not None and not md.is_shared(dev, m0[1]) else 1
+        if need and not md.data_sm.has_free(need):
+            pool.no_data_space(need)
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            c = pos // ch
+            o = pos - c * ch
+            n = min(ch - o, end - pos)
+            piece = view[pos - offset:pos - offset + n]
+            m = md.lookup(dev, c)
+            if m is not None and not md.is_shared(dev, m[1]):
+                pool.data.pwrite(m[0] * ch + o, piece)  # overwrite in place
+            else:
+                db = pool.alloc_data_block()
+                if n == ch:
+                    pool.data.pwrite(db * ch, piece)
+                elif m is not None:  # break sharing: copy the whole chunk, patch, write once
+                    buf = bytearray(pool.data.pread(m[0] * ch, ch))
+                    buf[o:o + n] = piece
+                    pool.data.pwrite(db * ch, buf)
+                    pool.stats["cow_copies"] += 1
+                else:
+                    origin = pool.external_origin(dev)
+                    if origin is not None and c * ch < origin.size:
+                        buf = bytearray(origin.read_at(c * ch, ch))
+                        buf[o:o + n] = piece
+                        pool.data.pwrite(db * ch, buf)
+                    else:
+                        if pool.zero_blocks:
+                            pool.data.punch(db * ch, ch)
+                        pool.data.pwrite(db * ch + o, piece)
+                md.insert(dev, c, db)
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Unmap the whole chunks inside [offset, offset+length) (per the pool's discard mode)."""
+        check_bounds(self.size, offset, length)
+        with self.pool.lock:
+            self.pool.check_writable()
+            if self.pool.discard_mode == "ignore":
+                return
+            ch = self.chunk
+            first = -(-offset // ch)
+            last = (offset + length) // ch  # exclusive
+            if offset + length == self.size:
+                last = -(-self.size // ch)
+            self._unmap(first, last)
+
+    def _unmap(self, first: int, last: int) -> int:
+        if last <= first:
+            return 0
+        md = self.pool.md
+        k, _, _ = md.mappings(self.dev_id, first, last)
+        for c in k.tolist():
+            md.remove(self.dev_id, c)
+        return len(k)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros (whole chunks are unmapped where no origin shows)."""
+        check_bounds(self.size, offset, length)
+        if not length:
+            return
+        with self.pool.lock:
+            self.pool.check_writable()
+            ch = self.chunk
+            has_origin = self.pool.external_origin(self.dev_id) is not None
+            first = -(-offset // ch)
+            last = (offset + length) // ch
+            if offset + length == self.size:
+                last = -(-self.size // ch)
+            if has_origin or last <= first:
+                self._zero_range(offset, length)
+                return
+            self._zero_range(offset, min(first * ch, offset + length) - offset)
+            self._unmap(first, last)
+            tail = last * ch
+            if tail < offset + length:
+                self._zero_range(tail, offset + length - tail)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        md, ch = self.pool.md, self.chunk
+        pos, end = offset, offset + length
+        has_origin = self.pool.external_origin(self.dev_id) is not None
+        while pos < end:
+            c = pos // ch
+            n = min(ch - (pos - c * ch), end - pos)
+            if has_origin or md.lookup(self.dev_id, c) is not None:
+                self._write(pos, memoryview(bytes(n)))
+            pos += n
+
+    def flush(self) -> None:
+        """Commit the pool (data first, then metadata)."""
+        self.pool.commit()
+
+    # --- batches and file-like access -------------------------------------------------------------------------
+    def readv(self, requests: Iterable[tuple[int, int]]) -> list[bytes]:
+        with self.pool.lock:
+            return [self.read(o, n) for o, n in requests]
+
+    def writev(self, requests: Iterable[tuple[int, bytes]]) -> None:
+        with self.pool.lock:
+            for o, d in requests:
+                self.write(o, d)
+
+    def open(self, mode: str = "rb") -> ThinFile:
+        if mode not in ("rb", "r+b", "wb"):
+            raise InvalidArgument(reason=f"mode {mode!r}: use 'rb' or 'r+b'")
+        return ThinFile(self, writable=mode != "rb")
+
+    def status(self) -> tuple[int, int | None]:
+        """dm-thin thin status: (mapped sectors, highest mapped sector or None)."""
+        with self.pool.lock:
+            d = self.pool.md.get_device(self.dev_id)
+            hi = self.pool.md.highest_mapped(self.dev_id)
+        spb = self.chunk // 512
+        return d.mapped_blocks * spb, None if hi is None else (hi + 1) * spb - 1
+
+
+class ThinFile(io.RawIOBase):
+    """A seekable raw file over a thin device (works with shutil.copyfileobj)."""
+
+    def __init__(self, dev: ThinDevice, *, writable: bool) -> None:
+        super().__init__()
+        self.dev = dev
+        self.pos = 0
+        self._writable = writable
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self._writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.dev.size}[whence]
+        if base + offset < 0:
+            raise InvalidArgument(reason="negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(b), self.dev.size - self.pos))
+        if n:
+            memoryview(b)[:n] = self.dev.read(self.pos, n)
+            self.pos += n
+        return n
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._writable:
+            raise io.UnsupportedOperation("not writable")
+        n = len(b)
+        self.dev.write(self.pos, b)
+        self.pos += n
+        return n
+
+    def flush(self) -> None:
+        if self._writable and not self.closed:
+            self.dev.flush()
+
