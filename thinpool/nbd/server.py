@@ -214,12 +214,28 @@ class _Connection(asyncio.BufferedProtocol):
             self.server.stats["protocol_errors"] += 1
             self.close()
         if self._out and self.transport is not None and not self.transport.is_closing():
-            out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self._flush_out()
         if self._closing and self.transport is not None:
             self.transport.close()
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _flush_out(self) -> None:
+        """Send queued replies: small pieces joined into one write, large read payloads written as they are
+        (no extra copy when the socket takes them at once)."""
+        out, self._out = self._out, []
+        small: list[bytes] = []
+        write = self.transport.write
+        for piece in out:
+            if len(piece) >= 65536:
+                if small:
+                    write(b"".join(small))
+                    small = []
+                write(piece)
+            else:
+                small.append(piece)
+        if small:
+            write(b"".join(small) if len(small) > 1 else small[0])
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -228,7 +244,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._closing = True
         if self.transport is not None:
             if self._out and not self.transport.is_closing():
-                self.transport.write(b"".join(self._out))
+                self._flush_out()
             self._out = []
             self.transport.close()
 
@@ -279,10 +295,17 @@ class _Connection(asyncio.BufferedProtocol):
                 if avail < 28 + length:
                     self._want = 28 + length
                     return
-                data = bytes(buf[self._start + 28:self._start + 28 + length])
+                # Zero-copy: the device gets a view of the receive buffer, valid during the call only.
+                data = memoryview(buf)[self._start + 28:self._start + 28 + length]
                 self._start += 28 + length
-                self._request(flags, cmd, cookie, offset, length, data)
-                # the buffer may have been replaced by get_buffer? no: only between callbacks
+                try:
+                    self._request(flags, cmd, cookie, offset, length, data)
+                finally:
+                    try:
+                        data.release()
+                    except BufferError:  # the device kept a view: detach from our buffer for good
+                        log.warning("nbd: device kept a reference to a write buffer")
+                        self._buf = buf = bytearray(self._buf)
                 continue
             self._start += 28
             if cmd == P.CMD_DISC:

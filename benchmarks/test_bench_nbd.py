@@ -1,0 +1,116 @@
+"""fio (nbd engine) against thinpool's NBD server and nbdkit's C `memory` plugin, in the same run.
+
+Workloads: 4 KiB randwrite at QD1 and QD16, 1 MiB sequential write. Both servers listen on unix sockets in
+their own processes and serve a 256 MiB in-memory export. Reported: IOPS / MB/s per server and the ratio
+thinpool / nbdkit (printed, and stored in pytest-benchmark's extra_info). Goal from issue 8: >= 0.8x at QD16.
+
+Run: python -m pytest benchmarks/test_bench_nbd.py -s   (not collected by plain `pytest`: testpaths = tests)
+Environment: THINPOOL_BENCH_RUNTIME (seconds per fio job, default 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+SIZE = 256 * 1024 * 1024
+RUNTIME = float(os.environ.get("THINPOOL_BENCH_RUNTIME", "3"))
+
+WORKLOADS = {
+    "4k-randwrite-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    "4k-randwrite-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
+    "1m-seqwrite-qd1": ["--rw=write", "--bs=1M", "--iodepth=1"],
+    "1m-seqwrite-qd8": ["--rw=write", "--bs=1M", "--iodepth=8"],
+}
+
+
+def _need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        msg = f"benchmark tool(s) not installed: {', '.join(missing)}"
+        if os.environ.get("THINPOOL_REQUIRE_EXTERNAL") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start (rc={proc.poll()})")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    _need("fio", "nbdkit")
+    if "nbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout:
+        pytest.skip("fio has no nbd engine")
+    tmp = tempfile.mkdtemp(prefix="tpbench", dir="/tmp")
+    procs = []
+    try:
+        ours = os.path.join(tmp, "thinpool.sock")
+        code = textwrap.dedent(f"""
+            from thinpool.io.device import MemoryDevice
+            from thinpool.nbd import serve
+            serve({{"": MemoryDevice({SIZE})}}, unix_path={ours!r})
+        """)
+        procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        _wait_socket(ours, procs[-1])
+        ref = os.path.join(tmp, "nbdkit.sock")
+        procs.append(subprocess.Popen(["nbdkit", "-f", "-U", ref, "memory", f"size={SIZE}"]))
+        _wait_socket(ref, procs[-1])
+        yield {"thinpool": f"nbd+unix:///?socket={ours}", "nbdkit-memory": f"nbd+unix:///?socket={ref}"}
+    finally:
+        for p in procs:
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_fio(uri: str, args: list[str]) -> dict:
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={SIZE}", "--time_based",
+           f"--runtime={RUNTIME}", "--ramp_time=0.5", "--output-format=json", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNTIME * 4 + 60)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio failed: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    text = r.stdout
+    res, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    w = res["jobs"][0]["write"]
+    return {"iops": w["iops"], "mb_s": w["bw_bytes"] / 1e6, "lat_us_mean": w["lat_ns"]["mean"] / 1000}
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_fio_nbd(benchmark, servers, workload):
+    results = {}
+
+    def run_both():
+        for name, uri in servers.items():
+            results[name] = run_fio(uri, WORKLOADS[workload])
+
+    benchmark.pedantic(run_both, rounds=1, iterations=1)
+    ours, ref = results["thinpool"], results["nbdkit-memory"]
+    ratio = ours["iops"] / ref["iops"] if ref["iops"] else float("nan")
+    benchmark.extra_info.update({"workload": workload, "thinpool": ours, "nbdkit_memory": ref,
+                                 "ratio_vs_nbdkit_memory": round(ratio, 3)})
+    print(f"\n{workload}: thinpool {ours['iops']:.0f} IOPS ({ours['mb_s']:.0f} MB/s), "
+          f"nbdkit memory {ref['iops']:.0f} IOPS ({ref['mb_s']:.0f} MB/s), ratio {ratio:.2f}x")
+    assert ours["iops"] > 0 and ref["iops"] > 0
