@@ -1,0 +1,138 @@
+"""`thinpool serve` (NBD server) and `thinpool mount` (FUSE export): real clients on a pool's thin devices.
+
+Each thin device is exported under its name (the pool manifest's name, the device id by default). The pool is
+found through ``--pool`` or ``$THINPOOL_POOL``. Both commands commit the pool when they stop: ``serve`` on
+SIGINT/SIGTERM, ``mount`` on unmount (``umount DIR`` or SIGINT/SIGTERM to the process).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+POOL_OPTION = click.option("--pool", "pool_path", envvar="THINPOOL_POOL", required=True,
+                           type=click.Path(file_okay=False, exists=True),
+                           help="Pool directory (or set THINPOOL_POOL).")
+EXPORT_OPTION = click.option("--export", "exports", multiple=True, metavar="ID",
+                             help="Export only this device (id or name; repeatable). Default: every device.")
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{value!r}: use HOST:PORT, e.g. 127.0.0.1:10809", param_hint="--listen")
+    if host.startswith("[") and host.endswith("]"):
+        raise click.BadParameter("IPv6 addresses are not supported", param_hint="--listen")
+    return host, int(port)
+
+
+def _select(pool: Any, refs: tuple[str, ...]) -> dict[str, Any]:
+    """Map export name -> ThinDevice for the chosen devices (all of them when ``refs`` is empty)."""
+    ids = [pool.find_device(r) for r in refs] if refs else list(pool.list_devices())
+    out: dict[str, Any] = {}
+    for dev_id in ids:
+        name = pool.device_name(dev_id) if hasattr(pool, "device_name") else str(dev_id)
+        if name in out:
+            raise click.UsageError(f"device {dev_id} is listed twice (export {name!r})")
+        out[name] = pool.device(dev_id)
+    if not out:
+        raise click.UsageError("the pool has no thin devices to export")
+    return out
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(int(getattr(e, "exit_code", 1)))
+
+
+@click.command("serve")
+@POOL_OPTION
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Listen on this unix socket (default: nbd.sock in the pool directory).")
+@click.option("--listen", "listen", metavar="HOST:PORT", help="Listen on TCP instead, e.g. 127.0.0.1:10809.")
+@EXPORT_OPTION
+def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: tuple[str, ...]) -> None:
+    """Serve thin devices over NBD (one export per device, by name) until SIGINT/SIGTERM, then commit.
+
+    NBD FLUSH and FUA writes commit the pool; TRIM discards chunks; block status shows holes vs data.
+
+    Example: thinpool serve --pool ./pool --socket /tmp/tp.sock & nbdinfo --map 'nbd+unix:///0?socket=/tmp/tp.sock'
+    """
+    from thinpool.errors import ThinpoolError
+    from thinpool.nbd.server import serve as nbd_serve
+    from thinpool.pool import Pool
+
+    if socket_path and listen:
+        raise click.UsageError("give --socket or --listen, not both")
+    host = port = None
+    if listen:
+        host, port = _parse_listen(listen)
+    elif not socket_path:
+        socket_path = os.path.join(pool_path, "nbd.sock")
+    try:
+        with Pool.open(pool_path) as pool:
+            devices = _select(pool, exports)
+
+            def ready(server: Any) -> None:
+                for addr in server.addresses:
+                    for name in devices:
+                        if isinstance(addr, str):
+                            uri = f"nbd+unix:///{name}?socket={os.path.abspath(addr)}"
+                        else:
+                            uri = f"nbd://{addr[0]}:{addr[1]}/{name}"
+                        click.echo(f"serving {uri}")
+                sys.stdout.flush()
+
+            nbd_serve(devices, unix_path=socket_path, host=host, port=port, on_shutdown=pool.commit, ready=ready)
+            click.echo("stopped; pool committed")
+    except ThinpoolError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(e)
+
+
+@click.command("mount")
+@POOL_OPTION
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@EXPORT_OPTION
+@click.option("--no-direct-io", is_flag=True, help="Let the kernel page cache sit in front of the devices.")
+def mount(pool_path: str, directory: str, exports: tuple[str, ...], no_direct_io: bool) -> None:
+    """Show thin devices as files DIR/<name> through FUSE (foreground) until unmounted, then commit.
+
+    read/write go to the device, fsync commits the pool, fallocate punch-hole (what a loop device sends for
+    discard/fstrim) discards chunks. Unmount with `umount DIR` (or Ctrl-C).
+
+    Example: thinpool mount --pool ./pool /mnt/tp & losetup -f --show /mnt/tp/0
+    """
+    from thinpool.errors import ThinpoolError
+    from thinpool.fusefs import mount as fuse_mount
+    from thinpool.pool import Pool
+
+    try:
+        with Pool.open(pool_path) as pool:
+            devices = _select(pool, exports)
+            click.echo(f"mounting {', '.join(devices)} at {os.path.abspath(directory)}")
+            sys.stdout.flush()
+            fuse_mount(devices, directory, on_unmount=pool.commit, direct_io=not no_direct_io)
+            click.echo("unmounted; pool committed")
+    except ThinpoolError as e:
+        _fail(e)
+    except (OSError, RuntimeError) as e:
+        _fail(e)
+
+
+COMMANDS = [serve, mount]
+
+
+def register(group: click.Group) -> None:
+    """Add these commands to the `thinpool` group (cli/main.py)."""
+    for cmd in COMMANDS:
+        group.add_command(cmd)
+
+
+if __name__ == "__main__":  # python -m thinpool_cli.serve_cmds serve|mount ...
+    grp = click.Group(commands={c.name: c for c in COMMANDS})
+    grp()
