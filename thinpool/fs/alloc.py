@@ -36,6 +36,7 @@ class Allocator:
         self._dirty_bbm: set[int] = set()
         self._dirty_ibm: set[int] = set()
         self._hint: dict[int, int] = {}  # group -> bit index to start the next single-block search at
+        self._ihint: dict[int, int] = {}  # group -> inode index below which every inode is probably in use
         self.gd_dirty = False
 
     # --- bitmaps ----------------------------------------------------------------------------------------------
@@ -125,27 +126,18 @@ class Allocator:
         raise FsCorrupt(reason=f"free block count says {self.sb.s_free_blocks_count} free but the bitmaps disagree")
 
     def _alloc_one_fast(self, group: int, start: int) -> int | None:
-        """Find a free bit with a short Python scan from the hint (the common case for small files)."""
+        """Find a free bit with a short Python scan from the goal or the group's hint (small files)."""
         if self.groups[group].bg_free_blocks_count == 0:
             return None
         bm = self.block_bitmap(group)
-        nbits = self.group_nr_blocks(group)
-        pos = max(start, self._hint.get(group, 0)) if start == 0 else start
-        byte = pos >> 3
-        end = min(byte + 64, (nbits + 7) >> 3)
-        while byte < end:
-            v = int(bm[byte])
-            if v != 0xFF:
-                for bit in range(8):
-                    i = byte * 8 + bit
-                    if i >= pos and i < nbits and not (v >> bit) & 1:
-                        bm[byte] = v | (1 << bit)
-                        self._dirty_bbm.add(group)
-                        self._account_blocks(group, -1)
-                        self._hint[group] = i + 1
-                        return self.first_data_block + group * self.bpg + i
-            byte += 1
-        return None
+        i = _scan_free_bit(bm, max(start, self._hint.get(group, 0)), self.group_nr_blocks(group))
+        if i is None:
+            return None
+        bm[i >> 3] |= np.uint8(1 << (i & 7))
+        self._dirty_bbm.add(group)
+        self._account_blocks(group, -1)
+        self._hint[group] = i + 1
+        return self.first_data_block + group * self.bpg + i
 
     def _alloc_in_group(self, group: int, lo: int, want: int) -> list[int]:
         bm = self.block_bitmap(group)
@@ -213,12 +205,16 @@ class Allocator:
             if gd.bg_free_inodes_count == 0:
                 continue
             bm = self.inode_bitmap(g)
-            bits = np.unpackbits(bm, bitorder="little")[:self.ipg]
-            lo = max(0, self.sb.s_first_ino - 1 - g * self.ipg)
-            free = np.flatnonzero(bits[lo:] == 0)
-            if free.size == 0:
-                continue
-            i = int(free[0]) + lo
+            lo = max(0, self.sb.s_first_ino - 1 - g * self.ipg, self._ihint.get(g, 0))
+            i = _scan_free_bit(bm, lo, self.ipg)
+            if i is None:
+                bits = np.unpackbits(bm, bitorder="little")[:self.ipg]
+                lo = max(0, self.sb.s_first_ino - 1 - g * self.ipg)
+                free = np.flatnonzero(bits[lo:] == 0)
+                if free.size == 0:
+                    continue
+                i = int(free[0]) + lo
+            self._ihint[g] = i + 1
             bm[i >> 3] |= np.uint8(1 << (i & 7))
             self._dirty_ibm.add(g)
             gd.bg_free_inodes_count -= 1
@@ -236,6 +232,7 @@ class Allocator:
             raise FsCorrupt(reason=f"freeing inode {ino}, which the inode bitmap says is free", inode=ino)
         bm[i >> 3] &= np.uint8(~(1 << (i & 7)) & 0xFF)
         self._dirty_ibm.add(g)
+        self._ihint[g] = min(self._ihint.get(g, 0), i)
         gd = self.groups[g]
         gd.bg_free_inodes_count += 1
         self.sb.s_free_inodes_count += 1
@@ -263,3 +260,18 @@ class Allocator:
             self.device.write(self.groups[g].bg_inode_bitmap * bs, self._ibm[g].tobytes())
         self._dirty_bbm.clear()
         self._dirty_ibm.clear()
+
+
+def _scan_free_bit(bm: U8, pos: int, nbits: int, max_bytes: int = 64) -> int | None:
+    """First clear bit at or after ``pos`` (and below ``nbits``) within ``max_bytes`` bytes, by a Python scan."""
+    byte = pos >> 3
+    end = min(byte + max_bytes, (nbits + 7) >> 3)
+    while byte < end:
+        v = int(bm[byte])
+        if v != 0xFF:
+            for bit in range(8):
+                i = byte * 8 + bit
+                if i >= pos and i < nbits and not (v >> bit) & 1:
+                    return i
+        byte += 1
+    return None

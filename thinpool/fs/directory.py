@@ -81,20 +81,22 @@ def empty_dir_block(buf: bytearray) -> None:
 class Directory:
     """One directory's entries, indexed by name.
 
-    ``get_block(i)`` returns (physical block, mutable cached buffer) of directory block ``i``; ``mark_dirty(phys)``
-    records a change; ``add_block()`` appends a block to the directory (growing i_size) and returns the same pair.
+    ``get_block(i)`` returns (physical block, mutable cached buffer) of directory block ``i`` (used while loading);
+    ``read_block(phys)`` the cached buffer of a physical block; ``mark_dirty(phys)`` records a change;
+    ``add_block()`` appends a block to the directory (growing i_size) and returns (physical block, buffer).
     """
 
     def __init__(self, ino: int, nr_blocks: int, get_block: Callable[[int], tuple[int, bytearray]],
                  mark_dirty: Callable[[int], None], add_block: Callable[[], tuple[int, bytearray]],
-                 nr_inodes: int, filetype: bool) -> None:
+                 nr_inodes: int, filetype: bool, read_block: Callable[[int], bytearray]) -> None:
         self.ino = ino
-        self.get_block = get_block
+        self.read_block = read_block
         self.mark_dirty = mark_dirty
         self.add_block = add_block
         self.nr_inodes = nr_inodes
         self.filetype = filetype
         self.blocks: list[list[Entry]] = []
+        self.phys: list[int] = []  # physical block of each directory block
         self.max_slack: list[int] = []  # upper bound of the largest insertable gap in each block (bytes)
         self.index: dict[bytes, tuple[int, int, int]] = {}  # name -> (inode, file type, block index)
         self.parent = 0
@@ -102,6 +104,7 @@ class Directory:
             phys, buf = get_block(i)
             entries = parse_dir_block(buf, phys, ino, nr_inodes, filetype)
             self.blocks.append(entries)
+            self.phys.append(phys)
             self.max_slack.append(max(_slack(e) for e in entries))
             for e in entries:
                 if e[INO]:
@@ -111,6 +114,10 @@ class Directory:
         if dot is None or dotdot is None or dot[0] != ino:
             raise FsCorrupt(reason=f"directory inode {ino}: missing or wrong '.' / '..' entries", inode=ino)
         self.parent = dotdot[0]
+
+    def _block(self, i: int) -> tuple[int, bytearray]:
+        phys = self.phys[i]
+        return phys, self.read_block(phys)
 
     def lookup(self, name: bytes) -> tuple[int, int] | None:
         hit = self.index.get(name)
@@ -128,38 +135,44 @@ class Directory:
 
     def blocks_needed_for(self, name: bytes) -> int:
         """0 if ``name`` fits in an existing block, else 1 (the caller checks free space first)."""
-        need = rec_len_for(len(name))
-        for i, bound in enumerate(self.max_slack):
-            if bound >= need and self._find_slot(i, need) is not None:
-                return 0
-        return 1
+        return 0 if self._find_space(rec_len_for(len(name))) is not None else 1
 
-    def _find_slot(self, i: int, need: int) -> int | None:
-        for k, e in enumerate(self.blocks[i]):
-            if _slack(e) >= need:
-                return k
+    def _find_space(self, need: int) -> tuple[int, int] | None:
+        """(block index, entry index) of a record with ``need`` bytes of slack; tightens stale bounds on the way.
+
+        The slack is usually in the last record of a block, so records are scanned from the end.
+        """
+        slack = self.max_slack
+        for i in range(len(slack) - 1, -1, -1):
+            if slack[i] < need:
+                continue
+            entries = self.blocks[i]
+            best = 0
+            for k in range(len(entries) - 1, -1, -1):
+                e = entries[k]
+                free = e[REC] if e[INO] == 0 else e[REC] - ((e[NLEN] + 11) & ~3)
+                if free >= need:
+                    return i, k
+                if free > best:
+                    best = free
+            slack[i] = best
         return None
 
     def add(self, name: bytes, ino: int, ftype: int) -> None:
         """Insert an entry (the name must not exist; space for a new block must have been checked)."""
-        need = rec_len_for(len(name))
-        for i, bound in enumerate(self.max_slack):
-            if bound < need:
-                continue
-            k = self._find_slot(i, need)
-            if k is None:
-                self.max_slack[i] = max((_slack(e) for e in self.blocks[i]), default=0)
-                continue
-            self._insert_at(i, k, name, ino, ftype)
+        hit = self._find_space(rec_len_for(len(name)))
+        if hit is not None:
+            self._insert_at(hit[0], hit[1], name, ino, ftype)
             return
         phys, buf = self.add_block()
         empty_dir_block(buf)
+        self.phys.append(phys)
         self.blocks.append([[0, 0, len(buf), 0, 0, b""]])
         self.max_slack.append(len(buf))
         self._insert_at(len(self.blocks) - 1, 0, name, ino, ftype)
 
     def _insert_at(self, i: int, k: int, name: bytes, ino: int, ftype: int) -> None:
-        phys, buf = self.get_block(i)
+        phys, buf = self._block(i)
         entries = self.blocks[i]
         e = entries[k]
         ft = ftype if self.filetype else 0
@@ -192,7 +205,7 @@ class Directory:
     def remove(self, name: bytes) -> int:
         """Remove ``name``; returns its inode number (the name must exist)."""
         ino, _, i = self.index.pop(name)
-        phys, buf = self.get_block(i)
+        phys, buf = self._block(i)
         entries = self.blocks[i]
         for k, e in enumerate(entries):
             if e[INO] and e[NAME] == name:
@@ -216,7 +229,7 @@ class Directory:
     def set_inode(self, name: bytes, ino: int, ftype: int) -> None:
         """Point an existing entry at another inode (rename over an existing name, or '..' of a moved dir)."""
         _, _, i = self.index[name]
-        phys, buf = self.get_block(i)
+        phys, buf = self._block(i)
         for e in self.blocks[i]:
             if e[INO] and e[NAME] == name:
                 e[INO] = ino

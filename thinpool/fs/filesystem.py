@@ -435,7 +435,8 @@ class Filesystem:
             self._touch(ino)
             return phys, self.cache.new(phys)
 
-        d = Directory(ino, nr, get_block, self.cache.mark_dirty, add_block, self.sb.s_inodes_count, self.filetype)
+        d = Directory(ino, nr, get_block, self.cache.mark_dirty, add_block, self.sb.s_inodes_count, self.filetype,
+                      self.cache.get)
         self._dirs[ino] = d
         return d
 

@@ -209,6 +209,12 @@ class BlockMapper:
     # --- lookup -----------------------------------------------------------------------------------------------
     def map(self, ino: int, inode: Inode, l0: int, n: int) -> npt.NDArray[np.int64]:
         """Physical block of each logical block in [l0, l0+n); 0 marks a hole."""
+        if l0 + n <= NDIR_BLOCKS:  # small files: no numpy reductions
+            direct = inode.i_block[l0:l0 + n]
+            for b in direct:
+                if b >= self.nr_blocks:
+                    self._check_ptr(ino, b, "a data block pointer")
+            return np.array(direct, np.int64)
         out = np.zeros(n, np.int64)
         pos = 0
         for slot, path, idx, cnt in self._segments(l0, n):
