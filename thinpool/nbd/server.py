@@ -251,6 +251,10 @@ class _Connection(asyncio.BufferedProtocol):
     # --- parsing --------------------------------------------------------------------------------------------
     def _process(self) -> None:
         buf = self._buf
+        out = self._out
+        lock = self.server.lock
+        stats = self.server.stats
+        pack_simple = P.S_SIMPLE_REPLY.pack
         while not self._closing:
             avail = self._end - self._start
             if self._hs is not None:
@@ -298,8 +302,20 @@ class _Connection(asyncio.BufferedProtocol):
                 # Zero-copy: the device gets a view of the receive buffer, valid during the call only.
                 data = memoryview(buf)[self._start + 28:self._start + 28 + length]
                 self._start += 28 + length
+                exp = self._export
                 try:
-                    self._request(flags, cmd, cookie, offset, length, data)
+                    if not flags and length and not exp.readonly and offset + length <= exp.size:
+                        # fast path: the common plain write
+                        stats["requests"] += 1
+                        try:
+                            with lock:
+                                exp.device.write(offset, data)
+                        except Exception as e:
+                            self._device_failed(cmd, cookie, exp, e)
+                        else:
+                            out.append(pack_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+                    else:
+                        self._request(flags, cmd, cookie, offset, length, data)
                 finally:
                     try:
                         data.release()
@@ -537,27 +553,26 @@ class _Connection(asyncio.BufferedProtocol):
                     return
                 if flags & P.CMD_FLAG_FUA:
                     dev.flush()
-        except (NoSpace,) as e:
-            self._reply_error(cmd, cookie, P.ENOSPC, str(e))
-            return
-        except OutOfBounds as e:
-            self._reply_error(cmd, cookie, P.EINVAL, str(e))
-            return
-        except ReadOnly as e:
-            self._reply_error(cmd, cookie, P.EPERM, str(e))
-            return
-        except OSError as e:
-            self._reply_error(cmd, cookie, P.wire_errno(e.errno) if e.errno else P.EIO, str(e))
-            return
-        except ThinpoolError as e:
-            log.warning("nbd: %s on %s failed: %s", P.CMD_NAMES.get(cmd), exp.name, e)
-            self._reply_error(cmd, cookie, P.EIO, str(e))
-            return
-        except Exception as e:  # a device bug must not kill the server
-            log.exception("nbd: %s on %s raised", P.CMD_NAMES.get(cmd), exp.name)
-            self._reply_error(cmd, cookie, P.EIO, f"internal error: {type(e).__name__}")
+        except Exception as e:  # a device error or bug must not kill the server
+            self._device_failed(cmd, cookie, exp, e)
             return
         self._reply_ok(cookie)
+
+    def _device_failed(self, cmd: int, cookie: int, exp: _Export, e: Exception) -> None:
+        if isinstance(e, NoSpace):
+            self._reply_error(cmd, cookie, P.ENOSPC, str(e))
+        elif isinstance(e, OutOfBounds):
+            self._reply_error(cmd, cookie, P.EINVAL, str(e))
+        elif isinstance(e, ReadOnly):
+            self._reply_error(cmd, cookie, P.EPERM, str(e))
+        elif isinstance(e, OSError):
+            self._reply_error(cmd, cookie, P.wire_errno(e.errno) if e.errno else P.EIO, str(e))
+        elif isinstance(e, ThinpoolError):
+            log.warning("nbd: %s on %s failed: %s", P.CMD_NAMES.get(cmd), exp.name, e)
+            self._reply_error(cmd, cookie, P.EIO, str(e))
+        else:
+            log.error("nbd: %s on %s raised", P.CMD_NAMES.get(cmd), exp.name, exc_info=e)
+            self._reply_error(cmd, cookie, P.EIO, f"internal error: {type(e).__name__}")
 
     def _reply_none(self, cookie: int) -> None:
         if self._structured:
