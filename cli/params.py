@@ -1,0 +1,128 @@
+"""Shared click parameter types and option decorators (sizes, --pool, --json, targets of the metadata tools).
+
+Layer: cli. May import: click, thinpool.errors, thinpool.units (kept light: ``thinpool --help`` imports this).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, TypeVar
+
+import click
+
+from thinpool.errors import InvalidArgument, PoolNotFound
+from thinpool.units import SECTOR_SIZE, check_data_block_size, parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+POOL_ENVVAR = "THINPOOL_POOL"
+
+
+class SizeParam(click.ParamType):
+    """An LVM-style size (``512``, ``64k``, ``10M``, ``10G``, ``1T``, ``128s`` sectors) in bytes.
+
+    ``multiple_of`` rejects sizes that are not a multiple of it (e.g. 512 for device sizes); ``chunk`` validates a
+    dm-thin chunk size (64 KiB..1 GiB in 64 KiB steps). Every rejection is a usage error naming the value.
+    """
+
+    name = "size"
+
+    def __init__(self, *, multiple_of: int = 1, chunk: bool = False, allow_zero: bool = False) -> None:
+        self.multiple_of = multiple_of
+        self.chunk = chunk
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            n = value
+        else:
+            try:
+                n = parse_size(str(value))
+            except InvalidArgument:
+                self.fail(f"invalid size {value!r} (use e.g. 512, 64k, 10M, 10G, 1T, 128s)", param, ctx)
+        if n == 0 and not self.allow_zero:
+            self.fail(f"size {value!r} must be greater than zero", param, ctx)
+        if self.chunk:
+            try:
+                check_data_block_size(n)
+            except InvalidArgument:
+                self.fail(f"chunk size {value!r} is invalid: must be 64KiB..1GiB in 64KiB steps", param, ctx)
+        if n % self.multiple_of:
+            what = "sectors (512 bytes)" if self.multiple_of == SECTOR_SIZE else f"{self.multiple_of} bytes"
+            self.fail(f"size {value!r} ({n} bytes) is not a whole number of {what}", param, ctx)
+        return n
+
+
+SIZE = SizeParam()
+SECTOR_SIZE_PARAM = SizeParam(multiple_of=SECTOR_SIZE)
+OFFSET = SizeParam(allow_zero=True)
+CHUNK_SIZE = SizeParam(chunk=True)
+
+
+def pool_option(f: F) -> F:
+    """``--pool PATH`` / ``-p``, defaulting to $THINPOOL_POOL."""
+    return click.option("-p", "--pool", "pool_path", envvar=POOL_ENVVAR, metavar="PATH",
+                        type=click.Path(file_okay=True, dir_okay=True),
+                        help=f"Pool directory (default: ${POOL_ENVVAR}).")(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(f)
+
+
+def require_pool(pool_path: str | None) -> str:
+    """The pool directory from --pool / $THINPOOL_POOL, or a usage error."""
+    if not pool_path:
+        raise click.UsageError(f"no pool given: use --pool PATH or set {POOL_ENVVAR}")
+    return pool_path
+
+
+def is_target(arg: str) -> bool:
+    """Whether a positional argument names an existing pool directory or metadata file (not a device id)."""
+    return os.path.isdir(arg) or os.path.isfile(arg) or os.path.exists(arg) and not arg.isdigit()
+
+
+def metadata_path(target: str | None) -> str:
+    """The metadata file of a tool's target: a pool directory (its ``metadata``) or a bare metadata file/device."""
+    if not target:
+        raise click.UsageError(f"no pool or metadata file given: pass TARGET, --pool PATH or set {POOL_ENVVAR}")
+    if os.path.isdir(target):
+        md = os.path.join(target, "metadata")
+        if not os.path.exists(md):
+            raise PoolNotFound(path=target)
+        return md
+    if not os.path.exists(target):
+        raise PoolNotFound(path=target)
+    return target
+
+
+def is_pool_dir(target: str) -> bool:
+    return os.path.isdir(target) and os.path.exists(os.path.join(target, "metadata")) \
+        and os.path.exists(os.path.join(target, "data"))
+
+
+_REGION_RE = re.compile(r"^(\d+)\.\.(\d+)$")
+
+
+def parse_region(text: str) -> tuple[int, int]:
+    """A thin_rmap region ``begin..end`` (half-open, data blocks)."""
+    m = _REGION_RE.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"badly formed region {text!r} (use BEGIN..END, e.g. 0..100)")
+    begin, end = int(m.group(1)), int(m.group(2))
+    if end <= begin:
+        raise click.BadParameter(f"badly formed region {text!r} (end <= begin)")
+    return begin, end
+
+
+def open_pool(pool_path: str | None, *, readonly: bool = False) -> Any:
+    """Open the pool named by --pool / $THINPOOL_POOL (a context manager; closing commits)."""
+    from thinpool.pool import Pool
+
+    return Pool.open(require_pool(pool_path), readonly=readonly)
+
+
+def device_ref(text: str) -> int | str:
+    """A device reference: an id (digits) or a name."""
+    return int(text) if text.isdigit() else text

@@ -1,0 +1,326 @@
+"""`thinpool thin ...`: thin devices and snapshots, raw I/O, sparse import and export of images.
+
+Layer: cli. May import: click, thinpool (the library only inside the commands).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, BinaryIO
+
+import click
+
+from thinpool_cli.output import echo_json, progress, table
+from thinpool_cli.params import (OFFSET, SECTOR_SIZE_PARAM, SIZE, device_ref, json_option, open_pool,
+                                 pool_option)
+
+IO_CHUNK = 1 << 20  # bytes per read/write call of the copy loops
+
+
+@click.group("thin")
+def thin() -> None:
+    """Thin devices: create, snapshot, delete, read, write, import, export, flush.
+
+    \b
+    Examples:
+      thinpool thin create 1 --size 1G --name vol
+      thinpool thin write vol --offset 1M hello.txt
+      thinpool thin snap 2 vol --name vol-snap
+      thinpool thin export vol-snap vol-snap.img
+    """
+
+
+def _resolve(p: Any, ref: str) -> int:
+    return int(p.find_device(device_ref(ref)))
+
+
+@thin.command("create")
+@click.argument("dev_id", metavar="ID", type=click.IntRange(0, (1 << 24) - 1))
+@click.option("-s", "--size", type=SECTOR_SIZE_PARAM, required=True, help="Virtual size (a multiple of 512).")
+@click.option("-n", "--name", help="A name to use instead of the id.")
+@click.option("--origin", type=click.Path(exists=True, dir_okay=False),
+              help="External origin: a read-only file that shows through unwritten chunks.")
+@pool_option
+@json_option
+def thin_create(dev_id: int, size: int, name: str | None, origin: str | None, pool_path: str | None,
+                as_json: bool) -> None:
+    """Create thin device ID of --size bytes (nothing is allocated until written).
+
+    Example: thinpool thin create 1 --size 1G --name vol
+    """
+    with open_pool(pool_path) as p:
+        dev = p.create_thin(dev_id, size, name=name, origin=origin)
+        if as_json:
+            echo_json({"dev_id": dev_id, "name": dev.name, "size": size, "origin": origin})
+        else:
+            click.echo(f"created thin device {dev_id} ({dev.name}), {size} bytes")
+
+
+@thin.command("snap")
+@click.argument("dev_id", metavar="NEW", type=click.IntRange(0, (1 << 24) - 1))
+@click.argument("origin", metavar="ORIGIN")
+@click.option("-n", "--name", help="A name for the snapshot.")
+@pool_option
+@json_option
+def thin_snap(dev_id: int, origin: str, name: str | None, pool_path: str | None, as_json: bool) -> None:
+    """Snapshot device ORIGIN (id or name) as NEW: O(1), the chunks are shared until written.
+
+    Example: thinpool thin snap 2 vol --name vol-snap
+    """
+    with open_pool(pool_path) as p:
+        origin_id = _resolve(p, origin)
+        dev = p.create_snap(dev_id, origin_id, name=name)
+        if as_json:
+            echo_json({"dev_id": dev_id, "name": dev.name, "origin_id": origin_id, "size": dev.size})
+        else:
+            click.echo(f"created snapshot {dev_id} ({dev.name}) of device {origin_id}")
+
+
+@thin.command("delete")
+@click.argument("ref", metavar="ID")
+@click.option("-f", "--force", is_flag=True, help="Really delete (the device's data is lost).")
+@pool_option
+def thin_delete(ref: str, force: bool, pool_path: str | None) -> None:
+    """Delete thin device ID (id or name); needs --force.
+
+    Example: thinpool thin delete vol-snap --force
+    """
+    with open_pool(pool_path) as p:
+        dev_id = _resolve(p, ref)
+        if not force:
+            raise click.UsageError(f"refusing to delete device {dev_id} without --force (its data would be lost)")
+        p.delete_thin(dev_id)
+        click.echo(f"deleted thin device {dev_id}")
+
+
+@thin.command("list")
+@pool_option
+@json_option
+def thin_list(pool_path: str | None, as_json: bool) -> None:
+    """List the thin devices: id, name, size, mapped bytes, highest mapped sector, external origin.
+
+    Example: thinpool thin list
+    """
+    from thinpool.units import format_size
+
+    from thinpool_cli.pool_cmds import device_rows
+
+    with open_pool(pool_path, readonly=True) as p:
+        rows = device_rows(p)
+    if as_json:
+        echo_json(rows)
+        return
+    table(None, ["id", "name", "size", "mapped", "highest sector", "origin"],
+          [(d["dev_id"], d["name"], format_size(d["size"]), format_size(d["mapped"]),
+            "-" if d["highest_sector"] is None else d["highest_sector"], d["origin"] or "-") for d in rows],
+          right=["id", "size", "mapped", "highest sector"])
+
+
+def _copy_in(dev: Any, src: BinaryIO, offset: int, limit: int | None, total: int) -> int:
+    """Write ``src`` into ``dev`` at ``offset``; returns the bytes written."""
+    written = 0
+    with progress(f"writing device {dev.dev_id}", total, min_total=64 << 20) as bar:
+        while limit is None or written < limit:
+            want = IO_CHUNK if limit is None else min(IO_CHUNK, limit - written)
+            buf = src.read(want)
+            if not buf:
+                break
+            dev.write(offset + written, buf)
+            written += len(buf)
+            bar.advance(len(buf))
+    return written
+
+
+@thin.command("write")
+@click.argument("ref", metavar="ID")
+@click.argument("src", metavar="SRC|-", type=click.File("rb"), default="-")
+@click.option("-o", "--offset", type=OFFSET, default="0", help="Byte offset in the device (sizes like 1M work).")
+@pool_option
+def thin_write(ref: str, src: BinaryIO, offset: int, pool_path: str | None) -> None:
+    """Write the bytes of file SRC (or stdin, '-') into device ID at --offset.
+
+    Example: echo hello | thinpool thin write vol --offset 4k -
+    """
+    from thinpool.errors import OutOfBounds
+
+    with open_pool(pool_path) as p:
+        dev = p.device(_resolve(p, ref))
+        size = _regular_file_size(src)
+        if offset > dev.size or (size is not None and offset + size > dev.size):
+            raise OutOfBounds(offset=offset, length=size or 0, size=dev.size)
+        n = _copy_in(dev, src, offset, None, size or 0)
+        click.echo(f"wrote {n} bytes to device {dev.dev_id} at offset {offset}", err=True)
+
+
+def _regular_file_size(f: BinaryIO) -> int | None:
+    """The size of ``f`` when it is a regular file (known before reading), else None (pipes, terminals)."""
+    import stat
+
+    try:
+        st = os.fstat(f.fileno())
+    except Exception:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+@thin.command("read")
+@click.argument("ref", metavar="ID")
+@click.option("-o", "--offset", type=OFFSET, default="0", help="Byte offset in the device.")
+@click.option("-l", "--length", type=OFFSET, help="Bytes to read (default: to the end of the device).")
+@click.option("--output", "out", type=click.File("wb"), default="-", help="Write here instead of stdout.")
+@pool_option
+def thin_read(ref: str, offset: int, length: int | None, out: BinaryIO, pool_path: str | None) -> None:
+    """Read bytes of device ID to stdout (unwritten chunks read as zeros).
+
+    Example: thinpool thin read vol --offset 4k --length 6
+    """
+    from thinpool.io.device import check_bounds
+
+    with open_pool(pool_path, readonly=True) as p:
+        dev = p.device(_resolve(p, ref))
+        if length is None:
+            length = max(0, dev.size - offset)
+        check_bounds(dev.size, offset, length)
+        pos = offset
+        with progress(f"reading device {dev.dev_id}", length, min_total=64 << 20) as bar:
+            while pos < offset + length:
+                n = min(IO_CHUNK, offset + length - pos)
+                out.write(dev.read(pos, n))
+                pos += n
+                bar.advance(n)
+        out.flush()
+
+
+@thin.command("import")
+@click.argument("ref", metavar="ID")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("-n", "--name", help="Name for a device created by the import.")
+@pool_option
+def thin_import(ref: str, image: str, name: str | None, pool_path: str | None) -> None:
+    """Copy raw IMAGE into device ID, skipping holes and all-zero chunks.
+
+    The device is created (its size rounded up to 512 bytes) when ID is a number that does not exist yet; it
+    then equals the image: chunks that are zero in the image are unmapped in the device.
+
+    Example: thinpool thin import 3 disk.raw --name disk
+    """
+    import bisect
+
+    import numpy as np
+
+    with open_pool(pool_path) as p:
+        size = os.path.getsize(image)
+        ref_v = device_ref(ref)
+        if isinstance(ref_v, int) and ref_v not in p.md.devices:
+            p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)
+        dev = p.device(_resolve(p, ref))
+        if size > dev.size:
+            from thinpool.errors import OutOfBounds
+
+            raise OutOfBounds(offset=0, length=size, size=dev.size)
+        ch, dev_size = dev.chunk, dev.size
+        written = 0
+        done: list[tuple[int, int]] = []  # chunk intervals [a, b) already made equal to the image
+        with open(image, "rb") as f, progress(f"importing into device {dev.dev_id}", size,
+                                              min_total=64 << 20) as bar:
+            fd = f.fileno()
+            next_chunk = 0
+            for start, end in _data_extents(fd, size):
+                first = max(start // ch, next_chunk)
+                last = -(-end // ch)
+                for c in range(first, last):
+                    lo, hi = c * ch, min((c + 1) * ch, dev_size)
+                    buf = os.pread(fd, min(hi, size) - lo, lo)
+                    if np.frombuffer(buf, dtype=np.uint8).any():
+                        dev.write(lo, buf + bytes(hi - lo - len(buf)))
+                        written += len(buf)
+                    elif p.md.lookup(dev.dev_id, c) is not None or p.external_origin(dev.dev_id):
+                        dev.write_zeroes(lo, hi - lo)
+                    bar.update(min(hi, size))
+                if last > first:
+                    done.append((first, last))
+                next_chunk = max(next_chunk, last)
+            # chunks that lie wholly in holes of the image (or beyond its end) must read as zeros too
+            starts = [a for a, _ in done]
+            k, _, _ = p.md.mappings(dev.dev_id)
+            for c in k.tolist():
+                i = bisect.bisect_right(starts, c) - 1
+                if i >= 0 and done[i][0] <= c < done[i][1]:
+                    continue
+                lo = c * ch
+                if lo < dev_size:
+                    dev.write_zeroes(lo, min(ch, dev_size - lo))
+        p.commit()
+        click.echo(f"imported {size} bytes ({written} in non-zero chunks) into device {dev.dev_id}", err=True)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data extents of a file (SEEK_DATA/SEEK_HOLE; the whole file where unsupported)."""
+    out = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no more data
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    except (OSError, AttributeError):
+        return [(0, size)] if size else []
+    return out
+
+
+@thin.command("export")
+@click.argument("ref", metavar="ID")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("-f", "--force", is_flag=True, help="Overwrite IMAGE if it exists.")
+@pool_option
+def thin_export(ref: str, image: str, force: bool, pool_path: str | None) -> None:
+    """Write device ID to the raw IMAGE file, sparse: unwritten and all-zero chunks stay holes.
+
+    Example: thinpool thin export vol vol.img
+    """
+    import numpy as np
+
+    if os.path.exists(image) and not force:
+        raise click.UsageError(f"{image} exists: use --force to overwrite it")
+    with open_pool(pool_path, readonly=True) as p:
+        dev = p.device(_resolve(p, ref))
+        ranges = dev.mapped_ranges()
+        total = sum(n for _, n in ranges)
+        ch = dev.chunk
+        copied = 0
+        with open(image, "wb") as f, progress(f"exporting device {dev.dev_id}", total, min_total=64 << 20) as bar:
+            f.truncate(0)
+            f.truncate(dev.size)
+            fd = f.fileno()
+            for start, n in ranges:
+                pos = start
+                while pos < start + n:
+                    m = min(ch - pos % ch, start + n - pos)
+                    buf = dev.read(pos, m)
+                    if np.frombuffer(buf, dtype=np.uint8).any():
+                        os.pwrite(fd, buf, pos)
+                        copied += m
+                    pos += m
+                    bar.advance(m)
+        click.echo(f"exported device {dev.dev_id}: {dev.size} bytes, {copied} bytes of data", err=True)
+
+
+@thin.command("flush")
+@click.argument("ref", metavar="[ID]", required=False)
+@pool_option
+def thin_flush(ref: str | None, pool_path: str | None) -> None:
+    """Commit the pool (data first, then metadata). Every command already commits when it finishes.
+
+    Example: thinpool thin flush vol
+    """
+    with open_pool(pool_path) as p:
+        if ref is not None:
+            p.device(_resolve(p, ref)).flush()
+        else:
+            p.commit()
+        click.echo(f"committed: transaction {p.md.trans_id}, {p.status().used_data_blocks} chunks used", err=True)
+
