@@ -241,7 +241,8 @@ def test_loop_ext4_on_fuse_file(fuse_mount):
         assert r.returncode == 0, r.stdout + r.stderr
         with contextlib.suppress(OSError):
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        run_tool("blockdev", "--flushbufs", loop, check=False, timeout=30)
+        if shutil.which("blockdev") or os.path.exists("/usr/sbin/blockdev") or os.path.exists("/sbin/blockdev"):
+            run_tool("blockdev", "--flushbufs", loop, check=False, timeout=30)
         run_tool("mount", "-o", "ro", loop, ext, timeout=30)
         try:
             r = run_tool("diff", "-r", "--no-dereference", tree, os.path.join(ext, "tree"), check=False, timeout=120)
