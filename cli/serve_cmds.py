@@ -16,6 +16,8 @@ import click
 POOL_OPTION = click.option("--pool", "pool_path", envvar="THINPOOL_POOL", required=True,
                            type=click.Path(file_okay=False, exists=True),
                            help="Pool directory (or set THINPOOL_POOL).")
+READONLY_OPTION = click.option("--read-only", "readonly", is_flag=True,
+                               help="Open the pool read-only and refuse writes, trims and zeroing.")
 EXPORT_OPTION = click.option("--export", "exports", multiple=True, metavar="ID",
                              help="Export only this device (id or name; repeatable). Default: every device.")
 
@@ -29,7 +31,36 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _select(pool: Any, refs: tuple[str, ...]) -> dict[str, Any]:
+class ReadOnlyDevice:
+    """A read-only view of a device (``readonly`` makes NBD advertise READ_ONLY and FUSE show mode 0444)."""
+
+    readonly = True
+
+    def __init__(self, dev: Any) -> None:
+        self._dev = dev
+
+    @property
+    def size(self) -> int:
+        return int(self._dev.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._dev.read(offset, length)
+
+    def mapped_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        return self._dev.mapped_ranges(offset, length)
+
+    def flush(self) -> None:
+        pass
+
+    def _refuse(self, *args: Any) -> None:
+        from thinpool.errors import ReadOnly
+
+        raise ReadOnly()
+
+    write = discard = write_zeroes = _refuse
+
+
+def _select(pool: Any, refs: tuple[str, ...], readonly: bool = False) -> dict[str, Any]:
     """Map export name -> ThinDevice for the chosen devices (all of them when ``refs`` is empty)."""
     ids = [pool.find_device(r) for r in refs] if refs else list(pool.list_devices())
     out: dict[str, Any] = {}
@@ -37,7 +68,8 @@ def _select(pool: Any, refs: tuple[str, ...]) -> dict[str, Any]:
         name = pool.device_name(dev_id) if hasattr(pool, "device_name") else str(dev_id)
         if name in out:
             raise click.UsageError(f"device {dev_id} is listed twice (export {name!r})")
-        out[name] = pool.device(dev_id)
+        dev = pool.device(dev_id)
+        out[name] = ReadOnlyDevice(dev) if readonly else dev
     if not out:
         raise click.UsageError("the pool has no thin devices to export")
     return out
@@ -54,7 +86,9 @@ def _fail(e: Exception) -> None:
               help="Listen on this unix socket (default: nbd.sock in the pool directory).")
 @click.option("--listen", "listen", metavar="HOST:PORT", help="Listen on TCP instead, e.g. 127.0.0.1:10809.")
 @EXPORT_OPTION
-def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: tuple[str, ...]) -> None:
+@READONLY_OPTION
+def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: tuple[str, ...],
+          readonly: bool) -> None:
     """Serve thin devices over NBD (one export per device, by name) until SIGINT/SIGTERM, then commit.
 
     NBD FLUSH and FUA writes commit the pool; TRIM discards chunks; block status shows holes vs data.
@@ -73,8 +107,8 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
     elif not socket_path:
         socket_path = os.path.join(pool_path, "nbd.sock")
     try:
-        with Pool.open(pool_path) as pool:
-            devices = _select(pool, exports)
+        with Pool.open(pool_path, readonly=readonly) as pool:
+            devices = _select(pool, exports, readonly)
 
             def ready(server: Any) -> None:
                 for addr in server.addresses:
@@ -98,8 +132,9 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
 @POOL_OPTION
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 @EXPORT_OPTION
+@READONLY_OPTION
 @click.option("--no-direct-io", is_flag=True, help="Let the kernel page cache sit in front of the devices.")
-def mount(pool_path: str, directory: str, exports: tuple[str, ...], no_direct_io: bool) -> None:
+def mount(pool_path: str, directory: str, exports: tuple[str, ...], readonly: bool, no_direct_io: bool) -> None:
     """Show thin devices as files DIR/<name> through FUSE (foreground) until unmounted, then commit.
 
     read/write go to the device, fsync commits the pool, fallocate punch-hole (what a loop device sends for
@@ -112,8 +147,8 @@ def mount(pool_path: str, directory: str, exports: tuple[str, ...], no_direct_io
     from thinpool.pool import Pool
 
     try:
-        with Pool.open(pool_path) as pool:
-            devices = _select(pool, exports)
+        with Pool.open(pool_path, readonly=readonly) as pool:
+            devices = _select(pool, exports, readonly)
             click.echo(f"mounting {', '.join(devices)} at {os.path.abspath(directory)}")
             sys.stdout.flush()
             fuse_mount(devices, directory, on_unmount=pool.commit, direct_io=not no_direct_io)

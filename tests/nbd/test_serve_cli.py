@@ -111,3 +111,24 @@ def test_serve_errors(pooldir):
         r = subprocess.run([sys.executable, "-m", "thinpool_cli.serve_cmds", "serve", "--pool", pool_path],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_read_only(pooldir):
+    need_tool("nbdinfo", "qemu-io")
+    pool_path = os.path.join(pooldir, "pool")
+    with Pool.open(pool_path) as pool:
+        pool.device(0).write(0, b"\x42" * 65536)
+    sock = os.path.join(pooldir, "ro.sock")
+    srv = Serve("--pool", pool_path, "--socket", sock, "--read-only", "--export", "0")
+    try:
+        (uri,) = srv.wait_ready(1)
+        info = json.loads(run_tool("nbdinfo", "--json", uri, timeout=30).stdout)
+        assert info["exports"][0]["is_read_only"] is True
+        run_tool("qemu-io", "-r", "-f", "raw", uri, "-c", "read -P 0x42 0 64k", timeout=60)
+        r = run_tool("qemu-io", "-f", "raw", uri, "-c", "write -P 1 0 4k", check=False, timeout=60)
+        assert r.returncode != 0 or "error" in (r.stdout + r.stderr).lower()
+    finally:
+        rc, _out, err = srv.stop()
+    assert rc == 0, err
+    with Pool.open(pool_path, readonly=True) as pool:
+        assert pool.device(0).read(0, 4096) == b"\x42" * 4096
