@@ -5,7 +5,8 @@ Layer: clients. May import: thinpool.errors, thinpool.io.
 File operations map onto the device:
 
 * ``read`` / ``write`` -> ``device.read`` / ``device.write`` (the file has the device's fixed size; writes past
-  the end are short or fail with ENOSPC, truncation to another size fails with EINVAL);
+  the end are short or fail with ENOSPC; like a block device, O_TRUNC and truncate(0) are ignored, so
+  ``cp``/``dd`` onto the file work, and truncation to any other size fails with EINVAL);
 * ``fsync`` / ``fdatasync`` -> ``device.flush()`` (for a thin device: the pool commit);
 * ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` -> ``device.discard`` (loop devices turn discard/fstrim into exactly
   this), ``fallocate(ZERO_RANGE)`` -> ``device.write_zeroes``, plain preallocation inside the file is a no-op;
@@ -168,9 +169,9 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
             dev = self._dev(path)
-            if length != dev.size:
+            if length not in (0, dev.size):
                 raise FuseOSError(errno.EINVAL)  # a block device cannot change size
-            return 0
+            return 0  # O_TRUNC / truncate(0) is ignored, as opening a block device with O_TRUNC is
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
             self._call(self._dev(path).flush)

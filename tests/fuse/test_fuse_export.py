@@ -123,6 +123,14 @@ def test_files_and_sizes(fuse_mount):
     assert st.st_size == 64 * MiB and st.st_blocks == 0
     with pytest.raises(FileNotFoundError):
         os.stat(m.path("nope"))
+    # cp onto the device file works as onto a block device (O_TRUNC is ignored, the size stays)
+    src = os.path.join(m.tmp, "img")
+    blob = os.urandom(200_000)
+    Path(src).write_bytes(blob)
+    run_tool("cp", src, m.path("small"), timeout=30)
+    assert os.path.getsize(m.path("small")) == MiB
+    with open(m.path("small"), "rb") as f:
+        assert f.read(len(blob)) == blob
     with pytest.raises(OSError) as ei:
         open(os.path.join(m.mnt, "new"), "w")
     assert ei.value.errno in (errno.ENOSYS, errno.EROFS, errno.EPERM, errno.EACCES)
@@ -159,6 +167,8 @@ def test_read_write_fsync_punch_hole(fuse_mount):
             os.ftruncate(fd, MiB)
         assert ei.value.errno == errno.EINVAL
         os.ftruncate(fd, 64 * MiB)  # same size: fine
+        os.ftruncate(fd, 0)  # ignored, as on a block device
+        assert os.fstat(fd).st_size == 64 * MiB and os.pread(fd, 4, 64 * MiB - 4) == b"xxxx"
     finally:
         os.close(fd)
     report = m.unmount()
