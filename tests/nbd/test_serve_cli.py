@@ -132,3 +132,40 @@ def test_serve_read_only(pooldir):
     assert rc == 0, err
     with Pool.open(pool_path, readonly=True) as pool:
         assert pool.device(0).read(0, 4096) == b"\x42" * 4096
+
+
+def test_serve_nbdcopy_and_qemu_img_on_thin_device(pooldir):
+    need_tool("nbdcopy", "nbdinfo", "qemu-img")
+    pool_path = os.path.join(pooldir, "pool")
+    src, dst = os.path.join(pooldir, "src.img"), os.path.join(pooldir, "dst.img")
+    regions = [(0, 4096), (3 * MiB + 100, 200_000), (9 * MiB, MiB), (16 * MiB - 65536, 65536)]
+    with open(src, "wb") as f:
+        f.truncate(16 * MiB)
+        for off, n in regions:
+            f.seek(off)
+            f.write(os.urandom(n))
+    sock = os.path.join(pooldir, "c.sock")
+    srv = Serve("--pool", pool_path, "--socket", sock, "--export", "second")
+    try:
+        (uri,) = srv.wait_ready(1)
+        run_tool("nbdcopy", src, uri, timeout=60)
+        with open(dst, "wb") as f:
+            f.truncate(16 * MiB)
+        run_tool("nbdcopy", uri, dst, timeout=60)
+        run_tool("cmp", src, dst)
+        assert os.stat(dst).st_blocks * 512 < 4 * MiB
+        run_tool("qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri, timeout=60)
+        out = run_tool("nbdinfo", "--map", "--json", uri, timeout=30).stdout
+        data = [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 0]
+        entries = json.loads(run_tool("qemu-img", "map", "-f", "raw", "--output=json", uri, timeout=30).stdout)
+        assert [(e["start"], e["length"]) for e in entries if e["data"]] == data
+    finally:
+        rc, _out, err = srv.stop()
+    assert rc == 0, err
+    with Pool.open(pool_path, readonly=True) as pool:
+        dev = pool.device(1)
+        assert dev.mapped_ranges() == data
+        with open(src, "rb") as f:
+            assert dev.read(0, 16 * MiB) == f.read()
+        # only chunks holding data were provisioned (64 KiB chunks)
+        assert sum(n for _o, n in data) <= sum(n for _o, n in regions) + 6 * 65536
