@@ -163,3 +163,28 @@ def test_reopen_reads_back_written_pool(tmp_path) -> None:
     pmd = PoolMetadata.open(FileBlockStore(h.path))
     assert our_dump(pmd) == our_dump(h.pmd) == our_dump_file(h.path)
     assert pmd.time == 1 and pmd.get_device(4).snapshotted_time == 1 and pmd.get_device(5).creation_time == 1
+
+
+def test_bad_arguments_raise_typed_errors(tmp_path) -> None:
+    """Regression: build_device with a data block beyond the data device raised numpy's IndexError (from
+    CoreSpaceMap.inc_many) and left the pool half-updated; insert of an out-of-range block raised OverflowError."""
+    from thinpool.errors import InvalidArgument
+    pmd = new_pool_file(tmp_path / "p.bin", nr_meta_blocks=256, nr_data_blocks=100)
+    z = np.zeros(2, dtype=np.uint64)
+    with pytest.raises(InvalidArgument):
+        pmd.build_device(1, np.array([0, 1], dtype=np.uint64), np.array([5, 100], dtype=np.uint64), z)
+    with pytest.raises(InvalidArgument):
+        pmd.build_device(1, np.array([1, 0], dtype=np.uint64), np.array([5, 6], dtype=np.uint64), z)
+    with pytest.raises(InvalidArgument):
+        pmd.build_device(1, np.array([0, 0], dtype=np.uint64), np.array([5, 6], dtype=np.uint64), z)
+    assert 1 not in pmd.devices and not pmd.data_sm.counts.any()
+    pmd.create_thin(1)
+    with pytest.raises(InvalidArgument):
+        pmd.insert(1, 0, 100)
+    with pytest.raises(InvalidArgument):
+        pmd.insert(1, 0, 1 << 45)
+    with pytest.raises(InvalidArgument):
+        pmd.insert(1, -1, 3)
+    pmd.insert(1, 0, pmd.alloc_data_block())
+    pmd.commit()
+    assert check_metadata(FileBlockStore(tmp_path / "p.bin", readonly=True)).problems == []
