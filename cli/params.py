@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import click
 
@@ -116,11 +117,25 @@ def parse_region(text: str) -> tuple[int, int]:
     return begin, end
 
 
-def open_pool(pool_path: str | None, *, readonly: bool = False) -> Any:
-    """Open the pool named by --pool / $THINPOOL_POOL (a context manager; closing commits)."""
+@contextmanager
+def open_pool(pool_path: str | None, *, readonly: bool = False) -> Iterator[Any]:
+    """Open the pool named by --pool / $THINPOOL_POOL. Success commits on close; a failure aborts the open
+    transaction and closes without committing, so a refused command leaves the metadata file byte-identical."""
     from thinpool.pool import Pool
 
-    return Pool.open(require_pool(pool_path), readonly=readonly)
+    p = Pool.open(require_pool(pool_path), readonly=readonly)
+    try:
+        yield p
+    except BaseException:
+        if not p.readonly and not p.closed:
+            try:
+                p.md.abort()
+            except Exception:
+                pass
+            p.readonly = True  # close() must not commit anything now
+        p.close()
+        raise
+    p.close()
 
 
 def device_ref(text: str) -> int | str:

@@ -40,10 +40,13 @@ def show_status(p: Any, as_json: bool) -> None:
     from thinpool.units import format_size
 
     st = p.status()
+    if p.readonly and st.mode == "ro" and not st.needs_check:
+        st.mode = "rw"  # opened read-only just to look: the pool itself is writable
     devs = device_rows(p)
     if as_json:
         d = st.to_dict()
         d["path"] = str(p.path)
+        d["nr_devices"] = d.pop("devices")
         d["devices"] = devs
         echo_json(d)
         return

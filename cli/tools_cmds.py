@@ -349,7 +349,7 @@ def disk_unit(nbytes: int) -> str:
         nbytes //= 1024
         i += 1
     if nbytes > 8 * 1024:
-        nbytes = round(nbytes / 1024)  # C round(): half away from zero; a tie cannot happen for these sizes
+        nbytes = (nbytes + 512) // 1024  # C round(): halves away from zero (312.5 -> 313), not Python's to-even
         i += 1
     return f"{nbytes}{units[i]}"
 

@@ -1,0 +1,95 @@
+"""Helpers for the CLI tests: a CliRunner wrapper, pools made through the CLI, golden images, state fingerprints."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from thinpool_cli.main import cli
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "images"
+IMAGE_NAMES = ["f1_empty_pool", "f2_single_thin", "f3_snapshot", "f4_refcount_multilevel", "f5_needs_check_v1",
+               "f6_snapshots_5000", "f7_many_devices"]
+
+
+def run(*args: object, input: bytes | str | None = None, env: dict[str, str] | None = None) -> Result:
+    """Invoke the CLI in-process; THINPOOL_POOL is unset unless given in ``env``."""
+    e = {"THINPOOL_POOL": None}
+    if env:
+        e.update(env)
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, env=e, catch_exceptions=False)
+
+
+def ok(*args: object, **kw) -> Result:
+    r = run(*args, **kw)
+    assert r.exit_code == 0, f"exit {r.exit_code}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r
+
+
+def fails(code: int, *args: object, **kw) -> Result:
+    """Run, expect exit ``code`` with exactly one stderr line for thinpool errors (no traceback)."""
+    r = run(*args, **kw)
+    assert r.exit_code == code, f"exit {r.exit_code} != {code}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    assert "Traceback" not in r.stderr
+    if code != 2:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("thinpool: error: "), r.stderr
+    return r
+
+
+def unpack_image(name: str, dest: Path) -> Path:
+    out = dest / f"{name}.bin"
+    with gzip.open(IMAGES / f"{name}.bin.gz", "rb") as f, open(out, "wb") as g:
+        shutil.copyfileobj(f, g)
+    return out
+
+
+def fingerprint(pool: Path) -> dict[str, str]:
+    """Hashes of a pool's metadata, manifest and data files (to prove that a failed command changed nothing)."""
+    out = {}
+    for name in ("metadata", "pool.json", "data"):
+        p = pool / name
+        if p.exists():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+    return out
+
+
+def file_hash(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    """An empty pool (32 MiB data, 64 KiB chunks) made through the CLI."""
+    p = tmp_path / "pool"
+    ok("pool", "create", p, "--size", "32M", "--chunk-size", "64k")
+    return p
+
+
+@pytest.fixture
+def busy_pool(tmp_path: Path) -> Path:
+    """A pool with an origin (vol, id 1), a snapshot (id 2), an overwrite that broke sharing, an empty device (5),
+    and a held metadata snapshot."""
+    p = tmp_path / "busy"
+    ok("pool", "create", p, "--size", "32M")
+    ok("thin", "create", "1", "--size", "4M", "--name", "vol", "-p", p)
+    ok("thin", "write", "vol", "-", "-p", p, input=b"A" * (5 * 65536 + 100))
+    ok("thin", "write", "vol", "--offset", "1M", "-", "-p", p, input=b"Z" * 4096)
+    ok("thin", "snap", "2", "vol", "--name", "snap", "-p", p)
+    ok("thin", "write", "vol", "--offset", "64k", "-", "-p", p, input=b"B" * 4096)
+    ok("thin", "write", "snap", "--offset", "192k", "-", "-p", p, input=b"C" * 65536)
+    ok("thin", "create", "5", "--size", "1M", "-p", p)
+    ok("pool", "reserve-metadata-snap", "-p", p)
+    ok("thin", "write", "vol", "--offset", "2M", "-", "-p", p, input=b"D" * 1000)
+    return p
+
