@@ -171,7 +171,7 @@ def test_fio_nbd_verify(server):
         pytest.fail("fio was built without the nbd engine")
     r = run_tool("fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri('disk')}", "--rw=randwrite",
                  "--bs=4k", "--iodepth=16", "--size=8M", "--verify=crc32c", "--do_verify=1",
-                 "--verify_fatal=1", "--output-format=json", timeout=120, check=False)
+                 "--verify_fatal=1", "--verify_state_save=0", "--output-format=json", timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     text = r.stdout
     res, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
@@ -180,5 +180,6 @@ def test_fio_nbd_verify(server):
     assert job["write"]["io_bytes"] == 8 * MiB and job["read"]["io_bytes"] == 8 * MiB
     r = run_tool("fio", "--name=seq", "--ioengine=nbd", f"--uri={server.uri('empty')}", "--rw=write",
                  "--bs=1M", "--iodepth=4", "--size=16M", "--verify=md5", "--do_verify=1", "--verify_fatal=1",
+                 "--verify_state_save=0",
                  timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
