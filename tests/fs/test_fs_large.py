@@ -101,3 +101,61 @@ def _used_after_mkfs(fs: Filesystem) -> int:
     s = fs.statfs()
     itb = (s.nr_inodes // s.nr_groups) * 128 // 4096
     return s.nr_groups * (4 + itb) + 1 + 4
+
+
+A = 1024  # block pointers per 4 KiB indirect block
+BOUNDARIES = [0, 11, 12, 12 + A - 1, 12 + A, 12 + A + A - 1, 12 + A + A, 12 + A + A * A - 1, 12 + A + A * A,
+              12 + A + A * A + A * A + 5, 12 + A + A * A + 3 * A * A + 17]
+
+
+def test_truncate_across_every_indirection_boundary(tmp_path):
+    image = sparse_image(tmp_path / "t.img", 32 * MiB)
+    with FileDevice(image) as dev:
+        fs = Filesystem.mkfs(dev)
+        free0 = fs.statfs().free_blocks
+        with fs.open("/f", "wb") as f:
+            for lb in BOUNDARIES:
+                f.seek(lb * 4096)
+                f.write(lb.to_bytes(8, "little") * 512)
+        for cut in reversed(BOUNDARIES):
+            for size in (cut * 4096 + 4096, cut * 4096 + 1, cut * 4096):
+                fs.truncate("/f", size)
+                with fs.open("/f", "rb") as f:
+                    for lb in BOUNDARIES:
+                        f.seek(lb * 4096)
+                        got = f.read(4096)
+                        if lb * 4096 + 4096 <= size:
+                            assert got == lb.to_bytes(8, "little") * 512
+                        else:
+                            assert got == (lb.to_bytes(8, "little") * 512)[:max(0, size - lb * 4096)]
+                fs.flush()
+                e2fsck(image)
+        assert fs.stat("/f").blocks == 0 and fs.statfs().free_blocks == free0
+        # grow again through a hole: the old bytes must not come back
+        fs.truncate("/f", 20 * MiB)
+        with fs.open("/f", "rb") as f:
+            assert not any(f.read())
+        fs.flush()
+    e2fsck(image)
+
+
+def test_directory_with_indirect_blocks(tmp_path):
+    image = sparse_image(tmp_path / "dir.img", 64 * MiB)
+    names = [f"{i:05d}-" + "n" * 100 for i in range(3000)]  # ~80 directory blocks: single indirect
+    with FileDevice(image) as dev:
+        fs = Filesystem.mkfs(dev)
+        fs.mkdir("/big")
+        for n in names:
+            fs.write_file(f"/big/{n}", n[:5].encode())
+        for n in names[::2]:
+            fs.unlink(f"/big/{n}")
+        fs.flush()
+        assert fs.stat("/big").size > 12 * 4096
+    e2fsck(image)
+    with FileDevice(image) as dev:
+        fs = Filesystem.mount(dev)
+        assert sorted(fs.listdir("/big")) == names[1::2]
+        for n in names[::2][:500]:  # refill the freed slots
+            fs.write_file(f"/big/{n}", b"again")
+        fs.flush()
+    e2fsck(image)
