@@ -296,20 +296,21 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         w.section = f"devices tree ({label})"
         details: dict[int, tuple[int, int, int, int]] = {}
 
-        def on_details(node: Node) -> None:
+        # Collect entries from the leaves the walk returns, not from an on_leaf callback: on_leaf runs once per
+        # distinct leaf across *all* trees walked, so a leaf the live tree shares with the held metadata snapshot's
+        # tree was skipped for the snapshot, which then looked as if it lacked those devices (false "devices in
+        # the details tree and the mapping tree differ").
+        _, detail_leaves = w.tree(which.device_details_root, 24)
+        for _keys, node in detail_leaves:
             for k, v in zip(node.keys, node.values):
                 d = parse_device_details(v)  # type: ignore[arg-type]
                 details[int(k)] = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
-
-        w.tree(which.device_details_root, 24, on_details)
         w.section = f"mapping tree ({label})"
         top: dict[int, int] = {}
-
-        def on_top(node: Node) -> None:
+        _, top_leaves = w.tree(which.data_mapping_root, 8)
+        for _keys, node in top_leaves:
             for k, v in zip(node.keys, node.values):
                 top[int(k)] = int(v)  # type: ignore[arg-type]
-
-        w.tree(which.data_mapping_root, 8, on_top)
         if (which is sb) == (not use_metadata_snap or not sb.held_root):
             dev_details = details
         if set(details) != set(top):
