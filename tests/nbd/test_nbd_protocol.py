@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -467,3 +468,65 @@ def test_allocation_extents_cover_exactly(ranges, offset, length):
             mapped = any(s <= b < s + m for s, m in ranges)
             assert mapped == (flags == 0)
         pos += n
+
+
+# --- fuzzing: random bytes in either phase never hurt the server ---------------------------------------------
+@pytest.fixture(scope="module")
+def fuzz_server():
+    d = tempfile.mkdtemp(prefix="tpnbdz", dir="/tmp")
+    devs = {"a": SparseDevice(1 << 20), "b": SparseDevice(1 << 20)}
+    srv = ServerThread(devs, unix_path=os.path.join(d, "s"))
+    srv.devs = devs
+    with srv:
+        yield srv
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _garbage_session(server, prefix_go: bool, junk: bytes) -> None:
+    with connect(server) as c:
+        c.sock.settimeout(2)
+        c.greeting()
+        if prefix_go:
+            c.go("a")
+        try:
+            c.send(junk)
+            c.sock.shutdown(socket.SHUT_WR)
+            while c.sock.recv(65536):
+                pass
+        except (OSError, socket.timeout):
+            pass
+
+
+@given(st.booleans(), st.binary(min_size=1, max_size=600))
+def test_fuzz_garbage_never_hurts(fuzz_server, prefix_go, junk):
+    _garbage_session(fuzz_server, prefix_go, junk)
+    assert healthy(fuzz_server, "b")
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 99]), st.integers(0, 0xFFFF),
+                          st.integers(0, (1 << 20) + 10), st.integers(0, 70_000)), min_size=1, max_size=6))
+def test_fuzz_wellformed_requests_get_replies(fuzz_server, reqs):
+    """Syntactically valid requests with arbitrary commands/flags/ranges: every one gets exactly one reply
+    (or DISC ends the session), in order, and the server stays healthy."""
+    with connect(fuzz_server) as c:
+        c.greeting()
+        c.go("a")
+        for i, (cmd, flags, off, length) in enumerate(reqs):
+            payload = bytes(length) if cmd == P.CMD_WRITE else b""
+            c.request(cmd, off, length, flags=flags, cookie=1000 + i, payload=payload)
+            if cmd == P.CMD_DISC:
+                assert c.is_closed_by_server()
+                break
+            if cmd == P.CMD_READ:
+                (magic,) = struct.unpack(">I", c.recv_exact(4))
+                assert magic == P.STRUCTURED_REPLY_MAGIC
+                while True:
+                    f, rtype, cookie, n = struct.unpack(">HHQI", c.recv_exact(16))
+                    assert cookie == 1000 + i
+                    c.recv_exact(n)
+                    if f & P.REPLY_FLAG_DONE:
+                        break
+                    assert struct.unpack(">I", c.recv_exact(4))[0] == P.STRUCTURED_REPLY_MAGIC
+            else:
+                c.simple_or_chunks(1000 + i)
+    assert healthy(fuzz_server, "b")
