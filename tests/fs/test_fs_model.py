@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from thinpool.errors import DirectoryNotEmpty, FileExists, FileNotFound, IsADirectory, NotADirectory
+from thinpool.errors import DirectoryNotEmpty, FileExists, IsADirectory, NotADirectory
 from thinpool.fs import Filesystem
 from thinpool.io.device import FileDevice
 

@@ -19,8 +19,8 @@ import errno as _errno
 import os
 import struct
 import time
-import uuid as _uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,76 +31,15 @@ from thinpool.fs import layout as L
 from thinpool.fs.alloc import Allocator
 from thinpool.fs.cache import BlockCache
 from thinpool.fs.directory import Directory, init_dir_block
+from thinpool.fs.file import File
 from thinpool.fs.inode import BlockMapper, Inode, build_inode_into, parse_inode
+from thinpool.fs.records import DirEntry, Stat, StatFs
+from thinpool.fs.validate import check_group_desc, check_superblock
 from thinpool.io.device import BlockDevice
 
 MAX_LINKS = 65000  # EXT2_LINK_MAX
 MAX_SYMLINK_HOPS = 40
 _I_BLOCK_FMT = struct.Struct("<15I")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Stat:
-    """What ``stat`` returns (times in seconds since the epoch, ``blocks`` in 512-byte sectors)."""
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    atime: int
-    mtime: int
-    ctime: int
-    blocks: int
-    blksize: int
-
-    @property
-    def is_dir(self) -> bool:
-        return self.mode & L.S_IFMT == L.S_IFDIR
-
-    @property
-    def is_file(self) -> bool:
-        return self.mode & L.S_IFMT == L.S_IFREG
-
-    @property
-    def is_symlink(self) -> bool:
-        return self.mode & L.S_IFMT == L.S_IFLNK
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StatFs:
-    """File system totals (``statvfs``): sizes in blocks of ``block_size`` bytes."""
-
-    block_size: int
-    nr_blocks: int
-    free_blocks: int
-    avail_blocks: int
-    nr_inodes: int
-    free_inodes: int
-    name_max: int
-    nr_groups: int
-
-    @property
-    def size(self) -> int:
-        return self.nr_blocks * self.block_size
-
-    @property
-    def free_bytes(self) -> int:
-        return self.free_blocks * self.block_size
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DirEntry:
-    """One name in a directory listing (``file_type`` is the dirent FT_* code)."""
-
-    name: str
-    ino: int
-    file_type: int
-
-    @property
-    def is_dir(self) -> bool:
-        return self.file_type == L.FT_DIR
 
 
 def _now() -> int:
@@ -144,77 +83,12 @@ class Filesystem:
 
     # ================================================================================================ creation
     @classmethod
-    def mkfs(cls, device: BlockDevice, *, label: str = "", uuid: bytes | None = None,
-             inode_ratio: int | None = None, nr_inodes: int | None = None, now: int | None = None) -> Filesystem:
-        """Make an empty ext2 file system over the whole device (root directory and lost+found) and open it.
+    def mkfs(cls, device: BlockDevice, **options: Any) -> Filesystem:
+        """Make an empty ext2 file system on ``device`` and return it open (see :func:`thinpool.fs.make.mkfs`)."""
+        from thinpool.fs.make import mkfs
 
-        Raises:
-            FsError: the device is too small.
-        """
-        bs = 4096
-        geo = L.plan_geometry(device.size, bs, inode_ratio=inode_ratio, nr_inodes=nr_inodes)
-        t = _now() if now is None else now
-        sb = L.Superblock(
-            s_inodes_count=geo.nr_inodes, s_blocks_count=geo.nr_blocks, s_r_blocks_count=0,
-            s_free_blocks_count=geo.nr_blocks, s_free_inodes_count=geo.nr_inodes, s_first_data_block=0,
-            s_log_block_size=2, s_log_frag_size=2, s_blocks_per_group=geo.blocks_per_group,
-            s_frags_per_group=geo.blocks_per_group, s_inodes_per_group=geo.inodes_per_group,
-            s_wtime=t, s_max_mnt_count=-1, s_lastcheck=t, s_first_ino=L.FIRST_INO,
-            s_inode_size=L.GOOD_OLD_INODE_SIZE,
-            s_feature_incompat=L.FEATURE_INCOMPAT_FILETYPE,
-            s_feature_ro_compat=L.FEATURE_RO_COMPAT_SPARSE_SUPER if geo.sparse_super else 0,
-            s_uuid=uuid or _uuid.uuid4().bytes, s_volume_name=label.encode()[:16].ljust(16, b"\0"),
-            s_hash_seed=_uuid.uuid4().bytes, s_def_hash_version=1, s_mkfs_time=t, s_flags=1)
-        groups = []
-        for g in range(geo.nr_groups):
-            _, bb, ib, it = geo.group_meta(g)
-            groups.append(L.GroupDesc(bg_block_bitmap=bb, bg_inode_bitmap=ib, bg_inode_table=it,
-                                      bg_free_blocks_count=geo.group_nr_blocks(g),
-                                      bg_free_inodes_count=geo.inodes_per_group))
-        fs = cls(device, sb, groups)
-        bpb = bs * 8
-        for g in range(geo.nr_groups):
-            nbits = geo.group_nr_blocks(g)
-            bits = np.zeros(bpb, np.uint8)
-            bits[nbits:] = 1  # padding past the end of the last group is "in use"
-            fs.alloc.set_block_bitmap(g, np.packbits(bits, bitorder="little"))
-            ibits = np.zeros(bpb, np.uint8)
-            ibits[geo.inodes_per_group:] = 1
-            fs.alloc.set_inode_bitmap(g, np.packbits(ibits, bitorder="little"))
-            first = geo.group_first_block(g)
-            fs.alloc.mark_blocks_used(list(range(first, first + geo.group_overhead(g))))
-            _, _, _, it = geo.group_meta(g)
-            _zero_mapped(device, it * bs, geo.inode_table_blocks * bs)
-        for ino in range(1, L.FIRST_INO):
-            fs.alloc.mark_inode_used(ino, is_dir=ino == L.ROOT_INO)
-        # root directory
-        root = Inode(i_mode=L.S_IFDIR | 0o755, i_links_count=3, i_atime=t, i_ctime=t, i_mtime=t)
-        blk = fs.alloc.alloc_blocks(groups[0].bg_inode_table + geo.inode_table_blocks, 1)[0]
-        init_dir_block(fs.cache.new(blk), L.ROOT_INO, L.ROOT_INO, fs.filetype)
-        root.i_block[0] = blk
-        root.i_blocks = bs // 512
-        root.i_size = bs
-        fs._install_inode(L.ROOT_INO, root)
-        # lost+found (inode 11, 4 blocks, like mke2fs)
-        fs.alloc.mark_inode_used(L.LOST_FOUND_INO, is_dir=True)
-        lf = Inode(i_mode=L.S_IFDIR | 0o700, i_links_count=2, i_atime=t, i_ctime=t, i_mtime=t)
-        blks = fs.alloc.alloc_blocks(blk + 1, L.LOST_FOUND_BLOCKS)
-        init_dir_block(fs.cache.new(blks[0]), L.LOST_FOUND_INO, L.ROOT_INO, fs.filetype)
-        for b in blks[1:]:
-            buf = fs.cache.new(b)
-            struct.pack_into("<IHBB", buf, 0, 0, bs, 0, 0)
-        for i, b in enumerate(blks):
-            lf.i_block[i] = b
-        lf.i_blocks = len(blks) * bs // 512
-        lf.i_size = len(blks) * bs
-        fs._install_inode(L.LOST_FOUND_INO, lf)
-        fs._dir(L.ROOT_INO).add(b"lost+found", L.LOST_FOUND_INO, L.FT_DIR)
-        # the other reserved inodes (1, 3..10) stay zeroed, in use in the bitmap
-        fs._sb_dirty = True
-        fs._backups_dirty = True
-        fs.alloc.gd_dirty = True
-        fs.flush()
-        return fs
+        return mkfs(device, **options)
+
 
     @classmethod
     def mount(cls, device: BlockDevice, *, readonly: bool = False) -> Filesystem:
@@ -227,7 +101,7 @@ class Filesystem:
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
             raise FsCorrupt(reason="device too small to hold a superblock")
         sb = L.parse_superblock(device.read(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
-        readonly = _check_superblock(sb, device.size) or readonly
+        readonly = check_superblock(sb, device.size) or readonly
         bs = sb.block_size
         nr_groups = sb.nr_groups
         gdt_first = sb.s_first_data_block + 1
@@ -235,7 +109,7 @@ class Filesystem:
         raw = device.read(gdt_first * bs, desc_blocks * bs)
         groups = [L.parse_group_desc(raw, g * L.GROUP_DESC_SIZE) for g in range(nr_groups)]
         for g, gd in enumerate(groups):
-            _check_group_desc(sb, g, gd, gdt_first + g * L.GROUP_DESC_SIZE // bs)
+            check_group_desc(sb, g, gd, gdt_first + g * L.GROUP_DESC_SIZE // bs)
         if sum(gd.bg_free_blocks_count for gd in groups) != sb.s_free_blocks_count or \
                 sum(gd.bg_free_inodes_count for gd in groups) != sb.s_free_inodes_count:
             # the kernel keeps superblock totals lazily; the group counts are authoritative (as e2fsck treats them)
@@ -990,161 +864,3 @@ class Filesystem:
         t = _now()
         inode.i_mtime = inode.i_ctime = t
         self._touch(ino)
-
-
-def _zero_mapped(device: BlockDevice, offset: int, length: int) -> None:
-    """Zero [offset, offset+length), skipping ranges the device reports unmapped (they already read as zeros)."""
-    for start, n in device.mapped_ranges(offset, length):
-        lo = max(start, offset)
-        hi = min(start + n, offset + length)
-        if hi > lo:
-            device.write_zeroes(lo, hi - lo)
-
-
-def _check_superblock(sb: L.Superblock, device_size: int) -> bool:
-    """Validate a superblock; returns True when it can only be opened read-only."""
-    if sb.s_magic != L.EXT2_SUPER_MAGIC:
-        raise FsCorrupt(reason=f"bad magic {sb.s_magic:#06x} in superblock (expected 0xef53)", block=0)
-    if sb.s_rev_level > L.EXT2_DYNAMIC_REV:
-        raise FsCorrupt(reason=f"superblock: unknown revision {sb.s_rev_level}", block=0)
-    if sb.s_log_block_size > 6:
-        raise FsCorrupt(reason=f"superblock: bad block size 1024 << {sb.s_log_block_size}", block=0)
-    bs = sb.block_size
-    if sb.s_first_data_block != (1 if bs == 1024 else 0):
-        raise FsCorrupt(reason=f"superblock: first data block {sb.s_first_data_block} wrong for {bs}-byte blocks",
-                        block=0)
-    if not 8 <= sb.s_blocks_per_group <= 8 * bs:
-        raise FsCorrupt(reason=f"superblock: {sb.s_blocks_per_group} blocks per group", block=0)
-    if sb.s_blocks_count <= sb.s_first_data_block or sb.s_blocks_count * bs > device_size:
-        raise FsCorrupt(reason=f"superblock: {sb.s_blocks_count} blocks of {bs} bytes do not fit the "
-                               f"{device_size}-byte device", block=0)
-    nr_groups = sb.nr_groups
-    if sb.s_rev_level >= L.EXT2_DYNAMIC_REV:
-        isz = sb.s_inode_size
-        if isz < L.GOOD_OLD_INODE_SIZE or isz > bs or isz & (isz - 1):
-            raise FsCorrupt(reason=f"superblock: bad inode size {isz}", block=0)
-        if sb.s_first_ino < L.FIRST_INO:
-            raise FsCorrupt(reason=f"superblock: bad first inode {sb.s_first_ino}", block=0)
-    if not 1 <= sb.s_inodes_per_group <= 8 * bs or sb.s_inodes_count != sb.s_inodes_per_group * nr_groups:
-        raise FsCorrupt(reason=f"superblock: inode counts disagree ({sb.s_inodes_count} inodes, "
-                               f"{sb.s_inodes_per_group} per group, {nr_groups} groups)", block=0)
-    if sb.s_free_blocks_count > sb.s_blocks_count or sb.s_free_inodes_count > sb.s_inodes_count:
-        raise FsCorrupt(reason="superblock: free counts exceed totals", block=0)
-    unknown_incompat = sb.s_feature_incompat & ~L.SUPPORTED_INCOMPAT
-    if unknown_incompat:
-        raise FsError(reason=f"unsupported incompatible features {unknown_incompat:#x} (not ext2)")
-    return bool(sb.s_feature_ro_compat & ~L.SUPPORTED_RO_COMPAT or sb.s_feature_compat & ~L.SAFE_COMPAT)
-
-
-def _check_group_desc(sb: L.Superblock, g: int, gd: L.GroupDesc, gdt_block: int) -> None:
-    bs = sb.block_size
-    first = sb.s_first_data_block + g * sb.s_blocks_per_group
-    last = min(first + sb.s_blocks_per_group, sb.s_blocks_count) - 1
-    itb = -(-sb.s_inodes_per_group * (sb.s_inode_size if sb.s_rev_level else 128) // bs)
-
-    def bad(why: str) -> FsCorrupt:
-        return FsCorrupt(reason=f"group descriptor {g}: {why}", block=gdt_block, group=g)
-
-    for what, blk, nr in (("block bitmap", gd.bg_block_bitmap, 1), ("inode bitmap", gd.bg_inode_bitmap, 1),
-                          ("inode table", gd.bg_inode_table, itb)):
-        if not (first <= blk and blk + nr - 1 <= last):
-            raise bad(f"{what} at block {blk} is outside the group (blocks {first}-{last})")
-    if gd.bg_free_blocks_count > last - first + 1:
-        raise bad(f"{gd.bg_free_blocks_count} free blocks in a group of {last - first + 1}")
-    if gd.bg_free_inodes_count > sb.s_inodes_per_group:
-        raise bad(f"{gd.bg_free_inodes_count} free inodes in a group of {sb.s_inodes_per_group}")
-
-
-class File:
-    """An open regular file: read / write / seek / tell / truncate, like a binary Python file."""
-
-    def __init__(self, fs: Filesystem, ino: int, path: str, *, readable: bool, writable: bool,
-                 append: bool) -> None:
-        self.fs = fs
-        self.ino = ino
-        self.name = path
-        self.readable_ = readable
-        self.writable_ = writable
-        self.append = append
-        self.pos = 0
-        self.closed = False
-
-    def _inode(self) -> Inode:
-        if self.closed:
-            raise FsError(reason="I/O on a closed file", path=self.name, errno=_errno.EBADF)
-        inode = self.fs._inode(self.ino)
-        if inode.i_links_count == 0:
-            raise FsError(reason=f"file {self.name} was deleted", path=self.name, errno=_errno.ESTALE)
-        return inode
-
-    def readable(self) -> bool:
-        return self.readable_
-
-    def writable(self) -> bool:
-        return self.writable_
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        inode = self._inode()
-        if not self.readable_:
-            raise FsError(reason="file not open for reading", path=self.name, errno=_errno.EBADF)
-        if size is None or size < 0:
-            size = max(0, inode.size - self.pos)
-        data = self.fs._read(self.ino, inode, self.pos, size)
-        self.pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        inode = self._inode()
-        if not self.writable_:
-            raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
-        self.fs._check_writable()
-        if self.append:
-            self.pos = inode.size
-        n = self.fs._write(self.ino, inode, self.pos, data)
-        self.pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        inode = self._inode()
-        if whence == 0:
-            pos = offset
-        elif whence == 1:
-            pos = self.pos + offset
-        elif whence == 2:
-            pos = inode.size + offset
-        else:
-            raise FsError(reason=f"bad whence {whence}", errno=_errno.EINVAL)
-        if pos < 0:
-            raise FsError(reason="negative seek position", errno=_errno.EINVAL)
-        self.pos = pos
-        return pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def truncate(self, size: int | None = None) -> int:
-        inode = self._inode()
-        if not self.writable_:
-            raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
-        self.fs._check_writable()
-        size = self.pos if size is None else size
-        self.fs._truncate(self.ino, inode, size)
-        return size
-
-    def flush(self) -> None:
-        """Nothing is buffered in the file object; use ``Filesystem.flush`` to make changes durable."""
-
-    def close(self) -> None:
-        self.closed = True
-
-    def __enter__(self) -> File:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,0 +1,110 @@
+"""An open regular file of the ext2 file system (``Filesystem.open``): read, write, seek, tell, truncate.
+
+Layer: fs. May import: thinpool.errors, thinpool.fs.*.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import TYPE_CHECKING
+
+from thinpool.errors import FsError
+from thinpool.fs.inode import Inode
+
+if TYPE_CHECKING:
+    from thinpool.fs.filesystem import Filesystem
+
+
+class File:
+    """An open regular file: read / write / seek / tell / truncate, like a binary Python file."""
+
+    def __init__(self, fs: Filesystem, ino: int, path: str, *, readable: bool, writable: bool,
+                 append: bool) -> None:
+        self.fs = fs
+        self.ino = ino
+        self.name = path
+        self.readable_ = readable
+        self.writable_ = writable
+        self.append = append
+        self.pos = 0
+        self.closed = False
+
+    def _inode(self) -> Inode:
+        if self.closed:
+            raise FsError(reason="I/O on a closed file", path=self.name, errno=_errno.EBADF)
+        inode = self.fs._inode(self.ino)
+        if inode.i_links_count == 0:
+            raise FsError(reason=f"file {self.name} was deleted", path=self.name, errno=_errno.ESTALE)
+        return inode
+
+    def readable(self) -> bool:
+        return self.readable_
+
+    def writable(self) -> bool:
+        return self.writable_
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        inode = self._inode()
+        if not self.readable_:
+            raise FsError(reason="file not open for reading", path=self.name, errno=_errno.EBADF)
+        if size is None or size < 0:
+            size = max(0, inode.size - self.pos)
+        data = self.fs._read(self.ino, inode, self.pos, size)
+        self.pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        inode = self._inode()
+        if not self.writable_:
+            raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
+        self.fs._check_writable()
+        if self.append:
+            self.pos = inode.size
+        n = self.fs._write(self.ino, inode, self.pos, data)
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        inode = self._inode()
+        if whence == 0:
+            pos = offset
+        elif whence == 1:
+            pos = self.pos + offset
+        elif whence == 2:
+            pos = inode.size + offset
+        else:
+            raise FsError(reason=f"bad whence {whence}", errno=_errno.EINVAL)
+        if pos < 0:
+            raise FsError(reason="negative seek position", errno=_errno.EINVAL)
+        self.pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def truncate(self, size: int | None = None) -> int:
+        inode = self._inode()
+        if not self.writable_:
+            raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
+        self.fs._check_writable()
+        size = self.pos if size is None else size
+        self.fs._truncate(self.ino, inode, size)
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered in the file object; use ``Filesystem.flush`` to make changes durable."""
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
