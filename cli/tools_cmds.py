@@ -483,9 +483,9 @@ def diff_runs(left: list[list[int]], right: list[list[int]]) -> list[tuple[str, 
 
 
 def format_delta(pmd: Any, snap1: int, snap2: int, ops: list[tuple[str, int, int, int, int]], verbose: bool,
-                 nr_data_blocks: int) -> str:
+                 nr_data_blocks: int, held_root: int = 0) -> str:
     lines = []
-    held = f'" metadata_snap="{pmd.held_root}' if pmd.held_root else ""
+    held = f'" metadata_snap="{held_root}' if held_root else ""
     lines.append(f'<superblock uuid="" time="{pmd.time}" transaction="{pmd.trans_id}" '
                  f'data_block_size="{pmd.data_block_size}" nr_data_blocks="{nr_data_blocks}{held}">')
     lines.append(f'  <diff left="{snap1}" right="{snap2}">')
@@ -580,7 +580,8 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
                 raise DeviceNotFound(dev_id=d)
         ops = diff_runs(_recorded_runs(pmd, a), _recorded_runs(pmd, b))
         nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
-        text = format_delta(pmd, a, b, ops, verbose, nr_data)
+        # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
+        text = format_delta(pmd, a, b, ops, verbose, nr_data, 0 if metadata_snap else pmd.held_root)
     if as_json:
         echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
                    "ranges": [{"kind": k, "begin": v, "length": n,
