@@ -224,3 +224,28 @@ def test_mkfs_ext2_image_with_lost_and_found_full_of_free_slots(tmp_path):
             fs.unlink(f"/lost+found/#{i}")
         fs.flush()
     e2fsck(image)
+
+
+def test_default_mkfs_ext2_image_with_htree_directories_and_256_byte_inodes(tmp_path):
+    """Not the target layout, but a common one: ext_attr, resize_inode, dir_index (htree) and 256-byte inodes."""
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(400):
+        (src / "big" / f"file-with-a-long-name-{i}").write_bytes(b"file %d" % i)
+    image = sparse_image(tmp_path / "default.img", 64 * MiB)
+    from conftest import run_tool
+    run_tool("mkfs.ext2", "-q", "-F", "-d", str(src), str(image))
+    run_tool("e2fsck", "-fyD", str(image), check=False)  # -D builds htree indexes for the big directory
+    assert "Flags: 0x1000" in debugfs(image, "stat /big")
+    with FileDevice(image) as dev:
+        fs = Filesystem.mount(dev)
+        assert len(fs.listdir("/big")) == 400 and fs.read_file("/big/file-with-a-long-name-7") == b"file 7"
+        for i in range(200):
+            fs.write_file(f"/big/new-{i}", b"x" * i)
+        for i in range(100):
+            fs.unlink(f"/big/file-with-a-long-name-{i}")
+        fs.mkdir("/newdir")
+        fs.write_file("/newdir/f", b"1" * 100_000)
+        fs.flush()
+    e2fsck(image)
+    assert len(debugfs_ls(image, "/big")) == 500
