@@ -1,0 +1,115 @@
+"""The installed `thinpool` entry point (subprocess), help for every command, quickstart, error formatting."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from cli_helpers import fails, ok
+
+from conftest import need_tool, run_tool
+from thinpool_cli.main import LAZY_COMMANDS, cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def thinpool(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None,
+             input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    exe = shutil.which("thinpool") or str(Path(sys.executable).parent / "thinpool")
+    e = dict(os.environ)
+    e.pop("THINPOOL_POOL", None)
+    e.update(env or {})
+    return subprocess.run([exe, *map(str, args)], capture_output=True, cwd=cwd, env=e, input=input, timeout=120)
+
+
+def test_entry_point_help_version_and_a_session(tmp_path: Path):
+    r = thinpool("--help")
+    assert r.returncode == 0
+    for name in ("pool", "thin", "check", "dump", "restore", "ls", "delta", "rmap", "map", "quickstart"):
+        assert f"  {name} " in r.stdout.decode()
+    assert thinpool("--version").stdout.decode().strip() == "thinpool, version 0.1.0"
+    env = {"THINPOOL_POOL": str(tmp_path / "p")}
+    assert thinpool("pool", "create", "--size", "16M", env=env).returncode == 0
+    assert thinpool("thin", "create", "1", "--size", "1M", "--name", "v", env=env).returncode == 0
+    assert thinpool("thin", "write", "v", "-", env=env, input=b"hello").returncode == 0
+    assert thinpool("thin", "read", "v", "--length", "5", env=env).stdout == b"hello"
+    r = thinpool("thin", "create", "1", "--size", "1M", env=env)
+    assert (r.returncode, r.stderr.decode()) == (5, "thinpool: error: device 1 already exists\n")
+    r = thinpool("pool", "status", "--pool", tmp_path / "nope")
+    assert (r.returncode, r.stderr.decode()) == (1, f"thinpool: error: no pool at {tmp_path / 'nope'}\n")
+    r = thinpool("dump", env=env)
+    assert r.returncode == 0 and r.stdout.startswith(b"<superblock")
+
+
+def test_quickstart_subprocess_is_rerunnable(tmp_path: Path):
+    r = thinpool("quickstart", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    demo = tmp_path / "thinpool-demo"
+    out = r.stdout.decode()
+    for text in ("thin snap 2 vol", "copy-on-write", "discard_passdown", "exclusive", "shared", "hole"):
+        assert text in out
+    assert (demo / "map.png").exists() or "matplotlib is not installed" in out
+    r2 = thinpool("quickstart", cwd=tmp_path)
+    assert r2.returncode == 0 and "removed the previous demo pool" in r2.stdout.decode()
+    st = json.loads(thinpool("pool", "status", "--json", "--pool", demo).stdout)
+    assert st["used_data_blocks"] == 6 and [d["name"] for d in st["devices"]] == ["vol", "vol-snap"]
+    need_tool("thin_check")
+    assert run_tool("thin_check", str(demo / "metadata"), check=False).returncode == 0
+
+
+def test_quickstart_refuses_a_foreign_directory(tmp_path: Path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "precious.txt").write_text("keep")
+    r = fails(1, "quickstart", d)
+    assert "not a thinpool demo pool" in r.stderr
+    assert (d / "precious.txt").read_text() == "keep"
+    f = tmp_path / "file"
+    f.write_text("x")
+    fails(2, "quickstart", f)
+
+
+def all_commands() -> list[list[str]]:
+    out = []
+    for name in sorted(LAZY_COMMANDS):
+        cmd = cli.get_command(click.Context(cli), name)
+        if cmd is None:
+            continue
+        if isinstance(cmd, click.Group):
+            out += [[name, sub] for sub in cmd.list_commands(click.Context(cmd))]
+        else:
+            out.append([name])
+    return out
+
+
+@pytest.mark.parametrize("path", all_commands(), ids=lambda p: " ".join(p))
+def test_every_command_has_help(path: list[str]):
+    r = ok(*path, "--help")
+    assert "Usage: " in r.stdout
+
+
+MY_COMMANDS = ["pool create", "pool status", "pool resize", "pool set-transaction-id", "pool reserve-metadata-snap",
+               "pool release-metadata-snap", "thin create", "thin snap", "thin delete", "thin list", "thin write",
+               "thin read", "thin import", "thin export", "thin flush", "check", "dump", "restore", "ls", "delta",
+               "rmap", "map", "quickstart"]
+
+
+@pytest.mark.parametrize("command", MY_COMMANDS)
+def test_every_command_has_an_example_in_help_and_docs(command: str):
+    r = ok(*command.split(), "--help")
+    assert "Example" in r.stdout
+    docs = (REPO / "docs" / "cli.md").read_text()
+    assert f"thinpool {command}" in docs
+
+
+def test_usage_errors_are_exit_2_without_traceback():
+    r = fails(2, "no-such-command")
+    assert "No such command" in r.stderr
+    fails(2, "thin", "create")
+    fails(2, "pool", "create", "--size")
