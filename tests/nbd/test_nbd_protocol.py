@@ -238,6 +238,52 @@ def test_block_status(server):
         assert c.block_status(8 << 20, 1)[0] == P.EINVAL
 
 
+def test_meta_context_is_bound_to_the_export_and_replaced(server):
+    with connect(server) as c:
+        c.greeting()
+        c.option(P.OPT_STRUCTURED_REPLY)
+        assert c.reply()[1] == P.REP_ACK
+        c.option(P.OPT_SET_META_CONTEXT, c.meta_payload("a", (P.META_BASE_ALLOCATION,)))
+        assert c.replies_until_final()[-1][1] == P.REP_ACK
+        c.structured = True
+        c.option(P.OPT_GO, c.info_payload("b"))
+        assert c.replies_until_final()[-1][1] == P.REP_ACK
+        assert c.block_status(0, 4096)[0] == P.EINVAL  # contexts were selected for another export
+    with connect(server) as c:
+        c.greeting()
+        c.option(P.OPT_STRUCTURED_REPLY)
+        assert c.reply()[1] == P.REP_ACK
+        c.option(P.OPT_SET_META_CONTEXT, c.meta_payload("a", (P.META_BASE_ALLOCATION,)))
+        assert c.replies_until_final()[-1][1] == P.REP_ACK
+        c.option(P.OPT_SET_META_CONTEXT, c.meta_payload("zz", (P.META_BASE_ALLOCATION,)))
+        assert c.reply()[1] == P.REP_ERR_UNKNOWN  # a failed SET still clears the selection
+        c.go("a", structured=False)
+        c.structured = True
+        assert c.block_status(0, 4096)[0] == P.EINVAL
+
+
+def test_df_flag_only_with_structured_replies(server):
+    with connect(server) as c:
+        c.greeting()
+        _, flags = c.go("a", structured=False)
+        assert not flags & P.FLAG_SEND_DF
+        c.request(P.CMD_READ, 0, 4, flags=P.CMD_FLAG_DF, cookie=5)
+        assert c.simple_or_chunks(5)[0] == P.EINVAL
+    with connect(server) as c:
+        c.greeting()
+        _, flags = c.go("a")
+        assert flags & P.FLAG_SEND_DF
+
+
+def test_plain_newstyle_client_is_served(server):
+    with connect(server) as c:
+        c.greeting(client_flags=0)  # not even FIXED_NEWSTYLE: only EXPORT_NAME, with the 124 zero bytes
+        c.option(P.OPT_EXPORT_NAME, b"b")
+        size, _flags = P.S_EXPORT_NAME_REPLY.unpack(c.recv_exact(10))
+        assert size == 1 << 20 and c.recv_exact(124) == bytes(124)
+        assert c.read(0, 4) == (0, bytes(4))
+
+
 def test_block_status_needs_meta_context(server):
     with connect(server) as c:
         c.greeting()
@@ -264,8 +310,14 @@ def test_unknown_command_and_bad_flags(server):
         c.greeting()
         c.go("b")
         assert c.command(42) == P.EINVAL
-        assert c.command(P.CMD_CACHE, 0, 10) == P.EINVAL
+        assert c.command(P.CMD_CACHE, 0, 10) == 0  # advisory, accepted
+        assert c.command(P.CMD_CACHE, 1 << 20, 10) == P.EINVAL
         assert c.command(P.CMD_FLUSH, flags=P.CMD_FLAG_REQ_ONE) == P.EINVAL
+        assert c.command(P.CMD_WRITE_ZEROES, 0, 10, flags=P.CMD_FLAG_FAST_ZERO) == P.EINVAL  # not advertised
+        assert c.command(P.CMD_FLUSH, flags=P.CMD_FLAG_FUA) == 0  # FUA is valid on every command
+        c.request(P.CMD_READ, 0, 3, flags=P.CMD_FLAG_FUA | P.CMD_FLAG_DF, cookie=77)
+        err, chunks = c.simple_or_chunks(77)
+        assert err == 0 and chunks[0][2] == struct.pack(">Q", 0) + bytes(3)
         assert c.write(0, b"abc", flags=1 << 9) == P.EINVAL  # payload consumed, stream stays in sync
         assert c.read(0, 3) == (0, bytes(3))
 
@@ -286,7 +338,7 @@ def test_oversized_read_is_refused(server):
     with connect(server) as c:
         c.greeting()
         c.go("a")
-        assert c.read(0, P.MAX_PAYLOAD + 1)[0] == P.EOVERFLOW
+        assert c.read(0, P.MAX_PAYLOAD + 1)[0] == P.EINVAL  # larger than the advertised maximum block size
 
 
 def test_bad_request_magic_disconnects_others_unaffected(server):

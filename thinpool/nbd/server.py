@@ -61,7 +61,7 @@ class _Export:
 
     @property
     def flags(self) -> int:
-        f = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_DF | P.FLAG_CAN_MULTI_CONN)
+        f = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN | P.FLAG_SEND_CACHE
         if self.readonly:
             f |= P.FLAG_READ_ONLY
         else:
@@ -157,6 +157,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._export: _Export | None = None
         self._structured = False
         self._meta_base_allocation = False
+        self._meta_export: _Export | None = None
         self._no_zeroes = False
         self._out: list[bytes] = []
         self._closing = False
@@ -330,6 +331,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._request(flags, cmd, cookie, offset, length, None)
 
     # --- handshake ------------------------------------------------------------------------------------------
+    def _flags(self, exp: _Export) -> int:
+        # DF only means something with structured replies, and the spec forbids advertising it without them
+        return exp.flags | (P.FLAG_SEND_DF if self._structured else 0)
+
     def _opt_reply(self, opt: int, rtype: int, payload: bytes = b"") -> None:
         self.transport.write(P.S_OPTION_REPLY.pack(P.REPLY_MAGIC, opt, rtype, len(payload)) + payload)
 
@@ -339,8 +344,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _handshake(self) -> Generator[int, bytes, None]:
         (cflags,) = P.S_CLIENT_FLAGS.unpack((yield 4))
-        if cflags & ~P.KNOWN_CLIENT_FLAGS or not cflags & P.FLAG_C_FIXED_NEWSTYLE:
-            # unknown client flags: the spec says to close; a non-fixed-newstyle client we do not serve either
+        if cflags & ~P.KNOWN_CLIENT_FLAGS:
+            # unknown client flags: the spec says to drop the connection
             log.info("nbd: unsupported client flags %#x, disconnecting", cflags)
             self.server.stats["protocol_errors"] += 1
             raise _Close
@@ -365,7 +370,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if exp is None:
                     log.info("nbd: EXPORT_NAME of unknown export %r, disconnecting", data)
                     raise _Close  # the only possible answer to a bad EXPORT_NAME
-                reply = P.S_EXPORT_NAME_REPLY.pack(exp.size, exp.flags)
+                reply = P.S_EXPORT_NAME_REPLY.pack(exp.size, self._flags(exp))
                 if not self._no_zeroes:
                     reply += bytes(124)
                 self.transport.write(reply)
@@ -420,7 +425,7 @@ class _Connection(asyncio.BufferedProtocol):
         if exp is None:
             self._opt_error(opt, P.REP_ERR_UNKNOWN, f"no export named {name!r}")
             return None
-        self._opt_reply(opt, P.REP_INFO, P.S_INFO_EXPORT.pack(P.INFO_EXPORT, exp.size, exp.flags))
+        self._opt_reply(opt, P.REP_INFO, P.S_INFO_EXPORT.pack(P.INFO_EXPORT, exp.size, self._flags(exp)))
         if P.INFO_NAME in reqs:
             self._opt_reply(opt, P.REP_INFO, P.S_U16.pack(P.INFO_NAME) + exp.name.encode())
         if P.INFO_DESCRIPTION in reqs and exp.description:
@@ -431,6 +436,9 @@ class _Connection(asyncio.BufferedProtocol):
         return exp
 
     def _meta_context(self, opt: int, data: bytes) -> None:
+        if opt == P.OPT_SET_META_CONTEXT:
+            self._meta_base_allocation = False  # SET replaces the selection, even when it fails
+            self._meta_export = None
         if opt == P.OPT_SET_META_CONTEXT and not self._structured:
             self._opt_error(opt, P.REP_ERR_INVALID, "negotiate structured replies first")
             return
@@ -463,6 +471,7 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             match = P.META_BASE_ALLOCATION in queries
             self._meta_base_allocation = match
+            self._meta_export = self.server.find(name)
         if match:
             ctx_id = BASE_ALLOCATION_ID if opt == P.OPT_SET_META_CONTEXT else 0
             self._opt_reply(opt, P.REP_META_CONTEXT, P.S_U32.pack(ctx_id) + P.META_BASE_ALLOCATION.encode())
@@ -486,16 +495,14 @@ class _Connection(asyncio.BufferedProtocol):
         exp = self._export
         self.server.stats["requests"] += 1
         # validate
-        allowed = 0
+        allowed = P.CMD_FLAG_FUA  # valid on every command once SEND_FUA is advertised (ignored where nothing is written)
         if cmd == P.CMD_READ:
-            allowed = P.CMD_FLAG_DF
-        elif cmd in (P.CMD_WRITE, P.CMD_TRIM):
-            allowed = P.CMD_FLAG_FUA
+            allowed |= P.CMD_FLAG_DF if self._structured else 0
         elif cmd == P.CMD_WRITE_ZEROES:
-            allowed = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE
+            allowed |= P.CMD_FLAG_NO_HOLE
         elif cmd == P.CMD_BLOCK_STATUS:
-            allowed = P.CMD_FLAG_REQ_ONE
-        elif cmd != P.CMD_FLUSH:
+            allowed |= P.CMD_FLAG_REQ_ONE
+        elif cmd not in (P.CMD_FLUSH, P.CMD_WRITE, P.CMD_TRIM, P.CMD_CACHE):
             self._reply_error(cmd, cookie, P.EINVAL, f"command {cmd} not supported")
             return
         if flags & ~allowed:
@@ -505,8 +512,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._reply_error(cmd, cookie, P.EPERM, "export is read-only")
             return
         if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
-            self._reply_error(cmd, cookie, P.EINVAL if not self._structured else P.EOVERFLOW,
-                              "read larger than the maximum block size")
+            self._reply_error(cmd, cookie, P.EINVAL, "read larger than the maximum block size")
             return
         size = exp.size
         if cmd != P.CMD_FLUSH and offset + length > size:
@@ -551,7 +557,9 @@ class _Connection(asyncio.BufferedProtocol):
                 elif cmd == P.CMD_BLOCK_STATUS:
                     self._block_status(flags, cookie, offset, length, dev)
                     return
-                if flags & P.CMD_FLAG_FUA:
+                elif cmd == P.CMD_CACHE:
+                    pass  # advisory; nothing to prefetch in memory
+                if flags & P.CMD_FLAG_FUA and cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
                     dev.flush()
         except Exception as e:  # a device error or bug must not kill the server
             self._device_failed(cmd, cookie, exp, e)
@@ -581,7 +589,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._reply_ok(cookie)
 
     def _block_status(self, flags: int, cookie: int, offset: int, length: int, dev: BlockDevice) -> None:
-        if not self._structured or not self._meta_base_allocation:
+        if not self._structured or not self._meta_base_allocation or self._meta_export is not self._export:
             self._reply_error(P.CMD_BLOCK_STATUS, cookie, P.EINVAL, "no meta context negotiated")
             return
         if length == 0:
