@@ -485,6 +485,7 @@ class PoolMetadata:
         """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
         in it (candidates for discard passdown)."""
         self._check_writable()
+        sb_written = False
         try:
             for d in self.devices.values():
                 if d.changed:
@@ -497,8 +498,15 @@ class PoolMetadata:
             buf = build_superblock(sb)
             checksum.stamp(buf, BlockType.SUPERBLOCK)
             self.tm.pre_commit()
+            sb_written = True
             self.tm.commit(buf)
         except ThinpoolError:
+            if sb_written:
+                # The superblock write or the sync after it failed: the new superblock may be on disk or not.
+                # Going back to the old state would hand out blocks the new one uses (a later crash would leave
+                # a mix of both), so fail the pool instead; reopening reads whichever commit is on disk.
+                self.failed = True
+                raise
             self.abort()
             raise
         except BaseException:
