@@ -162,23 +162,27 @@ class ThinDevice:
                 pool.data.pwrite(m[0] * ch + o, piece)  # overwrite in place
             else:
                 db = pool.alloc_data_block()
-                if n == ch:
-                    pool.data.pwrite(db * ch, piece)
-                elif m is not None:  # break sharing: copy the whole chunk, patch, write once
-                    buf = bytearray(pool.data.pread(m[0] * ch, ch))
-                    buf[o:o + n] = piece
-                    pool.data.pwrite(db * ch, buf)
-                    pool.stats["cow_copies"] += 1
-                else:
-                    origin = pool.external_origin(dev)
-                    if origin is not None and c * ch < origin.size:
-                        buf = bytearray(origin.read_at(c * ch, ch))
+                try:
+                    if n == ch:
+                        pool.data.pwrite(db * ch, piece)
+                    elif m is not None:  # break sharing: copy the whole chunk, patch, write once
+                        buf = bytearray(pool.data.pread(m[0] * ch, ch))
                         buf[o:o + n] = piece
                         pool.data.pwrite(db * ch, buf)
+                        pool.stats["cow_copies"] += 1
                     else:
-                        if pool.zero_blocks:
-                            pool.data.punch(db * ch, ch)
-                        pool.data.pwrite(db * ch + o, piece)
+                        origin = pool.external_origin(dev)
+                        if origin is not None and c * ch < origin.size:
+                            buf = bytearray(origin.read_at(c * ch, ch))
+                            buf[o:o + n] = piece
+                            pool.data.pwrite(db * ch, buf)
+                        else:
+                            if pool.zero_blocks:
+                                pool.data.punch(db * ch, ch)
+                            pool.data.pwrite(db * ch + o, piece)
+                except BaseException:
+                    md.data_sm.dec(db)  # the data write failed: give the block back (no leak)
+                    raise
                 md.insert(dev, c, db)
             pos += n
 
