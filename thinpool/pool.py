@@ -446,7 +446,13 @@ class Pool:
             if self.readonly:
                 return
             self.check_writable()
-            self.data.sync()
+            try:
+                self.data.sync()
+            except StoreIOError:
+                # a failed fdatasync may have dropped data written since the last commit (Linux marks the pages
+                # clean): never commit mappings to it; back to the last commit, the pool stays usable
+                self.md.abort()
+                raise
             try:
                 freed = self.md.commit()
             except NoMetadataSpace:
