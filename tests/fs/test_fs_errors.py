@@ -178,3 +178,35 @@ def test_running_out_of_inodes(tmp_path):
         assert n == 64 - 11 and fs.statfs().free_inodes == 0
         fs.flush()
     e2fsck(img)
+
+
+class FailingDevice(MemoryDevice):
+    """A memory device whose data writes start failing (like a thin pool out of data space)."""
+
+    fail = False
+
+    def write(self, offset, data):
+        if self.fail and len(data) >= 8192:
+            raise NoSpace(kind="data", requested=1)
+        super().write(offset, data)
+
+
+def test_device_refusing_a_write_leaves_the_file_system_consistent(tmp_path):
+    dev = FailingDevice(16 * MiB)
+    fs = Filesystem.mkfs(dev)
+    fs.write_file("/keep", b"k" * 100_000)
+    free = fs.statfs().free_blocks
+    with fs.open("/grow", "wb") as f:
+        f.write(b"1" * 4096)
+        dev.fail = True
+        with pytest.raises(NoSpace):
+            f.seek(60_000)
+            f.write(b"2" * 200_000)
+    dev.fail = False
+    assert fs.read_file("/grow") == b"1" * 4096
+    # the blocks the failed write had mapped are free again (one data block + the empty indirect block stay)
+    assert fs.statfs().free_blocks == free - 2
+    fs.flush()
+    img = tmp_path / "after.img"
+    img.write_bytes(dev.getvalue())
+    e2fsck(img)

@@ -98,9 +98,11 @@ class BlockCache:
         excess = len(self._blocks) - MAX_CLEAN_BLOCKS - len(self._dirty)
         if excess <= 0:
             return
-        for b in list(self._blocks.keys()):
-            if excess <= 0:
-                break
-            if b not in self._dirty:
+        # oldest first; dirty blocks are rotated to the back (there are at least ``excess`` clean ones)
+        while excess > 0:
+            b = next(iter(self._blocks))
+            if b in self._dirty:
+                self._blocks.move_to_end(b)
+            else:
                 del self._blocks[b]
                 excess -= 1

@@ -129,7 +129,7 @@ class Filesystem:
             raise FsError(reason="file system is closed")
         if not self.readonly:
             self._write_back()
-        self.device.flush()
+            self.device.flush()
 
     def close(self) -> None:
         """Flush and drop all in-core state (the device itself stays open)."""
@@ -823,12 +823,19 @@ class Filesystem:
             buf = memoryview(data).cast("B")
         count = len(phys)
         i = 0
-        while i < count:
-            j = i + 1
-            while j < count and phys[j] == phys[j - 1] + 1:
-                j += 1
-            self.device.write(int(phys[i]) * bs, buf[i * bs:j * bs])
-            i = j
+        try:
+            while i < count:
+                j = i + 1
+                while j < count and phys[j] == phys[j - 1] + 1:
+                    j += 1
+                self.device.write(int(phys[i]) * bs, buf[i * bs:j * bs])
+                i = j
+        except BaseException:
+            # the device refused (e.g. the thin pool ran out of data space): give back the blocks this write
+            # mapped, so no file shows blocks that were never written and the bitmaps stay exact
+            self.mapper.unmap(ino, inode, l0, new)
+            self._touch(ino)
+            raise
         if end > inode.size:
             self._set_size(inode, end)
         t = _now()

@@ -296,6 +296,30 @@ class BlockMapper:
             pos += cnt
         return phys, new_mask
 
+    def unmap(self, ino: int, inode: Inode, l0: int, mask: npt.NDArray[np.bool_]) -> None:
+        """Undo part of :meth:`ensure`: free the data blocks of [l0, l0+len(mask)) where ``mask`` is set and set
+        their pointers back to 0 (indirect blocks it created stay, empty, counted in ``i_blocks``)."""
+        freed: list[int] = []
+        pos = 0
+        for slot, path, idx, cnt in self._segments(l0, len(mask)):
+            seg = mask[pos:pos + cnt]
+            if seg.any():
+                if slot < NDIR_BLOCKS:
+                    for k in range(cnt):
+                        if seg[k]:
+                            freed.append(inode.i_block[idx + k])
+                            inode.i_block[idx + k] = 0
+                else:
+                    leaf_blk, node = self._leaf(ino, inode, slot, path, False, 0, None)
+                    assert node is not None
+                    freed.extend(int(b) for b in node[idx:idx + cnt][seg])
+                    node[idx:idx + cnt][seg] = 0
+                    self.dirty(leaf_blk)
+            pos += cnt
+        if freed:
+            self.free(freed)
+            inode.i_blocks -= len(freed) * self.sectors_per_block
+
     # --- freeing ----------------------------------------------------------------------------------------------
     def truncate_blocks(self, ino: int, inode: Inode, nr_keep: int) -> list[int]:
         """Free every data block at logical index >= ``nr_keep`` and every indirect block left empty.
