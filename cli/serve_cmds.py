@@ -87,8 +87,10 @@ def _fail(e: Exception) -> None:
 @click.option("--listen", "listen", metavar="HOST:PORT", help="Listen on TCP instead, e.g. 127.0.0.1:10809.")
 @EXPORT_OPTION
 @READONLY_OPTION
+@click.option("--commit-interval", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
+              help="Also commit the pool every SECONDS (0: only on FLUSH/FUA and at shutdown).")
 def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: tuple[str, ...],
-          readonly: bool) -> None:
+          readonly: bool, commit_interval: float) -> None:
     """Serve thin devices over NBD (one export per device, by name) until SIGINT/SIGTERM, then commit.
 
     NBD FLUSH and FUA writes commit the pool; TRIM discards chunks; block status shows holes vs data.
@@ -120,7 +122,9 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
                         click.echo(f"serving {uri}")
                 sys.stdout.flush()
 
-            nbd_serve(devices, unix_path=socket_path, host=host, port=port, on_shutdown=pool.commit, ready=ready)
+            periodic = (commit_interval, pool.commit) if commit_interval and not readonly else None
+            nbd_serve(devices, unix_path=socket_path, host=host, port=port, on_shutdown=pool.commit, ready=ready,
+                      periodic=periodic)
             click.echo("stopped; pool committed")
     except ThinpoolError as e:
         _fail(e)

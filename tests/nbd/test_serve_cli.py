@@ -169,3 +169,28 @@ def test_serve_nbdcopy_and_qemu_img_on_thin_device(pooldir):
             assert dev.read(0, 16 * MiB) == f.read()
         # only chunks holding data were provisioned (64 KiB chunks)
         assert sum(n for _o, n in data) <= sum(n for _o, n in regions) + 6 * 65536
+
+
+def test_serve_commit_interval_survives_kill(pooldir):
+    """With --commit-interval, writes a client never flushed are committed anyway: a SIGKILL loses nothing."""
+    import time
+
+    from nbd_client import RawClient
+
+    pool_path = os.path.join(pooldir, "pool")
+    sock = os.path.join(pooldir, "k.sock")
+    srv = Serve("--pool", pool_path, "--socket", sock, "--commit-interval", "0.2", "--export", "0")
+    try:
+        srv.wait_ready(1)
+        with RawClient(sock) as c:
+            c.greeting()
+            c.go("0")
+            assert c.write(2 * MiB, b"\x5a" * 65536) == 0  # no FLUSH, no FUA
+        time.sleep(1.0)
+        srv.proc.kill()
+    finally:
+        srv.stop()
+    with Pool.open(pool_path) as pool:
+        dev = pool.device(0)
+        assert dev.mapped_ranges() == [(2 * MiB, 65536)]
+        assert dev.read(2 * MiB, 65536) == b"\x5a" * 65536

@@ -633,9 +633,14 @@ def allocation_extents(mapped: list[tuple[int, int]], offset: int, length: int) 
 # --- running --------------------------------------------------------------------------------------------------
 def serve(exports: Mapping[str, BlockDevice], *, unix_path: str | os.PathLike[str] | None = None,
           host: str | None = None, port: int | None = None, on_shutdown: Callable[[], Any] | None = None,
-          ready: Callable[[NBDServer], Any] | None = None, lock: threading.Lock | None = None) -> NBDServer:
+          ready: Callable[[NBDServer], Any] | None = None, lock: threading.Lock | None = None,
+          periodic: tuple[float, Callable[[], Any]] | None = None) -> NBDServer:
     """Serve ``exports`` until SIGINT/SIGTERM (when called in the main thread). Blocks; returns the server
-    after a clean shutdown, which has called ``on_shutdown`` (or flushed every device when it is None)."""
+    after a clean shutdown, which has called ``on_shutdown`` (or flushed every device when it is None).
+
+    ``periodic=(seconds, fn)`` calls ``fn()`` (under the device lock, in the loop thread) every ``seconds``,
+    e.g. a pool commit so that clients which never FLUSH still reach stable metadata.
+    """
 
     async def main() -> NBDServer:
         server = NBDServer(exports, on_shutdown=on_shutdown, lock=lock)
@@ -647,11 +652,27 @@ def serve(exports: Mapping[str, BlockDevice], *, unix_path: str | os.PathLike[st
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)
+        ticker = None
+        if periodic is not None:
+            interval, fn = periodic
+
+            def tick() -> None:
+                nonlocal ticker
+                try:
+                    with server.lock:
+                        fn()
+                except Exception:
+                    log.exception("nbd: periodic task failed")
+                ticker = loop.call_later(interval, tick)
+
+            ticker = loop.call_later(interval, tick)
         if ready is not None:
             ready(server)
         try:
             await stop.wait()
         finally:
+            if ticker is not None:
+                ticker.cancel()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await server.shutdown()
