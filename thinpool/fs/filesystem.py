@@ -272,7 +272,8 @@ class Filesystem:
 
     def _goal(self, ino: int, inode: Inode, lblock: int) -> int:
         if lblock > 0:
-            prev = int(self.mapper.map(ino, inode, lblock - 1, 1)[0])
+            prev = inode.i_block[lblock - 1] if lblock <= L.NDIR_BLOCKS else \
+                int(self.mapper.map(ino, inode, lblock - 1, 1)[0])
             if prev:
                 return prev + 1
         return self._group_start(ino)

@@ -232,6 +232,8 @@ class BlockMapper:
 
     def count_new(self, ino: int, inode: Inode, l0: int, n: int) -> int:
         """How many blocks (data + indirect) mapping [l0, l0+n) fully would allocate."""
+        if l0 + n <= NDIR_BLOCKS:
+            return inode.i_block[l0:l0 + n].count(0)
         needed = 0
         missing_nodes: set[tuple[int, ...]] = set()
         for slot, path, idx, cnt in self._segments(l0, n):
@@ -266,6 +268,16 @@ class BlockMapper:
 
         The caller has checked there is room (``count_new``); data blocks come as one batch near ``goal``.
         """
+        if l0 + n <= NDIR_BLOCKS:  # small files: plain Python on i_block
+            blocks = inode.i_block
+            holes = [k for k in range(l0, l0 + n) if blocks[k] == 0]
+            new_mask = np.zeros(n, np.bool_)
+            if holes:
+                for k, b in zip(holes, self.alloc(goal, len(holes))):
+                    blocks[k] = b
+                    new_mask[k - l0] = True
+                inode.i_blocks += len(holes) * self.sectors_per_block
+            return self.map(ino, inode, l0, n), new_mask
         phys = self.map(ino, inode, l0, n)
         new_mask = phys == 0
         nr_new = int(new_mask.sum())
