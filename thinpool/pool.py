@@ -487,7 +487,11 @@ class Pool:
     def reserve_metadata_snap(self) -> int:
         with self.lock:
             self.check_writable()
-            self.data.sync()
+            try:
+                self.data.sync()
+            except StoreIOError:
+                self.md.abort()  # as in commit: never commit mappings to data a failed writeback dropped
+                raise
             return int(self._guard_metadata(self.md.reserve_metadata_snap))
 
     def release_metadata_snap(self) -> None:
