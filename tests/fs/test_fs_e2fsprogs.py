@@ -249,3 +249,32 @@ def test_default_mkfs_ext2_image_with_htree_directories_and_256_byte_inodes(tmp_
         fs.flush()
     e2fsck(image)
     assert len(debugfs_ls(image, "/big")) == 500
+
+
+@pytest.mark.parametrize("opts", [
+    ["-r", "0", "-b", "4096", "-m", "0"],  # revision 0: no features, 16-bit name_len, fixed 128-byte inodes
+    ["-b", "1024", "-O", "none,filetype,sparse_super", "-I", "128", "-m", "0"],  # 1 KiB blocks, 8 groups
+    ["-b", "2048", "-O", "none", "-I", "128"],  # no filetype feature
+], ids=["rev0", "1k-blocks", "no-filetype"])
+def test_other_layouts_mkfs_ext2_makes(tmp_path, opts):
+    image = sparse_image(tmp_path / "o.img", 64 * MiB)
+    from conftest import run_tool
+    run_tool("mkfs.ext2", "-q", "-F", *opts, str(image))
+    data = os.urandom(3_000_000)
+    with FileDevice(image) as dev:
+        fs = Filesystem.mount(dev)
+        fs.mkdir("/d")
+        fs.write_file("/d/f", data)
+        fs.symlink("d/f", "/fast")
+        fs.symlink("/" + "x" * 100, "/slow")
+        for i in range(300):
+            fs.write_file(f"/d/n{i}", b"%d" % i)
+        with fs.open("/sparse", "wb") as f:  # past 2 GiB: large_file (and revision 1 for a rev 0 image)
+            f.seek(2_200_000_000)
+            f.write(b"far")
+        fs.flush()
+    e2fsck(image)
+    assert debugfs_cat(image, "/d/f") == data
+    assert debugfs_cat(image, "/d/n299") == b"299"
+    assert "large_file" in dumpe2fs_header(image)["Filesystem features"]
+    assert len(debugfs_ls(image, "/d")) == 301

@@ -847,6 +847,10 @@ class Filesystem:
     def _set_size(self, inode: Inode, size: int) -> None:
         inode.size = size
         if size > L.LARGE_FILE_SIZE and not self.sb.s_feature_ro_compat & L.FEATURE_RO_COMPAT_LARGE_FILE:
+            if self.sb.s_rev_level < L.EXT2_DYNAMIC_REV:  # features need revision 1 (ext2_update_dynamic_rev)
+                self.sb.s_rev_level = L.EXT2_DYNAMIC_REV
+                self.sb.s_first_ino = L.FIRST_INO
+                self.sb.s_inode_size = L.GOOD_OLD_INODE_SIZE
             self.sb.s_feature_ro_compat |= L.FEATURE_RO_COMPAT_LARGE_FILE
             self._sb_dirty = True
             self._backups_dirty = True
