@@ -107,7 +107,7 @@ class ThinpoolGroup(click.Group):
         except BrokenPipeError:
             # the reader went away (e.g. `thinpool dump | head`): quiet, like the C tools
             try:
-                sys.stdout = None  # type: ignore[assignment]
+                sys.stdout = None
             finally:
                 raise click.exceptions.Exit(1)
         except KeyboardInterrupt:

@@ -20,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 POOL_ENVVAR = "THINPOOL_POOL"
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 on
     """An LVM-style size (``512``, ``64k``, ``10M``, ``10G``, ``1T``, ``128s`` sectors) in bytes.
 
     ``multiple_of`` rejects sizes that are not a multiple of it (e.g. 512 for device sizes); ``chunk`` validates a

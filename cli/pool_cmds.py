@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-
 from thinpool_cli.output import echo_json, kv_table, table
 from thinpool_cli.params import CHUNK_SIZE, SIZE, json_option, open_pool, pool_option, require_pool
 
@@ -78,7 +77,8 @@ def show_status(p: Any, as_json: bool) -> None:
 @pool.command("create")
 @click.argument("path", required=False)
 @pool_option
-@click.option("-s", "--size", "size", type=SIZE, required=True, help="Data size (e.g. 10G); a multiple of the chunk size.")
+@click.option("-s", "--size", "size", type=SIZE, required=True,
+              help="Data size (e.g. 10G); a multiple of the chunk size.")
 @click.option("-c", "--chunk-size", type=CHUNK_SIZE, default="64k", show_default=True,
               help="Chunk (data block) size: 64k..1G in 64k steps.")
 @click.option("--metadata-size", type=SIZE, help="Metadata size (default: estimated like thin_metadata_size, >= 4M).")

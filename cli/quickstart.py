@@ -10,8 +10,6 @@ import shutil
 
 import click
 
-
-
 POOL_FILES = {"metadata", "data", "pool.json", "pool.json.tmp", "lock"}
 
 
@@ -30,11 +28,11 @@ def quickstart(directory: str, png: bool) -> None:
 
     Example: thinpool quickstart && thinpool pool status --pool thinpool-demo
     """
-    from thinpool.errors import InvalidArgument
-    from thinpool.pool import Pool
-
     from thinpool_cli.pool_cmds import show_status
     from thinpool_cli.tools_cmds import ls
+
+    from thinpool.errors import InvalidArgument
+    from thinpool.pool import Pool
 
     if os.path.exists(directory):
         if not os.path.isdir(directory):
@@ -60,7 +58,7 @@ def quickstart(directory: str, png: bool) -> None:
 
         step(f"thinpool thin write vol demo.bin --pool {directory}      # 256 KiB of 'A' at offset 0")
         vol.write(0, b"A" * (4 * chunk))
-        step(f"thinpool thin write vol --offset 1M ...                  # 'hello, thin world' at 1 MiB")
+        step("thinpool thin write vol --offset 1M ...                  # 'hello, thin world' at 1 MiB")
         vol.write(1 << 20, b"hello, thin world")
         click.echo(f"{p.md.data_sm.nr_allocated()} chunks allocated: 4 for the 256 KiB, 1 for the small write "
                    "(the rest of that chunk is zeroed)")
@@ -69,7 +67,7 @@ def quickstart(directory: str, png: bool) -> None:
         p.create_snap(2, 1, name="vol-snap")
         click.echo("snapshot 2 (vol-snap) shares all 5 chunks with vol: no data copied")
 
-        step(f"thinpool thin write vol --offset 64k ...                 # overwrite 4 KiB with 'B'")
+        step("thinpool thin write vol --offset 64k ...                 # overwrite 4 KiB with 'B'")
         vol.write(chunk, b"B" * 4096)
         snap = p.device(2)
         click.echo(f"copy-on-write: chunk 1 of vol now has its own data block; {p.md.data_sm.nr_allocated()} chunks "

@@ -9,10 +9,8 @@ import os
 from typing import Any, BinaryIO
 
 import click
-
 from thinpool_cli.output import echo_json, progress, table
-from thinpool_cli.params import (OFFSET, SECTOR_SIZE_PARAM, SIZE, device_ref, json_option, open_pool,
-                                 pool_option)
+from thinpool_cli.params import OFFSET, SECTOR_SIZE_PARAM, device_ref, json_option, open_pool, pool_option
 
 IO_CHUNK = 1 << 20  # bytes per read/write call of the copy loops
 
@@ -101,9 +99,9 @@ def thin_list(pool_path: str | None, as_json: bool) -> None:
 
     Example: thinpool thin list
     """
-    from thinpool.units import format_size
-
     from thinpool_cli.pool_cmds import device_rows
+
+    from thinpool.units import format_size
 
     with open_pool(pool_path, readonly=True) as p:
         rows = device_rows(p)

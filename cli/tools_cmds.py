@@ -16,17 +16,24 @@ from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator, Sequence
 
 import click
-
 from thinpool_cli.output import echo_json, progress, table
-from thinpool_cli.params import (device_ref, is_pool_dir, is_target, json_option, metadata_path, parse_region,
-                                 pool_option)
+from thinpool_cli.params import (
+    F,
+    device_ref,
+    is_pool_dir,
+    is_target,
+    json_option,
+    metadata_path,
+    parse_region,
+    pool_option,
+)
 
 BIG_MAPPINGS = 1 << 20  # mapped blocks above which dump/check show a progress bar (stderr on a terminal only)
 
 
-def target_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.argument("target", required=False, metavar="[TARGET]")(f)
-    return pool_option(f)
+def target_option(f: F) -> F:
+    """An optional positional TARGET (pool directory or metadata file) plus --pool / $THINPOOL_POOL."""
+    return pool_option(click.argument("target", required=False, metavar="[TARGET]")(f))
 
 
 @contextmanager
@@ -242,10 +249,10 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     chunk = ir.data_block_size * SECTOR_SIZE
     check_data_block_size(chunk)
     for dev in ir.devices:
-        _, data, _ = dev.arrays()
-        if len(data) and int(data.max()) >= ir.nr_data_blocks:
+        _, data_blocks, _ = dev.arrays()
+        if len(data_blocks) and int(data_blocks.max()) >= ir.nr_data_blocks:
             raise InvalidArgument(reason=f"device {dev.dev_id}: mapping beyond end of data device "
-                                         f"({int(data.max())} >= {ir.nr_data_blocks})")
+                                         f"({int(data_blocks.max())} >= {ir.nr_data_blocks})")
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output
     lock_fd = Pool._take_lock(pathlib.Path(output)) if pool_dir else None
@@ -678,7 +685,8 @@ def _unguarded_linear_insert(a: list[Any], last: int, less: Callable[[Any, Any],
     a[last] = v
 
 
-def _adjust_heap(a: list[Any], first: int, hole: int, length: int, value: Any, less: Callable[[Any, Any], bool]) -> None:
+def _adjust_heap(a: list[Any], first: int, hole: int, length: int, value: Any,
+                 less: Callable[[Any, Any], bool]) -> None:
     top = hole
     child = hole
     while child < (length - 1) // 2:

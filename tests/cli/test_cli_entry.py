@@ -55,7 +55,7 @@ def test_quickstart_subprocess_is_rerunnable(tmp_path: Path):
     for text in ("thin snap 2 vol", "copy-on-write", "discard_passdown", "exclusive", "shared", "hole"):
         assert text in out
     assert (demo / "map.png").exists() or "matplotlib is not installed" in out
-    r2 = thinpool("quickstart", cwd=tmp_path)
+    r2 = thinpool("quickstart", "--no-png", cwd=tmp_path)
     assert r2.returncode == 0 and "removed the previous demo pool" in r2.stdout.decode()
     st = json.loads(thinpool("pool", "status", "--json", "--pool", demo).stdout)
     assert st["used_data_blocks"] == 6 and [d["name"] for d in st["devices"]] == ["vol", "vol-snap"]
