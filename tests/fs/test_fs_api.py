@@ -1,28 +1,54 @@
-"""Behaviour of the ext2 file system API on an in-memory device (no external tools)."""
+"""Behaviour of the ext2 file system API; every test's image must pass ``e2fsck -fn`` afterwards."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import pytest
+from conftest import REQUIRE_EXTERNAL
+from fs_helpers import e2fsck, sparse_image
 
 from thinpool.errors import (DirectoryNotEmpty, FileExists, FileNotFound, FsError, IsADirectory, NameTooLong,
                              NotADirectory)
 from thinpool.fs import Filesystem
-from thinpool.io.device import MemoryDevice
+from thinpool.io.device import FileDevice
 
 MiB = 2**20
 
 
-@pytest.fixture
-def dev():
-    return MemoryDevice(32 * MiB)
+class CountingFileDevice(FileDevice):
+    """A FileDevice on a sparse image that counts flushes (so e2fsck can check the image afterwards)."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
 
 
 @pytest.fixture
-def fs(dev):
-    return Filesystem.mkfs(dev)
+def image(tmp_path):
+    return sparse_image(tmp_path / "api.img", 32 * MiB)
+
+
+@pytest.fixture
+def dev(image):
+    d = CountingFileDevice(image)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def fs(dev, image):
+    """A fresh file system; after the test it is flushed and must pass e2fsck -fn."""
+    f = Filesystem.mkfs(dev)
+    yield f
+    if not f.readonly and not f.closed:
+        f.flush()
+    if shutil.which("e2fsck") or os.path.exists("/usr/sbin/e2fsck") or REQUIRE_EXTERNAL:
+        e2fsck(image)
 
 
 def test_new_filesystem_has_lost_and_found(fs):

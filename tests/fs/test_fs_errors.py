@@ -150,7 +150,7 @@ def test_full_filesystem_refuses_writes_and_keeps_everything(tmp_path):
     e2fsck(img)
 
 
-def test_filling_every_block_then_mkdir_fails_cleanly():
+def test_filling_every_block_then_mkdir_fails_cleanly(tmp_path):
     dev = MemoryDevice(4 * MiB)
     fs = Filesystem.mkfs(dev)
     free = fs.statfs().free_blocks
@@ -164,6 +164,10 @@ def test_filling_every_block_then_mkdir_fails_cleanly():
     assert fs.statfs().free_inodes == inodes and not fs.exists("/d")
     fs.symlink("fast", "/fast")  # needs an inode but no block
     assert fs.readlink("/fast") == "fast"
+    fs.flush()
+    img = tmp_path / "full.img"
+    img.write_bytes(dev.getvalue())
+    e2fsck(img)
 
 
 def test_running_out_of_inodes(tmp_path):
