@@ -156,25 +156,33 @@ def pool_resize(pool_path: str | None, size: int | None, metadata_size: int | No
 @click.argument("current", type=int)
 @click.argument("new", type=int)
 @pool_option
-def pool_set_transaction_id(current: int, new: int, pool_path: str | None) -> None:
+@json_option
+def pool_set_transaction_id(current: int, new: int, pool_path: str | None, as_json: bool) -> None:
     """Compare-and-swap the pool's transaction id (dm-thin's set_transaction_id message).
 
     Example: thinpool pool set-transaction-id 4 5
     """
     with open_pool(pool_path) as p:
         p.set_transaction_id(current, new)
+    if as_json:
+        echo_json({"transaction_id": new, "previous": current})
+    else:
         click.echo(f"transaction id {current} -> {new}")
 
 
 @pool.command("reserve-metadata-snap")
 @pool_option
-def pool_reserve_metadata_snap(pool_path: str | None) -> None:
+@json_option
+def pool_reserve_metadata_snap(pool_path: str | None, as_json: bool) -> None:
     """Take a metadata snapshot (read it with dump -m / ls -m / delta -m).
 
     Example: thinpool pool reserve-metadata-snap && thinpool dump -m
     """
     with open_pool(pool_path) as p:
         b = p.reserve_metadata_snap()
+    if as_json:
+        echo_json({"held_metadata_root": b})
+    else:
         click.echo(f"metadata snapshot held at block {b}")
 
 

@@ -194,7 +194,8 @@ def thin_read(ref: str, offset: int, length: int | None, out: BinaryIO, pool_pat
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("-n", "--name", help="Name for a device created by the import.")
 @pool_option
-def thin_import(ref: str, image: str, name: str | None, pool_path: str | None) -> None:
+@json_option
+def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, as_json: bool) -> None:
     """Copy raw IMAGE into device ID, skipping holes and all-zero chunks.
 
     The device is created (its size rounded up to 512 bytes) when ID is a number that does not exist yet; it
@@ -249,6 +250,10 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None) -
                 if lo < dev_size:
                     dev.write_zeroes(lo, min(ch, dev_size - lo))
         p.commit()
+        mapped = dev.status()[0] * 512
+    if as_json:
+        echo_json({"dev_id": dev.dev_id, "image_size": size, "written": written, "mapped": mapped})
+    else:
         click.echo(f"imported {size} bytes ({written} in non-zero chunks) into device {dev.dev_id}", err=True)
 
 
@@ -275,7 +280,8 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("-f", "--force", is_flag=True, help="Overwrite IMAGE if it exists.")
 @pool_option
-def thin_export(ref: str, image: str, force: bool, pool_path: str | None) -> None:
+@json_option
+def thin_export(ref: str, image: str, force: bool, pool_path: str | None, as_json: bool) -> None:
     """Write device ID to the raw IMAGE file, sparse: unwritten and all-zero chunks stay holes.
 
     Example: thinpool thin export vol vol.img
@@ -304,7 +310,11 @@ def thin_export(ref: str, image: str, force: bool, pool_path: str | None) -> Non
                         copied += m
                     pos += m
                     bar.advance(m)
-        click.echo(f"exported device {dev.dev_id}: {dev.size} bytes, {copied} bytes of data", err=True)
+        size = dev.size
+    if as_json:
+        echo_json({"dev_id": dev.dev_id, "size": size, "data": copied, "image": image})
+    else:
+        click.echo(f"exported device {dev.dev_id}: {size} bytes, {copied} bytes of data", err=True)
 
 
 @thin.command("flush")

@@ -101,7 +101,8 @@ def test_resize_errors_change_nothing(pool: Path):
 
 
 def test_set_transaction_id(pool: Path):
-    ok("pool", "set-transaction-id", "0", "7", "-p", pool)
+    assert json.loads(ok("pool", "set-transaction-id", "0", "7", "--json", "-p", pool).stdout) == \
+        {"transaction_id": 7, "previous": 0}
     assert json.loads(ok("pool", "status", "--json", "-p", pool).stdout)["transaction_id"] == 7
     before = fingerprint(pool)
     r = fails(1, "pool", "set-transaction-id", "3", "9", "-p", pool)
@@ -119,6 +120,9 @@ def test_metadata_snapshot_reserve_and_release(busy_pool: Path):
     before = fingerprint(busy_pool)
     assert "already exists" in fails(1, "pool", "reserve-metadata-snap", "-p", busy_pool).stderr
     assert fingerprint(busy_pool) == before
+    ok("pool", "release-metadata-snap", "-p", busy_pool)
+    held = json.loads(ok("pool", "reserve-metadata-snap", "--json", "-p", busy_pool).stdout)["held_metadata_root"]
+    assert json.loads(ok("pool", "status", "--json", "-p", busy_pool).stdout)["held_metadata_root"] == held
     ok("pool", "release-metadata-snap", "-p", busy_pool)
     assert json.loads(ok("pool", "status", "--json", "-p", busy_pool).stdout)["held_metadata_root"] is None
     assert "no pool metadata snapshot" in fails(1, "pool", "release-metadata-snap", "-p", busy_pool).stderr

@@ -142,7 +142,8 @@ def make_image(path: Path) -> bytes:
 def test_import_export_sparse(pool: Path, tmp_path: Path):
     img = tmp_path / "disk.raw"
     content = make_image(img)
-    ok("thin", "import", "3", img, "--name", "disk", "-p", pool)
+    rep = json.loads(ok("thin", "import", "3", img, "--name", "disk", "--json", "-p", pool).stdout)
+    assert rep["dev_id"] == 3 and rep["image_size"] == len(content) and rep["mapped"] == 4 * CH
     d = devices(pool)[3]
     assert d["size"] == -(-len(content) // 512) * 512
     # chunks 0, 3, 4 and the tail chunk 20 hold data; the zero chunk 5 and the hole 6..19 are not mapped
@@ -153,7 +154,8 @@ def test_import_export_sparse(pool: Path, tmp_path: Path):
     assert data[:len(content)] == content and data[len(content):] == bytes(len(data) - len(content))
     assert os.stat(out).st_blocks * 512 <= 5 * CH  # holes stayed holes
     assert "exists" in fails(2, "thin", "export", "disk", out, "-p", pool).stderr
-    ok("thin", "export", "disk", out, "--force", "-p", pool)
+    rep = json.loads(ok("thin", "export", "disk", out, "--force", "--json", "-p", pool).stdout)
+    assert rep["size"] == d["size"] and 0 < rep["data"] <= 4 * CH
     # re-import over existing data: the device equals the new image exactly
     ok("thin", "write", "disk", "-", "--offset", f"{10 * CH}", "-p", pool, input=b"junk" * 100)
     img2 = tmp_path / "disk2.raw"
