@@ -190,18 +190,21 @@ def test_bad_arguments_raise_typed_errors(tmp_path) -> None:
     assert check_metadata(FileBlockStore(tmp_path / "p.bin", readonly=True)).problems == []
 
 
-def test_checker_metadata_snapshot_sharing_details_leaf(tmp_path) -> None:
+@pytest.mark.parametrize("nr_devs", [130, 260])
+def test_checker_metadata_snapshot_sharing_leaves(tmp_path, nr_devs) -> None:
     """Regression (check.py, check_metadata): a details-tree leaf shared by the live tree and the held metadata
     snapshot was read only for the live tree, so the checker falsely reported that the snapshot's details and
-    mapping trees disagreed. Needs > 126 devices (two details leaves) and a change to only one leaf."""
+    mapping trees disagreed (> 126 devices: two details leaves, a change to only one). With > 252 devices a
+    top-level leaf is shared too; its subtree roots must then be counted once, not once per tree."""
     h = Harness(tmp_path / "p.bin", nr_meta_blocks=2048)
-    for dev in range(130):
+    for dev in range(nr_devs):
         h.create(dev)
     h.map(0, 1)
+    h.map(1, 2)
     h.reserve()
-    h.map(129, 7)  # shadows the details leaf holding 129; the leaf holding 0..64 stays shared with the snapshot
+    h.map(nr_devs - 1, 7)  # shadows the leaves holding the last device; those holding 0 and 1 stay shared
     h.verify()
     report = check_metadata(FileBlockStore(h.path, readonly=True), use_metadata_snap=True)
-    assert report.problems == [] and report.devices == 130
+    assert report.problems == [] and report.devices == nr_devs
     h.release()
     h.verify()

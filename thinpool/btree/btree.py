@@ -75,15 +75,14 @@ class BTree:
 
     def lookup(self, root: int, key: int) -> Any | None:
         node = self._read(root)
-        depth = 0
+        path = [root]
         while not node.is_leaf:
             i = bisect_right(node.keys, key) - 1
             if i < 0:
                 return None
-            node = self._read(node.values[i])  # type: ignore[arg-type]
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
+            child = node.values[i]
+            _check_descent(path, node.block, child)  # type: ignore[arg-type]
+            node = self._read(child)  # type: ignore[arg-type]
         i = bisect_right(node.keys, key) - 1
         if i >= 0 and node.keys[i] == key:
             return node.values[i]
@@ -91,11 +90,9 @@ class BTree:
 
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
         """Leaves in key order that may hold keys in [lo, hi)."""
-        stack: list[tuple[int, int]] = [(root, 0)]
+        stack: list[tuple[int, tuple[int, ...]]] = [(root, ())]
         while stack:
-            b, depth = stack.pop()
-            if depth > MAX_DEPTH:
-                raise MetadataCorrupt(block=b, reason="btree too deep (cycle?)")
+            b, ancestors = stack.pop()
             node = self._read(b)
             if node.is_leaf:
                 yield node
@@ -103,8 +100,10 @@ class BTree:
             keys = node.keys
             start = max(bisect_right(keys, lo) - 1, 0)
             end = len(keys) if hi is None else bisect_right(keys, hi - 1)
+            path = ancestors + (b,)
             for i in range(end - 1, start - 1, -1):
-                stack.append((node.values[i], depth + 1))  # type: ignore[arg-type]
+                _check_descent(path, b, node.values[i])  # type: ignore[arg-type]
+                stack.append((node.values[i], path))  # type: ignore[arg-type]
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         for leaf in self.leaves(root, lo, hi):
@@ -130,14 +129,12 @@ class BTree:
 
     def highest_key(self, root: int) -> int | None:
         node = self._read(root)
-        depth = 0
+        path = [root]
         while not node.is_leaf:
             if not node.keys:
                 raise MetadataCorrupt(block=node.block, reason="empty internal node")
+            _check_descent(path, node.block, node.values[-1])  # type: ignore[arg-type]
             node = self._read(node.values[-1])  # type: ignore[arg-type]
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
         return node.keys[-1] if node.keys else None
 
     def count(self, root: int) -> int:
@@ -179,13 +176,14 @@ class BTree:
         new_root = node.block
         if len(node.keys) >= node.max_entries:
             self._split_beneath(node)
-        depth = 0
+        path = [root]  # original (on-disk) blocks of the nodes descended through, for cycle detection
         while not node.is_leaf:
             keys = node.keys
             i = bisect_right(keys, key) - 1
             if i < 0:
                 i = 0
                 keys[0] = key
+            _check_descent(path, path[-1], node.values[i])  # type: ignore[arg-type]
             child = self._shadow(node.values[i])  # type: ignore[arg-type]
             node.values[i] = child.block
             if len(child.keys) >= child.max_entries:
@@ -195,9 +193,6 @@ class BTree:
                 if key >= sib.keys[0]:
                     child = sib
             node = child
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
         keys = node.keys
         i = bisect_right(keys, key)
         if i > 0 and keys[i - 1] == key:
@@ -215,17 +210,15 @@ class BTree:
         subtree root in the top level of the mapping tree, without the overwrite's reference drop."""
         node = self._shadow(root)
         new_root = node.block
-        depth = 0
+        path = [root]
         while not node.is_leaf:
             i = bisect_right(node.keys, key) - 1
             if i < 0:
                 raise KeyError(key)
+            _check_descent(path, path[-1], node.values[i])  # type: ignore[arg-type]
             child = self._shadow(node.values[i])  # type: ignore[arg-type]
             node.values[i] = child.block
             node = child
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
         i = bisect_right(node.keys, key) - 1
         if i < 0 or node.keys[i] != key:
             raise KeyError(key)
@@ -237,7 +230,11 @@ class BTree:
             return root, False
         node = self._shadow(root)
         new_root = node.block
+        steps = 0
         while not node.is_leaf:
+            steps += 1
+            if steps > 2 * MAX_DEPTH:  # lookup above found the key's path acyclic; this guards sibling pointers
+                raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
             i = max(bisect_right(node.keys, key) - 1, 0)
             i = self._rebalance_child(node, i, key)
             if node.block == new_root and len(node.keys) == 1:
@@ -348,6 +345,18 @@ class BTree:
             else:
                 stack.extend((c, depth + 1) for c in node.values)  # type: ignore[misc]
             self.tm.dec(b)
+
+
+def _check_descent(path: list[int] | tuple[int, ...], parent: int, child: int) -> None:
+    """Before following ``parent``'s pointer to ``child``: a child that is already on the path from the root is a
+    cycle, reported against the node holding the pointer (it would otherwise loop, or fail far from the damage).
+    ``path`` (a list) gets ``child`` appended."""
+    if child in path:
+        raise MetadataCorrupt(block=parent, reason=f"cycle in btree: child pointer {child} points at an ancestor")
+    if len(path) > MAX_DEPTH:
+        raise MetadataCorrupt(block=parent, reason="btree too deep (cycle?)")
+    if isinstance(path, list):
+        path.append(child)
 
 
 def _even_chunks(n: int, cap: int) -> list[tuple[int, int]]:

@@ -126,8 +126,14 @@ class _Walker:
 
     def _visit(self, b: int, vs: int, on_leaf: Callable[[Node], None] | None, is_root: bool,
                parent_key: int | None, path: tuple[int, ...], leaves: list[tuple[np.ndarray, Node]]) -> bool:
+        # Damage in a child pointer (a cycle, a block past the device) is reported against the node holding
+        # the pointer (path[-1]), as the engine's readers do.
         if b in path:
-            self.problem(f"cycle in btree: block {b} is its own ancestor", b)
+            self.problem(f"cycle in btree: child pointer {b} of block {path[-1]} points at an ancestor", path[-1])
+            return False
+        if path and not 0 <= b < self.nr_meta:
+            self.problem(f"btree node has child pointer {b} beyond the metadata device ({self.nr_meta} blocks)",
+                         path[-1])
             return False
         if not self.ref(b):
             return False
@@ -307,7 +313,12 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
                 details[int(k)] = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
         w.section = f"mapping tree ({label})"
         top: dict[int, int] = {}
-        _, top_leaves = w.tree(which.data_mapping_root, 8)
+        owned: set[int] = set()  # devices whose top-level leaf is first reached in this walk
+
+        def on_top(node: Node) -> None:
+            owned.update(int(k) for k in node.keys)
+
+        _, top_leaves = w.tree(which.data_mapping_root, 8, on_top)
         for _keys, node in top_leaves:
             for k, v in zip(node.keys, node.values):
                 top[int(k)] = int(v)  # type: ignore[arg-type]
@@ -330,10 +341,18 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
                     blocks = blocks[~bad]
                 np.add.at(data_expected, blocks.astype(np.int64), 1)
 
-            if skip_mappings:
+            if dev_id not in owned:
+                # A top-level leaf shared with a tree walked before holds one reference on each subtree root,
+                # already counted: only collect the (already walked) leaves for the mapped_blocks check.
+                leaves = []
+                ok = skip_mappings or w._collect(root, 8, (), leaves)
+                if skip_mappings:
+                    continue
+            elif skip_mappings:
                 w.ref(root)
                 continue
-            ok, leaves = w.tree(root, 8, on_map_leaf)
+            else:
+                ok, leaves = w.tree(root, 8, on_map_leaf)
             if ok and label == "live" or (label != "live" and use_metadata_snap):
                 n = sum(len(k) for k, _ in leaves)
                 report.mappings += n

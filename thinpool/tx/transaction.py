@@ -62,6 +62,15 @@ class TransactionManager:
         else:
             self._check_range(b)
             node = decode_node(self.store.read_block(b), b, leaf_value_size)
+            if not node.is_leaf and node.values:
+                # Validate child pointers here, where the damaged node is known: a pointer past the device (or
+                # at the superblock) is reported against this node, not as an unreadable block number.
+                lo, hi = min(node.values), max(node.values)  # type: ignore[type-var]
+                limit = min(self.store.nr_blocks, self.sm.nr_blocks)
+                if lo == 0 or hi >= limit:
+                    bad = hi if hi >= limit else lo
+                    raise MetadataCorrupt(block=b, reason=f"btree node has child pointer {bad} outside the "
+                                                          f"metadata device (1..{limit - 1})")
             self.cache[b] = node
             if len(self.cache) > self.cache_nodes:
                 self.cache.popitem(last=False)
