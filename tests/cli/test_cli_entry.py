@@ -113,3 +113,13 @@ def test_usage_errors_are_exit_2_without_traceback():
     assert "No such command" in r.stderr
     fails(2, "thin", "create")
     fails(2, "pool", "create", "--size")
+
+
+def test_help_imports_no_heavy_module():
+    """`thinpool --help` must stay fast: no numpy, rich, matplotlib or command module is imported for it."""
+    code = ("import sys\nfrom thinpool_cli.main import cli\n"
+            "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('numpy', 'rich', 'matplotlib', 'thinpool.pool', 'thinpool_cli.tools_cmds') "
+            "if m in sys.modules]\nprint('HEAVY', heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().endswith("HEAVY []"), r.stdout + r.stderr
