@@ -227,5 +227,5 @@ class Ext2Model(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-Ext2Model.TestCase.settings = settings(settings(), stateful_step_count=30)
+Ext2Model.TestCase.settings = settings(settings(), stateful_step_count=25)
 test_ext2_against_model = Ext2Model.TestCase
