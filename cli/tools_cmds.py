@@ -723,30 +723,51 @@ def _heap_sort(a: list[Any], first: int, last: int, less: Callable[[Any, Any], b
         _adjust_heap(a, first, 0, last - first, value, less)
 
 
+def _leaves_unseen(pmd: Any, root: int, seen: set[int]) -> Iterator[tuple[Any, Any]]:
+    """(thin blocks, data blocks) of each leaf of a device's mapping tree, depth first, skipping every node
+    already visited in this walk: thin_rmap's btree_damage_visitor avoids repeated visits, so a subtree shared by
+    a snapshot is reported once, for the lowest device id that reaches it."""
+    import numpy as np
+
+    from thinpool.btree.node import decode_node
+
+    stack = [root]
+    while stack:
+        b = stack.pop()
+        if b in seen:
+            continue
+        seen.add(b)
+        node = decode_node(pmd.store.read_block(b), b, 8)
+        if node.is_leaf:
+            if node.nr_entries:
+                keys = np.frombuffer(node.keys, dtype="<u8").astype(np.int64)
+                vals = (np.frombuffer(node.values, dtype="<u8") >> np.uint64(24)).astype(np.int64)
+                yield keys, vals
+        else:
+            stack.extend(reversed([int(v) for v in node.values]))
+
+
 def rmap_regions(pmd: Any, regions: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
     """thin_rmap: (data_begin, data_end, dev_id, thin_begin) runs for data blocks in ``regions``, in thin_rmap's
-    order (visited by device then thin block, then std::sort by data_begin)."""
+    order (visited by device then thin block, shared nodes once, then std::sort by data_begin)."""
     import numpy as np
 
     out: list[list[int]] = []
     cur: list[int] | None = None  # [data_begin, data_end, dev, thin_begin]
+    seen: set[int] = set()
     for dev_id in pmd.device_ids():
-        tb, db, _ = pmd.mappings(dev_id)
-        if not len(tb):
-            continue
-        t = tb.astype(np.int64)
-        d = db.astype(np.int64)
-        keep = np.zeros(len(d), dtype=bool)
-        for lo, hi in regions:
-            keep |= (d >= lo) & (d < hi)
-        for thin_block, data_block in zip(t[keep].tolist(), d[keep].tolist()):
-            if cur is not None and cur[2] == dev_id and data_block == cur[1] \
-                    and thin_block == cur[3] + (cur[1] - cur[0]):
-                cur[1] += 1
-            else:
-                if cur is not None:
-                    out.append(cur)
-                cur = [data_block, data_block + 1, dev_id, thin_block]
+        for t, d in _leaves_unseen(pmd, pmd.device_root(dev_id), seen):
+            keep = np.zeros(len(d), dtype=bool)
+            for lo, hi in regions:
+                keep |= (d >= lo) & (d < hi)
+            for thin_block, data_block in zip(t[keep].tolist(), d[keep].tolist()):
+                if cur is not None and cur[2] == dev_id and data_block == cur[1] \
+                        and thin_block == cur[3] + (cur[1] - cur[0]):
+                    cur[1] += 1
+                else:
+                    if cur is not None:
+                        out.append(cur)
+                    cur = [data_block, data_block + 1, dev_id, thin_block]
     if cur is not None:
         out.append(cur)
     std_sort(out, lambda x, y: x[0] < y[0])
