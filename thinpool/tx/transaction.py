@@ -94,7 +94,7 @@ class TransactionManager:
         """A writable version of node ``b`` (see the module docstring). ``inc_values`` increments the
         references held by a leaf's values when a shared leaf is copied."""
         node = self.dirty.get(b)
-        count = self.sm.count(b)
+        count = self.sm.counts.item(b)  # CoreSpaceMap.count inlined: this runs once per level per insert
         if node is not None and count == 1:
             return node
         orig = self.read_node(b, leaf_value_size)
