@@ -582,3 +582,20 @@ def test_fuzz_wellformed_requests_get_replies(fuzz_server, reqs):
             else:
                 c.simple_or_chunks(1000 + i)
     assert healthy(fuzz_server, "b")
+
+
+def test_short_read_from_device_is_an_error(sockdir):
+    class Short(SparseDevice):
+        def read(self, offset, length):
+            return super().read(offset, length)[:-1]
+
+    with ServerThread({"s": Short(1 << 20)}, unix_path=os.path.join(sockdir, "s")) as srv:
+        with connect(srv) as c:
+            c.greeting()
+            c.go("s")
+            assert c.read(0, 100)[0] == P.EIO
+        with connect(srv) as c:
+            c.greeting()
+            c.go("s", structured=False)
+            assert c.read(0, 100)[0] == P.EIO
+            assert c.write(0, b"ok") == 0
