@@ -89,7 +89,6 @@ class Filesystem:
 
         return mkfs(device, **options)
 
-
     @classmethod
     def mount(cls, device: BlockDevice, *, readonly: bool = False) -> Filesystem:
         """Open the ext2 file system on ``device``, validating the superblock and every group descriptor.
@@ -110,12 +109,14 @@ class Filesystem:
         groups = [L.parse_group_desc(raw, g * L.GROUP_DESC_SIZE) for g in range(nr_groups)]
         for g, gd in enumerate(groups):
             check_group_desc(sb, g, gd, gdt_first + g * L.GROUP_DESC_SIZE // bs)
-        if sum(gd.bg_free_blocks_count for gd in groups) != sb.s_free_blocks_count or \
-                sum(gd.bg_free_inodes_count for gd in groups) != sb.s_free_inodes_count:
+        stale_totals = sum(gd.bg_free_blocks_count for gd in groups) != sb.s_free_blocks_count or \
+            sum(gd.bg_free_inodes_count for gd in groups) != sb.s_free_inodes_count
+        if stale_totals:
             # the kernel keeps superblock totals lazily; the group counts are authoritative (as e2fsck treats them)
             sb.s_free_blocks_count = sum(gd.bg_free_blocks_count for gd in groups)
             sb.s_free_inodes_count = sum(gd.bg_free_inodes_count for gd in groups)
         fs = cls(device, sb, groups, readonly=readonly)
+        fs._sb_dirty = stale_totals
         root = fs._inode(L.ROOT_INO)
         if not root.is_dir or root.i_links_count < 2:
             raise FsCorrupt(reason="root inode 2 is not a directory", inode=L.ROOT_INO)
@@ -233,7 +234,10 @@ class Filesystem:
         g = (parent - 1) // self.sb.s_inodes_per_group
         ino = self.alloc.alloc_inode(g, is_dir)
         t = _now()
-        old = self._inode(ino)
+        old = self._inodes.get(ino)
+        if old is None:  # the free slot's old contents only matter for the generation number: not validated
+            blk, off = self._inode_pos(ino)
+            old = parse_inode(self.cache.get(blk), off)
         inode = Inode(i_mode=mode, i_uid=uid & 0xFFFF, i_gid=gid & 0xFFFF, l_i_uid_high=uid >> 16,
                       l_i_gid_high=gid >> 16, i_atime=t, i_ctime=t, i_mtime=t, i_links_count=1,
                       i_generation=(old.i_generation + 1) & 0xFFFFFFFF)
