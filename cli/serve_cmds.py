@@ -125,7 +125,7 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
             periodic = (commit_interval, pool.commit) if commit_interval and not readonly else None
             nbd_serve(devices, unix_path=socket_path, host=host, port=port, on_shutdown=pool.commit, ready=ready,
                       periodic=periodic)
-            click.echo("stopped; pool committed")
+            click.echo("stopped" if readonly else "stopped; pool committed")
     except ThinpoolError as e:
         _fail(e)
     except OSError as e:
@@ -156,7 +156,7 @@ def mount(pool_path: str, directory: str, exports: tuple[str, ...], readonly: bo
             click.echo(f"mounting {', '.join(devices)} at {os.path.abspath(directory)}")
             sys.stdout.flush()
             fuse_mount(devices, directory, on_unmount=pool.commit, direct_io=not no_direct_io)
-            click.echo("unmounted; pool committed")
+            click.echo("unmounted" if readonly else "unmounted; pool committed")
     except ThinpoolError as e:
         _fail(e)
     except (OSError, RuntimeError) as e:
