@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from thinpool.checksum import BlockType, stamp
 from thinpool.errors import ThinpoolError
+from thinpool.formats.superblock import build_superblock
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.io.faulty import (Event, FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore, PowerCut,
                                 torn_sectors)
@@ -44,6 +46,7 @@ class Snap:
     held: bool
     nr_data: int
     event: int  # index of the superblock write that made it durable (0: format)
+    aborted: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # writes undefined after an abort
 
 
 @dataclass
@@ -53,10 +56,12 @@ class Model:
     trans_id: int = 0
     held: bool = False
     nr_data: int = 0
+    aborted: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # undefined since an abort
 
     def snap(self, event: int, held: bool | None = None) -> Snap:
         return Snap({d: dict(c) for d, c in self.devs.items()}, dict(self.sizes), self.trans_id,
-                    self.held if held is None else held, self.nr_data, event)
+                    self.held if held is None else held, self.nr_data, event,
+                    {d: list(w) for d, w in self.aborted.items()})
 
     def write(self, dev: int, offset: int, data: bytes) -> None:
         chunks = self.devs[dev]
@@ -87,6 +92,9 @@ class Driver:
         self.writes: list[tuple[int, int, int, bytes]] = []  # (events before issue, dev, offset, data)
         self.ops = 0
         self._trace_seen = 0
+        self.failed_op: Any = None
+        self.committed_event = 0
+        self.last_write: tuple[int, int, bytes] | None = None
         md = PoolMetadata.format(self.meta, data_block_size=CH // SECT, nr_data_blocks=nr_data)
         manifest: dict[str, Any] = {"format": 1, "transaction_id": 0, "devices": {},
                                     "options": {"zero": True, "discard": "passdown", "no_space": "error"}}
@@ -105,70 +113,117 @@ class Driver:
         self.plan.record = True
         self.start_event = self.plan.events
         self._trace_seen = len(self.plan.trace)
-        self.expected.setdefault(self.meta_inner.blocks[0], []).append(self.model.snap(0))
+        self.expected.setdefault(self.meta_inner.blocks[0], []).append(self.model.snap(self.plan.events))
 
-    def _note(self, held_before: bool | None = None) -> None:
+    def _note(self, model: Model, held_before: bool | None = None) -> None:
         """Map every superblock written by the last op to the state it commits."""
         new = [e for e in self.plan.trace[self._trace_seen:] if e.store == "metadata" and e.op == "write"
-               and e.where == 0]
+               and e.where == 0 and not e.failed]
         self._trace_seen = len(self.plan.trace)
         for i, e in enumerate(new):
-            held = held_before if (held_before is not None and i < len(new) - 1) else None
-            self.expected.setdefault(e.data, []).append(self.model.snap(e.index, held))  # type: ignore[arg-type]
+            held = held_before if (held_before is not None and i == 0) else None  # reserve: 1st commit
+            self.expected.setdefault(e.data, []).append(model.snap(e.index, held))  # type: ignore[arg-type]
         self.ops += 1
+        if new and self.failed_op is None:
+            self.committed_event = new[-1].index
+
+    def _op(self, call: Callable[[], Any], update: Callable[[Model], None], held_before: bool | None = None) -> None:
+        """Run a pool operation and the same change on a copy of the model. If the operation fails, superblocks
+        it wrote commit the state it was making (they may have landed); the caller then decides what the pool
+        holds (``after_abort``)."""
+        m = self.model
+        tentative = Model({k: dict(v) for k, v in m.devs.items()}, dict(m.sizes), m.trans_id, m.held, m.nr_data,
+                          {k: list(v) for k, v in m.aborted.items()})
+        update(tentative)
+        self.failed_op = None
+        try:
+            call()
+        except BaseException:
+            self.failed_op = call
+            self._note(tentative, held_before)
+            raise
+        self.model = tentative
+        self._note(tentative, held_before)
+
+    def committed_snap(self) -> Snap:
+        """The model of what the pool's last commit (md.sb) holds."""
+        buf = build_superblock(self.pool.md.sb)
+        stamp(buf, BlockType.SUPERBLOCK)
+        snaps = self.expected[bytes(buf)]
+        return snaps[-1]
+
+    def open_transaction(self) -> bool:
+        md = self.pool.md
+        return bool(md.tm.dirty or md.tm.dirty_raw or (md.data_sm.counts != md.data_sm.committed).any()
+                    or any(d.changed for d in md.devices.values()))
+
+    def after_failed_write(self, dev: int, offset: int, data: bytes) -> None:
+        """A failed write leaves its range undefined (old or new bytes); everything else stands."""
+        self.model.aborted.setdefault(dev, []).append((offset, data))
+
+    def after_abort(self) -> None:
+        """The pool went back to its last commit: so does the model. Writes since then went to the data file in
+        place (or not) and stay undefined until overwritten."""
+        snap = self.committed_snap()
+        aborted = {k: list(v) for k, v in self.model.aborted.items()}
+        for ev, dev, off, data in self.writes:
+            if ev >= snap.event:
+                aborted.setdefault(dev, []).append((off, data))
+        self.model = Model({k: dict(v) for k, v in snap.devs.items()}, dict(snap.sizes), snap.trans_id, snap.held,
+                           snap.nr_data, aborted)
 
     # operations --------------------------------------------------------------------------------------------
     def create(self, dev: int, chunks: int) -> None:
-        self.pool.create_thin(dev, chunks * CH)
-        self.model.devs[dev] = {}
-        self.model.sizes[dev] = chunks
-        self.model.trans_id += 1
-        self._note()
+        def upd(m: Model) -> None:
+            m.devs[dev] = {}
+            m.sizes[dev] = chunks
+            m.trans_id += 1
+        self._op(lambda: self.pool.create_thin(dev, chunks * CH), upd)
 
     def snap(self, dev: int, origin: int) -> None:
-        self.pool.create_snap(dev, origin)
-        self.model.devs[dev] = dict(self.model.devs[origin])
-        self.model.sizes[dev] = self.model.sizes[origin]
-        self.model.trans_id += 1
-        self._note()
+        def upd(m: Model) -> None:
+            m.devs[dev] = dict(m.devs[origin])
+            m.sizes[dev] = m.sizes[origin]
+            m.aborted[dev] = list(m.aborted.get(origin, []))
+            m.trans_id += 1
+        self._op(lambda: self.pool.create_snap(dev, origin), upd)
 
     def delete(self, dev: int) -> None:
-        self.pool.delete_thin(dev)
-        del self.model.devs[dev]
-        del self.model.sizes[dev]
-        self.model.trans_id += 1
-        self._note()
+        def upd(m: Model) -> None:
+            del m.devs[dev]
+            del m.sizes[dev]
+            m.trans_id += 1
+        self._op(lambda: self.pool.delete_thin(dev), upd)
 
     def write(self, dev: int, offset: int, data: bytes) -> None:
         self.writes.append((self.plan.events, dev, offset, data))
-        self.pool.device(dev).write(offset, data)
-        self.model.write(dev, offset, data)
-        self._note()
+        self.last_write = (dev, offset, data)
+        self._op(lambda: self.pool.device(dev).write(offset, data), lambda m: m.write(dev, offset, data))
+        self.last_write = None
 
     def discard(self, dev: int, chunk: int, nr: int) -> None:
-        self.pool.device(dev).discard(chunk * CH, nr * CH)
-        for c in range(chunk, chunk + nr):
-            self.model.devs[dev].pop(c, None)
-        self._note()
+        def upd(m: Model) -> None:
+            for c in range(chunk, chunk + nr):
+                m.devs[dev].pop(c, None)
+        self._op(lambda: self.pool.device(dev).discard(chunk * CH, nr * CH), upd)
 
     def commit(self) -> None:
-        self.pool.commit()
-        self._note()
+        self._op(self.pool.commit, lambda m: None)
 
     def resize_data(self, nr_data: int) -> None:
-        self.pool.resize(nr_data * CH)
-        self.model.nr_data = nr_data
-        self._note()
+        def upd(m: Model) -> None:
+            m.nr_data = nr_data
+        self._op(lambda: self.pool.resize(nr_data * CH), upd)
 
     def reserve(self) -> None:
-        self.pool.reserve_metadata_snap()
-        self.model.held = True
-        self._note(held_before=False)
+        def upd(m: Model) -> None:
+            m.held = True
+        self._op(self.pool.reserve_metadata_snap, upd, held_before=self.model.held)
 
     def release(self) -> None:
-        self.pool.release_metadata_snap()
-        self.model.held = False
-        self._note()
+        def upd(m: Model) -> None:
+            m.held = False
+        self._op(self.pool.release_metadata_snap, upd)
 
 
 def pattern(rng: random.Random, n: int) -> bytes:
@@ -359,6 +414,11 @@ class Replayer:
         self.data = FaultyDataStore(self.data_inner, self.plan)
 
     def apply(self, e: Event) -> None:
+        if e.failed:  # it did not happen; a failed sync lost (or landed) its writes, as the plan says
+            if e.op == "sync":
+                lose = self.d.plan.lose if isinstance(self.d.plan.lose, str) else "all"
+                (self.meta if e.store == "metadata" else self.data)._lose_pending(lose)
+            return
         if e.store == "metadata":
             if e.op == "write":
                 self.meta.write_block(e.where, e.data)  # type: ignore[arg-type]
@@ -388,7 +448,7 @@ class Replayer:
         dd.pending = list(self.data.pending)
         m._lose_pending(lose)
         dd._lose_pending(lose)
-        if variant in ("torn", "random") and e is not None and e.op == "write":
+        if variant in ("torn", "random") and e is not None and e.op == "write" and not e.failed:
             rng = random.Random(seed ^ e.index)
             if e.store == "metadata":
                 meta.write_block(e.where, torn_sectors(meta.read_block(e.where), e.data, rng))  # type: ignore[arg-type]
@@ -412,7 +472,7 @@ class Verifier:
     def allowed_later(self, snap: Snap, crash_event: int, dev: int) -> list[tuple[int, bytes]]:
         """Writes to ``dev`` issued after ``snap`` was committed and before the crash (they may or may not show)."""
         return [(off, data) for ev, dv, off, data in self.d.writes
-                if dv == dev and snap.event <= ev < crash_event]
+                if dv == dev and snap.event <= ev < crash_event] + snap.aborted.get(dev, [])
 
     def verify(self, meta: dict[int, bytes], data: dict[int, bytes], crash_event: int, *,
                thin_check: bool = False, reuse: bool = False, what: str = "") -> None:
@@ -518,7 +578,8 @@ class Verifier:
                 assert ds.chunks[m[0]][o:o + SECT] == buf[i:i + SECT], f"{what}: reuse write lost"
 
 
-def enumerate_crashes(d: Driver, plan: FaultPlan, *, full: bool, thin_check_every: int, seed: int = 1) -> dict[str, int]:
+def enumerate_crashes(d: Driver, plan: FaultPlan, *, full: bool, thin_check_every: int, seed: int = 1,
+                      start_at: int = 1) -> dict[str, int]:
     """Cut the power at every event of the recording; verify the images (see the module docstring).
 
     Variants per crash point N: ``lose_all`` (everything since the last sync lost), ``land_all`` (every unsynced
@@ -550,23 +611,30 @@ def enumerate_crashes(d: Driver, plan: FaultPlan, *, full: bool, thin_check_ever
             continue
         n = (e.index - d.start_event) if e is not None else total + 1
         crash_event = e.index if e is not None else plan.events + 1
-        stats["crash_points"] += 1
-        i += 1
         variants = []
+        if n < start_at:
+            variants = ["skip"]
+        else:
+            stats["crash_points"] += 1
+        i += 1
         key = (msync, dsync)
-        if full or key not in seen_lose_all:
+        if variants == ["skip"]:
+            pass
+        elif full or key not in seen_lose_all:
             variants.append("lose_all")
             seen_lose_all.add(key)
-        if rp.has_pending():
+        if rp.has_pending() and variants != ["skip"]:
             before_sync = e is None or e.op == "sync"
             if full or before_sync:
                 variants.append("land_all")
             if full or n % 7 == 0:
                 variants.append("random")
-        if e is not None and e.op == "write":
+        if e is not None and e.op == "write" and not e.failed and variants != ["skip"]:
             if full or (e.store == "metadata" and e.where == 0) or n % 4 == 0:
                 variants.append("torn")
         for var in variants:
+            if var == "skip":
+                continue
             k += 1
             meta, data = rp.crash(e, var, seed + n)
             v.verify(meta, data, crash_event, thin_check=(k % thin_check_every == 0),

@@ -6,7 +6,8 @@ Every store built on one ``FaultPlan`` shares its event counter: each ``write_bl
 write event and each ``sync`` a sync event, numbered from 1 in the order they happen. The plan decides what the
 N-th event does:
 
-- ``kind="eio"``: the event raises StoreIOError (the write is not performed, the sync does not complete);
+- ``kind="eio"``: the event raises StoreIOError (the write is not performed; a failed sync loses the writes it
+  was to make durable, as Linux marks pages clean after a writeback error, or lands them, per ``lose``);
   ``persistent=True`` makes every later event fail too (a dead disk).
 - ``kind="enospc"``: the event fails as a full host disk would: NoDataSpace on the data file (DataStore's
   translation of ENOSPC), StoreIOError on the metadata (FileBlockStore's).
@@ -55,6 +56,7 @@ class Event:
     where: int = 0  # block number (metadata) or byte offset (data)
     data: bytes | None = None  # bytes written (write) / None
     length: int = 0  # punch / resize length
+    failed: bool = False  # the fault injected here made it fail (it did not happen)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class FaultPlan:
         if self.kind == "power_cut":
             self._power_cut(store, op, where, data)
         self.failures += 1
+        if self.record:
+            self.trace[-1].failed = True
         return True
 
     def _power_cut(self, store: Any, op: str, where: int, data: bytes | None) -> None:
@@ -181,6 +185,7 @@ class FaultyBlockStore:
 
     def sync(self) -> None:
         if self.plan._event(self, "sync"):
+            self._lose_pending(self.plan.lose)  # Linux: a failed writeback marks the pages clean
             self._fail("fsync")
         for b in self.order:
             if b in self.pending:
@@ -340,6 +345,7 @@ class FaultyDataStore:
 
     def sync(self) -> None:
         if self.plan._event(self, "sync"):
+            self._lose_pending(self.plan.lose)  # Linux: a failed writeback marks the pages clean
             raise StoreIOError(what=f"{self.name} (fault injection)", op="fdatasync", reason="Input/output error")
         self._apply(self.pending)
         self.pending = []
