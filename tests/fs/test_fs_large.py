@@ -159,3 +159,19 @@ def test_directory_with_indirect_blocks(tmp_path):
             fs.write_file(f"/big/{n}", b"again")
         fs.flush()
     e2fsck(image)
+
+
+def test_large_file_feature_reaches_the_backup_superblocks(tmp_path):
+    image = sparse_image(tmp_path / "groups.img", 300 * MiB)  # 3 block groups: backups in groups 1 (and 0)
+    with FileDevice(image) as dev:
+        fs = Filesystem.mkfs(dev)
+        assert fs.statfs().nr_groups == 3
+        with fs.open("/s", "wb") as f:
+            f.seek(3 * GiB)
+            f.write(b"x")
+        fs.flush()
+    e2fsck(image)
+    from conftest import run_tool
+    backup = run_tool("dumpe2fs", "-o", "superblock=32768", "-o", "blocksize=4096", "-h", str(image)).stdout
+    assert "large_file" in backup and "sparse_super" in backup
+    assert run_tool("e2fsck", "-fn", "-b", "32768", "-B", "4096", str(image), check=False).returncode == 0
