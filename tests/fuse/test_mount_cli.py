@@ -24,8 +24,8 @@ pytestmark = pytest.mark.root
 
 
 class MountCmd:
-    def __init__(self, pool_path: str, mnt: str, *exports: str) -> None:
-        args = [sys.executable, "-m", "thinpool_cli.serve_cmds", "mount", "--pool", pool_path, mnt]
+    def __init__(self, pool_path: str, mnt: str, *exports: str, extra: tuple[str, ...] = ()) -> None:
+        args = [sys.executable, "-m", "thinpool_cli.serve_cmds", "mount", "--pool", pool_path, mnt, *extra]
         for e in exports:
             args += ["--export", e]
         self.mnt = mnt
@@ -33,8 +33,8 @@ class MountCmd:
         deadline = time.monotonic() + 20
         while not is_mounted(mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"thinpool mount failed: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                _rc, _out, err = self.stop()
+                raise RuntimeError(f"thinpool mount failed: {err}")
             time.sleep(0.05)
 
     def stop(self) -> tuple[int, str, str]:
@@ -155,6 +155,36 @@ def test_thin_device_ext4_fstrim_snapshot():
             assert pool.status().used_data_blocks > used_trimmed  # the origin's changes broke sharing (CoW)
     finally:
         for p in (os.path.join(work, "ext"), os.path.join(work, "mnt")):
+            if is_mounted(p):
+                subprocess.run(["umount", "-l", p], check=False, timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_mount_read_only():
+    need_fuse()
+    work = tempfile.mkdtemp(prefix="tpmnt", dir="/tmp")
+    try:
+        pool_path, mnt = os.path.join(work, "pool"), os.path.join(work, "mnt")
+        os.mkdir(mnt)
+        with Pool.create(pool_path, data_size=64 * MiB, chunk_size=64 * 1024) as pool:
+            pool.create_thin(0, 8 * MiB).write(4096, b"hello")
+        m = MountCmd(pool_path, mnt, extra=("--read-only",))
+        try:
+            path = os.path.join(mnt, "0")
+            assert os.stat(path).st_mode & 0o777 == 0o444
+            with open(path, "rb") as f:
+                f.seek(4096)
+                assert f.read(5) == b"hello"
+            import errno
+
+            with pytest.raises(OSError) as ei:
+                open(path, "r+b")
+            assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        finally:
+            rc, out, err = m.stop()
+        assert rc == 0, err
+    finally:
+        for p in (os.path.join(work, "mnt"),):
             if is_mounted(p):
                 subprocess.run(["umount", "-l", p], check=False, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
