@@ -38,13 +38,12 @@ def test_entry_point_help_version_and_a_session(tmp_path: Path):
     assert thinpool("pool", "create", "--size", "16M", env=env).returncode == 0
     assert thinpool("thin", "create", "1", "--size", "1M", "--name", "v", env=env).returncode == 0
     assert thinpool("thin", "write", "v", "-", env=env, input=b"hello").returncode == 0
-    assert thinpool("thin", "read", "v", "--length", "5", env=env).stdout == b"hello"
     r = thinpool("thin", "create", "1", "--size", "1M", env=env)
     assert (r.returncode, r.stderr.decode()) == (5, "thinpool: error: device 1 already exists\n")
     r = thinpool("pool", "status", "--pool", tmp_path / "nope")
     assert (r.returncode, r.stderr.decode()) == (1, f"thinpool: error: no pool at {tmp_path / 'nope'}\n")
     r = thinpool("dump", env=env)
-    assert r.returncode == 0 and r.stdout.startswith(b"<superblock")
+    assert r.returncode == 0 and r.stdout.startswith(b"<superblock") and b"single_mapping" in r.stdout
 
 
 def test_quickstart_subprocess_is_rerunnable(tmp_path: Path):

@@ -97,7 +97,8 @@ def test_delta_equals_thin_delta(images, busy_pool: Path):
         for verbose in ([], ["--verbose"]):
             want = run_tool("thin_delta", *verbose, "--snap1", str(a), "--snap2", str(b), md).stdout
             assert ok("delta", *verbose, a, b, t).stdout == want, (t, a, b, verbose)
-            assert ok("delta", *verbose, "--snap1", a, "--snap2", b, t).stdout == want
+    want = run_tool("thin_delta", "--snap1", "1", "--snap2", "10", str(images["f4_refcount_multilevel"])).stdout
+    assert ok("delta", "--snap1", "1", "--snap2", "10", images["f4_refcount_multilevel"]).stdout == want
     md = str(busy_pool / "metadata")
     assert ok("delta", "-m", "--verbose", "vol", "snap", "--pool", busy_pool).stdout == \
         run_tool("thin_delta", "-m", "--verbose", "--snap1", "1", "--snap2", "2", md).stdout
@@ -123,7 +124,9 @@ def test_rmap_equals_thin_rmap(images, busy_pool: Path):
         for regions in RMAP_REGIONS:
             want = run_tool("thin_rmap", *[a for r in regions for a in ("--region", r)], md).stdout
             assert ok("rmap", *regions, t).stdout == want, (t, regions)
-            assert ok("rmap", *[a for r in regions for a in ("--region", r)], "--pool", t).stdout == want
+    want = run_tool("thin_rmap", "--region", "0..10", "--region", "3000..3500", str(images["f6_snapshots_5000"])).stdout
+    assert ok("rmap", "--region", "0..10", "--region", "3000..3500", "--pool", images["f6_snapshots_5000"]).stdout \
+        == want
 
 
 def test_rmap_errors(busy_pool: Path):
