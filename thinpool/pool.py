@@ -230,6 +230,25 @@ class Pool:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
+    def crash_close(self) -> None:
+        """Drop the pool as a crash would: release the files and the lock WITHOUT committing (tests, fault
+        injection). What was written since the last commit may or may not survive; committed state does."""
+        if self.closed:
+            return
+        self.closed = True
+        for close in (self.md.close, self.data.close):
+            try:
+                close()
+            except Exception:
+                pass
+        for o in self._origins.values():
+            if o is not None:
+                o.close()
+        self._origins.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def __enter__(self) -> Pool:
         return self
 

@@ -210,7 +210,10 @@ class ThinDevice:
         return len(k)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Make [offset, offset+length) read as zeros (whole chunks are unmapped where no origin shows)."""
+        """Make [offset, offset+length) read as zeros (whole chunks are unmapped where no origin shows).
+
+        Like a write, it is refused whole (NoDataSpace) before anything changes when the zeroing of partial (or,
+        over an external origin, any) chunks would need more data blocks than are free."""
         check_bounds(self.size, offset, length)
         if not length:
             return
@@ -223,13 +226,33 @@ class ThinDevice:
             if offset + length == self.size:
                 last = -(-self.size // ch)
             if has_origin or last <= first:
-                self._zero_range(offset, length)
-                return
-            self._zero_range(offset, min(first * ch, offset + length) - offset)
-            self._unmap(first, last)
-            tail = last * ch
-            if tail < offset + length:
-                self._zero_range(tail, offset + length - tail)
+                pieces = [(offset, length)]
+                unmap = None
+            else:
+                head = min(first * ch, offset + length) - offset
+                tail = last * ch
+                pieces = [(offset, head), (tail, offset + length - tail)]
+                unmap = (first, last)
+            need = sum(self._zero_need(o, n) for o, n in pieces if n > 0)
+            if need and not self.pool.md.data_sm.has_free(need):
+                self.pool.no_data_space(need)
+            for o, n in pieces:
+                if n > 0:
+                    self._zero_range(o, n)
+                if unmap is not None:
+                    self._unmap(*unmap)
+                    unmap = None
+
+    def _zero_need(self, offset: int, length: int) -> int:
+        """Data blocks ``_zero_range(offset, length)`` would allocate."""
+        md, ch = self.pool.md, self.chunk
+        has_origin = self.pool.external_origin(self.dev_id) is not None
+        need = 0
+        for c in range(offset // ch, (offset + length - 1) // ch + 1):
+            m = md.lookup(self.dev_id, c)
+            if (m is None and has_origin) or (m is not None and md.is_shared(self.dev_id, m[1])):
+                need += 1
+        return need
 
     def _zero_range(self, offset: int, length: int) -> None:
         md, ch = self.pool.md, self.chunk
