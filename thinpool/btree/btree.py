@@ -75,14 +75,15 @@ class BTree:
 
     def lookup(self, root: int, key: int) -> Any | None:
         node = self._read(root)
-        path = [root]
+        depth = 0
         while not node.is_leaf:
             i = bisect_right(node.keys, key) - 1
             if i < 0:
                 return None
-            child = node.values[i]
-            _check_descent(path, node.block, child)  # type: ignore[arg-type]
-            node = self._read(child)  # type: ignore[arg-type]
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, key)
+            node = self._read(node.values[i])  # type: ignore[arg-type]
         i = bisect_right(node.keys, key) - 1
         if i >= 0 and node.keys[i] == key:
             return node.values[i]
@@ -137,6 +138,18 @@ class BTree:
             node = self._read(node.values[-1])  # type: ignore[arg-type]
         return node.keys[-1] if node.keys else None
 
+    def _find_cycle(self, root: int, key: int) -> None:
+        """Slow path once a descent got deeper than any real tree: walk the original nodes from ``root`` towards
+        ``key`` again, tracking the path, and raise against the node whose child pointer closes the cycle. The
+        hot paths only count levels."""
+        node = self._read(root)
+        path = [root]
+        while not node.is_leaf:
+            i = max(bisect_right(node.keys, key) - 1, 0)
+            _check_descent(path, node.block, node.values[i])  # type: ignore[arg-type]
+            node = self._read(node.values[i])  # type: ignore[arg-type]
+        raise MetadataCorrupt(block=root, reason="btree too deep (cycle?)")
+
     def count(self, root: int) -> int:
         return sum(len(leaf.keys) for leaf in self.leaves(root))
 
@@ -176,14 +189,16 @@ class BTree:
         new_root = node.block
         if len(node.keys) >= node.max_entries:
             self._split_beneath(node)
-        path = [root]  # original (on-disk) blocks of the nodes descended through, for cycle detection
+        depth = 0
         while not node.is_leaf:
             keys = node.keys
             i = bisect_right(keys, key) - 1
             if i < 0:
                 i = 0
                 keys[0] = key
-            _check_descent(path, path[-1], node.values[i])  # type: ignore[arg-type]
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, key)
             child = self._shadow(node.values[i])  # type: ignore[arg-type]
             node.values[i] = child.block
             if len(child.keys) >= child.max_entries:
@@ -210,12 +225,14 @@ class BTree:
         subtree root in the top level of the mapping tree, without the overwrite's reference drop."""
         node = self._shadow(root)
         new_root = node.block
-        path = [root]
+        depth = 0
         while not node.is_leaf:
             i = bisect_right(node.keys, key) - 1
             if i < 0:
                 raise KeyError(key)
-            _check_descent(path, path[-1], node.values[i])  # type: ignore[arg-type]
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, key)
             child = self._shadow(node.values[i])  # type: ignore[arg-type]
             node.values[i] = child.block
             node = child
