@@ -408,7 +408,7 @@ def plan_geometry(size: int, block_size: int = 4096, inode_ratio: int | None = N
     """Choose the layout ``mkfs.ext2 -b 4096 -O none,filetype -I 128 -m 0`` makes for a device of ``size`` bytes.
 
     Like ``ext2fs_initialize``: 8 * block_size blocks per group; one inode per ``inode_ratio`` bytes (4 KiB below
-    512 MiB, 16 KiB above, as mke2fs.conf's "small" and "default" types), rounded up to fill whole inode table
+    512 MiB, 16 KiB up to 4 TiB, 32 KiB above, as mke2fs.conf's "small", "default" and "big" types), rounded up to fill whole inode table
     blocks; a last group too small for its metadata plus 50 blocks is dropped. Sparse superblock backups are used
     when there is more than one group.
     """
@@ -416,8 +416,8 @@ def plan_geometry(size: int, block_size: int = 4096, inode_ratio: int | None = N
 
     blocks_per_group = 8 * block_size
     nr_blocks = min(size // block_size, 2**32 - 1)
-    if inode_ratio is None:
-        inode_ratio = 4096 if size < 512 * 2**20 else 16384
+    if inode_ratio is None:  # mke2fs.conf usage types: small, default, big (>= 4 TiB)
+        inode_ratio = 4096 if size < 512 * 2**20 else 16384 if size < 4 * 2**40 else 32768
     inodes_per_block = block_size // inode_size
     while True:
         if nr_blocks < 16:

@@ -51,20 +51,20 @@ def mkfs(device: BlockDevice, *, label: str = "", uuid: bytes | None = None, ino
     for g in range(geo.nr_groups):
         _, bb, ib, it = geo.group_meta(g)
         groups.append(L.GroupDesc(bg_block_bitmap=bb, bg_inode_bitmap=ib, bg_inode_table=it,
-                                  bg_free_blocks_count=geo.group_nr_blocks(g),
+                                  bg_free_blocks_count=geo.group_nr_blocks(g) - geo.group_overhead(g),
                                   bg_free_inodes_count=geo.inodes_per_group))
+    sb.s_free_blocks_count = sum(gd.bg_free_blocks_count for gd in groups)
     fs = Filesystem(device, sb, groups)
     bpb = bs * 8
+    ibits = np.zeros(bpb, np.uint8)
+    ibits[geo.inodes_per_group:] = 1  # bits past the group's inodes are "in use" (as mke2fs pads)
+    inode_bitmap = np.packbits(ibits, bitorder="little")
     for g in range(geo.nr_groups):
-        nbits = geo.group_nr_blocks(g)
         bits = np.zeros(bpb, np.uint8)
-        bits[nbits:] = 1  # padding past the end of the last group is "in use"
+        bits[:geo.group_overhead(g)] = 1  # superblock copy, GDT, bitmaps, inode table
+        bits[geo.group_nr_blocks(g):] = 1  # padding past the end of the last group is "in use"
         fs.alloc.set_block_bitmap(g, np.packbits(bits, bitorder="little"))
-        ibits = np.zeros(bpb, np.uint8)
-        ibits[geo.inodes_per_group:] = 1
-        fs.alloc.set_inode_bitmap(g, np.packbits(ibits, bitorder="little"))
-        first = geo.group_first_block(g)
-        fs.alloc.mark_blocks_used(list(range(first, first + geo.group_overhead(g))))
+        fs.alloc.set_inode_bitmap(g, inode_bitmap.copy())
         _, _, _, it = geo.group_meta(g)
         _zero_mapped(device, it * bs, geo.inode_table_blocks * bs)
     for ino in range(1, L.FIRST_INO):
