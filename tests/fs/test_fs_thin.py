@@ -114,3 +114,20 @@ def test_snapshot_keeps_old_tree_and_only_touched_chunks_are_copied(tmp_path):
             _export(pool.device(i), img)
             e2fsck(img)
         assert _tree(Filesystem.mount(pool.device(1))) == new_tree
+
+
+def test_mkfs_on_a_thin_device_provisions_only_metadata_chunks(tmp_path):
+    with Pool.create(tmp_path / "pool", data_size=64 * MiB, chunk_size=CHUNK) as pool:
+        pool.create_thin(1, 2 * 2**30)  # 2 GiB virtual over a 64 MiB pool: inode tables are not written
+        fs = Filesystem.mkfs(pool.device(1))
+        s = fs.statfs()
+        assert s.nr_groups == 16
+        mapped = sum(n for _, n in pool.device(1).mapped_ranges())
+        # per group at most the chunk holding its bitmaps (+ the one with a superblock copy), plus the root dirs
+        assert mapped <= (2 * s.nr_groups + 4) * CHUNK
+        fs.write_file("/hello", b"world")
+        fs.flush()
+        assert Filesystem.mount(pool.device(1)).read_file("/hello") == b"world"
+        img = tmp_path / "thin.img"
+        _export(pool.device(1), img)
+        e2fsck(img)
