@@ -80,8 +80,9 @@ def require_pool(pool_path: str | None) -> str:
 
 
 def is_target(arg: str) -> bool:
-    """Whether a positional argument names an existing pool directory or metadata file (not a device id)."""
-    return os.path.isdir(arg) or os.path.isfile(arg) or os.path.exists(arg) and not arg.isdigit()
+    """Whether a positional argument names an existing pool directory or metadata file rather than a device id,
+    name or region: it must exist, and a bare number is always a device id (write ./7 for a file named 7)."""
+    return not arg.isdigit() and os.path.exists(arg)
 
 
 def metadata_path(target: str | None) -> str:
