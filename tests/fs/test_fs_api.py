@@ -272,3 +272,30 @@ def test_readonly_open_refuses_writes(dev, fs):
     with pytest.raises(FsError) as e:
         ro.write_file("/x", b"")
     assert e.value.errno == errno.EROFS
+
+
+def test_threads_sharing_one_filesystem(fs):
+    import threading
+
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            fs.mkdir(f"/t{t}")
+            for i in range(100):
+                fs.write_file(f"/t{t}/f{i}", bytes([t]) * (i * 97))
+                if i % 10 == 9:
+                    fs.unlink(f"/t{t}/f{i - 5}")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for t in range(4):
+        names = set(fs.listdir(f"/t{t}"))
+        assert len(names) == 90
+        assert fs.read_file(f"/t{t}/f99") == bytes([t]) * (99 * 97)

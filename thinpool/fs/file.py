@@ -47,6 +47,15 @@ class File:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        with self.fs.lock:
+            return self._read(size)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        memoryview(buf).cast("B")[:len(data)] = data
+        return len(data)
+
+    def _read(self, size: int) -> bytes:
         inode = self._inode()
         if not self.readable_:
             raise FsError(reason="file not open for reading", path=self.name, errno=_errno.EBADF)
@@ -60,6 +69,10 @@ class File:
         return self.read(-1)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self.fs.lock:
+            return self._write(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
         inode = self._inode()
         if not self.writable_:
             raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
@@ -89,6 +102,10 @@ class File:
         return self.pos
 
     def truncate(self, size: int | None = None) -> int:
+        with self.fs.lock:
+            return self._truncate(size)
+
+    def _truncate(self, size: int | None) -> int:
         inode = self._inode()
         if not self.writable_:
             raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)

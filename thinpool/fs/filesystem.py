@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
+import functools
 import struct
+import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +42,18 @@ from thinpool.io.device import BlockDevice
 MAX_LINKS = 65000  # EXT2_LINK_MAX
 MAX_SYMLINK_HOPS = 40
 _I_BLOCK_FMT = struct.Struct("<15I")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(fn: F) -> F:
+    """Run a public method under the file system's lock (callers may share one Filesystem between threads)."""
+    @functools.wraps(fn)
+    def wrapper(self: Filesystem, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def _now() -> int:
@@ -80,6 +94,7 @@ class Filesystem:
         self._sb_dirty = False
         self._backups_dirty = False
         self.closed = False
+        self.lock = threading.RLock()
 
     # ================================================================================================ creation
     @classmethod
@@ -123,6 +138,7 @@ class Filesystem:
         return fs
 
     # ================================================================================================ flush
+    @_locked
     def flush(self) -> None:
         """Write back every dirty inode, directory/indirect block, bitmap, group descriptor and the superblock, in
         that order, then flush the device (on a thin device this commits the pool)."""
@@ -132,6 +148,7 @@ class Filesystem:
             self._write_back()
             self.device.flush()
 
+    @_locked
     def close(self) -> None:
         """Flush and drop all in-core state (the device itself stays open)."""
         if not self.closed:
@@ -410,6 +427,7 @@ class Filesystem:
             raise FsError(reason="file system is closed")
 
     # ================================================================================================ public API
+    @_locked
     def exists(self, path: str) -> bool:
         try:
             self._lookup(path, follow=False)
@@ -417,18 +435,21 @@ class Filesystem:
             return False
         return True
 
+    @_locked
     def isdir(self, path: str) -> bool:
         try:
             return self._inode(self._lookup(path)).is_dir
         except (FileNotFound, NotADirectory):
             return False
 
+    @_locked
     def isfile(self, path: str) -> bool:
         try:
             return self._inode(self._lookup(path)).is_reg
         except (FileNotFound, NotADirectory):
             return False
 
+    @_locked
     def stat(self, path: str, *, follow_symlinks: bool = True) -> Stat:
         """Inode attributes of ``path`` (following a final symlink unless ``follow_symlinks`` is false)."""
         ino = self._lookup(path, follow_symlinks)
@@ -442,6 +463,7 @@ class Filesystem:
         return Stat(ino=ino, mode=i.i_mode, nlink=i.i_links_count, uid=i.uid, gid=i.gid, size=i.size,
                     atime=i.i_atime, mtime=i.i_mtime, ctime=i.i_ctime, blocks=i.i_blocks, blksize=self.block_size)
 
+    @_locked
     def scandir(self, path: str = "/") -> list[DirEntry]:
         """Entries of a directory except '.' and '..', in on-disk order."""
         ino = self._lookup(path)
@@ -462,6 +484,7 @@ class Filesystem:
         for d in dirs:
             yield from self.walk(path.rstrip("/") + "/" + d)
 
+    @_locked
     def mkdir(self, path: str, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False) -> None:
         """Create a directory (with ``parents``, also missing ancestors, like ``mkdir -p``).
 
@@ -504,6 +527,7 @@ class Filesystem:
             return
         self.mkdir(path, mode, parents=True)
 
+    @_locked
     def rmdir(self, path: str) -> None:
         """Remove an empty directory.
 
@@ -529,6 +553,7 @@ class Filesystem:
         self._dir_changed(parent, pinode)
         self._release_inode(ino, inode)
 
+    @_locked
     def unlink(self, path: str) -> None:
         """Remove a name of a non-directory; the inode goes when its last link does.
 
@@ -555,6 +580,7 @@ class Filesystem:
         if inode.i_links_count == 0:
             self._release_inode(ino, inode)
 
+    @_locked
     def link(self, src: str, dst: str) -> None:
         """Make ``dst`` another name of the non-directory ``src`` (a hard link)."""
         self._check_writable()
@@ -574,6 +600,7 @@ class Filesystem:
         inode.i_ctime = _now()
         self._touch(ino)
 
+    @_locked
     def symlink(self, target: str | bytes, path: str) -> None:
         """Create a symbolic link ``path`` -> ``target`` (inline "fast" symlink below 60 bytes)."""
         self._check_writable()
@@ -599,6 +626,7 @@ class Filesystem:
         self._dir(parent).add(name, ino, L.FT_SYMLINK)
         self._dir_changed(parent, self._inode(parent))
 
+    @_locked
     def readlink(self, path: str) -> str:
         ino = self._lookup(path, follow=False)
         inode = self._inode(ino)
@@ -615,6 +643,7 @@ class Filesystem:
             raise FsCorrupt(reason=f"inode {ino}: symlink of {inode.i_size} bytes", inode=ino)
         return self._read(ino, inode, 0, inode.i_size)
 
+    @_locked
     def rename(self, src: str, dst: str) -> None:
         """Move ``src`` to ``dst``, replacing a ``dst`` file or empty directory of compatible type (POSIX rules).
 
@@ -675,6 +704,7 @@ class Filesystem:
         self._dir_changed(sparent, spinode)
         self._dir_changed(dparent, dpinode)
 
+    @_locked
     def chmod(self, path: str, mode: int) -> None:
         self._check_writable()
         ino = self._lookup(path)
@@ -683,6 +713,7 @@ class Filesystem:
         inode.i_ctime = _now()
         self._touch(ino)
 
+    @_locked
     def chown(self, path: str, uid: int, gid: int) -> None:
         """Set owner and group (-1 leaves one unchanged); 32-bit ids use the Linux high halves."""
         self._check_writable()
@@ -695,6 +726,7 @@ class Filesystem:
         inode.i_ctime = _now()
         self._touch(ino)
 
+    @_locked
     def utime(self, path: str, times: tuple[int, int] | None = None) -> None:
         """Set (atime, mtime) in seconds, or both to now."""
         self._check_writable()
@@ -705,6 +737,7 @@ class Filesystem:
         inode.i_atime, inode.i_mtime, inode.i_ctime = int(atime) & 0xFFFFFFFF, int(mtime) & 0xFFFFFFFF, t
         self._touch(ino)
 
+    @_locked
     def statfs(self) -> StatFs:
         sb = self.sb
         return StatFs(block_size=self.block_size, nr_blocks=sb.s_blocks_count, free_blocks=sb.s_free_blocks_count,
@@ -713,6 +746,7 @@ class Filesystem:
                       nr_groups=len(self.groups))
 
     # --- files ----------------------------------------------------------------------------------------------------
+    @_locked
     def open(self, path: str, mode: str = "rb") -> File:
         """Open a regular file. Modes as Python's binary ``open``: r, w, a, x, with optional + (``b`` is implied).
 
@@ -753,14 +787,17 @@ class Filesystem:
         self._dir_changed(parent, self._inode(parent))
         return ino
 
+    @_locked
     def read_file(self, path: str) -> bytes:
         with self.open(path, "rb") as f:
             return f.read()
 
+    @_locked
     def write_file(self, path: str, data: bytes) -> None:
         with self.open(path, "wb") as f:
             f.write(data)
 
+    @_locked
     def truncate(self, path: str, size: int) -> None:
         self._check_writable()
         ino = self._lookup(path)
