@@ -196,3 +196,15 @@ def pool_release_metadata_snap(pool_path: str | None) -> None:
     with open_pool(pool_path) as p:
         p.release_metadata_snap()
         click.echo("metadata snapshot released")
+
+
+@pool.command("commit")
+@pool_option
+def pool_commit(pool_path: str | None) -> None:
+    """Commit the pool: data first, then the metadata (every command already commits when it finishes).
+
+    Example: thinpool pool commit
+    """
+    with open_pool(pool_path) as p:
+        p.commit()
+        click.echo(f"committed transaction {p.md.trans_id}", err=True)

@@ -332,3 +332,6 @@ def thin_flush(ref: str | None, pool_path: str | None) -> None:
             p.commit()
         click.echo(f"committed: transaction {p.md.trans_id}, {p.status().used_data_blocks} chunks used", err=True)
 
+
+
+thin.add_command(thin_list, "ls")  # STYLE.md's name for it

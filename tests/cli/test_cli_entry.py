@@ -94,7 +94,7 @@ def test_every_command_has_help(path: list[str]):
 
 
 MY_COMMANDS = ["pool create", "pool status", "pool resize", "pool set-transaction-id", "pool reserve-metadata-snap",
-               "pool release-metadata-snap", "thin create", "thin snap", "thin delete", "thin list", "thin write",
+               "pool release-metadata-snap", "pool commit", "thin create", "thin snap", "thin delete", "thin list", "thin ls", "thin write",
                "thin read", "thin import", "thin export", "thin flush", "check", "dump", "restore", "ls", "delta",
                "rmap", "map", "quickstart"]
 

@@ -193,3 +193,5 @@ def test_flush(pool: Path):
     r = ok("thin", "flush", "-p", pool)
     assert "committed" in r.stderr
     ok("thin", "flush", "1", "-p", pool)
+    assert "committed transaction" in ok("pool", "commit", "-p", pool).stderr
+    assert ok("thin", "ls", "-p", pool).stdout == ok("thin", "list", "-p", pool).stdout
