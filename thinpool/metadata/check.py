@@ -274,7 +274,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
     report.transaction_id = sb.trans_id
     report.needs_check = sb.needs_check
     nr_meta = max(sb.metadata_sm_root.nr_blocks, 1)
-    w = _Walker(store, report, max(nr_meta, store.nr_blocks))
+    w = _Walker(store, report, store.nr_blocks)
     report.metadata_blocks = sb.metadata_sm_root.nr_blocks
     report.data_blocks = sb.data_sm_root.nr_blocks
     if sb.incompat_flags:
@@ -282,6 +282,11 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
     if sb.metadata_sm_root.nr_blocks > store.nr_blocks:
         w.problem(f"metadata space map has {sb.metadata_sm_root.nr_blocks} blocks but the device only "
                   f"{store.nr_blocks}", 0)
+        return report  # sizes from a damaged superblock: counting against them is meaningless (and may not fit)
+    if sb.data_sm_root.nr_blocks > store.nr_blocks * E:
+        w.problem(f"data space map has {sb.data_sm_root.nr_blocks} blocks: more than {store.nr_blocks} metadata "
+                  "blocks of bitmaps can count", 0)
+        return report
     w.ref(0)
     view: Superblock = sb
     if sb.held_root:
