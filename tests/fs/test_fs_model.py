@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from thinpool.errors import DirectoryNotEmpty, FileExists, IsADirectory, NotADirectory
+from thinpool.errors import DirectoryNotEmpty, FileExists, FsError, IsADirectory, NotADirectory
 from thinpool.fs import Filesystem
 from thinpool.io.device import FileDevice
 
@@ -159,8 +160,9 @@ class Ext2Model(RuleBasedStateMachine):
         dst = self._join(d, name)
         if src in self.dirs and (dst == src or dst.startswith(src + "/")):
             if dst != src:
-                with pytest.raises(Exception):
+                with pytest.raises(FsError) as e:
                     self.fs.rename(src, dst)
+                assert e.value.errno == errno.EINVAL
             return
         if dst == src or (src in self.files and dst in self.files and self.files[src] == self.files[dst]):
             self.fs.rename(src, dst)
