@@ -27,6 +27,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("commit")),
     st.tuples(st.just("abort")),
     st.tuples(st.just("reopen")),
+    st.tuples(st.just("metasnap")),
 ), min_size=1, max_size=30)
 
 
@@ -37,7 +38,7 @@ def state_of(pmd: PoolMetadata) -> tuple:
         det = pmd.get_device(dev)
         devs[dev] = (k.tolist(), d.tolist(), t.tolist(), det.mapped_blocks, det.creation_time,
                      det.snapshotted_time, det.transaction_id)
-    return devs, pmd.time, pmd.trans_id, pmd.data_sm.counts.tolist()
+    return devs, pmd.time, pmd.trans_id, pmd.held_root, pmd.data_sm.counts.tolist()
 
 
 @settings(max_examples=25)
@@ -66,6 +67,12 @@ def test_reopen_after_commit_and_abort(ops, tmp_path_factory) -> None:
         elif kind == "commit":
             pmd.commit()
             committed = state_of(pmd)
+        elif kind == "metasnap":
+            if pmd.held_root:
+                pmd.release_metadata_snap()  # uncommitted until the next commit
+            else:
+                pmd.reserve_metadata_snap()  # commits
+                committed = state_of(pmd)
         elif kind == "abort":
             pmd.abort()
             assert state_of(pmd) == committed
