@@ -203,9 +203,7 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, a
 
     Example: thinpool thin import 3 disk.raw --name disk
     """
-    import bisect
-
-    import numpy as np
+    from thinpool.errors import OutOfBounds
 
     with open_pool(pool_path) as p:
         size = os.path.getsize(image)
@@ -214,47 +212,51 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, a
             p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)
         dev = p.device(_resolve(p, ref))
         if size > dev.size:
-            from thinpool.errors import OutOfBounds
-
             raise OutOfBounds(offset=0, length=size, size=dev.size)
-        ch, dev_size = dev.chunk, dev.size
-        written = 0
-        done: list[tuple[int, int]] = []  # chunk intervals [a, b) already made equal to the image
-        with open(image, "rb") as f, progress(f"importing into device {dev.dev_id}", size,
-                                              min_total=64 << 20) as bar:
-            fd = f.fileno()
-            next_chunk = 0
-            for start, end in _data_extents(fd, size):
-                first = max(start // ch, next_chunk)
-                last = -(-end // ch)
-                for c in range(first, last):
-                    lo, hi = c * ch, min((c + 1) * ch, dev_size)
-                    buf = os.pread(fd, min(hi, size) - lo, lo)
-                    if np.frombuffer(buf, dtype=np.uint8).any():
-                        dev.write(lo, buf + bytes(hi - lo - len(buf)))
-                        written += len(buf)
-                    elif p.md.lookup(dev.dev_id, c) is not None or p.external_origin(dev.dev_id):
-                        dev.write_zeroes(lo, hi - lo)
-                    bar.update(min(hi, size))
-                if last > first:
-                    done.append((first, last))
-                next_chunk = max(next_chunk, last)
-            # chunks that lie wholly in holes of the image (or beyond its end) must read as zeros too
-            starts = [a for a, _ in done]
-            k, _, _ = p.md.mappings(dev.dev_id)
-            for c in k.tolist():
-                i = bisect.bisect_right(starts, c) - 1
-                if i >= 0 and done[i][0] <= c < done[i][1]:
-                    continue
-                lo = c * ch
-                if lo < dev_size:
-                    dev.write_zeroes(lo, min(ch, dev_size - lo))
+        written = _import_image(p, dev, image, size)
         p.commit()
         mapped = dev.status()[0] * 512
     if as_json:
         echo_json({"dev_id": dev.dev_id, "image_size": size, "written": written, "mapped": mapped})
     else:
         click.echo(f"imported {size} bytes ({written} in non-zero chunks) into device {dev.dev_id}", err=True)
+
+
+def _import_image(p: Any, dev: Any, image: str, size: int) -> int:
+    """Make ``dev`` equal the raw ``image``: chunks with data are written, all-zero chunks and the image's holes
+    end up unmapped (or zeroed where an external origin shows). Returns the bytes written."""
+    import bisect
+
+    import numpy as np
+
+    ch, dev_size = dev.chunk, dev.size
+    written = 0
+    done: list[tuple[int, int]] = []  # chunk intervals [a, b) already made equal to the image
+    with open(image, "rb") as f, progress(f"importing into device {dev.dev_id}", size, min_total=64 << 20) as bar:
+        fd = f.fileno()
+        next_chunk = 0
+        for start, end in _data_extents(fd, size):
+            first, last = max(start // ch, next_chunk), -(-end // ch)
+            for c in range(first, last):
+                lo, hi = c * ch, min((c + 1) * ch, dev_size)
+                buf = os.pread(fd, min(hi, size) - lo, lo)
+                if np.frombuffer(buf, dtype=np.uint8).any():
+                    dev.write(lo, buf + bytes(hi - lo - len(buf)))
+                    written += len(buf)
+                elif p.md.lookup(dev.dev_id, c) is not None or p.external_origin(dev.dev_id):
+                    dev.write_zeroes(lo, hi - lo)
+                bar.update(min(hi, size))
+            if last > first:
+                done.append((first, last))
+            next_chunk = max(next_chunk, last)
+    # mapped chunks that lie wholly in holes of the image (or beyond its end) must read as zeros too
+    starts = [a for a, _ in done]
+    k, _, _ = p.md.mappings(dev.dev_id)
+    for c in k.tolist():
+        i = bisect.bisect_right(starts, c) - 1
+        if (i < 0 or not done[i][0] <= c < done[i][1]) and c * ch < dev_size:
+            dev.write_zeroes(c * ch, min(ch, dev_size - c * ch))
+    return written
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:

@@ -117,33 +117,41 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
         _clear_needs_check(target or pool_path or path, path)
         cleared = True
     if as_json:
-        echo_json({"ok": not failed, "transaction_id": report.transaction_id, "needs_check": report.needs_check,
-                   "needs_check_cleared": cleared, "metadata_blocks": report.metadata_blocks,
-                   "metadata_free_blocks": report.metadata_free_blocks, "data_blocks": report.data_blocks,
-                   "data_used_blocks": report.data_used_blocks, "devices": report.devices,
-                   "mappings": report.mappings,
-                   "errors": [_problem(p) for p in problems if p.fatal],
-                   "leaks": [_problem(p) for p in problems if not p.fatal and not p.warning],
-                   "warnings": [_problem(p) for p in problems if p.warning]})
+        echo_json(_check_json(report, problems, failed, cleared))
     elif not quiet:
-        err = click.get_text_stream("stderr")
-        last_step = 0 if super_block_only else 3
-        for i, title in enumerate(_STEPS[:last_step + 1]):
-            err.write(title + "\n")
-            here = [p for p in problems if _step(p.section) == i]
-            for p in here:
-                tag = "(warning) " if p.warning else "(leak) " if not p.fatal else ""
-                err.write(f"  {tag}{p}\n")
-            if i == 0 and not sb_problems:
-                click.echo(f"TRANSACTION_ID={report.transaction_id}")
-                click.echo(f"METADATA_FREE_BLOCKS={max(nr_blocks - 1, 0)}")
-            if any(p.fatal for p in here):
-                break  # as thin_check: later steps are not run once one finds errors
-        if cleared:
-            err.write("cleared needs_check flag\n")
-        err.flush()
+        _print_check(report, problems, 0 if super_block_only else 3, nr_blocks, cleared)
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _check_json(report: Any, problems: list[Any], failed: bool, cleared: bool) -> dict[str, Any]:
+    return {"ok": not failed, "transaction_id": report.transaction_id, "needs_check": report.needs_check,
+            "needs_check_cleared": cleared, "metadata_blocks": report.metadata_blocks,
+            "metadata_free_blocks": report.metadata_free_blocks, "data_blocks": report.data_blocks,
+            "data_used_blocks": report.data_used_blocks, "devices": report.devices, "mappings": report.mappings,
+            "errors": [_problem(p) for p in problems if p.fatal],
+            "leaks": [_problem(p) for p in problems if not p.fatal and not p.warning],
+            "warnings": [_problem(p) for p in problems if p.warning]}
+
+
+def _print_check(report: Any, problems: list[Any], last_step: int, nr_blocks: int, cleared: bool) -> None:
+    """thin_check 0.9.0's layout: steps on stderr with their problems indented, the two KEY=VALUE lines on stdout
+    once the superblock is good, and no further steps after one that found errors."""
+    err = click.get_text_stream("stderr")
+    for i, title in enumerate(_STEPS[:last_step + 1]):
+        err.write(title + "\n")
+        here = [p for p in problems if _step(p.section) == i]
+        for p in here:
+            tag = "(warning) " if p.warning else "(leak) " if not p.fatal else ""
+            err.write(f"  {tag}{p}\n")
+        if i == 0 and not here:
+            click.echo(f"TRANSACTION_ID={report.transaction_id}")
+            click.echo(f"METADATA_FREE_BLOCKS={max(nr_blocks - 1, 0)}")
+        if any(p.fatal for p in here):
+            break
+    if cleared:
+        err.write("cleared needs_check flag\n")
+    err.flush()
 
 
 def _problem(p: Any) -> dict[str, Any]:
@@ -239,63 +247,78 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     """
     import pathlib
 
-    from thinpool.errors import InvalidArgument
-    from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
-    from thinpool.metadata.pool_metadata import PoolMetadata
     from thinpool.metadata.restore import parse_xml
-    from thinpool.metadata.restore import restore as do_restore
-    from thinpool.pool import Pool, metadata_size_for
-    from thinpool.units import SECTOR_SIZE, check_data_block_size
+    from thinpool.pool import Pool
 
     ir = parse_xml(xml_path)
-    chunk = ir.data_block_size * SECTOR_SIZE
+    chunk = _validate_ir(ir)
+    pool_dir = os.path.isdir(output)
+    md_path = os.path.join(output, "metadata") if pool_dir else output
+    lock_fd = Pool._take_lock(pathlib.Path(output)) if pool_dir else None
+    try:
+        _restore_file(ir, chunk, md_path, force)
+        if pool_dir:
+            data = os.path.join(output, "data")
+            with open(data, "ab") as f:
+                if os.path.getsize(data) < ir.nr_data_blocks * chunk:
+                    f.truncate(ir.nr_data_blocks * chunk)
+            _write_restored_manifest(output, ir, chunk)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    if not quiet:
+        click.echo(f"restored {len(ir.devices)} device(s), transaction {ir.transaction}, to {md_path}", err=True)
+
+
+def _validate_ir(ir: Any) -> int:
+    """Everything restore could fail on after it started writing, checked first. Returns the chunk in bytes."""
+    from thinpool.errors import InvalidArgument
+    from thinpool.units import SECTOR_SIZE, check_data_block_size
+
+    chunk = int(ir.data_block_size) * SECTOR_SIZE
     check_data_block_size(chunk)
     for dev in ir.devices:
         _, data_blocks, _ = dev.arrays()
         if len(data_blocks) and int(data_blocks.max()) >= ir.nr_data_blocks:
             raise InvalidArgument(reason=f"device {dev.dev_id}: mapping beyond end of data device "
                                          f"({int(data_blocks.max())} >= {ir.nr_data_blocks})")
-    pool_dir = os.path.isdir(output)
-    md_path = os.path.join(output, "metadata") if pool_dir else output
-    lock_fd = Pool._take_lock(pathlib.Path(output)) if pool_dir else None
+    return chunk
+
+
+def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
+    """Build the metadata in memory (a failure leaves the target untouched), then write it, superblock last."""
+    from thinpool.errors import InvalidArgument
+    from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+    from thinpool.metadata.restore import restore as do_restore
+    from thinpool.pool import metadata_size_for
+
+    if os.path.exists(md_path):
+        if not force and _has_metadata(md_path):
+            raise click.UsageError(f"{md_path} already holds thin metadata: use --force to overwrite it")
+        probe = FileBlockStore(md_path, readonly=True)  # seeks to the end: works for block devices too
+        nr_blocks = probe.nr_blocks
+        probe.close()
+        if nr_blocks < 8:
+            raise InvalidArgument(reason=f"{md_path}: output file too small (need at least 32 KiB)")
+    else:
+        nr_blocks = metadata_size_for(max(ir.nr_data_blocks, 1) * chunk, chunk) // 4096
+    mem = MemoryBlockStore(nr_blocks)
+    do_restore(ir, mem)
+    if not os.path.exists(md_path):
+        with open(md_path, "wb") as f:
+            f.truncate(nr_blocks * 4096)
+    store = FileBlockStore(md_path)
     try:
-        if os.path.exists(md_path):
-            if not force and _has_metadata(md_path):
-                raise click.UsageError(f"{md_path} already holds thin metadata: use --force to overwrite it")
-            nr_blocks = FileBlockStore(md_path, readonly=True).nr_blocks
-            if nr_blocks < 8:
-                raise InvalidArgument(reason=f"{md_path}: output file too small (need at least 32 KiB)")
-        else:
-            nr_blocks = metadata_size_for(max(ir.nr_data_blocks, 1) * chunk, chunk) // 4096
-        mem = MemoryBlockStore(nr_blocks)
-        do_restore(ir, mem)  # in memory first: a failure leaves the target untouched
-        if not os.path.exists(md_path):
-            with open(md_path, "wb") as f:
-                f.truncate(nr_blocks * 4096)
-        store = FileBlockStore(md_path)
-        try:
-            for b in sorted(mem.blocks):
-                if b:
-                    store.write_block(b, mem.blocks[b])
-            store.sync()
-            store.write_block(0, mem.blocks[0])  # the superblock last
-            store.sync()
-        finally:
-            store.close()
-        if pool_dir:
-            data = os.path.join(output, "data")
-            want = ir.nr_data_blocks * chunk
-            with open(data, "ab") as f:
-                if os.path.getsize(data) < want:
-                    f.truncate(want)
-        PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
+        for b in sorted(mem.blocks):
+            if b:
+                store.write_block(b, mem.blocks[b])
+        store.sync()
+        store.write_block(0, mem.blocks[0])
+        store.sync()
     finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
-    if pool_dir:
-        _write_restored_manifest(output, ir, chunk)
-    if not quiet:
-        click.echo(f"restored {len(ir.devices)} device(s), transaction {ir.transaction}, to {md_path}", err=True)
+        store.close()
+    PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
 
 
 def _write_restored_manifest(pool_dir: str, ir: Any, chunk: int) -> None:
