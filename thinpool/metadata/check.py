@@ -292,6 +292,12 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
     if sb.held_root:
         w.section = "metadata snapshot"
         buf = w.raw(sb.held_root, BlockType.SUPERBLOCK, "metadata snapshot superblock")
+        if buf is not None:
+            try:  # the same validation as reading through the snapshot (magic, sizes)
+                PoolMetadata.read_superblock(store, sb.held_root)
+            except MetadataError as e:
+                w.problem(f"metadata snapshot superblock: {e}", sb.held_root)
+                buf = None
         if buf is not None and use_metadata_snap:
             from thinpool.formats.superblock import parse_superblock
             held = parse_superblock(buf, sb.held_root)
