@@ -164,3 +164,31 @@ def test_snapshot_1m_device(benchmark, big_pool, tmp_path) -> None:
         ratio = _results["snapshot of a 1M-mapping device"] / empty
         benchmark.extra_info["ratio_vs_empty"] = round(ratio, 3)
         print(f"  snapshot 1M / snapshot empty (medians): {ratio:.2f}x")
+
+
+def _snap_commit_bench(benchmark, big_pool: Path, tmp_path: Path, origin: int, name: str) -> None:
+    """create_snap followed by commit (the durable operation: details + top-level leaves, space maps, 2 fsyncs)."""
+    work = tmp_path / "sc.bin"
+    work.write_bytes(big_pool.read_bytes())
+    pmd = PoolMetadata.open(FileBlockStore(work))
+    ids = iter(range(1000, 100_000))
+
+    def run():
+        pmd.create_snap(next(ids), origin)
+        pmd.commit()
+
+    benchmark.pedantic(run, rounds=40, iterations=1, warmup_rounds=3)
+    _report(benchmark, name, 1)
+
+
+def test_snapshot_commit_empty_device(benchmark, big_pool, tmp_path) -> None:
+    _snap_commit_bench(benchmark, big_pool, tmp_path, 2, "snapshot+commit of an empty device")
+
+
+def test_snapshot_commit_1m_device(benchmark, big_pool, tmp_path) -> None:
+    _snap_commit_bench(benchmark, big_pool, tmp_path, 1, "snapshot+commit of a 1M-mapping device")
+    empty = _results.get("snapshot+commit of an empty device")
+    if empty:
+        ratio = _results["snapshot+commit of a 1M-mapping device"] / empty
+        benchmark.extra_info["ratio_vs_empty"] = round(ratio, 3)
+        print(f"  snapshot+commit 1M / empty (medians): {ratio:.2f}x")
