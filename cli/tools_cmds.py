@@ -766,7 +766,7 @@ def _leaves_unseen(pmd: Any, root: int, seen: set[int]) -> Iterator[tuple[Any, A
         if node.is_leaf:
             if node.nr_entries:
                 keys = np.frombuffer(node.keys, dtype="<u8").astype(np.int64)
-                vals = (np.frombuffer(node.values, dtype="<u8") >> np.uint64(24)).astype(np.int64)
+                vals = (np.frombuffer(node.values, dtype="<u8") >> np.uint64(24)).astype(np.int64)  # type: ignore[arg-type]
                 yield keys, vals
         else:
             stack.extend(reversed([int(v) for v in node.values]))

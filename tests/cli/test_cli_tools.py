@@ -232,6 +232,8 @@ def test_restore_into_a_pool_directory(busy_pool: Path, tmp_path: Path):
     fresh.mkdir()
     ok("restore", "-i", xml, "-o", fresh)
     assert ok("dump", fresh).stdout == xml.read_text()
+    need_tool("thin_check")
+    assert run_tool("thin_check", str(fresh / "metadata"), check=False).returncode == 0
     names = {d["dev_id"] for d in json.loads(ok("thin", "list", "--json", "-p", fresh).stdout)}
     assert names == {1, 2, 5}
     ok("thin", "write", "1", "-", "-p", fresh, input=b"again")  # the restored pool is usable
