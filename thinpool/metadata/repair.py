@@ -1,0 +1,233 @@
+"""Salvage damaged pool metadata into fresh metadata (thin_repair's job; never in place).
+
+Layer: metadata. May import: errors, units, checksum, formats, io, btree.node, metadata.pool_metadata.
+
+``repair(src, dst)`` reads what it can from ``src`` without trusting it: the superblock (its checksum may be bad if
+the fields still make sense), the device-details tree, the top-level mapping tree and each device's mapping tree.
+Every node is validated as on a normal read (checksum, self block number, flags, sizes, key order); a node that
+fails is skipped with its subtree, as are pointers out of range, cycles, keys outside their parent's range and
+mappings to data blocks beyond the data device. Space maps are never read: ``dst`` is formatted fresh and every
+salvaged device is rebuilt through ``PoolMetadata.build_device``, which recounts the data references; the metadata
+space map counts the new trees. Data blocks mapped by more than one device must be copied on the next write, so
+such devices get a snapshotted_time newer than every mapping (a damaged time could otherwise let a write
+overwrite shared data in place). The held metadata snapshot is not carried over.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from thinpool.btree.node import decode_node
+from thinpool.errors import InvalidArgument, MetadataCorrupt, MetadataError, StoreIOError
+from thinpool.formats.device_details import TIME_MASK, DeviceDetails, parse_device_details
+from thinpool.formats.superblock import THIN_SUPERBLOCK_MAGIC, Superblock, parse_superblock
+from thinpool.io.block_store import BlockStore, FileBlockStore
+from thinpool.metadata.pool_metadata import PoolMetadata
+from thinpool.units import MAX_DEV_ID
+
+MAX_DEPTH = 12
+
+
+@dataclass
+class RepairReport:
+    devices: int = 0  # devices written to the new metadata
+    mappings: int = 0  # mappings written
+    dropped_devices: list[int] = field(default_factory=list)  # in the details tree but without a mapping tree
+    skipped_blocks: int = 0  # unreadable / invalid nodes skipped (with their subtrees)
+    dropped_mappings: int = 0  # entries dropped (out of range, out of order, beyond the data device)
+    problems: list[str] = field(default_factory=list)
+    transaction_id: int = 0
+    data_blocks: int = 0
+
+    def note(self, msg: str) -> None:
+        if len(self.problems) < 200:
+            self.problems.append(msg)
+
+
+class _Salvager:
+    def __init__(self, src: BlockStore, report: RepairReport) -> None:
+        self.src = src
+        self.report = report
+
+    def walk(self, root: int, leaf_vs: int, what: str) -> tuple[np.ndarray, list[bytes] | np.ndarray]:
+        """Every (key, value) of the tree at ``root`` that can be read, in key order, unique keys."""
+        keys: list[int] = []
+        vals: list[object] = []
+        seen: set[int] = set()
+        # (block, depth, lo, hi): keys of the subtree must lie in [lo, hi)
+        stack: list[tuple[int, int, int, int | None]] = [(root, 0, 0, None)]
+        while stack:
+            b, depth, lo, hi = stack.pop()
+            if b in seen:
+                self.report.skipped_blocks += 1
+                self.report.note(f"{what}: block {b} reached twice (cycle or shared child): skipped")
+                continue
+            seen.add(b)
+            if depth > MAX_DEPTH:
+                self.report.skipped_blocks += 1
+                self.report.note(f"{what}: tree deeper than {MAX_DEPTH} at block {b}: skipped")
+                continue
+            if not 0 < b < self.src.nr_blocks:
+                self.report.skipped_blocks += 1
+                self.report.note(f"{what}: pointer {b} out of range: skipped")
+                continue
+            try:
+                node = decode_node(self.src.read_block(b), b, leaf_vs)
+            except (MetadataError, StoreIOError) as e:
+                self.report.skipped_blocks += 1
+                self.report.note(f"{what}: {e}")
+                continue
+            nk = list(node.keys)
+            if node.is_leaf:
+                for k, v in zip(nk, node.values):
+                    if k < lo or (hi is not None and k >= hi):
+                        self.report.dropped_mappings += 1
+                        continue
+                    keys.append(k)
+                    vals.append(v)
+            else:
+                # push right to left so the leaves come out in key order
+                for i in range(len(nk) - 1, -1, -1):
+                    c_lo = max(lo, nk[i])
+                    c_hi = nk[i + 1] if i + 1 < len(nk) else hi
+                    if hi is not None and c_hi is not None:
+                        c_hi = min(c_hi, hi)
+                    if c_hi is not None and c_lo >= c_hi:
+                        continue
+                    stack.append((int(node.values[i]), depth + 1, c_lo, c_hi))  # type: ignore[arg-type]
+        # leaves come out in order when the tree is sane; enforce strictly increasing keys regardless
+        if not keys:
+            return np.zeros(0, dtype=np.uint64), []
+        k_arr = np.array(keys, dtype=np.uint64)
+        order = np.argsort(k_arr, kind="stable")
+        k_arr = k_arr[order]
+        keep = np.ones(len(k_arr), dtype=bool)
+        keep[1:] = k_arr[1:] != k_arr[:-1]
+        self.report.dropped_mappings += int(np.count_nonzero(~keep))
+        sel = order[keep]
+        return k_arr[keep], [vals[i] for i in sel.tolist()]  # type: ignore[misc]
+
+
+def _superblock(src: BlockStore, report: RepairReport) -> Superblock:
+    buf = src.read_block(0)
+    try:
+        return PoolMetadata.read_superblock(src)
+    except MetadataError as e:
+        report.note(f"superblock: {e}")
+    # a bad checksum alone is survivable if the fields still make sense
+    try:
+        sb = parse_superblock(buf, 0)
+    except MetadataError as e:
+        raise MetadataCorrupt(block=0, reason=f"superblock unreadable, nothing to salvage from: {e}") from e
+    if sb.magic != THIN_SUPERBLOCK_MAGIC or sb.data_block_size < 128 or sb.data_block_size % 128 or \
+            sb.data_block_size > 2097152:
+        raise MetadataCorrupt(block=0, reason="superblock unreadable (bad magic or data block size): nothing to "
+                                              "salvage from")
+    report.note("superblock checksum ignored: its fields are plausible")
+    return sb
+
+
+def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = None) -> RepairReport:
+    """Salvage ``src`` into freshly formatted metadata on ``dst`` (which must be a different store)."""
+    if src is dst:
+        raise InvalidArgument(reason="repair never works in place: give a different destination")
+    report = RepairReport()
+    sb = _superblock(src, report)
+    nr_data = nr_data_blocks or sb.data_sm_root.nr_blocks
+    sal = _Salvager(src, report)
+    # devices: the top level of the mapping tree decides; details are used where readable
+    top_k, top_v = sal.walk(sb.data_mapping_root, 8, "mapping tree (top level)")
+    det_k, det_v = sal.walk(sb.device_details_root, 24, "device details")
+    details: dict[int, DeviceDetails] = {}
+    for k, v in zip(det_k.tolist(), det_v):
+        try:
+            details[int(k)] = parse_device_details(v)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a 24-byte value always parses; be safe with damaged data
+            report.dropped_mappings += 1
+    devices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    max_mapped = -1
+    for dev, root in zip(top_k.tolist(), top_v):
+        if dev > MAX_DEV_ID:
+            report.note(f"device id {dev} out of range: dropped")
+            continue
+        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")  # type: ignore[arg-type]
+        vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
+        db = vals >> np.uint64(24)
+        t = vals & np.uint64(TIME_MASK)
+        devices[int(dev)] = (k, db, t)
+        if len(db):
+            max_mapped = max(max_mapped, int(db.max()))
+    if not nr_data or nr_data > src.nr_blocks * 16320:
+        report.note(f"data space map size {nr_data} implausible: using the highest mapped block")
+        nr_data = max_mapped + 1
+    nr_data = max(nr_data, 1)
+    report.dropped_devices = sorted(set(details) - set(devices))
+    # drop mappings beyond the data device, clamp times to the pool time
+    pool_time = sb.time
+    for dev, (k, db, t) in list(devices.items()):
+        ok = db < np.uint64(nr_data)
+        report.dropped_mappings += int(np.count_nonzero(~ok))
+        t = np.minimum(t[ok], np.uint64(pool_time))
+        devices[dev] = (k[ok], db[ok], t)
+    # shared data blocks: the next write by any device mapping one must copy it, so those devices get a
+    # snapshotted_time newer than all their (clamped) mapping times
+    all_db = np.concatenate([db for _, db, _ in devices.values()]) if devices else np.zeros(0, np.uint64)
+    sharers: set[int] = set()
+    if len(all_db):
+        uniq, counts = np.unique(all_db, return_counts=True)
+        shared = uniq[counts > 1]
+        if len(shared):
+            sharers = {dev for dev, (_, db, _) in devices.items() if np.isin(db, shared).any()}
+    new_time = pool_time
+    if sharers:
+        if pool_time >= TIME_MASK:
+            raise MetadataCorrupt(block=0, reason="pool time at its 24-bit limit: cannot mark shared data safely")
+        new_time = pool_time + 1
+    md = PoolMetadata.format(dst, data_block_size=sb.data_block_size, nr_data_blocks=nr_data)
+    md.time = new_time
+    for dev in sorted(devices):
+        k, db, t = devices[dev]
+        d = details.get(dev)
+        creation = min(d.creation_time, pool_time) if d is not None else pool_time
+        snapped = min(d.snapshotted_time, pool_time) if d is not None else pool_time
+        if dev in sharers:
+            snapped = new_time
+        trans = d.transaction_id if d is not None else sb.trans_id
+        md.build_device(dev, k, db, t, DeviceDetails(len(k), trans, creation, snapped))
+        report.mappings += len(k)
+    md.trans_id = sb.trans_id
+    md.commit()
+    report.devices = len(devices)
+    report.transaction_id = sb.trans_id
+    report.data_blocks = nr_data
+    return report
+
+
+def repair_file(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[str], *,
+                nr_data_blocks: int | None = None) -> RepairReport:
+    """Repair the metadata file ``src_path`` into ``dst_path`` (created with src's size when missing)."""
+    src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
+    if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
+        raise InvalidArgument(reason="repair never works in place: give a different destination")
+    src = FileBlockStore(src_path, readonly=True)
+    try:
+        if not os.path.exists(dst_path):
+            with open(dst_path, "wb") as f:
+                f.truncate(src.nr_blocks * 4096)
+        dst = FileBlockStore(dst_path)
+        try:
+            if dst.nr_blocks < 16:
+                raise InvalidArgument(reason=f"destination {dst_path} too small ({dst.nr_blocks} blocks)")
+            zero = bytes(4096)
+            dst.write_block(0, zero)  # whatever was there is no longer a superblock until the new one lands
+            dst.sync()
+            return repair(src, dst, nr_data_blocks=nr_data_blocks)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
