@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from thinpool.errors import InvalidArgument
+from thinpool.formats.device_details import TIME_MASK
 from thinpool.io.device import check_bounds
 
 if TYPE_CHECKING:
@@ -141,50 +142,87 @@ class ThinDevice:
         snap = md.devices[self.dev_id].snapshotted_time
         return (last - first + 1) - len(k) + int(np.count_nonzero(t < snap))
 
+    def _lookup_range(self, first: int, last: int) -> dict[int, tuple[int, int]]:
+        """{thin block: (data block, time)} for the mapped chunks in [first, last]."""
+        md = self.pool.md
+        if first == last:
+            m = md.lookup(self.dev_id, first)
+            return {} if m is None else {first: m}
+        return {k: (v >> 24, v & TIME_MASK)
+                for k, v in md.mapping.items(md.device_root(self.dev_id), first, last + 1)}
+
     def _write(self, offset: int, view: memoryview) -> None:
+        """One lookup pass over the range, a space check for the whole write, then the data: pwrites of
+        physically contiguous pieces are coalesced (an overwrite of a run of sequentially allocated chunks is one
+        pwrite). New mappings are inserted only after their data is written; if writing fails, the blocks
+        allocated for it are released."""
         pool, md, ch, dev = self.pool, self.pool.md, self.chunk, self.dev_id
-        first, last = offset // ch, (offset + len(view) - 1) // ch
-        if last > first:
-            need = self._needs_alloc(first, last)
+        end = offset + len(view)
+        first, last = offset // ch, (end - 1) // ch
+        snap_time = md.devices[dev].snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
+        if first == last:  # fast path: an overwrite inside one provisioned, unshared chunk
+            m = md.lookup(dev, first)
+            if m is not None and m[1] >= snap_time:
+                pool.data.pwrite(m[0] * ch + offset - first * ch, view)
+                return
+            mapped = {} if m is None else {first: m}
         else:
-            m0 = md.lookup(dev, first)
-            need = 0 if m0 is not None and not md.is_shared(dev, m0[1]) else 1
+            mapped = self._lookup_range(first, last)
+        need = 0
+        for c in range(first, last + 1):
+            m = mapped.get(c)
+            if m is None or m[1] < snap_time:
+                need += 1
         if need and not md.data_sm.has_free(need):
             pool.no_data_space(need)
-        pos, end = offset, offset + len(view)
-        while pos < end:
-            c = pos // ch
-            o = pos - c * ch
-            n = min(ch - o, end - pos)
-            piece = view[pos - offset:pos - offset + n]
-            m = md.lookup(dev, c)
-            if m is not None and not md.is_shared(dev, m[1]):
-                pool.data.pwrite(m[0] * ch + o, piece)  # overwrite in place
-            else:
-                db = pool.alloc_data_block()
-                try:
-                    if n == ch:
-                        pool.data.pwrite(db * ch, piece)
-                    elif m is not None:  # break sharing: copy the whole chunk, patch, write once
-                        buf = bytearray(pool.data.pread(m[0] * ch, ch))
-                        buf[o:o + n] = piece
-                        pool.data.pwrite(db * ch, buf)
-                        pool.stats["cow_copies"] += 1
-                    else:
-                        origin = pool.external_origin(dev)
-                        if origin is not None and c * ch < origin.size:
-                            buf = bytearray(origin.read_at(c * ch, ch))
-                            buf[o:o + n] = piece
-                            pool.data.pwrite(db * ch, buf)
+        data = pool.data
+        inserts: list[tuple[int, int]] = []
+        run_file = run_start = run_end = -1  # a pending coalesced pwrite of view[run_start:run_end]
+        try:
+            for c in range(first, last + 1):
+                cs = c * ch
+                o = offset - cs if c == first else 0
+                vstart = cs + o - offset
+                n = min(ch - o, end - cs - o)
+                m = mapped.get(c)
+                if m is not None and m[1] >= snap_time:
+                    file_off = m[0] * ch + o  # overwrite in place
+                else:
+                    db = pool.alloc_data_block()
+                    inserts.append((c, db))
+                    file_off = db * ch + o
+                    if n != ch:
+                        buf = None
+                        if m is not None:  # break sharing: copy the whole chunk, patch, write once
+                            buf = bytearray(data.pread(m[0] * ch, ch))
+                            pool.stats["cow_copies"] += 1
                         else:
-                            if pool.zero_blocks:
-                                pool.data.punch(db * ch, ch)
-                            pool.data.pwrite(db * ch + o, piece)
-                except BaseException:
-                    md.data_sm.dec(db)  # the data write failed: give the block back (no leak)
-                    raise
-                md.insert(dev, c, db)
-            pos += n
+                            origin = pool.external_origin(dev)
+                            if origin is not None and cs < origin.size:
+                                buf = bytearray(origin.read_at(cs, ch))
+                            elif pool.zero_blocks:
+                                data.punch(db * ch, ch)
+                        if buf is not None:
+                            buf[o:o + n] = view[vstart:vstart + n]
+                            if run_file >= 0:
+                                data.pwrite(run_file, view[run_start:run_end])
+                                run_file = -1
+                            data.pwrite(db * ch, buf)
+                            continue
+                if run_file >= 0 and file_off == run_file + (run_end - run_start) and vstart == run_end:
+                    run_end += n
+                    continue
+                if run_file >= 0:
+                    data.pwrite(run_file, view[run_start:run_end])
+                run_file, run_start, run_end = file_off, vstart, vstart + n
+            if run_file >= 0:
+                data.pwrite(run_file, view[run_start:run_end])
+        except BaseException:
+            for _, db in inserts:  # nothing maps them yet: give them back
+                md.data_sm.dec(db)
+            raise
+        for c, db in inserts:
+            md.insert(dev, c, db)
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap the whole chunks inside [offset, offset+length) (per the pool's discard mode)."""

@@ -586,3 +586,47 @@ def test_status_fields(tmp_path: Path) -> None:
     with Pool.open(path, readonly=True) as pool:
         assert pool.status().mode == "ro"
         assert pool.status().transaction_id == tid
+
+
+def test_failed_data_write_maps_nothing_and_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data-file error in the middle of a multi-chunk write: no chunk of it gets a new mapping (no mapping to
+    unwritten data), the blocks allocated for it are released, and the metadata stays exact."""
+    from thinpool.errors import StoreIOError
+
+    path = tmp_path / "pool"
+    with Pool.create(path, data_size=32 * CH) as pool:
+        dev = pool.create_thin(1, 16 * CH)
+        dev.write(0, pattern(CH, 1))
+        pool.commit()
+        real = pool.data.pwrite
+        calls = []
+
+        def flaky(off: int, data: bytes) -> None:
+            calls.append(off)
+            if len(calls) == 1:  # the three new chunks are contiguous: one coalesced pwrite
+                raise StoreIOError(what="data", op="write", reason="injected")
+            real(off, data)
+
+        monkeypatch.setattr(pool.data, "pwrite", flaky)
+        with pytest.raises(StoreIOError):
+            dev.write(4 * CH + 100, pattern(3 * CH, 2))  # partial head chunk, whole chunk, partial tail chunk
+        monkeypatch.setattr(pool.data, "pwrite", real)
+        assert used(pool) == 1
+        assert [data_block(pool, 1, c) for c in range(4, 8)] == [None] * 4
+        assert dev.read(0, CH) == pattern(CH, 1)
+        pool.commit()
+    check_pool(path)
+
+
+def test_sequential_overwrite_is_coalesced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks provisioned in order sit contiguously in the data file; an overwrite across them is one pwrite."""
+    with Pool.create(tmp_path / "pool", data_size=64 * CH) as pool:
+        dev = pool.create_thin(1, 32 * CH)
+        dev.write(0, pattern(16 * CH, 1))
+        assert [data_block(pool, 1, c) for c in range(16)] == list(range(16))
+        real = pool.data.pwrite
+        calls: list[tuple[int, int]] = []
+        monkeypatch.setattr(pool.data, "pwrite", lambda off, d: (calls.append((off, len(d))), real(off, d)))
+        dev.write(100, pattern(16 * CH - 200, 2))
+        assert calls == [(100, 16 * CH - 200)]
+        assert dev.read(0, 16 * CH) == pattern(100, 1) + pattern(16 * CH - 200, 2) + pattern(16 * CH, 1)[-100:]
