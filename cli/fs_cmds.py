@@ -110,20 +110,24 @@ def fs_ls(dev: str, path: str, long: bool, show_all: bool, pool_path: str | None
             entries = [(n, f.lstat(f"{base}/{n}")) for n in sorted(names)]
         else:
             entries = [(path, st)]
-        if as_json:
-            echo_json([{"name": n, "ino": s.ino, "mode": oct(s.mode), "nlink": s.nlink, "uid": s.uid,
-                        "gid": s.gid, "size": s.size, "mtime": s.mtime} for n, s in entries])
-        elif long:
-            rows = []
-            for n, s in entries:
-                name = n + (f" -> {f.readlink((path.rstrip('/') + '/' + n) if st.is_dir else n)}"
-                            if s.is_symlink else "")
-                rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, s.size, _when(s.mtime), name))
-            table(None, ["mode", "links", "uid", "gid", "size", "modified", "name"], rows,
-                  right=["links", "uid", "gid", "size"])
-        else:
-            for n, s in entries:
-                click.echo(n + ("/" if s.is_dir else ""))
+        _render_ls(f, path, st.is_dir, entries, long, as_json)
+
+
+def _render_ls(f: Any, path: str, is_dir: bool, entries: list[tuple[str, Any]], long: bool, as_json: bool) -> None:
+    if as_json:
+        echo_json([{"name": n, "ino": s.ino, "mode": oct(s.mode), "nlink": s.nlink, "uid": s.uid,
+                    "gid": s.gid, "size": s.size, "mtime": s.mtime} for n, s in entries])
+    elif long:
+        rows = []
+        for n, s in entries:
+            full = path.rstrip("/") + "/" + n if is_dir else n
+            name = n + (f" -> {f.readlink(full)}" if s.is_symlink else "")
+            rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, s.size, _when(s.mtime), name))
+        table(None, ["mode", "links", "uid", "gid", "size", "modified", "name"], rows,
+              right=["links", "uid", "gid", "size"])
+    else:
+        for n, s in entries:
+            click.echo(n + ("/" if s.is_dir else ""))
 
 
 @fs.command("tree")
@@ -191,25 +195,30 @@ def fs_put(dev: str, src: str, dst: str, pool_path: str | None) -> None:
         if src != "-" and f.isdir(dst):
             dst = dst.rstrip("/") + "/" + os.path.basename(os.path.normpath(src))
         if src != "-" and os.path.isdir(src):
-            nr, total = 0, 0
-            for root, dirs, files in os.walk(src):
-                rel = os.path.relpath(root, src)
-                target = dst if rel == "." else dst.rstrip("/") + "/" + rel.replace(os.sep, "/")
-                f.mkdir(target, parents=True)
-                for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-                    local = os.path.join(root, name)
-                    if os.path.islink(local):
-                        f.symlink(os.readlink(local), f"{target}/{name}")
-                    else:
-                        total += _put_file(f, local, f"{target}/{name}")
-                    nr += 1
+            nr, total = _put_tree(f, src, dst)
             click.echo(f"put {nr} file(s), {total} bytes into {dst}")
         elif src != "-" and os.path.islink(src):
             f.symlink(os.readlink(src), dst)
             click.echo(f"put symlink {dst}")
         else:
-            n = _put_file(f, src, dst)
-            click.echo(f"put {n} bytes into {dst}")
+            click.echo(f"put {_put_file(f, src, dst)} bytes into {dst}")
+
+
+def _put_tree(f: Any, src: str, dst: str) -> tuple[int, int]:
+    """Copy a local directory tree (files, directories, symlinks) to ``dst``; returns (entries, bytes)."""
+    nr, total = 0, 0
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        target = dst if rel == "." else dst.rstrip("/") + "/" + rel.replace(os.sep, "/")
+        f.mkdir(target, parents=True)
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            local = os.path.join(root, name)
+            if os.path.islink(local):
+                f.symlink(os.readlink(local), f"{target}/{name}")
+            else:
+                total += _put_file(f, local, f"{target}/{name}")
+            nr += 1
+    return nr, total
 
 
 def _get_file(f: Any, src: str, dst: str) -> int:
@@ -251,22 +260,28 @@ def fs_get(dev: str, src: str, dst: str, pool_path: str | None) -> None:
             return
         if dst == "-":
             raise click.BadParameter("cannot write a directory to stdout", param_hint="DST")
-        nr, total = 0, 0
-        for root, _dirs, files in f.walk(src):
-            rel = root[len(src.rstrip("/")):].lstrip("/")
-            local_dir = os.path.join(dst, rel) if rel else dst
-            os.makedirs(local_dir, exist_ok=True)
-            for name in files:
-                p = root.rstrip("/") + "/" + name
-                local = os.path.join(local_dir, name)
-                if f.lstat(p).is_symlink:
-                    if os.path.lexists(local):
-                        os.unlink(local)
-                    os.symlink(f.readlink(p), local)
-                else:
-                    total += _get_file(f, p, local)
-                nr += 1
+        nr, total = _get_tree(f, src, dst)
         click.echo(f"got {nr} file(s), {total} bytes into {dst}")
+
+
+def _get_tree(f: Any, src: str, dst: str) -> tuple[int, int]:
+    """Copy the tree under ``src`` out to local ``dst``; returns (entries, bytes)."""
+    nr, total = 0, 0
+    for root, _dirs, files in f.walk(src):
+        rel = root[len(src.rstrip("/")):].lstrip("/")
+        local_dir = os.path.join(dst, rel) if rel else dst
+        os.makedirs(local_dir, exist_ok=True)
+        for name in files:
+            p = root.rstrip("/") + "/" + name
+            local = os.path.join(local_dir, name)
+            if f.lstat(p).is_symlink:
+                if os.path.lexists(local):
+                    os.unlink(local)
+                os.symlink(f.readlink(p), local)
+            else:
+                total += _get_file(f, p, local)
+            nr += 1
+    return nr, total
 
 
 @fs.command("cat")
