@@ -52,9 +52,9 @@ def quickstart(directory: str, png: bool) -> None:
     with Pool.create(directory, data_size=64 << 20, chunk_size=chunk) as p:
         click.echo(f"pool {directory}: {p.md.nr_data_blocks} chunks of 64KiB, nothing allocated")
 
-        step(f"thinpool thin create 1 --size 16M --name vol --pool {directory}")
-        vol = p.create_thin(1, 16 << 20, name="vol")
-        click.echo("device 1 (vol): 16MiB virtual, 0 bytes allocated")
+        step(f"thinpool thin create 1 --size 4M --name vol --pool {directory}")
+        vol = p.create_thin(1, 4 << 20, name="vol")
+        click.echo("device 1 (vol): 4MiB virtual (64 chunks), 0 bytes allocated")
 
         step(f"thinpool thin write vol demo.bin --pool {directory}      # 256 KiB of 'A' at offset 0")
         vol.write(0, b"A" * (4 * chunk))

@@ -972,7 +972,7 @@ def draw_png(path: str, maps: dict[int, list[dict[str, Any]]], inputs: dict[int,
 
     ids = list(maps)
     width = max([inputs[d][1] for d in ids] + [ch])
-    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.5 * len(ids)), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.45 * len(ids)), dpi=100)
     for row, d in enumerate(ids):
         bars: dict[str, list[tuple[float, float]]] = {k: [] for k in COLOURS}
         for e in maps[d]:
@@ -981,17 +981,16 @@ def draw_png(path: str, maps: dict[int, list[dict[str, Any]]], inputs: dict[int,
             bars[kind].append((e["start"] / ch, e["length"] / ch))
         for kind, spans in bars.items():
             if spans:
-                ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=COLOURS[kind], edgecolor="white", linewidth=0.3)
+                ax.broken_barh(spans, (row - 0.4, 0.8), facecolors=COLOURS[kind], linewidth=0)
     ax.set_yticks(range(len(ids)))
     ax.set_yticklabels([f"{d} {inputs[d][0]}" if inputs[d][0] != str(d) else str(d) for d in ids])
     ax.set_xlim(0, width / ch)
     ax.set_ylim(len(ids) - 0.5, -0.5)
     ax.set_xlabel(f"virtual chunk ({ch // 1024} KiB each)")
-    ax.set_title("thin device block map")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="upper right", fontsize="small",
-              ncol=4)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.set_title("thin device block map", loc="left")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="lower right",
+              bbox_to_anchor=(1.0, 1.0), fontsize="small", ncol=4, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
