@@ -62,6 +62,13 @@ def test_quickstart_subprocess_is_rerunnable(tmp_path: Path):
     assert run_tool("thin_check", str(demo / "metadata"), check=False).returncode == 0
 
 
+def test_quickstart_in_process(tmp_path: Path):
+    r = ok("quickstart", tmp_path / "demo", "--no-png")
+    assert "vol reads b'BBBB'..., vol-snap still reads b'AAAA'..." in r.stdout
+    assert "  1 320KiB     64KiB 256KiB " in r.stdout  # thin_ls-style: the overwrite made one chunk exclusive
+    assert not (tmp_path / "demo" / "map.png").exists()
+
+
 def test_quickstart_refuses_a_foreign_directory(tmp_path: Path):
     d = tmp_path / "mine"
     d.mkdir()
