@@ -149,6 +149,9 @@ class _Walker:
         node = self.visited[b]
         if node is None:
             return False
+        if node.is_leaf and node.value_size != vs:  # a block already walked as part of another kind of tree
+            self.problem(f"value size mismatch: expected {vs}, but got {node.value_size}", b)
+            return False
         keys = np.frombuffer(node.keys.tobytes(), dtype="<u8")
         if not is_root and len(keys) < node.max_entries // 3:
             self.problem(f"too few entries in btree_node: {len(keys)}, expected at least {node.max_entries // 3}", b)
@@ -177,6 +180,8 @@ class _Walker:
         node = self.visited.get(b)
         if b in path or node is None:
             return node is not None
+        if node.is_leaf and node.value_size != vs:
+            return False
         if node.is_leaf:
             leaves.append((np.frombuffer(node.keys.tobytes(), dtype="<u8"), node))
             return True
