@@ -369,8 +369,14 @@ class PoolMetadata:
 
     def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(thin_blocks, data_blocks, times) of the device's mappings in [lo, hi), as numpy arrays."""
-        k, v = self.mapping.arrays(self.device_root(dev_id), lo, hi)
-        return k, v >> np.uint64(24), v & np.uint64(TIME_MASK)
+        root = self.device_root(dev_id)
+        k, v = self.mapping.arrays(root, lo, hi)
+        d = v >> np.uint64(24)
+        if len(d) and self.data_sm.nr_blocks and int(d.max()) >= self.data_sm.nr_blocks:
+            i = int(np.argmax(d >= np.uint64(self.data_sm.nr_blocks)))
+            raise MetadataCorrupt(block=root, reason=f"device {dev_id} block {int(k[i])} maps to data block "
+                                                     f"{int(d[i])} beyond the data device")
+        return k, d, v & np.uint64(TIME_MASK)
 
     def iter_mappings(self, dev_id: int) -> Iterator[tuple[int, int, int]]:
         for k, v in self.mapping.items(self.device_root(dev_id)):
