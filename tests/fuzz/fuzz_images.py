@@ -20,7 +20,7 @@ from thinpool import checksum
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt, MetadataError
 from thinpool.formats.btree_node import NODE_HEADER_SIZE
-from thinpool.btree.node import decode_node
+from thinpool.btree.node import decode_node  # noqa: F401 (re-exported for tests)
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 
