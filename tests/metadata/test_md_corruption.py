@@ -266,3 +266,33 @@ def test_garbage_blocks_never_escape_as_untyped_errors(pool) -> None:
             with pytest.raises(MetadataCorrupt):
                 exercise(path)
             assert not check_metadata(FileBlockStore(path, readonly=True)).ok
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("field,offset,fmt,value", [
+    ("data_mapping_root", 0x140, "<Q", 10**12),
+    ("data_mapping_root", 0x140, "<Q", 2**64 - 1),
+    ("device_details_root", 0x148, "<Q", 5000),
+    ("device_details_root", 0x148, "<Q", 0),
+    ("metadata sm nr_blocks", 0xC0, "<Q", 2**40),
+    ("metadata sm bitmap_root", 0xC0 + 16, "<Q", 10**9),
+    ("data sm nr_blocks", 0x40, "<Q", 2**40),
+    ("data sm bitmap_root", 0x40 + 16, "<Q", 7777),
+    ("data sm ref_count_root", 0x40 + 24, "<Q", 2**63),
+    ("metadata_snap", 0x38, "<Q", 10**6),
+])
+def test_bad_superblock_pointers(pool, field, offset, fmt, value) -> None:
+    """Superblock fields pointing nowhere (checksum re-stamped): a typed error, never an untyped one or a
+    giant allocation; the checker reports a problem too."""
+    path, _ = pool
+    buf = read_block(path, 0)
+    struct.pack_into(fmt, buf, offset, value)
+    checksum.stamp(buf, BlockType.SUPERBLOCK)
+    write_block(path, 0, buf)
+    with pytest.raises(MetadataCorrupt) as ei:
+        exercise(path)
+        if field == "metadata_snap":
+            PoolMetadata.open(FileBlockStore(path), readonly=True, use_metadata_snap=True)
+    assert ei.value.block is not None
+    report = check_metadata(FileBlockStore(path, readonly=True))
+    assert not report.ok

@@ -208,3 +208,40 @@ def test_checker_metadata_snapshot_sharing_leaves(tmp_path, nr_devs) -> None:
     assert report.problems == [] and report.devices == nr_devs
     h.release()
     h.verify()
+
+
+@pytest.mark.timeout(300)
+def test_three_level_shared_tree_rebalancing(tmp_path) -> None:
+    """A 100k-mapping device (three-level tree) snapshotted; most of the snapshot's mappings removed in random
+    order (merges and redistributions of shared internal nodes and leaves, root collapse) while the origin keeps
+    changing; then the origin is deleted. Real tools and our checker after each phase."""
+    path = tmp_path / "deep.bin"
+    pmd = new_pool_file(path, nr_meta_blocks=8192, nr_data_blocks=300_000)
+    n = 100_000
+    keys = np.arange(n, dtype=np.uint64)
+    pmd.build_device(1, keys, keys + np.uint64(11), np.zeros(n, dtype=np.uint64))
+    root = pmd.device_root(1)
+    assert not pmd.tm.read_node(int(pmd.tm.read_node(root, 8).values[0]), 8).is_leaf  # three levels
+    pmd.create_snap(2, 1)
+    pmd.commit()
+    rng = np.random.default_rng(9)
+    gone = rng.permutation(n)[:97_000].tolist()
+    for i, t in enumerate(gone):
+        assert pmd.remove(2, t)
+        if i % 3 == 0:
+            pmd.insert(1, n + i, pmd.alloc_data_block())
+        if i % 20_000 == 0:
+            pmd.commit()
+    pmd.commit()
+    left = sorted(set(range(n)) - set(gone))
+    k, d, t = pmd.mappings(2)
+    assert k.tolist() == left and d.tolist() == [x + 11 for x in left]
+    assert pmd.get_device(1).mapped_blocks == n + len(range(0, 97_000, 3))
+    mine = our_dump(pmd)
+    assert check_metadata(FileBlockStore(path, readonly=True)).problems == []
+    assert_real_tools_agree(path, mine)
+    pmd.delete_thin(1)
+    pmd.commit()
+    report = check_metadata(FileBlockStore(path, readonly=True))
+    assert report.problems == [] and report.data_used_blocks == 3000
+    assert_real_tools_agree(path, our_dump(pmd))
