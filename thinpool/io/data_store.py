@@ -4,6 +4,10 @@ Layer: io. May import: thinpool.errors.
 
 pread/pwrite, not mmap: a full host disk must stay a clean error (ENOSPC from pwrite), where a store through mmap
 would turn it into SIGBUS. Counts every byte written so benchmarks can report write amplification.
+
+Known holes: the store remembers which chunks are holes (scanned once with SEEK_DATA/SEEK_HOLE at the first
+punch, then kept up to date by pwrite and punch), so zeroing a newly provisioned chunk that is still a hole (the
+common case: a fresh sparse file, or a chunk punched by discard passdown) costs no fallocate call.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
+
+import numpy as np
 
 from thinpool.errors import NoDataSpace, StoreIOError
 
@@ -38,6 +44,29 @@ class DataStore:
         self.bytes_written = 0
         self.bytes_read = 0
         self.punched = 0
+        self.punches_skipped = 0
+        self._holes: np.ndarray | None = None  # per chunk: known to be a hole (None: not scanned yet)
+
+    def _scan_holes(self) -> np.ndarray:
+        """Which chunks of the file are holes, from SEEK_DATA / SEEK_HOLE (all unknown -> not a hole)."""
+        ch = self.chunk_bytes
+        size = self.size
+        holes = np.ones(-(-size // ch), dtype=bool)
+        pos = 0
+        try:
+            while pos < size:
+                try:
+                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break
+                    raise
+                end = os.lseek(self.fd, start, os.SEEK_HOLE)
+                holes[start // ch:-(-end // ch)] = False
+                pos = end
+        except OSError:
+            holes[:] = False  # no SEEK_DATA support: assume nothing is a hole
+        return holes
 
     @property
     def size(self) -> int:
@@ -54,6 +83,9 @@ class DataStore:
         return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._holes is not None and len(data):
+            ch = self.chunk_bytes
+            self._holes[offset // ch:(offset + len(data) - 1) // ch + 1] = False
         try:
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
@@ -65,8 +97,21 @@ class DataStore:
         self.bytes_written += n
 
     def punch(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros: a hole where the filesystem can, written zeros elsewhere."""
+        if length <= 0:
+            return
+        ch = self.chunk_bytes
+        if self._holes is None:
+            self._holes = self._scan_holes()
+        first, end = -(-offset // ch), (offset + length) // ch  # chunks wholly inside the range
+        aligned = offset % ch == 0 and length % ch == 0
+        if aligned and end <= len(self._holes) and self._holes[first:end].all():
+            self.punches_skipped += 1
+            return
         if punch_hole(self.fd, offset, length):
             self.punched += length
+            if end > first:
+                self._holes[first:end] = True
         else:
             self.pwrite(offset, bytes(length))
 
@@ -77,10 +122,17 @@ class DataStore:
             raise StoreIOError(what=self.path, op="fdatasync", reason=e.strerror or str(e)) from e
 
     def resize(self, size: int) -> None:
+        old = self.size
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise StoreIOError(what=self.path, op="resize", reason=e.strerror or str(e)) from e
+        if self._holes is not None:
+            n = -(-size // self.chunk_bytes)
+            if size > old and old % self.chunk_bytes == 0:  # the grown part is a hole
+                self._holes = np.concatenate([self._holes[:n], np.ones(n - len(self._holes), dtype=bool)])
+            else:
+                self._holes = None  # rescan at the next punch
 
     def close(self) -> None:
         if self.fd >= 0:
