@@ -373,3 +373,37 @@ class FaultyDataStore:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def parse_fault_spec(spec: str) -> FaultPlan:
+    """A plan from a debug option: ``KIND@N[,tear][,persistent][,land][,meta|,data]``, e.g. ``power_cut@120,tear``
+    or ``eio@7,persistent``; N counts the writes and syncs from the moment the plan is installed."""
+    head, *opts = [s.strip() for s in spec.split(",") if s.strip()]
+    kind, _, at = head.partition("@")
+    if kind not in FAULT_KINDS or not at.isdigit() or int(at) < 1:
+        raise ValueError(f"fault spec {spec!r}: use KIND@N with KIND one of {', '.join(FAULT_KINDS)} and N >= 1")
+    plan = FaultPlan(at=int(at), kind=kind)
+    for o in opts:
+        if o == "tear":
+            plan.tear = True
+        elif o == "persistent":
+            plan.persistent = True
+        elif o == "land":
+            plan.lose = "none"
+        elif o in ("meta", "data"):
+            plan.stores = ("metadata",) if o == "meta" else ("data",)
+        else:
+            raise ValueError(f"fault spec {spec!r}: unknown option {o!r}")
+    return plan
+
+
+def install(pool: Any, plan: FaultPlan) -> FaultPlan:
+    """Put an open Pool's metadata store and data file behind fault-injecting stores (debug option, tests).
+    Writes pending at that moment are none: call after a commit. Event numbers count from here."""
+    if plan.at is not None:
+        plan.at += plan.events
+    meta = FaultyBlockStore(pool.md.store, plan)
+    pool.md.store = meta
+    pool.md.tm.store = meta
+    pool.data = FaultyDataStore(pool.data, plan)
+    return plan
