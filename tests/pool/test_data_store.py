@@ -43,3 +43,27 @@ def test_punch_skips_known_holes_and_zeroes_written_chunks(tmp_path: Path) -> No
     ds.punch(100, CH)
     assert ds.pread(0, 2 * CH) == b"a" * 100 + bytes(CH) + b"a" * (CH - 100)
     ds.close()
+
+
+def test_copy_inside_the_file(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    path = tmp_path / "data"
+    path.write_bytes(b"")
+    ds = DataStore(str(path), CH)
+    ds.resize(8 * CH)
+    ds.punch(4 * CH, CH)  # scan: all holes
+    src = bytes(range(256)) * (CH // 256)
+    ds.pwrite(CH, src)
+    ds.copy(CH, 4 * CH, CH)
+    assert ds.pread(4 * CH, CH) == src
+    ds.punch(4 * CH, CH)  # the copy made chunk 4 data: the punch is real
+    assert ds.pread(4 * CH, CH) == bytes(CH)
+
+    def no_cfr(*a: object) -> int:
+        raise OSError(38, "Function not implemented")  # ENOSYS: fall back to pread + pwrite
+
+    monkeypatch.setattr(os, "copy_file_range", no_cfr)
+    ds.copy(CH, 6 * CH, CH)
+    assert ds.pread(6 * CH, CH) == src
+    ds.close()

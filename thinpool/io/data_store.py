@@ -96,6 +96,30 @@ class DataStore:
             raise StoreIOError(what=self.path, op="write", reason="short write")
         self.bytes_written += n
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy [src, src+length) to dst inside the file (copy_file_range: in the kernel, no round trip through
+        Python; pread + pwrite where the filesystem cannot). The ranges must not overlap."""
+        if self._holes is not None and length:
+            ch = self.chunk_bytes
+            self._holes[dst // ch:(dst + length - 1) // ch + 1] = False
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(self.fd, self.fd, length - done, src + done, dst + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoDataSpace(f"host filesystem full while writing {self.path}") from e
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise StoreIOError(what=self.path, op="copy", reason=e.strerror or str(e)) from e
+        if done < length:  # no copy_file_range here (or EOF inside the range): copy the rest by hand
+            self.pwrite(dst + done, self.pread(src + done, length - done))
+        else:
+            self.bytes_written += length
+            self.bytes_read += length
+
     def punch(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros: a hole where the filesystem can, written zeros elsewhere."""
         if length <= 0:
