@@ -196,13 +196,19 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        free = len(self._buf) - self._end
-        if free < 65536 or self._start + self._want > len(self._buf):
+        buf = self._buf
+        if len(buf) - self._end < 65536 or self._start + self._want > len(buf):
             avail = self._end - self._start
-            size = max(_MIN_BUFFER, self._want + 65536, avail + 65536)
-            if size != len(self._buf) or self._start:
-                new = bytearray(size)
-                new[:avail] = self._buf[self._start:self._end]
+            need = max(self._want, avail) + 65536
+            if need <= len(buf):
+                # compact in place (same length: allowed even while a view of the buffer exists)
+                if self._start:
+                    buf[:avail] = buf[self._start:self._end]
+                    self._start, self._end = 0, avail
+            else:
+                # grow; room for two requests so that pipelined large writes rarely need a compaction
+                new = bytearray(max(_MIN_BUFFER, 2 * need))
+                new[:avail] = buf[self._start:self._end]
                 self._buf = new
                 self._start, self._end = 0, avail
         return memoryview(self._buf)[self._end:]
