@@ -5,7 +5,9 @@ Layer: cli. May import: click, thinpool (the library only inside the commands).
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import click
 from thinpool_cli.output import echo_json, kv_table, table
@@ -101,17 +103,43 @@ def pool_create(path: str | None, pool_path: str | None, size: int, chunk_size: 
     if size % chunk_size:
         raise click.BadParameter(f"data size {size} bytes is not a multiple of the chunk size ({chunk_size} bytes)",
                                  param_hint="'--size'")
-    if metadata_size is not None and (metadata_size % 4096 or metadata_size < 64 * 1024):
-        raise click.BadParameter(f"metadata size {metadata_size} bytes: must be a multiple of 4k and >= 64k",
-                                 param_hint="'--metadata-size'")
-    with Pool.create(target, data_size=size, chunk_size=chunk_size, metadata_size=metadata_size, zero=not no_zero,
-                     discard=discard, no_space="error" if error_if_no_space else "queue",
-                     low_water_mark=low_water_mark) as p:
+    # the data space map alone needs one 4 KiB bitmap per 16320 chunks, plus index and tree blocks
+    min_metadata = max(64 * 1024, (-(-(size // chunk_size) // 16320) + 64) * 4096)
+    if metadata_size is not None and (metadata_size % 4096 or metadata_size < min_metadata):
+        raise click.BadParameter(f"metadata size {metadata_size} bytes: must be a multiple of 4k and at least "
+                                 f"{min_metadata} bytes for {size // chunk_size} chunks", param_hint="'--metadata-size'")
+    with _undo_on_failure(target):
+        p = Pool.create(target, data_size=size, chunk_size=chunk_size, metadata_size=metadata_size,
+                        zero=not no_zero, discard=discard, no_space="error" if error_if_no_space else "queue",
+                        low_water_mark=low_water_mark)
+    with p:
         if as_json:
             show_status(p, True)
         else:
             click.echo(f"created pool {target}: {size // chunk_size} chunks of {chunk_size // 1024}KiB, "
                        f"{p.md.nr_metadata_blocks} metadata blocks")
+
+
+@contextmanager
+def _undo_on_failure(target: str) -> Iterator[None]:
+    """Remove what a failed pool creation left behind (files it made, the directory if it made it)."""
+    existed = os.path.isdir(target)
+    before = set(os.listdir(target)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if os.path.isdir(target):
+            for name in set(os.listdir(target)) - before:
+                try:
+                    os.unlink(os.path.join(target, name))
+                except OSError:
+                    pass
+            if not existed:
+                try:
+                    os.rmdir(target)
+                except OSError:
+                    pass
+        raise
 
 
 @pool.command("status")

@@ -62,6 +62,20 @@ def test_bad_chunk_size(tmp_path: Path, chunk: str):
     assert repr(chunk) in r.stderr
 
 
+def test_metadata_too_small_for_the_data(tmp_path: Path):
+    r = fails(2, "pool", "create", tmp_path / "p", "--size", "1T", "--metadata-size", "1M")
+    assert "at least" in r.stderr
+    assert not (tmp_path / "p").exists()
+    st = json.loads(ok("pool", "create", tmp_path / "p", "--size", "1T", "--metadata-size", "5M", "--json").stdout)
+    assert st["total_metadata_blocks"] == 1280
+
+
+def test_create_under_a_file_fails_cleanly(tmp_path: Path):
+    (tmp_path / "f").write_text("x")
+    fails(1, "pool", "create", tmp_path / "f" / "p", "--size", "8M")
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_create_over_existing_pool_changes_nothing(pool: Path):
     ok("thin", "create", "1", "--size", "1M", "-p", pool)
     before = fingerprint(pool)
