@@ -107,7 +107,8 @@ def pool_create(path: str | None, pool_path: str | None, size: int, chunk_size: 
     min_metadata = max(64 * 1024, (-(-(size // chunk_size) // 16320) + 64) * 4096)
     if metadata_size is not None and (metadata_size % 4096 or metadata_size < min_metadata):
         raise click.BadParameter(f"metadata size {metadata_size} bytes: must be a multiple of 4k and at least "
-                                 f"{min_metadata} bytes for {size // chunk_size} chunks", param_hint="'--metadata-size'")
+                                 f"{min_metadata} bytes for {size // chunk_size} chunks",
+                                 param_hint="'--metadata-size'")
     with _undo_on_failure(target):
         p = Pool.create(target, data_size=size, chunk_size=chunk_size, metadata_size=metadata_size,
                         zero=not no_zero, discard=discard, no_space="error" if error_if_no_space else "queue",
