@@ -171,3 +171,33 @@ def test_freed_blocks_not_reused_before_commit(tmp_path) -> None:
         pmd.data_sm.dec(b)
     pmd.commit()
     assert check_metadata(FileBlockStore(path, readonly=True)).problems == []
+
+
+def test_metadata_full_then_abort(tmp_path) -> None:
+    """Filling a tiny metadata device raises NoMetadataSpace (typed); the disk still holds the last commit; after
+    abort the pool is usable again and passes the real thin_check."""
+    from md_helpers import real_thin_check
+
+    from thinpool.errors import NoMetadataSpace
+    path = tmp_path / "p.bin"
+    pmd = new_pool_file(path, nr_meta_blocks=40, nr_data_blocks=100_000)
+    pmd.create_thin(1)
+    pmd.commit()
+    committed = our_dump(pmd)
+    t = 0
+    with pytest.raises(NoMetadataSpace):
+        for _ in range(100):
+            for _ in range(500):
+                pmd.insert(1, t, pmd.alloc_data_block())
+                t += 1
+            pmd.commit()
+            committed = our_dump(pmd)
+    assert t > 500
+    assert our_dump_file(path) == committed
+    assert check_metadata(FileBlockStore(path, readonly=True)).problems == []
+    pmd.abort()
+    assert our_dump(pmd) == committed
+    pmd.create_thin(2)
+    pmd.commit()
+    assert check_metadata(FileBlockStore(path, readonly=True)).problems == []
+    real_thin_check(path)
