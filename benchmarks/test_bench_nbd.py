@@ -84,9 +84,13 @@ def servers():
         procs.append(subprocess.Popen(["nbdkit", "-f", "-U", ref, "memory", f"size={SIZE}"]))
         _wait_socket(ref, procs[-1])
         uris = {"thinpool": f"nbd+unix:///?socket={ours}", "nbdkit-memory": f"nbd+unix:///?socket={ref}"}
+        pids = {"thinpool": procs[0].pid, "nbdkit-memory": procs[1].pid}
         thin = _start_thin_server(tmp, procs)
         if thin:
             uris["thinpool-thin"] = thin
+            pids["thinpool-thin"] = procs[-1].pid
+        SERVER_PIDS.clear()
+        SERVER_PIDS.update(pids)
         yield uris
     finally:
         for p in procs:
@@ -108,6 +112,14 @@ def _start_thin_server(tmp: str, procs: list) -> str | None:
                                    "--socket", sock], stdout=subprocess.DEVNULL))
     _wait_socket(sock, procs[-1])
     return f"nbd+unix:///0?socket={sock}"
+
+
+SERVER_PIDS: dict[str, int] = {}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_fio(uri: str, args: list[str]) -> dict:
@@ -152,3 +164,30 @@ def test_fio_nbd(benchmark, servers, workload):
               f"ratio {ratio:.2f}x")
         assert ours["iops"] > 0
     assert ref["iops"] > 0
+
+
+@pytest.mark.parametrize("iodepth", [1, 16])
+def test_server_cpu_per_request(benchmark, servers, iodepth):
+    """Server-process CPU time (user+sys from /proc) per 4 KiB random write, for a fixed number of requests.
+
+    Less sensitive to a busy machine than IOPS: it counts the work each server does per request."""
+    n = int(os.environ.get("THINPOOL_BENCH_CPU_IOS", "50000"))
+    result: dict[str, dict] = {}
+
+    def run_all():
+        for name, uri in servers.items():
+            pid = SERVER_PIDS[name]
+            c0, t0 = _cpu_seconds(pid), time.monotonic()
+            cmd = ["fio", "--name=cpu", "--ioengine=nbd", f"--uri={uri}", f"--size={SIZE}", "--rw=randwrite",
+                   "--bs=4k", f"--iodepth={iodepth}", f"--number_ios={n}", "--io_size=100G", "--output-format=json"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            c1, t1 = _cpu_seconds(pid), time.monotonic()
+            result[name] = {"cpu_us_per_req": round((c1 - c0) / n * 1e6, 2), "iops_wall": round(n / (t1 - t0))}
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    ref = result["nbdkit-memory"]
+    benchmark.extra_info.update({"iodepth": iodepth, **{k.replace("-", "_"): v for k, v in result.items()}})
+    print(f"\nQD{iodepth} server CPU per 4k write: " + ", ".join(
+        f"{k} {v['cpu_us_per_req']} us ({v['iops_wall']} IOPS, {v['iops_wall'] / ref['iops_wall']:.2f}x)"
+        for k, v in result.items()))
