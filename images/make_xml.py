@@ -35,8 +35,8 @@ def f6() -> str:
     for i in range(5000):
         d = i if i < 3000 else 3000 + (i * 7919) % 2000  # a range, then a scrambled permutation of 3000..4999
         origin.append((i, d, 0))
-    out = ['<superblock uuid="" time="5" transaction="6" flags="0" version="2" data_block_size="128" '
-           'nr_data_blocks="20000">']
+    out = [('<superblock uuid="" time="5" transaction="6" flags="0" version="2" data_block_size="128" '
+            'nr_data_blocks="20000">')]
     _device(out, 1, 1, 0, 5, origin)
     nxt = 5000
     for k in range(2, 7):
@@ -54,8 +54,8 @@ def f7() -> str:
     """400 devices (ids 0, 3, 6, ...): a details tree and a top-level mapping tree with internal nodes; every
     fifth device is empty (the C++ restore shares one empty leaf among them: a metadata ref-count tree entry);
     60000 data blocks = 4 data bitmaps."""
-    out = ['<superblock uuid="" time="3" transaction="400" flags="0" version="2" data_block_size="256" '
-           'nr_data_blocks="60000">']
+    out = [('<superblock uuid="" time="3" transaction="400" flags="0" version="2" data_block_size="256" '
+            'nr_data_blocks="60000">')]
     nxt = 0
     for i in range(400):
         dev = 3 * i

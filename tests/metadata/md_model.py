@@ -6,7 +6,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from md_helpers import THIN_CHECK_STEPS, new_pool_file, our_dump, our_dump_file, real_thin_dump, run_tool, need_tool
+from md_helpers import (
+    THIN_CHECK_STEPS,
+    need_tool,
+    new_pool_file,
+    our_dump,
+    our_dump_file,
+    real_thin_dump,
+    run_tool,
+)
 
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata

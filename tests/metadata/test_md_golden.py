@@ -4,7 +4,14 @@ passes the real thin_check and the real thin_dump prints exactly our dump."""
 from __future__ import annotations
 
 import pytest
-from md_helpers import IMAGE_NAMES, IMAGES, assert_real_tools_agree, our_dump, real_thin_check, unpack_image
+from md_helpers import (
+    IMAGE_NAMES,
+    IMAGES,
+    assert_real_tools_agree,
+    our_dump,
+    real_thin_check,
+    unpack_image,
+)
 
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata

@@ -5,7 +5,6 @@ several bitmaps and still passes the real thin_check."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from md_helpers import new_pool_file, real_thin_check

@@ -4,8 +4,6 @@ are not reused before the commit."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from hypothesis import given, settings

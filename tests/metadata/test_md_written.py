@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from md_helpers import (assert_real_tools_agree, new_pool_file, our_dump, our_dump_file, real_thin_check,
-                        real_thin_dump)
+from md_helpers import (
+    assert_real_tools_agree,
+    new_pool_file,
+    our_dump,
+    our_dump_file,
+)
 from md_model import MAX_CHAIN, Harness, run_random
 
 from thinpool.io.block_store import FileBlockStore

@@ -331,7 +331,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         top: dict[int, int] = {}
         owned: set[int] = set()  # devices whose top-level leaf is first reached in this walk
 
-        def on_top(node: Node) -> None:
+        def on_top(node: Node, owned: set[int] = owned) -> None:
             owned.update(int(k) for k in node.keys)
 
         _, top_leaves = w.tree(which.data_mapping_root, 8, on_top)
