@@ -32,6 +32,11 @@ from thinpool.pool import Pool, _write_manifest
 CH = 64 * 1024
 SECT = 512
 LONG = os.environ.get("THINPOOL_LONG") == "1"
+_TMP = tempfile.TemporaryDirectory(prefix="thinpool-crash-")  # every run's manifest dir lives here; removed at exit
+
+
+def scratch(prefix: str = "run-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_TMP.name))
 THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
 
 
@@ -367,7 +372,7 @@ WORKLOADS: dict[str, Callable[[Driver, random.Random], None]] = {
 def record(name: str, seed: int = 0) -> tuple[Driver, FaultPlan]:
     """The dry run: run the workload once, counting and recording every event."""
     plan = FaultPlan()
-    tmp = Path(tempfile.mkdtemp(prefix="thinpool-crash-"))
+    tmp = scratch()
     d = Driver(tmp, plan)
     d.start_recording()
     WORKLOADS[name](d, random.Random(seed))
@@ -378,7 +383,7 @@ def run_with_crash(name: str, at: int, *, seed: int = 0, lose: Any = "all", tear
                    tear_seed: int = 0) -> Driver:
     """Re-run the workload with a real power cut at event ``at`` (counted from the recording start)."""
     plan = FaultPlan(at=None, kind="power_cut", lose=lose, tear=tear, tear_seed=tear_seed)
-    tmp = Path(tempfile.mkdtemp(prefix="thinpool-crash-"))
+    tmp = scratch()
     d = Driver(tmp, plan)
     d.start_recording()
     plan.at = d.start_event + at
@@ -549,7 +554,7 @@ class Verifier:
         md = PoolMetadata.open(store)
         ds = MemoryDataStore(snap.nr_data * CH, CH)
         ds.chunks = dict(data)
-        tmp = Path(tempfile.mkdtemp(prefix="thinpool-reuse-"))
+        tmp = scratch("reuse-")
         manifest = {"format": 1, "transaction_id": md.trans_id,
                     "devices": {str(k): {"name": str(k), "size": snap.sizes[k] * CH, "origin": None}
                                 for k in snap.devs}, "options": {}}

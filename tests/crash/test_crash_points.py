@@ -13,7 +13,6 @@ import random
 import pytest
 
 import crash_harness as h
-from thinpool.io.faulty import FaultPlan, PowerCut
 from thinpool.tx.transaction import TransactionManager
 
 STATS: dict[str, dict[str, int]] = {}

@@ -8,8 +8,6 @@ never a mix. Transient faults (only event N fails) and persistent ones (N and ev
 from __future__ import annotations
 
 import random
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -68,7 +66,7 @@ def _follow_up(d: h.Driver, rng: random.Random) -> None:
 
 def run_fault(name: str, n: int, *, kind: str, persistent: bool, lose: str = "all") -> str:
     plan = FaultPlan(kind=kind, persistent=persistent, lose=lose)
-    d = h.Driver(Path(tempfile.mkdtemp(prefix="thinpool-eio-")), plan)
+    d = h.Driver(h.scratch(), plan)
     d.start_recording()
     plan.at = d.start_event + n
     try:
@@ -138,7 +136,6 @@ def test_eio_at_every_point(name: str, mode: str) -> None:
     """``transient``: only event N fails (a failed sync loses its writes); ``transient_landed``: a failed sync's
     writes reached the disk anyway; ``persistent``: N and everything after fail."""
     d, plan = h.record(name)
-    total = plan.events - d.start_event
     persistent = mode == "persistent"
     points = _points(d, plan, {"transient": 3, "transient_landed": 5, "persistent": 6}[mode])
     outcomes = {}
@@ -165,7 +162,7 @@ def test_enospc_sampled(name: str) -> None:
 def test_failed_delete_keeps_device_reachable() -> None:
     d, plan = h.record("provision")
     plan2 = FaultPlan(kind="eio")
-    d = h.Driver(Path(tempfile.mkdtemp(prefix="thinpool-eio-")), plan2)
+    d = h.Driver(h.scratch(), plan2)
     d.start_recording()
     d.create(1, 16)
     d.write(1, 0, b"x" * h.CH)

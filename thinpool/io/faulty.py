@@ -235,10 +235,14 @@ class MemoryDataStore:
     def size(self) -> int:
         return self._size
 
-    def copy(self) -> MemoryDataStore:
+    def clone(self) -> MemoryDataStore:
         c = MemoryDataStore(self._size, self.chunk_bytes)
         c.chunks = dict(self.chunks)
         return c
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """DataStore.copy: [src, src+length) to dst inside the file."""
+        self.pwrite(dst, self.pread(src, length))
 
     def _spans(self, offset: int, length: int) -> Iterable[tuple[int, int, int, int]]:
         """(chunk, offset in chunk, position in buffer, n) pieces of [offset, offset+length)."""
@@ -336,6 +340,10 @@ class FaultyDataStore:
             raise StoreIOError(what=f"{self.name} (fault injection)", op="write", reason="Input/output error")
         self.pending.append(("write", offset, data))
         self.bytes_written += len(data)
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """DataStore.copy (copy_file_range): a write of the source bytes, as far as the disk is concerned."""
+        self.pwrite(dst, self.pread(src, length))
 
     def punch(self, offset: int, length: int) -> None:
         if self.plan._event(self, "punch", offset, None, length):
