@@ -28,6 +28,7 @@ pytestmark = pytest.mark.root
 
 def need_fuse() -> None:
     need_root_feature("/dev/fuse", os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK | os.W_OK))
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # as thinpool.fusefs does
     try:
         import mfusepy  # noqa: F401
     except (ImportError, OSError) as e:  # OSError: libfuse3 missing
