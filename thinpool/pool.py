@@ -116,6 +116,7 @@ class Pool:
         self.low_water_mark: int = opts.get("low_water_mark", 0)  # data blocks
         self.low_water_callback: Callable[[Pool], None] | None = None
         self._low_water_fired = False
+        self._low_water_pending = False
         self.out_of_data_space = False
         self.stats = {"cow_copies": 0, "commits": 0}
         self._origins: dict[int, ExternalOrigin | None] = {}
@@ -404,12 +405,21 @@ class Pool:
         return b
 
     def _check_low_water(self) -> None:
+        """Note that the free data blocks reached the low-water mark; the callback runs from
+        ``fire_low_water`` once the I/O that allocated is complete (like dm-thin's event, it is not delivered in
+        the middle of a bio: a callback that commits must not see blocks allocated but not yet mapped)."""
         if self.low_water_mark and not self._low_water_fired:
             free = self.md.data_sm.nr_blocks - self.md.data_sm.nr_allocated()
             if free <= self.low_water_mark:
                 self._low_water_fired = True
-                if self.low_water_callback is not None:
-                    self.low_water_callback(self)
+                self._low_water_pending = True
+
+    def fire_low_water(self) -> None:
+        """Run the low-water callback if the mark was reached (called by the data path after each I/O)."""
+        if self._low_water_pending:
+            self._low_water_pending = False
+            if self.low_water_callback is not None:
+                self.low_water_callback(self)
 
     def no_data_space(self, need: int) -> None:
         """Out of data space: queue (wait for a resize) or refuse with NoDataSpace."""

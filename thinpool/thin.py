@@ -134,7 +134,10 @@ class ThinDevice:
             return
         with self.pool.lock:
             self.pool.check_writable()
-            self._write(offset, view)
+            try:
+                self._write(offset, view)
+            finally:
+                self.pool.fire_low_water()
 
     def _needs_alloc(self, first: int, last: int) -> int:
         md = self.pool.md
@@ -168,13 +171,18 @@ class ThinDevice:
             mapped = {} if m is None else {first: m}
         else:
             mapped = self._lookup_range(first, last)
-        need = 0
-        for c in range(first, last + 1):
-            m = mapped.get(c)
-            if m is None or m[1] < snap_time:
-                need += 1
-        if need and not md.data_sm.has_free(need):
-            pool.no_data_space(need)
+        while True:
+            need = 0
+            for c in range(first, last + 1):
+                m = mapped.get(c)
+                if m is None or m[1] < snap_time:
+                    need += 1
+            if not need or md.data_sm.has_free(need):
+                break
+            pool.no_data_space(need)  # raises, or (no_space=queue) waits with the pool lock released:
+            # other threads may have changed the mappings (and committed) meanwhile, so plan again
+            snap_time = md.get_device(dev).snapshotted_time
+            mapped = self._lookup_range(first, last)
         data = pool.data
         inserts: list[tuple[int, int]] = []
         run_file = run_start = run_end = -1  # a pending coalesced pwrite of view[run_start:run_end]
@@ -282,12 +290,15 @@ class ThinDevice:
             need = sum(self._zero_need(o, n) for o, n in pieces if n > 0)
             if need and not self.pool.md.data_sm.has_free(need):
                 self.pool.no_data_space(need)
-            for o, n in pieces:
-                if n > 0:
-                    self._zero_range(o, n)
-                if unmap is not None:
-                    self._unmap(*unmap)
-                    unmap = None
+            try:
+                for o, n in pieces:
+                    if n > 0:
+                        self._zero_range(o, n)
+                    if unmap is not None:
+                        self._unmap(*unmap)
+                        unmap = None
+            finally:
+                self.pool.fire_low_water()
 
     def _zero_need(self, offset: int, length: int) -> int:
         """Data blocks ``_zero_range(offset, length)`` would allocate."""

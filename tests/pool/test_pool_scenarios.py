@@ -630,3 +630,62 @@ def test_sequential_overwrite_is_coalesced(tmp_path: Path, monkeypatch: pytest.M
         dev.write(100, pattern(16 * CH - 200, 2))
         assert calls == [(100, 16 * CH - 200)]
         assert dev.read(0, 16 * CH) == pattern(100, 1) + pattern(16 * CH - 200, 2) + pattern(16 * CH, 1)[-100:]
+
+
+def test_low_water_callback_that_commits_leaves_no_leak(tmp_path: Path) -> None:
+    """The callback runs after the I/O that crossed the mark, so a callback that commits (as a resize does)
+    never commits blocks that are allocated but not yet mapped."""
+    path = tmp_path / "pool"
+    pool = Pool.create(path, data_size=8 * CH, low_water_mark=4)
+    seen: list[tuple[int, int]] = []
+
+    def on_low(p: Pool) -> None:
+        seen.append((p.status().used_data_blocks, p.md.get_device(1).mapped_blocks))
+        p.commit()
+
+    pool.low_water_callback = on_low
+    dev = pool.create_thin(1, 16 * CH)
+    dev.write(0, pattern(3 * CH, 1))
+    dev.write(3 * CH + 10, pattern(2 * CH, 2))  # crosses the mark (4 free) in the middle of a 3-chunk write
+    assert seen == [(6, 6)]  # every allocated block was already mapped when the callback ran
+    pool.crash_close()  # the callback's commit is the last one
+    check_pool(path)
+    with Pool.open(path) as pool:
+        assert pool.device(1).read(0, 3 * CH + 10) == pattern(3 * CH, 1) + bytes(10)
+
+
+def test_queued_write_plans_again_after_waiting(tmp_path: Path) -> None:
+    """A write queued for space releases the pool lock while it waits; what it looked up before may be stale
+    when it wakes (here: its in-place chunk was discarded, committed, and the block reused by another device).
+    It must look the mappings up again instead of writing into another device's block."""
+    path = tmp_path / "pool"
+    with Pool.create(path, data_size=2 * CH, no_space="queue", discard="nopassdown") as pool:
+        pool.queue_timeout = 60.0
+        a = pool.create_thin(1, 4 * CH)
+        b = pool.create_thin(2, 4 * CH)
+        a.write(0, pattern(2 * CH, 1))  # pool full: chunks 0, 1 of device 1
+        blk0 = data_block(pool, 1, 0)
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:  # chunk 0 in place + chunk 2 new: needs one block, none free -> waits
+                a.write(CH - 100, pattern(CH + 200, 9)[:100] + bytes(CH) + pattern(100, 9))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        while not pool._space_cv._waiters:  # type: ignore[attr-defined]
+            t.join(0.01)
+        with pool.lock:
+            a.discard(0, CH)  # frees chunk 0's block ...
+            pool.commit()
+            b.write(0, pattern(CH, 5))  # ... which device 2 now gets
+            assert data_block(pool, 2, 0) == blk0
+            pool.resize(8 * CH)
+        t.join(30)
+        assert not t.is_alive() and not errors, errors
+        assert b.read(0, CH) == pattern(CH, 5)  # device 2's data is intact
+        expect = bytes(CH - 100) + pattern(CH + 200, 9)[:100] + bytes(CH) + pattern(100, 9)
+        assert a.read(0, 2 * CH + 100)[:len(expect)] == expect
+    check_pool(path)
