@@ -16,6 +16,8 @@ Layer: thin. May import: errors, units, io, metadata.
 from __future__ import annotations
 
 import io
+from array import array
+from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -151,8 +153,51 @@ class ThinDevice:
         if first == last:
             m = md.lookup(self.dev_id, first)
             return {} if m is None else {first: m}
+        leaf = self._leaf_slice(first, last)
+        if leaf is not None:
+            return {k: (v >> 24, v & TIME_MASK) for k, v in zip(*leaf)}
         return {k: (v >> 24, v & TIME_MASK)
                 for k, v in md.mapping.items(md.device_root(self.dev_id), first, last + 1)}
+
+    def _leaf_slice(self, first: int, last: int) -> tuple[array[int], array[int]] | None:
+        """(keys, block_times) of the mappings in [first, last] when one leaf of the device's tree holds all of
+        them (the common case for a write of a few chunks): one descent and two bisects, no iteration over the
+        leaf. None when the range may continue into the next leaf (the caller walks the tree instead)."""
+        tree = self.pool.md.mapping
+        node = tree._read(self.pool.md.device_root(self.dev_id))
+        for _ in range(64):
+            if node.is_leaf:
+                break
+            i = bisect_right(node.keys, first) - 1
+            if i < 0:
+                i = 0
+            if i + 1 < len(node.keys) and node.keys[i + 1] <= last:
+                return None  # the range spans two children
+            node = tree._read(node.values[i])  # type: ignore[arg-type]
+        else:
+            return None  # deeper than any sane tree: let the checked walk report it
+        keys = node.keys
+        lo = bisect_left(keys, first)
+        hi = bisect_right(keys, last)
+        return keys[lo:hi], node.values[lo:hi]  # type: ignore[return-value]
+
+    def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int) -> bool:
+        """Fast path: every chunk of [first, last] is mapped, unshared, to consecutive data blocks: one pwrite."""
+        leaf = self._leaf_slice(first, last)
+        if leaf is None:
+            return False
+        keys, vals = leaf
+        n = last - first + 1
+        if len(keys) != n:
+            return False
+        d0 = vals[0] >> 24
+        j = 0
+        for v in vals:
+            if v >> 24 != d0 + j or v & TIME_MASK < snap_time:
+                return False
+            j += 1
+        self.pool.data.pwrite(d0 * self.chunk + offset - first * self.chunk, view)
+        return True
 
     def _write(self, offset: int, view: memoryview) -> None:
         """One lookup pass over the range, a space check for the whole write, then the data: pwrites of
@@ -169,6 +214,8 @@ class ThinDevice:
                 pool.data.pwrite(m[0] * ch + offset - first * ch, view)
                 return
             mapped = {} if m is None else {first: m}
+        elif self._overwrite_run(offset, view, first, last, snap_time):
+            return
         else:
             mapped = self._lookup_range(first, last)
         while True:

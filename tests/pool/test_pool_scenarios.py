@@ -689,3 +689,47 @@ def test_queued_write_plans_again_after_waiting(tmp_path: Path) -> None:
         expect = bytes(CH - 100) + pattern(CH + 200, 9)[:100] + bytes(CH) + pattern(100, 9)
         assert a.read(0, 2 * CH + 100)[:len(expect)] == expect
     check_pool(path)
+
+
+def test_multi_leaf_trees_random_writes_against_model(tmp_path: Path) -> None:
+    """Enough mappings for a mapping tree of several levels, provisioned in random order (data blocks not
+    contiguous), then multi-chunk writes across leaf boundaries, before and after a snapshot."""
+    path = tmp_path / "pool"
+    nchunks = 1200
+    size = nchunks * CH
+    rng = random.Random(11)
+    model = bytearray(size)
+    with Pool.create(path, data_size=3000 * CH) as pool:
+        dev = pool.create_thin(1, size)
+        order = list(range(nchunks))
+        rng.shuffle(order)
+        for c in order[:1000]:
+            off = c * CH + rng.randrange(CH - 600)
+            d = rng.randbytes(500)
+            dev.write(off, d)
+            model[off:off + 500] = d
+
+        def scatter(nwrites: int) -> None:
+            for _ in range(nwrites):
+                n = rng.choice([CH, 3 * CH + 5, 16 * CH, 40 * CH + 1])
+                off = rng.randrange(size - n)
+                d = rng.randbytes(n)
+                dev.write(off, d)
+                model[off:off + n] = d
+
+        scatter(40)
+        assert dev.read(0, size) == model
+        snap = pool.create_snap(2, 1)
+        frozen = bytes(model)
+        scatter(40)
+        assert dev.read(0, size) == model
+        assert snap.read(0, size) == frozen
+        # sequential rewrite of everything: runs of consecutive blocks take the one-pwrite path
+        for off in range(0, size, 16 * CH):
+            d = rng.randbytes(16 * CH)
+            dev.write(off, d)
+            model[off:off + 16 * CH] = d
+        scatter(20)
+        assert dev.read(0, size) == model
+        assert snap.read(0, size) == frozen
+    check_pool(path)
