@@ -172,3 +172,39 @@ def test_failed_delete_keeps_device_reachable() -> None:
         d.delete(1)
     assert 1 in d.pool.md.devices
     assert d.pool.device(1).read(0, 4) == b"xxxx"
+
+
+@pytest.mark.timeout(120)
+def test_metadata_exhaustion_goes_read_only_with_needs_check() -> None:
+    """Out of metadata space: the transaction is aborted, needs_check is committed, the pool refuses writes, and
+    the disk holds the last commit (readable read-only; a read-write open demands check first)."""
+    from thinpool.errors import NeedsCheck, NoMetadataSpace
+    from thinpool.metadata.pool_metadata import PoolMetadata
+    plan = FaultPlan()
+    d = h.Driver(h.scratch(), plan, nr_data=2048, nr_meta=18)
+    d.start_recording()
+    d.create(1, 2048)
+    rng = random.Random(4)
+    with pytest.raises(NoMetadataSpace):
+        for i in range(2048):
+            d.write(1, i * h.CH, rng.randbytes(512))
+            if i % 50 == 49:
+                d.commit()
+    assert d.pool.md.needs_check and d.pool.status().mode == "ro"
+    with pytest.raises(ReadOnly):
+        d.pool.device(1).write(0, b"x")
+    # the needs_check superblock carries the last completed commit's trees
+    committed = next(s for snaps in d.expected.values() for s in snaps if s.event == d.committed_event)
+    store = h.MemoryBlockStore(d.nr_meta)
+    store.blocks = dict(d.meta_inner.blocks)
+    with pytest.raises(NeedsCheck):
+        PoolMetadata.open(store)
+    rep = h.check_metadata(store)
+    assert rep.ok and rep.needs_check
+    md = PoolMetadata.open(store, readonly=True)
+    assert sorted(md.devices) == sorted(committed.devs)
+    zero = bytes(h.CH)
+    for c in range(committed.sizes[1]):
+        m = md.lookup(1, c)
+        got = zero if m is None else d.data_inner.chunks.get(m[0], zero)
+        assert got == committed.devs[1].get(c, zero), f"chunk {c}"
