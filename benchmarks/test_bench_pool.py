@@ -9,9 +9,9 @@ Patterns: 4 KiB random writes and 1 MiB sequential writes. Phases, in order, on 
   already-broken  the same writes again: in place
 The raw baseline runs the same offsets on a fresh sparse file (provision = first touch; the rest overwrite).
 Timed: the write loop only (no sync); the closing commit / fdatasync of each phase is timed separately and
-reported, not in the ratio. Ratio = thin throughput / raw throughput (= raw time / thin time), medians over
-THINPOOL_BENCH_ROUNDS rounds (default 3); each round prepares both states, then times raw and thin back to
-back (order alternating), because a small VM is noisy.
+reported, not in the ratio. Ratio = thin throughput / raw throughput (= raw time / thin time), from the medians
+and from the best (least disturbed) times over THINPOOL_BENCH_ROUNDS rounds (default 5); each round prepares
+both states, syncs, then times raw and thin back to back (order alternating), because a small VM is noisy.
 
 Goals (issue 3, not asserted): 1 MiB sequential provision >= 0.7x raw, overwrite >= 0.85x, 4 KiB random
 overwrite >= 0.4x raw IOPS; RSS under 200 MiB while writing 4 GiB through one device (test_rss_4gib, opt-in:
@@ -41,11 +41,10 @@ from thinpool.pool import Pool
 CH = 64 << 10
 MIB = 1 << 20
 SIZE = int(os.environ.get("THINPOOL_BENCH_MIB", "256")) * MIB
-ROUNDS = int(os.environ.get("THINPOOL_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("THINPOOL_BENCH_ROUNDS", "5"))
 PHASES = ["provision", "overwrite", "snapshot-break", "already-broken"]
 PATTERNS = ["4k-rand", "1m-seq"]
-GOALS = {("1m-seq", "provision"): 0.7, ("1m-seq", "overwrite"): 0.85, ("4k-rand", "overwrite"): 0.85,
-         ("4k-rand", "overwrite-iops"): 0.4}
+GOALS = {("1m-seq", "provision"): 0.7, ("1m-seq", "overwrite"): 0.85, ("4k-rand", "overwrite"): 0.4}
 
 RESULTS: dict[tuple[str, str], dict[str, float]] = {}
 
@@ -119,6 +118,7 @@ def measure(pattern: str, phase: str, rnd: int) -> dict[str, float]:
                 t = targets[name]
                 t.before(ph)
                 if ph == phase:
+                    os.sync()  # settle writeback of everything before (untimed): less noise from the last round
                     out[name] = run_phase(t, offs, buf)
                     t0 = time.perf_counter()
                     t.sync()
@@ -147,11 +147,11 @@ def summary_table(request: pytest.FixtureRequest) -> Any:
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     lines = [f"thin device vs raw sparse file ({SIZE // MIB} MiB, chunk 64 KiB, median of {ROUNDS} rounds)",
              f"{'pattern':8} {'phase':15} {'raw MB/s':>9} {'thin MB/s':>9} {'raw IOPS':>9} {'thin IOPS':>9} "
-             f"{'ratio':>6} {'goal':>5} {'commit s':>8} {'fdsync s':>8}"]
+             f"{'ratio':>6} {'best':>5} {'goal':>5} {'commit s':>8} {'fdsync s':>8}"]
     for (pattern, phase), r in RESULTS.items():
         goal = GOALS.get((pattern, phase))
         lines.append(f"{pattern:8} {phase:15} {r['raw_mbps']:9.0f} {r['thin_mbps']:9.0f} {r['raw_iops']:9.0f} "
-                     f"{r['thin_iops']:9.0f} {r['ratio']:6.2f} {'' if goal is None else goal:>5} "
+                     f"{r['thin_iops']:9.0f} {r['ratio']:6.2f} {r['ratio_best']:5.2f} {'' if goal is None else goal:>5} "
                      f"{r['thin_sync_s']:8.3f} {r['raw_sync_s']:8.3f}")
     text = "\n".join(lines)
     if tr is not None:
@@ -178,7 +178,8 @@ def test_write_vs_raw(benchmark: Any, pattern: str, phase: str) -> None:
     raw = statistics.median(r["raw"] for r in runs)
     thin = statistics.median(thin_times)
     nbytes, nwrites = runs[0]["bytes"], runs[0]["writes"]
-    res = {"raw_s": raw, "thin_s": thin, "ratio": raw / thin,
+    best = min(r["raw"] for r in runs) / min(thin_times)
+    res = {"raw_s": raw, "thin_s": thin, "ratio": raw / thin, "ratio_best": best,
            "raw_mbps": nbytes / raw / 1e6, "thin_mbps": nbytes / thin / 1e6,
            "raw_iops": nwrites / raw, "thin_iops": nwrites / thin,
            "raw_sync_s": statistics.median(r["raw_sync"] for r in runs),
@@ -187,7 +188,8 @@ def test_write_vs_raw(benchmark: Any, pattern: str, phase: str) -> None:
     benchmark.extra_info.update({k: round(v, 4) for k, v in res.items()})
     benchmark.extra_info["goal"] = GOALS.get((pattern, phase))
     print(f"\n{pattern} {phase}: thin {res['thin_mbps']:.0f} MB/s ({res['thin_iops']:.0f} IOPS), "
-          f"raw {res['raw_mbps']:.0f} MB/s ({res['raw_iops']:.0f} IOPS), ratio {res['ratio']:.2f}")
+          f"raw {res['raw_mbps']:.0f} MB/s ({res['raw_iops']:.0f} IOPS), ratio {res['ratio']:.2f} "
+          f"(best-of-{ROUNDS} {res['ratio_best']:.2f})")
 
 
 RSS_SCRIPT = textwrap.dedent("""

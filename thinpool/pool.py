@@ -374,12 +374,17 @@ class Pool:
             self.check_writable()
             self._entry(dev_id)
             self._guard_metadata(lambda: self.md.delete_thin(dev_id))
+            # the metadata first, then the manifest: a crash in between leaves a manifest entry the metadata no
+            # longer has (dropped on open), never a device whose name and size the manifest has forgotten
+            new = self.md.trans_id + 1
+            self.md.set_transaction_id(self.md.trans_id, new)
+            self.commit()
             del self.manifest["devices"][str(dev_id)]
+            self.manifest["transaction_id"] = new
+            _write_manifest(self.path, self.manifest)
             o = self._origins.pop(dev_id, None)
             if o is not None:
                 o.close()
-            self._bump_transaction()
-            self.commit()
 
     def resize_device(self, dev_id: int, size: int) -> None:
         with self.lock:

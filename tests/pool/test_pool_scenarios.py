@@ -733,3 +733,41 @@ def test_multi_leaf_trees_random_writes_against_model(tmp_path: Path) -> None:
         assert dev.read(0, size) == model
         assert snap.read(0, size) == frozen
     check_pool(path)
+
+
+@pytest.mark.parametrize("crash_at", ["metadata commit", "manifest write"])
+def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 crash_at: str) -> None:
+    """The manifest and the metadata are two files; a crash between their updates must leave a pool whose device
+    set is the metadata's, with names and sizes intact."""
+    import thinpool.pool as pool_mod
+
+    path = tmp_path / "pool"
+    pool = Pool.create(path, data_size=16 * CH)
+    pool.create_thin(1, 3 * CH + 512, name="keep").write(0, pattern(CH, 1))
+    pool.create_thin(2, 4 * CH, name="gone").write(0, pattern(CH, 2))
+    pool.commit()
+
+    class Crash(Exception):
+        pass
+
+    def crash(*a: object, **k: object) -> None:
+        raise Crash()
+
+    if crash_at == "metadata commit":
+        monkeypatch.setattr(pool.md, "commit", crash)
+    else:
+        monkeypatch.setattr(pool_mod, "_write_manifest", crash)
+    with pytest.raises(Crash):
+        pool.delete_thin(2)
+    monkeypatch.undo()
+    pool.crash_close()
+    with Pool.open(path) as pool:
+        committed = crash_at == "manifest write"  # the metadata commit happened: the delete stands
+        assert pool.list_devices() == ([1] if committed else [1, 2])
+        assert (pool.device_name(1), pool.device_size(1)) == ("keep", 3 * CH + 512)
+        if not committed:
+            assert (pool.device_name(2), pool.device_size(2)) == ("gone", 4 * CH)
+            assert pool.device(2).read(0, CH) == pattern(CH, 2)
+        assert pool.device(1).read(0, CH) == pattern(CH, 1)
+    check_pool(path)
