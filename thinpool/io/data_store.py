@@ -17,8 +17,6 @@ import ctypes.util
 import errno
 import os
 
-import numpy as np
-
 from thinpool.errors import NoDataSpace, StoreIOError
 
 _FALLOC_FL_KEEP_SIZE = 1
@@ -45,13 +43,15 @@ class DataStore:
         self.bytes_read = 0
         self.punched = 0
         self.punches_skipped = 0
-        self._holes: np.ndarray | None = None  # per chunk: known to be a hole (None: not scanned yet)
+        # per chunk: 1 = known to be a hole (None: not scanned yet); a bytearray, so the per-pwrite update of
+        # one chunk costs a byte store, not a numpy call
+        self._holes: bytearray | None = None
 
-    def _scan_holes(self) -> np.ndarray:
+    def _scan_holes(self) -> bytearray:
         """Which chunks of the file are holes, from SEEK_DATA / SEEK_HOLE (all unknown -> not a hole)."""
         ch = self.chunk_bytes
         size = self.size
-        holes = np.ones(-(-size // ch), dtype=bool)
+        holes = bytearray(b"\x01") * (-(-size // ch))
         pos = 0
         try:
             while pos < size:
@@ -62,10 +62,11 @@ class DataStore:
                         break
                     raise
                 end = os.lseek(self.fd, start, os.SEEK_HOLE)
-                holes[start // ch:-(-end // ch)] = False
+                a, b = start // ch, min(-(-end // ch), len(holes))
+                holes[a:b] = bytes(b - a)
                 pos = end
         except OSError:
-            holes[:] = False  # no SEEK_DATA support: assume nothing is a hole
+            holes = bytearray(len(holes))  # no SEEK_DATA support: assume nothing is a hole
         return holes
 
     @property
@@ -83,9 +84,17 @@ class DataStore:
         return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self._holes is not None and len(data):
+        holes = self._holes
+        if holes is not None and len(data):
             ch = self.chunk_bytes
-            self._holes[offset // ch:(offset + len(data) - 1) // ch + 1] = False
+            a, b = offset // ch, (offset + len(data) - 1) // ch + 1
+            if b == a + 1:
+                if a < len(holes) and holes[a]:
+                    holes[a] = 0
+            else:
+                b = min(b, len(holes))
+                if b > a:
+                    holes[a:b] = bytes(b - a)
         try:
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
@@ -101,7 +110,9 @@ class DataStore:
         Python; pread + pwrite where the filesystem cannot). The ranges must not overlap."""
         if self._holes is not None and length:
             ch = self.chunk_bytes
-            self._holes[dst // ch:(dst + length - 1) // ch + 1] = False
+            a, b = dst // ch, min((dst + length - 1) // ch + 1, len(self._holes))
+            if b > a:
+                self._holes[a:b] = bytes(b - a)
         done = 0
         try:
             while done < length:
@@ -129,13 +140,14 @@ class DataStore:
             self._holes = self._scan_holes()
         first, end = -(-offset // ch), (offset + length) // ch  # chunks wholly inside the range
         aligned = offset % ch == 0 and length % ch == 0
-        if aligned and end <= len(self._holes) and self._holes[first:end].all():
+        if aligned and end <= len(self._holes) and self._holes.find(0, first, end) < 0:
             self.punches_skipped += 1
             return
         if punch_hole(self.fd, offset, length):
             self.punched += length
+            end = min(end, len(self._holes))
             if end > first:
-                self._holes[first:end] = True
+                self._holes[first:end] = b"\x01" * (end - first)
         else:
             self.pwrite(offset, bytes(length))
 
@@ -154,7 +166,7 @@ class DataStore:
         if self._holes is not None:
             n = -(-size // self.chunk_bytes)
             if size > old and old % self.chunk_bytes == 0:  # the grown part is a hole
-                self._holes = np.concatenate([self._holes[:n], np.ones(n - len(self._holes), dtype=bool)])
+                self._holes = self._holes[:n] + b"\x01" * max(0, n - len(self._holes))
             else:
                 self._holes = None  # rescan at the next punch
 
