@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from thinpool.errors import InvalidArgument
+from thinpool.errors import InvalidArgument, NoMetadataSpace
 from thinpool.formats.device_details import TIME_MASK
 from thinpool.io.device import check_bounds
 
@@ -138,8 +138,17 @@ class ThinDevice:
             self.pool.check_writable()
             try:
                 self._write(offset, view)
+            except NoMetadataSpace:
+                self._metadata_exhausted()
+                raise
             finally:
                 self.pool.fire_low_water()
+
+    def _metadata_exhausted(self) -> None:
+        """Out of metadata space in the middle of an I/O: as dm-thin, drop the open transaction and put the pool
+        in read-only mode with needs_check (committed data stays readable)."""
+        self.pool.md.abort()
+        self.pool.md.set_needs_check()
 
     def _needs_alloc(self, first: int, last: int) -> int:
         md = self.pool.md
@@ -299,7 +308,11 @@ class ThinDevice:
             last = (offset + length) // ch  # exclusive
             if offset + length == self.size:
                 last = -(-self.size // ch)
-            self._unmap(first, last)
+            try:
+                self._unmap(first, last)
+            except NoMetadataSpace:
+                self._metadata_exhausted()
+                raise
 
     def _unmap(self, first: int, last: int) -> int:
         if last <= first:
@@ -344,6 +357,9 @@ class ThinDevice:
                     if unmap is not None:
                         self._unmap(*unmap)
                         unmap = None
+            except NoMetadataSpace:
+                self._metadata_exhausted()
+                raise
             finally:
                 self.pool.fire_low_water()
 

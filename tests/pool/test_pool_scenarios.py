@@ -771,3 +771,33 @@ def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: py
             assert pool.device(2).read(0, CH) == pattern(CH, 2)
         assert pool.device(1).read(0, CH) == pattern(CH, 1)
     check_pool(path)
+
+
+def test_metadata_exhaustion_during_writes_makes_the_pool_read_only(tmp_path: Path) -> None:
+    """Running out of metadata space in the middle of I/O (not only at commit): the open transaction is dropped,
+    the pool turns read-only with needs_check, committed data stays readable, and the metadata stays valid."""
+    from thinpool.errors import NeedsCheck, NoMetadataSpace
+
+    path = tmp_path / "pool"
+    pool = Pool.create(path, data_size=20000 * CH, metadata_size=24 * 4096)
+    dev = pool.create_thin(1, 20000 * CH)
+    dev.write(0, b"committed")
+    pool.commit()
+    with pytest.raises(NoMetadataSpace):
+        for c in range(2, 20000, 2):  # one mapping per chunk, no commits: the metadata device fills up
+            dev.write(c * CH, b"x")
+    st = pool.status()
+    assert st.needs_check and st.mode == "ro"
+    assert st.used_data_blocks == 1  # back at the last commit
+    with pytest.raises(ReadOnly):
+        dev.write(CH, b"y")
+    with pytest.raises(ReadOnly):
+        dev.discard(0, CH)
+    assert dev.read(0, 9) == b"committed" and dev.read(2 * CH, 1) == b"\0"
+    pool.close()
+    with pytest.raises(NeedsCheck):
+        Pool.open(path)
+    with Pool.open(path, readonly=True) as ro:
+        assert ro.status().needs_check
+        assert ro.device(1).read(0, 9) == b"committed"
+    check_pool(path)
