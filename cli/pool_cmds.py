@@ -237,3 +237,35 @@ def pool_commit(pool_path: str | None) -> None:
     with open_pool(pool_path) as p:
         p.commit()
         click.echo(f"committed transaction {p.md.trans_id}", err=True)
+
+
+@pool.command("repair")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@json_option
+def pool_repair(src: str, dst: str, as_json: bool) -> None:
+    """Salvage readable devices and mappings from SRC's metadata into fresh metadata at DST (like thin_repair).
+
+    SRC is a pool directory or a metadata file; DST is a new metadata file (or a directory, which receives a file
+    named "metadata"). Never works in place.
+
+    \b
+    Example:
+      thinpool pool repair mypool /tmp/repaired-metadata && thin_check /tmp/repaired-metadata
+    """
+    from thinpool.metadata.repair import repair_file
+
+    src_file = os.path.join(src, "metadata") if os.path.isdir(src) else src
+    dst_file = os.path.join(dst, "metadata") if os.path.isdir(dst) else dst
+    rep = repair_file(src_file, dst_file)
+    if as_json:
+        echo_json({"destination": dst_file, "devices": rep.devices, "mappings": rep.mappings,
+                   "dropped_devices": rep.dropped_devices, "skipped_blocks": rep.skipped_blocks,
+                   "dropped_mappings": rep.dropped_mappings, "problems": rep.problems,
+                   "transaction_id": rep.transaction_id})
+        return
+    click.echo(f"repaired into {dst_file}: {rep.devices} device(s), {rep.mappings} mapping(s); "
+               f"skipped {rep.skipped_blocks} unreadable block(s), dropped {rep.dropped_mappings} mapping(s)"
+               + (f", dropped devices {rep.dropped_devices}" if rep.dropped_devices else ""))
+    for p in rep.problems[:20]:
+        click.echo(f"  {p}", err=True)

@@ -157,8 +157,6 @@ def test_enospc_sampled(name: str) -> None:
         run_fault(name, n, kind="enospc", persistent=False)
 
 
-@pytest.mark.xfail(strict=True, reason="Pool writes the manifest (device removed) before the metadata commit; when "
-                   "the commit fails and aborts, the device is back in the metadata but not in the manifest")
 def test_failed_delete_keeps_device_reachable() -> None:
     d, plan = h.record("provision")
     plan2 = FaultPlan(kind="eio")
