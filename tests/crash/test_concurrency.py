@@ -49,6 +49,10 @@ class History:
         self.writes: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (dev, region) -> [(v, start, end)]
         self.snaps: list[tuple[int, int, int, int]] = []  # (snap id, origin, start, end)
         self.errors: list[BaseException] = []
+        # overlap by construction, not by scheduling luck: snapshots start once I/O has started, and the writers
+        # keep going (up to a cap) until the snapshots are done
+        self.io_started = threading.Event()
+        self.snaps_done = threading.Event()
 
 
 def writer(pool: Pool, t: int, hist: History, nr_ops: int, stop: threading.Event) -> None:
@@ -57,7 +61,9 @@ def writer(pool: Pool, t: int, hist: History, nr_ops: int, stop: threading.Event
     mine = [r for r in range(NR_REGIONS) if r % THREADS == t]
     version = {(d, r): 0 for d in range(1, 5) for r in mine}
     try:
-        for _ in range(nr_ops):
+        for i in range(nr_ops * 20):
+            if i >= nr_ops and hist.snaps_done.is_set():
+                break
             dev = rng.randrange(1, 5)
             r = rng.choice(mine)
             if rng.random() < 0.25:  # read my region back: the latest version I completed
@@ -70,6 +76,7 @@ def writer(pool: Pool, t: int, hist: History, nr_ops: int, stop: threading.Event
             e = next(hist.seq)
             version[(dev, r)] = v
             hist.writes.setdefault((dev, r), []).append((v, s, e))
+            hist.io_started.set()
             if stop.is_set():
                 break
     except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -79,6 +86,7 @@ def writer(pool: Pool, t: int, hist: History, nr_ops: int, stop: threading.Event
 
 def snapshotter(pool: Pool, hist: History, stop: threading.Event, nr: int) -> None:
     rng = random.Random(99)
+    hist.io_started.wait(30)
     try:
         for i in range(nr):
             origin = rng.randrange(1, 5)
@@ -93,6 +101,8 @@ def snapshotter(pool: Pool, hist: History, stop: threading.Event, nr: int) -> No
     except BaseException as e:  # noqa: BLE001
         hist.errors.append(e)
         stop.set()
+    finally:
+        hist.snaps_done.set()
 
 
 def check_snapshot(pool: Pool, hist: History, snap: int, origin: int, s: int, e: int) -> None:
