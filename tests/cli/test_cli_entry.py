@@ -106,7 +106,7 @@ MY_COMMANDS = ["pool create", "pool status", "pool resize", "pool set-transactio
 def test_every_command_has_an_example_in_help_and_docs(command: str):
     r = ok(*command.split(), "--help")
     assert "Example" in r.stdout
-    docs = (REPO / "docs" / "cli.md").read_text()
+    docs = (REPO / "README.md").read_text()
     assert f"thinpool {command}" in docs
 
 
