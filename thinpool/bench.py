@@ -273,15 +273,20 @@ def _cow_thinpool(workdir: Path, size: int, trials: int) -> tuple[float, int]:
     return float(np.median(times)), int(np.median(copied))
 
 
-def _cow_copyup(workdir: Path, size: int, trials: int) -> tuple[float, int]:
-    """aufs/overlayfs-style copy-up done by hand: copy the whole file from lower to upper, then write."""
-    base = workdir / "copyup"
+def _lower_layer(base: Path, size: int) -> tuple[Path, Path]:
+    """A fresh ``base`` holding ``lower/file`` of ``size`` random bytes, synced."""
     shutil.rmtree(base, ignore_errors=True)
     lower = base / "lower"
     lower.mkdir(parents=True)
     with open(lower / "file", "wb") as f:
         f.write(os.urandom(size))
         os.fsync(f.fileno())
+    return base, lower
+
+
+def _cow_copyup(workdir: Path, size: int, trials: int) -> tuple[float, int]:
+    """aufs/overlayfs-style copy-up done by hand: copy the whole file from lower to upper, then write."""
+    base, lower = _lower_layer(workdir / "copyup", size)
     times = []
     for _ in range(trials):
         upper = base / "upper"
@@ -319,13 +324,7 @@ def overlay_available() -> str | None:
 
 
 def _cow_overlay(workdir: Path, size: int, trials: int) -> tuple[float, int]:
-    base = workdir / "ovl"
-    shutil.rmtree(base, ignore_errors=True)
-    lower = base / "lower"
-    lower.mkdir(parents=True)
-    with open(lower / "file", "wb") as f:
-        f.write(os.urandom(size))
-        os.fsync(f.fileno())
+    base, lower = _lower_layer(workdir / "ovl", size)
     times, copied = [], []
     for _ in range(trials):
         upper, work, merged = base / "upper", base / "work", base / "merged"
