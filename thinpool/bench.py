@@ -605,6 +605,13 @@ def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> 
     (md_path.with_suffix(".json")).write_text(json.dumps(run.to_dict(), indent=1))
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(run: BenchRun, png_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -623,11 +630,7 @@ def plot(run: BenchRun, png_dir: Path) -> list[Path]:
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_ylabel("thinpool / raw (higher is better)")
         ax.set_title("Device matrix, 64 KiB chunks, zeroing on")
-        fig.tight_layout()
-        p = png_dir / "device_matrix.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        out.append(_save(plt, fig, png_dir / "device_matrix.png"))
     if run.cowlab:
         rows = run.cowlab["rows"]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -640,11 +643,7 @@ def plot(run: BenchRun, png_dir: Path) -> list[Path]:
         ax.set_ylabel("1-byte change after snapshot (ms)")
         ax.legend()
         ax.set_title("Small vs large: block CoW vs copy-up")
-        fig.tight_layout()
-        p = png_dir / "cowlab.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        out.append(_save(plt, fig, png_dir / "cowlab.png"))
     if run.snapshots:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.semilogx([max(r["mappings"], 1) for r in run.snapshots], [r["median_s"] * 1e3 for r in run.snapshots], "o-")
@@ -652,9 +651,5 @@ def plot(run: BenchRun, png_dir: Path) -> list[Path]:
         ax.set_ylabel("create_snap + commit (ms)")
         ax.set_ylim(bottom=0)
         ax.set_title("Snapshot creation is O(1)")
-        fig.tight_layout()
-        p = png_dir / "snapshot.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        out.append(_save(plt, fig, png_dir / "snapshot.png"))
     return out
