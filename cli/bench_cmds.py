@@ -30,8 +30,7 @@ def bench(quick: bool, parts: tuple[str, ...], as_json: bool, png_dir: Path | No
     from thinpool import bench as b
 
     chosen = parts or ("device", "goals", "snapshot", "cowlab", "qcow2")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=None if sys.stderr.isatty() else None, transient=True,
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
                   disable=not sys.stderr.isatty()) as prog:
         task = prog.add_task("starting", total=None)
         run = b.run_all(quick=quick, parts=chosen, workdir=workdir,
