@@ -24,7 +24,8 @@ from thinpool import __version__
 from thinpool.errors import ThinpoolError
 
 # Every command is loaded on first use, so that --help imports no command module (name -> module, attribute,
-# one-line help shown by --help). fs, serve, mount and bench are written elsewhere and may be absent.
+# one-line help shown by --help). A command whose module is not installed is not listed; a module that exists
+# but fails to import is an error, not "No such command".
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "pool": ("thinpool_cli.pool_cmds", "pool", "Create a pool, show its status, resize it, pool messages."),
     "thin": ("thinpool_cli.thin_cmds", "thin", "Thin devices: create, snap, delete, read, write, import, export."),
@@ -40,6 +41,16 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("thinpool_cli.serve_cmds", "serve", "Serve thin devices over NBD."),
     "mount": ("thinpool_cli.serve_cmds", "mount", "Export thin devices as files through FUSE."),
     "bench": ("thinpool_cli.bench_cmds", "bench", "Measure thinpool against raw files, qcow2 and friends."),
+    "metadata-size": ("thinpool_cli.metasize_cmds", "metadata_size",
+                      "Estimate the metadata size for a pool, like thin_metadata_size."),
+    "driver": ("thinpool_cli.driver_cmds", "driver", "Docker's devicemapper driver: init the base device, info."),
+    "image": ("thinpool_cli.driver_cmds", "image", "Images as snapshot chains: load, ls, rm, save (OCI/docker)."),
+    "container": ("thinpool_cli.driver_cmds", "container",
+                  "Containers on image snapshots: create, ls, cp, diff, commit, export, rm."),
+    "export-diff": ("thinpool_cli.rbd_cmds", "export_diff", "Write an rbd diff v1 stream of a device (Ceph RBD)."),
+    "import-diff": ("thinpool_cli.rbd_cmds", "import_diff", "Apply an rbd diff v1 stream to a device (Ceph RBD)."),
+    "export": ("thinpool_cli.rbd_cmds", "export_cmd", "Export a device with its snapshots (rbd export-format 2)."),
+    "import": ("thinpool_cli.rbd_cmds", "import_cmd", "Import an rbd export-format 2 stream as devices."),
 }
 
 
@@ -57,12 +68,11 @@ class ThinpoolGroup(click.Group):
         if spec is None:
             return None
         module, attr, _ = spec
-        try:
-            cmd = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        if not self._lazy_available(name):
             return None
+        cmd = getattr(importlib.import_module(module), attr, None)
         if not isinstance(cmd, click.Command):
-            return None
+            raise RuntimeError(f"{module}.{attr} is not a command")
         self.add_command(cmd, name)
         return cmd
 

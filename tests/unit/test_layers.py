@@ -23,10 +23,15 @@ RANKS = {
     "thinpool.btree": 6,
     "thinpool.spacemap": 7,
     "thinpool.metadata": 8,
+    "thinpool.tools": 8.5,  # thin_ls / thin_delta / thin_rmap / block maps over the metadata
+    "thinpool.manifest": 8.7,
     "thinpool.thin": 9,
     "thinpool.pool": 10,
+    "thinpool.rbd": 10.5,  # Ceph RBD diff streams over pools and devices
     "thinpool.fs": 11,
-    "thinpool.bench": 12, "thinpool.nbd": 12, "thinpool.fusefs": 12,
+    "thinpool.driver": 11.5,  # Docker's devicemapper driver over pools and the ext2
+    "thinpool.bench": 12, "thinpool.nbd": 12, "thinpool.fusefs": 12, "thinpool.control": 12,
+    "thinpool.testing": 12,
     "thinpool": 13,  # the package __init__ may re-export anything
 }
 

@@ -1,0 +1,13 @@
+"""Package discovery: every package under thinpool/ (and cli/, installed as thinpool_cli) lands in the wheel.
+
+The metadata lives in pyproject.toml; this file only computes the package list, so that a new subpackage can
+never be left out of a non-editable install.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["thinpool", "thinpool.*"])
+packages += ["thinpool_cli" + p[len("cli"):] for p in find_packages(include=["cli", "cli.*"])]
+package_dir = {"thinpool_cli": "cli"}
+
+setup(packages=packages, package_dir=package_dir, package_data={"thinpool": ["py.typed"]})
