@@ -1,4 +1,4 @@
-"""Package discovery: every package under thinpool/ (and cli/, installed as thinpool_cli) lands in the wheel.
+"""Package discovery: every package under thinpool/ and thinpool_bench/ (and cli/, installed as thinpool_cli) lands in the wheel.
 
 The metadata lives in pyproject.toml; this file only computes the package list, so that a new subpackage can
 never be left out of a non-editable install.
@@ -6,7 +6,7 @@ never be left out of a non-editable install.
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["thinpool", "thinpool.*"])
+packages = find_packages(include=["thinpool", "thinpool.*", "thinpool_bench", "thinpool_bench.*"])
 packages += ["thinpool_cli" + p[len("cli"):] for p in find_packages(include=["cli", "cli.*"])]
 package_dir = {"thinpool_cli": "cli"}
 
