@@ -191,6 +191,16 @@ class FsNoSpace(FsError, NoSpace):
     exit_code = 3
 
 
+# --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
+class XattrNotFound(FsError, LookupError):
+    message = "no such extended attribute {name}: {path}"
+    errno = _errno.ENODATA
+
+
+class NoFilesystem(FsCorrupt):
+    message = "no ext2 file system on the device: {reason}"
+
+
 # --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
 class DriverError(ThinpoolError):
     """A refused driver, image or container operation (``reason`` says why)."""
