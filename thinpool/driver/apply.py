@@ -14,6 +14,11 @@ The rules (``pkg/archive/diff.go``, ``createTarFile`` in ``archive.go``), applie
   times follow the header; directory mtimes are set last, after everything is in place;
 * the returned size is the sum of the entries' sizes.
 
+One deliberate difference from moby (``keep_parent_mtimes``, on by default): a directory that the layer changes
+(an entry removed, added or replaced in it) without carrying the directory itself keeps its mtime, as ``umoci
+unpack`` does. moby leaves there the time of the apply (the kernel's), so the rootfs would depend on when a layer
+was pulled; docker's own diff ignores directory mtimes, so its answers do not change.
+
 Regular file content is written sparse: 4 KiB blocks of zeros stay holes.
 """
 
@@ -76,6 +81,8 @@ class LayerApplier:
     def __init__(self, fs: Filesystem, root: str = ROOTFS, *, source: str = "layer", whiteouts: bool = True) -> None:
         self.fs = fs
         self.whiteouts = whiteouts  # False: plain ``Untar`` (docker cp), no whiteout processing
+        self.keep_parent_mtimes = whiteouts
+        self.parent_times: dict[str, tuple[int, int]] = {}
         self.root = root
         self.source = source
         self.dirs: list[tuple[str, tarfile.TarInfo]] = []
@@ -101,6 +108,10 @@ class LayerApplier:
                     break
                 self.result.size += ti.size
                 self.entry(tf, ti)
+            layer_dirs = {path for path, _ in self.dirs}
+            for path, times in self.parent_times.items():
+                if path not in layer_dirs and lstat(self.fs, path) is not None:
+                    self.fs.utime(path, times, follow_symlinks=False)
             for path, ti in self.dirs:
                 self.fs.utime(path, (_atime(ti), _mtime(ti)), follow_symlinks=False)
         finally:
@@ -116,6 +127,7 @@ class LayerApplier:
         if name != ".":
             parent = resolve(fs, self.root, posixpath_dir(name), follow_last=False)
             if lstat(fs, parent) is None:
+                self._touch_parent(parent)
                 fs.mkdir(resolve(fs, self.root, posixpath_dir(name), follow_last=True), 0o755, parents=True)
         if name.startswith(WHITEOUT_META_PREFIX) and self.whiteouts:
             if name.startswith(WHITEOUT_LINK_DIR + "/") and ti.isreg():
@@ -135,13 +147,15 @@ class LayerApplier:
                     raise self.bad(f"opaque whiteout {ti.name!r}: no directory {os.path.dirname(name) or '/'}")
                 self._opaque(d)
             else:
-                remove_all(fs, d.rstrip("/") + "/" + base[len(WHITEOUT_PREFIX):])
+                self._remove(d.rstrip("/") + "/" + base[len(WHITEOUT_PREFIX):])
             return
         st = lstat(fs, path)
         if st is not None and S.S_ISDIR(st.mode) and name == "." and not self.whiteouts:
             return  # Untar keeps the destination directory as it is
         if st is not None and not (S.S_ISDIR(st.mode) and ti.isdir()):
-            remove_all(fs, path)
+            self._remove(path)
+        if st is None or not S.S_ISDIR(st.mode) or not ti.isdir():
+            self._touch_parent(path)
         src_ti, data = ti, None
         if ti.islnk() and clean(ti.linkname).startswith(WHITEOUT_LINK_DIR + "/"):
             got = self.plnk.get(os.path.basename(clean(ti.linkname)))
@@ -162,7 +176,22 @@ class LayerApplier:
             if p in self.unpacked:
                 continue
             if lstat(self.fs, p) is not None:  # an ancestor may already be gone (Walk ignores ENOENT)
-                remove_all(self.fs, p)
+                self._remove(p)
+
+    def _touch_parent(self, path: str) -> None:
+        """Remember the times of ``path``'s directory before the layer changes an entry in it."""
+        if not self.keep_parent_mtimes:
+            return
+        parent = path.rsplit("/", 1)[0] or "/"
+        if parent not in self.parent_times:
+            st = lstat(self.fs, parent)
+            if st is not None:
+                self.parent_times[parent] = (st.atime, st.mtime)
+
+    def _remove(self, path: str) -> None:
+        if lstat(self.fs, path) is not None:
+            self._touch_parent(path)
+            remove_all(self.fs, path)
 
     def create(self, path: str, ti: tarfile.TarInfo, data: IO[bytes] | None, offset: int | None) -> None:
         """``createTarFile``: make the entry, then lchown, xattrs, chmod, times."""

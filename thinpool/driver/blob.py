@@ -72,6 +72,28 @@ class HashingReader:
         return "sha256:" + self.h.hexdigest()
 
 
+class EofPadded:
+    """Reads ``f`` and, at its end, the zeros a complete tar would have: the last member's padding to 512 bytes
+    and the two end-of-archive blocks. umoci 0.4.7's ``insert`` leaves both out (umoci#436); Go's reader accepts
+    that, Python's ``tarfile`` would not. The padding never reaches a hash taken inside ``f``."""
+
+    def __init__(self, f: IO[bytes] | Any) -> None:
+        self.f = f
+        self.pos = 0
+        self.tail: bytes | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        if self.tail is None:
+            b: bytes = self.f.read(n)
+            if b or n == 0:
+                self.pos += len(b)
+                return b
+            self.tail = bytes(-self.pos % 512 + 1024)
+        n = len(self.tail) if n < 0 else n
+        b, self.tail = self.tail[:n], self.tail[n:]
+        return b
+
+
 def sha256_file(f: IO[bytes]) -> str:
     h = hashlib.sha256()
     while True:

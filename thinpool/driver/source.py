@@ -48,7 +48,12 @@ class ImageSpec:
 
 
 def normalize_ref(ref: str) -> str:
-    """``NAME`` -> ``NAME:latest``; a digest reference (``@sha256:``) or a tagged one stays as it is."""
+    """The familiar form docker prints: ``NAME`` -> ``NAME:latest``, ``docker.io/library/NAME:T`` -> ``NAME:T``,
+    ``docker.io/U/NAME:T`` -> ``U/NAME:T``; a digest reference (``@sha256:``) keeps its digest."""
+    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"):
+        if ref.startswith(prefix) and ref.count("/") - prefix.count("/") <= (0 if "library" in prefix else 1):
+            ref = ref[len(prefix):]
+            break
     if "@" in ref:
         return ref
     last = ref.rsplit("/", 1)[-1]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from thinpool.driver.apply import LayerApplier
-from thinpool.driver.blob import HashingReader, chain_ids, decompressed
+from thinpool.driver.blob import EofPadded, HashingReader, chain_ids, decompressed
 from thinpool.driver.rootfs import ROOTFS, lstat
 from thinpool.driver.source import ImageSpec, LayerBlob, normalize_ref, open_source
 from thinpool.driver.state import DeviceSet, go_json, write_meta_file
@@ -179,7 +179,7 @@ class ImageStore:
                 raw = HashingReader(rawf)
                 try:
                     stream = HashingReader(decompressed(raw, head))
-                    applied = LayerApplier(fs, ROOTFS, source=blob.name).apply(stream)
+                    applied = LayerApplier(fs, ROOTFS, source=blob.name).apply(EofPadded(stream))
                     stream.drain()
                     raw.drain()
                 finally:
