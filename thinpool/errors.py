@@ -189,3 +189,13 @@ class FsNoSpace(FsError, NoSpace):
     message = "no space left on filesystem: {reason}"
     errno = _errno.ENOSPC
     exit_code = 3
+
+
+# --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
+class XattrNotFound(FsError, LookupError):
+    message = "no such extended attribute {name}: {path}"
+    errno = _errno.ENODATA
+
+
+class NoFilesystem(FsCorrupt):
+    message = "no ext2 file system on the device: {reason}"
