@@ -160,6 +160,22 @@ class BTree:
         m = (k >= lo) if hi is None else ((k >= lo) & (k < hi))
         return k[m], v[m]
 
+    def node_arrays(self, b: int) -> tuple[bool, np.ndarray, np.ndarray]:
+        """One validated node of this tree as (is_leaf, keys, values): uint64 keys; child block numbers (uint64)
+        for an internal node, the leaf's values (uint64 / uint32) for a leaf. Read-only views; for walkers
+        that need the tree's shape (btree/walk.py, the tools).
+
+        Raises:
+            MetadataCorrupt / ChecksumError naming ``b``.
+        """
+        node = self._read(b)
+        keys = np.frombuffer(node.keys, dtype=np.uint64)
+        if not node.is_leaf:
+            return False, keys, np.frombuffer(node.values, dtype=np.uint64)  # type: ignore[arg-type]
+        if self._np_dtype is None:
+            raise TypeError(f"node_arrays needs 4- or 8-byte values, not {self.value_size}")
+        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)  # type: ignore[call-overload]
+
     def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``lookup_range`` with the values widened to uint64."""
         k, v = self.lookup_range(root, lo, hi)
