@@ -189,3 +189,17 @@ class FsNoSpace(FsError, NoSpace):
     message = "no space left on filesystem: {reason}"
     errno = _errno.ENOSPC
     exit_code = 3
+
+
+# --- metadata tools (helper tools) ------------------------------------------------------------------------------
+class DeviceNameNeedsPool(DeviceError, LookupError):
+    """A device named (not numbered) for a bare metadata file: names live in a pool directory's pool.json."""
+
+    message = ("device {dev_id!r}: names live in a pool directory's pool.json, and {path} is a bare metadata "
+               "file: give the device id (`thinpool ls {path}` lists the ids)")
+
+
+class MissingExtra(ThinpoolError):
+    """An optional feature whose extra dependencies are not installed."""
+
+    message = "{feature} needs {module}: pip install 'thinpool[{extra}]'"
