@@ -191,6 +191,16 @@ class FsNoSpace(FsError, NoSpace):
     exit_code = 3
 
 
+# --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
+class XattrNotFound(FsError, LookupError):
+    message = "no such extended attribute {name}: {path}"
+    errno = _errno.ENODATA
+
+
+class NoFilesystem(FsCorrupt):
+    message = "no ext2 file system on the device: {reason}"
+
+
 # --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
 class RbdStreamError(ThinpoolError, ValueError):
     """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
