@@ -9,8 +9,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import click
 from thinpool_cli.output import echo_json, progress
@@ -27,7 +28,7 @@ def _resolve(p: Any, ref: str) -> int:
 def _output(path: str, force: bool) -> Iterator[BinaryIO]:
     """stdout for ``-``; else a new file (refused if it exists without --force), removed again on failure."""
     if path == "-":
-        yield click.get_binary_stream("stdout")
+        yield sys.stdout.buffer
         sys.stdout.flush()
         return
     if os.path.exists(path) and not force:
@@ -56,7 +57,7 @@ def _input(path: str) -> Iterator[BinaryIO]:
             yield f
         return
     with tempfile.TemporaryFile() as tmp:
-        shutil.copyfileobj(click.get_binary_stream("stdin"), tmp, 1 << 20)
+        shutil.copyfileobj(sys.stdin.buffer, tmp, 1 << 20)
         tmp.seek(0)
         yield tmp
 
@@ -82,11 +83,12 @@ def _bar_cb(bar: Any) -> Callable[[int], None]:
 @click.option("--from", "from_ref", metavar="SNAP", help="Only what differs from this older snapshot device.")
 @click.option("-o", "--output", "out_path", default="-", show_default=True, metavar="FILE|-",
               help="Where the stream goes ('-' is stdout).")
+@click.option("--no-to-snap", is_flag=True, help="Write no `t` record (rbd import-diff then takes no snapshot).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite FILE if it exists.")
 @pool_option
 @json_option
-def export_diff(ref: str, from_ref: str | None, out_path: str, force: bool, pool_path: str | None,
-                as_json: bool) -> None:
+def export_diff(ref: str, from_ref: str | None, out_path: str, no_to_snap: bool, force: bool,
+                pool_path: str | None, as_json: bool) -> None:
     """Write an rbd diff v1 stream of device DEV (what `rbd import-diff` applies): `t` is DEV's name, `f` the
     name of --from SNAP, `s` DEV's size; data as `w`, zeros and discarded chunks as `z`.
 
@@ -102,9 +104,9 @@ def export_diff(ref: str, from_ref: str | None, out_path: str, force: bool, pool
         size = p.device_size(dev)
         with _output(out_path, force) as out, progress(f"export-diff {p.device_name(dev)}", size,
                                                        min_total=MIN_BAR) as bar:
-            s = run(p, dev, out, from_id=frm, progress=_bar_cb(bar))
+            s = run(p, dev, out, from_id=frm, to_snap=not no_to_snap, progress=_bar_cb(bar))
             out.flush()
-    _report(s.to_dict(), as_json, f"exported {s.to_snap}: {s.records} records, {s.data_bytes} bytes of data, "
+    _report(s.to_dict(), as_json, f"exported {s.device}: {s.records} records, {s.data_bytes} bytes of data, "
                                   f"{s.zero_bytes} bytes of zeros, {s.bytes_written} bytes of stream",
             to_stderr=out_path == "-")
 

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from rbd_cluster import CephCluster
 
 _root = Path(__file__).resolve().parent.parent / "conftest.py"

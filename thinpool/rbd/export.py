@@ -12,8 +12,9 @@ buffer plus the tree walk, whatever the device size.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -129,10 +130,10 @@ def _summary(pool: Pool, dev_id: int, w: DiffWriter, t0: float, *, from_snap: st
                          seconds=round(time.monotonic() - t0, 6))
 
 
-def export_diff(pool: Pool, dev_id: int, out: BinaryIO, *, from_id: int | None = None,
+def export_diff(pool: Pool, dev_id: int, out: BinaryIO, *, from_id: int | None = None, to_snap: bool = True,
                 progress: Progress | None = None) -> ExportSummary:
-    """Write an rbd diff v1 stream of device ``dev_id`` to ``out``: ``t`` is the device's name, ``f`` the name
-    of ``from_id`` (only what differs from it is carried), ``s`` the device size.
+    """Write an rbd diff v1 stream of device ``dev_id`` to ``out``: ``t`` is the device's name (none with
+    ``to_snap=False``), ``f`` the name of ``from_id`` (only what differs from it is carried), ``s`` the size.
 
     Cost: with ``from_id``, proportional to the chunks that differ (plus the tree walk); without, to the mapped
     chunks. Memory: one 4 MiB buffer.
@@ -148,7 +149,7 @@ def export_diff(pool: Pool, dev_id: int, out: BinaryIO, *, from_id: int | None =
         if from_id == dev_id:
             raise InvalidArgument(reason="--from names the device itself: the diff would be empty")
     w = DiffWriter(out, version=1)
-    name = pool.device_name(dev_id)
+    name = pool.device_name(dev_id) if to_snap else None
     write_diff(w, pool, dev_id, from_id, to_snap=name, progress=progress)
     return _summary(pool, dev_id, w, t0, from_snap=pool.device_name(from_id) if from_id is not None else None,
                     to_snap=name)

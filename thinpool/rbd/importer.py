@@ -17,12 +17,12 @@ bounded by one 4 MiB buffer, whatever the stream or device size.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from thinpool.errors import DeviceExists, InvalidArgument, NoDataSpace, SnapshotExists, SnapshotNotFound
-from thinpool.rbd.stream import (DiffHeader, DiffSummary, Extent, ImageSummary, StreamReader, iter_diff,
-                                 scan_image)
+from thinpool.rbd.stream import DiffHeader, DiffSummary, Extent, ImageSummary, StreamReader, iter_diff, scan_image
 from thinpool.units import SECTOR_SIZE
 
 if TYPE_CHECKING:

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Final, Iterator
+from typing import BinaryIO, Final
 
 from thinpool.errors import InvalidArgument, RbdStreamError
 
@@ -431,9 +432,9 @@ def write_image_header(out: BinaryIO, *, order: int = DEFAULT_ORDER, features: i
                        nr_diffs: int) -> int:
     """The export-format 2 prefix up to and including the number of diffs; returns the bytes written."""
     parts = [IMAGE_BANNER_V2]
-    for tag, v in ((IMG_ORDER, order), (IMG_FEATURES, features), (IMG_STRIPE_UNIT, stripe_unit),
-                   (IMG_STRIPE_COUNT, stripe_count)):
-        parts.append(tag + _U64.pack(8) + _U64.pack(v))
+    for tag, num in ((IMG_ORDER, order), (IMG_FEATURES, features), (IMG_STRIPE_UNIT, stripe_unit),
+                     (IMG_STRIPE_COUNT, stripe_count)):
+        parts.append(tag + _U64.pack(8) + _U64.pack(num))
     for k, v in sorted((meta or {}).items()):
         kb, vb = k.encode(), v.encode()
         body = _U32.pack(len(kb)) + kb + _U32.pack(len(vb)) + vb
