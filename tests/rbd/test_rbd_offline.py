@@ -8,9 +8,9 @@ import json
 import struct
 
 import pytest
-
 from conftest import need_tool
 from rbd_helpers import KiB, MiB, build_chain, device_bytes, fails, fingerprint, merge_diff, ok, pattern
+
 from thinpool.errors import InvalidArgument, RbdStreamError
 from thinpool.pool import Pool
 from thinpool.rbd import DiffWriter, StreamReader, export_diff, import_diff, scan_image, validate_diff
