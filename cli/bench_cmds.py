@@ -27,7 +27,7 @@ def bench(quick: bool, parts: tuple[str, ...], as_json: bool, png_dir: Path | No
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from thinpool import bench as b
+    from thinpool_bench import suite as b
 
     chosen = parts or ("device", "goals", "snapshot", "cowlab", "qcow2")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 import click
 from thinpool_cli.output import echo_json, progress, table
@@ -53,7 +54,7 @@ def open_metadata(target: str | None, *, use_metadata_snap: bool = False) -> Ite
 def _output(path: str | None) -> Iterator[IO[str]]:
     """stdout, or FILE written through a temporary name and renamed when complete (no half-written FILE)."""
     if path is None:
-        yield click.get_text_stream("stdout")
+        yield sys.stdout
         return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -137,7 +138,7 @@ def _check_json(report: Any, problems: list[Any], failed: bool, cleared: bool) -
 def _print_check(report: Any, problems: list[Any], last_step: int, nr_blocks: int, cleared: bool) -> None:
     """thin_check 0.9.0's layout: steps on stderr with their problems indented, the two KEY=VALUE lines on stdout
     once the superblock is good, and no further steps after one that found errors."""
-    err = click.get_text_stream("stderr")
+    err = sys.stderr
     for i, title in enumerate(_STEPS[:last_step + 1]):
         err.write(title + "\n")
         here = [p for p in problems if _step(p.section) == i]
@@ -451,108 +452,6 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
 
 
 # --- delta ------------------------------------------------------------------------------------------------------
-def _recorded_runs(pmd: Any, dev_id: int) -> list[list[int]]:
-    """thin_delta's mapping_recorder: [vbegin, dbegin, len] runs (virtual and data contiguous; times ignored)."""
-    import numpy as np
-
-    tb, db, _ = pmd.mappings(dev_id)
-    if not len(tb):
-        return []
-    t = tb.astype(np.int64)
-    d = db.astype(np.int64)
-    brk = np.flatnonzero((np.diff(t) != 1) | (np.diff(d) != 1)) + 1
-    starts = np.concatenate([[0], brk])
-    ends = np.concatenate([brk, [len(t)]])
-    return [[int(t[s]), int(d[s]), int(e - s)] for s, e in zip(starts.tolist(), ends.tolist())]
-
-
-def diff_runs(left: list[list[int]], right: list[list[int]]) -> list[tuple[str, int, int, int, int]]:
-    """thin_delta's dump_diff: (kind, vbegin, left_dbegin, right_dbegin, len) with kind in left_only,
-    right_only, different, same (data blocks compared, times ignored)."""
-    out: list[tuple[str, int, int, int, int]] = []
-    li = ri = 0
-    lm = list(left[0]) if left else None
-    rm = list(right[0]) if right else None
-
-    def consume(m: list[int], delta: int) -> None:
-        m[0] += delta
-        m[1] += delta
-        m[2] -= delta
-
-    while li < len(left) and ri < len(right):
-        assert lm is not None and rm is not None
-        if lm[0] < rm[0]:
-            delta = min(lm[2], rm[0] - lm[0])
-            out.append(("left_only", lm[0], lm[1], 0, delta))
-            consume(lm, delta)
-        elif lm[0] > rm[0]:
-            delta = min(rm[2], lm[0] - rm[0])
-            out.append(("right_only", rm[0], 0, rm[1], delta))
-            consume(rm, delta)
-        else:
-            delta = min(lm[2], rm[2])
-            kind = "different" if lm[1] != rm[1] else "same"
-            out.append((kind, lm[0], lm[1], rm[1], delta))
-            consume(lm, delta)
-            consume(rm, delta)
-        if lm[2] == 0:
-            li += 1
-            lm = list(left[li]) if li < len(left) else None
-        if rm[2] == 0:
-            ri += 1
-            rm = list(right[ri]) if ri < len(right) else None
-    while li < len(left):
-        assert lm is not None
-        out.append(("left_only", lm[0], lm[1], 0, lm[2]))
-        li += 1
-        lm = list(left[li]) if li < len(left) else None
-    while ri < len(right):
-        assert rm is not None
-        out.append(("right_only", rm[0], 0, rm[1], rm[2]))
-        ri += 1
-        rm = list(right[ri]) if ri < len(right) else None
-    return out
-
-
-def format_delta(pmd: Any, snap1: int, snap2: int, ops: list[tuple[str, int, int, int, int]], verbose: bool,
-                 nr_data_blocks: int, held_root: int = 0) -> str:
-    lines = []
-    held = f'" metadata_snap="{held_root}' if held_root else ""
-    lines.append(f'<superblock uuid="" time="{pmd.time}" transaction="{pmd.trans_id}" '
-                 f'data_block_size="{pmd.data_block_size}" nr_data_blocks="{nr_data_blocks}{held}">')
-    lines.append(f'  <diff left="{snap1}" right="{snap2}">')
-    if verbose:
-        current = None
-        for kind, v, ld, rd, n in ops:
-            if kind != current:
-                if current is not None:
-                    lines.append(f"    </{current}>")
-                lines.append(f"    <{kind}>")
-                current = kind
-            if kind == "different":
-                lines.append(f'      <range begin="{v}" left_data_begin="{ld}" right_data_begin="{rd}" '
-                             f'length="{n}"/>')
-            else:
-                d = rd if kind == "right_only" else ld
-                lines.append(f'      <range begin="{v}" data_begin="{d}" length="{n}"/>')
-        if current is not None:
-            lines.append(f"    </{current}>")
-    else:
-        cur: list[Any] | None = None  # [kind, vbegin, vend]
-        for kind, v, _, _, n in ops:
-            if cur is not None and cur[0] == kind and v == cur[2]:
-                cur[2] += n
-                continue
-            if cur is not None:
-                lines.append(f'    <{cur[0]} begin="{cur[1]}" length="{cur[2] - cur[1]}"/>')
-            cur = [kind, v, v + n]
-        if cur is not None:
-            lines.append(f'    <{cur[0]} begin="{cur[1]}" length="{cur[2] - cur[1]}"/>')
-    lines.append("  </diff>")
-    lines.append("</superblock>")
-    return "\n".join(lines) + "\n"
-
-
 def _split_target(args: Sequence[str]) -> tuple[list[str], str | None]:
     """Positional arguments -> (the others, the target): the last one is the target when it names a path."""
     rest = list(args)
@@ -610,18 +509,21 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
                 from thinpool.errors import DeviceNotFound
 
                 raise DeviceNotFound(dev_id=d)
-        ops = diff_runs(_recorded_runs(pmd, a), _recorded_runs(pmd, b))
+        from thinpool.tools.delta import delta_runs, write_delta_xml
+
+        runs = delta_runs(pmd, a, b)
+        if as_json:
+            echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
+                       "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
+                                   **({"left_data_begin": r.left_data} if r.left_data is not None else {}),
+                                   **({"right_data_begin": r.right_data} if r.kind != "same"
+                                      and r.right_data is not None else {})}
+                                  for r in runs]})
+            return
         nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
         # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
-        text = format_delta(pmd, a, b, ops, verbose, nr_data, 0 if metadata_snap else pmd.held_root)
-    if as_json:
-        echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
-                   "ranges": [{"kind": k, "begin": v, "length": n,
-                               **({"left_data_begin": ld} if k in ("left_only", "same", "different") else {}),
-                               **({"right_data_begin": rd} if k in ("right_only", "different") else {})}
-                              for k, v, ld, rd, n in ops]})
-        return
-    click.echo(text, nl=False)
+        write_delta_xml(sys.stdout, pmd, a, b, runs, verbose=verbose, nr_data_blocks=nr_data,
+                        held_root=0 if metadata_snap else pmd.held_root)
 
 
 # --- rmap -------------------------------------------------------------------------------------------------------

@@ -191,6 +191,39 @@ class FsNoSpace(FsError, NoSpace):
     exit_code = 3
 
 
+# --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
+class XattrNotFound(FsError, LookupError):
+    message = "no such extended attribute {name}: {path}"
+    errno = _errno.ENODATA
+
+
+class NoFilesystem(FsCorrupt):
+    message = "no ext2 file system on the device: {reason}"
+
+
+# --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
+class RbdStreamError(ThinpoolError, ValueError):
+    """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
+
+    message = "bad {kind} stream at byte {offset}: {reason}"
+
+    def __init__(self, message: str | None = None, *, offset: int, reason: str, kind: str = "rbd diff",
+                 **kw: Any) -> None:
+        super().__init__(message, offset=offset, reason=reason, kind=kind, **kw)
+
+
+class SnapshotNotFound(DeviceError, LookupError):
+    """The from-snapshot a diff starts at is not a device of the pool (rbd import-diff: ENOENT/EINVAL)."""
+
+    message = "from-snapshot {name!r} does not exist in the pool: apply the earlier diffs first"
+
+
+class SnapshotExists(DeviceError):
+    """The to-snapshot a diff would create is already a device name (rbd import-diff: EEXIST)."""
+
+    message = "to-snapshot {name!r} already exists in the pool"
+
+
 # --- servers (helper: servers) --------------------------------------------------------------------------------
 class ServerError(ThinpoolError):
     """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""

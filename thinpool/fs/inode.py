@@ -16,14 +16,15 @@ data blocks never do. ``i_blocks`` counts 512-byte sectors of data and indirect 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import FsCorrupt
-from thinpool.fs.layout import (DIND_BLOCK, IND_BLOCK, INODE_FMT, N_BLOCKS, NDIR_BLOCKS, S_IFDIR, S_IFLNK, S_IFMT,
-                                S_IFREG, TIND_BLOCK)
+from thinpool.fs.layout import (DIND_BLOCK, FAST_SYMLINK_MAX, IND_BLOCK, INODE_FMT, N_BLOCKS, NDIR_BLOCKS, S_IFBLK,
+                                S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, TIND_BLOCK)
 
 U32 = npt.NDArray[np.uint32]
 
@@ -95,7 +96,50 @@ class Inode:
 
     @property
     def is_fast_symlink(self) -> bool:
-        return self.is_symlink and self.i_blocks == 0 and self.i_file_acl == 0
+        """A symlink whose target lives in ``i_block`` (``ext2_inode_is_fast_symlink``: no data blocks; with an
+        xattr block counted in ``i_blocks``, a target short enough for ``i_block``, as e2fsprogs decides)."""
+        if not self.is_symlink:
+            return False
+        if self.i_file_acl == 0:
+            return self.i_blocks == 0
+        return self.i_size <= FAST_SYMLINK_MAX
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket, character or block device: no data blocks (a device number in ``i_block``)."""
+        return self.i_mode & S_IFMT in (S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK)
+
+    @property
+    def is_device(self) -> bool:
+        return self.i_mode & S_IFMT in (S_IFCHR, S_IFBLK)
+
+    @property
+    def has_blocks(self) -> bool:
+        """True when ``i_block`` holds block pointers (regular files, directories, slow symlinks)."""
+        return not (self.is_special or self.is_fast_symlink)
+
+    @property
+    def rdev(self) -> int:
+        """The device number of a device node (``ext2_read_inode``: old encoding in i_block[0], else new in
+        i_block[1]), as ``os.makedev`` builds it; 0 for other inodes."""
+        if not self.is_device:
+            return 0
+        if self.i_block[0]:
+            old = self.i_block[0]
+            return os.makedev((old >> 8) & 0xFF, old & 0xFF)
+        new = self.i_block[1]
+        return os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+
+    @rdev.setter
+    def rdev(self, rdev: int) -> None:
+        """Store a device number as ``ext2_write_inode`` does: the old 8:8 encoding when it fits, else the new
+        12:20 one in i_block[1]."""
+        major, minor = os.major(rdev), os.minor(rdev)
+        self.i_block = [0] * N_BLOCKS
+        if major < 256 and minor < 256:
+            self.i_block[0] = (major << 8) | minor
+        else:
+            self.i_block[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 
 def parse_inode(buf: bytes | bytearray | memoryview, offset: int = 0) -> Inode:

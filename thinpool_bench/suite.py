@@ -1,7 +1,7 @@
 """Benchmarks as a library: the device matrix, the CoW lab (block CoW vs file copy-up), the qcow2 peer and the
 snapshot-flatness series, each measured against a baseline taken in the same run; plus RESULTS.md and plots.
 
-Layer: above pool and fs (used by the CLI's ``bench`` command and by benchmarks/). May import: everything in
+Layer: tooling above the library (used by the CLI's ``bench`` command and by benchmarks/). May import: everything in
 thinpool; matplotlib lazily.
 
 Every number is measured here, on this machine, in this run: ratios are thinpool / raw sparse file for the same
