@@ -199,3 +199,9 @@ class XattrNotFound(FsError, LookupError):
 
 class NoFilesystem(FsCorrupt):
     message = "no ext2 file system on the device: {reason}"
+
+
+class LocalFileError(ThinpoolError, OSError):
+    """A file on the host (the source of ``fs put``, the target of ``fs get``) could not be read or written."""
+
+    message = "{path}: {reason}"
