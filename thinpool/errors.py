@@ -205,3 +205,26 @@ class LocalFileError(ThinpoolError, OSError):
     """A file on the host (the source of ``fs put``, the target of ``fs get``) could not be read or written."""
 
     message = "{path}: {reason}"
+
+
+# --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
+class RbdStreamError(ThinpoolError, ValueError):
+    """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
+
+    message = "bad {kind} stream at byte {offset}: {reason}"
+
+    def __init__(self, message: str | None = None, *, offset: int, reason: str, kind: str = "rbd diff",
+                 **kw: Any) -> None:
+        super().__init__(message, offset=offset, reason=reason, kind=kind, **kw)
+
+
+class SnapshotNotFound(DeviceError, LookupError):
+    """The from-snapshot a diff starts at is not a device of the pool (rbd import-diff: ENOENT/EINVAL)."""
+
+    message = "from-snapshot {name!r} does not exist in the pool: apply the earlier diffs first"
+
+
+class SnapshotExists(DeviceError):
+    """The to-snapshot a diff would create is already a device name (rbd import-diff: EEXIST)."""
+
+    message = "to-snapshot {name!r} already exists in the pool"
