@@ -228,3 +228,34 @@ class SnapshotExists(DeviceError):
     """The to-snapshot a diff would create is already a device name (rbd import-diff: EEXIST)."""
 
     message = "to-snapshot {name!r} already exists in the pool"
+
+
+# --- servers (helper: servers) --------------------------------------------------------------------------------
+class ServerError(ThinpoolError):
+    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
+
+    message = "{reason}"
+
+
+class AddressInUse(ServerError):
+    message = "{address} is in use by a running server (stop it first; a live socket is never taken over)"
+
+
+class ListenError(ServerError):
+    message = "cannot listen on {address}: {reason}"
+
+
+class TlsConfigError(ServerError):
+    message = "TLS: {reason}"
+
+
+class ServedPoolFailed(TransactionError):
+    """A served pool stopped accepting writes after a failed commit (dm-thin's metadata_operation_failed)."""
+
+    message = "pool failed after an error ({reason}): writes and flushes are refused until it is checked"
+
+
+class ControlError(ServerError):
+    """A request sent through a running server's control channel failed (transport or protocol level)."""
+
+    message = "control channel {path}: {reason}"
