@@ -201,6 +201,12 @@ class NoFilesystem(FsCorrupt):
     message = "no ext2 file system on the device: {reason}"
 
 
+class LocalFileError(ThinpoolError, OSError):
+    """A file on the host (the source of ``fs put``, the target of ``fs get``) could not be read or written."""
+
+    message = "{path}: {reason}"
+
+
 # --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
 class RbdStreamError(ThinpoolError, ValueError):
     """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
