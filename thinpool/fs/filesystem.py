@@ -28,8 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import (DirectoryNotEmpty, FileExists, FileNotFound, FsCorrupt, FsError, FsNoSpace,
-                             IsADirectory, NameTooLong, NotADirectory)
+                             IsADirectory, NameTooLong, NoFilesystem, NotADirectory, XattrNotFound)
 from thinpool.fs import layout as L
+from thinpool.fs import xattr as X
 from thinpool.fs.alloc import Allocator
 from thinpool.fs.cache import BlockCache
 from thinpool.fs.directory import Directory, init_dir_block
@@ -41,6 +42,9 @@ from thinpool.io.device import BlockDevice
 
 MAX_LINKS = 65000  # EXT2_LINK_MAX
 MAX_SYMLINK_HOPS = 40
+NS_PER_S = 10**9
+XATTR_CREATE = 1  # os.XATTR_CREATE
+XATTR_REPLACE = 2  # os.XATTR_REPLACE
 _I_BLOCK_FMT = struct.Struct("<15I")
 
 
@@ -115,6 +119,8 @@ class Filesystem:
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
             raise FsCorrupt(reason="device too small to hold a superblock")
         sb = L.parse_superblock(device.read(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+        if sb.s_magic != L.EXT2_SUPER_MAGIC:
+            raise NoFilesystem(reason=f"bad magic {sb.s_magic:#06x} in superblock (expected 0xef53)", block=0)
         readonly = check_superblock(sb, device.size) or readonly
         bs = sb.block_size
         nr_groups = sb.nr_groups
@@ -147,6 +153,7 @@ class Filesystem:
         if not self.readonly:
             self._write_back()
             self.device.flush()
+            self.alloc.unpin()  # the frees are committed now
 
     @_locked
     def close(self) -> None:
@@ -263,8 +270,11 @@ class Filesystem:
 
     def _release_inode(self, ino: int, inode: Inode) -> None:
         """Free an inode whose link count dropped to zero, with all its blocks."""
-        if not inode.is_fast_symlink:
+        if inode.has_blocks:
             self.mapper.truncate_blocks(ino, inode, 0)
+        if inode.i_file_acl:
+            self._drop_xattr_block(ino, inode.i_file_acl)
+            inode.i_file_acl = 0
         inode.i_block = [0] * L.N_BLOCKS
         inode.i_size = 0
         inode.i_size_high = 0
@@ -461,7 +471,8 @@ class Filesystem:
     def _stat(self, ino: int) -> Stat:
         i = self._inode(ino)
         return Stat(ino=ino, mode=i.i_mode, nlink=i.i_links_count, uid=i.uid, gid=i.gid, size=i.size,
-                    atime=i.i_atime, mtime=i.i_mtime, ctime=i.i_ctime, blocks=i.i_blocks, blksize=self.block_size)
+                    atime=i.i_atime, mtime=i.i_mtime, ctime=i.i_ctime, blocks=i.i_blocks, blksize=self.block_size,
+                    rdev=i.rdev)
 
     @_locked
     def scandir(self, path: str = "/") -> list[DirEntry]:
@@ -705,19 +716,23 @@ class Filesystem:
         self._dir_changed(dparent, dpinode)
 
     @_locked
-    def chmod(self, path: str, mode: int) -> None:
+    def chmod(self, path: str, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Set the permission bits (07777) of ``path``; with ``follow_symlinks=False`` a final symlink itself."""
         self._check_writable()
-        ino = self._lookup(path)
+        ino = self._lookup(path, follow_symlinks)
         inode = self._inode(ino)
         inode.i_mode = (inode.i_mode & L.S_IFMT) | (mode & 0o7777)
         inode.i_ctime = _now()
         self._touch(ino)
 
     @_locked
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        """Set owner and group (-1 leaves one unchanged); 32-bit ids use the Linux high halves."""
+    def chown(self, path: str, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Set owner and group (-1 leaves one unchanged); 32-bit ids use the Linux high halves.
+
+        With ``follow_symlinks=False`` a final symlink itself changes (``lchown``).
+        """
         self._check_writable()
-        ino = self._lookup(path)
+        ino = self._lookup(path, follow_symlinks)
         inode = self._inode(ino)
         if uid != -1:
             inode.i_uid, inode.l_i_uid_high = uid & 0xFFFF, (uid >> 16) & 0xFFFF
@@ -726,16 +741,177 @@ class Filesystem:
         inode.i_ctime = _now()
         self._touch(ino)
 
+    def lchown(self, path: str, uid: int, gid: int) -> None:
+        """``chown`` of a final symlink itself."""
+        self.chown(path, uid, gid, follow_symlinks=False)
+
     @_locked
-    def utime(self, path: str, times: tuple[int, int] | None = None) -> None:
-        """Set (atime, mtime) in seconds, or both to now."""
+    def utime(self, path: str, times: tuple[float, float] | None = None, *, ns: tuple[int, int] | None = None,
+              follow_symlinks: bool = True) -> None:
+        """Set (atime, mtime), as ``os.utime``: ``times`` in seconds, or ``ns`` in nanoseconds, or both to now.
+
+        ext2 keeps whole seconds (32 bits), so nanoseconds are truncated. A ``times`` pair holding a value of
+        2**32 or more cannot be seconds ext2 stores and is taken as nanoseconds (``utime(p, (atime_ns,
+        mtime_ns))`` works). With ``follow_symlinks=False`` a final symlink itself changes.
+        """
         self._check_writable()
-        ino = self._lookup(path)
+        ino = self._lookup(path, follow_symlinks)
         inode = self._inode(ino)
         t = _now()
-        atime, mtime = times if times is not None else (t, t)
+        if ns is not None:
+            atime, mtime = ns[0] // NS_PER_S, ns[1] // NS_PER_S
+        elif times is not None:
+            if max(abs(times[0]), abs(times[1])) >= 2**32:
+                atime, mtime = int(times[0]) // NS_PER_S, int(times[1]) // NS_PER_S
+            else:
+                atime, mtime = int(times[0] // 1), int(times[1] // 1)
+        else:
+            atime = mtime = t
         inode.i_atime, inode.i_mtime, inode.i_ctime = int(atime) & 0xFFFFFFFF, int(mtime) & 0xFFFFFFFF, t
         self._touch(ino)
+
+    # --- special files ------------------------------------------------------------------------------------------
+    @_locked
+    def mknod(self, path: str, mode: int, rdev: int = 0) -> None:
+        """Create a FIFO, socket, character or block device (or, with no type bits, an empty regular file).
+
+        ``mode`` carries the type (``stat.S_IFIFO`` ...) and the permission bits; ``rdev`` (``os.makedev``) is
+        stored for device nodes as ext2 does (old 8:8 encoding in i_block[0] when it fits, else the new one in
+        i_block[1]). Nothing is ever opened.
+
+        Raises:
+            FileExists, FileNotFound (parent missing), NotADirectory, FsNoSpace, FsError (EINVAL: a directory or
+            symlink type).
+        """
+        self._check_writable()
+        ftype = mode & L.S_IFMT or L.S_IFREG
+        if ftype not in (L.S_IFIFO, L.S_IFSOCK, L.S_IFCHR, L.S_IFBLK, L.S_IFREG):
+            raise FsError(reason=f"mknod cannot make type {ftype:#o}: {path}", path=path, errno=_errno.EINVAL)
+        parent, name, existing = self._parent_of_new(path)
+        if existing:
+            raise FileExists(path=path)
+        self._need(self._entry_cost(parent, name), 1)
+        ino, inode = self._new_inode(parent, ftype | (mode & 0o7777))
+        if inode.is_device:
+            inode.rdev = rdev
+        self._dir(parent).add(name, ino, L.MODE_TO_FT[ftype])
+        self._dir_changed(parent, self._inode(parent))
+
+    # --- extended attributes ----------------------------------------------------------------------------------
+    @_locked
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0, *, follow_symlinks: bool = False) -> None:
+        """Set extended attribute ``name`` (``user.*``, ``trusted.*``, ``security.*``, ``system.posix_acl_*``).
+
+        Acts on a final symlink itself (``lsetxattr``) unless ``follow_symlinks``. ``flags`` as ``os.setxattr``:
+        ``os.XATTR_CREATE`` fails if it exists, ``os.XATTR_REPLACE`` if it does not. The first attribute sets the
+        ``ext_attr`` feature.
+
+        Raises:
+            FileExists (XATTR_CREATE), XattrNotFound (XATTR_REPLACE), FsNoSpace (no free block, or the
+            attributes no longer fit one block), FsError (ENOTSUP, EINVAL, ERANGE).
+        """
+        self._check_writable()
+        key = X.split_name(name, path)
+        raw = bytes(value)
+        if X.is_acl(key[0]):
+            raw = X.acl_to_disk(raw, path)
+        ino = self._lookup(path, follow_symlinks)
+        inode = self._inode(ino)
+        attrs = self._xattrs(ino, inode)
+        if flags & XATTR_CREATE and key in attrs:
+            raise FileExists(path=path, reason=f"attribute {name} exists: {path}")
+        if flags & XATTR_REPLACE and key not in attrs:
+            raise XattrNotFound(name=name, path=path)
+        attrs[key] = raw
+        self._store_xattrs(ino, inode, attrs)
+
+    @_locked
+    def getxattr(self, path: str, name: str, *, follow_symlinks: bool = False) -> bytes:
+        """The value of extended attribute ``name`` (of a final symlink itself unless ``follow_symlinks``).
+
+        Raises:
+            XattrNotFound, FsError (ENOTSUP for a namespace ext2 does not store).
+        """
+        key = X.split_name(name, path)
+        ino = self._lookup(path, follow_symlinks)
+        inode = self._inode(ino)
+        value = self._xattrs(ino, inode).get(key)
+        if value is None:
+            raise XattrNotFound(name=name, path=path)
+        return X.acl_from_disk(value, inode.i_file_acl) if X.is_acl(key[0]) else value
+
+    @_locked
+    def listxattr(self, path: str, *, follow_symlinks: bool = False) -> list[str]:
+        """Names of every extended attribute of ``path``, in on-disk order."""
+        ino = self._lookup(path, follow_symlinks)
+        inode = self._inode(ino)
+        return [X.join_name(k) for k in self._xattrs(ino, inode)]
+
+    @_locked
+    def removexattr(self, path: str, name: str, *, follow_symlinks: bool = False) -> None:
+        """Remove extended attribute ``name``; the xattr block goes with the last one.
+
+        Raises:
+            XattrNotFound.
+        """
+        self._check_writable()
+        key = X.split_name(name, path)
+        ino = self._lookup(path, follow_symlinks)
+        inode = self._inode(ino)
+        attrs = self._xattrs(ino, inode)
+        if key not in attrs:
+            raise XattrNotFound(name=name, path=path)
+        del attrs[key]
+        self._store_xattrs(ino, inode, attrs)
+
+    def _xattrs(self, ino: int, inode: Inode) -> dict[X.Key, bytes]:
+        blk = inode.i_file_acl
+        if not blk:
+            return {}
+        if not self.sb.s_first_data_block < blk < self.sb.s_blocks_count:
+            raise FsCorrupt(reason=f"inode {ino}: xattr block {blk} is outside the file system", inode=ino,
+                            block=blk)
+        return X.parse_block(self.cache.get(blk), blk)[1]
+
+    def _store_xattrs(self, ino: int, inode: Inode, attrs: dict[X.Key, bytes]) -> None:
+        """Write ``attrs`` as the inode's xattr block: in place when the inode owns it alone, else into a new
+        block (a shared block only loses one reference); no attributes free the block."""
+        bs = self.block_size
+        old = inode.i_file_acl
+        if attrs:
+            buf = X.build_block(attrs, bs)  # raises FsNoSpace before anything changes
+            if old and X.parse_block(self.cache.get(old), old)[0] == 1:
+                self.cache.get(old)[:] = buf
+                self.cache.mark_dirty(old)
+            else:
+                self._need(1)
+                blk = self.alloc.alloc_blocks(self._group_start(ino), 1)[0]
+                self.cache.new(blk)[:] = buf
+                if old:
+                    self._drop_xattr_block(ino, old)
+                else:
+                    inode.i_blocks += bs // 512
+                inode.i_file_acl = blk
+            if not self.sb.s_feature_compat & X.FEATURE_COMPAT_EXT_ATTR:
+                self.sb.s_feature_compat |= X.FEATURE_COMPAT_EXT_ATTR
+                self._sb_dirty = True
+                self._backups_dirty = True
+        elif old:
+            self._drop_xattr_block(ino, old)
+            inode.i_file_acl = 0
+            inode.i_blocks -= bs // 512
+        inode.i_ctime = _now()
+        self._touch(ino)
+
+    def _drop_xattr_block(self, ino: int, blk: int) -> None:
+        """Drop one reference to xattr block ``blk``; free it with the last (``ext2_xattr_delete_inode``)."""
+        buf = self.cache.get(blk)
+        refcount = X.parse_block(buf, blk)[0]
+        if refcount > 1:
+            X.set_refcount(buf, refcount - 1)
+            self.cache.mark_dirty(blk)
+        else:
+            self._free_blocks([blk])
 
     @_locked
     def statfs(self) -> StatFs:
@@ -796,6 +972,50 @@ class Filesystem:
     def write_file(self, path: str, data: bytes) -> None:
         with self.open(path, "wb") as f:
             f.write(data)
+
+    @_locked
+    def write_at(self, path: str, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at byte ``offset`` of the existing regular file ``path``; returns the bytes written.
+
+        Blocks the write does not touch stay holes (a write past the end leaves a hole before it).
+
+        Raises:
+            FileNotFound, IsADirectory, FsError (EINVAL: not a regular file or a negative offset), FsNoSpace.
+        """
+        self._check_writable()
+        if offset < 0:
+            raise FsError(reason=f"negative offset {offset}: {path}", path=path, errno=_errno.EINVAL)
+        ino = self._lookup(path)
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise IsADirectory(path=path)
+        if not inode.is_reg:
+            raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
+        return self._write(ino, inode, offset, data)
+
+    @_locked
+    def data_ranges(self, path: str) -> list[tuple[int, int]]:
+        """(offset, length) in bytes of every allocated stretch of regular file ``path`` (what SEEK_DATA finds),
+        clipped to its size; the gaps are holes. Costs O(allocated blocks), not O(size).
+
+        Raises:
+            FileNotFound, IsADirectory, FsError (EINVAL: not a regular file).
+        """
+        ino = self._lookup(path)
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise IsADirectory(path=path)
+        if not inode.is_reg:
+            raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
+        bs = self.block_size
+        size = inode.size
+        out = []
+        for first, n in self.mapper.mapped_runs(ino, inode):
+            start = first * bs
+            if start >= size:
+                break
+            out.append((start, min(n * bs, size - start)))
+        return out
 
     @_locked
     def truncate(self, path: str, size: int) -> None:
