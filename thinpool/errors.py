@@ -201,6 +201,12 @@ class NoFilesystem(FsCorrupt):
     message = "no ext2 file system on the device: {reason}"
 
 
+class LocalFileError(ThinpoolError, OSError):
+    """A file on the host (the source of ``fs put``, the target of ``fs get``) could not be read or written."""
+
+    message = "{path}: {reason}"
+
+
 # --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
 class RbdStreamError(ThinpoolError, ValueError):
     """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
@@ -253,3 +259,17 @@ class ControlError(ServerError):
     """A request sent through a running server's control channel failed (transport or protocol level)."""
 
     message = "control channel {path}: {reason}"
+
+
+# --- metadata tools (helper tools) ------------------------------------------------------------------------------
+class DeviceNameNeedsPool(DeviceError, LookupError):
+    """A device named (not numbered) for a bare metadata file: names live in a pool directory's pool.json."""
+
+    message = ("device {dev_id!r}: names live in a pool directory's pool.json, and {path} is a bare metadata "
+               "file: give the device id (`thinpool ls {path}` lists the ids)")
+
+
+class MissingExtra(ThinpoolError):
+    """An optional feature whose extra dependencies are not installed."""
+
+    message = "{feature} needs {module}: pip install 'thinpool[{extra}]'"
