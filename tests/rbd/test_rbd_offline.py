@@ -1,0 +1,329 @@
+"""rbd diff streams without a cluster: what thinpool writes passes the project's validator and the real, offline
+``rbd merge-diff``; round trips inside thinpool; malformed streams are refused whole with the byte offset."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+from conftest import need_tool
+from rbd_helpers import KiB, MiB, build_chain, device_bytes, fails, fingerprint, merge_diff, ok, pattern
+
+from thinpool.errors import InvalidArgument, RbdStreamError
+from thinpool.pool import Pool
+from thinpool.rbd import DiffWriter, StreamReader, export_diff, import_diff, scan_image, validate_diff
+from thinpool.rbd.stream import OBJECT_SIZE, Extent, iter_diff
+
+CHAIN = ["s1", "s2", "s3", "vol"]
+
+
+@pytest.fixture(scope="module", params=[64 * KiB, 1 * MiB], ids=["64k", "1m"])
+def chain(request, tmp_path_factory):
+    """A pool with vol and snapshots s1..s3, the model, and the four diffs thinpool exports of it."""
+    d = tmp_path_factory.mktemp(f"chain{request.param}")
+    pool = d / "pool"
+    model = build_chain(pool, chunk=request.param)
+    diffs = {}
+    prev = None
+    for name in CHAIN:
+        out = d / f"{name}.diff"
+        args = ["export-diff", name, "-o", out, "-p", pool] + (["--from", prev] if prev else [])
+        ok(*args)
+        diffs[name] = out
+        prev = name
+    return {"dir": d, "pool": pool, "model": model, "diffs": diffs, "chunk": request.param}
+
+
+def records(path):
+    with open(path, "rb") as f:
+        return [r for r in iter_diff(StreamReader(f)) if isinstance(r, Extent)]
+
+
+def test_streams_pass_own_validator_and_follow_ceph_record_rules(chain):
+    size = len(chain["model"]["vol"])
+    prev = None
+    for name in CHAIN:
+        with open(chain["diffs"][name], "rb") as f:
+            s = validate_diff(f)
+        assert s.header.to_snap == name and s.header.from_snap == prev and s.header.size == size
+        recs = records(chain["diffs"][name])
+        assert recs, name
+        end = 0
+        for r in recs:
+            assert r.length > 0 and r.offset >= end and r.offset + r.length <= size
+            # never across a 4 MiB object boundary (Ceph's diff_iterate is per object)
+            assert r.offset // OBJECT_SIZE == (r.offset + r.length - 1) // OBJECT_SIZE
+            if r.kind == "w":  # whole chunks, except the last one cut at the size
+                assert r.offset % chain["chunk"] == 0
+                assert (r.offset + r.length) % chain["chunk"] == 0 or r.offset + r.length == size \
+                    or (r.offset + r.length) % OBJECT_SIZE == 0
+            end = r.offset + r.length
+        prev = name
+
+
+def test_all_zero_data_travels_as_zero_records(chain):
+    # s1 wrote three all-zero chunks at 6 MiB: the full diff carries them as no data at all
+    recs = records(chain["diffs"]["s1"])
+    for r in recs:
+        if r.kind == "w":
+            assert not (r.offset <= 6 * MiB < r.offset + r.length)
+    with open(chain["diffs"]["s1"], "rb") as f:
+        data = f.read()
+    for r in recs:
+        if r.kind == "w":
+            assert any(data[r.data_pos:r.data_pos + r.length])
+    # s2 discarded the first chunk(s) s1 had: a z record covers them
+    z = [r for r in records(chain["diffs"]["s2"]) if r.kind == "z"]
+    assert any(r.offset == 0 and r.length >= chain["chunk"] for r in z)
+
+
+@pytest.mark.external
+def test_rbd_merge_diff_accepts_and_composes_the_chain(chain, tmp_path):
+    need_tool("rbd")
+    d = chain["diffs"]
+    m12 = tmp_path / "m12"
+    r = merge_diff(d["s1"], d["s2"], out=m12)
+    assert r.returncode == 0, r.stderr
+    m123 = tmp_path / "m123"
+    r = merge_diff(m12, d["s3"], out=m123)
+    assert r.returncode == 0, r.stderr
+    m = tmp_path / "mall"
+    assert merge_diff(m123, d["vol"], out=m).returncode == 0
+    # Ceph's own composition of thinpool's diffs, applied by thinpool, gives s3 (and HEAD)
+    with Pool.create(tmp_path / "q", data_size=64 * MiB, chunk_size=chain["chunk"]) as q:
+        q.create_thin(1, 512, name="img")
+        with open(m123, "rb") as f:
+            validate_diff(f)
+            f.seek(0)
+            import_diff(q, 1, f)
+        assert device_bytes(q, "s3") == chain["model"]["s3"]
+        assert device_bytes(q, "img") == chain["model"]["s3"]
+    with Pool.create(tmp_path / "q2", data_size=64 * MiB, chunk_size=chain["chunk"]) as q:
+        q.create_thin(1, 512, name="img")
+        with open(m, "rb") as f:
+            import_diff(q, 1, f)
+        assert device_bytes(q, "img") == chain["model"]["vol"]
+
+
+def test_import_diff_chain_round_trip_cli(chain, tmp_path):
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M", "--chunk-size", "64k")
+    ok("thin", "create", "1", "--size", "1M", "--name", "img", "-p", q)
+    for name in CHAIN:
+        r = ok("import-diff", chain["diffs"][name], "img", "-p", q, "--json")
+        s = json.loads(r.stdout)
+        assert s["records"] > 0 and s["bytes_written"] > 0
+        assert [(x["name"], x["size"]) for x in s["snapshots"]] == [(name, len(chain["model"][name]))]
+    with Pool.open(q, readonly=True) as p:
+        for name in ["s1", "s2", "s3"]:
+            assert device_bytes(p, name) == chain["model"][name]
+        assert device_bytes(p, "img") == chain["model"]["vol"]
+
+
+def test_stdin_and_stdout(chain, tmp_path):
+    r = ok("export-diff", "s2", "--from", "s1", "-p", chain["pool"])
+    assert r.stdout_bytes == chain["diffs"]["s2"].read_bytes()
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("thin", "create", "1", "--size", "1M", "--name", "img", "-p", q)
+    ok("import-diff", "-", "img", "-p", q, input=chain["diffs"]["s1"].read_bytes())
+    ok("import-diff", "-", "img", "-p", q, input=r.stdout_bytes)
+    with Pool.open(q, readonly=True) as p:
+        assert device_bytes(p, "s2") == chain["model"]["s2"]
+
+
+def test_export_format_2_round_trip_inside_thinpool(chain, tmp_path):
+    f = tmp_path / "vol.rbd2"
+    ok("export", "vol", "--export-format", "2", "-o", f, "--snap", "s1", "--snap", "s2", "--snap", "s3",
+       "-p", chain["pool"])
+    with open(f, "rb") as fh:
+        img = scan_image(fh)
+    assert [d.header.to_snap for d in img.diffs] == ["s1", "s2", "s3", None]
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M", "--chunk-size", "64k")
+    r = ok("import", "--export-format", "2", f, "copy", "--snap-prefix", "copy-", "-p", q, "--json")
+    assert [s["name"] for s in json.loads(r.stdout)["snapshots"]] == ["copy-s1", "copy-s2", "copy-s3"]
+    with Pool.open(q, readonly=True) as p:
+        for name in ["s1", "s2", "s3"]:
+            assert device_bytes(p, "copy-" + name) == chain["model"][name]
+        assert device_bytes(p, "copy") == chain["model"]["vol"]
+
+
+# --- malformed streams ----------------------------------------------------------------------------------------
+def _stream(size=4 * MiB, recs=(("w", 0, b"x" * 4096), ("z", 65536, 4096)), frm=None, to="t1",
+            banner=None) -> bytes:
+    b = io.BytesIO()
+    w = DiffWriter(b)
+    w.header(size=size, from_snap=frm, to_snap=to)
+    for kind, off, arg in recs:
+        w.write(off, arg) if kind == "w" else w.zero(off, arg)
+    w.end()
+    data = b.getvalue()
+    if banner is not None:
+        data = banner + data[12:]
+    return data
+
+
+def _raw(*parts: bytes) -> bytes:
+    return b"".join(parts)
+
+
+def _u64(*v: int) -> bytes:
+    return struct.pack(f"<{len(v)}Q", *v)
+
+
+def _u32s(s: bytes) -> bytes:
+    return struct.pack("<I", len(s)) + s
+
+
+BAD = {
+    "wrong banner": (_stream(banner=b"rbd diff v9\n"), 0),
+    "v2 banner": (_stream(banner=b"rbd diff v2\n"), 0),
+    "not a diff": (b"hello world, not a diff at all", 0),
+    "empty": (b"", 0),
+    "out of order": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"w", _u64(8192, 512), b"a" * 512,
+                          b"z", _u64(0, 512), b"e"), 12 + 9 + 17 + 512),
+    "overlapping": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"z", _u64(0, 8192), b"z", _u64(4096, 512), b"e"),
+                    12 + 9 + 17),
+    "past the size": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"w", _u64((1 << 20) - 512, 1024),
+                           b"a" * 1024, b"e"), 21),
+    "zero length": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"z", _u64(0, 0), b"e"), 21),
+    "no size": (_raw(b"rbd diff v1\n", b"t", _u32s(b"x"), b"w", _u64(0, 512), b"a" * 512, b"e"), 18),
+    "unknown tag": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"q", _u64(0, 512), b"e"), 21),
+    "repeated size": (_raw(b"rbd diff v1\n", b"s", _u64(1 << 20), b"s", _u64(1 << 20), b"e"), 21),
+    "trailing data": (_stream() + b"junk", len(_stream())),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_malformed_streams_refused_with_offset_nothing_changed(case, tmp_path):
+    data, offset = BAD[case]
+    with pytest.raises(RbdStreamError) as ei:
+        validate_diff(io.BytesIO(data))
+    assert ei.value.offset == offset, str(ei.value)
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "16M")
+    ok("thin", "create", "1", "--size", "2M", "--name", "img", "-p", q)
+    ok("thin", "write", "img", "-", "-p", q, input=b"keep" * 1000)
+    before = fingerprint(q)
+    f = tmp_path / "bad.diff"
+    f.write_bytes(data)
+    r = fails(1, "import-diff", f, "img", "-p", q)
+    assert f"at byte {offset}" in r.stderr
+    assert fingerprint(q) == before
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("case", ["v2 banner", "out of order", "zero length"])
+def test_rbd_merge_diff_refuses_them_too(case, tmp_path):
+    """The malformed streams are malformed for Ceph as well (so the cases test the real rules)."""
+    need_tool("rbd")
+    data, _ = BAD[case]
+    a = tmp_path / "a"
+    a.write_bytes(data)
+    b = tmp_path / "b"
+    b.write_bytes(_stream(frm="t1", to="t2", size=1 << 20, recs=()))
+    r = merge_diff(a, b, out=tmp_path / "m")
+    assert r.returncode != 0
+
+
+def test_every_truncation_refused_and_nothing_changed(tmp_path):
+    data = _stream(recs=(("w", 0, pattern(1, 700)), ("z", 65536, 4096), ("w", 1 << 20, pattern(2, 300))))
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=16 * MiB) as p:
+        p.create_thin(1, 2 * MiB, name="img").write(0, b"keep" * 1000)
+    before = fingerprint(q)
+    for cut in range(len(data)):
+        with pytest.raises(RbdStreamError) as ei:
+            validate_diff(io.BytesIO(data[:cut]))
+        assert ei.value.offset <= cut
+        assert "truncated" in str(ei.value) or cut < 12
+    for cut in (len(data) // 2, len(data) - 1):
+        f = tmp_path / "cut.diff"
+        f.write_bytes(data[:cut])
+        r = fails(1, "import-diff", f, "img", "-p", q)
+        assert "at byte" in r.stderr
+    assert fingerprint(q) == before
+
+
+def test_missing_from_snapshot_and_existing_to_snapshot(tmp_path):
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "16M")
+    ok("thin", "create", "1", "--size", "2M", "--name", "img", "-p", q)
+    before = fingerprint(q)
+    f = tmp_path / "a.diff"
+    f.write_bytes(_stream(frm="nosuch", to="t2"))
+    r = fails(5, "import-diff", f, "img", "-p", q)
+    assert "'nosuch' does not exist" in r.stderr
+    assert fingerprint(q) == before
+    f.write_bytes(_stream(to="img"))
+    r = fails(5, "import-diff", f, "img", "-p", q)
+    assert "'img' already exists" in r.stderr
+    assert fingerprint(q) == before
+    f.write_bytes(_stream(size=1000, recs=()))  # rbd allows any size; thin devices are whole sectors
+    fails(1, "import-diff", f, "img", "-p", q)
+    assert fingerprint(q) == before
+
+
+def test_not_enough_space_refused_before_anything_changes(tmp_path):
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "1M", "--chunk-size", "64k")
+    ok("thin", "create", "1", "--size", "2M", "--name", "img", "-p", q)
+    before = fingerprint(q)
+    f = tmp_path / "a.diff"
+    f.write_bytes(_stream(size=8 * MiB, recs=(("w", 0, pattern(3, 2 * MiB)),)))
+    fails(3, "import-diff", f, "img", "-p", q)
+    assert fingerprint(q) == before
+
+
+def test_writer_refuses_what_readers_reject():
+    w = DiffWriter(io.BytesIO())
+    w.header(size=1 << 20)
+    w.write(4096, b"a")
+    for off, n in ((0, 10), (4097, 0), ((1 << 20) - 1, 2)):
+        with pytest.raises(InvalidArgument):
+            w.zero(off, n)
+
+
+def test_shrink_and_grow_follow_s(tmp_path):
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=16 * MiB) as p:
+        d = p.create_thin(1, 4 * MiB, name="img")
+        d.write(3 * MiB, pattern(9, 4096))
+        import_diff(p, 1, io.BytesIO(_stream(size=1 * MiB, recs=(("w", 0, b"y" * 512),), to="small")))
+        assert p.device_size(1) == 1 * MiB
+        assert device_bytes(p, "small")[:513] == b"y" * 512 + b"\0"
+        import_diff(p, 1, io.BytesIO(_stream(size=8 * MiB, recs=(("w", 7 * MiB, b"z" * 512),), frm="small",
+                                             to="big")))
+        big = device_bytes(p, "big")
+        assert len(big) == 8 * MiB and big[3 * MiB:3 * MiB + 4096] == bytes(4096)  # shrunk away, grown as zeros
+        assert big[7 * MiB:7 * MiB + 512] == b"z" * 512
+
+
+def test_bounded_memory_on_a_huge_sparse_device(tmp_path):
+    """export-diff and import-diff of a 64 TiB sparse device with a few chunks of data: the cost follows the
+    data, not the size (this would need terabytes if anything scaled with the size)."""
+    q = tmp_path / "q"
+    size = 64 << 40
+    with Pool.create(q, data_size=16 * MiB) as p:
+        d = p.create_thin(1, size, name="huge")
+        for i, off in enumerate((0, 1 << 40, 17 << 40, size - 65536)):
+            d.write(off, pattern(i, 65536))
+        p.create_snap(2, 1, name="huge-s1")
+        d.write(33 << 40, pattern(9, 4096))
+        buf = io.BytesIO()
+        s = export_diff(p, 2, buf)
+        assert s.write_records == 4 and s.data_bytes == 4 * 65536
+        inc = io.BytesIO()
+        s = export_diff(p, 1, inc, from_id=2)
+        assert s.write_records == 1 and s.data_bytes == 65536
+        p.create_thin(3, 512, name="copy")
+        buf.seek(0)
+        import_diff(p, 3, buf, snap_prefix="c-")
+        inc.seek(0)
+        import_diff(p, 3, inc, snap_prefix="c-")
+        assert p.device_size(3) == size
+        for off in (0, 1 << 40, 17 << 40, 33 << 40, size - 65536):
+            assert p.device(3).read(off, 65536) == p.device(1).read(off, 65536)
