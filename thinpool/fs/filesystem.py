@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import (DirectoryNotEmpty, FileExists, FileNotFound, FsCorrupt, FsError, FsNoSpace,
-                             IsADirectory, NameTooLong, NotADirectory, XattrNotFound)
+                             IsADirectory, NameTooLong, NoFilesystem, NotADirectory, XattrNotFound)
 from thinpool.fs import layout as L
 from thinpool.fs import xattr as X
 from thinpool.fs.alloc import Allocator
@@ -119,6 +119,8 @@ class Filesystem:
         if device.size < L.SUPERBLOCK_OFFSET + L.SUPERBLOCK_SIZE:
             raise FsCorrupt(reason="device too small to hold a superblock")
         sb = L.parse_superblock(device.read(L.SUPERBLOCK_OFFSET, L.SUPERBLOCK_SIZE))
+        if sb.s_magic != L.EXT2_SUPER_MAGIC:
+            raise NoFilesystem(reason=f"bad magic {sb.s_magic:#06x} in superblock (expected 0xef53)", block=0)
         readonly = check_superblock(sb, device.size) or readonly
         bs = sb.block_size
         nr_groups = sb.nr_groups
@@ -151,6 +153,7 @@ class Filesystem:
         if not self.readonly:
             self._write_back()
             self.device.flush()
+            self.alloc.unpin()  # the frees are committed now
 
     @_locked
     def close(self) -> None:
@@ -989,6 +992,30 @@ class Filesystem:
         if not inode.is_reg:
             raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
         return self._write(ino, inode, offset, data)
+
+    @_locked
+    def data_ranges(self, path: str) -> list[tuple[int, int]]:
+        """(offset, length) in bytes of every allocated stretch of regular file ``path`` (what SEEK_DATA finds),
+        clipped to its size; the gaps are holes. Costs O(allocated blocks), not O(size).
+
+        Raises:
+            FileNotFound, IsADirectory, FsError (EINVAL: not a regular file).
+        """
+        ino = self._lookup(path)
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise IsADirectory(path=path)
+        if not inode.is_reg:
+            raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
+        bs = self.block_size
+        size = inode.size
+        out = []
+        for first, n in self.mapper.mapped_runs(ino, inode):
+            start = first * bs
+            if start >= size:
+                break
+            out.append((start, min(n * bs, size - start)))
+        return out
 
     @_locked
     def truncate(self, path: str, size: int) -> None:

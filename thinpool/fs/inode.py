@@ -274,6 +274,50 @@ class BlockMapper:
             self._check_ptr(ino, bad, "a data block pointer")
         return out
 
+    def mapped_runs(self, ino: int, inode: Inode) -> Iterator[tuple[int, int]]:
+        """(first logical block, count) of each run of mapped data blocks, in order; holes (and absent indirect
+        subtrees) are skipped without being visited, so the cost follows the mapped blocks, not the file size."""
+        run_start, run_len = -1, 0
+        for lblock, present in self._mapped(ino, inode):
+            n = int(present.size)
+            if n == 0:
+                continue
+            idx = np.flatnonzero(present)
+            if idx.size == 0:
+                continue
+            # split the leaf's mapped slots into consecutive runs
+            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+            for part in np.split(idx, breaks):
+                first = lblock + int(part[0])
+                if run_len and run_start + run_len == first:
+                    run_len += int(part.size)
+                else:
+                    if run_len:
+                        yield run_start, run_len
+                    run_start, run_len = first, int(part.size)
+        if run_len:
+            yield run_start, run_len
+
+    def _mapped(self, ino: int, inode: Inode) -> Iterator[tuple[int, npt.NDArray[np.bool_]]]:
+        """(first logical block, mask of mapped slots) for the direct blocks and every present leaf."""
+        yield 0, np.array(inode.i_block[:NDIR_BLOCKS], np.int64) != 0
+        for slot, depth, first in ((IND_BLOCK, 1, self.limits[0]), (DIND_BLOCK, 2, self.limits[1]),
+                                   (TIND_BLOCK, 3, self.limits[2])):
+            blk = inode.i_block[slot]
+            if blk:
+                yield from self._mapped_below(ino, blk, depth, first)
+
+    def _mapped_below(self, ino: int, blk: int, depth: int, first: int) -> Iterator[tuple[int, npt.NDArray[np.bool_]]]:
+        self._check_ptr(ino, blk, "an indirect block pointer")
+        node = self.read_node(blk)
+        if depth == 1:
+            yield first, node != 0
+            return
+        span = self.apb ** (depth - 1)
+        children = [(i, int(node[i])) for i in np.flatnonzero(node)]
+        for i, child in children:
+            yield from self._mapped_below(ino, child, depth - 1, first + int(i) * span)
+
     def count_new(self, ino: int, inode: Inode, l0: int, n: int) -> int:
         """How many blocks (data + indirect) mapping [l0, l0+n) fully would allocate."""
         if l0 + n <= NDIR_BLOCKS:

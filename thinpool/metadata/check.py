@@ -369,7 +369,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
                 continue
             else:
                 ok, leaves = w.tree(root, 8, on_map_leaf)
-            if ok and label == "live" or (label != "live" and use_metadata_snap):
+            if ok and (label == "live" or use_metadata_snap):
                 n = sum(len(k) for k, _ in leaves)
                 report.mappings += n
                 d = details.get(dev_id)

@@ -147,10 +147,8 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     Raises:
         MetadataCorrupt / ChecksumError naming ``block``.
     """
-    node = pmd.tm.read_node(block, 8)
-    keys = np.frombuffer(node.keys, dtype="<u8").astype(np.int64)
-    values = np.frombuffer(node.values, dtype="<u8")  # type: ignore[arg-type]
-    return MappingNode(block, node.is_leaf, keys, values)
+    is_leaf, keys, values = pmd.mapping.node_arrays(block)
+    return MappingNode(block, is_leaf, keys.astype(np.int64), values)
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
