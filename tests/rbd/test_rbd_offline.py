@@ -9,6 +9,7 @@ import struct
 
 import pytest
 from conftest import need_tool
+from rbd_cluster import measure
 from rbd_helpers import KiB, MiB, build_chain, device_bytes, fails, fingerprint, merge_diff, ok, pattern
 
 from thinpool.errors import InvalidArgument, RbdStreamError
@@ -327,3 +328,35 @@ def test_bounded_memory_on_a_huge_sparse_device(tmp_path):
         assert p.device_size(3) == size
         for off in (0, 1 << 40, 17 << 40, 33 << 40, size - 65536):
             assert p.device(3).read(off, 65536) == p.device(1).read(off, 65536)
+
+
+def _peak_rss(args: list[str], stdin: bytes | None = None) -> int:
+    """Peak RSS (bytes) of one CLI run in a child process (spawned from a small launcher, see rbd_cluster)."""
+    import sys
+
+    return measure([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=stdin)[1]
+
+
+def test_rss_does_not_follow_the_device_size(tmp_path):
+    """The same 8 MiB of data on a 1 GiB and on a 64 TiB device: export-diff (full and --from) and import-diff
+    peak at the same RSS (within 16 MiB), and the 64 TiB stream is no bigger."""
+    rss = {}
+    for size in (1 << 30, 64 << 40):
+        q = tmp_path / f"p{size}"
+        with Pool.create(q, data_size=64 * MiB) as p:
+            d = p.create_thin(1, size, name="vol")
+            for i in range(8):
+                d.write(i * (size // 8), pattern(i, MiB))
+            p.create_snap(2, 1, name="s1")
+            d.write(size // 2 + 4096, pattern(99, 8192))
+        full, inc = tmp_path / f"full{size}", tmp_path / f"inc{size}"
+        r_full = _peak_rss(["export-diff", "s1", "-o", str(full), "-p", str(q)])
+        r_inc = _peak_rss(["export-diff", "vol", "--from", "s1", "-o", str(inc), "-p", str(q)])
+        ok("thin", "create", "9", "--size", "512", "--name", "copy", "-p", q)
+        r_imp = _peak_rss(["import-diff", "-", "copy", "--snap-prefix", "c-", "-p", str(q)], stdin=full.read_bytes())
+        rss[size] = (r_full, r_inc, r_imp, full.stat().st_size)
+    small, big = rss[1 << 30], rss[64 << 40]
+    print("peak RSS (full, --from, import) and stream bytes, 1 GiB vs 64 TiB:", small, big)
+    for a, b in zip(small[:3], big[:3]):
+        assert b - a < 16 * MiB, (small, big)
+    assert big[3] == small[3]  # same records, same data
