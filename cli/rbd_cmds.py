@@ -160,7 +160,9 @@ def export_cmd(ref: str, export_format: str, out_path: str, snaps: tuple[str, ..
     with open_pool(pool_path, readonly=True) as p:
         dev = _resolve(p, ref)
         chain = [_resolve(p, s) for s in snaps] if snaps else None
-        size = p.device_size(dev)
+        from thinpool.rbd import snapshot_chain
+
+        size = sum(p.device_size(d) for d in (chain if chain is not None else snapshot_chain(p, dev)) + [dev])
         with _output(out_path, force) as out, progress(f"export {p.device_name(dev)}", size,
                                                        min_total=MIN_BAR) as bar:
             s = export_image(p, dev, out, snaps=chain, progress=_bar_cb(bar))

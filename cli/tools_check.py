@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 from thinpool_cli.output import echo_json
 from thinpool_cli.params import is_pool_dir, json_option, metadata_path
-from thinpool_cli.tools_common import require_metadata_snap, target_option
+from thinpool_cli.tools_common import busy, require_metadata_snap, target_option
 
 # --- check ------------------------------------------------------------------------------------------------------
 _STEPS = ("examining superblock", "examining devices tree", "examining mapping tree", "checking space map counts")
@@ -51,15 +49,22 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
 
     Example: thinpool check mypool   (or: thinpool check mypool/metadata)
     """
+    from thinpool.errors import ThinpoolError
     from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.check import check_metadata
+    from thinpool.metadata.pool_metadata import PoolMetadata
 
     path = metadata_path(target or pool_path)
     if metadata_snap:
         require_metadata_snap(path)
     store = FileBlockStore(path, readonly=True)
     try:
-        with _spinner("checking metadata", store.nr_blocks):
+        # about 250 mappings per allocated metadata block: the work estimate for the progress display
+        try:
+            work = PoolMetadata.read_superblock(store).metadata_sm_root.nr_allocated * 250
+        except ThinpoolError:
+            work = 0  # a damaged superblock: check_metadata reports it
+        with busy("checking metadata", work):
             report = check_metadata(store, use_metadata_snap=metadata_snap, skip_mappings=skip_mappings)
         nr_blocks = store.nr_blocks
     finally:
@@ -135,15 +140,5 @@ def _clear_needs_check(target: str, md_path: str) -> None:
             os.close(lock_fd)
 
 
-@contextmanager
-def _spinner(text: str, nr_metadata_blocks: int) -> Iterator[None]:
-    """An indeterminate progress display on stderr for long checks of large metadata (terminals only)."""
-    if not sys.stderr.isatty() or nr_metadata_blocks < 65536:
-        yield
-        return
-    from rich.console import Console
-
-    with Console(file=sys.stderr).status(text):
-        yield
 
 

@@ -16,7 +16,8 @@ from typing import IO, Any
 import click
 from thinpool_cli.params import F, device_ref, is_target, metadata_path, pool_option
 
-BIG_MAPPINGS = 1 << 20  # mappings above which dump/ls/delta/rmap show a progress bar (stderr on a terminal only)
+BIG_MAPPINGS = 1 << 19  # mappings (about a second of work) from which the tools show progress on a terminal
+PROGRESS_ENVVAR = "THINPOOL_PROGRESS_MIN_MAPPINGS"  # overrides BIG_MAPPINGS (tests, or to silence the bars)
 
 
 def target_option(f: F) -> F:
@@ -128,10 +129,38 @@ def require_metadata_snap(target: str | None) -> None:
                                      "reserve-metadata-snap`, or drop -m)")
 
 
+def progress_threshold() -> int:
+    """Mappings from which a tool shows progress: $THINPOOL_PROGRESS_MIN_MAPPINGS, else BIG_MAPPINGS."""
+    try:
+        return max(int(os.environ.get(PROGRESS_ENVVAR, BIG_MAPPINGS)), 0)
+    except ValueError:
+        return BIG_MAPPINGS
+
+
 @contextmanager
 def mapping_progress(description: str, total_mappings: int) -> Iterator[Any]:
-    """A progress bar over mappings on a terminal's stderr, for jobs of BIG_MAPPINGS or more."""
+    """A progress bar over mappings on a terminal's stderr (rich; transient), for jobs of at least
+    ``progress_threshold()`` mappings; nothing otherwise or when stderr is not a terminal."""
     from thinpool_cli.output import progress
 
-    with progress(description, total_mappings, min_total=BIG_MAPPINGS) as bar:
+    with progress(description, total_mappings, min_total=max(progress_threshold(), 1)) as bar:
         yield bar
+
+
+@contextmanager
+def busy(text: str, work_mappings: int) -> Iterator[None]:
+    """An indeterminate progress display (a rich status spinner on stderr, terminals only) for jobs whose size
+    in mappings is at least ``progress_threshold()`` but whose progress is not linear (delta skips shared
+    subtrees; ls and map walk distinct nodes)."""
+    if not sys.stderr.isatty() or work_mappings < max(progress_threshold(), 1):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(file=sys.stderr).status(text):
+        yield
+
+
+def total_mapped(md: Any, ids: Sequence[int] | None = None) -> int:
+    """Mappings of the devices ``ids`` (default all), from the device details alone."""
+    return sum(md.devices[d].mapped_blocks for d in (md.device_ids() if ids is None else ids))

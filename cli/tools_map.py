@@ -14,11 +14,13 @@ import click
 from thinpool_cli.output import echo_json, table
 from thinpool_cli.params import json_option, pool_option
 from thinpool_cli.tools_common import (
+    busy,
     open_metadata,
     require_devices,
     require_metadata_snap,
     resolve_device,
     split_target,
+    total_mapped,
 )
 
 COLOURS = {"exclusive": "#1f77b4", "shared": "#ff7f0e", "origin": "#9aa0a6", "hole": "#eeeeee"}
@@ -93,8 +95,9 @@ def map_cmd(args: tuple[str, ...], metadata_snap: bool, png: str | None, pool_pa
         ids = wanted or pmd.device_ids()
         require_devices(pmd, ids)
         inputs = _map_inputs(target, pmd)
-        sharing = Sharing(pmd)
-        maps = {d: device_map(pmd, d, inputs[d][1], sharing, inputs[d][2]) for d in ids}
+        with busy("mapping devices", total_mapped(pmd)):
+            sharing = Sharing(pmd)
+            maps = {d: device_map(pmd, d, inputs[d][1], sharing, inputs[d][2]) for d in ids}
         ch = pmd.data_block_size * 512
     if png:
         draw_png(png, maps, inputs, ch)

@@ -8,17 +8,20 @@ The text output is byte for byte that of thin-provisioning-tools 0.9.0; the work
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from thinpool_cli.output import echo_json
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (
+    busy,
     open_metadata,
     require_devices,
     require_metadata_snap,
     resolve_device,
     split_target,
     target_option,
+    total_mapped,
 )
 
 _LS_HELP_FIELDS = ("DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS, MAPPED_SECTORS, EXCLUSIVE_SECTORS, "
@@ -54,7 +57,9 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     if metadata_snap:
         require_metadata_snap(target)
     with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
-        rows = ls_rows(pmd, chosen)
+        walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
+        with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
+            rows = ls_rows(pmd, chosen)
     if as_json:
         echo_json(ls_json(rows, chosen))
         return
@@ -78,8 +83,6 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
 
     Example: thinpool delta 1 2 mypool   (or: thinpool delta --snap1 1 --snap2 2 mypool/metadata)
     """
-    from thinpool.tools.delta import delta_runs, write_delta_xml
-
     rest, target = split_target(args)
     ids = [s for s in (snap1, snap2) if s is not None] + rest
     if len(ids) != 2 or (snap1 is None) != (snap2 is None):
@@ -90,19 +93,26 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
         require_metadata_snap(target)
     with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
         require_devices(pmd, (a, b))
+        with busy("comparing mappings", total_mapped(pmd, (a, b))):
+            _write_delta(pmd, a, b, verbose, metadata_snap, as_json)
+
+
+def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, as_json: bool) -> None:
+    from thinpool.tools.delta import delta_batches, delta_runs, write_delta_xml
+
+    if as_json:
         runs = delta_runs(pmd, a, b)
-        if as_json:
-            echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
-                       "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
-                                   **({"left_data_begin": r.left_data} if r.left_data is not None else {}),
-                                   **({"right_data_begin": r.right_data}
-                                      if r.kind != "same" and r.right_data is not None else {})}
-                                  for r in runs]})
-            return
-        nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
-        # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
-        write_delta_xml(sys.stdout, pmd, a, b, runs, verbose=verbose, nr_data_blocks=nr_data,
-                        held_root=0 if metadata_snap else pmd.held_root)
+        echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
+                   "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
+                               **({"left_data_begin": r.left_data} if r.left_data is not None else {}),
+                               **({"right_data_begin": r.right_data}
+                                  if r.kind != "same" and r.right_data is not None else {})}
+                              for r in runs]})
+        return
+    nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
+    # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
+    write_delta_xml(sys.stdout, pmd, a, b, verbose=verbose, nr_data_blocks=nr_data,
+                    held_root=0 if metadata_snap else pmd.held_root, batches=delta_batches(pmd, a, b))
 
 
 # --- rmap -------------------------------------------------------------------------------------------------------
@@ -123,7 +133,7 @@ def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None,
     parsed = [parse_region(r) for r in list(regions) + rest]
     if not parsed:
         raise click.UsageError("no regions given (e.g. 0..100, or --region 0..100)")
-    with open_metadata(target or pool_path) as pmd:
+    with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
         runs = rmap_runs(pmd, parsed)
     if as_json:
         echo_json([{"data_begin": r.data_begin, "data_end": r.data_end, "dev_id": r.dev_id,

@@ -234,6 +234,11 @@ class SnapshotExists(DeviceError):
 class ServerError(ThinpoolError):
     """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
 
+
+# --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
+class DriverError(ThinpoolError):
+    """A refused driver, image or container operation (``reason`` says why)."""
+
     message = "{reason}"
 
 
@@ -273,3 +278,42 @@ class MissingExtra(ThinpoolError):
     """An optional feature whose extra dependencies are not installed."""
 
     message = "{feature} needs {module}: pip install 'thinpool[{extra}]'"
+
+
+class DriverNotInitialized(DriverError):
+    message = "pool {path} has no devicemapper driver: run thinpool driver init"
+
+
+class ImageNotFound(DriverError, LookupError):
+    message = "no such image: {ref}"
+
+
+class AmbiguousImage(DriverError):
+    message = "image reference {ref} is ambiguous: it matches {matches}"
+
+
+class ImageFormatError(DriverError, ValueError):
+    message = "bad image {source}: {reason}"
+
+
+class ImageInUse(DriverError):
+    message = "unable to remove image {ref}: it is used by container {container}"
+
+
+class ContainerNotFound(DriverError, LookupError):
+    message = "no such container: {name}"
+
+
+class ContainerExists(DriverError):
+    message = "container name {name} is already in use"
+
+
+class MissingDependency(DriverError):
+    message = "{what} needs the Python package {package}: pip install {package}"
+
+
+class PoolLowOnSpace(NoSpace):
+    """moby's poolHasFreeSpace refusal (dm.min_free_space)."""
+
+    message = ("Thin Pool has {free} free {kind} blocks which is less than minimum required {minimum} free {kind} "
+               "blocks. Create more free space in thin pool or use --min-free-space to change behavior")

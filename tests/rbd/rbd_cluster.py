@@ -159,3 +159,32 @@ def have_ceph() -> list[str]:
     extra = ["/usr/sbin", "/sbin"]
     return [n for n in DAEMONS
             if shutil.which(n) is None and not any(os.access(os.path.join(d, n), os.X_OK) for d in extra)]
+
+
+# Linux keeps a process's peak RSS across fork and exec (exec_mmap records the old mm's high-water mark), so a
+# child spawned straight from a big test process reports the parent's RSS. This tiny launcher is started first;
+# it spawns the measured command from its own small image and prints that grandchild's peak RSS (bytes).
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=sys.stdout.fileno(), stderr=sys.stderr.fileno())\n"
+             "_, st, ru = os.wait4(p.pid, 0)\n"
+             "os.write(int(os.environ['RSS_FD']), b'%d %d' % (os.waitstatus_to_exitcode(st), ru.ru_maxrss * 1024))\n")
+
+
+def measure(args: list[str], *, env: dict[str, str] | None = None, stdin: bytes | None = None,
+            stdout=None) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one run of ``args``; fails on a non-zero exit."""
+    import sys
+
+    r, w = os.pipe()
+    t0 = time.monotonic()
+    penv = dict(os.environ if env is None else env, RSS_FD=str(w))
+    p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *args], env=penv, pass_fds=(w,),
+                         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                         stdout=stdout if stdout is not None else subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    _, err = p.communicate(stdin, timeout=1800)
+    dt = time.monotonic() - t0
+    with os.fdopen(r, "rb") as f:
+        out = f.read().split()
+    assert p.returncode == 0 and out and int(out[0]) == 0, err.decode(errors="replace")[-2000:]
+    return dt, int(out[1])

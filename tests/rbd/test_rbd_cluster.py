@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
+import sys
 
 import pytest
 from conftest import need_tool
@@ -205,5 +207,92 @@ def test_round_trip_thinpool_ceph_thinpool_random(ceph, image_name, tmp_path):
     with Pool.open(dst, readonly=True) as p:
         for s in ("r1", "r2", "r3"):
             assert device_bytes(p, s) == want[s], s
+    ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
+    ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
+
+
+def test_nbd_route_qemu_img_convert_both_ways(ceph, image_name, tmp_path):
+    """The README's route that needs no thinpool code: `thinpool serve` + `qemu-img convert` nbd <-> rbd."""
+    need_tool("qemu-img")
+    pool = tmp_path / "pool"
+    model = build_chain(pool, chunk=64 * KiB)
+    sock = tmp_path / "tp.sock"
+    srv = subprocess.Popen([sys.executable, "-m", "thinpool_cli.serve_cmds", "serve", "--pool", str(pool),
+                            "--socket", str(sock), "--export", "vol", "--export", "s2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            line = srv.stdout.readline()
+            assert line.startswith("serving "), line + srv.stderr.read()
+        rbd_spec = f"rbd:rbd/{image_name}:conf={ceph.conf}"
+        p = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///vol?socket={sock}",
+                            rbd_spec], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert rbd_image(ceph, f"rbd/{image_name}", tmp_path) == model["vol"]
+        # and back: the RBD image over the s2 device (same size), through NBD
+        p = subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", rbd_spec,
+                            f"nbd+unix:///s2?socket={sock}"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.communicate()
+    with Pool.open(pool, readonly=True) as p:
+        assert device_bytes(p, "s2") == model["vol"]
+    ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
+
+
+def test_pipes_both_ways(ceph, image_name, tmp_path):
+    """`thinpool export-diff ... | rbd import-diff - ...` and `rbd export-diff ... - | thinpool import-diff - ...`
+    as the README shows them."""
+    pool = tmp_path / "pool"
+    model = build_chain(pool, chunk=64 * KiB)
+    tp = f"{sys.executable} -c 'from thinpool_cli.main import main; main()'"
+    ceph.rbd("create", "-s", "1M", f"rbd/{image_name}")
+    env = dict(ceph.env)
+    for cmd in (f"{tp} export-diff s1 -p {pool} | rbd import-diff --no-progress - rbd/{image_name}",
+                f"{tp} export-diff s2 --from s1 -p {pool} | rbd import-diff --no-progress - rbd/{image_name}"):
+        p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+    assert rbd_image(ceph, f"rbd/{image_name}@s2", tmp_path) == model["s2"]
+    ok("thin", "create", "20", "--size", "512", "--name", "back", "-p", pool)
+    for cmd in (f"rbd export-diff --no-progress rbd/{image_name}@s1 - | {tp} import-diff - back "
+                f"--snap-prefix back- -p {pool}",
+                f"rbd export-diff --no-progress --from-snap s1 rbd/{image_name}@s2 - | {tp} import-diff - back "
+                f"--snap-prefix back- -p {pool}"):
+        p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+    with Pool.open(pool, readonly=True) as p:
+        assert device_bytes(p, "back-s1") == model["s1"]
+        assert device_bytes(p, "back-s2") == device_bytes(p, "back") == model["s2"]
+    ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
+    ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
+
+
+def test_resized_device_grow_then_shrink(ceph, image_name, tmp_path):
+    """`s` carries each snapshot's size: rbd import-diff grows and shrinks the image to match."""
+    pool = tmp_path / "pool"
+    want = {}
+    with Pool.create(pool, data_size=64 * MiB, chunk_size=64 * KiB) as p:
+        d = p.create_thin(1, 3 * MiB, name="vol")
+        d.write(100, pattern(1, 2 * MiB))
+        p.create_snap(2, 1, name="s1")
+        p.resize_device(1, 5 * MiB + 512)
+        d.write(5 * MiB - 1000, pattern(2, 1512))
+        p.create_snap(3, 1, name="s2")
+        p.resize_device(1, 2 * MiB + 1024)
+        d.write(2 * MiB, pattern(3, 1024))
+        p.create_snap(4, 1, name="s3")
+        for s in ("s1", "s2", "s3", "vol"):
+            want[s] = device_bytes(p, s)
+    assert [len(want[s]) for s in ("s1", "s2", "s3")] == [3 * MiB, 5 * MiB + 512, 2 * MiB + 1024]
+    ship_chain(ceph, pool, image_name, tmp_path)
+    for s in ("s1", "s2", "s3"):
+        assert rbd_image(ceph, f"rbd/{image_name}@{s}", tmp_path) == want[s], s
     ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
     ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)

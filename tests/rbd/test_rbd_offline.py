@@ -9,6 +9,7 @@ import struct
 
 import pytest
 from conftest import need_tool
+from rbd_cluster import measure
 from rbd_helpers import KiB, MiB, build_chain, device_bytes, fails, fingerprint, merge_diff, ok, pattern
 
 from thinpool.errors import InvalidArgument, RbdStreamError
@@ -327,3 +328,136 @@ def test_bounded_memory_on_a_huge_sparse_device(tmp_path):
         assert p.device_size(3) == size
         for off in (0, 1 << 40, 17 << 40, 33 << 40, size - 65536):
             assert p.device(3).read(off, 65536) == p.device(1).read(off, 65536)
+
+
+def _peak_rss(args: list[str], stdin: bytes | None = None) -> int:
+    """Peak RSS (bytes) of one CLI run in a child process (spawned from a small launcher, see rbd_cluster)."""
+    import sys
+
+    return measure([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=stdin)[1]
+
+
+def test_rss_does_not_follow_the_device_size(tmp_path):
+    """The same 8 MiB of data on a 1 GiB and on a 64 TiB device: export-diff (full and --from) and import-diff
+    peak at the same RSS (within 16 MiB), and the 64 TiB stream is no bigger."""
+    rss = {}
+    for size in (1 << 30, 64 << 40):
+        q = tmp_path / f"p{size}"
+        with Pool.create(q, data_size=64 * MiB) as p:
+            d = p.create_thin(1, size, name="vol")
+            for i in range(8):
+                d.write(i * (size // 8), pattern(i, MiB))
+            p.create_snap(2, 1, name="s1")
+            d.write(size // 2 + 4096, pattern(99, 8192))
+        full, inc = tmp_path / f"full{size}", tmp_path / f"inc{size}"
+        r_full = _peak_rss(["export-diff", "s1", "-o", str(full), "-p", str(q)])
+        r_inc = _peak_rss(["export-diff", "vol", "--from", "s1", "-o", str(inc), "-p", str(q)])
+        ok("thin", "create", "9", "--size", "512", "--name", "copy", "-p", q)
+        r_imp = _peak_rss(["import-diff", "-", "copy", "--snap-prefix", "c-", "-p", str(q)], stdin=full.read_bytes())
+        rss[size] = (r_full, r_inc, r_imp, full.stat().st_size)
+    small, big = rss[1 << 30], rss[64 << 40]
+    print("peak RSS (full, --from, import) and stream bytes, 1 GiB vs 64 TiB:", small, big)
+    for a, b in zip(small[:3], big[:3]):
+        assert b - a < 16 * MiB, (small, big)
+    assert big[3] == small[3]  # same records, same data
+
+
+def _on_pty(args: list[str]) -> str:
+    """The CLI with stderr on a pseudo-terminal; what the terminal got."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="100", TERM="xterm")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=slave,
+                         stdout=subprocess.DEVNULL, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            piece = os.read(master, 65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        out += piece
+    p.wait(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, out
+    return out.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=256 * MiB) as p:
+        d = p.create_thin(1, 1 << 30, name="vol")
+        for i in range(40):  # 80 MiB of data: over the bars' 64 MiB threshold
+            d.write(i * 24 * MiB, pattern(i, 2 * MiB))
+    f = tmp_path / "vol.diff"
+    seen = _on_pty(["export-diff", "vol", "-o", str(f), "-p", str(q)])
+    assert "export-diff vol" in seen
+    ok("thin", "create", "2", "--size", "512", "--name", "copy", "-p", q)
+    seen = _on_pty(["import-diff", str(f), "copy", "--snap-prefix", "c-", "-p", str(q)])
+    assert "import-diff into copy" in seen
+    r = ok("export-diff", "vol", "--from", "c-vol", "-p", q, "-o", tmp_path / "x.diff")
+    assert "export-diff vol" not in r.stderr  # not a terminal: one summary line only
+
+
+def test_export_format_2_malformed_refused_nothing_changed(chain, tmp_path):
+    f = tmp_path / "vol.rbd2"
+    ok("export", "vol", "-o", f, "--snap", "s1", "--snap", "s2", "-p", chain["pool"])
+    data = f.read_bytes()
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("thin", "create", "1", "--size", "1M", "--name", "keep", "-p", q)
+    before = fingerprint(q)
+    bad = tmp_path / "bad.rbd2"
+    for cut in (0, 5, 13, 60, 120, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+        assert "export-format 2 stream at byte" in r.stderr
+    # a broken chain: the second diff's from-snapshot renamed
+    with open(f, "rb") as fh:
+        img = scan_image(fh)
+    second = img.diffs[1].start
+    i = data.index(b"f", second + 12)
+    broken = bytearray(data)
+    assert broken[i + 13:i + 15] == b"s1"
+    broken[i + 13:i + 15] = b"sX"
+    bad.write_bytes(bytes(broken))
+    r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+    assert "starts at snapshot 'sX', expected 's1'" in r.stderr
+    # names that are taken
+    r = fails(5, "import", "--export-format", "2", f, "keep", "-p", q)
+    ok("thin", "create", "2", "--size", "1M", "--name", "s2", "-p", q)
+    before = fingerprint(q)
+    r = fails(5, "import", "--export-format", "2", f, "img", "-p", q)
+    assert "'s2' already exists" in r.stderr
+    assert fingerprint(q) == before
+    ok("import", "--export-format", "2", f, "img", "--snap-prefix", "img-", "-p", q)
+    with Pool.open(q, readonly=True) as p:
+        assert device_bytes(p, "img-s1") == chain["model"]["s1"]
+        assert device_bytes(p, "img-s2") == chain["model"]["s2"]
+        assert device_bytes(p, "img") == chain["model"]["vol"]
+
+
+def test_cli_usage_errors(chain, tmp_path):
+    out = tmp_path / "x.diff"
+    out.write_bytes(b"keep")
+    from rbd_helpers import run
+
+    r = run("export-diff", "vol", "-o", out, "-p", chain["pool"])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert out.read_bytes() == b"keep"
+    r = run("import", "--export-format", "2", "-", "-p", chain["pool"], input=b"")
+    assert r.exit_code == 2 and "NAME is required" in r.stderr
+    fails(5, "export-diff", "nosuch", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()  # a failed export leaves no file behind
+    fails(1, "export-diff", "vol", "--from", "vol", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()

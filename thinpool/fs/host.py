@@ -222,7 +222,7 @@ def _put_entry(fs: Filesystem, src: str, dst: str, st: os.stat_result, stats: Co
             raise FsError(reason=f"{src}: unknown file type {statmod.S_IFMT(mode):#o}", path=src,
                           errno=_errno.EINVAL)
     except FsNoSpace as e:
-        raise FsNoSpace(reason=f"{dst}: {e.reason}", path=dst) from e
+        raise FsNoSpace(reason=f"{dst}: {getattr(e, 'reason', e)}", path=dst) from e
     except OSError as e:
         if isinstance(e, LocalFileError | FsError):
             raise

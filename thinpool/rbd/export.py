@@ -192,9 +192,12 @@ def export_image(pool: Pool, dev_id: int, out: BinaryIO, *, snaps: list[int] | N
     agg = ExportSummary(device=pool.device_name(dev_id), size=pool.device_size(dev_id), from_snap=None,
                         to_snap=None, diffs=len(chain) + 1)
     prev: int | None = None
+    base = 0  # progress runs over the diffs one after the other
     for d in chain + [dev_id]:
         w = DiffWriter(out, version=2)
-        write_diff(w, pool, d, prev, to_snap=None if d == dev_id else pool.device_name(d), progress=progress)
+        cb = None if progress is None else (lambda pos, b=base: progress(b + pos))
+        write_diff(w, pool, d, prev, to_snap=None if d == dev_id else pool.device_name(d), progress=cb)
+        base += pool.device_size(d)
         total += w.bytes_out
         agg.records += w.records
         agg.write_records += w.writes
