@@ -19,11 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-
 from thinpool_cli.output import echo_json, kv_table, table
 from thinpool_cli.params import POOL_ENVVAR, device_ref, json_option, open_pool, pool_option
-
-IO_CHUNK = 1 << 20  # bytes per read/write call when copying files in and out
 
 DEV_ARG = click.argument("dev", metavar="DEV")
 
@@ -47,11 +44,16 @@ def fs() -> None:
 @contextmanager
 def _mounted(pool_path: str | None, dev: str, *, write: bool) -> Iterator[Any]:
     """Open the pool and the file system on device ``dev``; flush (and so commit) after a writing command."""
+    from thinpool.errors import NoFilesystem
     from thinpool.fs import Filesystem
 
     with open_pool(pool_path, readonly=not write) as p:
         device = p.device(int(p.find_device(device_ref(dev))))
-        filesystem = Filesystem.mount(device, readonly=not write)
+        try:
+            filesystem = Filesystem.mount(device, readonly=not write)
+        except NoFilesystem as e:
+            raise NoFilesystem(f"no ext2 file system on device {dev} ({e.reason}); make one with: "
+                               f"thinpool fs mkfs {dev}", reason=e.reason, block=0) from e
         yield filesystem
         if write:
             filesystem.flush()
@@ -115,8 +117,8 @@ def fs_ls(dev: str, path: str, long: bool, show_all: bool, pool_path: str | None
 
 def _render_ls(f: Any, path: str, is_dir: bool, entries: list[tuple[str, Any]], long: bool, as_json: bool) -> None:
     if as_json:
-        echo_json([{"name": n, "ino": s.ino, "mode": oct(s.mode), "nlink": s.nlink, "uid": s.uid,
-                    "gid": s.gid, "size": s.size, "mtime": s.mtime} for n, s in entries])
+        echo_json([{"name": n, "ino": s.ino, "mode": s.mode, "mode_string": _kind(s.mode), "nlink": s.nlink,
+                    "uid": s.uid, "gid": s.gid, "size": s.size, "mtime": s.mtime} for n, s in entries])
     elif long:
         rows = []
         for n, s in entries:
@@ -161,127 +163,66 @@ def fs_tree(dev: str, path: str, pool_path: str | None) -> None:
         click.echo(f"\n{counts[0]} directories, {counts[1]} files")
 
 
-def _put_file(f: Any, src: str, dst: str) -> int:
-    with open(src, "rb") if src != "-" else _stdin() as inp, f.open(dst, "wb") as out:
-        total = 0
-        while chunk := inp.read(IO_CHUNK):
-            out.write(chunk)
-            total += len(chunk)
-    if src != "-":
-        st = os.stat(src)
-        f.chmod(dst, statmod.S_IMODE(st.st_mode))
-        f.utime(dst, (int(st.st_atime), int(st.st_mtime)))
-    return total
-
-
-@contextmanager
-def _stdin() -> Iterator[Any]:
-    yield sys.stdin.buffer
-
-
 @fs.command("put")
 @DEV_ARG
 @click.argument("src", type=click.Path(allow_dash=True))
 @click.argument("dst")
+@click.option("-a", "--archive", is_flag=True, help="Also copy owner, group and extended attributes (as cp -a).")
 @pool_option
-def fs_put(dev: str, src: str, dst: str, pool_path: str | None) -> None:
-    """Copy local file or directory SRC ('-' for stdin) to DST in the file system (into DST if it is a directory).
+def fs_put(dev: str, src: str, dst: str, archive: bool, pool_path: str | None) -> None:
+    """Copy local file, directory, symlink or special file SRC ('-' for stdin) to DST (into DST if it is a
+    directory). Holes stay holes; FIFOs and device nodes are made with mknod, never opened; a replaced file
+    stays intact if the copy fails.
 
     Example: thinpool fs put vol ./photos /photos
     """
-    if src != "-" and not os.path.exists(src):
+    from thinpool.fs import host
+
+    if src != "-" and not os.path.lexists(src):
         raise click.BadParameter(f"{src}: no such file or directory", param_hint="SRC")
     with _mounted(pool_path, dev, write=True) as f:
         if src != "-" and f.isdir(dst):
             dst = dst.rstrip("/") + "/" + os.path.basename(os.path.normpath(src))
-        if src != "-" and os.path.isdir(src):
-            nr, total = _put_tree(f, src, dst)
-            click.echo(f"put {nr} file(s), {total} bytes into {dst}")
-        elif src != "-" and os.path.islink(src):
-            f.symlink(os.readlink(src), dst)
+        if src == "-":
+            click.echo(f"put {host.put_stream(f, sys.stdin.buffer, dst)} bytes into {dst}")
+            return
+        st = host.put(f, src, dst, archive=archive)
+        if os.path.isdir(src) and not os.path.islink(src):
+            click.echo(f"put {st.nr_entries} file(s), {st.nr_bytes} bytes into {dst}")
+        elif os.path.islink(src):
             click.echo(f"put symlink {dst}")
         else:
-            click.echo(f"put {_put_file(f, src, dst)} bytes into {dst}")
-
-
-def _put_tree(f: Any, src: str, dst: str) -> tuple[int, int]:
-    """Copy a local directory tree (files, directories, symlinks) to ``dst``; returns (entries, bytes)."""
-    nr, total = 0, 0
-    for root, dirs, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        target = dst if rel == "." else dst.rstrip("/") + "/" + rel.replace(os.sep, "/")
-        f.mkdir(target, parents=True)
-        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            local = os.path.join(root, name)
-            if os.path.islink(local):
-                f.symlink(os.readlink(local), f"{target}/{name}")
-            else:
-                total += _put_file(f, local, f"{target}/{name}")
-            nr += 1
-    return nr, total
-
-
-def _get_file(f: Any, src: str, dst: str) -> int:
-    total = 0
-    with f.open(src, "rb") as inp:
-        out = sys.stdout.buffer if dst == "-" else open(dst, "wb")
-        try:
-            while chunk := inp.read(IO_CHUNK):
-                out.write(chunk)
-                total += len(chunk)
-        finally:
-            if dst != "-":
-                out.close()
-    if dst != "-":
-        st = f.stat(src)
-        os.chmod(dst, statmod.S_IMODE(st.mode))
-        os.utime(dst, (st.atime, st.mtime))
-    return total
+            click.echo(f"put {st.nr_bytes} bytes into {dst}")
 
 
 @fs.command("get")
 @DEV_ARG
 @click.argument("src")
 @click.argument("dst", type=click.Path(allow_dash=True))
+@click.option("-a", "--archive", is_flag=True, help="Also copy owner, group and extended attributes (as cp -a).")
 @pool_option
-def fs_get(dev: str, src: str, dst: str, pool_path: str | None) -> None:
-    """Copy SRC (a file or directory) out of the file system to local DST ('-' for stdout).
+def fs_get(dev: str, src: str, dst: str, archive: bool, pool_path: str | None) -> None:
+    """Copy SRC (a file, directory, symlink or special file) out of the file system to local DST ('-' for
+    stdout). Holes stay holes.
 
     Example: thinpool fs get vol /photos ./photos-copy
     """
+    from thinpool.fs import host
+
     with _mounted(pool_path, dev, write=False) as f:
         st = f.stat(src)
-        if dst != "-" and os.path.isdir(dst):
-            dst = os.path.join(dst, os.path.basename(src.rstrip("/")) or "root")
-        if not st.is_dir:
-            n = _get_file(f, src, dst)
-            if dst != "-":
-                click.echo(f"got {n} bytes into {dst}")
-            return
         if dst == "-":
-            raise click.BadParameter("cannot write a directory to stdout", param_hint="DST")
-        nr, total = _get_tree(f, src, dst)
-        click.echo(f"got {nr} file(s), {total} bytes into {dst}")
-
-
-def _get_tree(f: Any, src: str, dst: str) -> tuple[int, int]:
-    """Copy the tree under ``src`` out to local ``dst``; returns (entries, bytes)."""
-    nr, total = 0, 0
-    for root, _dirs, files in f.walk(src):
-        rel = root[len(src.rstrip("/")):].lstrip("/")
-        local_dir = os.path.join(dst, rel) if rel else dst
-        os.makedirs(local_dir, exist_ok=True)
-        for name in files:
-            p = root.rstrip("/") + "/" + name
-            local = os.path.join(local_dir, name)
-            if f.lstat(p).is_symlink:
-                if os.path.lexists(local):
-                    os.unlink(local)
-                os.symlink(f.readlink(p), local)
-            else:
-                total += _get_file(f, p, local)
-            nr += 1
-    return nr, total
+            if st.is_dir:
+                raise click.BadParameter("cannot write a directory to stdout", param_hint="DST")
+            host.get_stream(f, src, sys.stdout.buffer)
+            return
+        if os.path.isdir(dst):
+            dst = os.path.join(dst, os.path.basename(src.rstrip("/")) or "root")
+        got = host.get(f, src, dst, archive=archive)
+        if st.is_dir:
+            click.echo(f"got {got.nr_entries} file(s), {got.nr_bytes} bytes into {dst}")
+        else:
+            click.echo(f"got {got.nr_bytes} bytes into {dst}")
 
 
 @fs.command("cat")
@@ -294,8 +235,10 @@ def fs_cat(dev: str, paths: tuple[str, ...], pool_path: str | None) -> None:
     Example: thinpool fs cat vol /notes.txt
     """
     with _mounted(pool_path, dev, write=False) as f:
+        from thinpool.fs import host
+
         for p in paths:
-            _get_file(f, p, "-")
+            host.get_stream(f, p, sys.stdout.buffer)
         sys.stdout.buffer.flush()
 
 
@@ -387,20 +330,29 @@ def fs_stat(dev: str, path: str, pool_path: str | None, as_json: bool) -> None:
     """
     with _mounted(pool_path, dev, write=False) as f:
         s = f.lstat(path)
-        d: dict[str, Any] = {"path": path, "ino": s.ino, "type": _type_name(s.mode), "mode": oct(s.mode),
-                             "nlink": s.nlink, "uid": s.uid, "gid": s.gid, "size": s.size,
-                             "blocks_512": s.blocks, "atime": s.atime, "mtime": s.mtime, "ctime": s.ctime}
+        d: dict[str, Any] = {"path": path, "ino": s.ino, "type": _type_name(s.mode), "mode": s.mode,
+                             "mode_string": _kind(s.mode), "nlink": s.nlink, "uid": s.uid, "gid": s.gid,
+                             "size": s.size, "blocks_512": s.blocks, "atime": s.atime, "mtime": s.mtime,
+                             "ctime": s.ctime}
         if s.is_symlink:
             d["target"] = f.readlink(path)
+        if s.rdev:
+            d["rdev"] = f"{os.major(s.rdev)}:{os.minor(s.rdev)}"
+        if f.listxattr(path):
+            d["xattrs"] = {n: f.getxattr(path, n).hex() for n in f.listxattr(path)}
         if as_json:
             echo_json(d)
         else:
-            kv_table(path, [(k, _when(v) if k.endswith("time") else v) for k, v in d.items() if k != "path"])
+            rows = [(k, _when(v) if k.endswith("time") else f"{v:#o}" if k == "mode" else v)
+                    for k, v in d.items() if k not in ("path", "xattrs")]
+            rows += [(f"xattr {n}", v) for n, v in d.get("xattrs", {}).items()]
+            kv_table(path, rows)
 
 
 def _type_name(mode: int) -> str:
-    return {statmod.S_IFREG: "file", statmod.S_IFDIR: "directory", statmod.S_IFLNK: "symlink"}.get(
-        statmod.S_IFMT(mode), "special")
+    return {statmod.S_IFREG: "file", statmod.S_IFDIR: "directory", statmod.S_IFLNK: "symlink",
+            statmod.S_IFIFO: "fifo", statmod.S_IFSOCK: "socket", statmod.S_IFCHR: "character device",
+            statmod.S_IFBLK: "block device"}.get(statmod.S_IFMT(mode), "special")
 
 
 @fs.command("df")

@@ -240,3 +240,131 @@ class NotEmptyDirectory(InvalidArgument):
     """``pool create`` was pointed at a directory that holds something other than a pool."""
 
     message = "{path} is not empty ({entries}): a pool is created only in a new or empty directory"
+
+
+# --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
+class XattrNotFound(FsError, LookupError):
+    message = "no such extended attribute {name}: {path}"
+    errno = _errno.ENODATA
+
+
+class NoFilesystem(FsCorrupt):
+    message = "no ext2 file system on the device: {reason}"
+
+
+class LocalFileError(ThinpoolError, OSError):
+    """A file on the host (the source of ``fs put``, the target of ``fs get``) could not be read or written."""
+
+    message = "{path}: {reason}"
+
+
+# --- Ceph RBD streams (helper rbd) ----------------------------------------------------------------------------
+class RbdStreamError(ThinpoolError, ValueError):
+    """A malformed or truncated rbd diff / export-format 2 stream; ``offset`` is the byte where it broke."""
+
+    message = "bad {kind} stream at byte {offset}: {reason}"
+
+    def __init__(self, message: str | None = None, *, offset: int, reason: str, kind: str = "rbd diff",
+                 **kw: Any) -> None:
+        super().__init__(message, offset=offset, reason=reason, kind=kind, **kw)
+
+
+class SnapshotNotFound(DeviceError, LookupError):
+    """The from-snapshot a diff starts at is not a device of the pool (rbd import-diff: ENOENT/EINVAL)."""
+
+    message = "from-snapshot {name!r} does not exist in the pool: apply the earlier diffs first"
+
+
+class SnapshotExists(DeviceError):
+    """The to-snapshot a diff would create is already a device name (rbd import-diff: EEXIST)."""
+
+    message = "to-snapshot {name!r} already exists in the pool"
+
+
+# --- servers (helper: servers) --------------------------------------------------------------------------------
+class ServerError(ThinpoolError):
+    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
+
+
+# --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
+class DriverError(ThinpoolError):
+    """A refused driver, image or container operation (``reason`` says why)."""
+
+    message = "{reason}"
+
+
+class AddressInUse(ServerError):
+    message = "{address} is in use by a running server (stop it first; a live socket is never taken over)"
+
+
+class ListenError(ServerError):
+    message = "cannot listen on {address}: {reason}"
+
+
+class TlsConfigError(ServerError):
+    message = "TLS: {reason}"
+
+
+class ServedPoolFailed(TransactionError):
+    """A served pool stopped accepting writes after a failed commit (dm-thin's metadata_operation_failed)."""
+
+    message = "pool failed after an error ({reason}): writes and flushes are refused until it is checked"
+
+
+class ControlError(ServerError):
+    """A request sent through a running server's control channel failed (transport or protocol level)."""
+
+    message = "control channel {path}: {reason}"
+
+
+# --- metadata tools (helper tools) ------------------------------------------------------------------------------
+class DeviceNameNeedsPool(DeviceError, LookupError):
+    """A device named (not numbered) for a bare metadata file: names live in a pool directory's pool.json."""
+
+    message = ("device {dev_id!r}: names live in a pool directory's pool.json, and {path} is a bare metadata "
+               "file: give the device id (`thinpool ls {path}` lists the ids)")
+
+
+class MissingExtra(ThinpoolError):
+    """An optional feature whose extra dependencies are not installed."""
+
+    message = "{feature} needs {module}: pip install 'thinpool[{extra}]'"
+
+
+class DriverNotInitialized(DriverError):
+    message = "pool {path} has no devicemapper driver: run thinpool driver init"
+
+
+class ImageNotFound(DriverError, LookupError):
+    message = "no such image: {ref}"
+
+
+class AmbiguousImage(DriverError):
+    message = "image reference {ref} is ambiguous: it matches {matches}"
+
+
+class ImageFormatError(DriverError, ValueError):
+    message = "bad image {source}: {reason}"
+
+
+class ImageInUse(DriverError):
+    message = "unable to remove image {ref}: it is used by container {container}"
+
+
+class ContainerNotFound(DriverError, LookupError):
+    message = "no such container: {name}"
+
+
+class ContainerExists(DriverError):
+    message = "container name {name} is already in use"
+
+
+class MissingDependency(DriverError):
+    message = "{what} needs the Python package {package}: pip install {package}"
+
+
+class PoolLowOnSpace(NoSpace):
+    """moby's poolHasFreeSpace refusal (dm.min_free_space)."""
+
+    message = ("Thin Pool has {free} free {kind} blocks which is less than minimum required {minimum} free {kind} "
+               "blocks. Create more free space in thin pool or use --min-free-space to change behavior")

@@ -12,7 +12,12 @@ File operations map onto the device:
   this), ``fallocate(ZERO_RANGE)`` -> ``device.write_zeroes``, plain preallocation inside the file is a no-op;
 * ``st_blocks`` reports the device's mapped bytes, so ``du`` shows thin allocation;
 * unmount (``umount``/``fusermount3 -u``, or SIGINT/SIGTERM to the daemon) flushes every device and then calls
-  ``on_unmount``.
+  ``on_unmount``;
+* a failed ``fsync`` (a failed commit) fails the export as dm-thin fails a pool (metadata_operation_failed):
+  every later read, write, discard and fsync returns EIO (ENOSPC when the host disk was full), nothing is
+  committed at unmount, and ``failed`` holds the reason; acknowledged data can therefore never read back changed;
+* ``lseek(SEEK_DATA/SEEK_HOLE)`` reports the device's mapped ranges, so ``cp --sparse`` and ``qemu-img map``
+  see the holes.
 
 The daemon runs single-threaded (``-s``; per the measurements it is also the fastest mode for Python) and every
 device call is made under one lock, so the devices need not be thread-safe.
@@ -37,6 +42,8 @@ log = logging.getLogger("thinpool.fuse")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 MAX_WRITE = 1024 * 1024
 
 
@@ -80,6 +87,7 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
             self.mounted_ns = time.time_ns()
             self.uid, self.gid = os.getuid(), os.getgid()
             self.unmounted = False
+            self.failed: str | None = None
 
         # --- helpers ----------------------------------------------------------------------------------------
         def _dev(self, path: str) -> BlockDevice:
@@ -89,6 +97,8 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
             return dev
 
         def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+            if self.failed is not None:
+                raise FuseOSError(errno.EIO)
             try:
                 with self.device_lock:
                     return fn(*args)
@@ -116,6 +126,9 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
             if self.unmounted:
                 return
             self.unmounted = True
+            if self.failed is not None:
+                log.error("fuse: not committing at unmount: %s", self.failed)
+                return
             with self.device_lock:
                 try:
                     for dev in self.devices.values():
@@ -174,8 +187,33 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
             return 0  # O_TRUNC / truncate(0) is ignored, as opening a block device with O_TRUNC is
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
-            self._call(self._dev(path).flush)
+            dev = self._dev(path)
+            try:
+                self._call(dev.flush)
+            except FuseOSError as e:
+                if self.failed is None:
+                    self.failed = f"fsync of {path[1:]} failed: {e.__cause__ or e}"
+                    log.error("fuse: %s; refusing all I/O until the pool is checked", self.failed)
+                raise
             return 0
+
+        def lseek(self, path: str, offset: int, whence: int, fh: int) -> int:
+            dev = self._dev(path)
+            if whence not in (SEEK_DATA, SEEK_HOLE):
+                raise FuseOSError(errno.EINVAL)  # SEEK_SET/CUR/END never reach a FUSE filesystem
+            if offset < 0 or offset >= dev.size:
+                raise FuseOSError(errno.ENXIO)
+            for start, n in self._call(dev.mapped_ranges, offset, dev.size - offset):
+                if start + n <= offset:
+                    continue
+                if whence == SEEK_DATA:
+                    return max(start, offset)
+                if start > offset:
+                    return offset  # a hole at offset
+                offset = start + n  # inside data: the hole starts where this range ends (ranges may touch)
+            if whence == SEEK_DATA:
+                raise FuseOSError(errno.ENXIO)
+            return min(offset, dev.size)
 
         def flush(self, path: str, fh: int) -> int:
             return 0  # close(): durability is fsync's job
@@ -239,4 +277,16 @@ def mount(exports: Mapping[str, BlockDevice], mountpoint: str | os.PathLike[str]
                               "subtype": "thinpool"}
     if allow_other:
         kwargs["allow_other"] = True
-    mfusepy.FUSE(ops, os.fspath(mountpoint), **kwargs)
+    _fuse_class(mfusepy)(ops, os.fspath(mountpoint), **kwargs)
+
+
+def _fuse_class(mfusepy: Any) -> Any:
+    """mfusepy's FUSE with the one callback wrapper it lacks: lseek (SEEK_DATA/SEEK_HOLE, libfuse >= 3.8)."""
+
+    class FUSE(mfusepy.FUSE):  # type: ignore[misc,name-defined]
+        def lseek(self, path: bytes | None, off: int, whence: int, fip: Any) -> int:
+            fh = fip.contents if self.raw_fi else fip.contents.fh
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            return int(self.operations.lseek(name, off, whence, fh))
+
+    return FUSE

@@ -2,6 +2,9 @@
 
 Layer: thin. May import: errors, units, io, metadata.
 
+The device reaches the metadata only through its per-device handle (metadata/thin_device.py, the kernel's
+dm_thin_device) and allocates data blocks through the pool (the DataAllocator of that module).
+
 - Unprovisioned chunks read as zeros (or the external origin's bytes); reads never allocate or copy.
 - The first write to a chunk allocates one; the part of the chunk not written is zeroed unless zeroing is off
   (a hole is punched, which reads as zeros and keeps the data file sparse); a whole-chunk write needs no zeroing.
@@ -16,14 +19,11 @@ Layer: thin. May import: errors, units, io, metadata.
 from __future__ import annotations
 
 import io
-from array import array
-from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from thinpool.errors import InvalidArgument, NoMetadataSpace
-from thinpool.formats.device_details import TIME_MASK
 from thinpool.io.device import check_bounds
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class ThinDevice:
         self.pool = pool
         self.dev_id = dev_id
         self.chunk = pool.chunk_bytes
+        self.md = pool.md.device(dev_id)
 
     def __repr__(self) -> str:
         return f"ThinDevice(dev_id={self.dev_id}, size={self.size})"
@@ -58,16 +59,16 @@ class ThinDevice:
             return self._read(offset, length)
 
     def _read(self, offset: int, length: int) -> bytes:
-        pool, md, ch = self.pool, self.pool.md, self.chunk
+        pool, md, ch = self.pool, self.md, self.chunk
         first, last = offset // ch, (offset + length - 1) // ch
         if first == last:
-            m = md.lookup(self.dev_id, first)
+            m = md.find_block(first)
             o = offset - first * ch
             if m is None:
                 return self._unprovisioned(first, o, length)
             return pool.data.pread(m[0] * ch + o, length)
         out = bytearray(length)
-        k, d, _ = md.mappings(self.dev_id, first, last + 1)
+        k, d, _ = md.find_mapped_range(first, last + 1)
         mapped = dict(zip(k.tolist(), d.tolist()))
         pos = offset
         end = offset + length
@@ -106,7 +107,7 @@ class ThinDevice:
         check_bounds(size, offset, length)
         ch = self.chunk
         with self.pool.lock:
-            k, _, _ = self.pool.md.mappings(self.dev_id, offset // ch, -(-(offset + length) // ch))
+            k, _, _ = self.md.find_mapped_range(offset // ch, -(-(offset + length) // ch))
         ranges: list[tuple[int, int]] = []
         if len(k):
             k = k.astype(np.int64)
@@ -147,64 +148,21 @@ class ThinDevice:
     def _metadata_exhausted(self) -> None:
         """Out of metadata space in the middle of an I/O: as dm-thin, drop the open transaction and put the pool
         in read-only mode with needs_check (committed data stays readable)."""
-        self.pool.md.abort()
-        self.pool.md.set_needs_check()
-
-    def _needs_alloc(self, first: int, last: int) -> int:
-        md = self.pool.md
-        k, _, t = md.mappings(self.dev_id, first, last + 1)
-        snap = md.devices[self.dev_id].snapshotted_time
-        return (last - first + 1) - len(k) + int(np.count_nonzero(t < snap))
+        self.md.metadata_exhausted()
 
     def _lookup_range(self, first: int, last: int) -> dict[int, tuple[int, int]]:
         """{thin block: (data block, time)} for the mapped chunks in [first, last]."""
-        md = self.pool.md
-        if first == last:
-            m = md.lookup(self.dev_id, first)
-            return {} if m is None else {first: m}
-        leaf = self._leaf_slice(first, last)
-        if leaf is not None:
-            return {k: (v >> 24, v & TIME_MASK) for k, v in zip(*leaf)}
-        return {k: (v >> 24, v & TIME_MASK)
-                for k, v in md.mapping.items(md.device_root(self.dev_id), first, last + 1)}
-
-    def _leaf_slice(self, first: int, last: int) -> tuple[array[int], array[int]] | None:
-        """(keys, block_times) of the mappings in [first, last] when one leaf of the device's tree holds all of
-        them (the common case for a write of a few chunks): one descent and two bisects, no iteration over the
-        leaf. None when the range may continue into the next leaf (the caller walks the tree instead)."""
-        tree = self.pool.md.mapping
-        node = tree._read(self.pool.md.device_root(self.dev_id))
-        for _ in range(64):
-            if node.is_leaf:
-                break
-            i = bisect_right(node.keys, first) - 1
-            if i < 0:
-                i = 0
-            if i + 1 < len(node.keys) and node.keys[i + 1] <= last:
-                return None  # the range spans two children
-            node = tree._read(node.values[i])  # type: ignore[arg-type]
-        else:
-            return None  # deeper than any sane tree: let the checked walk report it
-        keys = node.keys
-        lo = bisect_left(keys, first)
-        hi = bisect_right(keys, last)
-        return keys[lo:hi], node.values[lo:hi]  # type: ignore[return-value]
+        return self.md.find_mapped_dict(first, last + 1)
 
     def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int) -> bool:
         """Fast path: every chunk of [first, last] is mapped, unshared, to consecutive data blocks: one pwrite."""
-        leaf = self._leaf_slice(first, last)
-        if leaf is None:
-            return False
-        keys, vals = leaf
+        k, d, t = self.md.find_mapped_range(first, last + 1)
         n = last - first + 1
-        if len(keys) != n:
+        if len(k) != n:
             return False
-        d0 = vals[0] >> 24
-        j = 0
-        for v in vals:
-            if v >> 24 != d0 + j or v & TIME_MASK < snap_time:
-                return False
-            j += 1
+        d0 = int(d[0])
+        if int(d[-1]) - d0 != n - 1 or int(t.min()) < snap_time or (n > 2 and not bool(np.all(np.diff(d) == 1))):
+            return False
         self.pool.data.pwrite(d0 * self.chunk + offset - first * self.chunk, view)
         return True
 
@@ -213,12 +171,12 @@ class ThinDevice:
         physically contiguous pieces are coalesced (an overwrite of a run of sequentially allocated chunks is one
         pwrite). New mappings are inserted only after their data is written; if writing fails, the blocks
         allocated for it are released."""
-        pool, md, ch, dev = self.pool, self.pool.md, self.chunk, self.dev_id
+        pool, md, ch, dev = self.pool, self.md, self.chunk, self.dev_id
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
-        snap_time = md.devices[dev].snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
+        snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
         if first == last:  # fast path: an overwrite inside one provisioned, unshared chunk
-            m = md.lookup(dev, first)
+            m = md.find_block(first)
             if m is not None and m[1] >= snap_time:
                 pool.data.pwrite(m[0] * ch + offset - first * ch, view)
                 return
@@ -233,11 +191,11 @@ class ThinDevice:
                 m = mapped.get(c)
                 if m is None or m[1] < snap_time:
                     need += 1
-            if not need or md.data_sm.has_free(need):
+            if not need or md.has_free(need):
                 break
             pool.no_data_space(need)  # raises, or (no_space=queue) waits with the pool lock released:
             # other threads may have changed the mappings (and committed) meanwhile, so plan again
-            snap_time = md.get_device(dev).snapshotted_time
+            snap_time = md.snapshotted_time
             mapped = self._lookup_range(first, last)
         data = pool.data
         inserts: list[tuple[int, int]] = []
@@ -291,10 +249,10 @@ class ThinDevice:
                 data.pwrite(run_file, view[run_start:run_end])
         except BaseException:
             for _, db in inserts:  # nothing maps them yet: give them back
-                md.data_sm.dec(db)
+                md.release(db)
             raise
         for c, db in inserts:
-            md.insert(dev, c, db)
+            md.insert_block(c, db)
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap the whole chunks inside [offset, offset+length) (per the pool's discard mode)."""
@@ -317,11 +275,7 @@ class ThinDevice:
     def _unmap(self, first: int, last: int) -> int:
         if last <= first:
             return 0
-        md = self.pool.md
-        k, _, _ = md.mappings(self.dev_id, first, last)
-        for c in k.tolist():
-            md.remove(self.dev_id, c)
-        return len(k)
+        return self.md.remove_range(first, last)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros (whole chunks are unmapped where no origin shows).
@@ -348,7 +302,7 @@ class ThinDevice:
                 pieces = [(offset, head), (tail, offset + length - tail)]
                 unmap = (first, last)
             need = sum(self._zero_need(o, n) for o, n in pieces if n > 0)
-            if need and not self.pool.md.data_sm.has_free(need):
+            if need and not self.md.has_free(need):
                 self.pool.no_data_space(need)
             try:
                 for o, n in pieces:
@@ -365,23 +319,23 @@ class ThinDevice:
 
     def _zero_need(self, offset: int, length: int) -> int:
         """Data blocks ``_zero_range(offset, length)`` would allocate."""
-        md, ch = self.pool.md, self.chunk
+        md, ch = self.md, self.chunk
         has_origin = self.pool.external_origin(self.dev_id) is not None
         need = 0
         for c in range(offset // ch, (offset + length - 1) // ch + 1):
-            m = md.lookup(self.dev_id, c)
-            if (m is None and has_origin) or (m is not None and md.is_shared(self.dev_id, m[1])):
+            m = md.find_block(c)
+            if (m is None and has_origin) or (m is not None and md.is_shared(m[1])):
                 need += 1
         return need
 
     def _zero_range(self, offset: int, length: int) -> None:
-        md, ch = self.pool.md, self.chunk
+        md, ch = self.md, self.chunk
         pos, end = offset, offset + length
         has_origin = self.pool.external_origin(self.dev_id) is not None
         while pos < end:
             c = pos // ch
             n = min(ch - (pos - c * ch), end - pos)
-            if has_origin or md.lookup(self.dev_id, c) is not None:
+            if has_origin or md.find_block(c) is not None:
                 self._write(pos, memoryview(bytes(n)))
             pos += n
 
@@ -407,10 +361,10 @@ class ThinDevice:
     def status(self) -> tuple[int, int | None]:
         """dm-thin thin status: (mapped sectors, highest mapped sector or None)."""
         with self.pool.lock:
-            d = self.pool.md.get_device(self.dev_id)
-            hi = self.pool.md.highest_mapped(self.dev_id)
+            mapped = self.md.mapped_blocks
+            hi = self.md.highest_mapped()
         spb = self.chunk // 512
-        return d.mapped_blocks * spb, None if hi is None else (hi + 1) * spb - 1
+        return mapped * spb, None if hi is None else (hi + 1) * spb - 1
 
 
 class ThinFile(io.RawIOBase):

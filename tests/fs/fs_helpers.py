@@ -89,3 +89,17 @@ def dumpe2fs_header(image: Path) -> dict[str, str]:
             k, v = line.split(":", 1)
             out[k.strip()] = v.strip()
     return out
+
+
+def export_thin(pool_dir: Path, dev_id: int, image: Path) -> Path:
+    """Copy thin device ``dev_id`` of the pool at ``pool_dir`` into a sparse image file (for e2fsck / debugfs)."""
+    from thinpool.pool import Pool
+
+    with Pool.open(pool_dir, readonly=True) as p:
+        dev = p.device(dev_id)
+        with open(image, "wb") as f:
+            f.truncate(dev.size)
+            for off, n in dev.mapped_ranges():
+                f.seek(off)
+                f.write(dev.read(off, n))
+    return image

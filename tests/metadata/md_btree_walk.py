@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from thinpool.btree.spine import NodeCache
 from thinpool.btree.node import Node
 from thinpool.tx.transaction import TransactionManager
 
@@ -16,7 +17,7 @@ def walk(tm: TransactionManager, root: int, value_size: int) -> tuple[list[tuple
 
     def visit(b: int, depth: int, lower: int | None, upper: int | None, ancestors: tuple[int, ...]) -> None:
         assert b not in ancestors, f"cycle at block {b}"
-        n: Node = tm.read_node(b, value_size)
+        n: Node = NodeCache.of(tm).read(b, value_size)
         keys = list(n.keys)
         assert keys == sorted(set(keys)), f"block {b}: keys not strictly increasing"
         assert len(keys) <= n.max_entries
@@ -54,7 +55,7 @@ def expected_counts(tm: TransactionManager, roots: list[int], value_size: int) -
         if b in seen:
             continue
         seen.add(b)
-        n = tm.read_node(b, value_size)
+        n = NodeCache.of(tm).read(b, value_size)
         if not n.is_leaf:
             for c in n.values:
                 counts[int(c)] += 1

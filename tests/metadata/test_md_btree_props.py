@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from md_btree_walk import expected_counts, sm_counts, walk
 
+from thinpool.btree.spine import NodeCache
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.spacemap.core import CoreSpaceMap
@@ -43,6 +44,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("del"), keyspace()),
     st.tuples(st.just("ins_range"), keyspace(), st.integers(1, 1500), st.integers(1, 3)),
     st.tuples(st.just("del_range"), keyspace(), st.integers(1, 2000), st.integers(1, 3)),
+    st.tuples(st.just("remove_range"), keyspace(), st.integers(0, 2500)),
     st.tuples(st.just("commit")),
 ), min_size=1, max_size=25)
 
@@ -66,6 +68,13 @@ def apply(tree: BTree, root: int, model: dict, op, gen: int) -> int:
             root, was = tree.remove(root, k)
             assert was == (k in model)
             model.pop(k, None)
+    elif op[0] == "remove_range":
+        lo, hi = op[1], op[1] + op[2]
+        root, n = tree.remove_range(root, lo, hi)
+        gone = [k for k in model if lo <= k < hi]
+        assert n == len(gone)
+        for k in gone:
+            del model[k]
     return root
 
 
@@ -80,6 +89,10 @@ def assert_tree_equals(tree: BTree, root: int, model: dict) -> int:
         assert tree.lookup(root, k) == model.get(k)
     lo, hi = 1000, 2500
     assert list(tree.items(root, lo, hi)) == [(k, model[k]) for k in sorted(model) if lo <= k < hi]
+    if tree.value_size != 24:
+        for lo, hi in ((lo, hi), (0, 5), (17, 18), (0, 10 ** 6)):
+            k, v = tree.lookup_range(root, lo, hi)
+            assert list(zip(k.tolist(), v.tolist())) == [(k, model[k]) for k in sorted(model) if lo <= k < hi]
     return height
 
 
@@ -130,7 +143,7 @@ def test_rebalance_and_root_collapse_three_levels() -> None:
             heights.add(h)
     assert model == {} and list(tree.items(root)) == []
     assert heights == {2, 1, 0}  # the tree shrank level by level
-    node = tm.read_node(root, 8)
+    node = NodeCache.of(tm).read(root, 8)
     assert node.is_leaf and node.nr_entries == 0
     assert sm_counts(tm, {0}) == expected_counts(tm, [root], 8)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from md_helpers import new_pool_file, our_dump
 
+from thinpool.btree.spine import NodeCache
 from thinpool import checksum
 from thinpool.checksum import BlockType
 from thinpool.errors import ChecksumError, MetadataCorrupt
@@ -31,7 +32,7 @@ def build_pool(path: Path) -> dict[str, int]:
     pmd.create_snap(3, 1)
     pmd.commit()
     root1 = pmd.device_root(1)
-    n = pmd.tm.read_node(root1, 8)
+    n = NodeCache.of(pmd.tm).read(root1, 8)
     assert not n.is_leaf and len(n.keys) == 4
     blocks = {
         "bottom_internal": root1,
@@ -228,8 +229,8 @@ def test_cycle_through_two_nodes(tmp_path) -> None:
     pmd.build_device(1, keys, keys, np.zeros(len(keys), dtype=np.uint64))
     pmd.commit()
     root = pmd.device_root(1)
-    mid = int(pmd.tm.read_node(root, 8).values[0])
-    assert not pmd.tm.read_node(mid, 8).is_leaf
+    mid = int(NodeCache.of(pmd.tm).read(root, 8).values[0])
+    assert not NodeCache.of(pmd.tm).read(mid, 8).is_leaf
     pmd.close()
     buf = read_block(path, mid)
     struct.pack_into("<Q", buf, 32 + 8 * 252 + 8 * 5, root)

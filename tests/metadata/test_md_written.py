@@ -17,6 +17,7 @@ from md_helpers import (
 )
 from md_model import MAX_CHAIN, Harness, run_random
 
+from thinpool.btree.spine import NodeCache
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -225,7 +226,7 @@ def test_three_level_shared_tree_rebalancing(tmp_path) -> None:
     keys = np.arange(n, dtype=np.uint64)
     pmd.build_device(1, keys, keys + np.uint64(11), np.zeros(n, dtype=np.uint64))
     root = pmd.device_root(1)
-    assert not pmd.tm.read_node(int(pmd.tm.read_node(root, 8).values[0]), 8).is_leaf  # three levels
+    assert not NodeCache.of(pmd.tm).read(int(NodeCache.of(pmd.tm).read(root, 8).values[0]), 8).is_leaf  # three levels
     pmd.create_snap(2, 1)
     pmd.commit()
     rng = np.random.default_rng(9)

@@ -133,6 +133,23 @@ class RawClient:
                 err = struct.unpack(">I", data[:4])[0]
         return err, chunks
 
+    def any_reply(self) -> tuple[int, int, list[tuple[int, int, bytes]]]:
+        """Read the next reply whatever its cookie (replies may come out of order): (cookie, error, chunks)."""
+        (magic,) = struct.unpack(">I", self.recv_exact(4))
+        if magic == P.SIMPLE_REPLY_MAGIC:
+            err, cookie = struct.unpack(">IQ", self.recv_exact(12))
+            return cookie, err, []
+        assert magic == P.STRUCTURED_REPLY_MAGIC, hex(magic)
+        chunks = []
+        while True:
+            flags, rtype, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
+            chunks.append((rtype, flags, self.recv_exact(length)))
+            if flags & P.REPLY_FLAG_DONE:
+                break
+            self.recv_exact(4)
+        err = next((struct.unpack(">I", d[:4])[0] for t, _f, d in chunks if t & (1 << 15)), 0)
+        return cookie, err, chunks
+
     def read(self, offset: int, length: int, cookie: int = 7) -> tuple[int, bytes]:
         self.request(P.CMD_READ, offset, length, cookie=cookie)
         if not self.structured:

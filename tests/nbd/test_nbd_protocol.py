@@ -430,6 +430,7 @@ def test_many_concurrent_clients(server):
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a client hung"
     assert not errors
 
 

@@ -17,9 +17,7 @@ RANKS = {
     "thinpool.units": 1, "thinpool.checksum": 1,
     "thinpool.formats": 2,
     "thinpool.io": 3,
-    # below the transaction manager: the node codec and the in-core counts it hands out blocks from
-    "thinpool.btree.node": 4, "thinpool.spacemap.core": 4,
-    "thinpool.tx": 5,
+    "thinpool.tx": 5,  # knows blocks, checksums and the SpaceMap protocol (tx/api.py) only
     "thinpool.btree": 6,
     "thinpool.spacemap": 7,
     "thinpool.metadata": 8,

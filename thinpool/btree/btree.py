@@ -1,7 +1,11 @@
 """Persistent copy-on-write B-tree in the dm-thin node layout: lookup, insert, remove with rebalancing,
 ordered iteration, range lookup, highest key, bulk build and recursive delete.
 
-Layer: btree. May import: thinpool.errors, thinpool.btree.node, thinpool.tx.
+Layer: btree. May import: thinpool.errors, thinpool.formats, thinpool.btree.node, thinpool.btree.spine,
+thinpool.tx.
+
+Callers see keys and values (ints, bytes, numpy arrays), never a node: nodes are read, cached and shadowed by
+btree/spine.py. Value types (tx/api.py ValueType) are handed values, not nodes.
 
 Every mutating call takes a root block and returns the (possibly new) root block; the old root stays intact
 whenever it was shared (snapshots, held metadata roots), because every node on the path is shadowed first.
@@ -24,27 +28,20 @@ at least max_entries/3 entries, which thin_check requires.
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
-from typing import Any, Iterator, Protocol
+from bisect import bisect_left, bisect_right
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from thinpool.btree.node import Node
+from thinpool.btree.node import MAX_DEPTH, Node
+from thinpool.btree.spine import NodeCache
+from thinpool.btree.walk import walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.btree_node import calc_max_entries
+from thinpool.tx.api import ValueType
 from thinpool.tx.transaction import TransactionManager
 
-MAX_DEPTH = 12  # a 4 KiB-node tree over 2^64 keys is at most ~8 deep; deeper means a cycle
-
-
-class ValueType(Protocol):
-    size: int
-
-    def inc(self, node: Node) -> None:
-        """Add a reference for every value of a leaf that is being copied."""
-
-    def dec(self, values: Any) -> None:
-        """Drop the references held by these values (removed entries, deleted leaves)."""
+__all__ = ["MAX_DEPTH", "BTree", "NoRefValue", "ValueType"]
 
 
 class NoRefValue:
@@ -53,7 +50,7 @@ class NoRefValue:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def inc(self, node: Node) -> None:
+    def inc(self, values: Any) -> None:
         pass
 
     def dec(self, values: Any) -> None:
@@ -68,10 +65,14 @@ class BTree:
         self.vt = vt
         self.value_size = vt.size
         self.leaf_max = calc_max_entries(vt.size)
+        self.nodes = NodeCache.of(tm)
+        # in-memory node arrays are in the machine's order (btree/node.py swaps at the block boundary)
+        self._np_dtype: type[np.unsignedinteger[Any]] | None = \
+            np.uint64 if vt.size == 8 else np.uint32 if vt.size == 4 else None
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read(self, b: int) -> Node:
-        return self.tm.read_node(b, self.value_size)
+        return self.nodes.read(b, self.value_size)
 
     def lookup(self, root: int, key: int) -> Any | None:
         node = self._read(root)
@@ -90,21 +91,9 @@ class BTree:
         return None
 
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
-        """Leaves in key order that may hold keys in [lo, hi)."""
-        stack: list[tuple[int, tuple[int, ...]]] = [(root, ())]
-        while stack:
-            b, ancestors = stack.pop()
-            node = self._read(b)
-            if node.is_leaf:
-                yield node
-                continue
-            keys = node.keys
-            start = max(bisect_right(keys, lo) - 1, 0)
-            end = len(keys) if hi is None else bisect_right(keys, hi - 1)
-            path = ancestors + (b,)
-            for i in range(end - 1, start - 1, -1):
-                _check_descent(path, b, node.values[i])  # type: ignore[arg-type]
-                stack.append((node.values[i], path))  # type: ignore[arg-type]
+        """Leaves in key order that may hold keys in [lo, hi) (through the one walker, btree/walk.py)."""
+        for node, _ in walk_nodes(self.tm, root, value_size=self.value_size, lo=lo, hi=hi):
+            yield node
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         for leaf in self.leaves(root, lo, hi):
@@ -115,18 +104,71 @@ class BTree:
                     return
                 yield k, v
 
-    def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """All (keys, values) in [lo, hi) as uint64 numpy arrays (value_size 8 or 4 trees only)."""
+    def lookup_range(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All (keys, values) with lo <= key < hi as numpy arrays (uint64 keys; uint64 values for value_size 8,
+        uint32 for 4; other value sizes are not supported here, use ``items``). Read-only copies.
+
+        O(log n + k): a range inside one leaf costs one descent and two bisects (the common case for an I/O of
+        a few chunks); a wider range walks the leaves it covers.
+        """
+        node = self._read(root)
+        depth = 0
+        while not node.is_leaf:
+            keys = node.keys
+            i = bisect_right(keys, lo) - 1
+            if i < 0:
+                i = 0
+            if i + 1 < len(keys) and (hi is None or keys[i + 1] < hi):
+                return self._range_walk(root, lo, hi)  # the range spans two children
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, lo)
+            node = self._read(node.values[i])  # type: ignore[arg-type]
+        keys = node.keys
+        a = bisect_left(keys, lo)
+        b = len(keys) if hi is None else bisect_left(keys, hi)
+        return self._leaf_arrays(node, a, b)
+
+    def _leaf_arrays(self, node: Node, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._np_dtype is None:
+            raise TypeError(f"lookup_range needs 4- or 8-byte values, not {self.value_size}")
+        k = np.frombuffer(node.keys, dtype=np.uint64)[a:b].copy()
+        v = np.frombuffer(node.values, dtype=self._np_dtype)[a:b].copy()  # type: ignore[call-overload]
+        return k, v
+
+    def _range_walk(self, root: int, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray]:
         ks, vs = [], []
         for leaf in self.leaves(root, lo, hi):
-            ks.append(np.frombuffer(leaf.keys.tobytes(), dtype="<u8"))
-            vs.append(np.frombuffer(leaf.values.tobytes(), dtype="<u8" if self.value_size == 8 else "<u4"))  # type: ignore[union-attr]
+            k, v = self._leaf_arrays(leaf, 0, len(leaf.keys))
+            ks.append(k)
+            vs.append(v)
         if not ks:
-            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=self._np_dtype or np.uint64)
         k = np.concatenate(ks)
-        v = np.concatenate(vs).astype(np.uint64)
+        v = np.concatenate(vs)
         m = (k >= lo) if hi is None else ((k >= lo) & (k < hi))
         return k[m], v[m]
+
+    def node_arrays(self, b: int) -> tuple[bool, np.ndarray, np.ndarray]:
+        """One validated node of this tree as (is_leaf, keys, values): uint64 keys; child block numbers (uint64)
+        for an internal node, the leaf's values (uint64 / uint32) for a leaf. Read-only views; for walkers
+        that need the tree's shape (btree/walk.py, the tools).
+
+        Raises:
+            MetadataCorrupt / ChecksumError naming ``b``.
+        """
+        node = self._read(b)
+        keys = np.frombuffer(node.keys, dtype=np.uint64)
+        if not node.is_leaf:
+            return False, keys, np.frombuffer(node.values, dtype=np.uint64)  # type: ignore[arg-type]
+        if self._np_dtype is None:
+            raise TypeError(f"node_arrays needs 4- or 8-byte values, not {self.value_size}")
+        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)  # type: ignore[call-overload]
+
+    def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``lookup_range`` with the values widened to uint64."""
+        k, v = self.lookup_range(root, lo, hi)
+        return k, v.astype(np.uint64)
 
     def highest_key(self, root: int) -> int | None:
         node = self._read(root)
@@ -156,14 +198,14 @@ class BTree:
     # --- building -------------------------------------------------------------------------------------------
     def empty(self) -> int:
         """A new empty tree (a single empty leaf); returns its root."""
-        return self.tm.new_node(True, self.value_size).block
+        return self.nodes.new_node(True, self.value_size).block
 
     def _shadow(self, b: int) -> Node:
-        return self.tm.shadow(b, self.value_size, self.vt.inc)
+        return self.nodes.shadow(b, self.value_size, self.vt)
 
     def _split_node(self, node: Node) -> Node:
         """Move the upper half of ``node`` into a new sibling; returns the sibling."""
-        sib = self.tm.new_node(node.is_leaf, node.value_size)
+        sib = self.nodes.new_node(node.is_leaf, node.value_size)
         half = len(node.keys) // 2
         sib.keys = node.keys[half:]
         sib.values = node.values[half:]
@@ -173,7 +215,7 @@ class BTree:
 
     def _split_beneath(self, root: Node) -> None:
         """Root is full: move its entries into two new children; the root becomes internal over them."""
-        left = self.tm.new_node(root.is_leaf, root.value_size)
+        left = self.nodes.new_node(root.is_leaf, root.value_size)
         left.keys, left.values = root.keys, root.values
         right = self._split_node(left)
         root.is_leaf = False
@@ -219,7 +261,7 @@ class BTree:
         node.values.insert(i, value)  # type: ignore[arg-type]
         return new_root, True
 
-    def shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
+    def _shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
         """Shadow every node from the root to the leaf holding ``key`` (which must exist).
         Returns (new root, the writable leaf, index of key in it). Used to update a value in place, e.g. a
         subtree root in the top level of the mapping tree, without the overwrite's reference drop."""
@@ -245,12 +287,34 @@ class BTree:
         """Remove ``key`` (dropping its value's reference). Returns (new root, whether it was present)."""
         if self.lookup(root, key) is None:
             return root, False
+        new_root, _ = self._remove_run(root, key, key + 1, 1)
+        return new_root, True
+
+    def remove_range(self, root: int, lo: int, hi: int) -> tuple[int, int]:
+        """Remove every key in [lo, hi), dropping their values' references (kernel dm_btree_remove_leaves).
+        Returns (new root, number removed). Each pass descends once (rebalancing as ``remove`` does) and deletes
+        a run from one leaf, as many entries as keep the leaf above max_entries/3: O(k/leaf * log n) passes
+        for k keys, and one ``ValueType.dec`` call per run."""
+        if hi <= lo:
+            return root, 0
+        keys = self.lookup_range(root, lo, hi)[0] if self._np_dtype else \
+            np.array([k for k, _ in self.items(root, lo, hi)], dtype=np.uint64)
+        done = 0
+        total = len(keys)
+        while done < total:
+            root, n = self._remove_run(root, int(keys[done]), hi, total - done)
+            done += n
+        return root, done
+
+    def _remove_run(self, root: int, key: int, hi: int, at_most: int) -> tuple[int, int]:
+        """Descend towards ``key`` (present), rebalancing, and delete the leaf's entries from ``key`` up to
+        ``hi`` (exclusive): at most ``at_most``, and no more than keep a non-root leaf above max/3."""
         node = self._shadow(root)
         new_root = node.block
         steps = 0
         while not node.is_leaf:
             steps += 1
-            if steps > 2 * MAX_DEPTH:  # lookup above found the key's path acyclic; this guards sibling pointers
+            if steps > 2 * MAX_DEPTH:  # the caller found the key's path acyclic; this guards sibling pointers
                 raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
             i = max(bisect_right(node.keys, key) - 1, 0)
             i = self._rebalance_child(node, i, key)
@@ -260,12 +324,33 @@ class BTree:
             child = self._shadow(node.values[i])  # type: ignore[arg-type]
             node.values[i] = child.block
             node = child
-        i = bisect_right(node.keys, key) - 1
-        old = node.values[i]
-        del node.keys[i]
-        del node.values[i]
-        self.vt.dec([old])
-        return new_root, True
+        keys = node.keys
+        j = bisect_left(keys, key)
+        end = bisect_left(keys, hi, j)
+        if node.block != new_root:
+            end = min(end, j + max(1, len(keys) - self._min_entries(node)))
+        end = min(end, j + at_most)
+        if end - j == 1:
+            old = [node.values[j]]
+        else:
+            old = node.values[j:end]
+        del keys[j:end]
+        del node.values[j:end]
+        self.vt.dec(old)
+        return new_root, end - j
+
+    def update(self, root: int, key: int, fn: Callable[[Any], Any]) -> tuple[int, Any]:
+        """Replace the value of ``key`` (which must exist) by ``fn(old)``, shadowing the path to it, without
+        the overwrite's reference drop (the caller's ``fn`` owns the references: the top level of a two-level
+        tree hands a subtree root to the bottom tree and stores the new root). Returns (new root, new value).
+
+        Raises:
+            KeyError: ``key`` is not in the tree.
+        """
+        new_root, leaf, i = self._shadow_path(root, key)
+        new = fn(leaf.values[i])
+        leaf.values[i] = new
+        return new_root, new
 
     def _min_entries(self, child: Node) -> int:
         return child.max_entries // 3
@@ -325,7 +410,7 @@ class BTree:
             return self.empty()
         level: list[tuple[int, int]] = []  # (first key, block)
         for lo, hi in _even_chunks(n, self.leaf_max):
-            leaf = self.tm.new_node(True, self.value_size)
+            leaf = self.nodes.new_node(True, self.value_size)
             leaf.keys = array("Q", keys[lo:hi].astype("<u8").tobytes())
             if self.value_size == 8:
                 leaf.values = array("Q", np.asarray(values[lo:hi], dtype="<u8").tobytes())
@@ -338,7 +423,7 @@ class BTree:
         while len(level) > 1:
             nxt = []
             for lo, hi in _even_chunks(len(level), internal_max):
-                node = self.tm.new_node(False, 8)
+                node = self.nodes.new_node(False, 8)
                 node.keys = array("Q", [k for k, _ in level[lo:hi]])
                 node.values = array("Q", [b for _, b in level[lo:hi]])
                 nxt.append((node.keys[0], node.block))
@@ -353,7 +438,7 @@ class BTree:
             b, depth = stack.pop()
             if depth > MAX_DEPTH:
                 raise MetadataCorrupt(block=b, reason="btree too deep (cycle?)")
-            if self.tm.sm.count(b) > 1:
+            if self.tm.count(b) > 1:
                 self.tm.dec(b)
                 continue
             node = self._read(b)

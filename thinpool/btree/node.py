@@ -4,13 +4,15 @@ Layer: btree. May import: thinpool.errors, thinpool.formats, thinpool.checksum.
 
 Keys are an ``array('Q')``; values are ``array('Q')`` (value_size 8: children, block_times, subtree roots),
 ``array('I')`` (value_size 4: reference counts) or a list of bytes (16: index entries, 24: device details).
-Arrays make insertion a memmove and encoding a single ``tobytes``.
+Arrays make insertion a memmove and encoding a single ``tobytes``. Python arrays are in the machine's order;
+the block is little-endian, so on a big-endian machine decode and encode swap bytes (one pass each).
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
-from typing import Union
+from typing import Final, Union
 
 from thinpool import checksum
 from thinpool.checksum import BlockType
@@ -19,6 +21,24 @@ from thinpool.formats.btree_node import (INTERNAL_NODE, LEAF_NODE, NODE_HEADER_F
                                          calc_max_entries)
 
 Values = Union["array[int]", list[bytes]]
+
+MAX_DEPTH: Final = 12  # a 4 KiB-node tree over 2^64 keys is at most ~8 deep; deeper means a cycle
+_SWAP: Final = sys.byteorder != "little"
+
+
+def _le_bytes(a: array[int]) -> bytes:
+    if _SWAP:
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _from_le(typecode: str, buf: bytes) -> array[int]:
+    a = array(typecode)
+    a.frombytes(buf)
+    if _SWAP:
+        a.byteswap()
+    return a
 
 
 def empty_values(value_size: int) -> Values:
@@ -55,10 +75,10 @@ class Node:
         buf = bytearray(4096)
         NODE_HEADER_FMT.pack_into(buf, 0, 0, LEAF_NODE if self.is_leaf else INTERNAL_NODE, self.block, n,
                                   self.max_entries, self.value_size, 0)
-        kb = self.keys.tobytes()
+        kb = _le_bytes(self.keys)
         buf[NODE_HEADER_SIZE:NODE_HEADER_SIZE + len(kb)] = kb
         vbase = NODE_HEADER_SIZE + 8 * self.max_entries
-        vb = self.values.tobytes() if not isinstance(self.values, list) else b"".join(self.values)
+        vb = _le_bytes(self.values) if not isinstance(self.values, list) else b"".join(self.values)
         buf[vbase:vbase + len(vb)] = vb
         checksum.stamp(buf, BlockType.BTREE_NODE)
         return buf
@@ -92,8 +112,7 @@ def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bo
         raise MetadataCorrupt(block=block, reason=f"bad max_entries {max_entries} for value size {value_size}")
     if nr > max_entries:
         raise MetadataCorrupt(block=block, reason=f"nr_entries {nr} > max_entries {max_entries}")
-    keys = array("Q")
-    keys.frombytes(buf[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr])
+    keys = _from_le("Q", buf[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr])
     for i in range(1, nr):
         if keys[i] <= keys[i - 1]:
             raise MetadataCorrupt(block=block, reason=f"keys out of order at entry {i} ({keys[i - 1]} >= {keys[i]})")
@@ -101,11 +120,9 @@ def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bo
     vbytes = buf[vbase:vbase + value_size * nr]
     values: Values
     if value_size == 8:
-        values = array("Q")
-        values.frombytes(vbytes)
+        values = _from_le("Q", vbytes)
     elif value_size == 4:
-        values = array("I")
-        values.frombytes(vbytes)
+        values = _from_le("I", vbytes)
     else:
         values = [bytes(vbytes[i * value_size:(i + 1) * value_size]) for i in range(nr)]
     return Node(block, is_leaf, value_size, keys, values, max_entries)

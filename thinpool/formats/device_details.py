@@ -1,6 +1,9 @@
 """Device details (kernel struct disk_device_details, 24 bytes) and the mapping value block_time.
 
-Layer: formats. May import: nothing.
+Layer: formats. May import: thinpool.errors.
+
+``pack_block_time`` / ``unpack_block_time`` (and their numpy forms for arrays of mappings) are the only place
+the block_time packing is written out; everything else calls them.
 
 details: mapped_blocks u64 | transaction_id u64 | creation_time u32 | snapshotted_time u32
 block_time (u64) = data_block << 24 | time  (time: 24 bits, data block: 40 bits).
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import construct as cs
+import numpy as np
+
+from thinpool.errors import InvalidArgument
 
 DEVICE_DETAILS_SIZE: Final = 24
 TIME_BITS: Final = 24
@@ -46,12 +52,36 @@ def build_device_details(d: DeviceDetails) -> bytes:
 
 
 def pack_block_time(data_block: int, time: int) -> int:
-    """Kernel pack_block_time; refuses values that would overflow into the other field."""
+    """Kernel pack_block_time; refuses values that would overflow into the other field.
+
+    Raises:
+        InvalidArgument: ``time`` outside 0..2^24-1 or ``data_block`` outside 0..2^40-1.
+    """
     if not 0 <= time <= TIME_MASK or not 0 <= data_block <= MAX_DATA_BLOCK:
-        raise ValueError(f"block_time out of range: block {data_block} time {time}")
+        raise InvalidArgument(reason=f"block_time out of range: data block {data_block} time {time}")
     return (data_block << TIME_BITS) | time
 
 
 def unpack_block_time(value: int) -> tuple[int, int]:
-    """(data_block, time) from a mapping value."""
+    """(data_block, time) from a mapping value (kernel unpack_block_time)."""
     return value >> TIME_BITS, value & TIME_MASK
+
+
+def pack_block_times(data_blocks: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """``pack_block_time`` over arrays (uint64 result).
+
+    Raises:
+        InvalidArgument: a time or data block out of range.
+    """
+    d = np.asarray(data_blocks)
+    t = np.asarray(times)
+    if len(d) and (int(d.min()) < 0 or int(d.max()) > MAX_DATA_BLOCK or int(t.min()) < 0
+                   or int(t.max()) > TIME_MASK):
+        raise InvalidArgument(reason="block_time out of range: a data block needs 40 bits, a time 24 bits")
+    return (d.astype(np.uint64) << np.uint64(TIME_BITS)) | t.astype(np.uint64)
+
+
+def unpack_block_times(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(data_blocks, times) as uint64 arrays from mapping values."""
+    v = np.asarray(values, dtype=np.uint64)
+    return v >> np.uint64(TIME_BITS), v & np.uint64(TIME_MASK)

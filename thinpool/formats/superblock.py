@@ -111,7 +111,8 @@ def parse_superblock(buf: bytes | bytearray | memoryview, blocknr: int = 0) -> S
 
 
 def build_superblock(sb: Superblock, *, zero_sm_roots: bool = False) -> bytearray:
-    """Build a 4096-byte superblock block (checksum left 0; the block manager stamps it)."""
+    """Build a 4096-byte superblock block. The checksum is left 0: the caller stamps it (checksum.stamp, as
+    PoolMetadata.commit and TransactionManager.write_raw do)."""
     raw = SuperblockStruct.build(dict(
         csum=0, flags=sb.flags, blocknr=sb.blocknr, uuid=sb.uuid.ljust(16, b"\0")[:16], magic=sb.magic,
         version=sb.version, time=sb.time, trans_id=sb.trans_id, held_root=sb.held_root,

@@ -6,7 +6,6 @@ Layer: fs. May import: thinpool.io.device, thinpool.errors.
 from __future__ import annotations
 
 from thinpool.fs.filesystem import DirEntry, File, Filesystem, Stat, StatFs
-
 from thinpool.io.device import BlockDevice
 
 __all__ = ["DirEntry", "File", "Filesystem", "Stat", "StatFs", "mkfs", "mount"]

@@ -6,6 +6,11 @@ Bitmaps are loaded lazily per group as ``uint8`` numpy arrays (bit ``i`` of the 
 little-endian bit order as ext2 uses). Every allocation and free updates the bitmap, the group descriptor counts and
 the superblock counts together, so the three always agree; :meth:`Allocator.write_back` writes dirty bitmaps.
 Callers check :attr:`Allocator.free_blocks` before they start changing anything (FsNoSpace loses nothing).
+
+Blocks freed since the last commit are *pinned*: free in the bitmaps and counts that the next flush writes, but not
+handed out again until :meth:`Allocator.unpin` (called after the device flush that commits). So nothing committed is
+overwritten before the commit that frees it: a replaced or deleted file's blocks keep its old contents, and an
+aborted transaction (a failed command) finds the old file intact (dm-thin's space maps follow the same rule).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Allocator:
         self._dirty_ibm: set[int] = set()
         self._hint: dict[int, int] = {}  # group -> bit index to start the next single-block search at
         self._ihint: dict[int, int] = {}  # group -> inode index below which every inode is probably in use
+        self._pinned: dict[int, U8] = {}  # group -> bitmap of blocks freed since the last commit
+        self.nr_pinned = 0  # blocks
         self.gd_dirty = False
 
     # --- bitmaps ----------------------------------------------------------------------------------------------
@@ -80,7 +87,19 @@ class Allocator:
     # --- counters ---------------------------------------------------------------------------------------------
     @property
     def free_blocks(self) -> int:
-        return self.sb.s_free_blocks_count
+        """Blocks that can be allocated now (free, and not freed since the last commit)."""
+        return self.sb.s_free_blocks_count - self.nr_pinned
+
+    def unpin(self) -> None:
+        """The frees are committed: their blocks may be allocated again."""
+        self._pinned.clear()
+        self.nr_pinned = 0
+
+    def _busy(self, group: int) -> U8:
+        """The group's bitmap with pinned blocks counted as used (what allocation may not take)."""
+        bm = self.block_bitmap(group)
+        pinned = self._pinned.get(group)
+        return bm if pinned is None else bm | pinned
 
     @property
     def free_inodes(self) -> int:
@@ -100,8 +119,8 @@ class Allocator:
         """
         if count <= 0:
             return []
-        if count > self.sb.s_free_blocks_count:
-            raise FsNoSpace(reason=f"{count} block(s) needed, {self.sb.s_free_blocks_count} free")
+        if count > self.free_blocks:
+            raise FsNoSpace(reason=f"{count} block(s) needed, {self.free_blocks} free")
         out: list[int] = []
         nr_groups = len(self.groups)
         if not self.first_data_block <= goal < self.sb.s_blocks_count:
@@ -123,14 +142,14 @@ class Allocator:
                 out.extend(self._alloc_in_group(g, 0, count - len(out)))
                 if len(out) == count:
                     return out
-        raise FsCorrupt(reason=f"free block count says {self.sb.s_free_blocks_count} free but the bitmaps disagree")
+        raise FsCorrupt(reason=f"free block count says {self.free_blocks} allocatable but the bitmaps disagree")
 
     def _alloc_one_fast(self, group: int, start: int) -> int | None:
         """Find a free bit with a short Python scan from the goal or the group's hint (small files)."""
         if self.groups[group].bg_free_blocks_count == 0:
             return None
         bm = self.block_bitmap(group)
-        i = _scan_free_bit(bm, max(start, self._hint.get(group, 0)), self.group_nr_blocks(group))
+        i = _scan_free_bit(self._busy(group), max(start, self._hint.get(group, 0)), self.group_nr_blocks(group))
         if i is None:
             return None
         bm[i >> 3] |= np.uint8(1 << (i & 7))
@@ -143,7 +162,8 @@ class Allocator:
         bm = self.block_bitmap(group)
         nbits = self.group_nr_blocks(group)
         bits = np.unpackbits(bm, bitorder="little")[:nbits]
-        free = np.flatnonzero(bits[lo:] == 0)[:want] + lo
+        busy = bits if group not in self._pinned else np.unpackbits(self._busy(group), bitorder="little")[:nbits]
+        free = np.flatnonzero(busy[lo:] == 0)[:want] + lo
         if free.size == 0:
             return []
         bits[free] = 1
@@ -172,6 +192,13 @@ class Allocator:
                                 block=bad)
             bits[idx] = 0
             bm[:] = np.packbits(bits, bitorder="little")
+            pinned = self._pinned.get(g)
+            if pinned is None:
+                pinned = self._pinned[g] = np.zeros_like(bm)
+            pbits = np.unpackbits(pinned, bitorder="little")
+            pbits[idx] = 1
+            pinned[:] = np.packbits(pbits, bitorder="little")
+            self.nr_pinned += int(idx.size)
             self._dirty_bbm.add(g)
             self._account_blocks(g, int(idx.size))
             self._hint[g] = min(self._hint.get(g, 0), int(idx.min()))

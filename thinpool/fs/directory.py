@@ -73,6 +73,22 @@ def init_dir_block(buf: bytearray, ino: int, parent: int, filetype: bool) -> Non
     buf[20:24] = b"..\0\0"
 
 
+def build_dir_block(entries: list[tuple[int, bytes, int]], block_size: int, filetype: bool) -> bytearray:
+    """One directory block holding ``entries`` (inode, name, FT_* type) in order, each record as short as its name
+    allows and the last one taking the rest of the block (as mke2fs lays out '.', '..' and lost+found)."""
+    buf = bytearray(block_size)
+    off = 0
+    for k, (ino, name, ftype) in enumerate(entries):
+        rec_len = block_size - off if k == len(entries) - 1 else rec_len_for(len(name))
+        if filetype:
+            DIRENT_FMT.pack_into(buf, off, ino, rec_len, len(name), ftype)
+        else:
+            DIRENT_FMT.pack_into(buf, off, ino, rec_len, len(name) & 0xFF, len(name) >> 8)
+        buf[off + DIRENT_HEADER_SIZE:off + DIRENT_HEADER_SIZE + len(name)] = name
+        off += rec_len
+    return buf
+
+
 def empty_dir_block(buf: bytearray) -> None:
     """One unused record spanning the whole block (a new directory block, as ``ext2_make_empty`` pads)."""
     DIRENT_FMT.pack_into(buf, 0, 0, len(buf), 0, 0)
@@ -207,7 +223,7 @@ class Directory:
         ino, _, i = self.index.pop(name)
         phys, buf = self._block(i)
         entries = self.blocks[i]
-        for k, e in enumerate(entries):
+        for k, e in enumerate(entries):  # noqa: B007 - k is the position found
             if e[INO] and e[NAME] == name:
                 break
         else:  # pragma: no cover - the index and the block lists are kept in step

@@ -16,14 +16,30 @@ data blocks never do. ``i_blocks`` counts 512-byte sectors of data and indirect 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import FsCorrupt
-from thinpool.fs.layout import (DIND_BLOCK, IND_BLOCK, INODE_FMT, N_BLOCKS, NDIR_BLOCKS, S_IFDIR, S_IFLNK, S_IFMT,
-                                S_IFREG, TIND_BLOCK)
+from thinpool.fs.layout import (
+    DIND_BLOCK,
+    FAST_SYMLINK_MAX,
+    IND_BLOCK,
+    INODE_FMT,
+    N_BLOCKS,
+    NDIR_BLOCKS,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+    TIND_BLOCK,
+)
 
 U32 = npt.NDArray[np.uint32]
 
@@ -95,12 +111,55 @@ class Inode:
 
     @property
     def is_fast_symlink(self) -> bool:
-        return self.is_symlink and self.i_blocks == 0 and self.i_file_acl == 0
+        """A symlink whose target lives in ``i_block`` (``ext2_inode_is_fast_symlink``: no data blocks; with an
+        xattr block counted in ``i_blocks``, a target short enough for ``i_block``, as e2fsprogs decides)."""
+        if not self.is_symlink:
+            return False
+        if self.i_file_acl == 0:
+            return self.i_blocks == 0
+        return self.i_size <= FAST_SYMLINK_MAX
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket, character or block device: no data blocks (a device number in ``i_block``)."""
+        return self.i_mode & S_IFMT in (S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK)
+
+    @property
+    def is_device(self) -> bool:
+        return self.i_mode & S_IFMT in (S_IFCHR, S_IFBLK)
+
+    @property
+    def has_blocks(self) -> bool:
+        """True when ``i_block`` holds block pointers (regular files, directories, slow symlinks)."""
+        return not (self.is_special or self.is_fast_symlink)
+
+    @property
+    def rdev(self) -> int:
+        """The device number of a device node (``ext2_read_inode``: old encoding in i_block[0], else new in
+        i_block[1]), as ``os.makedev`` builds it; 0 for other inodes."""
+        if not self.is_device:
+            return 0
+        if self.i_block[0]:
+            old = self.i_block[0]
+            return os.makedev((old >> 8) & 0xFF, old & 0xFF)
+        new = self.i_block[1]
+        return os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+
+    @rdev.setter
+    def rdev(self, rdev: int) -> None:
+        """Store a device number as ``ext2_write_inode`` does: the old 8:8 encoding when it fits, else the new
+        12:20 one in i_block[1]."""
+        major, minor = os.major(rdev), os.minor(rdev)
+        self.i_block = [0] * N_BLOCKS
+        if major < 256 and minor < 256:
+            self.i_block[0] = (major << 8) | minor
+        else:
+            self.i_block[1] = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 
 def parse_inode(buf: bytes | bytearray | memoryview, offset: int = 0) -> Inode:
     v = INODE_FMT.unpack_from(buf, offset)
-    return Inode(*v[:12], list(v[12:27]), *v[27:])
+    return Inode(*v[:12], list(v[12:27]), *v[27:])  # type: ignore[call-arg]  # 12 + i_block + 11 fields
 
 
 def build_inode_into(inode: Inode, buf: bytearray, offset: int) -> None:
@@ -158,16 +217,16 @@ class BlockMapper:
         For direct blocks the path is empty and the index is the i_block slot.
         """
         end = l0 + n
-        l = l0
-        while l < end:
-            slot, idx = self._path(l)
+        lblock = l0
+        while lblock < end:
+            slot, idx = self._path(lblock)
             if not idx:
-                cnt = min(end, NDIR_BLOCKS) - l
-                yield slot, (), l, cnt
+                cnt = min(end, NDIR_BLOCKS) - lblock
+                yield slot, (), lblock, cnt
             else:
-                cnt = min(end - l, self.apb - idx[-1])
+                cnt = min(end - lblock, self.apb - idx[-1])
                 yield slot, idx[:-1], idx[-1], cnt
-            l += cnt
+            lblock += cnt
 
     def _check_ptr(self, ino: int, ptr: int, what: str) -> None:
         if ptr >= self.nr_blocks:
@@ -230,6 +289,50 @@ class BlockMapper:
             self._check_ptr(ino, bad, "a data block pointer")
         return out
 
+    def mapped_runs(self, ino: int, inode: Inode) -> Iterator[tuple[int, int]]:
+        """(first logical block, count) of each run of mapped data blocks, in order; holes (and absent indirect
+        subtrees) are skipped without being visited, so the cost follows the mapped blocks, not the file size."""
+        run_start, run_len = -1, 0
+        for lblock, present in self._mapped(ino, inode):
+            n = int(present.size)
+            if n == 0:
+                continue
+            idx = np.flatnonzero(present)
+            if idx.size == 0:
+                continue
+            # split the leaf's mapped slots into consecutive runs
+            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+            for part in np.split(idx, breaks):
+                first = lblock + int(part[0])
+                if run_len and run_start + run_len == first:
+                    run_len += int(part.size)
+                else:
+                    if run_len:
+                        yield run_start, run_len
+                    run_start, run_len = first, int(part.size)
+        if run_len:
+            yield run_start, run_len
+
+    def _mapped(self, ino: int, inode: Inode) -> Iterator[tuple[int, npt.NDArray[np.bool_]]]:
+        """(first logical block, mask of mapped slots) for the direct blocks and every present leaf."""
+        yield 0, np.array(inode.i_block[:NDIR_BLOCKS], np.int64) != 0
+        for slot, depth, first in ((IND_BLOCK, 1, self.limits[0]), (DIND_BLOCK, 2, self.limits[1]),
+                                   (TIND_BLOCK, 3, self.limits[2])):
+            blk = inode.i_block[slot]
+            if blk:
+                yield from self._mapped_below(ino, blk, depth, first)
+
+    def _mapped_below(self, ino: int, blk: int, depth: int, first: int) -> Iterator[tuple[int, npt.NDArray[np.bool_]]]:
+        self._check_ptr(ino, blk, "an indirect block pointer")
+        node = self.read_node(blk)
+        if depth == 1:
+            yield first, node != 0
+            return
+        span = self.apb ** (depth - 1)
+        children = [(i, int(node[i])) for i in np.flatnonzero(node)]
+        for i, child in children:
+            yield from self._mapped_below(ino, child, depth - 1, first + int(i) * span)
+
     def count_new(self, ino: int, inode: Inode, l0: int, n: int) -> int:
         """How many blocks (data + indirect) mapping [l0, l0+n) fully would allocate."""
         if l0 + n <= NDIR_BLOCKS:
@@ -245,7 +348,7 @@ class BlockMapper:
             node = self.read_node(blk) if blk else None
             if node is None:
                 missing_nodes.add((slot,))
-            full = (slot,)
+            full: tuple[int, ...] = (slot,)
             for i in path:
                 full = full + (i,)
                 child = int(node[i]) if node is not None else 0

@@ -67,7 +67,7 @@ FEATURE_RO_COMPAT_SPARSE_SUPER: Final = 0x0001
 FEATURE_RO_COMPAT_LARGE_FILE: Final = 0x0002
 SUPPORTED_INCOMPAT: Final = FEATURE_INCOMPAT_FILETYPE
 SUPPORTED_RO_COMPAT: Final = FEATURE_RO_COMPAT_SPARSE_SUPER | FEATURE_RO_COMPAT_LARGE_FILE
-# compat features we can leave untouched while writing: dir_prealloc 0x1, ext_attr 0x8 (we never create xattrs),
+# compat features we can leave untouched while writing: dir_prealloc 0x1, ext_attr 0x8 (xattr blocks, see xattr.py),
 # resize_inode 0x10 (its blocks are already accounted as used), dir_index 0x20 (we clear EXT2_INDEX_FL when we
 # change an indexed directory, as the kernel's ext2 driver does).
 SAFE_COMPAT: Final = 0x0001 | 0x0008 | 0x0010 | FEATURE_COMPAT_DIR_INDEX
@@ -408,9 +408,9 @@ def plan_geometry(size: int, block_size: int = 4096, inode_ratio: int | None = N
     """Choose the layout ``mkfs.ext2 -b 4096 -O none,filetype -I 128 -m 0`` makes for a device of ``size`` bytes.
 
     Like ``ext2fs_initialize``: 8 * block_size blocks per group; one inode per ``inode_ratio`` bytes (4 KiB below
-    512 MiB, 16 KiB up to 4 TiB, 32 KiB above, as mke2fs.conf's "small", "default" and "big" types), rounded up to fill whole inode table
-    blocks; a last group too small for its metadata plus 50 blocks is dropped. Sparse superblock backups are used
-    when there is more than one group.
+    512 MiB, 16 KiB up to 4 TiB, 32 KiB above, as mke2fs.conf's "small", "default" and "big" types), rounded up
+    to fill whole inode table blocks; a last group too small for its metadata plus 50 blocks is dropped. Sparse
+    superblock backups are used when there is more than one group.
     """
     from thinpool.errors import FsError
 

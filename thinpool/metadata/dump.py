@@ -1,103 +1,169 @@
-"""thin_dump's XML (and human-readable) output, character for character as thin-provisioning-tools 0.9.0
-prints it, plus a JSON form.
+"""The dump writers: thin_dump's XML and human-readable forms (character for character as thin-provisioning-tools
+0.9.0 prints them) and a JSON form, each a visitor of the metadata IR (``metadata/ir.py``).
 
-Layer: metadata. May import: metadata.pool_metadata, numpy.
+Layer: metadata. May import: metadata.ir, metadata.pool_metadata, numpy.
 
-Runs: consecutive mappings merge into one range_mapping while the thin block and the data block both grow by
-one and the time stays the same; a run of one is a single_mapping.
+Every writer streams: it formats each batch of runs as the emitter hands it over, so a dump holds one leaf of
+mappings in memory whatever the pool's size. Runs: consecutive mappings merge into one range_mapping while the
+thin block and the data block both grow by one and the time stays the same; a run of one is a single_mapping.
 """
 
 from __future__ import annotations
 
-from typing import IO, Iterator
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 
+from thinpool.metadata.ir import DeviceDetailsIR, MetadataVisitor, Runs, SuperblockIR, emit, sorted_runs
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 
 def runs(thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
     """(thin_begin, data_begin, length, time) runs of sorted mappings."""
-    n = len(thin)
-    if n == 0:
-        return
-    t = thin.astype(np.int64)
-    d = data.astype(np.int64)
-    brk = np.ones(n, dtype=bool)
-    brk[1:] = (np.diff(t) != 1) | (np.diff(d) != 1) | (times[1:] != times[:-1])
-    starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], n)
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        yield int(t[s]), int(d[s]), e - s, int(times[s])
+    r = sorted_runs((thin, data), (times,))
+    for tb, db, t, n in r.rows():
+        yield tb, db, n, t
 
 
-def superblock_attrs(pmd: PoolMetadata, *, nr_data_blocks: int | None = None) -> dict[str, int | str]:
-    return {"uuid": "", "time": pmd.time, "transaction": pmd.trans_id, "flags": pmd.flags,
-            "version": pmd.sb.version, "data_block_size": pmd.data_block_size,
-            "nr_data_blocks": pmd.sb.data_sm_root.nr_blocks if nr_data_blocks is None else nr_data_blocks}
+class XmlWriter:
+    """thin_dump 0.9.0's XML (``skip_mappings`` is the emitter's business: devices then have no children)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def superblock_b(self, sb: SuperblockIR) -> None:
+        self.out.write(f'<superblock uuid="{sb.uuid}" time="{sb.time}" transaction="{sb.transaction}" '
+                       f'flags="{sb.flags}" version="{sb.version}" data_block_size="{sb.data_block_size}" '
+                       f'nr_data_blocks="{sb.nr_data_blocks}">\n')
+
+    def device_b(self, d: DeviceDetailsIR) -> None:
+        self.out.write(f'  <device dev_id="{d.dev_id}" mapped_blocks="{d.mapped_blocks}" '
+                       f'transaction="{d.transaction}" creation_time="{d.creation_time}" '
+                       f'snap_time="{d.snap_time}">\n')
+
+    def map(self, runs: Runs) -> None:
+        self.out.write("".join(
+            f'    <single_mapping origin_block="{tb}" data_block="{db}" time="{t}"/>\n' if n == 1 else
+            f'    <range_mapping origin_begin="{tb}" data_begin="{db}" length="{n}" time="{t}"/>\n'
+            for tb, db, t, n in runs.rows()))
+
+    def device_e(self) -> None:
+        self.out.write("  </device>\n")
+
+    def superblock_e(self) -> None:
+        self.out.write("</superblock>\n")
+
+    def eof(self) -> None:
+        pass
+
+
+class HumanWriter:
+    """thin_dump -f human_readable."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def superblock_b(self, sb: SuperblockIR) -> None:
+        self.out.write(f'begin superblock: "{sb.uuid}", {sb.time}, {sb.transaction}, {sb.flags}, {sb.version}, '
+                       f'{sb.data_block_size}, {sb.nr_data_blocks}\n')
+
+    def device_b(self, d: DeviceDetailsIR) -> None:
+        self.out.write(f"device: {d.dev_id}\nmapped_blocks: {d.mapped_blocks}\ntransaction: {d.transaction}\n"
+                       f"creation time: {d.creation_time}\nsnap time: {d.snap_time}\n")
+
+    def map(self, runs: Runs) -> None:
+        self.out.write("".join(
+            f"    {tb} -> {db}, {t}\n" if n == 1 else f"    ({tb}..{tb + n - 1}) -> ({db}..{db + n - 1}), {t}\n"
+            for tb, db, t, n in runs.rows()))
+
+    def device_e(self) -> None:
+        self.out.write("\n")
+
+    def superblock_e(self) -> None:
+        self.out.write("end superblock\n")
+
+    def eof(self) -> None:
+        pass
+
+
+class JsonWriter:
+    """The dump as JSON, streamed, laid out as ``json.dumps(..., indent=2)`` lays out
+    ``{"superblock": {...}, "devices": [{..., "mappings": [{origin_begin, data_begin, length, time}]}]}``."""
+
+    def __init__(self, out: IO[str], *, skip_mappings: bool = False) -> None:
+        self.out = out
+        self.skip_mappings = skip_mappings
+        self._nr_devices = 0
+        self._nr_runs = 0
+
+    def superblock_b(self, sb: SuperblockIR) -> None:
+        attrs = {"time": sb.time, "transaction": sb.transaction, "flags": sb.flags, "version": sb.version,
+                 "data_block_size": sb.data_block_size, "nr_data_blocks": sb.nr_data_blocks}
+        body = json.dumps(attrs, indent=2).replace("\n", "\n  ")
+        self.out.write('{\n  "superblock": ' + body + ',\n  "devices": [')
+
+    def device_b(self, d: DeviceDetailsIR) -> None:
+        attrs = {"dev_id": d.dev_id, "mapped_blocks": d.mapped_blocks, "transaction": d.transaction,
+                 "creation_time": d.creation_time, "snap_time": d.snap_time}
+        body = json.dumps(attrs, indent=2).replace("\n", "\n    ")[:-6]  # drop the closing "\n    }"
+        self.out.write(("," if self._nr_devices else "") + "\n    " + body)
+        if not self.skip_mappings:
+            self.out.write(',\n      "mappings": [')
+        self._nr_devices += 1
+        self._nr_runs = 0
+
+    def map(self, runs: Runs) -> None:
+        ind = "\n" + " " * 10
+        parts = []
+        for tb, db, t, n in runs.rows():
+            parts.append(("," if self._nr_runs else "") + "\n        {" + ind + f'"origin_begin": {tb},' + ind +
+                         f'"data_begin": {db},' + ind + f'"length": {n},' + ind + f'"time": {t}' + "\n        }")
+            self._nr_runs += 1
+        self.out.write("".join(parts))
+
+    def device_e(self) -> None:
+        if not self.skip_mappings:
+            self.out.write("\n      ]" if self._nr_runs else "]")
+        self.out.write("\n    }")
+
+    def superblock_e(self) -> None:
+        self.out.write("\n  ]\n}\n" if self._nr_devices else "]\n}\n")
+
+    def eof(self) -> None:
+        pass
+
+
+def dump(pmd: PoolMetadata, visitor: MetadataVisitor, *, dev_ids: Sequence[int] | None = None,
+         skip_mappings: bool = False, progress: Callable[[int], None] | None = None) -> None:
+    """Feed ``visitor`` the IR of ``pmd`` (thin_dump's selection: every device, or ``dev_ids``)."""
+    emit(pmd, visitor, dev_ids=dev_ids, skip_mappings=skip_mappings, progress=progress)
 
 
 def dump_xml(pmd: PoolMetadata, out: IO[str], *, dev_id: int | None = None, skip_mappings: bool = False,
-             progress: object | None = None) -> None:
+             progress: Callable[[int], None] | None = None) -> None:
     """Write thin_dump 0.9.0's XML for ``pmd`` to ``out``."""
-    a = superblock_attrs(pmd)
-    out.write('<superblock uuid="{uuid}" time="{time}" transaction="{transaction}" flags="{flags}" '
-              'version="{version}" data_block_size="{data_block_size}" nr_data_blocks="{nr_data_blocks}">\n'
-              .format(**a))
-    for dev in pmd.device_ids():
-        if dev_id is not None and dev != dev_id:
-            continue
-        d = pmd.devices[dev]
-        out.write(f'  <device dev_id="{dev}" mapped_blocks="{d.mapped_blocks}" transaction="{d.transaction_id}" '
-                  f'creation_time="{d.creation_time}" snap_time="{d.snapshotted_time}">\n')
-        if not skip_mappings:
-            lines = []
-            for tb, db, length, t in runs(*pmd.mappings(dev)):
-                if length == 1:
-                    lines.append(f'    <single_mapping origin_block="{tb}" data_block="{db}" time="{t}"/>\n')
-                else:
-                    lines.append(f'    <range_mapping origin_begin="{tb}" data_begin="{db}" length="{length}" '
-                                 f'time="{t}"/>\n')
-                if len(lines) >= 4096:
-                    out.write("".join(lines))
-                    lines = []
-            out.write("".join(lines))
-        out.write("  </device>\n")
-        if progress is not None:
-            progress(dev)  # type: ignore[operator]
-    out.write("</superblock>\n")
+    dump(pmd, XmlWriter(out), dev_ids=None if dev_id is None else [dev_id], skip_mappings=skip_mappings,
+         progress=progress)
 
 
-def dump_human(pmd: PoolMetadata, out: IO[str]) -> None:
+def dump_human(pmd: PoolMetadata, out: IO[str], *, dev_id: int | None = None, skip_mappings: bool = False) -> None:
     """thin_dump -f human_readable."""
-    a = superblock_attrs(pmd)
-    out.write(f'begin superblock: "", {a["time"]}, {a["transaction"]}, {a["flags"]}, {a["version"]}, '
-              f'{a["data_block_size"]}, {a["nr_data_blocks"]}\n')
-    for dev in pmd.device_ids():
-        d = pmd.devices[dev]
-        out.write(f"device: {dev}\nmapped_blocks: {d.mapped_blocks}\ntransaction: {d.transaction_id}\n"
-                  f"creation time: {d.creation_time}\nsnap time: {d.snapshotted_time}\n")
-        for tb, db, length, t in runs(*pmd.mappings(dev)):
-            if length == 1:
-                out.write(f"    {tb} -> {db}, {t}\n")
-            else:
-                out.write(f"    ({tb}..{tb + length - 1}) -> ({db}..{db + length - 1}), {t}\n")
-        out.write("\n")
-    out.write("end superblock\n")
+    dump(pmd, HumanWriter(out), dev_ids=None if dev_id is None else [dev_id], skip_mappings=skip_mappings)
+
+
+def dump_json(pmd: PoolMetadata, out: IO[str], *, dev_id: int | None = None, skip_mappings: bool = False,
+              progress: Callable[[int], None] | None = None) -> None:
+    """The JSON form, streamed to ``out``."""
+    dump(pmd, JsonWriter(out, skip_mappings=skip_mappings), dev_ids=None if dev_id is None else [dev_id],
+         skip_mappings=skip_mappings, progress=progress)
 
 
 def dump_dict(pmd: PoolMetadata, *, skip_mappings: bool = False) -> dict[str, object]:
-    """The same content as a JSON-ready dict."""
-    devs = []
-    for dev in pmd.device_ids():
-        d = pmd.devices[dev]
-        entry: dict[str, object] = {"dev_id": dev, "mapped_blocks": d.mapped_blocks,
-                                    "transaction": d.transaction_id, "creation_time": d.creation_time,
-                                    "snap_time": d.snapshotted_time}
-        if not skip_mappings:
-            entry["mappings"] = [{"origin_begin": tb, "data_begin": db, "length": n, "time": t}
-                                 for tb, db, n, t in runs(*pmd.mappings(dev))]
-        devs.append(entry)
-    sb = superblock_attrs(pmd)
-    sb.pop("uuid")
-    return {"superblock": sb, "devices": devs}
+    """The JSON form as a dict (small metadata only: it holds every run)."""
+    import io
+
+    buf = io.StringIO()
+    dump_json(pmd, buf, skip_mappings=skip_mappings)
+    return json.loads(buf.getvalue())  # type: ignore[no-any-return]

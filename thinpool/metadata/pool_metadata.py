@@ -26,17 +26,19 @@ import numpy as np
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
-from thinpool.btree.node import Node
+from thinpool.btree.two_level import TwoLevelTree
 from thinpool.checksum import BlockType
 from thinpool.errors import (BadDeviceId, DeviceExists, DeviceNotFound, InvalidArgument, MetadataCorrupt,
                              NeedsCheck, PoolFailed, ReadOnly, ThinpoolError, TransactionIdMismatch,
                              UnsupportedMetadata)
 from thinpool.formats.device_details import (TIME_MASK, DeviceDetails, build_device_details,
-                                             parse_device_details)
+                                             pack_block_time, pack_block_times, parse_device_details,
+                                             unpack_block_time, unpack_block_times)
 from thinpool.formats.space_map import MAX_METADATA_BITMAPS, ENTRIES_PER_BITMAP
 from thinpool.formats.superblock import (NEEDS_CHECK_FLAG, THIN_SUPERBLOCK_MAGIC, THIN_VERSION, Superblock,
                                          build_superblock, parse_superblock)
 from thinpool.io.block_store import BlockStore
+from thinpool.metadata.thin_device import ThinDeviceMetadata
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.tx.transaction import TransactionManager
@@ -69,19 +71,20 @@ class MappingValue:
     def __init__(self, data_sm: CoreSpaceMap) -> None:
         self.data_sm = data_sm
 
-    def inc(self, node: Node) -> None:
-        if node.values:
-            self.data_sm.inc_many(np.frombuffer(node.values, dtype="<u8") >> np.uint64(24))  # type: ignore[arg-type]
+    def inc(self, values: Any) -> None:
+        if len(values):
+            self.data_sm.inc_many(unpack_block_times(np.frombuffer(values, dtype=np.uint64))[0])
 
     def dec(self, values: Any) -> None:
         if isinstance(values, list) and len(values) == 1:
             # Fast path (profiled): an overwritten or removed single mapping. Going through np.unique for one
             # value made the overwrite path of insert/remove ~3x slower.
-            self.data_sm.dec(int(values[0]) >> 24)
+            self.data_sm.dec(unpack_block_time(int(values[0]))[0])
             return
         if len(values):
-            arr = np.frombuffer(values, dtype="<u8") if not isinstance(values, list) else np.array(values, "<u8")
-            self.data_sm.dec_many((arr >> np.uint64(24)).astype(np.int64))
+            arr = np.frombuffer(values, dtype=np.uint64) if not isinstance(values, list) else \
+                np.array(values, np.uint64)
+            self.data_sm.dec_many(unpack_block_times(arr)[0].astype(np.int64))
 
 
 class SubtreeValue:
@@ -93,9 +96,9 @@ class SubtreeValue:
         self.tm = tm
         self.mapping = mapping
 
-    def inc(self, node: Node) -> None:
-        for b in node.values:
-            self.tm.inc(b)  # type: ignore[arg-type]
+    def inc(self, values: Any) -> None:
+        for b in values:
+            self.tm.inc(int(b))
 
     def dec(self, values: Any) -> None:
         for b in list(values):
@@ -117,6 +120,7 @@ class PoolMetadata:
         self.data_sm = data.core if data is not None else CoreSpaceMap(0, kind="data")
         self.mapping = BTree(tm, MappingValue(self.data_sm))
         self.top = BTree(tm, SubtreeValue(tm, self.mapping))
+        self.tree = TwoLevelTree(self.top, self.mapping)
         self.details_tree = BTree(tm, NoRefValue(24))
         self._load_state(sb)
 
@@ -171,10 +175,8 @@ class PoolMetadata:
         buf = store.read_block(blocknr)
         if blocknr == 0 and not any(buf):
             raise MetadataCorrupt(block=0, reason="superblock is all zeros (unformatted metadata)")
-        checksum.verify(buf, BlockType.SUPERBLOCK, blocknr)
+        checksum.validate(buf, BlockType.SUPERBLOCK, blocknr, "superblock")
         sb = parse_superblock(buf, blocknr)
-        if sb.blocknr != blocknr:
-            raise MetadataCorrupt(block=blocknr, reason=f"superblock self block number is {sb.blocknr}")
         if sb.magic != THIN_SUPERBLOCK_MAGIC:
             raise MetadataCorrupt(block=blocknr, reason=f"bad superblock magic {sb.magic}")
         if sb.metadata_block_size != METADATA_BLOCK_SIZE_SECTORS:
@@ -262,6 +264,11 @@ class PoolMetadata:
             raise DeviceNotFound(dev_id=dev_id)
         return d
 
+    def device(self, dev_id: int) -> ThinDeviceMetadata:
+        """The per-device handle the data path uses (metadata/thin_device.py); it does not check that the
+        device exists yet (its calls raise DeviceNotFound once it does not)."""
+        return ThinDeviceMetadata(self, dev_id)
+
     def device_root(self, dev_id: int) -> int:
         self.get_device(dev_id)
         return self._roots[dev_id]
@@ -319,15 +326,19 @@ class PoolMetadata:
         v = self.mapping.lookup(root, thin_block)
         if v is None:
             return None
-        data_block = v >> 24
+        data_block, t = unpack_block_time(v)
         if data_block >= self.data_sm.nr_blocks and self.data_sm.nr_blocks:
             raise MetadataCorrupt(block=root, reason=f"device {dev_id} block {thin_block} maps to data block "
                                                      f"{data_block} beyond the data device")
-        return data_block, v & TIME_MASK
+        return data_block, t
 
     def is_shared(self, dev_id: int, mapping_time: int) -> bool:
-        """The kernel's __snapshotted_since: the mapping may be shared, so a write must copy."""
-        return self.devices[dev_id].snapshotted_time > mapping_time
+        """The kernel's __snapshotted_since: the mapping may be shared, so a write must copy.
+
+        Raises:
+            DeviceNotFound: no device ``dev_id``.
+        """
+        return self.get_device(dev_id).snapshotted_time > mapping_time
 
     def alloc_data_block(self) -> int:
         self._check_writable()
@@ -343,10 +354,8 @@ class PoolMetadata:
         if not 0 <= data_block < self.data_sm.nr_blocks or not 0 <= thin_block < 2**64:
             raise InvalidArgument(reason=f"insert: thin block {thin_block} -> data block {data_block} out of range "
                                          f"(data device has {self.data_sm.nr_blocks} blocks)")
-        value = (data_block << 24) | (self.time if time is None else time)
-        self.mapping_root, leaf, i = self.top.shadow_path(self.mapping_root, dev_id)
-        new_sub, is_new = self.mapping.insert(leaf.values[i], thin_block, value)  # type: ignore[arg-type]
-        leaf.values[i] = new_sub  # type: ignore[index]
+        value = pack_block_time(data_block, self.time if time is None else time)
+        self.mapping_root, new_sub, is_new = self.tree.insert(self.mapping_root, dev_id, thin_block, value)
         self._roots[dev_id] = new_sub
         if is_new:
             d.mapped_blocks += 1
@@ -354,33 +363,34 @@ class PoolMetadata:
 
     def remove(self, dev_id: int, thin_block: int) -> bool:
         """Unmap ``thin_block``; its data block loses a reference. Returns whether it was mapped."""
+        return self.remove_range(dev_id, thin_block, thin_block + 1) == 1
+
+    def remove_range(self, dev_id: int, lo: int, hi: int) -> int:
+        """Unmap every thin block in [lo, hi) (kernel dm_thin_remove_range); their data blocks lose a reference
+        each. Returns how many were mapped. Nothing changes when none was."""
         self._check_writable()
         d = self.get_device(dev_id)
-        if self.mapping.lookup(self._roots[dev_id], thin_block) is None:
-            return False
-        self.mapping_root, leaf, i = self.top.shadow_path(self.mapping_root, dev_id)
-        new_sub, removed = self.mapping.remove(leaf.values[i], thin_block)  # type: ignore[arg-type]
-        leaf.values[i] = new_sub  # type: ignore[index]
+        self.mapping_root, new_sub, n = self.tree.remove_range(self.mapping_root, dev_id, lo, hi)
         self._roots[dev_id] = new_sub
-        if removed:
-            d.mapped_blocks -= 1
+        if n:
+            d.mapped_blocks -= n
             d.changed = True
-        return removed
+        return n
 
     def mappings(self, dev_id: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(thin_blocks, data_blocks, times) of the device's mappings in [lo, hi), as numpy arrays."""
         root = self.device_root(dev_id)
-        k, v = self.mapping.arrays(root, lo, hi)
-        d = v >> np.uint64(24)
+        k, v = self.mapping.lookup_range(root, lo, hi)
+        d, t = unpack_block_times(v)
         if len(d) and self.data_sm.nr_blocks and int(d.max()) >= self.data_sm.nr_blocks:
             i = int(np.argmax(d >= np.uint64(self.data_sm.nr_blocks)))
             raise MetadataCorrupt(block=root, reason=f"device {dev_id} block {int(k[i])} maps to data block "
                                                      f"{int(d[i])} beyond the data device")
-        return k, d, v & np.uint64(TIME_MASK)
+        return k, d, t
 
     def iter_mappings(self, dev_id: int) -> Iterator[tuple[int, int, int]]:
         for k, v in self.mapping.items(self.device_root(dev_id)):
-            yield k, v >> 24, v & TIME_MASK
+            yield (k, *unpack_block_time(v))
 
     def highest_mapped(self, dev_id: int) -> int | None:
         return self.mapping.highest_key(self.device_root(dev_id))
@@ -406,7 +416,7 @@ class PoolMetadata:
                                              f"({self.data_sm.nr_blocks} blocks)")
             if int(times.max()) > TIME_MASK:
                 raise InvalidArgument(reason="build_device: mapping time does not fit in 24 bits")
-        values = (data_blocks.astype(np.uint64) << np.uint64(24)) | times.astype(np.uint64)
+        values = pack_block_times(data_blocks, times)
         if len(data_blocks):
             self.data_sm.inc_many(data_blocks.astype(np.int64))
         sub = self.mapping.build(thin_blocks.astype(np.uint64), values)

@@ -1,10 +1,15 @@
-"""Restore metadata from thin_dump XML (thin_restore): parse into a format-neutral IR, then build fresh metadata.
+"""Restore metadata from thin_dump XML (thin_restore): the XML is parsed into the metadata IR (``metadata/ir.py``)
+and a builder visitor turns any IR stream (parsed XML, a collected ``MetadataIR``, repair's salvage) into fresh
+metadata.
 
-Layer: metadata. May import: metadata.pool_metadata, io, formats.
+Layer: metadata. May import: metadata.ir, metadata.pool_metadata, io, formats.
 
 Accepted input is thin_dump 0.9.0's grammar (superblock / device / range_mapping / single_mapping). Unlike
 thin_restore 0.9.0, an overlapping mapping replaces the earlier one without leaving a stale data reference, and
 the data space map counts one reference per mapping.
+
+Memory: the IR keeps mappings as runs (four integers per range_mapping); the builder expands one device at a time
+into numpy arrays for the bulk tree build.
 """
 
 from __future__ import annotations
@@ -18,42 +23,69 @@ import numpy as np
 from thinpool.errors import InvalidArgument
 from thinpool.formats.device_details import MAX_DATA_BLOCK, TIME_MASK, DeviceDetails
 from thinpool.io.block_store import BlockStore
+from thinpool.metadata.ir import DeviceDetailsIR, MetadataVisitor, Runs, SuperblockIR
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 _SB_REQUIRED = ("uuid", "time", "transaction", "data_block_size", "nr_data_blocks")
 _DEV_REQUIRED = ("dev_id", "mapped_blocks", "transaction", "creation_time", "snap_time")
 _RANGE_REQUIRED = ("origin_begin", "data_begin", "length", "time")
 _SINGLE_REQUIRED = ("origin_block", "data_block", "time")
+_BATCH = 65536  # runs per map() call from the XML parser
+
+
+def expand_runs(thin_begin: np.ndarray, data_begin: np.ndarray, lengths: np.ndarray,
+                times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs -> one entry per mapping (uint64 thin blocks, data blocks, times), in the runs' order."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum()) if len(lengths) else 0
+    if total == 0:
+        z = np.zeros(0, dtype=np.uint64)
+        return z, z, z
+    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    t = (np.repeat(thin_begin.astype(np.int64), lengths) + offs).astype(np.uint64)
+    d = (np.repeat(data_begin.astype(np.int64), lengths) + offs).astype(np.uint64)
+    return t, d, np.repeat(times.astype(np.uint64), lengths)
+
+
+def sorted_mappings(thin: np.ndarray, data: np.ndarray,
+                    times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted by thin block; for a thin block given twice, the later mapping wins."""
+    order = np.argsort(thin, kind="stable")
+    t, d, tm = thin[order], data[order], times[order]
+    keep = np.ones(len(t), dtype=bool)
+    keep[:-1] = t[1:] != t[:-1]  # keep the last of equal keys
+    return t[keep], d[keep], tm[keep]
 
 
 @dataclass
 class DeviceIR:
+    """One device of a collected IR: its details and its mappings as batches of runs."""
+
     dev_id: int
     transaction: int
     creation_time: int
     snap_time: int
     mapped_blocks: int
-    thin: list[np.ndarray] = field(default_factory=list)
-    data: list[np.ndarray] = field(default_factory=list)
-    times: list[np.ndarray] = field(default_factory=list)
+    runs: list[Runs] = field(default_factory=list)
+
+    def details(self) -> DeviceDetailsIR:
+        return DeviceDetailsIR(self.dev_id, self.mapped_blocks, self.transaction, self.creation_time,
+                               self.snap_time)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sorted by thin block; for a thin block given twice, the later mapping wins."""
-        if not self.thin:
+        """(thin, data, times) uint64, sorted by thin block; for a thin block given twice, the later wins."""
+        if not self.runs:
             z = np.zeros(0, dtype=np.uint64)
             return z, z, z
-        t = np.concatenate(self.thin)
-        d = np.concatenate(self.data)
-        tm = np.concatenate(self.times)
-        order = np.argsort(t, kind="stable")
-        t, d, tm = t[order], d[order], tm[order]
-        keep = np.ones(len(t), dtype=bool)
-        keep[:-1] = t[1:] != t[:-1]  # keep the last of equal keys
-        return t[keep], d[keep], tm[keep]
+        cat = [np.concatenate(c) for c in zip(*((r.steps[0], r.steps[1], r.lengths, r.equals[0])
+                                               for r in self.runs))]
+        return sorted_mappings(*expand_runs(cat[0], cat[1], cat[2], cat[3]))
 
 
 @dataclass
 class MetadataIR:
+    """A whole IR collected in memory (runs, not mappings): what ``parse_xml`` returns and ``restore`` replays."""
+
     time: int
     transaction: int
     flags: int
@@ -61,6 +93,50 @@ class MetadataIR:
     data_block_size: int
     nr_data_blocks: int
     devices: list[DeviceIR] = field(default_factory=list)
+
+    def superblock(self) -> SuperblockIR:
+        return SuperblockIR("", self.time, self.transaction, self.flags, self.version, self.data_block_size,
+                            self.nr_data_blocks)
+
+    def replay(self, visitor: MetadataVisitor) -> None:
+        """Feed the collected IR to ``visitor``."""
+        visitor.superblock_b(self.superblock())
+        for dev in self.devices:
+            visitor.device_b(dev.details())
+            for r in dev.runs:
+                visitor.map(r)
+            visitor.device_e()
+        visitor.superblock_e()
+        visitor.eof()
+
+
+class IRCollector:
+    """A visitor that collects the IR it is fed into a ``MetadataIR`` (``.ir`` once ``eof`` is seen)."""
+
+    def __init__(self) -> None:
+        self.ir: MetadataIR | None = None
+        self._dev: DeviceIR | None = None
+
+    def superblock_b(self, sb: SuperblockIR) -> None:
+        self.ir = MetadataIR(sb.time, sb.transaction, sb.flags, sb.version, sb.data_block_size, sb.nr_data_blocks)
+
+    def device_b(self, d: DeviceDetailsIR) -> None:
+        self._dev = DeviceIR(d.dev_id, d.transaction, d.creation_time, d.snap_time, d.mapped_blocks)
+
+    def map(self, runs: Runs) -> None:
+        assert self._dev is not None
+        self._dev.runs.append(runs)
+
+    def device_e(self) -> None:
+        assert self.ir is not None and self._dev is not None
+        self.ir.devices.append(self._dev)
+        self._dev = None
+
+    def superblock_e(self) -> None:
+        pass
+
+    def eof(self) -> None:
+        pass
 
 
 def _int(el: ET.Element, name: str) -> int:
@@ -76,22 +152,37 @@ def _int(el: ET.Element, name: str) -> int:
     return n
 
 
-def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
-    """Parse thin_dump XML into the IR. Raises InvalidArgument with a clear message on bad input."""
-    ir: MetadataIR | None = None
-    dev: DeviceIR | None = None
+class _RunBuffer:
+    """Runs of one device collected from XML elements, handed over in batches."""
+
+    def __init__(self, visitor: MetadataVisitor) -> None:
+        self.visitor = visitor
+        self.cols: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+
+    def add(self, thin_begin: int, data_begin: int, length: int, time: int) -> None:
+        for c, v in zip(self.cols, (thin_begin, data_begin, time, length)):
+            c.append(v)
+        if len(self.cols[0]) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.cols[0]:
+            a = [np.array(c, dtype=np.int64) for c in self.cols]
+            self.visitor.map(Runs((a[0], a[1]), (a[2],), a[3]))
+            for c in self.cols:
+                c.clear()
+
+
+def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+    """Parse thin_dump XML, feeding the IR to ``visitor`` as it goes (each element is checked first).
+
+    Raises:
+        InvalidArgument with a clear message on bad input (the visitor may have seen a prefix).
+    """
+    in_sb = saw_sb = False
+    in_dev = False
     seen: set[int] = set()
-    buf_t: list[int] = []
-    buf_d: list[int] = []
-    buf_tm: list[int] = []
-
-    def flush() -> None:
-        if dev is not None and buf_t:
-            dev.thin.append(np.array(buf_t, dtype=np.uint64))
-            dev.data.append(np.array(buf_d, dtype=np.uint64))
-            dev.times.append(np.array(buf_tm, dtype=np.uint64))
-            buf_t.clear(), buf_d.clear(), buf_tm.clear()
-
+    buf = _RunBuffer(visitor)
     try:
         for event, el in ET.iterparse(src, events=("start", "end")):
             tag = el.tag
@@ -100,11 +191,12 @@ def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
                     for a in _SB_REQUIRED:
                         if el.get(a) is None:
                             raise InvalidArgument(reason=f"could not find attribute: {a}")
-                    ir = MetadataIR(_int(el, "time"), _int(el, "transaction"), int(el.get("flags", "0")),
-                                    int(el.get("version", "2")), _int(el, "data_block_size"),
-                                    _int(el, "nr_data_blocks"))
+                    visitor.superblock_b(SuperblockIR(el.get("uuid", ""), _int(el, "time"), _int(el, "transaction"),
+                                                      int(el.get("flags", "0")), int(el.get("version", "2")),
+                                                      _int(el, "data_block_size"), _int(el, "nr_data_blocks")))
+                    in_sb = saw_sb = True
                 elif tag == "device":
-                    if ir is None or dev is not None:
+                    if not in_sb or in_dev:
                         raise InvalidArgument(reason="<device> outside <superblock>")
                     for a in _DEV_REQUIRED:
                         _int(el, a)
@@ -112,10 +204,11 @@ def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
                     if dev_id in seen:
                         raise InvalidArgument(reason=f"Device already exists: {dev_id}")
                     seen.add(dev_id)
-                    dev = DeviceIR(dev_id, _int(el, "transaction"), _int(el, "creation_time"),
-                                   _int(el, "snap_time"), _int(el, "mapped_blocks"))
+                    visitor.device_b(DeviceDetailsIR(dev_id, _int(el, "mapped_blocks"), _int(el, "transaction"),
+                                                     _int(el, "creation_time"), _int(el, "snap_time")))
+                    in_dev = True
                 elif tag in ("range_mapping", "single_mapping"):
-                    if dev is None:
+                    if not in_dev:
                         raise InvalidArgument(reason=f"<{tag}> outside <device>")
                     if tag == "range_mapping":
                         ob, db, n, t = (_int(el, a) for a in _RANGE_REQUIRED)
@@ -124,48 +217,103 @@ def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
                         n = 1
                     if t > TIME_MASK:
                         raise InvalidArgument(reason=f"mapping time {t} does not fit in 24 bits")
-                    if n > 1:
-                        flush()
-                        dev.thin.append(np.arange(ob, ob + n, dtype=np.uint64))
-                        dev.data.append(np.arange(db, db + n, dtype=np.uint64))
-                        dev.times.append(np.full(n, t, dtype=np.uint64))
-                    elif n == 1:
-                        buf_t.append(ob), buf_d.append(db), buf_tm.append(t)
-                        if len(buf_t) >= 65536:
-                            flush()
+                    if n:
+                        buf.add(ob, db, n, t)
                 else:
                     raise InvalidArgument(reason=f"unknown tag type: <{tag}>")
             else:
                 if tag == "device":
-                    flush()
-                    assert ir is not None and dev is not None
-                    ir.devices.append(dev)
-                    dev = None
+                    buf.flush()
+                    visitor.device_e()
+                    in_dev = False
+                elif tag == "superblock":
+                    visitor.superblock_e()
+                    in_sb = False
                 el.clear()
     except ET.ParseError as e:
         raise InvalidArgument(reason=f"malformed XML: {e}") from None
-    if ir is None:
+    if not saw_sb:
         raise InvalidArgument(reason="no <superblock> element in the XML")
-    return ir
+    visitor.eof()
+
+
+def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
+    """Parse thin_dump XML into a collected IR. Raises InvalidArgument with a clear message on bad input."""
+    col = IRCollector()
+    read_xml(src, col)
+    if col.ir is None:
+        raise InvalidArgument(reason="no <superblock> element in the XML")
+    return col.ir
+
+
+class MetadataBuilder:
+    """A visitor that writes fresh metadata onto ``store`` from the IR it is fed: the store is formatted at
+    ``superblock_b``, each device is bulk-built at ``device_e`` and everything is committed at ``superblock_e``
+    (nothing is committed before). ``.md`` is the open result.
+
+    Producers: ``read_xml`` (restore), ``MetadataIR.replay``, and repair: a salvager calls superblock_b with the
+    pool's geometry, then per device device_b / map_arrays (or map) / device_e, then superblock_e and eof.
+
+    Raises (from the calls): InvalidArgument for mappings beyond the data device or a bad geometry.
+    """
+
+    def __init__(self, store: BlockStore) -> None:
+        if store.nr_blocks < 8:
+            raise InvalidArgument(reason="output too small (need at least 32 KiB)")
+        self.store = store
+        self.md: PoolMetadata | None = None
+        self._sb: SuperblockIR | None = None
+        self._dev: DeviceDetailsIR | None = None
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def superblock_b(self, sb: SuperblockIR) -> None:
+        self._sb = sb
+        self.md = PoolMetadata.format(self.store, data_block_size=sb.data_block_size,
+                                      nr_data_blocks=max(sb.nr_data_blocks, 1))
+
+    def device_b(self, d: DeviceDetailsIR) -> None:
+        self._dev = d
+        self._chunks = []
+
+    def map(self, runs: Runs) -> None:
+        self._chunks.append(expand_runs(runs.steps[0], runs.steps[1], runs.lengths, runs.equals[0]))
+
+    def map_arrays(self, thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> None:
+        """Mappings given one per entry (any order; for a thin block given twice the later wins)."""
+        self._chunks.append((thin.astype(np.uint64), data.astype(np.uint64), times.astype(np.uint64)))
+
+    def device_e(self) -> None:
+        assert self.md is not None and self._sb is not None and self._dev is not None
+        if self._chunks:
+            thin, data, times = sorted_mappings(*(np.concatenate(c) for c in zip(*self._chunks)))
+        else:
+            thin = data = times = np.zeros(0, dtype=np.uint64)
+        self._chunks = []
+        nr_data = self._sb.nr_data_blocks
+        if len(data) and int(data.max()) >= nr_data:
+            raise InvalidArgument(reason=f"mapping beyond end of data device ({int(data.max())} >= {nr_data})")
+        if len(data) and int(data.max()) > MAX_DATA_BLOCK:
+            raise InvalidArgument(reason="data block does not fit in 40 bits")
+        d = self._dev
+        self.md.build_device(d.dev_id, thin, data, times,
+                             DeviceDetails(len(thin), d.transaction, d.creation_time, d.snap_time))
+        self._dev = None
+
+    def superblock_e(self) -> None:
+        assert self.md is not None and self._sb is not None
+        self.md.time = self._sb.time
+        self.md.trans_id = self._sb.transaction
+        self.md.flags = self._sb.flags
+        self.md.sb = self.md.sb.replace(version=self._sb.version)
+        self.md.commit()
+
+    def eof(self) -> None:
+        pass
 
 
 def restore(ir: MetadataIR, store: BlockStore) -> PoolMetadata:
     """Write fresh metadata holding ``ir`` onto ``store`` (which is overwritten) and commit it."""
-    if store.nr_blocks < 8:
-        raise InvalidArgument(reason="output too small (need at least 32 KiB)")
-    pmd = PoolMetadata.format(store, data_block_size=ir.data_block_size, nr_data_blocks=max(ir.nr_data_blocks, 1))
-    for dev in ir.devices:
-        thin, data, times = dev.arrays()
-        if len(data) and int(data.max()) >= ir.nr_data_blocks:
-            raise InvalidArgument(reason=f"mapping beyond end of data device ({int(data.max())} >= "
-                                         f"{ir.nr_data_blocks})")
-        if len(data) and int(data.max()) > MAX_DATA_BLOCK:
-            raise InvalidArgument(reason="data block does not fit in 40 bits")
-        pmd.build_device(dev.dev_id, thin, data, times,
-                         DeviceDetails(len(thin), dev.transaction, dev.creation_time, dev.snap_time))
-    pmd.time = ir.time
-    pmd.trans_id = ir.transaction
-    pmd.flags = ir.flags
-    pmd.sb = pmd.sb.replace(version=ir.version)
-    pmd.commit()
-    return pmd
+    builder = MetadataBuilder(store)
+    ir.replay(builder)
+    assert builder.md is not None
+    return builder.md

@@ -1,5 +1,5 @@
 """NBD server exporting thinpool block devices (see :mod:`thinpool.nbd.server`)."""
 
-from thinpool.nbd.server import NBDServer, ServerThread, allocation_extents, serve
+from thinpool.nbd.server import NBDServer, ServerOptions, ServerThread, allocation_extents, serve
 
-__all__ = ["NBDServer", "ServerThread", "allocation_extents", "serve"]
+__all__ = ["NBDServer", "ServerOptions", "ServerThread", "allocation_extents", "serve"]

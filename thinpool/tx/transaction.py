@@ -1,116 +1,108 @@
-"""Transaction manager: validated, cached metadata block access; shadowing (copy-on-write); two-phase commit.
+"""Transaction manager: validated metadata block access, block allocation through a space map, two-phase commit.
 
-Layer: tx. May import: thinpool.errors, thinpool.checksum, thinpool.io, thinpool.btree.node, thinpool.spacemap.core.
+Layer: tx. May import: thinpool.errors, thinpool.checksum, thinpool.io, thinpool.tx.api.
 
-Mirrors the kernel's dm-transaction-manager:
-- A writable node comes only from ``new_node`` or ``shadow``. Shadowing a node that was created or shadowed in
-  this transaction and has a reference count of 1 returns it as is; otherwise the node is copied to a new block,
-  the children of the copy are incremented if the original was shared (count > 1), and the original is
-  decremented (dm_tm_shadow_block + bn_shadow/inc_children).
-- New blocks come from the metadata space map, which never returns a block that the last commit uses.
-- ``commit`` writes every dirty block, syncs, then writes the superblock (block 0) and syncs again. Until then
-  no block reachable from the last committed superblock has been written. ``abort`` drops dirty blocks.
+Mirrors the kernel's dm-transaction-manager: it knows blocks, checksums (the per-type validators of
+thinpool.checksum) and the SpaceMap protocol of tx/api.py, nothing of B-tree nodes. The space map is injected
+(dm_tm_create_with_sm); node decoding, caching, shadowing and inc_children live in the B-tree (btree/spine.py).
+
+- New blocks come from the space map, which never returns a block that the last commit uses, so nothing the
+  committed superblock reaches is overwritten before the next commit.
+- Dirty blocks are held until ``pre_commit``: ``dirty`` maps a block number to an object whose ``encode()``
+  gives the 4 KiB block, checksum stamped (a B-tree node); ``dirty_raw`` holds blocks already encoded and stamped
+  (bitmaps, the metadata index, a metadata snapshot's superblock).
+- ``pre_commit`` writes every dirty block and syncs; ``commit`` then writes the superblock (block 0) and syncs
+  again. ``abort`` drops the dirty blocks. Clients (tx/api.py BlockClient: the node cache) hear of freed and
+  reallocated blocks, commits and aborts.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable
+from typing import Any, Protocol
 
 from thinpool import checksum
-from thinpool.btree.node import Node, decode_node
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt
 from thinpool.io.block_store import BlockStore
-from thinpool.spacemap.core import CoreSpaceMap
+from thinpool.tx.api import BlockClient, SpaceMap
 
-ChildInc = Callable[[Node], None]
+
+class Encodable(Protocol):
+    """A dirty block kept decoded until the commit writes it."""
+
+    def encode(self) -> bytes | bytearray:
+        """The block as 4096 bytes with its checksum stamped."""
+        ...
 
 
 class TransactionManager:
-    def __init__(self, store: BlockStore, meta_sm: CoreSpaceMap, *, cache_nodes: int = 16384) -> None:
+    """Block access and allocation for one metadata device inside one open transaction at a time."""
+
+    def __init__(self, store: BlockStore, meta_sm: SpaceMap) -> None:
         self.store = store
         self.sm = meta_sm
-        self.dirty: dict[int, Node] = {}  # nodes created/shadowed in this transaction
-        self.dirty_raw: dict[int, bytearray] = {}  # non-node blocks (bitmaps, index, snapshot sb) to write
-        self.cache: OrderedDict[int, Node] = OrderedDict()
-        self.cache_nodes = cache_nodes
+        self.dirty: dict[int, Encodable] = {}  # decoded blocks created or shadowed in this transaction
+        self.dirty_raw: dict[int, bytearray] = {}  # encoded, stamped blocks to write at the commit
+        self.clients: list[BlockClient] = []
         self.blocks_written = 0
+        self.blocks_read = 0  # metadata blocks read from the store (tests bound what an open reads)
+
+    def client(self, kind: type[Any]) -> Any | None:
+        """The registered client of class ``kind``, or None."""
+        for c in self.clients:
+            if type(c) is kind:
+                return c
+        return None
+
+    def add_client(self, c: BlockClient) -> None:
+        self.clients.append(c)
 
     # --- reading --------------------------------------------------------------------------------------------
-    def read_raw(self, b: int, block_type: BlockType) -> bytes:
-        """Read and checksum-verify a non-node block, checking its self block number."""
-        if b in self.dirty_raw:
-            return bytes(self.dirty_raw[b])
-        self._check_range(b)
-        buf = self.store.read_block(b)
-        checksum.verify(buf, block_type, b)
-        return buf
-
-    def _check_range(self, b: int) -> None:
+    def check_range(self, b: int) -> None:
+        """Raise MetadataCorrupt for a block number outside the metadata device (store and space map)."""
         if not 0 <= b < self.store.nr_blocks or b >= self.sm.nr_blocks:
             raise MetadataCorrupt(block=b, reason=f"block pointer {b} beyond the metadata device "
-                                                  f"({min(self.store.nr_blocks, self.sm.nr_blocks)} blocks)")
+                                                  f"({self.limit} blocks)")
 
-    def read_node(self, b: int, leaf_value_size: int) -> Node:
-        node = self.dirty.get(b)
-        if node is not None:
-            return node
-        node = self.cache.get(b)
-        if node is not None:
-            self.cache.move_to_end(b)
-        else:
-            self._check_range(b)
-            node = decode_node(self.store.read_block(b), b, leaf_value_size)
-            if not node.is_leaf and node.values:
-                # Validate child pointers here, where the damaged node is known: a pointer past the device (or
-                # at the superblock) is reported against this node, not as an unreadable block number.
-                lo, hi = min(node.values), max(node.values)  # type: ignore[type-var]
-                limit = min(self.store.nr_blocks, self.sm.nr_blocks)
-                if lo == 0 or hi >= limit:
-                    bad = hi if hi >= limit else lo
-                    raise MetadataCorrupt(block=b, reason=f"btree node has child pointer {bad} outside the "
-                                                          f"metadata device (1..{limit - 1})")
-            self.cache[b] = node
-            if len(self.cache) > self.cache_nodes:
-                self.cache.popitem(last=False)
-        if node.is_leaf and node.value_size != leaf_value_size:
-            raise MetadataCorrupt(block=b, reason=f"value size mismatch: expected {leaf_value_size}, "
-                                                  f"but got {node.value_size}")
-        return node
+    @property
+    def limit(self) -> int:
+        """Blocks a pointer may address: min(store size, space-map size)."""
+        return min(self.store.nr_blocks, self.sm.nr_blocks)
 
-    # --- writing --------------------------------------------------------------------------------------------
+    def read_block(self, b: int) -> bytes:
+        """The committed bytes of block ``b`` from the store, range-checked but not validated (the caller's
+        validator checks them: a B-tree node is checked by btree/node.py decode_node)."""
+        self.check_range(b)
+        self.blocks_read += 1
+        return self.store.read_block(b)
+
+    def read_raw(self, b: int, block_type: BlockType, what: str = "") -> bytes:
+        """Block ``b`` validated for ``block_type`` (checksum.validate: checksum and self block number; ``what``
+        names it in the error). A block written in this transaction is returned as queued.
+
+        Raises:
+            ChecksumError / MetadataCorrupt naming ``b``.
+        """
+        if b in self.dirty_raw:
+            return bytes(self.dirty_raw[b])
+        buf = self.read_block(b)
+        checksum.validate(buf, block_type, b, what)
+        return buf
+
+    def get_dirty(self, b: int) -> Any | None:
+        """The decoded dirty block ``b`` of this transaction, or None."""
+        return self.dirty.get(b)
+
+    # --- allocation and reference counts --------------------------------------------------------------------
     def new_block(self) -> int:
+        """A block from the space map (count 1); clients drop anything cached for it."""
         b = self.sm.new_block()
-        self.cache.pop(b, None)
+        for c in self.clients:
+            c.forget(b)
         return b
 
-    def new_node(self, is_leaf: bool, value_size: int) -> Node:
-        node = Node(self.new_block(), is_leaf, value_size)
-        self.dirty[node.block] = node
-        return node
-
-    def shadow(self, b: int, leaf_value_size: int, inc_values: ChildInc) -> Node:
-        """A writable version of node ``b`` (see the module docstring). ``inc_values`` increments the
-        references held by a leaf's values when a shared leaf is copied."""
-        node = self.dirty.get(b)
-        count = self.sm.counts.item(b)  # CoreSpaceMap.count inlined: this runs once per level per insert
-        if node is not None and count == 1:
-            return node
-        orig = self.read_node(b, leaf_value_size)
-        copy = orig.copy(self.new_block())
-        self.dirty[copy.block] = copy
-        if count > 1:
-            self.inc_children(copy, inc_values)
-        self.dec(b)
-        return copy
-
-    def inc_children(self, node: Node, inc_values: ChildInc) -> None:
-        if node.is_leaf:
-            inc_values(node)
-        else:
-            for c in node.values:
-                self.sm.inc(c)  # type: ignore[arg-type]
+    def count(self, b: int) -> int:
+        return self.sm.count(b)
 
     def inc(self, b: int) -> None:
         self.sm.inc(b)
@@ -121,10 +113,17 @@ class TransactionManager:
         if c == 0:
             self.dirty.pop(b, None)
             self.dirty_raw.pop(b, None)
+            for cl in self.clients:
+                cl.forget(b)
         return c
 
+    # --- writing --------------------------------------------------------------------------------------------
+    def add_dirty(self, b: int, block: Encodable) -> None:
+        """Queue a decoded block (created or shadowed in this transaction) for the commit."""
+        self.dirty[b] = block
+
     def write_raw(self, b: int, block: bytearray, block_type: BlockType) -> None:
-        """Queue a non-node block for the commit; the checksum is stamped now."""
+        """Queue an encoded block for the commit; the checksum is stamped now."""
         checksum.stamp(block, block_type)
         self.dirty_raw[b] = block
 
@@ -143,13 +142,13 @@ class TransactionManager:
         self.store.write_block(0, superblock)
         self.store.sync()
         self.blocks_written += 1
-        for b, node in self.dirty.items():
-            self.cache[b] = node
-        while len(self.cache) > self.cache_nodes:
-            self.cache.popitem(last=False)
+        for c in self.clients:
+            c.committed()
         self.dirty = {}
         self.dirty_raw = {}
 
     def abort(self) -> None:
+        for c in self.clients:
+            c.aborted()
         self.dirty = {}
         self.dirty_raw = {}

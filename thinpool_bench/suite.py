@@ -1,7 +1,7 @@
 """Benchmarks as a library: the device matrix, the CoW lab (block CoW vs file copy-up), the qcow2 peer and the
 snapshot-flatness series, each measured against a baseline taken in the same run; plus RESULTS.md and plots.
 
-Layer: above pool and fs (used by the CLI's ``bench`` command and by benchmarks/). May import: everything in
+Layer: tooling above the library (used by the CLI's ``bench`` command and by benchmarks/). May import: everything in
 thinpool; matplotlib lazily.
 
 Every number is measured here, on this machine, in this run: ratios are thinpool / raw sparse file for the same
@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -521,11 +522,13 @@ def claims(run: BenchRun) -> list[dict[str, Any]]:
         rows = run.cowlab["rows"]
         small, large = rows[0], rows[-1]
         out.append({"claim": "small files rewritten favour copy-up (copy-up faster at the smallest size)",
-                    "measured": f"copy-up {small['copyup_s'] * 1e3:.2f} ms vs thinpool {small['thinpool_s'] * 1e3:.2f} ms "
+                    "measured": f"copy-up {small['copyup_s'] * 1e3:.2f} ms vs thinpool "
+                                f"{small['thinpool_s'] * 1e3:.2f} ms "
                                 f"at {small['size'] // KiB} KiB",
                     "verdict": "holds" if small["copyup_s"] < small["thinpool_s"] else "does not hold"})
         out.append({"claim": "large files favour block CoW (thinpool faster at the largest size)",
-                    "measured": f"copy-up {large['copyup_s'] * 1e3:.1f} ms vs thinpool {large['thinpool_s'] * 1e3:.1f} ms "
+                    "measured": f"copy-up {large['copyup_s'] * 1e3:.1f} ms vs thinpool "
+                                f"{large['thinpool_s'] * 1e3:.1f} ms "
                                 f"at {large['size'] // KiB} KiB",
                     "verdict": "holds" if large["thinpool_s"] < large["copyup_s"] else "does not hold"})
     return out
@@ -601,7 +604,14 @@ def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> 
             rel = os.path.relpath(png_dir, md_path.parent)
             lines += [f"![{p.stem}]({rel}/{p.name})" for p in pngs]
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if md_path.exists():  # keep the storage-driver lab's section (thinpool bench --only drivers writes it)
+        from thinpool_bench.lab.report import BEGIN, END
+
+        old = md_path.read_text()
+        if BEGIN in old and END in old:
+            text += "\n" + BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+    md_path.write_text(text)
     (md_path.with_suffix(".json")).write_text(json.dumps(run.to_dict(), indent=1))
 
 

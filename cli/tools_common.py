@@ -1,0 +1,166 @@
+"""What the metadata tool commands share: the TARGET argument, read-only metadata opening, output files written
+atomically, device references by id or name, and progress bars.
+
+Layer: cli. May import: click, thinpool (the library only inside the functions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
+
+import click
+from thinpool_cli.params import F, device_ref, is_target, metadata_path, pool_option
+
+BIG_MAPPINGS = 1 << 19  # mappings (about a second of work) from which the tools show progress on a terminal
+PROGRESS_ENVVAR = "THINPOOL_PROGRESS_MIN_MAPPINGS"  # overrides BIG_MAPPINGS (tests, or to silence the bars)
+
+
+def target_option(f: F) -> F:
+    """An optional positional TARGET (pool directory or metadata file) plus --pool / $THINPOOL_POOL."""
+    return pool_option(click.argument("target", required=False, metavar="[TARGET]")(f))
+
+
+@contextmanager
+def open_metadata(target: str | None, *, use_metadata_snap: bool = False) -> Iterator[Any]:
+    """Open a pool directory's or a bare file's metadata read-only (superblock, details and mappings only)."""
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+
+    store = FileBlockStore(metadata_path(target), readonly=True)
+    try:
+        yield PoolMetadata.open(store, readonly=True, space_maps=False, use_metadata_snap=use_metadata_snap)
+    finally:
+        store.close()
+
+
+@contextmanager
+def output_file(path: str | None) -> Iterator[IO[str]]:
+    """stdout, or FILE written through a temporary name beside it and renamed when complete (no half-written
+    FILE). An error names FILE, never the temporary name."""
+    if path is None:
+        yield sys.stdout
+        return
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        f = open(tmp, "w")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        with f:
+            yield f
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def split_target(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """Positional arguments -> (the others, the target): the last one is the target when it names a path."""
+    rest = list(args)
+    if rest and is_target(rest[-1]):
+        return rest[:-1], rest[-1]
+    return rest, None
+
+
+def pool_device_names(target: str | None) -> dict[str, int] | None:
+    """name -> dev_id from a pool directory's pool.json; None when the target is not a pool directory."""
+    if not target or not os.path.isdir(target):
+        return None
+    try:
+        with open(os.path.join(target, "pool.json")) as f:
+            m = json.load(f)
+        return {str(e.get("name")): int(k) for k, e in m.get("devices", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def resolve_device(ref: str | int, target: str | None) -> int:
+    """A device given by id or by name. Names live in a pool directory's pool.json, so a name with a bare
+    metadata file is refused with a hint.
+
+    Raises:
+        DeviceNotFound (unknown name), DeviceNameNeedsPool (a name, and TARGET is not a pool directory).
+    """
+    v = ref if isinstance(ref, int) else device_ref(ref)
+    if isinstance(v, int):
+        return v
+    names = pool_device_names(target)
+    if names is None:
+        from thinpool.errors import DeviceNameNeedsPool
+
+        raise DeviceNameNeedsPool(dev_id=v, path=target or "")
+    if v in names:
+        return names[v]
+    from thinpool.errors import DeviceNotFound
+
+    raise DeviceNotFound(dev_id=v)
+
+
+def require_devices(md: Any, ids: Sequence[int]) -> None:
+    from thinpool.errors import DeviceNotFound
+
+    for d in ids:
+        if d not in md.devices:
+            raise DeviceNotFound(dev_id=d)
+
+
+def require_metadata_snap(target: str | None) -> None:
+    """-m needs a held metadata snapshot (thin_check/thin_dump refuse otherwise): refuse the same way."""
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+
+    store = FileBlockStore(metadata_path(target), readonly=True)
+    try:
+        held = PoolMetadata.read_superblock(store).held_root
+    finally:
+        store.close()
+    if not held:
+        from thinpool.errors import InvalidArgument
+
+        raise InvalidArgument(reason="no metadata snapshot is held (reserve one with `thinpool pool "
+                                     "reserve-metadata-snap`, or drop -m)")
+
+
+def progress_threshold() -> int:
+    """Mappings from which a tool shows progress: $THINPOOL_PROGRESS_MIN_MAPPINGS, else BIG_MAPPINGS."""
+    try:
+        return max(int(os.environ.get(PROGRESS_ENVVAR, BIG_MAPPINGS)), 0)
+    except ValueError:
+        return BIG_MAPPINGS
+
+
+@contextmanager
+def mapping_progress(description: str, total_mappings: int) -> Iterator[Any]:
+    """A progress bar over mappings on a terminal's stderr (rich; transient), for jobs of at least
+    ``progress_threshold()`` mappings; nothing otherwise or when stderr is not a terminal."""
+    from thinpool_cli.output import progress
+
+    with progress(description, total_mappings, min_total=max(progress_threshold(), 1)) as bar:
+        yield bar
+
+
+@contextmanager
+def busy(text: str, work_mappings: int) -> Iterator[None]:
+    """An indeterminate progress display (a rich status spinner on stderr, terminals only) for jobs whose size
+    in mappings is at least ``progress_threshold()`` but whose progress is not linear (delta skips shared
+    subtrees; ls and map walk distinct nodes)."""
+    if not sys.stderr.isatty() or work_mappings < max(progress_threshold(), 1):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(file=sys.stderr).status(text):
+        yield
+
+
+def total_mapped(md: Any, ids: Sequence[int] | None = None) -> int:
+    """Mappings of the devices ``ids`` (default all), from the device details alone."""
+    return sum(md.devices[d].mapped_blocks for d in (md.device_ids() if ids is None else ids))

@@ -1,0 +1,197 @@
+"""thin_dump and thin_restore as commands: `thinpool dump`, `thinpool restore`.
+
+Layer: cli. May import: click, thinpool (the library only inside the commands).
+
+dump's XML and human-readable output are byte for byte thin_dump 0.9.0's; it streams (one leaf of mappings in
+memory) and shows a progress bar on a terminal for large pools. restore parses and checks the XML, builds the
+metadata in memory, and only then writes the target (superblock last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+from thinpool_cli.params import json_option
+from thinpool_cli.tools_common import (
+    mapping_progress,
+    open_metadata,
+    output_file,
+    require_metadata_snap,
+    resolve_device,
+    target_option,
+)
+
+
+# --- dump -------------------------------------------------------------------------------------------------------
+@click.command("dump")
+@target_option
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["xml", "human_readable"]), default="xml",
+              show_default=True, help="Output format (thin_dump's -f).")
+@click.option("-m", "--metadata-snap", is_flag=True, help="Dump through the held metadata snapshot.")
+@click.option("--dev-id", "dev_ref", metavar="ID|NAME", help="Only this device (an id, or a name from pool.json).")
+@click.option("--skip-mappings", is_flag=True, help="Devices without their mappings.")
+@json_option
+def dump(target: str | None, pool_path: str | None, output: str | None, fmt: str, metadata_snap: bool,
+         dev_ref: str | None, skip_mappings: bool, as_json: bool) -> None:
+    """Dump metadata as thin_dump's XML (byte for byte), its human-readable form, or JSON.
+
+    Example: thinpool dump mypool -o mypool.xml
+    """
+    from thinpool.metadata.dump import HumanWriter, JsonWriter, XmlWriter
+    from thinpool.metadata.dump import dump as dump_ir
+
+    target = target or pool_path
+    dev_id = None if dev_ref is None else resolve_device(dev_ref, target)
+    if metadata_snap:
+        require_metadata_snap(target)
+    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+        ids = pmd.device_ids() if dev_id is None else [dev_id]
+        if dev_id is not None:
+            pmd.get_device(dev_id)  # DeviceNotFound before any output
+        total = 0 if skip_mappings else sum(pmd.devices[d].mapped_blocks for d in ids)
+        with output_file(output) as out, mapping_progress("dumping", total) as bar:
+            writer = JsonWriter(out, skip_mappings=skip_mappings) if as_json else \
+                HumanWriter(out) if fmt == "human_readable" else XmlWriter(out)
+            dump_ir(pmd, writer, dev_ids=ids, skip_mappings=skip_mappings, progress=bar.advance)
+
+
+# --- restore ----------------------------------------------------------------------------------------------------
+@click.command("restore")
+@click.option("-i", "--input", "xml_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="thin_dump XML to restore.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
+              help="A metadata file or device, or a pool directory (its metadata and data files are set up).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite a target that already holds valid metadata.")
+@click.option("-q", "--quiet", is_flag=True, help="No output.")
+def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
+    """Build fresh metadata from thin_dump XML, like thin_restore (the result passes thin_check).
+
+    The XML is parsed and checked before anything is written; nothing changes on bad input.
+
+    Example: thinpool restore -i mypool.xml -o copy.bin
+    """
+    import pathlib
+
+    from thinpool.metadata.restore import parse_xml
+    from thinpool.pool import Pool
+
+    ir = parse_xml(xml_path)
+    chunk = _validate_ir(ir)
+    pool_dir = os.path.isdir(output)
+    md_path = os.path.join(output, "metadata") if pool_dir else output
+    lock_fd = Pool._take_lock(pathlib.Path(output)) if pool_dir else None
+    try:
+        _restore_file(ir, chunk, md_path, force)
+        if pool_dir:
+            data = os.path.join(output, "data")
+            with open(data, "ab") as f:
+                if os.path.getsize(data) < ir.nr_data_blocks * chunk:
+                    f.truncate(ir.nr_data_blocks * chunk)
+            _write_restored_manifest(output, ir, chunk)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    if not quiet:
+        click.echo(f"restored {len(ir.devices)} device(s), transaction {ir.transaction}, to {md_path}", err=True)
+
+
+def _validate_ir(ir: Any) -> int:
+    """Everything restore could fail on after it started writing, checked first. Returns the chunk in bytes."""
+    from thinpool.errors import InvalidArgument
+    from thinpool.units import SECTOR_SIZE, check_data_block_size
+
+    chunk = int(ir.data_block_size) * SECTOR_SIZE
+    check_data_block_size(chunk)
+    for dev in ir.devices:
+        _, data_blocks, _ = dev.arrays()
+        if len(data_blocks) and int(data_blocks.max()) >= ir.nr_data_blocks:
+            raise InvalidArgument(reason=f"device {dev.dev_id}: mapping beyond end of data device "
+                                         f"({int(data_blocks.max())} >= {ir.nr_data_blocks})")
+    return chunk
+
+
+def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
+    """Build the metadata in memory (a failure leaves the target untouched), then write it, superblock last."""
+    from thinpool.errors import InvalidArgument
+    from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+    from thinpool.metadata.restore import restore as do_restore
+    from thinpool.pool import metadata_size_for
+
+    if os.path.exists(md_path):
+        if not force and _has_metadata(md_path):
+            raise click.UsageError(f"{md_path} already holds thin metadata: use --force to overwrite it")
+        probe = FileBlockStore(md_path, readonly=True)  # seeks to the end: works for block devices too
+        nr_blocks = probe.nr_blocks
+        probe.close()
+        if nr_blocks < 8:
+            raise InvalidArgument(reason=f"{md_path}: output file too small (need at least 32 KiB)")
+    else:
+        nr_blocks = metadata_size_for(max(ir.nr_data_blocks, 1) * chunk, chunk) // 4096
+    mem = MemoryBlockStore(nr_blocks)
+    do_restore(ir, mem)
+    if not os.path.exists(md_path):
+        with open(md_path, "wb") as f:
+            f.truncate(nr_blocks * 4096)
+    store = FileBlockStore(md_path)
+    try:
+        for b in sorted(mem.blocks):
+            if b:
+                store.write_block(b, mem.blocks[b])
+        store.sync()
+        store.write_block(0, mem.blocks[0])
+        store.sync()
+    finally:
+        store.close()
+    PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
+
+
+def _write_restored_manifest(pool_dir: str, ir: Any, chunk: int) -> None:
+    """pool.json for restored metadata: existing entries kept for surviving devices, new ones sized to their
+    highest mapped chunk (the metadata wins, as on Pool.open)."""
+    path = os.path.join(pool_dir, "pool.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {"format": 1, "options": {}}
+    old = manifest.get("devices", {}) if isinstance(manifest.get("devices"), dict) else {}
+    devices = {}
+    for dev in ir.devices:
+        thin, _, _ = dev.arrays()
+        need = (int(thin.max()) + 1) * chunk if len(thin) else chunk
+        e = old.get(str(dev.dev_id)) or {"name": str(dev.dev_id), "origin": None, "size": 0}
+        e["size"] = max(int(e.get("size", 0)), need)
+        devices[str(dev.dev_id)] = e
+    manifest["devices"] = devices
+    manifest["transaction_id"] = ir.transaction
+    manifest.setdefault("format", 1)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _has_metadata(path: str) -> bool:
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+
+    try:
+        store = FileBlockStore(path, readonly=True)
+    except Exception:
+        return False
+    try:
+        if store.nr_blocks < 1:
+            return False
+        PoolMetadata.read_superblock(store)
+        return True
+    except Exception:
+        return False
+    finally:
+        store.close()
+
+

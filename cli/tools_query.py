@@ -1,0 +1,144 @@
+"""thin_ls, thin_delta and thin_rmap as commands: `thinpool ls`, `thinpool delta`, `thinpool rmap`.
+
+Layer: cli. May import: click, thinpool (the library, ``thinpool.tools``, only inside the commands).
+
+The text output is byte for byte that of thin-provisioning-tools 0.9.0; the work is done by ``thinpool.tools``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from thinpool_cli.output import echo_json
+from thinpool_cli.params import json_option, parse_region, pool_option
+from thinpool_cli.tools_common import (
+    busy,
+    open_metadata,
+    require_devices,
+    require_metadata_snap,
+    resolve_device,
+    split_target,
+    target_option,
+    total_mapped,
+)
+
+_LS_HELP_FIELDS = ("DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS, MAPPED_SECTORS, EXCLUSIVE_SECTORS, "
+                   "SHARED_SECTORS, MAPPED_BYTES, EXCLUSIVE_BYTES, SHARED_BYTES, MAPPED, EXCLUSIVE, SHARED, "
+                   "TRANSACTION, CREATE_TIME, SNAP_TIME, HIGHEST_BLOCK")
+
+
+# --- ls ---------------------------------------------------------------------------------------------------------
+@click.command("ls")
+@target_option
+@click.option("-o", "--format", "fields", metavar="FIELDS",
+              help=f"Comma-separated fields: {_LS_HELP_FIELDS}. Default: DEV,MAPPED,CREATE_TIME,SNAP_TIME.")
+@click.option("--no-headers", is_flag=True, help="No header line.")
+@click.option("-m", "--metadata-snap", is_flag=True, help="Read through the held metadata snapshot.")
+@json_option
+def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers: bool, metadata_snap: bool,
+       as_json: bool) -> None:
+    """List thin devices like thin_ls: mapped, exclusive and shared space, times.
+
+    The default fields come from the device details alone; EXCLUSIVE/SHARED fields walk the mapping trees.
+    --json gives sizes as numbers: MAPPED becomes mapped_bytes and mapped_blocks (likewise EXCLUSIVE, SHARED).
+
+    Example: thinpool ls mypool -o DEV,MAPPED,EXCLUSIVE,SHARED
+    """
+    from thinpool.errors import InvalidArgument
+    from thinpool.tools.ls import LS_DEFAULT, check_fields, ls_json, ls_rows, ls_text
+
+    try:
+        chosen = check_fields(fields.split(",")) if fields is not None else list(LS_DEFAULT)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'-o'") from None
+    target = target or pool_path
+    if metadata_snap:
+        require_metadata_snap(target)
+    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+        walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
+        with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
+            rows = ls_rows(pmd, chosen)
+    if as_json:
+        echo_json(ls_json(rows, chosen))
+        return
+    click.echo(ls_text(rows, chosen, headers=not no_headers), nl=False)
+
+
+# --- delta ------------------------------------------------------------------------------------------------------
+@click.command("delta")
+@click.argument("args", nargs=-1, metavar="[ID1 ID2] [TARGET]")
+@click.option("--snap1", "--thin1", "snap1", help="The left device (id or name).")
+@click.option("--snap2", "--thin2", "snap2", help="The right device (id or name).")
+@click.option("--verbose", is_flag=True, help="Show data block numbers.")
+@click.option("-m", "--metadata-snap", is_flag=True, help="Read through the held metadata snapshot.")
+@pool_option
+@json_option
+def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: bool, metadata_snap: bool,
+          pool_path: str | None, as_json: bool) -> None:
+    """Differences between two thin devices' mappings, like thin_delta (XML).
+
+    Shared subtrees of the two mapping trees are recognised and not compared entry by entry.
+
+    Example: thinpool delta 1 2 mypool   (or: thinpool delta --snap1 1 --snap2 2 mypool/metadata)
+    """
+    rest, target = split_target(args)
+    ids = [s for s in (snap1, snap2) if s is not None] + rest
+    if len(ids) != 2 or (snap1 is None) != (snap2 is None):
+        raise click.UsageError("give two devices: ID1 ID2, or --snap1 ID1 --snap2 ID2")
+    target = target or pool_path
+    a, b = resolve_device(ids[0], target), resolve_device(ids[1], target)
+    if metadata_snap:
+        require_metadata_snap(target)
+    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+        require_devices(pmd, (a, b))
+        with busy("comparing mappings", total_mapped(pmd, (a, b))):
+            _write_delta(pmd, a, b, verbose, metadata_snap, as_json)
+
+
+def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, as_json: bool) -> None:
+    from thinpool.tools.delta import delta_batches, delta_runs, write_delta_xml
+
+    if as_json:
+        runs = delta_runs(pmd, a, b)
+        echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
+                   "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
+                               **({"left_data_begin": r.left_data} if r.left_data is not None else {}),
+                               **({"right_data_begin": r.right_data}
+                                  if r.kind != "same" and r.right_data is not None else {})}
+                              for r in runs]})
+        return
+    nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
+    # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
+    write_delta_xml(sys.stdout, pmd, a, b, verbose=verbose, nr_data_blocks=nr_data,
+                    held_root=0 if metadata_snap else pmd.held_root, batches=delta_batches(pmd, a, b))
+
+
+# --- rmap -------------------------------------------------------------------------------------------------------
+@click.command("rmap")
+@click.argument("args", nargs=-1, metavar="[REGION...] [TARGET]")
+@click.option("--region", "regions", multiple=True, metavar="BEGIN..END",
+              help="Data blocks BEGIN..END (END excluded); repeatable.")
+@pool_option
+@json_option
+def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None, as_json: bool) -> None:
+    """Which thin blocks map the data blocks of REGION (BEGIN..END), like thin_rmap.
+
+    Example: thinpool rmap 0..100 mypool   (or: thinpool rmap --region 0..100 mypool/metadata)
+    """
+    from thinpool.tools.rmap import rmap_runs
+
+    rest, target = split_target(args)
+    parsed = [parse_region(r) for r in list(regions) + rest]
+    if not parsed:
+        raise click.UsageError("no regions given (e.g. 0..100, or --region 0..100)")
+    with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
+        runs = rmap_runs(pmd, parsed)
+    if as_json:
+        echo_json([{"data_begin": r.data_begin, "data_end": r.data_end, "dev_id": r.dev_id,
+                    "thin_begin": r.thin_begin, "thin_end": r.thin_begin + (r.data_end - r.data_begin)}
+                   for r in runs])
+        return
+    click.echo("".join(f"data {r.data_begin}..{r.data_end} -> thin({r.dev_id}) {r.thin_begin}.."
+                       f"{r.thin_begin + (r.data_end - r.data_begin)}\n" for r in runs), nl=False)

@@ -1,0 +1,213 @@
+"""Image sources: an OCI image layout (a directory, ``DIR:TAG``) and a ``docker save`` / docker-archive tar.
+
+Layer: driver. May import: thinpool.errors.
+
+Both give :class:`ImageSpec` records: the config blob (its sha256 is the image id), the layer blobs in order
+(bottom first, each opened on demand, compressed or not) and the references to tag it with. The OCI layout is
+``oci-layout`` + ``index.json`` (the tag in ``org.opencontainers.image.ref.name``) + ``blobs/<alg>/<hex>``; a
+docker archive has ``manifest.json`` (``[{"Config", "RepoTags", "Layers"}]``), or, as docker v25+ and skopeo's
+``oci-archive`` write, an OCI layout inside the tar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from thinpool.errors import ImageFormatError
+
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+
+
+@dataclass
+class LayerBlob:
+    """One layer: ``open()`` gives a fresh seekable reader of the blob; ``digest`` of the blob if known."""
+
+    name: str
+    open: Callable[[], IO[bytes]]
+    digest: str | None = None
+    media_type: str = ""
+
+
+@dataclass
+class ImageSpec:
+    config: bytes
+    layers: list[LayerBlob]
+    refs: list[str] = field(default_factory=list)
+
+
+def normalize_ref(ref: str) -> str:
+    """The familiar form docker prints: ``NAME`` -> ``NAME:latest``, ``docker.io/library/NAME:T`` -> ``NAME:T``,
+    ``docker.io/U/NAME:T`` -> ``U/NAME:T``; a digest reference (``@sha256:``) keeps its digest."""
+    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"):
+        if ref.startswith(prefix) and ref.count("/") - prefix.count("/") <= (0 if "library" in prefix else 1):
+            ref = ref[len(prefix):]
+            break
+    if "@" in ref:
+        return ref
+    last = ref.rsplit("/", 1)[-1]
+    return ref if ":" in last else ref + ":latest"
+
+
+class _Files:
+    """Read files of a directory or of a tar archive by relative name."""
+
+    def __init__(self, where: str, opener: Callable[[str], IO[bytes]], names: Callable[[], set[str]]) -> None:
+        self.where = where
+        self._open = opener
+        self._names = names
+
+    def bad(self, reason: str) -> ImageFormatError:
+        return ImageFormatError(source=self.where, reason=reason)
+
+    def exists(self, name: str) -> bool:
+        return os.path.normpath(name) in self._names()
+
+    def open(self, name: str) -> IO[bytes]:
+        try:
+            return self._open(os.path.normpath(name))
+        except (KeyError, FileNotFoundError):
+            raise self.bad(f"missing {name}") from None
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self.bad(f"{name} is not JSON ({e})") from None
+
+
+def _dir_files(d: Path) -> _Files:
+    def names() -> set[str]:
+        return {os.path.normpath(str(p.relative_to(d))) for p in d.rglob("*")}
+
+    def opener(name: str) -> IO[bytes]:
+        return open(d / name, "rb")
+
+    return _Files(str(d), opener, names)
+
+
+def _tar_files(tf: tarfile.TarFile, where: str) -> _Files:
+    members = {os.path.normpath(m.name): m for m in tf.getmembers()}
+
+    def opener(name: str) -> IO[bytes]:
+        m = members[name]
+        while m.islnk() or m.issym():
+            m = members[os.path.normpath(m.linkname if m.islnk() else
+                                         os.path.join(os.path.dirname(name), m.linkname))]
+        f = tf.extractfile(m)
+        if f is None:
+            raise KeyError(name)
+        return f
+
+    return _Files(where, opener, lambda: set(members))
+
+
+def _blob_name(digest: str) -> str:
+    alg, _, hexd = digest.partition(":")
+    if not alg or not hexd or "/" in digest:
+        raise ImageFormatError(source=digest, reason="bad digest")
+    return f"blobs/{alg}/{hexd}"
+
+
+def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[ImageSpec]:
+    if not files.exists("index.json"):
+        raise files.bad("no index.json")
+    specs: list[ImageSpec] = []
+    found_tag = False
+
+    def visit(desc: dict[str, Any], ref_name: str | None) -> None:
+        nonlocal found_tag
+        mt = desc.get("mediaType", "")
+        ann = desc.get("annotations") or {}
+        ref_name = ann.get(REF_NAME, ref_name)
+        full = ann.get(CONTAINERD_NAME)
+        if mt in INDEX_TYPES:
+            for d in files.json(_blob_name(desc["digest"])).get("manifests", []):
+                visit(d, ref_name)
+            return
+        if mt and mt not in MANIFEST_TYPES:
+            return
+        if tag is not None and ref_name != tag:
+            return
+        found_tag = found_tag or tag is not None
+        m = files.json(_blob_name(desc["digest"]))
+        config = files.read(_blob_name(m["config"]["digest"]))
+        layers = [LayerBlob(_blob_name(ld["digest"]), _opener(files, _blob_name(ld["digest"])), ld["digest"],
+                            ld.get("mediaType", "")) for ld in m.get("layers", [])]
+        refs = []
+        if full:
+            refs.append(normalize_ref(full))
+        elif ref_name:
+            refs.append(normalize_ref(ref_name) if (":" in ref_name or "/" in ref_name)
+                        else f"{default_name}:{ref_name}")
+        specs.append(ImageSpec(config, layers, refs))
+
+    for d in files.json("index.json").get("manifests", []):
+        visit(d, None)
+    if tag is not None and not found_tag:
+        raise files.bad(f"no image tagged {tag!r} in index.json")
+    return specs
+
+
+def _opener(files: _Files, name: str) -> Callable[[], IO[bytes]]:
+    return lambda: files.open(name)
+
+
+def _docker_images(files: _Files) -> list[ImageSpec]:
+    manifest = files.json("manifest.json")
+    if not isinstance(manifest, list):
+        raise files.bad("manifest.json is not a list")
+    specs = []
+    for entry in manifest:
+        config = files.read(entry["Config"])
+        layers = [LayerBlob(n, _opener(files, n)) for n in entry.get("Layers", [])]
+        specs.append(ImageSpec(config, layers, [normalize_ref(r) for r in entry.get("RepoTags") or []]))
+    return specs
+
+
+@contextmanager
+def open_source(source: str) -> Iterator[list[ImageSpec]]:
+    """The images of ``source``: an OCI layout ``DIR`` or ``DIR:TAG``, or a docker-archive tar (gzip allowed).
+
+    Raises:
+        ImageFormatError: not a layout or archive, a missing blob or tag, bad JSON.
+    """
+    path, tag = source, None
+    if not os.path.exists(path) and ":" in source:
+        path, tag = source.rsplit(":", 1)
+    p = Path(path)
+    if p.is_dir():
+        files = _dir_files(p)
+        if not files.exists("oci-layout"):
+            raise files.bad("not an OCI image layout (no oci-layout file)")
+        yield _oci_images(files, tag, p.resolve().name)
+        return
+    if not p.exists():
+        raise ImageFormatError(source=source, reason="no such file or directory")
+    try:
+        tf = tarfile.open(p, "r:*")
+    except tarfile.TarError as e:
+        raise ImageFormatError(source=source, reason=f"not a tar archive ({e})") from None
+    with tf:
+        files = _tar_files(tf, str(p))
+        if files.exists("manifest.json") and tag is None:
+            yield _docker_images(files)
+        elif files.exists("index.json"):
+            yield _oci_images(files, tag, p.stem)
+        else:
+            raise files.bad("neither a docker archive (manifest.json) nor an OCI archive (index.json)")
