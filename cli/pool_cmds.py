@@ -48,7 +48,7 @@ def _iso(t: float | None) -> str | None:
         return None
     import datetime
 
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
 
 
 def snapshot_of_text(d: dict[str, Any]) -> str:

@@ -6,8 +6,9 @@ Layer: cli. May import: click, thinpool (the library only inside the commands).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import click
 from thinpool_cli.output import echo_json, progress
@@ -152,6 +153,7 @@ def thin_write(ref: str, src: BinaryIO, offset: int, pool_path: str | None) -> N
             from thinpool.errors import StoreIOError
 
             raise StoreIOError(what=getattr(src, "name", "input"), op="read", reason=f"short read ({n} of {size})")
+        p.commit()  # before saying so
         click.echo(f"wrote {n} bytes to device {dev.dev_id} at offset {offset}", err=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from thinpool import errors as _errors
 from thinpool.errors import (
     BadDeviceId,
     ChecksumError,
@@ -48,8 +49,6 @@ from thinpool.errors import (
     UnsafePoolFile,
     UnsupportedMetadata,
 )
-
-from thinpool import errors as _errors
 
 # classes other modules add to thinpool.errors later are re-exported too
 for _name, _obj in vars(_errors).items():

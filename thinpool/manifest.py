@@ -98,7 +98,7 @@ def validate(m: Any, path: str, pool: str = "POOL") -> dict[str, Any]:
     if m.get("format") != FORMAT:
         raise bad(f"unknown manifest format {m.get('format')!r} (expected {FORMAT})")
     tid = m.get("transaction_id")
-    if not _int(tid) or not 0 <= tid <= MAX_TRANSACTION_ID:
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid <= MAX_TRANSACTION_ID:
         raise bad(f"transaction_id {tid!r} is not an integer 0..2^64-1")
     prev = m.get("previous_transaction_id")
     if prev is not None and (not _int(prev) or not 0 <= prev <= MAX_TRANSACTION_ID):
@@ -151,7 +151,7 @@ def _device(e: Any, key: str, bad: Any) -> dict[str, Any]:
     if not isinstance(e, dict):
         raise bad(f"device {key}: entry is not an object")
     size = e.get("size")
-    if not _int(size) or size <= 0 or size % SECTOR_SIZE:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % SECTOR_SIZE:
         raise bad(f"device {key}: size {size!r} is not a positive multiple of {SECTOR_SIZE} bytes")
     name = e.get("name")
     if name == key:

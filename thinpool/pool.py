@@ -40,26 +40,42 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
 import time as _time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from thinpool import manifest as mf
-from thinpool.errors import (DeviceExists, DeviceNotFound, InvalidArgument, NoDataSpace, NoMetadataSpace,
-                             NotEmptyDirectory, PoolFailed, PoolLocked, PoolNotFound, ReadOnly, StoreIOError,
-                             ThinpoolError, UnsafePoolFile)
+from thinpool.errors import (
+    DeviceExists,
+    DeviceNotFound,
+    InvalidArgument,
+    NoDataSpace,
+    NoMetadataSpace,
+    NotEmptyDirectory,
+    PoolFailed,
+    PoolLocked,
+    PoolNotFound,
+    ReadOnly,
+    StoreIOError,
+    ThinpoolError,
+    UnsafePoolFile,
+)
 from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.thin import ThinDevice
 from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size
+
+log = logging.getLogger(__name__)
 
 MANIFEST = mf.MANIFEST
 DISCARD_MODES = mf.DISCARD_MODES
@@ -79,6 +95,11 @@ def metadata_size_for(data_size: int, chunk_bytes: int, max_thins: int = 1000) -
 
 @dataclass
 class PoolStatus:
+    """A pool's state. ``used_metadata_blocks`` counts the allocated metadata blocks; the kernel's status line
+    (``dm_line``) also counts dm-thin's metadata reserve as used (``__set_metadata_reserve``:
+    min(4096, nr_blocks / 10)) and ends with the metadata low-water mark (``calc_metadata_threshold``:
+    min(1024, nr_blocks / 4)), so ``dm_line`` equals what ``dmsetup status`` prints for the same metadata."""
+
     transaction_id: int
     used_metadata_blocks: int
     total_metadata_blocks: int
@@ -93,17 +114,55 @@ class PoolStatus:
     zero: bool
     devices: int
 
+    @property
+    def metadata_reserve_blocks(self) -> int:
+        return min(4096, self.total_metadata_blocks // 10)
+
+    @property
+    def metadata_low_water_blocks(self) -> int:
+        return min(1024, self.total_metadata_blocks // 4)
+
+    @property
+    def kernel_used_metadata_blocks(self) -> int:
+        """Used metadata blocks as the kernel reports them (the reserve counted as used)."""
+        return min(self.total_metadata_blocks, self.used_metadata_blocks + self.metadata_reserve_blocks)
+
+    @property
+    def data_percent(self) -> float:
+        """lvs's Data%."""
+        return 100.0 * self.used_data_blocks / self.total_data_blocks if self.total_data_blocks else 0.0
+
+    @property
+    def metadata_percent(self) -> float:
+        """lvs's Meta% (from the kernel's used count, the reserve included)."""
+        t = self.total_metadata_blocks
+        return 100.0 * self.kernel_used_metadata_blocks / t if t else 0.0
+
     def dm_line(self) -> str:
-        """The dm-thin pool status line."""
+        """The dm-thin pool status line (dm-thin.c pool_status, STATUSTYPE_INFO)."""
+        if self.mode == "failed":
+            return "Fail"
         held = "-" if self.held_metadata_root is None else str(self.held_metadata_root)
-        discard = "discard_passdown" if self.discard == "passdown" else "no_discard_passdown"
-        return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "
+        discard = {"passdown": "discard_passdown", "nopassdown": "no_discard_passdown",
+                   "ignore": "ignore_discard"}.get(self.discard, "no_discard_passdown")
+        return (f"{self.transaction_id} {self.kernel_used_metadata_blocks}/{self.total_metadata_blocks} "
                 f"{self.used_data_blocks}/{self.total_data_blocks} {held} {self.mode} {discard} "
-                f"{self.no_space_policy}_if_no_space {'needs_check' if self.needs_check else '-'}")
+                f"{self.no_space_policy}_if_no_space {'needs_check' if self.needs_check else '-'} "
+                f"{self.metadata_low_water_blocks}")
+
+    def dmsetup_line(self) -> str:
+        """``dmsetup status`` form: ``<start> <length in sectors> thin-pool <status line>``."""
+        return f"0 {self.total_data_blocks * self.chunk_size // 512} thin-pool {self.dm_line()}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dm_status"] = self.dm_line()
+        d["dmsetup_status"] = self.dmsetup_line()
+        d["metadata_reserve_blocks"] = self.metadata_reserve_blocks
+        d["kernel_used_metadata_blocks"] = self.kernel_used_metadata_blocks
+        d["metadata_low_water_blocks"] = self.metadata_low_water_blocks
+        d["data_percent"] = round(self.data_percent, 2)
+        d["metadata_percent"] = round(self.metadata_percent, 2)
         return d
 
 
@@ -216,7 +275,7 @@ class Pool:
         made_dir = not p.exists()
         p.mkdir(parents=True, exist_ok=True)
         msize = metadata_size or metadata_size_for(data_size, chunk_size)
-        lock_fd = lock_pool_dir(p)
+        lock_fd = Pool._take_lock(p)
         made: list[str] = []
         try:
             _check_new_pool_dir(p)  # again, under the lock
@@ -376,10 +435,28 @@ class Pool:
         if self.closed:
             return
         try:
-            if not self.readonly and not self.failed and not self.md.needs_check:
+            if not self.readonly and not self.failed and not self.md.needs_check and not self._unchanged():
                 self.commit()
         finally:
             self._release()
+
+    def _unchanged(self) -> bool:
+        """Nothing since the last commit: no metadata block shadowed, no device detail or superblock field
+        changed, no data written (closing then writes nothing, so the files stay byte for byte as they were)."""
+        md = self.md
+        tm = md.tm
+        if getattr(tm, "dirty", True) or getattr(tm, "dirty_raw", True):
+            return False
+        if any(d.changed for d in md.devices.values()):
+            return False
+        sb = md.sb
+        if (md.trans_id, md.time, md.held_root, md.flags) != (sb.trans_id, sb.time, sb.held_root, sb.flags):
+            return False
+        if md.mapping_root != sb.data_mapping_root or md.details_root != sb.device_details_root:
+            return False
+        if md.nr_data_blocks != sb.data_sm_root.nr_blocks:
+            return False
+        return not getattr(self.data, "dirty", True)
 
     def _release(self) -> None:
         self.closed = True
@@ -477,18 +554,18 @@ class Pool:
         Every later write and flush raises PoolFailed."""
         if self._failure is None:
             self._failure = reason
-        ok = not self.md.failed
-        if abort and ok:
+        if abort and not self.md.failed:
             try:
                 self.md.abort()
             except BaseException:
-                ok = False
                 self.md.failed = True
-        if ok:
-            try:
-                self.md.set_needs_check()
-            except BaseException:
-                pass  # the flag could not be written (the device is failing): the pool stays failed in memory
+        # needs_check goes onto the last committed superblock even when the new superblock's write failed: whether
+        # or not that one landed, the old commit's blocks are intact (shadowing never overwrites them), so the
+        # disk then holds the old commit flagged, never a state a later crash could mix
+        try:
+            self.md.set_needs_check()
+        except BaseException:
+            pass  # the flag could not be written (the device is failing): the pool stays failed in memory
         self.out_of_data_space = False
         self._space_cv.notify_all()
 
@@ -581,7 +658,7 @@ class Pool:
     # --- lineage ----------------------------------------------------------------------------------------------
     def origin_of(self, dev_id: int) -> int | None:
         """The id of the device ``dev_id`` was snapshotted from (it may have been deleted since), or None."""
-        return self._entry(dev_id).get("snapshot_of")  # type: ignore[no-any-return]
+        return self._entry(dev_id).get("snapshot_of")
 
     def lineage(self, dev_id: int) -> list[int]:
         """The snapshot chain from the oldest recorded ancestor to ``dev_id`` (ancestors may be deleted)."""
@@ -594,7 +671,7 @@ class Pool:
 
     def created_at(self, dev_id: int) -> float | None:
         """When the device was created (seconds since the epoch), None for devices made before this was kept."""
-        return self._entry(dev_id).get("created_at")  # type: ignore[no-any-return]
+        return self._entry(dev_id).get("created_at")
 
     def is_live(self, dev_id: int) -> bool:
         return dev_id in self.md.devices and str(dev_id) in self.manifest["devices"]
@@ -633,9 +710,12 @@ class Pool:
         self.manifest = final
         _write_manifest(self.path, final)
 
-    def create_thin(self, dev_id: int, size: int, *, name: str | None = None, origin: str | None = None) -> ThinDevice:
+    def create_thin(self, dev_id: int, size: int, *, name: str | None = None, origin: str | None = None,
+                    keep_transaction_id: bool = False) -> ThinDevice:
         """A new thin device of ``size`` bytes (a multiple of 512), optionally over an external origin file
-        (a regular file; a relative path is taken relative to the current directory and stored absolute)."""
+        (a regular file; a relative path is taken relative to the current directory and stored absolute).
+        ``keep_transaction_id``: the bare dm message, which leaves the transaction id alone (the caller moves it
+        with set_transaction_id, as docker's devicemapper driver does); the manifest still follows safely."""
         with self.lock:
             self.check_writable()
             self._check_new(dev_id, size, name)
@@ -644,10 +724,12 @@ class Pool:
                 origin = os.path.abspath(origin)
             devs = dict(self.manifest["devices"])
             devs[str(dev_id)] = {"name": name, "size": size, "origin": origin, "created_at": _time.time()}
-            self._change(devs, lambda: self.md.create_thin(dev_id))
+            self._change(devs, lambda: self.md.create_thin(dev_id),
+                         new_tid=self.md.trans_id if keep_transaction_id else None)
             return ThinDevice(self, dev_id)
 
-    def create_snap(self, dev_id: int, origin_id: int, *, name: str | None = None, size: int | None = None) -> ThinDevice:
+    def create_snap(self, dev_id: int, origin_id: int, *, name: str | None = None,
+                    size: int | None = None, keep_transaction_id: bool = False) -> ThinDevice:
         """Snapshot ``origin_id`` as ``dev_id`` in O(1) (the origin's mapping tree is shared); the lineage
         (origin, ancestors, creation time) is recorded."""
         with self.lock:
@@ -660,7 +742,8 @@ class Pool:
             devs = dict(self.manifest["devices"])
             devs[str(dev_id)] = {"name": name, "size": size, "origin": src.get("origin"), "snapshot_of": origin_id,
                                  "ancestors": ancestors, "created_at": _time.time()}
-            self._change(devs, lambda: self.md.create_snap(dev_id, origin_id))
+            self._change(devs, lambda: self.md.create_snap(dev_id, origin_id),
+                         new_tid=self.md.trans_id if keep_transaction_id else None)
             return ThinDevice(self, dev_id)
 
     def _check_new(self, dev_id: int, size: int, name: str | None) -> None:
@@ -677,12 +760,17 @@ class Pool:
             if e.get("name") == name and int(key) != dev_id and int(key) in self.md.devices:
                 raise InvalidArgument(reason=f"a device named {name!r} already exists")
 
-    def delete_thin(self, dev_id: int) -> None:
+    def delete_thin(self, dev_id: int, *, keep_transaction_id: bool = False) -> None:
+        """Delete a thin device (its lineage stays recorded in its descendants)."""
         with self.lock:
             self.check_writable()
-            self._entry(dev_id)
+            if dev_id not in self.md.devices:
+                from thinpool.errors import DeviceNotFound as _NotFound
+
+                raise _NotFound(dev_id=dev_id)
             devs = {k: v for k, v in self.manifest["devices"].items() if k != str(dev_id)}
-            self._change(devs, lambda: self.md.delete_thin(dev_id))
+            self._change(devs, lambda: self.md.delete_thin(dev_id),
+                         new_tid=self.md.trans_id if keep_transaction_id else None)
             o = self._origins.pop(dev_id, None)
             if o is not None:
                 o.close()
@@ -896,9 +984,14 @@ class Pool:
             if self.discard_mode == "passdown":
                 for b in sorted(freed):
                     if self.md.data_sm.counts[b] == 0:
-                        # the commit is durable; a failing punch is reported but fails nothing (the blocks are
-                        # free in the metadata either way)
-                        self.data.punch(b * self.chunk_bytes, self.chunk_bytes)
+                        # the commit is durable: a failing punch must not make it look failed (the blocks are free
+                        # in the metadata either way; their old bytes stay in the data file), as dm-thin only
+                        # logs a failed passdown
+                        try:
+                            self.data.punch(b * self.chunk_bytes, self.chunk_bytes)
+                        except StoreIOError as e:
+                            log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                            break
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""

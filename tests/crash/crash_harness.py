@@ -15,19 +15,27 @@ import os
 import random
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from thinpool.checksum import BlockType, stamp
 from thinpool.errors import ThinpoolError
 from thinpool.formats.superblock import NEEDS_CHECK_FLAG, build_superblock
 from thinpool.io.block_store import MemoryBlockStore
-from thinpool.testing.faulty import (Event, FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore, PowerCut,
-                                torn_sectors)
 from thinpool.metadata.check import check_metadata, format_report
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.pool import Pool, _write_manifest
+from thinpool.testing.faulty import (
+    Event,
+    FaultPlan,
+    FaultyBlockStore,
+    FaultyDataStore,
+    MemoryDataStore,
+    PowerCut,
+    torn_sectors,
+)
 
 CH = 64 * 1024
 SECT = 512

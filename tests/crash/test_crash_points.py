@@ -10,9 +10,9 @@ import json
 import os
 import random
 
+import crash_harness as h
 import pytest
 
-import crash_harness as h
 from thinpool.tx.transaction import TransactionManager
 
 STATS: dict[str, dict[str, int]] = {}

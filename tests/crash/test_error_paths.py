@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import random
 
+import crash_harness as h
 import pytest
 
-import crash_harness as h
 from thinpool.errors import PoolFailed, ReadOnly, ThinpoolError
 from thinpool.testing.faulty import FaultPlan
 
@@ -74,7 +74,9 @@ def run_fault(name: str, n: int, *, kind: str, persistent: bool, lose: str = "al
     except ThinpoolError:
         pass
     else:
-        raise AssertionError(f"fault at event {n} raised nothing")
+        # only a failed discard passdown after a durable commit is not an error (dm-thin logs it)
+        failed = [e for e in plan.trace if e.failed]
+        assert failed and all(e.op == "punch" for e in failed), f"fault at event {n} raised nothing"
     TOTALS["faults"] += 1
     md = d.pool.md
     if d.pool.failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -9,14 +10,19 @@ from pathlib import Path
 
 import pytest
 
-import errno
-
 from thinpool.errors import HostNoSpace, NoSpace, StoreIOError
 from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
-from thinpool.testing.faulty import (FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore, PowerCut, install,
-                                parse_fault_spec)
 from thinpool.metadata.check import check_metadata
 from thinpool.pool import Pool
+from thinpool.testing.faulty import (
+    FaultPlan,
+    FaultyBlockStore,
+    FaultyDataStore,
+    MemoryDataStore,
+    PowerCut,
+    install,
+    parse_fault_spec,
+)
 
 THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
 

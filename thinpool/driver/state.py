@@ -241,20 +241,12 @@ class DeviceSet:
         if any(e.get("name") == name for e in pool.manifest["devices"].values()):
             raise DriverError(reason=f"a device named {name!r} already exists in the pool")
         if origin_id is None:
-            pool._guard_metadata(lambda: pool.md.create_thin(device_id))
-            origin = None
+            pool.create_thin(device_id, size, name=name, keep_transaction_id=True)
         else:
-            pool._guard_metadata(lambda: pool.md.create_snap(device_id, origin_id))
-            origin = pool.manifest["devices"][str(origin_id)].get("origin")
-        pool.manifest["devices"][str(device_id)] = {"name": name, "size": size, "origin": origin}
-        pool.commit()
+            pool.create_snap(device_id, origin_id, name=name, size=size, keep_transaction_id=True)
 
     def _dm_delete(self, device_id: int) -> None:
-        pool = self.pool
-        pool.check_writable()
-        pool._guard_metadata(lambda: pool.md.delete_thin(device_id))
-        pool.commit()
-        pool.manifest["devices"].pop(str(device_id), None)
+        self.pool.delete_thin(device_id, keep_transaction_id=True)
 
     # --- devices ----------------------------------------------------------------------------------------------
     def lookup(self, h: str) -> DevInfo | None:

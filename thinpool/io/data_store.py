@@ -33,7 +33,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate [offset, offset+length) of a file (reads return zeros). False where unsupported."""
-    r = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    r: int = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     return r == 0
 
 

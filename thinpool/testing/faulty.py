@@ -27,8 +27,9 @@ every event (store, op, where, bytes), from which tests/crash derive the disk im
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from thinpool.errors import HostNoSpace, StoreIOError
 from thinpool.units import METADATA_BLOCK_SIZE
