@@ -270,3 +270,21 @@ def test_unpack_layer_rules(pool: Path, tmp_path: Path) -> None:
     assert ok("image", "save", "img", out, pool=pool).strip() == image_id
     blobs = {p.name for p in (out / "blobs/sha256").iterdir()}
     assert {hashlib.sha256(raw).hexdigest() for raw in (l1, l2)} <= blobs
+
+
+def test_devices_a_crash_left_behind_go_at_the_next_writable_open(pool: Path, tmp_path: Path) -> None:
+    ok("image", "load", oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])]), pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        ds.add_device("f" * 64, "", "f" * 64)  # a layer whose load was cut short: no layerdb record
+        (pool / "driver/image/layerdb/sha256" / ("e" * 64)).mkdir()
+        p.crash_close()
+    with Pool.open(pool, readonly=True) as p:
+        assert len(p.md.devices) == 3
+        Driver(DeviceSet.open(p))  # read-only: nothing is touched
+        assert len(p.md.devices) == 3
+    with Pool.open(pool) as p:
+        d = Driver(DeviceSet.open(p))
+        assert len(p.md.devices) == 2 and d.ds.lookup("f" * 64) is None
+    assert not (pool / "driver/image/layerdb/sha256" / ("e" * 64)).exists()
+    assert ok("image", "ls", "--json", pool=pool).count('"id"') == 1
