@@ -270,8 +270,23 @@ def test_pipes_both_ways(ceph, image_name, tmp_path):
     with Pool.open(pool, readonly=True) as p:
         assert device_bytes(p, "back-s1") == model["s1"]
         assert device_bytes(p, "back-s2") == device_bytes(p, "back") == model["s2"]
-    ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
-    ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
+    # export-format 2 through pipes, both ways
+    img2 = image_name + "-v2"
+    for cmd in (f"{tp} export vol --snap s1 --snap s3 -o - -p {pool} | "
+                f"rbd import --no-progress --export-format 2 - rbd/{img2}",
+                f"rbd export --no-progress --export-format 2 rbd/{img2} - | "
+                f"{tp} import --export-format 2 - vol2 --snap-prefix vol2- -p {pool}"):
+        p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+    assert rbd_image(ceph, f"rbd/{img2}@s3", tmp_path) == model["s3"]
+    with Pool.open(pool, readonly=True) as p:
+        assert device_bytes(p, "vol2-s1") == model["s1"]
+        assert device_bytes(p, "vol2-s3") == model["s3"]
+        assert device_bytes(p, "vol2") == model["vol"]
+    for img in (image_name, img2):
+        ceph.rbd("snap", "purge", "--no-progress", f"rbd/{img}", check=False)
+        ceph.rbd("rm", "--no-progress", f"rbd/{img}", check=False)
 
 
 def test_resized_device_grow_then_shrink(ceph, image_name, tmp_path):
