@@ -141,13 +141,15 @@ def test_min_free_space_refuses_new_layers_and_changes_nothing(tmp_path: Path) -
     pool = tmp_path / "pool"
     ok("pool", "create", pool, "--size", "64M")
     ok("driver", "init", "--base-size", "32M", "--min-free-space", "50%", pool=pool)
+    ok("image", "load", oci_layout(tmp_path / "first", [tar_bytes([("f", "a", b"x")])]), pool=pool)
     ok("thin", "create", "99", "--size", "40M", "--name", "filler", pool=pool)
     (tmp_path / "junk").write_bytes(os.urandom(36 << 20))
     ok("thin", "write", "filler", tmp_path / "junk", pool=pool)
-    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
+    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "b", b"y")])])
     before = fingerprint(pool)
     msg = fails(3, "image", "load", layout, pool=pool)
-    assert "free data blocks which is less than minimum required" in msg
+    assert "free data blocks which is less than minimum required 512 free data blocks" in msg
+    assert "less than minimum required" in fails(3, "container", "create", "first", "--name", "cc", pool=pool)
     assert fingerprint(pool) == before
 
 
@@ -191,7 +193,9 @@ def test_refusals_are_one_line_errors(pool: Path, tmp_path: Path) -> None:
     layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
     assert "no image tagged 'v9'" in fails(1, "image", "load", f"{layout}:v9", pool=pool)
     ok("image", "load", layout, pool=pool)
-    ok("container", "create", "img", "--name", "c1", pool=pool)
+    image_id = json.loads(ok("image", "ls", "--json", pool=pool))[0]["id"]
+    ok("container", "create", image_id[7:15], "--name", "c1", pool=pool)  # a unique id prefix names the image
+    assert json.loads(ok("container", "ls", "--json", pool=pool))[0]["image"] == image_id[7:15]
     assert "already in use" in fails(1, "container", "create", "img", "--name", "c1", pool=pool)
     assert "invalid container name" in fails(1, "container", "create", "img", "--name", "-x", pool=pool)
     assert "used by container c1" in fails(1, "image", "rm", "img", pool=pool)
