@@ -272,3 +272,27 @@ def test_pipes_both_ways(ceph, image_name, tmp_path):
         assert device_bytes(p, "back-s2") == device_bytes(p, "back") == model["s2"]
     ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
     ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
+
+
+def test_resized_device_grow_then_shrink(ceph, image_name, tmp_path):
+    """`s` carries each snapshot's size: rbd import-diff grows and shrinks the image to match."""
+    pool = tmp_path / "pool"
+    want = {}
+    with Pool.create(pool, data_size=64 * MiB, chunk_size=64 * KiB) as p:
+        d = p.create_thin(1, 3 * MiB, name="vol")
+        d.write(100, pattern(1, 2 * MiB))
+        p.create_snap(2, 1, name="s1")
+        p.resize_device(1, 5 * MiB + 512)
+        d.write(5 * MiB - 1000, pattern(2, 1512))
+        p.create_snap(3, 1, name="s2")
+        p.resize_device(1, 2 * MiB + 1024)
+        d.write(2 * MiB, pattern(3, 1024))
+        p.create_snap(4, 1, name="s3")
+        for s in ("s1", "s2", "s3", "vol"):
+            want[s] = device_bytes(p, s)
+    assert [len(want[s]) for s in ("s1", "s2", "s3")] == [3 * MiB, 5 * MiB + 512, 2 * MiB + 1024]
+    ship_chain(ceph, pool, image_name, tmp_path)
+    for s in ("s1", "s2", "s3"):
+        assert rbd_image(ceph, f"rbd/{image_name}@{s}", tmp_path) == want[s], s
+    ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
+    ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)

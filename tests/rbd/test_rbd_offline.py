@@ -360,3 +360,104 @@ def test_rss_does_not_follow_the_device_size(tmp_path):
     for a, b in zip(small[:3], big[:3]):
         assert b - a < 16 * MiB, (small, big)
     assert big[3] == small[3]  # same records, same data
+
+
+def _on_pty(args: list[str]) -> str:
+    """The CLI with stderr on a pseudo-terminal; what the terminal got."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="100", TERM="xterm")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=slave,
+                         stdout=subprocess.DEVNULL, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            piece = os.read(master, 65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        out += piece
+    p.wait(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, out
+    return out.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=256 * MiB) as p:
+        d = p.create_thin(1, 1 << 30, name="vol")
+        for i in range(40):  # 80 MiB of data: over the bars' 64 MiB threshold
+            d.write(i * 24 * MiB, pattern(i, 2 * MiB))
+    f = tmp_path / "vol.diff"
+    seen = _on_pty(["export-diff", "vol", "-o", str(f), "-p", str(q)])
+    assert "export-diff vol" in seen
+    ok("thin", "create", "2", "--size", "512", "--name", "copy", "-p", q)
+    seen = _on_pty(["import-diff", str(f), "copy", "--snap-prefix", "c-", "-p", str(q)])
+    assert "import-diff into copy" in seen
+    r = ok("export-diff", "vol", "--from", "c-vol", "-p", q, "-o", tmp_path / "x.diff")
+    assert "export-diff vol" not in r.stderr  # not a terminal: one summary line only
+
+
+def test_export_format_2_malformed_refused_nothing_changed(chain, tmp_path):
+    f = tmp_path / "vol.rbd2"
+    ok("export", "vol", "-o", f, "--snap", "s1", "--snap", "s2", "-p", chain["pool"])
+    data = f.read_bytes()
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("thin", "create", "1", "--size", "1M", "--name", "keep", "-p", q)
+    before = fingerprint(q)
+    bad = tmp_path / "bad.rbd2"
+    for cut in (0, 5, 13, 60, 120, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+        assert "export-format 2 stream at byte" in r.stderr
+    # a broken chain: the second diff's from-snapshot renamed
+    with open(f, "rb") as fh:
+        img = scan_image(fh)
+    second = img.diffs[1].start
+    i = data.index(b"f", second + 12)
+    broken = bytearray(data)
+    assert broken[i + 13:i + 15] == b"s1"
+    broken[i + 13:i + 15] = b"sX"
+    bad.write_bytes(bytes(broken))
+    r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+    assert "starts at snapshot 'sX', expected 's1'" in r.stderr
+    # names that are taken
+    r = fails(5, "import", "--export-format", "2", f, "keep", "-p", q)
+    ok("thin", "create", "2", "--size", "1M", "--name", "s2", "-p", q)
+    before = fingerprint(q)
+    r = fails(5, "import", "--export-format", "2", f, "img", "-p", q)
+    assert "'s2' already exists" in r.stderr
+    assert fingerprint(q) == before
+    ok("import", "--export-format", "2", f, "img", "--snap-prefix", "img-", "-p", q)
+    with Pool.open(q, readonly=True) as p:
+        assert device_bytes(p, "img-s1") == chain["model"]["s1"]
+        assert device_bytes(p, "img-s2") == chain["model"]["s2"]
+        assert device_bytes(p, "img") == chain["model"]["vol"]
+
+
+def test_cli_usage_errors(chain, tmp_path):
+    out = tmp_path / "x.diff"
+    out.write_bytes(b"keep")
+    from rbd_helpers import run
+
+    r = run("export-diff", "vol", "-o", out, "-p", chain["pool"])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert out.read_bytes() == b"keep"
+    r = run("import", "--export-format", "2", "-", "-p", chain["pool"], input=b"")
+    assert r.exit_code == 2 and "NAME is required" in r.stderr
+    fails(5, "export-diff", "nosuch", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()  # a failed export leaves no file behind
+    fails(1, "export-diff", "vol", "--from", "vol", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()

@@ -35,6 +35,7 @@ import numpy as np
 
 from thinpool.btree.node import MAX_DEPTH, Node
 from thinpool.btree.spine import NodeCache
+from thinpool.btree.walk import walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.btree_node import calc_max_entries
 from thinpool.tx.api import ValueType
@@ -90,21 +91,9 @@ class BTree:
         return None
 
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
-        """Leaves in key order that may hold keys in [lo, hi)."""
-        stack: list[tuple[int, tuple[int, ...]]] = [(root, ())]
-        while stack:
-            b, ancestors = stack.pop()
-            node = self._read(b)
-            if node.is_leaf:
-                yield node
-                continue
-            keys = node.keys
-            start = max(bisect_right(keys, lo) - 1, 0)
-            end = len(keys) if hi is None else bisect_right(keys, hi - 1)
-            path = ancestors + (b,)
-            for i in range(end - 1, start - 1, -1):
-                _check_descent(path, b, node.values[i])  # type: ignore[arg-type]
-                stack.append((node.values[i], path))  # type: ignore[arg-type]
+        """Leaves in key order that may hold keys in [lo, hi) (through the one walker, btree/walk.py)."""
+        for node, _ in walk_nodes(self.tm, root, value_size=self.value_size, lo=lo, hi=hi):
+            yield node
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         for leaf in self.leaves(root, lo, hi):

@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from thinpool.driver.rootfs import ROOTFS, XATTR_PAX_PREFIX, clean, lstat, makedev, remove_all, resolve, walk
 from thinpool.errors import FsError, ImageFormatError
-from thinpool.driver.rootfs import (ROOTFS, XATTR_PAX_PREFIX, clean, lstat, makedev, remove_all, resolve, walk)
 from thinpool.fs.filesystem import Filesystem
 
 log = logging.getLogger(__name__)

@@ -140,7 +140,7 @@ class Containers:
             self.ds.delete_device(init)
             raise
         rec = {"ID": cid, "Name": name, "Image": image_id, "ImageRef": image_ref,
-               "Created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+               "Created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                "InitDevice": init, "Device": name}
         self.dir.mkdir(parents=True, exist_ok=True)
         write_meta_file(self._path(name), go_json(rec))

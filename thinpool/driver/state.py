@@ -52,7 +52,7 @@ def human_size(size: float) -> str:
     while size >= 1000.0 and i < len(_DECIMAL_UNITS) - 1:
         size /= 1000.0
         i += 1
-    return "%.4g%s" % (size, _DECIMAL_UNITS[i])
+    return f"{size:.4g}{_DECIMAL_UNITS[i]}"
 
 
 def write_meta_file(path: Path, data: bytes) -> None:

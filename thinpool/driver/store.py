@@ -331,7 +331,7 @@ class ImageStore:
         top = self.top_layer(parent_id) if parent_id else None
         blob = LayerBlob(os.path.basename(tar_path), lambda: open(tar_path, "rb"))
         layer, _ = self.register_layer(top, blob, None)
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         config = dict(base)
         config["created"] = now
         config["rootfs"] = {"type": "layers", "diff_ids": list(base["rootfs"]["diff_ids"]) + [layer.diff_id]}
@@ -512,4 +512,6 @@ def _skip_n(src: IO[bytes], n: int) -> None:
 
 
 def _chain(parent: Layer | None, diff_id: str) -> str:
-    return diff_id if parent is None else "sha256:" + hashlib.sha256(f"{parent.chain_id} {diff_id}".encode()).hexdigest()
+    if parent is None:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent.chain_id} {diff_id}".encode()).hexdigest()

@@ -175,10 +175,8 @@ class PoolMetadata:
         buf = store.read_block(blocknr)
         if blocknr == 0 and not any(buf):
             raise MetadataCorrupt(block=0, reason="superblock is all zeros (unformatted metadata)")
-        checksum.verify(buf, BlockType.SUPERBLOCK, blocknr)
+        checksum.validate(buf, BlockType.SUPERBLOCK, blocknr, "superblock")
         sb = parse_superblock(buf, blocknr)
-        if sb.blocknr != blocknr:
-            raise MetadataCorrupt(block=blocknr, reason=f"superblock self block number is {sb.blocknr}")
         if sb.magic != THIN_SUPERBLOCK_MAGIC:
             raise MetadataCorrupt(block=blocknr, reason=f"bad superblock magic {sb.magic}")
         if sb.metadata_block_size != METADATA_BLOCK_SIZE_SECTORS:

@@ -56,8 +56,7 @@ class DiskSpaceMap:
         if is_metadata:
             if n > MAX_METADATA_BITMAPS:
                 raise MetadataCorrupt(block=0, reason=f"metadata space map too large ({root.nr_blocks} blocks)")
-            buf = tm.read_raw(root.bitmap_root, BlockType.INDEX)
-            _check_self(buf, root.bitmap_root, "metadata index block")
+            buf = tm.read_raw(root.bitmap_root, BlockType.INDEX, "metadata index block")
             entries = parse_metadata_index(buf, n)
         else:
             tree = BTree(tm, NoRefValue(16))
@@ -71,8 +70,7 @@ class DiskSpaceMap:
                                       reason=f"data space map index has {len(entries)} bitmaps, expected {n}")
         counts = np.zeros(n * E, dtype=np.uint32)
         for i, e in enumerate(entries):
-            buf = tm.read_raw(e.blocknr, BlockType.BITMAP)
-            _check_self(buf, e.blocknr, f"{kind} space map bitmap")
+            buf = tm.read_raw(e.blocknr, BlockType.BITMAP, f"{kind} space map bitmap")
             counts[i * E:(i + 1) * E] = decode_bitmap(buf)
         counts = counts[:root.nr_blocks]
         rc = BTree(tm, NoRefValue(4))
@@ -176,9 +174,3 @@ class DiskSpaceMap:
             for i in sorted(relocated):
                 self.index_root, _ = self.index_tree.insert(self.index_root, i, build_index_entry(self._entry(i)))
         self.force_dirty = set()
-
-
-def _check_self(buf: bytes, b: int, what: str) -> None:
-    got = int.from_bytes(buf[8:16], "little")
-    if got != b:
-        raise MetadataCorrupt(block=b, reason=f"bad block nr in {what}: says {got}")
