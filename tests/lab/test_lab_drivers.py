@@ -223,3 +223,17 @@ def test_lab_run_reports_every_driver_with_units_and_claims(tmp_path):
     assert {p.name for p in (tmp_path / "png").iterdir()} == {f"lab_{n}.png" for n in
                                                               ("first_write", "page_cache", "space", "lookup")}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("thinpool-lab-")]  # scratch removed
+
+
+@pytest.mark.external
+def test_the_image_as_an_oci_layout_unpacks_with_umoci_to_the_reference_tree(img, tmp_path):
+    need_tool("umoci")
+    from conftest import run_tool
+
+    I.write_oci_layout(tmp_path / "oci", img.layers, {"lab:top": len(img.layers), "lab:base": 1})
+    for tag, n in (("top", len(img.layers)), ("base", 1)):
+        run_tool("umoci", "unpack", "--rootless", "--image", f"{tmp_path / 'oci'}:lab:{tag}", str(tmp_path / tag))
+        got, groups = I.host_tree(tmp_path / tag / "rootfs")
+        want, want_groups = I.reference_tree(img.layers[:n])
+        assert I.diff_trees(want, got) == []
+        assert groups == want_groups

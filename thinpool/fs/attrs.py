@@ -11,6 +11,7 @@ from __future__ import annotations
 from thinpool.errors import (
     FileExists,
     FsCorrupt,
+    FsNoSpace,
     XattrNotFound,
 )
 from thinpool.fs import layout as L
@@ -108,7 +109,7 @@ class FsAttrs(FsFiles):
         if flags & XATTR_REPLACE and key not in attrs:
             raise XattrNotFound(name=name, path=path)
         attrs[key] = raw
-        self._store_xattrs(ino, inode, attrs)
+        self._store_xattrs(ino, inode, attrs, path)
 
     @_locked
     def getxattr(self, path: str, name: str, *, follow_symlinks: bool = False) -> bytes:
@@ -147,7 +148,7 @@ class FsAttrs(FsFiles):
         if key not in attrs:
             raise XattrNotFound(name=name, path=path)
         del attrs[key]
-        self._store_xattrs(ino, inode, attrs)
+        self._store_xattrs(ino, inode, attrs, path)
 
     def _xattrs(self, ino: int, inode: Inode) -> dict[X.Key, bytes]:
         blk = inode.i_file_acl
@@ -158,18 +159,20 @@ class FsAttrs(FsFiles):
                             block=blk)
         return X.parse_block(self.cache.get(blk), blk)[1]
 
-    def _store_xattrs(self, ino: int, inode: Inode, attrs: dict[X.Key, bytes]) -> None:
+    def _store_xattrs(self, ino: int, inode: Inode, attrs: dict[X.Key, bytes], path: str = "") -> None:
         """Write ``attrs`` as the inode's xattr block: in place when the inode owns it alone, else into a new
         block (a shared block only loses one reference); no attributes free the block."""
         bs = self.block_size
         old = inode.i_file_acl
         if attrs:
-            buf = X.build_block(attrs, bs)  # raises FsNoSpace before anything changes
+            if not X.block_fits(attrs, bs):  # the kernel's ENOSPC: ext2 keeps one xattr block per inode
+                raise FsNoSpace(reason=f"{path}: extended attributes need more than one {bs}-byte block", path=path)
+            buf = X.build_block(attrs, bs)
             if old and X.parse_block(self.cache.get(old), old)[0] == 1:
                 self.cache.get(old)[:] = buf
                 self.cache.mark_dirty(old)
             else:
-                self._need(1)
+                self._need(1, path=path)
                 blk = self.alloc.alloc_blocks(self._group_start(ino), 1)[0]
                 self.cache.new(blk)[:] = buf
                 if old:

@@ -273,11 +273,14 @@ class FsCore:
                 return prev + 1
         return self._group_start(ino)
 
-    def _need(self, nr_blocks: int, nr_inodes: int = 0) -> None:
+    def _need(self, nr_blocks: int, nr_inodes: int = 0, path: str = "") -> None:
+        """Raise FsNoSpace (naming ``path``) unless ``nr_blocks`` blocks and ``nr_inodes`` inodes can be allocated
+        now; called before an operation changes anything."""
+        where = f"{path}: " if path else ""
         if nr_blocks > self.alloc.free_blocks:
-            raise FsNoSpace(reason=f"{nr_blocks} block(s) needed, {self.alloc.free_blocks} free")
+            raise FsNoSpace(reason=f"{where}{nr_blocks} block(s) needed, {self.alloc.free_blocks} free", path=path)
         if nr_inodes > self.alloc.free_inodes:
-            raise FsNoSpace(reason=f"{nr_inodes} inode(s) needed, {self.alloc.free_inodes} free")
+            raise FsNoSpace(reason=f"{where}{nr_inodes} inode(s) needed, {self.alloc.free_inodes} free", path=path)
 
     def _dir(self, ino: int) -> Directory:
         d = self._dirs.get(ino)

@@ -51,17 +51,18 @@ class FsData(FsCore):
         start = offset - l0 * bs
         return data[start:start + length]
 
-    def _write(self, ino: int, inode: Inode, offset: int, data: bytes | bytearray | memoryview) -> int:
+    def _write(self, ino: int, inode: Inode, offset: int, data: bytes | bytearray | memoryview,
+               path: str = "") -> int:
         n = len(data)
         if n == 0:
             return 0
         bs = self.block_size
         end = offset + n
         if (end + bs - 1) // bs > self.mapper.max_blocks:
-            raise FsError(reason="file too large", errno=_errno.EFBIG)
+            raise FsError(reason=f"file too large: {path}", path=path, errno=_errno.EFBIG)
         l0 = offset // bs
         l1 = (end - 1) // bs + 1
-        self._need(self.mapper.count_new(ino, inode, l0, l1 - l0))
+        self._need(self.mapper.count_new(ino, inode, l0, l1 - l0), path=path)
         phys, new = self.mapper.ensure(ino, inode, l0, l1 - l0, self._goal(ino, inode, l0))
         head = offset - l0 * bs
         tail = l1 * bs - end

@@ -58,7 +58,7 @@ class FsFiles(FsNamei):
     def _create(self, parent: int, name: bytes, path: str, mode: int = 0o644) -> int:
         if name in (b".", b".."):
             raise IsADirectory(path=path)
-        self._need(self._entry_cost(parent, name), 1)
+        self._need(self._entry_cost(parent, name), 1, path)
         ino, _ = self._new_inode(parent, L.S_IFREG | mode)
         self._dir(parent).add(name, ino, L.FT_REG_FILE)
         self._dir_changed(parent, self._inode(parent))
@@ -92,7 +92,7 @@ class FsFiles(FsNamei):
             raise IsADirectory(path=path)
         if not inode.is_reg:
             raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
-        return self._write(ino, inode, offset, data)
+        return self._write(ino, inode, offset, data, path)
 
     @_locked
     def data_ranges(self, path: str) -> list[tuple[int, int]]:
@@ -169,7 +169,7 @@ class FsFiles(FsNamei):
         self._check_writable()
         if offset < 0:
             raise FsError(reason=f"negative offset {offset}: {path}", path=path, errno=_errno.EINVAL)
-        return self._write(ino, self._open_inode(ino, path), offset, data)
+        return self._write(ino, self._open_inode(ino, path), offset, data, path)
 
     @_locked
     def ftruncate(self, ino: int, size: int, path: str = "") -> None:

@@ -185,7 +185,7 @@ class FsNamei(FsData):
         pinode = self._inode(parent)
         if pinode.i_links_count >= MAX_LINKS:
             raise FsError(reason=f"too many links in the parent of {path}", path=path, errno=_errno.EMLINK)
-        self._need(1 + self._entry_cost(parent, name), 1)
+        self._need(1 + self._entry_cost(parent, name), 1, path)
         ino, inode = self._new_inode(parent, L.S_IFDIR | (mode & 0o7777))
         inode.i_links_count = 2
         blk = self.alloc.alloc_blocks(self._group_start(ino), 1)[0]
@@ -268,7 +268,7 @@ class FsNamei(FsData):
         parent, name, existing = self._parent_of_new(dst)
         if existing:
             raise FileExists(path=dst)
-        self._need(self._entry_cost(parent, name))
+        self._need(self._entry_cost(parent, name), path=dst)
         self._dir(parent).add(name, ino, L.MODE_TO_FT[inode.file_type])
         self._dir_changed(parent, self._inode(parent))
         inode.i_links_count += 1
@@ -288,7 +288,7 @@ class FsNamei(FsData):
         if existing:
             raise FileExists(path=path)
         fast = len(tb) <= L.FAST_SYMLINK_MAX
-        self._need((0 if fast else 1) + self._entry_cost(parent, name), 1)
+        self._need((0 if fast else 1) + self._entry_cost(parent, name), 1, path)
         ino, inode = self._new_inode(parent, L.S_IFLNK | 0o777)
         if fast:
             inode.i_block = list(I_BLOCK_FMT.unpack(tb.ljust(60, b"\0")))
@@ -345,7 +345,7 @@ class FsNamei(FsData):
             if dinode.is_dir and len(self._dir(dino)):
                 raise DirectoryNotEmpty(path=dst)
         else:
-            self._need(self._entry_cost(dparent, dname))
+            self._need(self._entry_cost(dparent, dname), path=dst)
         ft = L.MODE_TO_FT[sinode.file_type]
         ddir = self._dir(dparent)
         dpinode = self._inode(dparent)
@@ -389,7 +389,7 @@ class FsNamei(FsData):
         parent, name, existing = self._parent_of_new(path)
         if existing:
             raise FileExists(path=path)
-        self._need(self._entry_cost(parent, name), 1)
+        self._need(self._entry_cost(parent, name), 1, path)
         ino, inode = self._new_inode(parent, ftype | (mode & 0o7777))
         if inode.is_device:
             inode.rdev = rdev

@@ -59,7 +59,8 @@ class LabConfig:
 def all_drivers(workdir: Path, quick: bool) -> list[D.Driver]:
     data = (8 if quick else 24) * GiB
     base = (2 if quick else 8) * GiB
-    return [D.ThinpoolDM(workdir, 64 * KiB, data, base), D.ThinpoolDM(workdir, 512 * KiB, data, base),
+    thin = D.ThinpoolMobyDM if D.moby_driver_available() else D.ThinpoolDM
+    return [thin(workdir, 64 * KiB, data, base), thin(workdir, 512 * KiB, data, base),
             D.Overlay(workdir), D.Btrfs(workdir, (4 if quick else 16) * GiB), D.Vfs(workdir), D.AufsLike(workdir)]
 
 
@@ -70,7 +71,7 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 def measure(drv: D.Driver, img: I.Image, cfg: LabConfig, ref: tuple[I.Tree, set[frozenset[str]]],
             progress: Progress = _noop) -> dict[str, Any]:
     """Every workload on one driver; the driver is torn down afterwards whatever happens."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"backend": drv.backend} if hasattr(drv, "backend") else {}
     say = lambda what: progress(f"{drv.name}: {what}")  # noqa: E731
     try:
         drv.setup()
