@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import json
 import os
 import shutil
 import stat as S
@@ -283,3 +286,61 @@ def check_pool(pool: Path, tmp: Path) -> None:
         img.unlink()
     r = run_tool("thin_check", str(pool / "metadata"), check=False)
     assert r.returncode == 0, r.stderr
+    tp("check", pool)  # and thinpool's own checker (stricter: leaks, time hazards)
+
+
+# --- tar and OCI layout builders -------------------------------------------------------------------------------
+def tar_bytes(entries: list[tuple]) -> bytes:
+    """(name, kind, extra...) -> an uncompressed tar: ("f", name, data, mode, mtime), ("d", name, mode, mtime),
+    ("l", name, target) symlink, ("h", name, target) hard link."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tw:
+        for e in entries:
+            kind, name = e[0], e[1]
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_500_000_000
+            if kind == "f":
+                data = e[2]
+                ti.size = len(data)
+                ti.mode = e[3] if len(e) > 3 else 0o644
+                ti.mtime = e[4] if len(e) > 4 else ti.mtime
+                tw.addfile(ti, io.BytesIO(data))
+                continue
+            if kind == "d":
+                ti.type = tarfile.DIRTYPE
+                ti.mode = e[2] if len(e) > 2 else 0o755
+                ti.mtime = e[3] if len(e) > 3 else ti.mtime
+            elif kind == "l":
+                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e[2], 0o777
+            elif kind == "h":
+                ti.type, ti.linkname, ti.mode = tarfile.LNKTYPE, e[2], 0o644
+            tw.addfile(ti)
+    return buf.getvalue()
+
+
+def oci_layout(d: Path, layers: list[bytes], tag: str = "latest", *, gzip_layers: bool = True,
+               diff_ids: list[str] | None = None) -> Path:
+    blobs = d / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (d / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def put(b: bytes) -> str:
+        h = hashlib.sha256(b).hexdigest()
+        (blobs / h).write_bytes(b)
+        return "sha256:" + h
+
+    descs = []
+    for raw in layers:
+        blob = gzip.compress(raw, mtime=0) if gzip_layers else raw
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else ""),
+                      "digest": put(blob), "size": len(blob)})
+    ids = diff_ids or ["sha256:" + hashlib.sha256(raw).hexdigest() for raw in layers]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": ids}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": put(config), "size": len(config)}, "layers": descs}).encode()
+    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest), "size": len(manifest),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return d

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
+from driver_helpers import oci_layout, tar_bytes
 from thinpool_cli.main import cli
 
 from thinpool.driver import DeviceSet, Driver
@@ -54,63 +55,6 @@ def pool(tmp_path: Path) -> Path:
     ok("pool", "create", p, "--size", "256M")
     ok("driver", "init", "--base-size", "64M", pool=p)
     return p
-
-
-# --- tar and OCI layout builders -------------------------------------------------------------------------------
-def tar_bytes(entries: list[tuple]) -> bytes:
-    """(name, kind, extra...) -> an uncompressed tar: ("f", name, data, mode, mtime), ("d", name, mode, mtime),
-    ("l", name, target) symlink, ("h", name, target) hard link."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tw:
-        for e in entries:
-            kind, name = e[0], e[1]
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_500_000_000
-            if kind == "f":
-                data = e[2]
-                ti.size = len(data)
-                ti.mode = e[3] if len(e) > 3 else 0o644
-                ti.mtime = e[4] if len(e) > 4 else ti.mtime
-                tw.addfile(ti, io.BytesIO(data))
-                continue
-            if kind == "d":
-                ti.type = tarfile.DIRTYPE
-                ti.mode = e[2] if len(e) > 2 else 0o755
-                ti.mtime = e[3] if len(e) > 3 else ti.mtime
-            elif kind == "l":
-                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e[2], 0o777
-            elif kind == "h":
-                ti.type, ti.linkname, ti.mode = tarfile.LNKTYPE, e[2], 0o644
-            tw.addfile(ti)
-    return buf.getvalue()
-
-
-def oci_layout(d: Path, layers: list[bytes], tag: str = "latest", *, gzip_layers: bool = True,
-               diff_ids: list[str] | None = None) -> Path:
-    blobs = d / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (d / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-
-    def put(b: bytes) -> str:
-        h = hashlib.sha256(b).hexdigest()
-        (blobs / h).write_bytes(b)
-        return "sha256:" + h
-
-    descs = []
-    for raw in layers:
-        blob = gzip.compress(raw, mtime=0) if gzip_layers else raw
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else ""),
-                      "digest": put(blob), "size": len(blob)})
-    ids = diff_ids or ["sha256:" + hashlib.sha256(raw).hexdigest() for raw in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": ids}}).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": put(config), "size": len(config)}, "layers": descs}).encode()
-    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest), "size": len(manifest),
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
-    return d
 
 
 def rootfs_of(pool: Path, ref: str) -> dict[str, tuple]:
@@ -197,13 +141,15 @@ def test_min_free_space_refuses_new_layers_and_changes_nothing(tmp_path: Path) -
     pool = tmp_path / "pool"
     ok("pool", "create", pool, "--size", "64M")
     ok("driver", "init", "--base-size", "32M", "--min-free-space", "50%", pool=pool)
+    ok("image", "load", oci_layout(tmp_path / "first", [tar_bytes([("f", "a", b"x")])]), pool=pool)
     ok("thin", "create", "99", "--size", "40M", "--name", "filler", pool=pool)
     (tmp_path / "junk").write_bytes(os.urandom(36 << 20))
     ok("thin", "write", "filler", tmp_path / "junk", pool=pool)
-    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
+    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "b", b"y")])])
     before = fingerprint(pool)
     msg = fails(3, "image", "load", layout, pool=pool)
-    assert "free data blocks which is less than minimum required" in msg
+    assert "free data blocks which is less than minimum required 512 free data blocks" in msg
+    assert "less than minimum required" in fails(3, "container", "create", "first", "--name", "cc", pool=pool)
     assert fingerprint(pool) == before
 
 
@@ -247,7 +193,9 @@ def test_refusals_are_one_line_errors(pool: Path, tmp_path: Path) -> None:
     layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
     assert "no image tagged 'v9'" in fails(1, "image", "load", f"{layout}:v9", pool=pool)
     ok("image", "load", layout, pool=pool)
-    ok("container", "create", "img", "--name", "c1", pool=pool)
+    image_id = json.loads(ok("image", "ls", "--json", pool=pool))[0]["id"]
+    ok("container", "create", image_id[7:15], "--name", "c1", pool=pool)  # a unique id prefix names the image
+    assert json.loads(ok("container", "ls", "--json", pool=pool))[0]["image"] == image_id[7:15]
     assert "already in use" in fails(1, "container", "create", "img", "--name", "c1", pool=pool)
     assert "invalid container name" in fails(1, "container", "create", "img", "--name", "-x", pool=pool)
     assert "used by container c1" in fails(1, "image", "rm", "img", pool=pool)
@@ -326,3 +274,21 @@ def test_unpack_layer_rules(pool: Path, tmp_path: Path) -> None:
     assert ok("image", "save", "img", out, pool=pool).strip() == image_id
     blobs = {p.name for p in (out / "blobs/sha256").iterdir()}
     assert {hashlib.sha256(raw).hexdigest() for raw in (l1, l2)} <= blobs
+
+
+def test_devices_a_crash_left_behind_go_at_the_next_writable_open(pool: Path, tmp_path: Path) -> None:
+    ok("image", "load", oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])]), pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        ds.add_device("f" * 64, "", "f" * 64)  # a layer whose load was cut short: no layerdb record
+        (pool / "driver/image/layerdb/sha256" / ("e" * 64)).mkdir()
+        p.crash_close()
+    with Pool.open(pool, readonly=True) as p:
+        assert len(p.md.devices) == 3
+        Driver(DeviceSet.open(p))  # read-only: nothing is touched
+        assert len(p.md.devices) == 3
+    with Pool.open(pool) as p:
+        d = Driver(DeviceSet.open(p))
+        assert len(p.md.devices) == 2 and d.ds.lookup("f" * 64) is None
+    assert not (pool / "driver/image/layerdb/sha256" / ("e" * 64)).exists()
+    assert ok("image", "ls", "--json", pool=pool).count('"id"') == 1

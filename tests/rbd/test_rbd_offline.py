@@ -461,3 +461,26 @@ def test_cli_usage_errors(chain, tmp_path):
     assert not (tmp_path / "y.diff").exists()  # a failed export leaves no file behind
     fails(1, "export-diff", "vol", "--from", "vol", "-o", tmp_path / "y.diff", "-p", chain["pool"])
     assert not (tmp_path / "y.diff").exists()
+
+
+def test_grown_range_reads_zeros_even_over_an_old_partial_chunk(tmp_path):
+    with Pool.create(tmp_path / "q", data_size=16 * MiB) as p:
+        d = p.create_thin(1, 128 * KiB, name="img")
+        d.write(0, pattern(5, 128 * KiB))
+        p.resize_device(1, 64 * KiB + 512)  # the chunk at 64 KiB stays mapped, its tail hidden
+        import_diff(p, 1, io.BytesIO(_stream(size=128 * KiB, recs=(), to="grown")))
+        got = device_bytes(p, "grown")
+        assert got[:64 * KiB + 512] == pattern(5, 128 * KiB)[:64 * KiB + 512]
+        assert got[64 * KiB + 512:] == bytes(64 * KiB - 512)
+
+
+def test_export_default_chain_from_recorded_origins(chain, tmp_path):
+    """Without --snap, the snapshots are the devices the pool records as snapshots of DEV, oldest first."""
+    f = tmp_path / "vol.rbd2"
+    if not hasattr(Pool, "origin_of"):  # a pool that records no lineage: a clean refusal naming the way out
+        r = fails(1, "export", "vol", "-o", f, "-p", chain["pool"])
+        assert "--snap" in r.stderr and not f.exists()
+        return
+    ok("export", "vol", "-o", f, "-p", chain["pool"])
+    with open(f, "rb") as fh:
+        assert [d.header.to_snap for d in scan_image(fh).diffs] == ["s1", "s2", "s3", None]

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            node = self._read(node.values[i])
         i = bisect_right(node.keys, key) - 1
         if i >= 0 and node.keys[i] == key:
             return node.values[i]
@@ -123,7 +124,7 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, lo)
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            node = self._read(node.values[i])
         keys = node.keys
         a = bisect_left(keys, lo)
         b = len(keys) if hi is None else bisect_left(keys, hi)
@@ -133,7 +134,7 @@ class BTree:
         if self._np_dtype is None:
             raise TypeError(f"lookup_range needs 4- or 8-byte values, not {self.value_size}")
         k = np.frombuffer(node.keys, dtype=np.uint64)[a:b].copy()
-        v = np.frombuffer(node.values, dtype=self._np_dtype)[a:b].copy()  # type: ignore[call-overload]
+        v = np.frombuffer(node.values, dtype=self._np_dtype)[a:b].copy()
         return k, v
 
     def _range_walk(self, root: int, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,10 +161,10 @@ class BTree:
         node = self._read(b)
         keys = np.frombuffer(node.keys, dtype=np.uint64)
         if not node.is_leaf:
-            return False, keys, np.frombuffer(node.values, dtype=np.uint64)  # type: ignore[arg-type]
+            return False, keys, np.frombuffer(node.values, dtype=np.uint64)
         if self._np_dtype is None:
             raise TypeError(f"node_arrays needs 4- or 8-byte values, not {self.value_size}")
-        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)  # type: ignore[call-overload]
+        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)
 
     def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``lookup_range`` with the values widened to uint64."""
@@ -176,8 +177,8 @@ class BTree:
         while not node.is_leaf:
             if not node.keys:
                 raise MetadataCorrupt(block=node.block, reason="empty internal node")
-            _check_descent(path, node.block, node.values[-1])  # type: ignore[arg-type]
-            node = self._read(node.values[-1])  # type: ignore[arg-type]
+            _check_descent(path, node.block, node.values[-1])
+            node = self._read(node.values[-1])
         return node.keys[-1] if node.keys else None
 
     def _find_cycle(self, root: int, key: int) -> None:
@@ -188,8 +189,8 @@ class BTree:
         path = [root]
         while not node.is_leaf:
             i = max(bisect_right(node.keys, key) - 1, 0)
-            _check_descent(path, node.block, node.values[i])  # type: ignore[arg-type]
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            _check_descent(path, node.block, node.values[i])
+            node = self._read(node.values[i])
         raise MetadataCorrupt(block=root, reason="btree too deep (cycle?)")
 
     def count(self, root: int) -> int:
@@ -241,12 +242,12 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             if len(child.keys) >= child.max_entries:
                 sib = self._split_node(child)
                 keys.insert(i + 1, sib.keys[0])
-                node.values.insert(i + 1, sib.block)  # type: ignore[arg-type]
+                node.values.insert(i + 1, sib.block)
                 if key >= sib.keys[0]:
                     child = sib
             node = child
@@ -258,7 +259,7 @@ class BTree:
             self.vt.dec([old])
             return new_root, False
         keys.insert(i, key)
-        node.values.insert(i, value)  # type: ignore[arg-type]
+        node.values.insert(i, value)
         return new_root, True
 
     def _shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
@@ -275,7 +276,7 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             node = child
         i = bisect_right(node.keys, key) - 1
@@ -321,7 +322,7 @@ class BTree:
             if node.block == new_root and len(node.keys) == 1:
                 self._absorb_only_child(node)
                 continue
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             node = child
         keys = node.keys
@@ -357,20 +358,20 @@ class BTree:
 
     def _rebalance_child(self, parent: Node, i: int, key: int) -> int:
         """Make sure child ``i`` of ``parent`` holds more than max/3 entries; returns the child index for key."""
-        child = self._read(parent.values[i])  # type: ignore[arg-type]
+        child = self._read(parent.values[i])
         if len(child.keys) > self._min_entries(child) or len(parent.keys) < 2:
             return i
         li = i if i + 1 < len(parent.keys) else i - 1
-        left = self._shadow(parent.values[li])  # type: ignore[arg-type]
+        left = self._shadow(parent.values[li])
         parent.values[li] = left.block
-        right = self._shadow(parent.values[li + 1])  # type: ignore[arg-type]
+        right = self._shadow(parent.values[li + 1])
         parent.values[li + 1] = right.block
         total = len(left.keys) + len(right.keys)
         threshold = 2 * (self._min_entries(left) + 1)
         if total < threshold:
             # merge right into left:  [L][R] -> [L+R], parent entry for R removed, R freed (its children moved)
             left.keys.extend(right.keys)
-            left.values.extend(right.values)  # type: ignore[arg-type]
+            left.values.extend(right.values)
             del parent.keys[li + 1]
             del parent.values[li + 1]
             self.tm.dec(right.block)
@@ -386,7 +387,7 @@ class BTree:
         elif len(left.keys) < target:
             move = target - len(left.keys)
             left.keys.extend(right.keys[:move])
-            left.values.extend(right.values[:move])  # type: ignore[arg-type]
+            left.values.extend(right.values[:move])
             del right.keys[:move]
             del right.values[:move]
         parent.keys[li + 1] = right.keys[0]
@@ -394,7 +395,7 @@ class BTree:
 
     def _absorb_only_child(self, root: Node) -> None:
         """A root with one child takes the child's entries (the tree loses a level)."""
-        child = self._shadow(root.values[0])  # type: ignore[arg-type]
+        child = self._shadow(root.values[0])
         root.is_leaf = child.is_leaf
         root.value_size = child.value_size
         root.max_entries = child.max_entries
@@ -445,7 +446,7 @@ class BTree:
             if node.is_leaf:
                 self.vt.dec(node.values)
             else:
-                stack.extend((c, depth + 1) for c in node.values)  # type: ignore[misc]
+                stack.extend((c, depth + 1) for c in node.values)
             self.tm.dec(b)
 
 

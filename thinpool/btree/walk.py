@@ -14,9 +14,10 @@ a visitor, with
   ``[parent.keys[i], parent.keys[i+1])`` (the last child inherits its parent's upper bound): ``Where.lo/hi``;
   a walk limited to ``[lo, hi)`` skips children outside it;
 - an optional **memo** of blocks already walked (shared between walks when passed in; without one, nothing is
-  remembered and memory stays O(depth x fanout)): a block reached again is not read again; a block that failed stays failed (its error is reported once). On a revisit the walker either skips the
-  subtree (``revisit="skip"``) or replays its leaves from the memo (``revisit="replay"``, what the checker needs
-  to check key order across a tree that shares subtrees with one walked before);
+  remembered and memory stays O(depth x fanout)): a block reached again is not read again; a block that failed
+  stays failed (its error is reported once). On a revisit the walker either skips the subtree
+  (``revisit="skip"``) or replays its leaves from the memo (``revisit="replay"``, what the checker needs to check
+  key order across a tree that shares subtrees with one walked before);
 - MAX_DEPTH (btree/node.py) bounds the depth; a child pointer to an ancestor is a cycle, reported against the
   node holding the pointer; so is a pointer beyond the metadata device.
 
@@ -35,8 +36,9 @@ Memory O(depth x fanout) plus the memo. Time O(nodes walked).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final, Iterator, Union
+from typing import Any, Final
 
 import numpy as np
 
@@ -49,8 +51,8 @@ from thinpool.tx.transaction import TransactionManager
 STRICT: Final = "strict"
 SALVAGE: Final = "salvage"
 
-Source = Union[TransactionManager, BlockStore]
-Memo = dict[int, Union[Node, None]]
+Source = TransactionManager | BlockStore
+Memo = dict[int, Node | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ def memo_leaves(memo: Memo, root: int, value_size: int) -> list[NodeView] | None
                 return False
             out.append(NodeView(node))
             return True
-        return all(go(int(c), path + (b,)) for c in node.values)  # type: ignore[arg-type]
+        return all(go(int(c), path + (b,)) for c in node.values)
 
     return out if go(root, ()) else None
 

@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
@@ -73,6 +75,20 @@ def write_meta_file(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary name next to ``path``, renamed over it on success and removed on failure (a failing command
+    leaves no half-written output)."""
+    target = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def go_json(obj: Any) -> bytes:

@@ -14,8 +14,8 @@ data in place; no thin-provisioning-tools version checks this).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -24,7 +24,13 @@ from thinpool.btree.walk import SALVAGE, Memo, NodeView, Visitor, Where, memo_le
 from thinpool.checksum import BlockType
 from thinpool.errors import ChecksumError, MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.formats.device_details import parse_device_details, unpack_block_times
-from thinpool.formats.space_map import ENTRIES_PER_BITMAP, SmRoot, decode_bitmap, parse_index_entry, parse_metadata_index
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    SmRoot,
+    decode_bitmap,
+    parse_index_entry,
+    parse_metadata_index,
+)
 from thinpool.formats.superblock import Superblock
 from thinpool.io.block_store import BlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -151,7 +157,8 @@ class _CheckVisitor(Visitor):
 
     def error(self, err: MetadataCorrupt, where: Where) -> None:
         # the walker's own findings (cycles, pointers, depth) are reported by their reason alone
-        self.w.problem(err.reason if err.fields.get("found_by") == "walker" else str(err), err.block)
+        f = err.fields
+        self.w.problem(f["reason"] if f.get("found_by") == "walker" else str(err), f.get("block"))
         self.ok = False
 
     def node(self, view: NodeView, where: Where) -> None:
@@ -189,7 +196,7 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
                 if k != i:
                     w.problem(f"data space map index: key {k} where {i} expected", node.block)
                     return None
-                entries.append(parse_index_entry(v))  # type: ignore[arg-type]
+                entries.append(parse_index_entry(v))
                 i += 1
         if len(entries) != n:
             w.problem(f"data space map index has {len(entries)} bitmaps, expected {n}", root.bitmap_root)
@@ -206,7 +213,7 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
 
     def on_leaf(node: NodeView) -> None:
         for k, v in zip(node.keys, node.values):
-            rc_counts[int(k)] = int(v)  # type: ignore[arg-type]
+            rc_counts[int(k)] = int(v)
 
     ok, _ = w.tree(root.ref_count_root, 4, on_leaf)
     if not ok or not good:
@@ -219,8 +226,7 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
             w.problem(f"{kind} ref-count tree holds count {c} < 3 for block {b}", root.ref_count_root)
         else:
             counts[b] = c
-    missing = np.flatnonzero(counts == 3)
-    missing = [int(b) for b in missing if int(b) not in rc_counts]
+    missing = [int(b) for b in np.flatnonzero(counts == 3) if int(b) not in rc_counts]
     if missing:
         w.problem(f"{kind} block {missing[0]} has bitmap entry 3 but no ref-count tree entry", root.ref_count_root)
     return counts
@@ -259,7 +265,6 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         return report
     report.transaction_id = sb.trans_id
     report.needs_check = sb.needs_check
-    nr_meta = max(sb.metadata_sm_root.nr_blocks, 1)
     w = _Walker(store, report, store.nr_blocks)
     report.metadata_blocks = sb.metadata_sm_root.nr_blocks
     report.data_blocks = sb.data_sm_root.nr_blocks
@@ -306,7 +311,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         _, detail_leaves = w.tree(which.device_details_root, 24)
         for _keys, node in detail_leaves:
             for k, v in zip(node.keys, node.values):
-                d = parse_device_details(v)  # type: ignore[arg-type]
+                d = parse_device_details(v)
                 details[int(k)] = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
         w.section = f"mapping tree ({label})"
         top: dict[int, int] = {}
@@ -318,7 +323,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         _, top_leaves = w.tree(which.data_mapping_root, 8, on_top)
         for _keys, node in top_leaves:
             for k, v in zip(node.keys, node.values):
-                top[int(k)] = int(v)  # type: ignore[arg-type]
+                top[int(k)] = int(v)
         if (which is sb) == (not use_metadata_snap or not sb.held_root):
             dev_details = details
         if set(details) != set(top):
@@ -341,7 +346,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             if dev_id not in owned:
                 # A top-level leaf shared with a tree walked before holds one reference on each subtree root,
                 # already counted: only collect the (already walked) leaves for the mapped_blocks check.
-                leaves = []
+                leaves: list[tuple[np.ndarray, NodeView]] = []
                 ok = skip_mappings or w.collect(root, 8, leaves)
                 if skip_mappings:
                     continue
@@ -353,9 +358,9 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             if ok and (label == "live" or use_metadata_snap):
                 n = sum(len(k) for k, _ in leaves)
                 report.mappings += n
-                d = details.get(dev_id)
-                if d is not None and d[0] != n:
-                    w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {d[0]}",
+                dd = details.get(dev_id)
+                if dd is not None and dd[0] != n:
+                    w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {dd[0]}",
                               root)
     report.devices = len(dev_details)
     # times: every shared data block must be older than each mapping device's snapshotted_time.

@@ -19,8 +19,9 @@ Public methods check state (read-only, failed) then run inside the open transact
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -28,22 +29,44 @@ from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.btree.two_level import TwoLevelTree
 from thinpool.checksum import BlockType
-from thinpool.errors import (BadDeviceId, DeviceExists, DeviceNotFound, InvalidArgument, MetadataCorrupt,
-                             NeedsCheck, PoolFailed, ReadOnly, ThinpoolError, TransactionIdMismatch,
-                             UnsupportedMetadata)
-from thinpool.formats.device_details import (TIME_MASK, DeviceDetails, build_device_details,
-                                             pack_block_time, pack_block_times, parse_device_details,
-                                             unpack_block_time, unpack_block_times)
-from thinpool.formats.space_map import MAX_METADATA_BITMAPS, ENTRIES_PER_BITMAP
-from thinpool.formats.superblock import (NEEDS_CHECK_FLAG, THIN_SUPERBLOCK_MAGIC, THIN_VERSION, Superblock,
-                                         build_superblock, parse_superblock)
+from thinpool.errors import (
+    BadDeviceId,
+    DeviceExists,
+    DeviceNotFound,
+    InvalidArgument,
+    MetadataCorrupt,
+    NeedsCheck,
+    PoolFailed,
+    ReadOnly,
+    ThinpoolError,
+    TransactionIdMismatch,
+    UnsupportedMetadata,
+)
+from thinpool.formats.device_details import (
+    TIME_MASK,
+    DeviceDetails,
+    build_device_details,
+    pack_block_time,
+    pack_block_times,
+    parse_device_details,
+    unpack_block_time,
+    unpack_block_times,
+)
+from thinpool.formats.space_map import ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SmRoot
+from thinpool.formats.superblock import (
+    NEEDS_CHECK_FLAG,
+    THIN_SUPERBLOCK_MAGIC,
+    THIN_VERSION,
+    Superblock,
+    build_superblock,
+    parse_superblock,
+)
 from thinpool.io.block_store import BlockStore
 from thinpool.metadata.thin_device import ThinDeviceMetadata
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.tx.transaction import TransactionManager
-from thinpool.units import MAX_DEV_ID, METADATA_BLOCK_SIZE_SECTORS, MAX_METADATA_BLOCKS
-from thinpool.formats.space_map import SmRoot
+from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS
 
 MIN_METADATA_BLOCKS = 16
 
@@ -545,7 +568,7 @@ class PoolMetadata:
             nr_meta = self.sb.metadata_sm_root.nr_blocks
             if nr_meta and nr_meta != self.tm.sm.nr_blocks:
                 self.meta_disk = DiskSpaceMap.load(self.tm, self.sb.metadata_sm_root, is_metadata=True,
-                                                   core=self.tm.sm)
+                                                   core=self.meta_disk.core)
             else:
                 self.meta_disk = _reset_disk(self.meta_disk, self.sb.metadata_sm_root, self.tm)
             if self.data_disk is not None:

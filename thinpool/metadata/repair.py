@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thinpool.btree.walk import SALVAGE, NodeView, Visitor, Where, walk
-from thinpool.errors import InvalidArgument, MetadataCorrupt, MetadataError, StoreIOError
+from thinpool.errors import InvalidArgument, MetadataCorrupt, MetadataError
 from thinpool.formats.device_details import TIME_MASK, DeviceDetails, parse_device_details
 from thinpool.formats.superblock import THIN_SUPERBLOCK_MAGIC, Superblock, parse_superblock
 from thinpool.io.block_store import BlockStore, FileBlockStore
@@ -66,7 +66,7 @@ class _Salvager:
         keep[1:] = k_arr[1:] != k_arr[:-1]
         self.report.dropped_mappings += int(np.count_nonzero(~keep))
         sel = order[keep]
-        return k_arr[keep], [vals[i] for i in sel.tolist()]  # type: ignore[misc]
+        return k_arr[keep], [vals[i] for i in sel.tolist()]
 
 
 class _SalvageVisitor(Visitor):
@@ -93,7 +93,7 @@ class _SalvageVisitor(Visitor):
         self._skip(f"block {b} reached twice (cycle or shared child): skipped")
 
     def error(self, err: MetadataCorrupt, where: Where) -> None:
-        self._skip(err.reason if err.fields.get("found_by") == "walker" else str(err))
+        self._skip(err.fields["reason"] if err.fields.get("found_by") == "walker" else str(err))
 
     def leaf(self, view: NodeView, where: Where) -> None:
         lo, hi = where.lo, where.hi
@@ -138,7 +138,7 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
     details: dict[int, DeviceDetails] = {}
     for k, v in zip(det_k.tolist(), det_v):
         try:
-            details[int(k)] = parse_device_details(v)  # type: ignore[arg-type]
+            details[int(k)] = parse_device_details(v)
         except Exception:  # noqa: BLE001 - a 24-byte value always parses; be safe with damaged data
             report.dropped_mappings += 1
     devices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -147,7 +147,7 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
         if dev > MAX_DEV_ID:
             report.note(f"device id {dev} out of range: dropped")
             continue
-        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")  # type: ignore[arg-type]
+        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")
         vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
         db = vals >> np.uint64(24)
         t = vals & np.uint64(TIME_MASK)

@@ -166,7 +166,7 @@ def snapshot_chain(pool: Pool, dev_id: int) -> list[int]:
         raise InvalidArgument(reason="this pool does not record snapshot origins: name the snapshots with --snap")
     created = getattr(pool, "created_at", None)
     snaps = [d for d in pool.list_devices() if d != dev_id and origin_of(d) == dev_id]
-    return sorted(snaps, key=lambda d: (created(d) if created else 0, d))
+    return sorted(snaps, key=lambda d: ((created(d) if created else None) or 0.0, d))
 
 
 def export_image(pool: Pool, dev_id: int, out: BinaryIO, *, snaps: list[int] | None = None,

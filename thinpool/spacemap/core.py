@@ -68,7 +68,7 @@ class CoreSpaceMap:
         self.freed.update(int(x) for x in uniq[self.counts[uniq] == 0])
 
     def is_free_for_alloc(self, b: int) -> bool:
-        return self.counts[b] == 0 and self.committed[b] == 0
+        return bool(self.counts[b] == 0 and self.committed[b] == 0)
 
     def new_block(self) -> int:
         """Allocate a block (count 0 now and at the last commit); its count becomes 1."""

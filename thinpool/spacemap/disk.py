@@ -18,9 +18,18 @@ import numpy as np
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt
-from thinpool.formats.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, IndexEntry, SmRoot,
-                                        build_index_entry, build_metadata_index, decode_bitmap, encode_bitmap,
-                                        parse_index_entry, parse_metadata_index)
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    MAX_METADATA_BITMAPS,
+    IndexEntry,
+    SmRoot,
+    build_index_entry,
+    build_metadata_index,
+    decode_bitmap,
+    encode_bitmap,
+    parse_index_entry,
+    parse_metadata_index,
+)
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.tx.transaction import TransactionManager
 
@@ -118,7 +127,8 @@ class DiskSpaceMap:
     def _entry(self, i: int) -> IndexEntry:
         seg = self.core.counts[i * E:(i + 1) * E]
         zero = np.flatnonzero(seg == 0)
-        return IndexEntry(self.bitmap_blocks[i], E - int(np.count_nonzero(seg)), int(zero[0]) if zero.size else len(seg))
+        return IndexEntry(self.bitmap_blocks[i], E - int(np.count_nonzero(seg)),
+                          int(zero[0]) if zero.size else len(seg))
 
     def _update_ref_counts(self, changed: np.ndarray, written: dict[int, int | None]) -> bool:
         counts, committed = self.core.counts, self.core.committed

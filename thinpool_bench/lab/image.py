@@ -454,7 +454,9 @@ def layer_tar(layer: list[Op], below: Tree, out: Path) -> str:
             elif op.kind == "symlink":
                 tar.addfile(info(op.path, tarfile.SYMTYPE, 0o777, link=op.target))
             elif op.kind == "hardlink":
-                tar.addfile(info(op.path, tarfile.LNKTYPE, 0o644, link=op.target.lstrip("/")))
+                # a tar writer gives a hard link the inode's mode (moby's UnpackLayer chmods the link with it)
+                mode = next(o.mode for o in layer if o.path == op.target and o.kind == "file")
+                tar.addfile(info(op.path, tarfile.LNKTYPE, mode, link=op.target.lstrip("/")))
     h = hashlib.sha256()
     with open(out, "rb") as f:
         while b := f.read(WRITE_PIECE):
