@@ -129,8 +129,8 @@ def sorted_runs(steps: Sequence[np.ndarray], equals: Sequence[np.ndarray] = ()) 
 
 
 # --- reading the mapping trees --------------------------------------------------------------------------------
-# TODO(#12): the engine's one walker replaces read_mapping_node / mapping_leaves; until it lands, node access
-# for the tools is confined to these two functions.
+# Node access for the tools goes through BTree.node_arrays (the B-tree owns its nodes); these two functions
+# are the only readers of mapping-tree shape outside btree/ (delta pairs two trees, which no walker does).
 @dataclass(frozen=True, slots=True)
 class MappingNode:
     """One node of a bottom-level mapping tree: children (internal) or packed block_time values (leaf)."""
