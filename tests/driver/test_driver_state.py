@@ -292,3 +292,28 @@ def test_devices_a_crash_left_behind_go_at_the_next_writable_open(pool: Path, tm
         assert len(p.md.devices) == 2 and d.ds.lookup("f" * 64) is None
     assert not (pool / "driver/image/layerdb/sha256" / ("e" * 64)).exists()
     assert ok("image", "ls", "--json", pool=pool).count('"id"') == 1
+
+
+def test_a_multi_platform_index_loads_this_machines_image(pool: Path, tmp_path: Path) -> None:
+    import platform as pf
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(pf.machine(), pf.machine())
+    mine = oci_layout(tmp_path / "mine", [tar_bytes([("f", "mine", b"m")])])
+    other = oci_layout(tmp_path / "other", [tar_bytes([("f", "other", b"o")])])
+    for d in (mine, other):  # one layout with both manifests behind an image index
+        for b in (d / "blobs/sha256").iterdir():
+            (mine / "blobs/sha256" / b.name).write_bytes(b.read_bytes())
+    descs = []
+    for d, a in ((other, "s390x" if arch != "s390x" else "amd64"), (mine, arch)):
+        m = json.loads((d / "index.json").read_text())["manifests"][0]
+        m.pop("annotations")
+        descs.append(dict(m, platform={"os": "linux", "architecture": a}))
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": descs}).encode()
+    digest = hashlib.sha256(index).hexdigest()
+    (mine / "blobs/sha256" / digest).write_bytes(index)
+    (mine / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": "sha256:" + digest,
+         "size": len(index), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+    assert ok("image", "load", mine, pool=pool).splitlines() == ["Loaded image: mine:multi"]
+    assert set(rootfs_of(pool, "mine:multi")) == {"/mine"}
