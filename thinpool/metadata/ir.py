@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from thinpool.btree.btree import MAX_DEPTH
+from thinpool.btree.walk import NodeView, Visitor, Where, walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -168,30 +168,35 @@ def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.
     return node.keys, data, times
 
 
+class _SkipSeen(Visitor):
+    """Walk each node once across several walks (thin_rmap's repeated-visit avoidance), remembering block
+    numbers only (the walker's memo would keep the nodes)."""
+
+    def __init__(self, seen: set[int]) -> None:
+        self.seen = seen
+
+    def ref(self, b: int, where: Where) -> bool:
+        if b in self.seen:
+            return False
+        self.seen.add(b)
+        return True
+
+
 def mapping_leaves(pmd: PoolMetadata, root: int, *,
                    seen: set[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(thin blocks, data blocks, times) of each non-empty leaf of the mapping tree at ``root``, in key order.
-    Memory O(depth x fanout). With ``seen``, nodes already in it are skipped and every node visited is added
-    (thin_rmap visits a subtree shared by several devices once).
+    """(thin blocks, data blocks, times) of each non-empty leaf of the mapping tree at ``root``, in key order,
+    through the one walker (btree/walk.py: strict policy, child key ranges, cycles, MAX_DEPTH). Memory
+    O(depth x fanout). With ``seen``, nodes already in it are skipped and every node visited is added (thin_rmap
+    visits a subtree shared by several devices once).
 
     Raises:
-        MetadataCorrupt: a damaged node, a cycle or a tree deeper than MAX_DEPTH.
+        MetadataCorrupt (with ``path``): a damaged node, a key outside its parent's range, a cycle.
     """
-    stack: list[tuple[int, int]] = [(root, 0)]
-    while stack:
-        block, depth = stack.pop()
-        if seen is not None:
-            if block in seen:
-                continue
-            seen.add(block)
-        node = read_mapping_node(pmd, block)
-        if node.is_leaf:
-            if len(node.keys):
-                yield leaf_mappings(pmd, node)
-            continue
-        if depth >= MAX_DEPTH:
-            raise MetadataCorrupt(block=block, reason="btree too deep (cycle?)")
-        stack.extend((int(c), depth + 1) for c in node.values[::-1].tolist())
+    visitor = _SkipSeen(seen) if seen is not None else None
+    for node, _ in walk_nodes(pmd.tm, root, value_size=8, visitor=visitor):
+        view = NodeView(node)
+        if view.nr_entries:
+            yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))
 
 
 def device_leaves(pmd: PoolMetadata, dev_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
