@@ -93,8 +93,12 @@ class _Files:
 
 
 def _dir_files(d: Path) -> _Files:
+    cache: set[str] = set()
+
     def names() -> set[str]:
-        return {os.path.normpath(str(p.relative_to(d))) for p in d.rglob("*")}
+        if not cache:
+            cache.update(os.path.normpath(str(p.relative_to(d))) for p in d.rglob("*"))
+        return cache
 
     def opener(name: str) -> IO[bytes]:
         return open(d / name, "rb")

@@ -357,6 +357,9 @@ class ImageStore:
             del self.repos[named]
             self._save_repos()
             return [f"Untagged: {named}"]
+        if named is None and len(refs) > 1:
+            raise DriverError(reason=f"conflict: unable to delete {_hex(image_id)[:12]} - image is referenced in "
+                                     f"multiple repositories ({', '.join(refs)}): remove them by reference")
         user = in_use(image_id)
         if user is not None:
             from thinpool.errors import ImageInUse
