@@ -199,6 +199,32 @@ def mapping_leaves(pmd: PoolMetadata, root: int, *,
             yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))
 
 
+BATCH_MAPPINGS = 4096  # mappings per batch handed on by batched_leaves (fewer, larger numpy steps)
+
+
+def batched_leaves(leaves: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                   nr_mappings: int = BATCH_MAPPINGS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Consecutive leaves joined into batches of at least ``nr_mappings`` (the last may be smaller): the same
+    mappings in the same order. Memory: one batch."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    n = 0
+    for leaf in leaves:
+        parts.append(leaf)
+        n += len(leaf[0])
+        if n >= nr_mappings:
+            yield _join(parts)
+            parts, n = [], 0
+    if parts:
+        yield _join(parts)
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
+
+
 def device_leaves(pmd: PoolMetadata, dev_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``mapping_leaves`` of one device (DeviceNotFound if it does not exist)."""
     return mapping_leaves(pmd, pmd.device_root(dev_id))
@@ -287,7 +313,7 @@ def emit(pmd: PoolMetadata, visitor: MetadataVisitor, *, dev_ids: Sequence[int] 
         visitor.device_b(device_ir(pmd, dev_id))
         if not skip_mappings:
             joiner = RunJoiner(2, 1)
-            for thin, data, times in device_leaves(pmd, dev_id):
+            for thin, data, times in batched_leaves(device_leaves(pmd, dev_id)):
                 runs = joiner.feed((thin, data), (times,))
                 if len(runs):
                     visitor.map(runs)

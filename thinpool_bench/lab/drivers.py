@@ -842,8 +842,13 @@ class ThinpoolDM(Driver):
         loop device on each, the kernel's ext2 mounted on each, the file read in every mount."""
         from thinpool.pool import Pool
 
-        if shutil.which("thinpool") is None:
-            return {"unavailable": "the thinpool command is not on PATH"}
+        if os.geteuid() != 0:
+            return {"unavailable": "needs root (loop devices and kernel ext2 mounts over the FUSE export)"}
+        if not os.path.exists("/dev/fuse"):
+            return {"unavailable": "no /dev/fuse"}
+        for tool in ("thinpool", "losetup", "fincore"):
+            if shutil.which(tool) is None:
+                return {"unavailable": f"{tool} is not on PATH"}
         self.pool.close()
         fuse_dir = self.root / "fuse"
         fuse_dir.mkdir(exist_ok=True)
@@ -920,7 +925,6 @@ class ThinpoolMobyDM(ThinpoolDM):
 
     def setup(self) -> None:
         from thinpool.driver import DeviceSet
-
         from thinpool.pool import Pool
 
         Driver.setup(self)
