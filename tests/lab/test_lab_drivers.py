@@ -245,3 +245,28 @@ def test_the_image_as_an_oci_layout_unpacks_with_umoci_to_the_reference_tree(img
         want, want_groups = I.reference_tree(img.layers[:n])
         assert I.diff_trees(want, got) == []
         assert groups == want_groups
+
+
+def test_suite_results_keep_the_lab_section(tmp_path):
+    from thinpool_bench import suite
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# old\n\n{report.BEGIN}\nlab numbers\n{report.END}\n")
+    run = suite.BenchRun(suite.machine_info())
+    run.snapshots = suite.snapshot_series(tmp_path, (1, 10), trials=1)
+    suite.write_results(run, md)
+    text = md.read_text()
+    assert "Snapshot creation time" in text and "# old" not in text
+    assert text.count(report.BEGIN) == 1 and "lab numbers" in text
+
+
+def test_bench_command_offers_the_driver_lab():
+    from click.testing import CliRunner
+
+    from thinpool_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["bench", "--help"])
+    assert res.exit_code == 0
+    assert "drivers" in res.output
+    bad = CliRunner().invoke(cli, ["bench", "--only", "nosuch"])
+    assert bad.exit_code == 2
