@@ -317,3 +317,22 @@ def test_a_multi_platform_index_loads_this_machines_image(pool: Path, tmp_path: 
          "size": len(index), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
     assert ok("image", "load", mine, pool=pool).splitlines() == ["Loaded image: mine:multi"]
     assert set(rootfs_of(pool, "mine:multi")) == {"/mine"}
+
+
+def test_a_socket_is_a_change_but_no_tar_can_hold_it(pool: Path, tmp_path: Path) -> None:
+    import stat as S
+
+    from thinpool.driver.store import mounted
+
+    ok("image", "load", oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])]), pool=pool)
+    ok("container", "create", "img", "--name", "cc", pool=pool)
+    with Pool.open(pool) as p:
+        with mounted(DeviceSet.open(p), "cc", write=True) as fs:
+            fs.mknod("/rootfs/sock", S.S_IFSOCK | 0o755)
+    assert ok("container", "diff", "cc", pool=pool).splitlines() == ["A /sock"]
+    ok("container", "export", "cc", tmp_path / "cc.tar", pool=pool)
+    with tarfile.open(tmp_path / "cc.tar") as t:
+        assert "sock" not in t.getnames() and "a" in t.getnames()
+    ok("container", "commit", "cc", "img:2", pool=pool)  # moby's addTarFile skips sockets too
+    ok("container", "create", "img:2", "--name", "c2", pool=pool)
+    assert ok("fs", "ls", "c2", "/rootfs", pool=pool).split().count("sock") == 0
