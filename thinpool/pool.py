@@ -496,7 +496,7 @@ class Pool:
             self._last_commit = _time.monotonic()
             if self.discard_mode == "passdown":
                 for b in sorted(freed):
-                    if self.md.data_sm.counts[b] == 0:
+                    if self.md.data_sm.count(b) == 0:
                         self.data.punch(b * self.chunk_bytes, self.chunk_bytes)
 
     def maybe_commit(self) -> None:
