@@ -286,6 +286,7 @@ def check_pool(pool: Path, tmp: Path) -> None:
         img.unlink()
     r = run_tool("thin_check", str(pool / "metadata"), check=False)
     assert r.returncode == 0, r.stderr
+    tp("check", pool)  # and thinpool's own checker (stricter: leaks, time hazards)
 
 
 # --- tar and OCI layout builders -------------------------------------------------------------------------------

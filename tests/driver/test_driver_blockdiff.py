@@ -48,6 +48,11 @@ def test_block_diff_agrees_with_naive_diff_on_content(tmp_path: Path) -> None:
     # the naive diff misses the rewrite that kept size and mtime; the block diff misses the chmod
     assert set(blocks) == (set(naive) - {"C /meta", "C /meta/f"}) | {"C /data/same"}
     assert blocks == sorted(blocks, key=lambda line: line[2:].split("/"))
+    # the container's devices are pool devices by name: the metadata tools and thinpool fs take them
+    delta = ok("delta", "web-init", "web", pool=pool)
+    assert "<diff left=" in delta and ("<different " in delta or "<right_only " in delta)
+    assert ok("fs", "cat", "web", "/rootfs/new/f", pool=pool) == "new"
+    assert "web-init" in ok("thin", "list", pool=pool)
     # nothing changed: nothing reported, and only the changed chunks were compared
     ok("container", "create", "img", "--name", "idle", pool=pool)
     assert ok("container", "diff", "--blocks", "idle", pool=pool) == ""

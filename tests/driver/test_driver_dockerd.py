@@ -23,7 +23,17 @@ from typing import Any
 
 import pytest
 from conftest import REQUIRE_EXTERNAL, need_tool, run_tool
-from driver_helpers import build_image, check_pool, make_pool, set_attrs, tp, write_files
+from driver_helpers import (
+    INIT_PATHS,
+    build_image,
+    check_pool,
+    differences,
+    make_pool,
+    set_attrs,
+    tar_tree,
+    tp,
+    write_files,
+)
 
 pytestmark = pytest.mark.external
 
@@ -109,6 +119,7 @@ def test_dockerd_diff_and_commit_layer_equal_thinpool(docker: Any, tmp_path: Pat
     layout = build_image(tmp_path / "umoci")
     archive = tmp_path / "img.tar"
     run_tool("skopeo", "copy", f"oci:{layout}:t", f"docker-archive:{archive}:app:t")
+    loaded_at = int(time.time())
     docker("load", "-i", archive)
     pool = make_pool(tmp_path / "pool")
     tp("image", "load", archive, pool=pool)
@@ -116,7 +127,11 @@ def test_dockerd_diff_and_commit_layer_equal_thinpool(docker: Any, tmp_path: Pat
     tp("container", "create", "app:t", "--name", "ct", pool=pool)
     host = tmp_path / "host"
     write_files(host, {"/new.conf": b"copied\n", "/tree/a": b"a\n", "/tree/sub/b": b"bb\n",
-                       "/over": b"overwrites /mod/file\n", "/deepfile": b"deep\n"})
+                       "/over": b"overwrites /mod/file\n", "/deepfile": b"deep\n", "/lnk": ("link", "new.conf"),
+                       "/hl/a": b"hard\n", "/hl/b": ("hard", "/hl/a"), "/suid": b"#!/bin/sh\n"})
+    set_attrs(host / "suid", mode=0o4711, mtime=1_350_000_000)
+    set_attrs(host / "lnk", mtime=1_360_000_000)
+    set_attrs(host / "hl/a", mtime=1_370_000_000)
     set_attrs(host / "new.conf", mode=0o640, mtime=1_300_000_000)
     set_attrs(host / "tree/a", mtime=1_310_000_000)
     set_attrs(host / "tree/sub/b", mode=0o600, mtime=1_320_000_000)
@@ -124,13 +139,31 @@ def test_dockerd_diff_and_commit_layer_equal_thinpool(docker: Any, tmp_path: Pat
     set_attrs(host / "deepfile", mtime=1_340_000_000)
     deep = "/deep/" + "/".join(f"d{i}" for i in range(30))
     for src, dst in ((host / "new.conf", "/etc/"), (host / "tree", "/newtree"), (host / "over", "/mod/file"),
-                     (host / "deepfile", deep + "/"), (host / "new.conf", "/files/renamed.conf")):
+                     (host / "deepfile", deep + "/"), (host / "new.conf", "/files/renamed.conf"),
+                     (host / "lnk", "/etc/lnk"), (host / "hl", "/hl"), (host / "suid", "/usr/"),
+                     (host / "tree", "/newtree")):  # the last one: into the existing /newtree, as /newtree/tree
         docker("cp", src, f"ct:{dst}")
         tp("container", "cp", src, f"ct:{dst}", pool=pool)
     want = set(docker("diff", "ct").stdout.splitlines())
     got = tp("container", "diff", "ct", pool=pool).splitlines()
     assert set(got) == want and len(got) == len(want)
-    assert "A /newtree/sub/b" in want and f"C {deep}" in want and "C /deep" in want
+    assert {"A /newtree/sub/b", "A /newtree/tree/sub/b", f"C {deep}", "C /deep", "A /hl/b", "A /usr/suid",
+            "A /etc/lnk"} <= want
+    # docker export against thinpool's: entry by entry (directories the copies changed, and the init layer's
+    # entries, carry the times of the two runs)
+    docker("export", "-o", tmp_path / "docker-export.tar", "ct")
+    tp("container", "export", "ct", tmp_path / "tp-export.tar", pool=pool)
+    d_exp, t_exp = tar_tree(tmp_path / "docker-export.tar"), tar_tree(tmp_path / "tp-export.tar")
+    # moby leaves the apply's time on a directory a layer changes without carrying it (/del, /mod: thinpool keeps
+    # its mtime, as umoci does); such directories, and those the copies changed, have times of this run
+    changed_dirs = {p for p, rec in d_exp.items() if rec["type"] == "dir" and rec["mtime"] >= loaded_at - 1}
+    assert {"/del", "/mod"} <= changed_dirs
+    # moby's tar writer keeps only security.capability; thinpool exports every xattr (umoci's unpack has them)
+    assert set(d_exp["/x/file"]["xattrs"]) == {"security.capability"}
+    assert set(t_exp["/x/file"]["xattrs"]) == {"security.capability", "trusted.b", "user.a"}
+    for rec in t_exp.values():
+        rec["xattrs"] = {k: v for k, v in rec["xattrs"].items() if k == "security.capability"}
+    assert differences(t_exp, d_exp, no_mtime=changed_dirs | INIT_PATHS) == []
     # docker commit's layer (from docker save) against thinpool's (from image save --format docker)
     docker("commit", "ct", "app:committed")
     docker("save", "-o", tmp_path / "docker.tar", "app:committed")
@@ -140,6 +173,7 @@ def test_dockerd_diff_and_commit_layer_equal_thinpool(docker: Any, tmp_path: Pat
     got_layer = last_layer(tmp_path / "thinpool.tar")
     assert got_layer == want_layer
     assert got_layer["newtree/sub/b"]["mtime"] == 1_320_000_000 and got_layer["etc/new.conf"]["mode"] == 0o640
+    assert got_layer["hl/b"]["type"] == tarfile.LNKTYPE and got_layer["usr/suid"]["mode"] == 0o4711
     # dockerd loads thinpool's saved image: the DiffIDs it computes from the tars are the config's
     docker("rmi", "app:committed")
     assert docker("load", "-i", tmp_path / "thinpool.tar").stdout.strip() == "Loaded image: app:committed"

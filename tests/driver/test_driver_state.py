@@ -141,13 +141,15 @@ def test_min_free_space_refuses_new_layers_and_changes_nothing(tmp_path: Path) -
     pool = tmp_path / "pool"
     ok("pool", "create", pool, "--size", "64M")
     ok("driver", "init", "--base-size", "32M", "--min-free-space", "50%", pool=pool)
+    ok("image", "load", oci_layout(tmp_path / "first", [tar_bytes([("f", "a", b"x")])]), pool=pool)
     ok("thin", "create", "99", "--size", "40M", "--name", "filler", pool=pool)
     (tmp_path / "junk").write_bytes(os.urandom(36 << 20))
     ok("thin", "write", "filler", tmp_path / "junk", pool=pool)
-    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
+    layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "b", b"y")])])
     before = fingerprint(pool)
     msg = fails(3, "image", "load", layout, pool=pool)
-    assert "free data blocks which is less than minimum required" in msg
+    assert "free data blocks which is less than minimum required 512 free data blocks" in msg
+    assert "less than minimum required" in fails(3, "container", "create", "first", "--name", "cc", pool=pool)
     assert fingerprint(pool) == before
 
 
@@ -191,7 +193,9 @@ def test_refusals_are_one_line_errors(pool: Path, tmp_path: Path) -> None:
     layout = oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])])
     assert "no image tagged 'v9'" in fails(1, "image", "load", f"{layout}:v9", pool=pool)
     ok("image", "load", layout, pool=pool)
-    ok("container", "create", "img", "--name", "c1", pool=pool)
+    image_id = json.loads(ok("image", "ls", "--json", pool=pool))[0]["id"]
+    ok("container", "create", image_id[7:15], "--name", "c1", pool=pool)  # a unique id prefix names the image
+    assert json.loads(ok("container", "ls", "--json", pool=pool))[0]["image"] == image_id[7:15]
     assert "already in use" in fails(1, "container", "create", "img", "--name", "c1", pool=pool)
     assert "invalid container name" in fails(1, "container", "create", "img", "--name", "-x", pool=pool)
     assert "used by container c1" in fails(1, "image", "rm", "img", pool=pool)
@@ -270,3 +274,46 @@ def test_unpack_layer_rules(pool: Path, tmp_path: Path) -> None:
     assert ok("image", "save", "img", out, pool=pool).strip() == image_id
     blobs = {p.name for p in (out / "blobs/sha256").iterdir()}
     assert {hashlib.sha256(raw).hexdigest() for raw in (l1, l2)} <= blobs
+
+
+def test_devices_a_crash_left_behind_go_at_the_next_writable_open(pool: Path, tmp_path: Path) -> None:
+    ok("image", "load", oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])]), pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        ds.add_device("f" * 64, "", "f" * 64)  # a layer whose load was cut short: no layerdb record
+        (pool / "driver/image/layerdb/sha256" / ("e" * 64)).mkdir()
+        p.crash_close()
+    with Pool.open(pool, readonly=True) as p:
+        assert len(p.md.devices) == 3
+        Driver(DeviceSet.open(p))  # read-only: nothing is touched
+        assert len(p.md.devices) == 3
+    with Pool.open(pool) as p:
+        d = Driver(DeviceSet.open(p))
+        assert len(p.md.devices) == 2 and d.ds.lookup("f" * 64) is None
+    assert not (pool / "driver/image/layerdb/sha256" / ("e" * 64)).exists()
+    assert ok("image", "ls", "--json", pool=pool).count('"id"') == 1
+
+
+def test_a_multi_platform_index_loads_this_machines_image(pool: Path, tmp_path: Path) -> None:
+    import platform as pf
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(pf.machine(), pf.machine())
+    mine = oci_layout(tmp_path / "mine", [tar_bytes([("f", "mine", b"m")])])
+    other = oci_layout(tmp_path / "other", [tar_bytes([("f", "other", b"o")])])
+    for d in (mine, other):  # one layout with both manifests behind an image index
+        for b in (d / "blobs/sha256").iterdir():
+            (mine / "blobs/sha256" / b.name).write_bytes(b.read_bytes())
+    descs = []
+    for d, a in ((other, "s390x" if arch != "s390x" else "amd64"), (mine, arch)):
+        m = json.loads((d / "index.json").read_text())["manifests"][0]
+        m.pop("annotations")
+        descs.append(dict(m, platform={"os": "linux", "architecture": a}))
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": descs}).encode()
+    digest = hashlib.sha256(index).hexdigest()
+    (mine / "blobs/sha256" / digest).write_bytes(index)
+    (mine / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": "sha256:" + digest,
+         "size": len(index), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+    assert ok("image", "load", mine, pool=pool).splitlines() == ["Loaded image: mine:multi"]
+    assert set(rootfs_of(pool, "mine:multi")) == {"/mine"}

@@ -9,7 +9,8 @@ reference rootfs.
 
 from __future__ import annotations
 
-import os
+import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_umoci_image_loads_entry_by_entry(image: Path, tmp_path: Path) -> None:
     # a second tag sharing the lower two layers is not loaded again
     tp("image", "load", f"{image}:v2", pool=pool)
     assert differences(layer_export(pool, tmp_path, "img:v2"), reference(image, "v2", tmp_path)) == []
-    rows = __import__("json").loads(tp("image", "ls", "--json", pool=pool))
+    rows = json.loads(tp("image", "ls", "--json", pool=pool))
     assert sorted(r["tag"] for r in rows) == ["t", "v2"] and [r["layers"] for r in rows if r["tag"] == "t"] == [4]
     layer_dirs = list((pool / "driver/image/layerdb/sha256").iterdir())
     assert len(layer_dirs) == 4
@@ -84,11 +85,13 @@ def test_skopeo_docker_archive_and_zstd_load_the_same(image: Path, tmp_path: Pat
     assert tp("image", "load", f"{zst}:z", "--tag", "zz:1", pool=pool2).splitlines() == ["Loaded image: zz:1"]
     assert differences(layer_export(pool2, tmp_path, "zz:1"), want) == []
     # save -> load round trip keeps the image id (layers are rebuilt byte for byte from the devices)
-    ids = {r["id"] for r in __import__("json").loads(tp("image", "ls", "--json", pool=pool))}
+    ids = {r["id"] for r in json.loads(tp("image", "ls", "--json", pool=pool))}
     tp("image", "save", "app:t", tmp_path / "again.tar", "--format", "docker", pool=pool)
+    with open(tmp_path / "again.tar", "rb") as f, gzip.open(tmp_path / "again.tar.gz", "wb") as g:
+        shutil.copyfileobj(f, g)  # docker save | gzip
     pool3 = make_pool(tmp_path / "pool3")
-    tp("image", "load", tmp_path / "again.tar", pool=pool3)
-    assert {r["id"] for r in __import__("json").loads(tp("image", "ls", "--json", pool=pool3))} == ids
+    assert tp("image", "load", tmp_path / "again.tar.gz", pool=pool3).splitlines() == ["Loaded image: app:t"]
+    assert {r["id"] for r in json.loads(tp("image", "ls", "--json", pool=pool3))} == ids
     check_pool(pool, tmp_path)
 
 
@@ -125,6 +128,21 @@ def test_commit_save_unpack_equals_the_container(image: Path, tmp_path: Path) ->
     assert differences(got, tar_tree(tmp_path / "web.tar"), ignore=INIT_PATHS) == []
     assert got["/mod/file"]["size"] == len(b"copied in\n") and got["/files/new.txt"]["uid"] == 0
     assert got["/files/new.txt"]["mtime"] == 1_300_000_000
+    # docker cp out of the container: modes, mtimes, content and links as in the container
+    out = tmp_path / "copied"
+    out.mkdir()
+    tp("container", "cp", "web:/newtree", out, pool=pool)
+    tp("container", "cp", "web:/hard", out / "hardcopy", pool=pool)
+    tp("container", "cp", "web:/links/abs", out / "abs", pool=pool)
+    exported = tar_tree(tmp_path / "web.tar")
+    copied = dir_tree(out)
+    for src, dst in (("/newtree", "/newtree"), ("/hard", "/hardcopy")):
+        for p in [q for q in exported if q == src or q.startswith(src + "/")]:
+            want = {k: v for k, v in exported[p].items() if k != "link_group"}
+            have = {k: v for k, v in copied[dst + p[len(src):]].items() if k != "link_group"}
+            assert have == want, p
+    assert copied["/hardcopy/b"]["link_group"] == "/hardcopy/a"  # hard links stay links
+    assert copied["/abs"]["type"] == "symlink" and copied["/abs"]["target"] == "/files/one"
     # a container of the committed image has no changes against its image
     tp("container", "create", "img:committed", "--name", "web2", pool=pool)
     assert tp("container", "diff", "web2", pool=pool) == ""
@@ -133,6 +151,11 @@ def test_commit_save_unpack_equals_the_container(image: Path, tmp_path: Path) ->
     tp("container", "rm", "web", pool=pool)
     tp("container", "rm", "web2", pool=pool)
     assert data_used(pool) < used_before
-    names = {e["name"] for e in __import__("json").loads((pool / "pool.json").read_text())["devices"].values()}
+    names = {e["name"] for e in json.loads((pool / "pool.json").read_text())["devices"].values()}
     assert not names & {"web", "web-init", "web2", "web2-init"}
+    # image rm: the committed layer's device goes with the image; the shared lower layers stay
+    out_lines = tp("image", "rm", "img:committed", pool=pool).splitlines()
+    assert out_lines[0] == "Untagged: img:committed" and sum(ln.startswith("Deleted: ") for ln in out_lines) == 2
+    assert len(list((pool / "driver/image/layerdb/sha256").iterdir())) == 4
+    assert len(json.loads((pool / "pool.json").read_text())["devices"]) == 5  # base + 4 layers
     check_pool(pool, tmp_path)

@@ -106,8 +106,9 @@ def _blocks(fs: Filesystem, ino: int) -> set[int]:
     if not inode.has_blocks:
         return set()
     n = -(-inode.size // fs.block_size)
-    phys = fs.mapper.map(ino, inode, 0, n) if n else []
-    return {int(b) for b in phys if b}
+    if not n:
+        return set()
+    return {int(b) for b in fs.mapper.map(ino, inode, 0, n) if b}
 
 
 def _live(fs: Filesystem, ino: int) -> bool:

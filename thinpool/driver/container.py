@@ -26,7 +26,7 @@ from thinpool.driver.apply import LayerApplier
 from thinpool.driver.blockdiff import save_index
 from thinpool.driver.changes import Change, changes_dirs, export_changes
 from thinpool.driver.rootfs import ROOTFS, export_tree, lstat, resolve, tar_info, walk
-from thinpool.driver.state import DeviceSet, go_json, write_meta_file
+from thinpool.driver.state import DeviceSet, atomic_output, go_json, write_meta_file
 from thinpool.driver.store import ImageStore, driver_get, mounted
 from thinpool.errors import ContainerExists, ContainerNotFound, DriverError, FileNotFound
 from thinpool.fs.filesystem import Filesystem
@@ -173,8 +173,8 @@ class Containers:
     def export(self, name: str, out: str) -> None:
         """``docker export``: a flat tar of the container's rootfs."""
         rec = self.get(name)
-        with mounted(self.ds, rec["Device"], write=False) as fs, \
-                tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tw:
+        with atomic_output(out) as tmp, mounted(self.ds, rec["Device"], write=False) as fs, \
+                tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tw:
             export_tree(fs, ROOTFS, tw)
 
     def commit(self, name: str, ref: str) -> str:

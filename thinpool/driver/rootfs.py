@@ -15,7 +15,7 @@ import posixpath
 import stat as S
 import tarfile
 from collections.abc import Iterator
-from typing import IO
+from typing import Any
 
 from thinpool.errors import FileNotFound, FsError, NotADirectory
 from thinpool.fs.filesystem import Filesystem
@@ -173,13 +173,13 @@ class TarEntry:
 class _Exact:
     """A reader that yields exactly ``size`` bytes of ``f``."""
 
-    def __init__(self, f: IO[bytes] | object, size: int) -> None:
+    def __init__(self, f: Any, size: int) -> None:
         self.f = f
         self.left = size
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
-        b: bytes = self.f.read(n)  # type: ignore[attr-defined]
+        b: bytes = self.f.read(n)
         self.left -= len(b)
         return b
 

@@ -371,6 +371,16 @@ class PagedSpaceMap:
         self._candidates = []
         self.changed = True
 
+    def any_committed(self, lo: int, hi: int) -> bool:
+        """Whether a block in [lo, hi) is in use at the last commit. O(bitmaps covering the range)."""
+        lo, hi = max(lo, 0), min(hi, self._nr_blocks)
+        for i in range(lo // E, -(-hi // E)):
+            p = self._page(i)
+            a, b = max(lo - i * E, 0), min(hi - i * E, E)
+            if b > a and bool(p.committed[a:b].any()):
+                return True
+        return False
+
     def used_from(self, lo: int) -> int | None:
         """The highest block >= ``lo`` counted now or at the last commit, or None. O(pages above lo)."""
         best = None

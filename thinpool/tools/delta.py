@@ -22,7 +22,15 @@ import numpy as np
 
 from thinpool.btree.btree import MAX_DEPTH
 from thinpool.errors import MetadataCorrupt
-from thinpool.metadata.ir import MappingNode, RunJoiner, Runs, leaf_mappings, mapping_leaves, read_mapping_node
+from thinpool.metadata.ir import (
+    MappingNode,
+    RunJoiner,
+    Runs,
+    batched_leaves,
+    leaf_mappings,
+    mapping_leaves,
+    read_mapping_node,
+)
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 Kind = Literal["same", "different", "left_only", "right_only"]
@@ -154,7 +162,7 @@ def delta_batches(md: PoolMetadata, dev1: int, dev2: int, *, include_same: bool 
                 left.stack.pop()
                 right.stack.pop()
                 if include_same:
-                    for keys, data, _ in mapping_leaves(md, block):
+                    for keys, data, _ in batched_leaves(mapping_leaves(md, block)):
                         yield from out(joiner.feed((keys, data, data), (np.zeros(len(keys), dtype=np.int64),)))
                 continue
         bound = lo_hi
@@ -193,7 +201,7 @@ def mapped_runs(md: PoolMetadata, dev: int) -> Iterator[tuple[int, int, int]]:
         DeviceNotFound, MetadataCorrupt.
     """
     joiner = RunJoiner(2)
-    for keys, data, _ in mapping_leaves(md, md.device_root(dev)):
+    for keys, data, _ in batched_leaves(mapping_leaves(md, md.device_root(dev))):
         for tb, db, n in joiner.feed((keys, data)).rows():
             yield tb, n, db
     for tb, db, n in joiner.flush().rows():

@@ -242,7 +242,8 @@ class Overlay(Driver):
 
     def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
         dirs = I.write_layer_dirs(self.root / "l" / tag, layers, "overlay")
-        ids, below = [], []
+        ids: list[str] = []
+        below: list[str] = []
         for i, d in enumerate(dirs):
             lid = f"{tag}/L{i}"
             below = [str(d.relative_to(self.root))] + below
@@ -275,15 +276,15 @@ class Overlay(Driver):
 
     def page_cache(self, cids: list[str], path: str) -> dict[str, Any]:
         # the real files behind the merged path: the first layer (top down) that has it, plus any copied-up upper
-        real = set()
+        real: set[str] = set()
         for cid in cids:
             for d in ["c/" + cid + "/u", "c/" + cid + "/i", *self.chain[self.parent[cid]]]:
-                p = self.root / d / path.lstrip("/")
-                if os.path.lexists(p):
-                    real.add(str(p))
+                candidate = self.root / d / path.lstrip("/")
+                if os.path.lexists(candidate):
+                    real.add(str(candidate))
                     break
-        for p in real:
-            drop_cache(p)
+        for f in real:
+            drop_cache(f)
         for cid in cids:
             read_all(str(self.view(cid).root / path.lstrip("/")))
         parts = fincore(sorted(real))
@@ -439,7 +440,8 @@ class AufsLike(Overlay):
 
     def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
         dirs = I.write_layer_dirs(self.root / "l" / tag, layers, "aufs")
-        ids, below = [], []
+        ids: list[str] = []
+        below: list[str] = []
         for i, d in enumerate(dirs):
             lid = f"{tag}/L{i}"
             below = [str(d.relative_to(self.root))] + below
@@ -457,7 +459,7 @@ class AufsLike(Overlay):
         shutil.rmtree(self.root / "c" / cid)
         del self.parent[cid]
 
-    def view(self, cid: str) -> UnionView:
+    def view(self, cid: str) -> UnionView:  # type: ignore[override]
         rel = [f"c/{cid}/u", f"c/{cid}/i", *self.chain[self.parent[cid]]]
         return UnionView([self.root / r for r in rel])
 
@@ -842,8 +844,13 @@ class ThinpoolDM(Driver):
         loop device on each, the kernel's ext2 mounted on each, the file read in every mount."""
         from thinpool.pool import Pool
 
-        if shutil.which("thinpool") is None:
-            return {"unavailable": "the thinpool command is not on PATH"}
+        if os.geteuid() != 0:
+            return {"unavailable": "needs root (loop devices and kernel ext2 mounts over the FUSE export)"}
+        if not os.path.exists("/dev/fuse"):
+            return {"unavailable": "no /dev/fuse"}
+        for tool in ("thinpool", "losetup", "fincore"):
+            if shutil.which(tool) is None:
+                return {"unavailable": f"{tool} is not on PATH"}
         self.pool.close()
         fuse_dir = self.root / "fuse"
         fuse_dir.mkdir(exist_ok=True)
@@ -880,8 +887,8 @@ class ThinpoolDM(Driver):
                     "loop_devices_bytes": sum(loop_parts.values()), "pool_data_file_bytes": backing,
                     "note": "FUSE export with direct I/O (no page cache in the FUSE files)"}
         finally:
-            for m in reversed(mounts):
-                subprocess.run(["umount", m], capture_output=True)
+            for mp in reversed(mounts):
+                subprocess.run(["umount", mp], capture_output=True)
             for lo in loops:
                 subprocess.run(["losetup", "-d", lo], capture_output=True)
             if os.path.ismount(fuse_dir):
@@ -920,7 +927,6 @@ class ThinpoolMobyDM(ThinpoolDM):
 
     def setup(self) -> None:
         from thinpool.driver import DeviceSet
-
         from thinpool.pool import Pool
 
         Driver.setup(self)
