@@ -516,11 +516,11 @@ class Pool:
         dirty = getattr(self.data, "dirty", None)
         if not dirty:
             return False
-        committed = self.md.data_sm.committed
+        sm = self.md.data_sm
         ch = self.chunk_bytes
         for start, end in dirty:
-            a, b = start // ch, min(-(-end // ch), len(committed))
-            if b > a and bool(np.any(committed[a:b])):
+            a, b = start // ch, min(-(-end // ch), sm.nr_blocks)
+            if b > a and sm.any_committed(a, b):  # reads only the bitmaps covering [a, b)
                 return True
         return False
 
@@ -1054,7 +1054,7 @@ class Pool:
             self._last_commit = _time.monotonic()
             if self.discard_mode == "passdown":
                 for b in sorted(freed):
-                    if self.md.data_sm.counts[b] == 0:
+                    if self.md.data_sm.count(b) == 0:
                         # the commit is durable: a failing punch must not make it look failed (the blocks are free
                         # in the metadata either way; their old bytes stay in the data file), as dm-thin only
                         # logs a failed passdown
