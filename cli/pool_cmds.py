@@ -72,8 +72,6 @@ def show_status(p: Any, as_json: bool) -> None:
     from thinpool.units import format_size
 
     st = p.status()
-    if p.readonly and st.mode == "ro" and not st.needs_check:
-        st.mode = "rw"  # opened read-only just to look: the pool itself is writable
     devs = device_rows(p)
     if as_json:
         d = st.to_dict()
@@ -82,15 +80,18 @@ def show_status(p: Any, as_json: bool) -> None:
         d["devices"] = devs
         echo_json(d)
         return
-    click.echo(f"{p.path}: {st.dm_line()}")
+    click.echo(f"{p.path}: {st.dm_line()}")  # pool status PATH --dmsetup prints the dmsetup form alone
     kv_table(None, [
         ("transaction id", st.transaction_id),
         ("data", f"{st.used_data_blocks}/{st.total_data_blocks} chunks "
                  f"({format_size(st.used_data_blocks * st.chunk_size)} of "
                  f"{format_size(st.total_data_blocks * st.chunk_size)})"),
-        ("metadata", f"{st.used_metadata_blocks}/{st.total_metadata_blocks} blocks "
+        ("Data%", f"{st.data_percent:.2f}"),
+        ("metadata", f"{st.used_metadata_blocks}/{st.total_metadata_blocks} blocks allocated "
                      f"({format_size(st.used_metadata_blocks * 4096)} of "
-                     f"{format_size(st.total_metadata_blocks * 4096)})"),
+                     f"{format_size(st.total_metadata_blocks * 4096)}), {st.metadata_reserve_blocks} reserved"),
+        ("Meta%", f"{st.metadata_percent:.2f}"),
+        ("metadata low-water mark", f"{st.metadata_low_water_blocks} blocks"),
         ("chunk size", format_size(st.chunk_size)),
         ("held metadata root", "-" if st.held_metadata_root is None else st.held_metadata_root),
         ("mode", st.mode),
@@ -131,11 +132,7 @@ def pool_create(path: str | None, pool_path: str | None, size: int, chunk_size: 
     """
     from thinpool.pool import Pool
 
-    if path and pool_path and os.path.abspath(path) != os.path.abspath(pool_path):
-        explicit = click.get_current_context().get_parameter_source("pool_path")
-        if explicit is not None and explicit.name == "COMMANDLINE":
-            raise click.UsageError(f"PATH {path!r} and --pool {pool_path!r} disagree: give one of them")
-    target = path or require_pool(pool_path)
+    target = _one_pool(path, pool_path)
     if size % chunk_size:
         raise click.BadParameter(f"data size {size} bytes is not a multiple of the chunk size ({chunk_size} bytes)",
                                  param_hint="'--size'")
@@ -162,15 +159,33 @@ def pool_create(path: str | None, pool_path: str | None, size: int, chunk_size: 
 
 
 @pool.command("status")
+@click.argument("path", required=False)
 @pool_option
+@click.option("--dmsetup", is_flag=True, help="Print only the line `dmsetup status` prints: 0 LENGTH thin-pool ...")
 @json_option
-def pool_status(pool_path: str | None, as_json: bool) -> None:
-    """The dm-thin status line, a readable table and the thin devices.
+def pool_status(path: str | None, pool_path: str | None, dmsetup: bool, as_json: bool) -> None:
+    """The kernel's status line, a readable table (with lvs's Data% and Meta%) and the thin devices.
 
-    Example: thinpool pool status --pool mypool
+    The status line is dm-thin's: the used metadata blocks include the kernel's metadata reserve, and the last
+    field is the metadata low-water mark. Reads the last commit without a lock (works beside a running writer).
+
+    Example: thinpool pool status mypool
     """
-    with open_pool(pool_path, readonly=True, lock="none") as p:
+    target = _one_pool(path, pool_path)
+    with open_pool(target, readonly=True, lock="none") as p:
+        if dmsetup:
+            click.echo(p.status().dmsetup_line())
+            return
         show_status(p, as_json)
+
+
+def _one_pool(path: str | None, pool_path: str | None) -> str:
+    """The pool from a PATH argument or --pool / $THINPOOL_POOL; a PATH and an explicit --pool must agree."""
+    if path and pool_path and os.path.abspath(path) != os.path.abspath(pool_path):
+        src = click.get_current_context().get_parameter_source("pool_path")
+        if src is not None and src.name == "COMMANDLINE":
+            raise click.UsageError(f"PATH {path!r} and --pool {pool_path!r} disagree: give one of them")
+    return path or require_pool(pool_path)
 
 
 @pool.command("resize")
@@ -316,6 +331,19 @@ def pool_repair(src: str, dst: str, force: bool, as_json: bool) -> None:
                + (f", dropped devices {rep.dropped_devices}" if rep.dropped_devices else ""))
     for p in rep.problems[:20]:
         click.echo(f"  {p}", err=True)
+
+
+@pool.command("trim")
+@click.argument("path", required=False)
+@pool_option
+def pool_trim(path: str | None, pool_path: str | None) -> None:
+    """Punch a hole in the data file for every chunk no device maps, as thin_trim (offline: takes the pool).
+
+    Example: thinpool pool trim mypool
+    """
+    with open_pool(_one_pool(path, pool_path)) as p:
+        n = p.trim()
+        click.echo(f"trimmed {n} unused chunk(s) of {p.md.nr_data_blocks}", err=True)
 
 
 @pool.command("rebuild-manifest")

@@ -516,11 +516,11 @@ class Pool:
         dirty = getattr(self.data, "dirty", None)
         if not dirty:
             return False
-        committed = self.md.data_sm.committed
+        sm = self.md.data_sm
         ch = self.chunk_bytes
         for start, end in dirty:
-            a, b = start // ch, min(-(-end // ch), len(committed))
-            if b > a and bool(np.any(committed[a:b])):
+            a, b = start // ch, min(-(-end // ch), sm.nr_blocks)
+            if b > a and sm.any_committed(a, b):  # reads only the bitmaps covering [a, b)
                 return True
         return False
 
@@ -583,7 +583,8 @@ class Pool:
     def status(self) -> PoolStatus:
         with self.lock:
             md = self.md
-            mode = "failed" if md.failed else "ro" if (self.readonly or md.needs_check or self.failed) else \
+            # the pool's own mode (a read-only opener only observes it): ro once needs_check is set or it failed
+            mode = "failed" if md.failed else "ro" if (md.needs_check or self.failed) else \
                 "out_of_data_space" if self.out_of_data_space else "rw"
             return PoolStatus(
                 transaction_id=md.trans_id, used_metadata_blocks=md.tm.sm.nr_allocated(),
@@ -775,6 +776,59 @@ class Pool:
             if o is not None:
                 o.close()
 
+    def merge_snapshot(self, snap_id: int) -> int:
+        """Merge a snapshot into its origin, as ``lvconvert --merge`` does for thin snapshots: the origin takes
+        the snapshot's mappings (and size), the snapshot goes away. One transaction; the metadata work is the
+        deletion of the origin's old tree (its unshared blocks) plus O(1): the origin's id is re-pointed at the
+        snapshot's tree (dm-thin's create_snap) and the snapshot's own reference dropped. Returns the origin's id.
+        Raises InvalidArgument when the snapshot's origin is not recorded or no longer exists."""
+        with self.lock:
+            self.check_writable()
+            e = self._entry(snap_id)
+            origin_id = e.get("snapshot_of")
+            if origin_id is None or not self.is_live(origin_id):
+                raise InvalidArgument(reason=f"device {snap_id} has no live origin to merge into"
+                                      + (f" (its origin {origin_id} was deleted)" if origin_id is not None else ""))
+            devs = dict(self.manifest["devices"])
+            devs[str(origin_id)] = dict(devs[str(origin_id)], size=e["size"])
+            del devs[str(snap_id)]
+            md = self.md
+
+            def op() -> None:
+                md.delete_thin(origin_id)
+                md.create_snap(origin_id, snap_id)
+                md.delete_thin(snap_id)
+
+            self._change(devs, op)
+            self._drop_origin(origin_id)
+            self._drop_origin(snap_id)
+            return int(origin_id)
+
+    def rollback_to_snapshot(self, origin_id: int, snap_id: int) -> None:
+        """Make ``origin_id`` a copy of ``snap_id`` (``rbd snap rollback``): the origin's tree is replaced by a
+        share of the snapshot's (O(1) plus the deletion of the origin's old tree); the snapshot stays, and
+        later writes to either break sharing as usual. The origin takes the snapshot's size."""
+        with self.lock:
+            self.check_writable()
+            o, e = self._entry(origin_id), self._entry(snap_id)
+            if origin_id == snap_id:
+                raise InvalidArgument(reason="rollback needs two different devices")
+            devs = dict(self.manifest["devices"])
+            devs[str(origin_id)] = dict(o, size=e["size"])
+            md = self.md
+
+            def op() -> None:
+                md.delete_thin(origin_id)
+                md.create_snap(origin_id, snap_id)
+
+            self._change(devs, op)
+            self._drop_origin(origin_id)
+
+    def _drop_origin(self, dev_id: int) -> None:
+        o = self._origins.pop(dev_id, None)
+        if o is not None:
+            o.close()
+
     def rename_device(self, dev_id: int, name: str | None) -> None:
         """Give a device a new name (None: unnamed). Raises InvalidArgument for a bad or taken name."""
         with self.lock:
@@ -817,6 +871,23 @@ class Pool:
                             e["size"] = old
 
             self._change(devs, op)
+
+    def trim(self) -> int:
+        """Offline trim of the data file (thin_trim): punch a hole in every data block no device maps. Must be
+        called with nothing uncommitted. Returns the number of chunks punched. O(nr_data_blocks) in numpy."""
+        with self.lock:
+            self.check_writable()
+            counts = np.asarray(self.md.data_sm.counts)
+            free = np.concatenate([[False], counts == 0, [False]])
+            edges = np.flatnonzero(np.diff(free.astype(np.int8)))
+            starts, ends = edges[0::2], edges[1::2]
+            ch = self.chunk_bytes
+            n = 0
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                self.data.punch(a * ch, (b - a) * ch)
+                n += b - a
+            self.data.sync()
+            return n
 
     # --- data allocation and space ----------------------------------------------------------------------------
     def alloc_data_block(self) -> int:
@@ -983,7 +1054,7 @@ class Pool:
             self._last_commit = _time.monotonic()
             if self.discard_mode == "passdown":
                 for b in sorted(freed):
-                    if self.md.data_sm.counts[b] == 0:
+                    if self.md.data_sm.count(b) == 0:
                         # the commit is durable: a failing punch must not make it look failed (the blocks are free
                         # in the metadata either way; their old bytes stay in the data file), as dm-thin only
                         # logs a failed passdown

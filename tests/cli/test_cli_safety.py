@@ -312,3 +312,137 @@ def test_faults_at_every_event_of_the_cli_write_paths(tmp_path: Path, monkeypatc
                 totals["unchanged"] += 1
     print(f"\n[cli faults {kind}] {totals}")
     assert totals["unchanged"] and totals["failed"]
+
+
+# --- issue 16: status as the kernel prints it, metadata-size as thin_metadata_size -------------------------------
+def test_pool_status_is_the_kernels_line_on_thin_restore_metadata(tmp_path: Path) -> None:
+    """Metadata written by the real thin_restore; the expected line is built from its raw superblock with the
+    kernel's rules (dm-thin.c pool_status; the reserve of dm-thin-metadata.c __set_metadata_reserve, the
+    low-water mark of calc_metadata_threshold), independently of thinpool's parser."""
+    import struct
+    import xml.etree.ElementTree as ET
+
+    from conftest import need_tool, run_tool
+
+    need_tool("thin_restore")
+    xml = Path(__file__).resolve().parents[2] / "images" / "f3_snapshot.xml"
+    sb = ET.parse(xml).getroot()
+    chunk = int(sb.get("data_block_size")) * 512
+    nr_data = int(sb.get("nr_data_blocks"))
+    p = tmp_path / "pool"
+    p.mkdir()
+    with open(p / "metadata", "wb") as f:
+        f.truncate(8 << 20)
+    run_tool("thin_restore", "-i", str(xml), "-o", str(p / "metadata"))
+    with open(p / "data", "wb") as f:
+        f.truncate(nr_data * chunk)
+    devices = []
+    for d in sb.iter("device"):
+        hi = [int(m.get("origin_block")) for m in d.iter("single_mapping")] + \
+             [int(m.get("origin_begin")) + int(m.get("length")) - 1 for m in d.iter("range_mapping")]
+        devices += ["--device", f"{d.get('dev_id')}:{(max(hi) + 1) * chunk if hi else chunk}"]
+    ok("pool", "rebuild-manifest", p, *devices)
+    raw = (p / "metadata").read_bytes()[:4096]
+    trans_id, held = struct.unpack_from("<QQ", raw, 48)
+    data_nr, data_alloc = struct.unpack_from("<QQ", raw, 64)
+    meta_nr, meta_alloc = struct.unpack_from("<QQ", raw, 192)
+    used_meta = min(meta_nr, meta_alloc + min(4096, meta_nr // 10))
+    want = (f"{trans_id} {used_meta}/{meta_nr} {data_alloc}/{data_nr} {held or '-'} rw discard_passdown "
+            f"error_if_no_space - {min(1024, meta_nr // 4)}")
+    assert ok("pool", "status", p, "--dmsetup").stdout == f"0 {nr_data * chunk // 512} thin-pool {want}\n"
+    st = json.loads(ok("pool", "status", "--json", "-p", p).stdout)
+    assert st["dm_status"] == want and st["kernel_used_metadata_blocks"] == used_meta
+    assert st["data_percent"] == round(100 * data_alloc / data_nr, 2)
+    assert st["metadata_percent"] == round(100 * used_meta / meta_nr, 2)
+
+
+@pytest.mark.parametrize("args", [
+    "-b 64k -s 1t -m 1000", "-b 64k -s 8064k -m 2 -u k", "-b 64 -s 1g -m 1", "-b 64k -s 1g -m 1 -u g",
+    "-b 64k -s 1t -m 1k -u K", "-b 1m -s 1t -m 100 -n", "-b 64k -s 1g -m 1 -u m -n", "-b 4k -s 1t -m 1 -u b",
+    "-b 1m -s 10T -m 50 -u G", "-b 64k -s 1t -m 5 -u t"])
+def test_metadata_size_matches_thin_metadata_size(args: str) -> None:
+    from conftest import need_tool, run_tool
+
+    need_tool("thin_metadata_size")
+    want = run_tool("thin_metadata_size", *args.split()).stdout
+    got = ok("metadata-size", *args.split()).stdout
+    assert got == want.replace("thin_metadata_size - ", "thinpool metadata-size - ")
+
+
+@pytest.mark.parametrize("args,msg", [("-b 3k -s 1t -m 1", "block size must be 2^^N"),
+                                      ("-b 64k -s 64k -m 1", "pool size must be larger than block size"),
+                                      ("-b 64k -s 1t", "max thins required!"),
+                                      ("-b 64k -s 1t -m 1 -u x", "output unit specifier invalid!")])
+def test_metadata_size_errors(args: str, msg: str) -> None:
+    assert msg in fails(1, "metadata-size", *args.split()).stderr
+
+
+def test_thin_resize_rename_discard_trim(tmp_path: Path) -> None:
+    from conftest import need_tool, run_tool
+
+    p = _small_pool(tmp_path, "8M")  # vol: 8M with 3 chunks of "A"
+    model = bytearray(b"A" * (3 * CH) + bytes((8 << 20) - 3 * CH))
+    r = fails(2, "thin", "resize", "vol", "--size", "128k", "-p", p)
+    assert "--force" in r.stderr
+    ok("thin", "resize", "vol", "--size", str(CH + 4096), "--force", "-p", p)
+    ok("thin", "resize", "vol", "--size", "1M", "-p", p)
+    model = model[:CH + 4096] + bytes((1 << 20) - CH - 4096)  # the grown part reads as zeros, the old tail too
+    assert ok("thin", "read", "vol", "-p", p).stdout_bytes == bytes(model)
+    ok("thin", "rename", "vol", "data", "-p", p)
+    fails(5, "thin", "read", "vol", "-p", p)
+    ok("thin", "write", "data", "--offset", "256k", "-", "-p", p, input=b"Z" * (2 * CH))
+    model[256 << 10:(256 << 10) + 2 * CH] = b"Z" * (2 * CH)
+    ok("thin", "discard", "data", "--offset", str(256 * 1024 + 100), "--length", str(2 * CH), "-p", p)
+    model[(256 << 10) + CH:(256 << 10) + 2 * CH] = bytes(CH)  # only the whole chunk inside the range
+    assert ok("thin", "read", "data", "-p", p).stdout_bytes == bytes(model)
+    ok("pool", "trim", p)
+    assert ok("thin", "read", "data", "-p", p).stdout_bytes == bytes(model)
+    ok("check", p)
+    need_tool("thin_check")
+    assert run_tool("thin_check", str(p / "metadata"), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("op", ["merge", "rollback"])
+def test_merge_and_rollback_against_a_byte_model(tmp_path: Path, op: str) -> None:
+    from conftest import need_tool, run_tool
+
+    p = _small_pool(tmp_path, "8M")
+    size = 8 << 20
+    vol = bytearray(b"A" * (3 * CH) + bytes(size - 3 * CH))
+    ok("thin", "snap", "2", "vol", "--name", "snap", "-p", p)
+    ok("thin", "snap", "3", "vol", "--name", "other", "-p", p)  # another snapshot of the origin: untouched
+    snap, other = bytearray(vol), bytes(vol)
+    ok("thin", "write", "vol", "--offset", str(CH), "-", "-p", p, input=b"V" * 5000)
+    vol[CH:CH + 5000] = b"V" * 5000
+    ok("thin", "write", "snap", "--offset", str(2 * CH + 10), "-", "-p", p, input=b"S" * (2 * CH))
+    snap[2 * CH + 10:4 * CH + 10] = b"S" * (2 * CH)
+    used_before = json.loads(ok("pool", "status", "--json", "-p", p).stdout)["used_data_blocks"]
+    if op == "merge":
+        ok("thin", "merge", "snap", "-p", p)
+        ids = [d["dev_id"] for d in json.loads(ok("thin", "list", "--json", "-p", p).stdout)]
+        assert ids == [1, 3]
+        fails(5, "thin", "read", "snap", "-p", p)
+    else:
+        ok("thin", "rollback", "vol", "snap", "-p", p)
+        assert ok("thin", "read", "snap", "-p", p).stdout_bytes == bytes(snap)
+    assert ok("thin", "read", "vol", "-p", p).stdout_bytes == bytes(snap)
+    assert ok("thin", "read", "other", "-p", p).stdout_bytes == other
+    used_after = json.loads(ok("pool", "status", "--json", "-p", p).stdout)["used_data_blocks"]
+    assert used_after < used_before  # the origin's own chunk was freed
+    # later writes break sharing as usual
+    ok("thin", "write", "vol", "-", "-p", p, input=b"W" * 100)
+    if op == "rollback":
+        assert ok("thin", "read", "snap", "--length", "100", "-p", p).stdout_bytes == bytes(snap[:100])
+    ok("check", p)
+    need_tool("thin_check")
+    assert run_tool("thin_check", str(p / "metadata"), check=False).returncode == 0
+
+
+def test_merge_needs_a_live_origin(tmp_path: Path) -> None:
+    p = _small_pool(tmp_path, "8M")
+    ok("thin", "snap", "2", "vol", "--name", "snap", "-p", p)
+    ok("thin", "delete", "vol", "--force", "-p", p)
+    before = fingerprint(p)
+    assert "was deleted" in fails(1, "thin", "merge", "snap", "-p", p).stderr
+    fails(1, "thin", "merge", "snap", "-p", p)
+    assert fingerprint(p) == before

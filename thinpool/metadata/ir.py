@@ -147,8 +147,30 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     Raises:
         MetadataCorrupt / ChecksumError naming ``block``.
     """
+    if pmd.readonly:
+        # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
+        grab = _OneNode()
+        for _ in walk_nodes(pmd.store, block, value_size=8, visitor=grab):
+            pass
+        view = grab.view
+        assert view is not None
+        return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
+
+
+class _OneNode(Visitor):
+    """Takes the root node of a walk and refuses every child pointer: a validated read of one node."""
+
+    def __init__(self) -> None:
+        self.view: NodeView | None = None
+
+    def ref(self, b: int, where: Where) -> bool:
+        return where.is_root
+
+    def node(self, view: NodeView, where: Where) -> None:
+        if where.is_root:
+            self.view = view
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,7 +215,10 @@ def mapping_leaves(pmd: PoolMetadata, root: int, *,
         MetadataCorrupt (with ``path``): a damaged node, a key outside its parent's range, a cycle.
     """
     visitor = _SkipSeen(seen) if seen is not None else None
-    for node, _ in walk_nodes(pmd.tm, root, value_size=8, visitor=visitor):
+    # Read-only metadata has no open transaction: reading the store directly keeps a streaming walk from filling
+    # the node cache (each node is visited once; the cache would only hold memory).
+    source = pmd.store if pmd.readonly else pmd.tm
+    for node, _ in walk_nodes(source, root, value_size=8, visitor=visitor):
         view = NodeView(node)
         if view.nr_entries:
             yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))
