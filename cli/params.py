@@ -122,9 +122,17 @@ def parse_region(text: str) -> tuple[int, int]:
 def open_pool(pool_path: str | None, *, readonly: bool = False) -> Iterator[Any]:
     """Open the pool named by --pool / $THINPOOL_POOL. Success commits on close; a failure aborts the open
     transaction and closes without committing, so a refused command leaves the metadata file byte-identical."""
+    from thinpool.errors import PoolLocked
     from thinpool.pool import Pool
 
-    p = Pool.open(require_pool(pool_path), readonly=readonly)
+    try:
+        p = Pool.open(require_pool(pool_path), readonly=readonly)
+    except PoolLocked:
+        from thinpool.control import connect_if_served
+
+        p = connect_if_served(pool_path)  # a running `serve`/`mount` holds the pool: it applies the command
+        if p is None:
+            raise
     try:
         yield p
     except BaseException:
