@@ -75,7 +75,7 @@ def _report(run: object, lab: dict[str, object] | None, as_json: bool, png_dir: 
         for c in suite.claims(run):  # type: ignore[arg-type]
             click.echo(f"{c['verdict']:>13}  {c['measured']:>12}  {c['claim']}")
     if lab is not None:
-        for name, d in lab["drivers"].items():  # type: ignore[union-attr]
+        for name, d in lab["drivers"].items():  # type: ignore[attr-defined]
             state = d.get("unavailable") or d.get("error") or "measured"
             click.echo(f"{name:>18}  {state}")
         for c in report.claims(lab):

@@ -52,8 +52,9 @@ def _mounted(pool_path: str | None, dev: str, *, write: bool) -> Iterator[Any]:
         try:
             filesystem = Filesystem.mount(device, readonly=not write)
         except NoFilesystem as e:
-            raise NoFilesystem(f"no ext2 file system on device {dev} ({e.reason}); make one with: "
-                               f"thinpool fs mkfs {dev}", reason=e.reason, block=0) from e
+            why = e.fields.get("reason", "")
+            raise NoFilesystem(f"no ext2 file system on device {dev} ({why}); make one with: "
+                               f"thinpool fs mkfs {dev}", reason=why, block=0) from e
         yield filesystem
         if write:
             filesystem.flush()
@@ -167,9 +168,9 @@ def fs_tree(dev: str, path: str, pool_path: str | None) -> None:
 @DEV_ARG
 @click.argument("src", type=click.Path(allow_dash=True))
 @click.argument("dst")
-@click.option("--owner", is_flag=True, help="Also copy owner and group (as cp -a does for root).")
+@click.option("-a", "--archive", is_flag=True, help="Also copy owner, group and extended attributes (as cp -a).")
 @pool_option
-def fs_put(dev: str, src: str, dst: str, owner: bool, pool_path: str | None) -> None:
+def fs_put(dev: str, src: str, dst: str, archive: bool, pool_path: str | None) -> None:
     """Copy local file, directory, symlink or special file SRC ('-' for stdin) to DST (into DST if it is a
     directory). Holes stay holes; FIFOs and device nodes are made with mknod, never opened; a replaced file
     stays intact if the copy fails.
@@ -186,7 +187,7 @@ def fs_put(dev: str, src: str, dst: str, owner: bool, pool_path: str | None) -> 
         if src == "-":
             click.echo(f"put {host.put_stream(f, sys.stdin.buffer, dst)} bytes into {dst}")
             return
-        st = host.put(f, src, dst, owner=owner)
+        st = host.put(f, src, dst, archive=archive)
         if os.path.isdir(src) and not os.path.islink(src):
             click.echo(f"put {st.nr_entries} file(s), {st.nr_bytes} bytes into {dst}")
         elif os.path.islink(src):
@@ -199,8 +200,9 @@ def fs_put(dev: str, src: str, dst: str, owner: bool, pool_path: str | None) -> 
 @DEV_ARG
 @click.argument("src")
 @click.argument("dst", type=click.Path(allow_dash=True))
+@click.option("-a", "--archive", is_flag=True, help="Also copy owner, group and extended attributes (as cp -a).")
 @pool_option
-def fs_get(dev: str, src: str, dst: str, pool_path: str | None) -> None:
+def fs_get(dev: str, src: str, dst: str, archive: bool, pool_path: str | None) -> None:
     """Copy SRC (a file, directory, symlink or special file) out of the file system to local DST ('-' for
     stdout). Holes stay holes.
 
@@ -217,7 +219,7 @@ def fs_get(dev: str, src: str, dst: str, pool_path: str | None) -> None:
             return
         if os.path.isdir(dst):
             dst = os.path.join(dst, os.path.basename(src.rstrip("/")) or "root")
-        got = host.get(f, src, dst)
+        got = host.get(f, src, dst, archive=archive)
         if st.is_dir:
             click.echo(f"got {got.nr_entries} file(s), {got.nr_bytes} bytes into {dst}")
         else:

@@ -52,7 +52,12 @@ def output_file(path: str | None) -> Iterator[IO[str]]:
         raise OSError(e.errno, e.strerror, path) from None
     try:
         with f:
-            yield f
+            try:
+                yield f
+            except OSError as e:
+                if e.filename is None and e.errno is not None:  # a failed write: name FILE, not the temporary
+                    raise OSError(e.errno, e.strerror, path) from None
+                raise
         try:
             os.replace(tmp, path)
         except OSError as e:

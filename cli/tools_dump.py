@@ -16,6 +16,7 @@ from typing import Any
 import click
 from thinpool_cli.params import json_option
 from thinpool_cli.tools_common import (
+    busy,
     mapping_progress,
     open_metadata,
     output_file,
@@ -79,7 +80,8 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     from thinpool.metadata.restore import parse_xml
     from thinpool.pool import Pool
 
-    ir = parse_xml(xml_path)
+    with busy("reading XML", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
+        ir = parse_xml(xml_path)
     chunk = _validate_ir(ir)
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output

@@ -8,7 +8,6 @@ The text output is byte for byte that of thin-provisioning-tools 0.9.0; the work
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -84,8 +83,6 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
 
     Example: thinpool delta 1 2 mypool   (or: thinpool delta --snap1 1 --snap2 2 mypool/metadata)
     """
-    from thinpool.tools.delta import delta_runs
-
     rest, target = split_target(args)
     ids = [s for s in (snap1, snap2) if s is not None] + rest
     if len(ids) != 2 or (snap1 is None) != (snap2 is None):
@@ -96,16 +93,15 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
         require_metadata_snap(target)
     with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
         require_devices(pmd, (a, b))
-        runs = delta_runs(pmd, a, b)
         with busy("comparing mappings", total_mapped(pmd, (a, b))):
-            _write_delta(pmd, a, b, runs, verbose, metadata_snap, as_json)
+            _write_delta(pmd, a, b, verbose, metadata_snap, as_json)
 
 
-def _write_delta(pmd: Any, a: int, b: int, runs: Iterable[Any], verbose: bool, metadata_snap: bool,
-                 as_json: bool) -> None:
-    from thinpool.tools.delta import write_delta_xml
+def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, as_json: bool) -> None:
+    from thinpool.tools.delta import delta_batches, delta_runs, write_delta_xml
 
     if as_json:
+        runs = delta_runs(pmd, a, b)
         echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
                    "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
                                **({"left_data_begin": r.left_data} if r.left_data is not None else {}),
@@ -115,8 +111,8 @@ def _write_delta(pmd: Any, a: int, b: int, runs: Iterable[Any], verbose: bool, m
         return
     nr_data = 0 if metadata_snap else pmd.sb.data_sm_root.nr_blocks
     # through the snapshot, the superblock shown is the snapshot's copy, which holds no snapshot itself
-    write_delta_xml(sys.stdout, pmd, a, b, runs, verbose=verbose, nr_data_blocks=nr_data,
-                    held_root=0 if metadata_snap else pmd.held_root)
+    write_delta_xml(sys.stdout, pmd, a, b, verbose=verbose, nr_data_blocks=nr_data,
+                    held_root=0 if metadata_snap else pmd.held_root, batches=delta_batches(pmd, a, b))
 
 
 # --- rmap -------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Final
 
 import crc32c as _crc32c
 
-from thinpool.errors import ChecksumError
+from thinpool.errors import ChecksumError, MetadataCorrupt
 
 SUPERBLOCK_CSUM_XOR: Final = 160774  # K-meta SUPERBLOCK_CSUM_XOR
 BTREE_CSUM_XOR: Final = 121107  # K-spine BTREE_CSUM_XOR
@@ -49,6 +49,20 @@ def verify(block: bytes | bytearray | memoryview, block_type: BlockType, blocknr
     computed = compute(block, block_type)
     if stored != computed:
         raise ChecksumError(block=blocknr, block_type=block_type.label, stored=stored, computed=computed)
+
+
+def validate(block: bytes | bytearray | memoryview, block_type: BlockType, blocknr: int, what: str = "") -> None:
+    """The self-check every metadata block type shares (kernel sb_check / bitmap_check / index_check / node_check
+    prefix): the checksum, then the block's own number, which all four types keep at byte offset 8.
+
+    Raises:
+        ChecksumError: bad checksum.
+        MetadataCorrupt: the block says it is another block.
+    """
+    verify(block, block_type, blocknr)
+    got = struct.unpack_from("<Q", block, 8)[0]
+    if got != blocknr:
+        raise MetadataCorrupt(block=blocknr, reason=f"bad block nr in {what or block_type.label}: says {got}")
 
 
 def identify(block: bytes | bytearray | memoryview) -> BlockType | None:

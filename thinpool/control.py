@@ -410,6 +410,10 @@ class RemoteDevice:
     def status(self) -> tuple[int, int | None]:
         return self._status
 
+    def __getattr__(self, attr: str) -> Any:
+        raise ControlError(path="-", reason=f"device {attr} is not available while the pool is served: use the "
+                                            "server's NBD/FUSE export (or stop the server)")
+
 
 class RemotePool:
     """The Pool methods the CLI's pool commands use, sent to the server that holds the pool."""
@@ -524,6 +528,13 @@ class RemotePool:
 
     def __enter__(self) -> RemotePool:
         return self
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr in ("_sock", "_f", "_cache"):
+            raise AttributeError(attr)
+        raise ControlError(path=self.sock_path,
+                           reason=f"{attr!r} cannot be sent to the running server (it applies thin create/snap/"
+                                  "delete and pool status/resize/commit); stop the server first")
 
     def __exit__(self, *exc: object) -> None:
         self.close()

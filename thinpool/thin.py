@@ -19,7 +19,8 @@ dm_thin_device) and allocates data blocks through the pool (the DataAllocator of
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -548,8 +548,8 @@ def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> 
     for k, v in run.machine.items():
         lines.append(f"- {k}: {v}")
     lines += ["", "## Claims and verdicts", "", "| claim | measured | verdict |", "|---|---|---|"]
-    for c in claims(run):
-        lines.append(f"| {c['claim']} | {c['measured']} | {c['verdict']} |")
+    for cl in claims(run):
+        lines.append(f"| {cl['claim']} | {cl['measured']} | {cl['verdict']} |")
     if run.goals:
         lines += ["", "## Goal cells", "", "| cell | ops | thinpool IOPS | raw IOPS | ratio | MB/s | p50 µs | p99 µs | "
                   "write amp | meta blocks/op |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -10,8 +10,15 @@ import pytest
 from conftest import REQUIRE_EXTERNAL
 from fs_helpers import e2fsck, sparse_image
 
-from thinpool.errors import (DirectoryNotEmpty, FileExists, FileNotFound, FsError, IsADirectory, NameTooLong,
-                             NotADirectory)
+from thinpool.errors import (
+    DirectoryNotEmpty,
+    FileExists,
+    FileNotFound,
+    FsError,
+    IsADirectory,
+    NameTooLong,
+    NotADirectory,
+)
 from thinpool.fs import Filesystem
 from thinpool.io.device import FileDevice
 

@@ -8,8 +8,7 @@ import re
 import stat as statmod
 
 import pytest
-from fs_helpers import (debugfs, debugfs_cat, debugfs_dump, debugfs_ls, dumpe2fs_header, e2fsck, mkfs_ext2,
-                        sparse_image)
+from fs_helpers import debugfs, debugfs_cat, debugfs_dump, debugfs_ls, dumpe2fs_header, e2fsck, mkfs_ext2, sparse_image
 
 from thinpool.fs import Filesystem
 from thinpool.io.device import FileDevice

@@ -149,11 +149,41 @@ def test_hard_links_in_a_tree_stay_hard_links(tmp_path):
     src.mkdir()
     (src / "a").write_bytes(b"shared")
     os.link(src / "a", src / "b")
-    ok("fs", "put", "vol", src, "/l", env=env)
-    a = json.loads(ok("fs", "stat", "vol", "/l/a", "--json", env=env).stdout)
-    b = json.loads(ok("fs", "stat", "vol", "/l/b", "--json", env=env).stdout)
+    ok("fs", "put", "vol", src, "/", env=env)
+    ok("fs", "put", "vol", src, "/", env=env)  # a second put replaces both names, and they stay one inode
+    a = json.loads(ok("fs", "stat", "vol", "/links/a", "--json", env=env).stdout)
+    b = json.loads(ok("fs", "stat", "vol", "/links/b", "--json", env=env).stdout)
     assert a["ino"] == b["ino"] and a["nlink"] == 2
+    names = [e["name"] for e in json.loads(ok("fs", "ls", "vol", "/links", "--json", env=env).stdout)]
+    assert names == ["a", "b"]
     fs_image(tmp_path, env)
+
+
+@pytest.mark.root
+def test_archive_copies_owner_and_xattrs_both_ways(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("chown and trusted.* xattrs on the host need root")
+    env = make_pool(tmp_path)
+    src = tmp_path / "arch"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    os.chown(src / "f", 1234, 5678)
+    os.setxattr(src / "f", "user.note", b"kept")
+    os.setxattr(src / "f", "trusted.overlay.opaque", b"y")
+    os.symlink("f", src / "l")
+    os.chown(src / "l", 42, 43, follow_symlinks=False)
+    ok("fs", "put", "-a", "vol", src, "/", env=env)
+    st = json.loads(ok("fs", "stat", "vol", "/arch/f", "--json", env=env).stdout)
+    assert (st["uid"], st["gid"]) == (1234, 5678)
+    assert st["xattrs"] == {"user.note": b"kept".hex(), "trusted.overlay.opaque": b"y".hex()}
+    ls = json.loads(ok("fs", "stat", "vol", "/arch/l", "--json", env=env).stdout)
+    assert (ls["uid"], ls["gid"]) == (42, 43)
+    img = fs_image(tmp_path, env)
+    assert 'user.note (4) = "kept"' in debugfs(img, "ea_list /arch/f")
+    out = tmp_path / "out"
+    ok("fs", "get", "-a", "vol", "/arch", out, env=env)
+    assert os.getxattr(out / "f", "user.note") == b"kept" and os.getxattr(out / "f", "trusted.overlay.opaque") == b"y"
+    assert (os.lstat(out / "f").st_uid, os.lstat(out / "l").st_uid) == (1234, 42)
 
 
 def test_ls_json_gives_modes_as_numbers_and_symbols(tmp_path):

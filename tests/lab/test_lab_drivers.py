@@ -42,13 +42,19 @@ def _need_kernel(drv: D.Driver) -> None:
     need_root_feature(f"{drv.name} in this kernel", drv.unavailable() is None)
 
 
-def _thin(tmp_path: Path, chunk: int) -> D.ThinpoolDM:
-    return D.ThinpoolDM(tmp_path, chunk, data_size=1 << 30, base_size=256 << 20)
+def _thin(tmp_path: Path, chunk: int, moby: bool = False) -> D.ThinpoolDM:
+    if moby and not D.moby_driver_available():
+        pytest.fail("thinpool.driver is not importable")
+    cls = D.ThinpoolMobyDM if moby else D.ThinpoolDM
+    return cls(tmp_path, chunk, data_size=1 << 30, base_size=256 << 20)
 
 
+# thinpool-devicemapper twice: built on the library directly, and through thinpool.driver (issue 17)
 DRIVERS = {
     "thinpool-dm-64k": lambda p: _thin(p, 64 * KiB),
     "thinpool-dm-512k": lambda p: _thin(p, 512 * KiB),
+    "thinpool-driver-64k": lambda p: _thin(p, 64 * KiB, moby=True),
+    "thinpool-driver-512k": lambda p: _thin(p, 512 * KiB, moby=True),
     "overlayfs": D.Overlay,
     "btrfs": lambda p: D.Btrfs(p, 1 << 30),
     "vfs": D.Vfs,
@@ -91,7 +97,8 @@ def test_every_driver_container_tree_equals_the_reference_tree(driver, img, ref)
     assert "/.dockerenv" in got  # moby's init layer sits under the rw layer
 
 
-@pytest.mark.parametrize("driver", ["thinpool-dm-64k", "thinpool-dm-512k"], indirect=True)
+@pytest.mark.parametrize("driver", ["thinpool-dm-64k", "thinpool-dm-512k", "thinpool-driver-64k",
+                                    "thinpool-driver-512k"], indirect=True)
 def test_thinpool_1_byte_write_copies_one_chunk_whatever_the_file_size(driver, img):
     top = driver.import_layers("img", img.layers)[-1]
     cids = [f"c{i}" for i in range(len(img.sized_files))]
@@ -139,7 +146,7 @@ def test_union_driver_1_byte_write_copies_the_whole_file(driver, img):
     assert rows[-1][1] > 100 * rows[0][1] // 2
 
 
-@pytest.mark.parametrize("driver", ["thinpool-dm-64k"], indirect=True)
+@pytest.mark.parametrize("driver", ["thinpool-dm-64k", "thinpool-driver-64k"], indirect=True)
 def test_thinpool_read_of_a_lower_file_copies_nothing(driver, img):
     top = driver.import_layers("img", img.layers)[-1]
     driver.create_container("c0", top)
@@ -148,7 +155,7 @@ def test_thinpool_read_of_a_lower_file_copies_nothing(driver, img):
     assert r["copied_bytes"] == 0 and r["pool_allocated_bytes"] == 0 and r["allocated_bytes"] == 0
 
 
-@pytest.mark.parametrize("driver", ["thinpool-dm-64k", "overlayfs"], indirect=True)
+@pytest.mark.parametrize("driver", ["thinpool-driver-64k", "overlayfs"], indirect=True)
 @pytest.mark.external
 def test_page_cache_thinpool_keeps_a_copy_per_container_overlayfs_one(driver, img):
     if isinstance(driver, D.ThinpoolDM):
@@ -209,7 +216,8 @@ def test_lab_run_reports_every_driver_with_units_and_claims(tmp_path):
     assert set(res["units"]) >= {"_s", "_bytes", "_us", "_per_s", "_inodes"}
     json.dumps(res)
     cl = report.claims(res)
-    assert len(cl) == 8 and all(c["verdict"] in ("holds", "does not hold", "holds with a condition", "not measured")
+    assert len(cl) == 8 and all(c["verdict"] in ("holds", "does not hold", "holds with a condition", "not measured",
+                                                  "does not hold (no clear difference)")
                                 for c in cl)
     by = {c["claim"]: c["verdict"] for c in cl}
     if "thinpool-dm-64k" in res["drivers"]:
@@ -223,3 +231,42 @@ def test_lab_run_reports_every_driver_with_units_and_claims(tmp_path):
     assert {p.name for p in (tmp_path / "png").iterdir()} == {f"lab_{n}.png" for n in
                                                               ("first_write", "page_cache", "space", "lookup")}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("thinpool-lab-")]  # scratch removed
+
+
+@pytest.mark.external
+def test_the_image_as_an_oci_layout_unpacks_with_umoci_to_the_reference_tree(img, tmp_path):
+    need_tool("umoci")
+    from conftest import run_tool
+
+    I.write_oci_layout(tmp_path / "oci", img.layers, {"lab:top": len(img.layers), "lab:base": 1})
+    for tag, n in (("top", len(img.layers)), ("base", 1)):
+        run_tool("umoci", "unpack", "--rootless", "--image", f"{tmp_path / 'oci'}:lab:{tag}", str(tmp_path / tag))
+        got, groups = I.host_tree(tmp_path / tag / "rootfs")
+        want, want_groups = I.reference_tree(img.layers[:n])
+        assert I.diff_trees(want, got) == []
+        assert groups == want_groups
+
+
+def test_suite_results_keep_the_lab_section(tmp_path):
+    from thinpool_bench import suite
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# old\n\n{report.BEGIN}\nlab numbers\n{report.END}\n")
+    run = suite.BenchRun(suite.machine_info())
+    run.snapshots = suite.snapshot_series(tmp_path, (1, 10), trials=1)
+    suite.write_results(run, md)
+    text = md.read_text()
+    assert "Snapshot creation time" in text and "# old" not in text
+    assert text.count(report.BEGIN) == 1 and "lab numbers" in text
+
+
+def test_bench_command_offers_the_driver_lab():
+    from click.testing import CliRunner
+
+    from thinpool_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["bench", "--help"])
+    assert res.exit_code == 0
+    assert "drivers" in res.output
+    bad = CliRunner().invoke(cli, ["bench", "--only", "nosuch"])
+    assert bad.exit_code == 2

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import need_tool
+from conftest import REQUIRE_EXTERNAL, need_tool
 from rbd_helpers import KiB, MiB, build_chain, device_bytes, ok, pattern
 
 from thinpool.pool import Pool
@@ -82,6 +82,18 @@ def test_device_with_an_external_origin(ceph, image_name, tmp_path):
     ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)
 
 
+def need_qemu_rbd() -> None:
+    """qemu's rbd block driver (package qemu-block-extra): skip locally, fail in CI, when it is missing."""
+    need_tool("qemu-img", "qemu-io")
+    out = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True).stdout
+    formats = next((ln for ln in out.splitlines() if ln.startswith("Supported formats:")), "").split()
+    if "rbd" not in formats:
+        msg = "qemu-img has no rbd block driver (install qemu-block-extra)"
+        if REQUIRE_EXTERNAL:
+            pytest.fail(msg + " (THINPOOL_REQUIRE_EXTERNAL=1: CI must not skip)")
+        pytest.skip(msg)
+
+
 def qemu_io(ceph, img: str, *cmds: str) -> None:
     args = ["qemu-io", "-f", "raw"]
     for c in cmds:
@@ -95,7 +107,7 @@ def qemu_io(ceph, img: str, *cmds: str) -> None:
 def rbd_chain(ceph, image_name, tmp_path):
     """An RBD image written by qemu-io through librbd: snapshots a, b, c with writes, discards, zero writes and a
     resize; returns the image name and the raw image of every snapshot."""
-    need_tool("qemu-io")
+    need_qemu_rbd()
     img = image_name
     ceph.rbd("create", "-s", "6M", f"rbd/{img}")
     qemu_io(ceph, img, "write -P 0x61 0 100k", "write -P 0x62 4092k 8k", "write -z 1M 64k",
@@ -139,7 +151,7 @@ def test_export_format_2_to_ceph(ceph, image_name, tmp_path):
     pool = tmp_path / "pool"
     model = build_chain(pool, chunk=64 * KiB)
     f = tmp_path / "vol.rbd2"
-    ok("export", "vol", "--export-format", "2", "-o", f, "--snap", "s1", "--snap", "s2", "--snap", "s3", "-p", pool)
+    ok("export", "vol", "--export-format", "2", "-o", f, "-p", pool)  # the chain: vol's recorded snapshots
     ceph.rbd("import", "--no-progress", "--export-format", "2", str(f), f"rbd/{image_name}")
     snaps = json.loads(ceph.rbd("snap", "ls", "--format", "json", f"rbd/{image_name}").stdout)
     assert [s["name"] for s in snaps] == ["s1", "s2", "s3"]
@@ -213,7 +225,7 @@ def test_round_trip_thinpool_ceph_thinpool_random(ceph, image_name, tmp_path):
 
 def test_nbd_route_qemu_img_convert_both_ways(ceph, image_name, tmp_path):
     """The README's route that needs no thinpool code: `thinpool serve` + `qemu-img convert` nbd <-> rbd."""
-    need_tool("qemu-img")
+    need_qemu_rbd()
     pool = tmp_path / "pool"
     model = build_chain(pool, chunk=64 * KiB)
     sock = tmp_path / "tp.sock"
@@ -270,5 +282,44 @@ def test_pipes_both_ways(ceph, image_name, tmp_path):
     with Pool.open(pool, readonly=True) as p:
         assert device_bytes(p, "back-s1") == model["s1"]
         assert device_bytes(p, "back-s2") == device_bytes(p, "back") == model["s2"]
+    # export-format 2 through pipes, both ways
+    img2 = image_name + "-v2"
+    for cmd in (f"{tp} export vol --snap s1 --snap s3 -o - -p {pool} | "
+                f"rbd import --no-progress --export-format 2 - rbd/{img2}",
+                f"rbd export --no-progress --export-format 2 rbd/{img2} - | "
+                f"{tp} import --export-format 2 - vol2 --snap-prefix vol2- -p {pool}"):
+        p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+    assert rbd_image(ceph, f"rbd/{img2}@s3", tmp_path) == model["s3"]
+    with Pool.open(pool, readonly=True) as p:
+        assert device_bytes(p, "vol2-s1") == model["s1"]
+        assert device_bytes(p, "vol2-s3") == model["s3"]
+        assert device_bytes(p, "vol2") == model["vol"]
+    for img in (image_name, img2):
+        ceph.rbd("snap", "purge", "--no-progress", f"rbd/{img}", check=False)
+        ceph.rbd("rm", "--no-progress", f"rbd/{img}", check=False)
+
+
+def test_resized_device_grow_then_shrink(ceph, image_name, tmp_path):
+    """`s` carries each snapshot's size: rbd import-diff grows and shrinks the image to match."""
+    pool = tmp_path / "pool"
+    want = {}
+    with Pool.create(pool, data_size=64 * MiB, chunk_size=64 * KiB) as p:
+        d = p.create_thin(1, 3 * MiB, name="vol")
+        d.write(100, pattern(1, 2 * MiB))
+        p.create_snap(2, 1, name="s1")
+        p.resize_device(1, 5 * MiB + 512)
+        d.write(5 * MiB - 1000, pattern(2, 1512))
+        p.create_snap(3, 1, name="s2")
+        p.resize_device(1, 2 * MiB + 1024)
+        d.write(2 * MiB, pattern(3, 1024))
+        p.create_snap(4, 1, name="s3")
+        for s in ("s1", "s2", "s3", "vol"):
+            want[s] = device_bytes(p, s)
+    assert [len(want[s]) for s in ("s1", "s2", "s3")] == [3 * MiB, 5 * MiB + 512, 2 * MiB + 1024]
+    ship_chain(ceph, pool, image_name, tmp_path)
+    for s in ("s1", "s2", "s3"):
+        assert rbd_image(ceph, f"rbd/{image_name}@{s}", tmp_path) == want[s], s
     ceph.rbd("snap", "purge", "--no-progress", f"rbd/{image_name}", check=False)
     ceph.rbd("rm", "--no-progress", f"rbd/{image_name}", check=False)

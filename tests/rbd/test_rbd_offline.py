@@ -360,3 +360,141 @@ def test_rss_does_not_follow_the_device_size(tmp_path):
     for a, b in zip(small[:3], big[:3]):
         assert b - a < 16 * MiB, (small, big)
     assert big[3] == small[3]  # same records, same data
+
+
+def _on_pty(args: list[str]) -> str:
+    """The CLI with stderr on a pseudo-terminal; what the terminal got."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="100", TERM="xterm")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=slave,
+                         stdout=subprocess.DEVNULL, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            piece = os.read(master, 65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        out += piece
+    p.wait(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, out
+    return out.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path):
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=256 * MiB) as p:
+        d = p.create_thin(1, 1 << 30, name="vol")
+        for i in range(40):  # 80 MiB of data: over the bars' 64 MiB threshold
+            d.write(i * 24 * MiB, pattern(i, 2 * MiB))
+    f = tmp_path / "vol.diff"
+    seen = _on_pty(["export-diff", "vol", "-o", str(f), "-p", str(q)])
+    assert "export-diff vol" in seen
+    ok("thin", "create", "2", "--size", "512", "--name", "copy", "-p", q)
+    seen = _on_pty(["import-diff", str(f), "copy", "--snap-prefix", "c-", "-p", str(q)])
+    assert "import-diff into copy" in seen
+    r = ok("export-diff", "vol", "--from", "c-vol", "-p", q, "-o", tmp_path / "x.diff")
+    assert "export-diff vol" not in r.stderr  # not a terminal: one summary line only
+
+
+def test_export_format_2_malformed_refused_nothing_changed(chain, tmp_path):
+    f = tmp_path / "vol.rbd2"
+    ok("export", "vol", "-o", f, "--snap", "s1", "--snap", "s2", "-p", chain["pool"])
+    data = f.read_bytes()
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("thin", "create", "1", "--size", "1M", "--name", "keep", "-p", q)
+    before = fingerprint(q)
+    bad = tmp_path / "bad.rbd2"
+    for cut in (0, 5, 13, 60, 120, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+        assert "export-format 2 stream at byte" in r.stderr
+    # a broken chain: the second diff's from-snapshot renamed
+    with open(f, "rb") as fh:
+        img = scan_image(fh)
+    second = img.diffs[1].start
+    i = data.index(b"f", second + 12)
+    broken = bytearray(data)
+    assert broken[i + 13:i + 15] == b"s1"
+    broken[i + 13:i + 15] = b"sX"
+    bad.write_bytes(bytes(broken))
+    r = fails(1, "import", "--export-format", "2", bad, "img", "-p", q)
+    assert "starts at snapshot 'sX', expected 's1'" in r.stderr
+    # names that are taken
+    r = fails(5, "import", "--export-format", "2", f, "keep", "-p", q)
+    ok("thin", "create", "2", "--size", "1M", "--name", "s2", "-p", q)
+    before = fingerprint(q)
+    r = fails(5, "import", "--export-format", "2", f, "img", "-p", q)
+    assert "'s2' already exists" in r.stderr
+    assert fingerprint(q) == before
+    ok("import", "--export-format", "2", f, "img", "--snap-prefix", "img-", "-p", q)
+    with Pool.open(q, readonly=True) as p:
+        assert device_bytes(p, "img-s1") == chain["model"]["s1"]
+        assert device_bytes(p, "img-s2") == chain["model"]["s2"]
+        assert device_bytes(p, "img") == chain["model"]["vol"]
+
+
+def test_cli_usage_errors(chain, tmp_path):
+    out = tmp_path / "x.diff"
+    out.write_bytes(b"keep")
+    from rbd_helpers import run
+
+    r = run("export-diff", "vol", "-o", out, "-p", chain["pool"])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert out.read_bytes() == b"keep"
+    r = run("import", "--export-format", "2", "-", "-p", chain["pool"], input=b"")
+    assert r.exit_code == 2 and "NAME is required" in r.stderr
+    fails(5, "export-diff", "nosuch", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()  # a failed export leaves no file behind
+    fails(1, "export-diff", "vol", "--from", "vol", "-o", tmp_path / "y.diff", "-p", chain["pool"])
+    assert not (tmp_path / "y.diff").exists()
+
+
+def test_grown_range_reads_zeros_even_over_an_old_partial_chunk(tmp_path):
+    with Pool.create(tmp_path / "q", data_size=16 * MiB) as p:
+        d = p.create_thin(1, 128 * KiB, name="img")
+        d.write(0, pattern(5, 128 * KiB))
+        p.resize_device(1, 64 * KiB + 512)  # the chunk at 64 KiB stays mapped, its tail hidden
+        import_diff(p, 1, io.BytesIO(_stream(size=128 * KiB, recs=(), to="grown")))
+        got = device_bytes(p, "grown")
+        assert got[:64 * KiB + 512] == pattern(5, 128 * KiB)[:64 * KiB + 512]
+        assert got[64 * KiB + 512:] == bytes(64 * KiB - 512)
+
+
+def test_export_default_chain_from_recorded_origins(chain, tmp_path):
+    """Without --snap, the snapshots are the devices the pool records as snapshots of DEV, oldest first."""
+    f = tmp_path / "vol.rbd2"
+    ok("export", "vol", "-o", f, "-p", chain["pool"])
+    with open(f, "rb") as fh:
+        assert [d.header.to_snap for d in scan_image(fh).diffs] == ["s1", "s2", "s3", None]
+    # a snapshot of a snapshot is not in vol's chain; s1's own chain is that snapshot
+    with Pool.open(chain["pool"]) as p:
+        p.create_snap(50, p.find_device("s1"), name="s1-child")
+        try:
+            from thinpool.rbd import snapshot_chain
+
+            assert snapshot_chain(p, 1) == [p.find_device(n) for n in ("s1", "s2", "s3")]
+            assert snapshot_chain(p, p.find_device("s1")) == [50]
+        finally:
+            p.delete_thin(50)
+    # after an import, the snapshots it made are the chain again (round trip without --snap)
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("import", f, "copy", "--snap-prefix", "c-", "-p", q)
+    g = tmp_path / "copy.rbd2"
+    ok("export", "copy", "-o", g, "-p", q)
+    with open(g, "rb") as fh:
+        assert [d.header.to_snap for d in scan_image(fh).diffs] == ["c-s1", "c-s2", "c-s3", None]

@@ -90,3 +90,27 @@ def test_write_delta_xml_merges_adjacent_kinds():
     out = io.StringIO()
     write_delta_xml(out, md, 0, 1, runs, verbose=True, nr_data_blocks=10)
     assert '      <range begin="2" left_data_begin="100" right_data_begin="200" length="1"/>' in out.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_delta_between_trees_of_different_heights_and_shapes(seed: int):
+    """One device shrunk to a few mappings (a lower tree), others rewritten and grown in places: the paired walk
+    meets leaves against internal nodes and subtrees shared at different depths."""
+    import random
+
+    rng = random.Random(seed)
+    store, md = big_pair(60_000, [rng.randrange(60_000) for _ in range(50)])
+    md.create_snap(3, 2)
+    md.remove_range(3, 100, 59_000)  # device 3: a one- or two-level tree
+    md.create_snap(4, 1)
+    for _ in range(300):
+        md.insert(4, rng.randrange(120_000), md.alloc_data_block())  # grows past the origin's end
+    md.remove_range(4, 20_000, 20_500)
+    md.commit()
+    m = model(md)
+    md = reopen(store)
+    for a in (1, 2, 3, 4):
+        for b in (1, 2, 3, 4):
+            want = model_delta(m[a], m[b])
+            assert list(delta_runs(md, a, b)) == want, (a, b)
+            assert list(delta_runs(md, a, b, include_same=False)) == [r for r in want if r.kind != "same"], (a, b)

@@ -41,8 +41,7 @@ def test_transaction_manager_imports_no_btree_or_space_map():
 def test_no_module_outside_btree_imports_the_node():
     users = [p.relative_to(ROOT) for p in ROOT.rglob("*.py")
              if "thinpool.btree.node" in _imports(p) and p.parent.name != "btree"]
-    # check.py / repair.py move to btree/walk.py in the walker step
-    assert set(map(str, users)) <= {"metadata/check.py", "metadata/repair.py"}, users
+    assert not users, users
 
 
 def make_tm(n: int = 20_000) -> TransactionManager:

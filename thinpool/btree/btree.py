@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from thinpool.btree.node import MAX_DEPTH, Node
 from thinpool.btree.spine import NodeCache
+from thinpool.btree.walk import walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.btree_node import calc_max_entries
 from thinpool.tx.api import ValueType
@@ -83,28 +85,16 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            node = self._read(node.values[i])
         i = bisect_right(node.keys, key) - 1
         if i >= 0 and node.keys[i] == key:
             return node.values[i]
         return None
 
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
-        """Leaves in key order that may hold keys in [lo, hi)."""
-        stack: list[tuple[int, tuple[int, ...]]] = [(root, ())]
-        while stack:
-            b, ancestors = stack.pop()
-            node = self._read(b)
-            if node.is_leaf:
-                yield node
-                continue
-            keys = node.keys
-            start = max(bisect_right(keys, lo) - 1, 0)
-            end = len(keys) if hi is None else bisect_right(keys, hi - 1)
-            path = ancestors + (b,)
-            for i in range(end - 1, start - 1, -1):
-                _check_descent(path, b, node.values[i])  # type: ignore[arg-type]
-                stack.append((node.values[i], path))  # type: ignore[arg-type]
+        """Leaves in key order that may hold keys in [lo, hi) (through the one walker, btree/walk.py)."""
+        for node, _ in walk_nodes(self.tm, root, value_size=self.value_size, lo=lo, hi=hi):
+            yield node
 
     def items(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, Any]]:
         for leaf in self.leaves(root, lo, hi):
@@ -134,7 +124,7 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, lo)
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            node = self._read(node.values[i])
         keys = node.keys
         a = bisect_left(keys, lo)
         b = len(keys) if hi is None else bisect_left(keys, hi)
@@ -144,7 +134,7 @@ class BTree:
         if self._np_dtype is None:
             raise TypeError(f"lookup_range needs 4- or 8-byte values, not {self.value_size}")
         k = np.frombuffer(node.keys, dtype=np.uint64)[a:b].copy()
-        v = np.frombuffer(node.values, dtype=self._np_dtype)[a:b].copy()  # type: ignore[call-overload]
+        v = np.frombuffer(node.values, dtype=self._np_dtype)[a:b].copy()
         return k, v
 
     def _range_walk(self, root: int, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +150,14 @@ class BTree:
         m = (k >= lo) if hi is None else ((k >= lo) & (k < hi))
         return k[m], v[m]
 
+    def validate_node(self, b: int) -> None:
+        """Read and validate node ``b`` of this tree (a cheap check of a root before trusting it).
+
+        Raises:
+            MetadataCorrupt / ChecksumError naming ``b``.
+        """
+        self._read(b)
+
     def node_arrays(self, b: int) -> tuple[bool, np.ndarray, np.ndarray]:
         """One validated node of this tree as (is_leaf, keys, values): uint64 keys; child block numbers (uint64)
         for an internal node, the leaf's values (uint64 / uint32) for a leaf. Read-only views; for walkers
@@ -171,10 +169,10 @@ class BTree:
         node = self._read(b)
         keys = np.frombuffer(node.keys, dtype=np.uint64)
         if not node.is_leaf:
-            return False, keys, np.frombuffer(node.values, dtype=np.uint64)  # type: ignore[arg-type]
+            return False, keys, np.frombuffer(node.values, dtype=np.uint64)
         if self._np_dtype is None:
             raise TypeError(f"node_arrays needs 4- or 8-byte values, not {self.value_size}")
-        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)  # type: ignore[call-overload]
+        return True, keys, np.frombuffer(node.values, dtype=self._np_dtype)
 
     def arrays(self, root: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``lookup_range`` with the values widened to uint64."""
@@ -187,8 +185,8 @@ class BTree:
         while not node.is_leaf:
             if not node.keys:
                 raise MetadataCorrupt(block=node.block, reason="empty internal node")
-            _check_descent(path, node.block, node.values[-1])  # type: ignore[arg-type]
-            node = self._read(node.values[-1])  # type: ignore[arg-type]
+            _check_descent(path, node.block, node.values[-1])
+            node = self._read(node.values[-1])
         return node.keys[-1] if node.keys else None
 
     def _find_cycle(self, root: int, key: int) -> None:
@@ -199,8 +197,8 @@ class BTree:
         path = [root]
         while not node.is_leaf:
             i = max(bisect_right(node.keys, key) - 1, 0)
-            _check_descent(path, node.block, node.values[i])  # type: ignore[arg-type]
-            node = self._read(node.values[i])  # type: ignore[arg-type]
+            _check_descent(path, node.block, node.values[i])
+            node = self._read(node.values[i])
         raise MetadataCorrupt(block=root, reason="btree too deep (cycle?)")
 
     def count(self, root: int) -> int:
@@ -252,12 +250,12 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             if len(child.keys) >= child.max_entries:
                 sib = self._split_node(child)
                 keys.insert(i + 1, sib.keys[0])
-                node.values.insert(i + 1, sib.block)  # type: ignore[arg-type]
+                node.values.insert(i + 1, sib.block)
                 if key >= sib.keys[0]:
                     child = sib
             node = child
@@ -269,7 +267,7 @@ class BTree:
             self.vt.dec([old])
             return new_root, False
         keys.insert(i, key)
-        node.values.insert(i, value)  # type: ignore[arg-type]
+        node.values.insert(i, value)
         return new_root, True
 
     def _shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
@@ -286,7 +284,7 @@ class BTree:
             depth += 1
             if depth > MAX_DEPTH:
                 self._find_cycle(root, key)
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             node = child
         i = bisect_right(node.keys, key) - 1
@@ -332,7 +330,7 @@ class BTree:
             if node.block == new_root and len(node.keys) == 1:
                 self._absorb_only_child(node)
                 continue
-            child = self._shadow(node.values[i])  # type: ignore[arg-type]
+            child = self._shadow(node.values[i])
             node.values[i] = child.block
             node = child
         keys = node.keys
@@ -368,20 +366,20 @@ class BTree:
 
     def _rebalance_child(self, parent: Node, i: int, key: int) -> int:
         """Make sure child ``i`` of ``parent`` holds more than max/3 entries; returns the child index for key."""
-        child = self._read(parent.values[i])  # type: ignore[arg-type]
+        child = self._read(parent.values[i])
         if len(child.keys) > self._min_entries(child) or len(parent.keys) < 2:
             return i
         li = i if i + 1 < len(parent.keys) else i - 1
-        left = self._shadow(parent.values[li])  # type: ignore[arg-type]
+        left = self._shadow(parent.values[li])
         parent.values[li] = left.block
-        right = self._shadow(parent.values[li + 1])  # type: ignore[arg-type]
+        right = self._shadow(parent.values[li + 1])
         parent.values[li + 1] = right.block
         total = len(left.keys) + len(right.keys)
         threshold = 2 * (self._min_entries(left) + 1)
         if total < threshold:
             # merge right into left:  [L][R] -> [L+R], parent entry for R removed, R freed (its children moved)
             left.keys.extend(right.keys)
-            left.values.extend(right.values)  # type: ignore[arg-type]
+            left.values.extend(right.values)
             del parent.keys[li + 1]
             del parent.values[li + 1]
             self.tm.dec(right.block)
@@ -397,7 +395,7 @@ class BTree:
         elif len(left.keys) < target:
             move = target - len(left.keys)
             left.keys.extend(right.keys[:move])
-            left.values.extend(right.values[:move])  # type: ignore[arg-type]
+            left.values.extend(right.values[:move])
             del right.keys[:move]
             del right.values[:move]
         parent.keys[li + 1] = right.keys[0]
@@ -405,7 +403,7 @@ class BTree:
 
     def _absorb_only_child(self, root: Node) -> None:
         """A root with one child takes the child's entries (the tree loses a level)."""
-        child = self._shadow(root.values[0])  # type: ignore[arg-type]
+        child = self._shadow(root.values[0])
         root.is_leaf = child.is_leaf
         root.value_size = child.value_size
         root.max_entries = child.max_entries
@@ -456,7 +454,7 @@ class BTree:
             if node.is_leaf:
                 self.vt.dec(node.values)
             else:
-                stack.extend((c, depth + 1) for c in node.values)  # type: ignore[misc]
+                stack.extend((c, depth + 1) for c in node.values)
             self.tm.dec(b)
 
 

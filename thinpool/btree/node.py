@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Final, Union
+from typing import Any, Final, Union
 
 from thinpool import checksum
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt
-from thinpool.formats.btree_node import (INTERNAL_NODE, LEAF_NODE, NODE_HEADER_FMT, NODE_HEADER_SIZE,
-                                         calc_max_entries)
+from thinpool.formats.btree_node import INTERNAL_NODE, LEAF_NODE, NODE_HEADER_FMT, NODE_HEADER_SIZE, calc_max_entries
 
 Values = Union["array[int]", list[bytes]]
 
@@ -52,14 +51,16 @@ def empty_values(value_size: int) -> Values:
 class Node:
     __slots__ = ("block", "is_leaf", "keys", "values", "value_size", "max_entries")
 
-    def __init__(self, block: int, is_leaf: bool, value_size: int, keys: "array[int] | None" = None,
+    def __init__(self, block: int, is_leaf: bool, value_size: int, keys: array[int] | None = None,
                  values: Values | None = None, max_entries: int | None = None) -> None:
         self.block = block
         self.is_leaf = is_leaf
         self.value_size = value_size
         self.max_entries = calc_max_entries(value_size) if max_entries is None else max_entries
         self.keys: array[int] = array("Q") if keys is None else keys
-        self.values: Values = empty_values(value_size) if values is None else values
+        # array('Q') / array('I') or list[bytes]: typed Any because the tree applies the same sequence
+        # operations (slices, insert, del, extend) to both, which a Union cannot express to mypy.
+        self.values: Any = empty_values(value_size) if values is None else values
 
     @property
     def nr_entries(self) -> int:

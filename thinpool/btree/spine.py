@@ -45,7 +45,7 @@ class NodeCache:
         if c is None:
             c = cls(tm)
             tm.add_client(c)
-        return c  # type: ignore[no-any-return]
+        return c
 
     # --- BlockClient ----------------------------------------------------------------------------------------
     def forget(self, b: int) -> None:
@@ -70,17 +70,18 @@ class NodeCache:
         Raises:
             MetadataCorrupt / ChecksumError naming ``b`` (or the node whose child pointer is out of range).
         """
-        node = self.tm.dirty.get(b)
+        dirty = self.tm.dirty.get(b)
+        node = dirty if isinstance(dirty, Node) else None  # only nodes are queued decoded
         if node is None:
             node = self.cache.get(b)
             if node is not None:
                 self.cache.move_to_end(b)
             else:
                 node = self._load(b, leaf_value_size)
-        if node.is_leaf and node.value_size != leaf_value_size:  # type: ignore[union-attr]
+        if node.is_leaf and node.value_size != leaf_value_size:
             raise MetadataCorrupt(block=b, reason=f"value size mismatch: expected {leaf_value_size}, "
-                                                  f"but got {node.value_size}")  # type: ignore[union-attr]
-        return node  # type: ignore[return-value]
+                                                  f"but got {node.value_size}")
+        return node
 
     def _load(self, b: int, leaf_value_size: int) -> Node:
         node = decode_node(self.tm.read_block(b), b, leaf_value_size)
@@ -88,7 +89,7 @@ class NodeCache:
         if not node.is_leaf and node.values:
             # Validate child pointers here, where the damaged node is known: a pointer past the device (or at the
             # superblock) is reported against this node, not as an unreadable block number.
-            lo, hi = min(node.values), max(node.values)  # type: ignore[type-var]
+            lo, hi = min(node.values), max(node.values)
             limit = self.tm.limit
             if lo == 0 or hi >= limit:
                 bad = hi if hi >= limit else lo
@@ -112,8 +113,8 @@ class NodeCache:
         tm = self.tm
         node = tm.dirty.get(b)
         count = tm.sm.count(b)
-        if node is not None and count == 1:
-            return node  # type: ignore[return-value]
+        if count == 1 and isinstance(node, Node):
+            return node
         orig = self.read(b, leaf_value_size)
         copy = orig.copy(tm.new_block())
         tm.add_dirty(copy.block, copy)
@@ -130,4 +131,4 @@ class NodeCache:
         else:
             inc = self.tm.sm.inc
             for c in node.values:
-                inc(c)  # type: ignore[arg-type]
+                inc(c)

@@ -26,3 +26,21 @@ class Driver:
         self.ds = ds
         self.images = ImageStore(ds)
         self.containers = Containers(ds, self.images)
+        if not ds.pool.readonly:
+            self.remove_orphans()
+
+    def remove_orphans(self) -> list[str]:
+        """Delete the devices a crash left behind: registered with the device set, but neither the base, a
+        registered layer nor a container's (moby's layer store drops such incomplete layers at start too)."""
+        used = {""} | {layer.cache_id for layer in self.images.layers.values()}
+        for c in self.containers.all():
+            used.update((c["Device"], c["InitDevice"]))
+        orphans = sorted(set(self.ds.devices) - used)
+        for h in orphans:
+            self.ds.delete_device(h)
+        for d in list(self.images.layerdb.iterdir()) if self.images.layerdb.is_dir() else []:
+            if not (d / "cache-id").exists():
+                for f in d.iterdir():
+                    f.unlink()
+                d.rmdir()
+        return orphans

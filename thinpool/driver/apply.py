@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from thinpool.driver.rootfs import ROOTFS, XATTR_PAX_PREFIX, clean, lstat, makedev, remove_all, resolve, walk
 from thinpool.errors import FsError, ImageFormatError
-from thinpool.driver.rootfs import (ROOTFS, XATTR_PAX_PREFIX, clean, lstat, makedev, remove_all, resolve, walk)
 from thinpool.fs.filesystem import Filesystem
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class LayerApplier:
         self.source = source
         self.dirs: list[tuple[str, tarfile.TarInfo]] = []
         self.unpacked: set[str] = set()
-        self.plnk: dict[str, tuple[tarfile.TarInfo, IO[bytes]]] = {}
+        self.plnk: dict[str, tuple[tarfile.TarInfo, IO[bytes]]] = {}  # .wh..wh.plnk/NAME -> header, content
         self.result = Applied()
 
     def bad(self, reason: str) -> ImageFormatError:
@@ -131,7 +131,7 @@ class LayerApplier:
                 fs.mkdir(resolve(fs, self.root, posixpath_dir(name), follow_last=True), 0o755, parents=True)
         if name.startswith(WHITEOUT_META_PREFIX) and self.whiteouts:
             if name.startswith(WHITEOUT_LINK_DIR + "/") and ti.isreg():
-                tmp = tempfile.TemporaryFile()
+                tmp: IO[bytes] = tempfile.TemporaryFile()
                 src = tf.extractfile(ti)
                 assert src is not None
                 _copy(src, tmp, ti.size)
@@ -156,14 +156,14 @@ class LayerApplier:
             self._remove(path)
         if st is None or not S.S_ISDIR(st.mode) or not ti.isdir():
             self._touch_parent(path)
-        src_ti, data = ti, None
+        src_ti = ti
+        data: IO[bytes] | None = None
         if ti.islnk() and clean(ti.linkname).startswith(WHITEOUT_LINK_DIR + "/"):
             got = self.plnk.get(os.path.basename(clean(ti.linkname)))
             if got is None:
                 raise self.bad(f"hard link {ti.name!r} to a missing {ti.linkname!r}")
-            src_ti, tmp = got
-            tmp.seek(0)
-            data = tmp
+            src_ti, data = got
+            data.seek(0)
         elif ti.isreg():
             data = tf.extractfile(ti)
         self.create(path, src_ti, data, ti.offset_data if src_ti is ti else None)

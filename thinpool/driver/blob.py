@@ -44,7 +44,7 @@ def decompressed(f: IO[bytes] | Any, head: bytes | None = None) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise MissingDependency(what="a zstd-compressed layer", package="zstandard") from None
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[no-any-return]
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from thinpool.driver.apply import LayerApplier
+from thinpool.driver.blockdiff import save_index
 from thinpool.driver.changes import Change, changes_dirs, export_changes
 from thinpool.driver.rootfs import ROOTFS, export_tree, lstat, resolve, tar_info, walk
-from thinpool.driver.state import DeviceSet, go_json, write_meta_file
+from thinpool.driver.state import DeviceSet, atomic_output, go_json, write_meta_file
 from thinpool.driver.store import ImageStore, driver_get, mounted
 from thinpool.errors import ContainerExists, ContainerNotFound, DriverError, FileNotFound
 from thinpool.fs.filesystem import Filesystem
@@ -93,7 +94,8 @@ class Containers:
     def all(self) -> list[dict[str, Any]]:
         if not self.dir.is_dir():
             return []
-        return [json.loads(p.read_bytes()) for p in sorted(self.dir.glob("*.json"))]
+        return [json.loads(p.read_bytes()) for p in sorted(self.dir.glob("*.json"))
+                if not p.name.endswith(".inodes.json")]
 
     def get(self, name: str) -> dict[str, Any]:
         try:
@@ -135,12 +137,17 @@ class Containers:
             with mounted(self.ds, init, write=True) as fs:
                 driver_get(fs, init)
                 setup_init_layer(fs)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with mounted(self.ds, init, write=False) as fs:
+                save_index(fs, self.dir / f"{name}.inodes.json")  # for diff --blocks: -init never changes
             self.ds.add_device(name, init, name)
         except BaseException:
             self.ds.delete_device(init)
+            (self.dir / f"{name}.inodes.json").unlink(missing_ok=True)
+            (self.dir / f"{name}.blocks.npy").unlink(missing_ok=True)
             raise
         rec = {"ID": cid, "Name": name, "Image": image_id, "ImageRef": image_ref,
-               "Created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+               "Created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                "InitDevice": init, "Device": name}
         self.dir.mkdir(parents=True, exist_ok=True)
         write_meta_file(self._path(name), go_json(rec))
@@ -153,6 +160,8 @@ class Containers:
             if self.ds.lookup(h) is not None:
                 self.ds.delete_device(h)
         os.unlink(self._path(rec["Name"]))
+        (self.dir / f"{rec['Name']}.inodes.json").unlink(missing_ok=True)
+        (self.dir / f"{rec['Name']}.blocks.npy").unlink(missing_ok=True)
 
     # --- content ----------------------------------------------------------------------------------------------
     def diff(self, name: str) -> list[Change]:
@@ -164,8 +173,8 @@ class Containers:
     def export(self, name: str, out: str) -> None:
         """``docker export``: a flat tar of the container's rootfs."""
         rec = self.get(name)
-        with mounted(self.ds, rec["Device"], write=False) as fs, \
-                tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tw:
+        with atomic_output(out) as tmp, mounted(self.ds, rec["Device"], write=False) as fs, \
+                tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tw:
             export_tree(fs, ROOTFS, tw)
 
     def commit(self, name: str, ref: str) -> str:

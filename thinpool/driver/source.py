@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,8 +93,12 @@ class _Files:
 
 
 def _dir_files(d: Path) -> _Files:
+    cache: set[str] = set()
+
     def names() -> set[str]:
-        return {os.path.normpath(str(p.relative_to(d))) for p in d.rglob("*")}
+        if not cache:
+            cache.update(os.path.normpath(str(p.relative_to(d))) for p in d.rglob("*"))
+        return cache
 
     def opener(name: str) -> IO[bytes]:
         return open(d / name, "rb")
@@ -137,7 +142,7 @@ def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[Image
         ref_name = ann.get(REF_NAME, ref_name)
         full = ann.get(CONTAINERD_NAME)
         if mt in INDEX_TYPES:
-            for d in files.json(_blob_name(desc["digest"])).get("manifests", []):
+            for d in _for_this_platform(files.json(_blob_name(desc["digest"])).get("manifests", [])):
                 visit(d, ref_name)
             return
         if mt and mt not in MANIFEST_TYPES:
@@ -157,11 +162,27 @@ def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[Image
                         else f"{default_name}:{ref_name}")
         specs.append(ImageSpec(config, layers, refs))
 
-    for d in files.json("index.json").get("manifests", []):
+    for d in _for_this_platform(files.json("index.json").get("manifests", [])):
         visit(d, None)
     if tag is not None and not found_tag:
         raise files.bad(f"no image tagged {tag!r} in index.json")
     return specs
+
+
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
+           "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def _for_this_platform(descs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A multi-platform index: only the linux manifest of this machine's architecture (as docker pulls one);
+    descriptors without a platform are all kept."""
+    with_platform = [d for d in descs if isinstance(d.get("platform"), dict)]
+    if len(with_platform) < 2:
+        return descs
+    arch = _GOARCH.get(platform.machine(), platform.machine())
+    mine = [d for d in with_platform
+            if d["platform"].get("os") == "linux" and d["platform"].get("architecture") == arch]
+    return [d for d in descs if d not in with_platform] + mine[:1]
 
 
 def _opener(files: _Files, name: str) -> Callable[[], IO[bytes]]:

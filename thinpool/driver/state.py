@@ -25,6 +25,9 @@ import json
 import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
@@ -32,7 +35,7 @@ from typing import Any
 
 from thinpool.errors import DriverError, DriverNotInitialized, PoolLowOnSpace
 from thinpool.fs.filesystem import Filesystem
-from thinpool.pool import Pool
+from thinpool.pool import Pool, _write_manifest
 from thinpool.thin import ThinDevice
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def human_size(size: float) -> str:
     while size >= 1000.0 and i < len(_DECIMAL_UNITS) - 1:
         size /= 1000.0
         i += 1
-    return "%.4g%s" % (size, _DECIMAL_UNITS[i])
+    return f"{size:.4g}{_DECIMAL_UNITS[i]}"
 
 
 def write_meta_file(path: Path, data: bytes) -> None:
@@ -73,6 +76,20 @@ def write_meta_file(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A temporary name next to ``path``, renamed over it on success and removed on failure (a failing command
+    leaves no half-written output)."""
+    target = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{os.path.basename(target)}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def go_json(obj: Any) -> bytes:
@@ -235,18 +252,27 @@ class DeviceSet:
         raise DriverError(reason="unable to find a free device id")
 
     # --- dm messages (each committed, none moves the pool's transaction id) -----------------------------------
+    # The pool's manifest (names, sizes, lineage) must describe every device of the committed metadata, so a
+    # new device's entry is written before the metadata that creates it is committed, and a deleted device's
+    # entry is dropped after: a crash in between leaves an entry without a device, which the pool drops at open.
     def _dm_create(self, device_id: int, origin_id: int | None, name: str, size: int) -> None:
         pool = self.pool
         pool.check_writable()
         if any(e.get("name") == name for e in pool.manifest["devices"].values()):
             raise DriverError(reason=f"a device named {name!r} already exists in the pool")
+        entry: dict[str, Any] = {"name": name, "size": size, "origin": None, "created_at": time.time()}
+        if origin_id is not None:
+            src = pool.manifest["devices"][str(origin_id)]
+            entry["origin"] = src.get("origin")
+            entry["snapshot_of"] = origin_id
+            entry["ancestors"] = list(src.get("ancestors") or []) + [
+                {"dev_id": origin_id, "name": src.get("name"), "created_at": src.get("created_at")}]
+        pool.manifest["devices"][str(device_id)] = entry
+        _write_manifest(pool.path, pool.manifest)
         if origin_id is None:
             pool._guard_metadata(lambda: pool.md.create_thin(device_id))
-            origin = None
         else:
             pool._guard_metadata(lambda: pool.md.create_snap(device_id, origin_id))
-            origin = pool.manifest["devices"][str(origin_id)].get("origin")
-        pool.manifest["devices"][str(device_id)] = {"name": name, "size": size, "origin": origin}
         pool.commit()
 
     def _dm_delete(self, device_id: int) -> None:
@@ -255,6 +281,7 @@ class DeviceSet:
         pool._guard_metadata(lambda: pool.md.delete_thin(device_id))
         pool.commit()
         pool.manifest["devices"].pop(str(device_id), None)
+        _write_manifest(pool.path, pool.manifest)
 
     # --- devices ----------------------------------------------------------------------------------------------
     def lookup(self, h: str) -> DevInfo | None:

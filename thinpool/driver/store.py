@@ -34,7 +34,7 @@ from thinpool.driver.apply import LayerApplier
 from thinpool.driver.blob import EofPadded, HashingReader, chain_ids, decompressed
 from thinpool.driver.rootfs import ROOTFS, lstat
 from thinpool.driver.source import ImageSpec, LayerBlob, normalize_ref, open_source
-from thinpool.driver.state import DeviceSet, go_json, write_meta_file
+from thinpool.driver.state import DeviceSet, atomic_output, go_json, write_meta_file
 from thinpool.errors import AmbiguousImage, DriverError, ImageFormatError, ImageNotFound
 from thinpool.fs.filesystem import Filesystem
 
@@ -326,13 +326,13 @@ class ImageStore:
 
     def commit_image(self, parent_id: str | None, tar_path: str, comment: str) -> str:
         """A new image: the parent's config plus one layer (the tar at ``tar_path``)."""
-        base = self.config(parent_id) if parent_id else {"architecture": "amd64", "os": "linux", "config": {},
-                                                         "rootfs": {"type": "layers", "diff_ids": []}}
+        base: dict[str, Any] = self.config(parent_id) if parent_id else {
+            "architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}
         top = self.top_layer(parent_id) if parent_id else None
         blob = LayerBlob(os.path.basename(tar_path), lambda: open(tar_path, "rb"))
         layer, _ = self.register_layer(top, blob, None)
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        config = dict(base)
+        now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        config: dict[str, Any] = dict(base)
         config["created"] = now
         config["rootfs"] = {"type": "layers", "diff_ids": list(base["rootfs"]["diff_ids"]) + [layer.diff_id]}
         config["history"] = list(base.get("history", [])) + [{"created": now, "created_by": comment}]
@@ -357,6 +357,9 @@ class ImageStore:
             del self.repos[named]
             self._save_repos()
             return [f"Untagged: {named}"]
+        if named is None and len(refs) > 1:
+            raise DriverError(reason=f"conflict: unable to delete {_hex(image_id)[:12]} - image is referenced in "
+                                     f"multiple repositories ({', '.join(refs)}): remove them by reference")
         user = in_use(image_id)
         if user is not None:
             from thinpool.errors import ImageInUse
@@ -435,7 +438,7 @@ class ImageStore:
             tag = ref.rsplit(":", 1)[1]
             desc["annotations"] = {CONTAINERD_NAME: ref, REF_NAME: tag}
         index_path = out / "index.json"
-        index = json.loads(index_path.read_bytes()) if index_path.exists() else \
+        index: dict[str, Any] = json.loads(index_path.read_bytes()) if index_path.exists() else \
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         if tag is not None:
             index["manifests"] = [m for m in index.get("manifests", [])
@@ -470,7 +473,7 @@ class ImageStore:
                     name, t = r.rsplit(":", 1)
                     repos.setdefault(name, {})[t] = _hex(layers[-1].diff_id)
                 (Path(tmp) / "repositories").write_bytes(go_json(repos))
-            with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tw:
+            with atomic_output(out) as part, tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tw:
                 for name in sorted(os.listdir(tmp)):
                     tw.add(os.path.join(tmp, name), arcname=name)
 
@@ -512,4 +515,6 @@ def _skip_n(src: IO[bytes], n: int) -> None:
 
 
 def _chain(parent: Layer | None, diff_id: str) -> str:
-    return diff_id if parent is None else "sha256:" + hashlib.sha256(f"{parent.chain_id} {diff_id}".encode()).hexdigest()
+    if parent is None:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent.chain_id} {diff_id}".encode()).hexdigest()

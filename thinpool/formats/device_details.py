@@ -47,8 +47,8 @@ def parse_device_details(buf: bytes) -> DeviceDetails:
 
 
 def build_device_details(d: DeviceDetails) -> bytes:
-    return DeviceDetailsStruct.build(dict(mapped_blocks=d.mapped_blocks, transaction_id=d.transaction_id,
-                                          creation_time=d.creation_time, snapshotted_time=d.snapshotted_time))
+    return bytes(DeviceDetailsStruct.build(dict(mapped_blocks=d.mapped_blocks, transaction_id=d.transaction_id,
+                                                creation_time=d.creation_time, snapshotted_time=d.snapshotted_time)))
 
 
 def pack_block_time(data_block: int, time: int) -> int:

@@ -67,8 +67,8 @@ def parse_sm_root(buf: bytes) -> SmRoot:
 
 
 def build_sm_root(r: SmRoot) -> bytes:
-    return SmRootStruct.build(dict(nr_blocks=r.nr_blocks, nr_allocated=r.nr_allocated, bitmap_root=r.bitmap_root,
-                                   ref_count_root=r.ref_count_root)).ljust(SM_ROOT_SLOT_SIZE, b"\0")
+    return bytes(SmRootStruct.build(dict(nr_blocks=r.nr_blocks, nr_allocated=r.nr_allocated, bitmap_root=r.bitmap_root,
+                                   ref_count_root=r.ref_count_root))).ljust(SM_ROOT_SLOT_SIZE, b"\0")
 
 
 def parse_index_entry(buf: bytes) -> IndexEntry:
@@ -77,7 +77,8 @@ def parse_index_entry(buf: bytes) -> IndexEntry:
 
 
 def build_index_entry(e: IndexEntry) -> bytes:
-    return IndexEntryStruct.build(dict(blocknr=e.blocknr, nr_free=e.nr_free, none_free_before=e.none_free_before))
+    return bytes(IndexEntryStruct.build(dict(blocknr=e.blocknr, nr_free=e.nr_free,
+                                             none_free_before=e.none_free_before)))
 
 
 def parse_metadata_index(buf: bytes, nr_bitmaps: int) -> list[IndexEntry]:
@@ -99,7 +100,8 @@ def decode_bitmap(block: bytes | bytearray | memoryview) -> np.ndarray:
     """The 16320 two-bit entries of a bitmap block as counts 0..3 (uint8)."""
     payload = np.frombuffer(block, dtype=np.uint8, count=4096 - BITMAP_HEADER_SIZE, offset=BITMAP_HEADER_SIZE)
     raw = (payload[:, None] >> _SHIFTS[None, :]) & 3
-    return _SWAP[raw.reshape(-1)]
+    out: np.ndarray = _SWAP[raw.reshape(-1)]
+    return out
 
 
 def encode_bitmap(blocknr: int, counts: np.ndarray) -> bytearray:

@@ -14,13 +14,14 @@ directory of 10,000 names costs one dict access; every change is applied to the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from thinpool.errors import FsCorrupt
 from thinpool.fs.layout import DIRENT_FMT, DIRENT_HEADER_SIZE, FT_DIR, rec_len_for
 
 # Entry fields in the per-block lists: [offset, inode, rec_len, name_len, file_type, name]
 OFF, INO, REC, NLEN, FTYPE, NAME = range(6)
-Entry = list  # [int, int, int, int, int, bytes]
+Entry = list[Any]  # [offset, inode, rec_len, name_len, file_type, name]: int x5, bytes
 
 
 def parse_dir_block(buf: bytes | bytearray, block: int, dir_ino: int, nr_inodes: int,
@@ -71,6 +72,22 @@ def init_dir_block(buf: bytearray, ino: int, parent: int, filetype: bool) -> Non
     buf[8:12] = b".\0\0\0"
     DIRENT_FMT.pack_into(buf, 12, parent, len(buf) - 12, 2, ft)
     buf[20:24] = b"..\0\0"
+
+
+def build_dir_block(entries: list[tuple[int, bytes, int]], block_size: int, filetype: bool) -> bytearray:
+    """One directory block holding ``entries`` (inode, name, FT_* type) in order, each record as short as its name
+    allows and the last one taking the rest of the block (as mke2fs lays out '.', '..' and lost+found)."""
+    buf = bytearray(block_size)
+    off = 0
+    for k, (ino, name, ftype) in enumerate(entries):
+        rec_len = block_size - off if k == len(entries) - 1 else rec_len_for(len(name))
+        if filetype:
+            DIRENT_FMT.pack_into(buf, off, ino, rec_len, len(name), ftype)
+        else:
+            DIRENT_FMT.pack_into(buf, off, ino, rec_len, len(name) & 0xFF, len(name) >> 8)
+        buf[off + DIRENT_HEADER_SIZE:off + DIRENT_HEADER_SIZE + len(name)] = name
+        off += rec_len
+    return buf
 
 
 def empty_dir_block(buf: bytearray) -> None:
@@ -207,7 +224,7 @@ class Directory:
         ino, _, i = self.index.pop(name)
         phys, buf = self._block(i)
         entries = self.blocks[i]
-        for k, e in enumerate(entries):
+        for k, e in enumerate(entries):  # noqa: B007 - k is the position found
             if e[INO] and e[NAME] == name:
                 break
         else:  # pragma: no cover - the index and the block lists are kept in step

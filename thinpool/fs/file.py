@@ -1,24 +1,27 @@
 """An open regular file of the ext2 file system (``Filesystem.open``): read, write, seek, tell, truncate.
 
 Layer: fs. May import: thinpool.errors, thinpool.fs.*.
+
+A :class:`File` is a position and open flags over an inode number; every access goes through the file system's
+public by-inode calls (``file_size``, ``pread``, ``pwrite``, ``ftruncate``), which take the lock and check the
+inode is still a live regular file.
 """
 
 from __future__ import annotations
 
 import errno as _errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from thinpool.errors import FsError
-from thinpool.fs.inode import Inode
 
 if TYPE_CHECKING:
-    from thinpool.fs.filesystem import Filesystem
+    from thinpool.fs.files import FsFiles
 
 
 class File:
     """An open regular file: read / write / seek / tell / truncate, like a binary Python file."""
 
-    def __init__(self, fs: Filesystem, ino: int, path: str, *, readable: bool, writable: bool,
+    def __init__(self, fs: FsFiles, ino: int, path: str, *, readable: bool, writable: bool,
                  append: bool) -> None:
         self.fs = fs
         self.ino = ino
@@ -29,13 +32,9 @@ class File:
         self.pos = 0
         self.closed = False
 
-    def _inode(self) -> Inode:
+    def _check_open(self) -> None:
         if self.closed:
             raise FsError(reason="I/O on a closed file", path=self.name, errno=_errno.EBADF)
-        inode = self.fs._inode(self.ino)
-        if inode.i_links_count == 0:
-            raise FsError(reason=f"file {self.name} was deleted", path=self.name, errno=_errno.ESTALE)
-        return inode
 
     def readable(self) -> bool:
         return self.readable_
@@ -56,12 +55,12 @@ class File:
         return len(data)
 
     def _read(self, size: int) -> bytes:
-        inode = self._inode()
+        self._check_open()
         if not self.readable_:
             raise FsError(reason="file not open for reading", path=self.name, errno=_errno.EBADF)
         if size is None or size < 0:
-            size = max(0, inode.size - self.pos)
-        data = self.fs._read(self.ino, inode, self.pos, size)
+            size = max(0, self.fs.file_size(self.ino, self.name) - self.pos)
+        data = self.fs.pread(self.ino, self.pos, size, self.name)
         self.pos += len(data)
         return data
 
@@ -73,24 +72,23 @@ class File:
             return self._write(data)
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:
-        inode = self._inode()
+        self._check_open()
         if not self.writable_:
             raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
-        self.fs._check_writable()
         if self.append:
-            self.pos = inode.size
-        n = self.fs._write(self.ino, inode, self.pos, data)
+            self.pos = self.fs.file_size(self.ino, self.name)
+        n = self.fs.pwrite(self.ino, self.pos, data, self.name)
         self.pos += n
         return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        inode = self._inode()
+        self._check_open()
         if whence == 0:
             pos = offset
         elif whence == 1:
             pos = self.pos + offset
         elif whence == 2:
-            pos = inode.size + offset
+            pos = self.fs.file_size(self.ino, self.name) + offset
         else:
             raise FsError(reason=f"bad whence {whence}", errno=_errno.EINVAL)
         if pos < 0:
@@ -106,12 +104,11 @@ class File:
             return self._truncate(size)
 
     def _truncate(self, size: int | None) -> int:
-        inode = self._inode()
+        self._check_open()
         if not self.writable_:
             raise FsError(reason="file not open for writing", path=self.name, errno=_errno.EBADF)
-        self.fs._check_writable()
         size = self.pos if size is None else size
-        self.fs._truncate(self.ino, inode, size)
+        self.fs.ftruncate(self.ino, size, self.name)
         return size
 
     def flush(self) -> None:
@@ -120,7 +117,7 @@ class File:
     def close(self) -> None:
         self.closed = True
 
-    def __enter__(self) -> File:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

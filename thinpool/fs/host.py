@@ -10,8 +10,8 @@ Layer: fs. May import: thinpool.errors, thinpool.fs.* (and the host's ``os``).
   A failure (no space in the file system or in the pool) leaves the old entry as it was; the allocator does not
   reuse a replaced file's blocks before the next commit, so even an aborted command finds the old data intact.
 - **Special files are made, never opened**: FIFOs, sockets, character and block devices go through ``mknod``.
-- Hard links inside a copied tree stay hard links. Modes and times (second precision) are copied; ownership is
-  copied when ``owner`` is set.
+- Hard links inside a copied tree stay hard links. Modes and times (second precision) are copied; with
+  ``archive`` (as ``cp -a``) also owner, group and extended attributes (of symlinks too, without following them).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from thinpool.errors import FileNotFound, FsError, FsNoSpace, IsADirectory, Loca
 
 if TYPE_CHECKING:
     from thinpool.fs.filesystem import Filesystem
+    from thinpool.fs.records import Stat
 
 IO_CHUNK = 1 << 20  # bytes per read/write call
 
@@ -122,12 +123,26 @@ def _install(fs: Filesystem, dst: str, make: object) -> None:
             fs.unlink(tmp)
         raise
     fs.rename(tmp, dst)
+    if fs.exists(tmp):  # both names were already links of one inode: rename(2) leaves both in place
+        fs.unlink(tmp)
 
 
-def _copy_attrs(fs: Filesystem, dst: str, st: os.stat_result, owner: bool) -> None:
+def _host_xattrs(path: str) -> dict[str, bytes]:
+    """The extended attributes of a host path (not following a symlink); none where the host has no xattrs."""
+    try:
+        return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
+    except OSError as e:
+        if e.errno in (_errno.ENOTSUP, _errno.EOPNOTSUPP):
+            return {}
+        raise _local_error(path, e) from e
+
+
+def _copy_attrs(fs: Filesystem, src: str, dst: str, st: os.stat_result, archive: bool) -> None:
     link = statmod.S_ISLNK(st.st_mode)
-    if owner:
+    if archive:
         fs.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+        for name, value in _host_xattrs(src).items():
+            fs.setxattr(dst, name, value, follow_symlinks=False)
     if not link:
         fs.chmod(dst, statmod.S_IMODE(st.st_mode))
     fs.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
@@ -148,7 +163,7 @@ def put_stream(fs: Filesystem, inp: IO[bytes], dst: str) -> int:
     return total
 
 
-def put(fs: Filesystem, src: str, dst: str, *, owner: bool = False) -> CopyStats:
+def put(fs: Filesystem, src: str, dst: str, *, archive: bool = False) -> CopyStats:
     """Copy host path ``src`` (a file, directory tree, symlink or special file) to ``dst`` in the file system.
 
     An existing directory at ``dst`` is merged into (as ``cp -r``); other existing entries are replaced as
@@ -165,14 +180,14 @@ def put(fs: Filesystem, src: str, dst: str, *, owner: bool = False) -> CopyStats
     except OSError as e:
         raise _local_error(src, e) from e
     if statmod.S_ISDIR(st.st_mode):
-        _put_dir(fs, src, dst, st, stats, links, owner)
+        _put_dir(fs, src, dst, st, stats, links, archive)
     else:
-        _put_entry(fs, src, dst, st, stats, links, owner)
+        _put_entry(fs, src, dst, st, stats, links, archive)
     return stats
 
 
 def _put_dir(fs: Filesystem, src: str, dst: str, st: os.stat_result, stats: CopyStats,
-             links: dict[tuple[int, int], str], owner: bool) -> None:
+             links: dict[tuple[int, int], str], archive: bool) -> None:
     try:
         existing = fs.lstat(dst)
     except FileNotFound:
@@ -193,14 +208,14 @@ def _put_dir(fs: Filesystem, src: str, dst: str, st: os.stat_result, stats: Copy
             raise _local_error(local, e) from e
         target = _join(dst, name)
         if statmod.S_ISDIR(cst.st_mode):
-            _put_dir(fs, local, target, cst, stats, links, owner)
+            _put_dir(fs, local, target, cst, stats, links, archive)
         else:
-            _put_entry(fs, local, target, cst, stats, links, owner)
-    _copy_attrs(fs, dst, st, owner)  # after the children, so their creation does not change the mtime
+            _put_entry(fs, local, target, cst, stats, links, archive)
+    _copy_attrs(fs, src, dst, st, archive)  # after the children, so their creation does not change the mtime
 
 
 def _put_entry(fs: Filesystem, src: str, dst: str, st: os.stat_result, stats: CopyStats,
-               links: dict[tuple[int, int], str], owner: bool) -> None:
+               links: dict[tuple[int, int], str], archive: bool) -> None:
     mode = st.st_mode
     key = (st.st_dev, st.st_ino)
     if st.st_nlink > 1 and key in links:
@@ -222,12 +237,12 @@ def _put_entry(fs: Filesystem, src: str, dst: str, st: os.stat_result, stats: Co
             raise FsError(reason=f"{src}: unknown file type {statmod.S_IFMT(mode):#o}", path=src,
                           errno=_errno.EINVAL)
     except FsNoSpace as e:
-        raise FsNoSpace(reason=f"{dst}: {e.reason}", path=dst) from e
+        raise FsNoSpace(reason=f"{dst}: {getattr(e, 'reason', e)}", path=dst) from e
     except OSError as e:
         if isinstance(e, LocalFileError | FsError):
             raise
         raise _local_error(src, e) from e
-    _copy_attrs(fs, dst, st, owner)
+    _copy_attrs(fs, src, dst, st, archive)
     if st.st_nlink > 1:
         links[key] = dst
     stats.nr_entries += 1
@@ -244,7 +259,7 @@ def get_stream(fs: Filesystem, src: str, out: IO[bytes]) -> int:
     return total
 
 
-def get(fs: Filesystem, src: str, dst: str) -> CopyStats:
+def get(fs: Filesystem, src: str, dst: str, *, archive: bool = False) -> CopyStats:
     """Copy ``src`` (a file, directory tree, symlink or special file) out of the file system to host path ``dst``.
 
     Files are written sparse; an existing host file or symlink at ``dst`` is replaced, an existing directory is
@@ -254,19 +269,28 @@ def get(fs: Filesystem, src: str, dst: str) -> CopyStats:
         LocalFileError: the host refused (e.g. a device node without root). Fs errors of the reads.
     """
     stats = CopyStats()
-    _get_any(fs, src, dst, stats)
+    _get_any(fs, src, dst, stats, archive)
     return stats
 
 
-def _get_any(fs: Filesystem, src: str, dst: str, stats: CopyStats) -> None:
+def _set_host_attrs(fs: Filesystem, src: str, dst: str, st: Stat, archive: bool) -> None:
+    if archive:
+        os.chown(dst, st.uid, st.gid, follow_symlinks=False)
+        for name in fs.listxattr(src):
+            os.setxattr(dst, name, fs.getxattr(src, name), follow_symlinks=False)
+    if not st.is_symlink:
+        os.chmod(dst, statmod.S_IMODE(st.mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _get_any(fs: Filesystem, src: str, dst: str, stats: CopyStats, archive: bool) -> None:
     st = fs.lstat(src)
     try:
         if st.is_dir:
             os.makedirs(dst, exist_ok=True)
             for e in sorted(fs.scandir(src), key=lambda e: e.name):
-                _get_any(fs, _join(src, e.name), os.path.join(dst, e.name), stats)
-            os.chmod(dst, statmod.S_IMODE(st.mode))
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                _get_any(fs, _join(src, e.name), os.path.join(dst, e.name), stats, archive)
+            _set_host_attrs(fs, src, dst, st, archive)
             return
         if os.path.lexists(dst) and not os.path.isdir(dst) or os.path.islink(dst):
             os.unlink(dst)
@@ -278,9 +302,7 @@ def _get_any(fs: Filesystem, src: str, dst: str, stats: CopyStats) -> None:
             os.mkfifo(dst, statmod.S_IMODE(st.mode))
         else:
             os.mknod(dst, st.mode, st.rdev)
-        if not st.is_symlink:
-            os.chmod(dst, statmod.S_IMODE(st.mode))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        _set_host_attrs(fs, src, dst, st, archive)
     except OSError as e:
         if isinstance(e, LocalFileError | FsError):
             raise

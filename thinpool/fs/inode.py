@@ -23,8 +23,23 @@ import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import FsCorrupt
-from thinpool.fs.layout import (DIND_BLOCK, FAST_SYMLINK_MAX, IND_BLOCK, INODE_FMT, N_BLOCKS, NDIR_BLOCKS, S_IFBLK,
-                                S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, TIND_BLOCK)
+from thinpool.fs.layout import (
+    DIND_BLOCK,
+    FAST_SYMLINK_MAX,
+    IND_BLOCK,
+    INODE_FMT,
+    N_BLOCKS,
+    NDIR_BLOCKS,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+    TIND_BLOCK,
+)
 
 U32 = npt.NDArray[np.uint32]
 
@@ -144,7 +159,7 @@ class Inode:
 
 def parse_inode(buf: bytes | bytearray | memoryview, offset: int = 0) -> Inode:
     v = INODE_FMT.unpack_from(buf, offset)
-    return Inode(*v[:12], list(v[12:27]), *v[27:])
+    return Inode(*v[:12], list(v[12:27]), *v[27:])  # type: ignore[call-arg]  # 12 + i_block + 11 fields
 
 
 def build_inode_into(inode: Inode, buf: bytearray, offset: int) -> None:
@@ -202,16 +217,16 @@ class BlockMapper:
         For direct blocks the path is empty and the index is the i_block slot.
         """
         end = l0 + n
-        l = l0
-        while l < end:
-            slot, idx = self._path(l)
+        lblock = l0
+        while lblock < end:
+            slot, idx = self._path(lblock)
             if not idx:
-                cnt = min(end, NDIR_BLOCKS) - l
-                yield slot, (), l, cnt
+                cnt = min(end, NDIR_BLOCKS) - lblock
+                yield slot, (), lblock, cnt
             else:
-                cnt = min(end - l, self.apb - idx[-1])
+                cnt = min(end - lblock, self.apb - idx[-1])
                 yield slot, idx[:-1], idx[-1], cnt
-            l += cnt
+            lblock += cnt
 
     def _check_ptr(self, ino: int, ptr: int, what: str) -> None:
         if ptr >= self.nr_blocks:
@@ -333,7 +348,7 @@ class BlockMapper:
             node = self.read_node(blk) if blk else None
             if node is None:
                 missing_nodes.add((slot,))
-            full = (slot,)
+            full: tuple[int, ...] = (slot,)
             for i in path:
                 full = full + (i,)
                 child = int(node[i]) if node is not None else 0

@@ -408,9 +408,9 @@ def plan_geometry(size: int, block_size: int = 4096, inode_ratio: int | None = N
     """Choose the layout ``mkfs.ext2 -b 4096 -O none,filetype -I 128 -m 0`` makes for a device of ``size`` bytes.
 
     Like ``ext2fs_initialize``: 8 * block_size blocks per group; one inode per ``inode_ratio`` bytes (4 KiB below
-    512 MiB, 16 KiB up to 4 TiB, 32 KiB above, as mke2fs.conf's "small", "default" and "big" types), rounded up to fill whole inode table
-    blocks; a last group too small for its metadata plus 50 blocks is dropped. Sparse superblock backups are used
-    when there is more than one group.
+    512 MiB, 16 KiB up to 4 TiB, 32 KiB above, as mke2fs.conf's "small", "default" and "big" types), rounded up
+    to fill whole inode table blocks; a last group too small for its metadata plus 50 blocks is dropped. Sparse
+    superblock backups are used when there is more than one group.
     """
     from thinpool.errors import FsError
 

@@ -5,20 +5,24 @@ Layer: fs. May import: thinpool.io.device, thinpool.errors, thinpool.fs.*, numpy
 Per group: [superblock + group descriptor table] (group 0, and with ``sparse_super`` groups 1 and powers of 3, 5, 7),
 block bitmap, inode bitmap, inode table, then data. Inodes 1..10 are reserved (in use, zeroed); the root directory
 is inode 2 with one block, lost+found is inode 11 with four blocks, as mke2fs makes them.
+
+Like mke2fs, mkfs writes the structures themselves (bitmaps, the two directories' blocks and inodes, descriptors,
+superblock and its backups) through the layout and directory builders, flushes the device, and then opens the
+result with :meth:`Filesystem.mount` like any other ext2 image: nothing reaches into a Filesystem's in-core state.
 """
 
 from __future__ import annotations
 
-import struct
 import time
 import uuid as _uuid
 
 import numpy as np
 
 from thinpool.fs import layout as L
-from thinpool.fs.directory import init_dir_block
+from thinpool.fs.core import write_superblocks
+from thinpool.fs.directory import build_dir_block
 from thinpool.fs.filesystem import Filesystem
-from thinpool.fs.inode import Inode
+from thinpool.fs.inode import Inode, build_inode_into
 from thinpool.io.device import BlockDevice
 
 
@@ -28,7 +32,7 @@ def mkfs(device: BlockDevice, *, label: str = "", uuid: bytes | None = None, ino
 
     ``inode_ratio`` is bytes per inode (default as mke2fs: 4 KiB below 512 MiB, 16 KiB above); ``nr_inodes``
     overrides it. Inode tables are zeroed only where the device reports mapped ranges (a fresh thin device stays
-    unprovisioned).
+    unprovisioned). The device is flushed (on a thin device: the pool commits) before the file system is opened.
 
     Raises:
         FsError: the device is too small.
@@ -53,50 +57,53 @@ def mkfs(device: BlockDevice, *, label: str = "", uuid: bytes | None = None, ino
         groups.append(L.GroupDesc(bg_block_bitmap=bb, bg_inode_bitmap=ib, bg_inode_table=it,
                                   bg_free_blocks_count=geo.group_nr_blocks(g) - geo.group_overhead(g),
                                   bg_free_inodes_count=geo.inodes_per_group))
+
+    # group 0's first data blocks: the root directory, then lost+found's four blocks (as mke2fs allocates them)
+    root_blk = groups[0].bg_inode_table + geo.inode_table_blocks
+    lf_blks = list(range(root_blk + 1, root_blk + 1 + L.LOST_FOUND_BLOCKS))
+    groups[0].bg_free_blocks_count -= 1 + L.LOST_FOUND_BLOCKS
+    groups[0].bg_free_inodes_count -= L.LOST_FOUND_INO  # inodes 1..11 are in use
+    groups[0].bg_used_dirs_count = 2
     sb.s_free_blocks_count = sum(gd.bg_free_blocks_count for gd in groups)
-    fs = Filesystem(device, sb, groups)
+    sb.s_free_inodes_count = sum(gd.bg_free_inodes_count for gd in groups)
+
     bpb = bs * 8
     ibits = np.zeros(bpb, np.uint8)
     ibits[geo.inodes_per_group:] = 1  # bits past the group's inodes are "in use" (as mke2fs pads)
-    inode_bitmap = np.packbits(ibits, bitorder="little")
     for g in range(geo.nr_groups):
         bits = np.zeros(bpb, np.uint8)
         bits[:geo.group_overhead(g)] = 1  # superblock copy, GDT, bitmaps, inode table
         bits[geo.group_nr_blocks(g):] = 1  # padding past the end of the last group is "in use"
-        fs.alloc.set_block_bitmap(g, np.packbits(bits, bitorder="little"))
-        fs.alloc.set_inode_bitmap(g, inode_bitmap.copy())
-        _, _, _, it = geo.group_meta(g)
+        gibits = ibits.copy()
+        if g == 0:
+            bits[root_blk:lf_blks[-1] + 1] = 1
+            gibits[:L.LOST_FOUND_INO] = 1
+        _, bb, ib, it = geo.group_meta(g)
+        device.write(bb * bs, np.packbits(bits, bitorder="little").tobytes())
+        device.write(ib * bs, np.packbits(gibits, bitorder="little").tobytes())
         _zero_mapped(device, it * bs, geo.inode_table_blocks * bs)
-    for ino in range(1, L.FIRST_INO):
-        fs.alloc.mark_inode_used(ino, is_dir=ino == L.ROOT_INO)
-    # root directory
-    root = Inode(i_mode=L.S_IFDIR | 0o755, i_links_count=3, i_atime=t, i_ctime=t, i_mtime=t)
-    blk = fs.alloc.alloc_blocks(groups[0].bg_inode_table + geo.inode_table_blocks, 1)[0]
-    init_dir_block(fs.cache.new(blk), L.ROOT_INO, L.ROOT_INO, fs.filetype)
-    root.i_block[0] = blk
-    root.i_blocks = bs // 512
-    root.i_size = bs
-    fs._install_inode(L.ROOT_INO, root)
-    # lost+found (inode 11, 4 blocks, like mke2fs)
-    fs.alloc.mark_inode_used(L.LOST_FOUND_INO, is_dir=True)
-    lf = Inode(i_mode=L.S_IFDIR | 0o700, i_links_count=2, i_atime=t, i_ctime=t, i_mtime=t)
-    blks = fs.alloc.alloc_blocks(blk + 1, L.LOST_FOUND_BLOCKS)
-    init_dir_block(fs.cache.new(blks[0]), L.LOST_FOUND_INO, L.ROOT_INO, fs.filetype)
-    for b in blks[1:]:
-        buf = fs.cache.new(b)
-        struct.pack_into("<IHBB", buf, 0, 0, bs, 0, 0)
-    for i, b in enumerate(blks):
-        lf.i_block[i] = b
-    lf.i_blocks = len(blks) * bs // 512
-    lf.i_size = len(blks) * bs
-    fs._install_inode(L.LOST_FOUND_INO, lf)
-    fs._dir(L.ROOT_INO).add(b"lost+found", L.LOST_FOUND_INO, L.FT_DIR)
-    # the other reserved inodes (1, 3..10) stay zeroed, in use in the bitmap
-    fs._sb_dirty = True
-    fs._backups_dirty = True
-    fs.alloc.gd_dirty = True
-    fs.flush()
-    return fs
+
+    # the two directories: blocks, then their inodes in the first inode-table block (the others stay zeroed)
+    ft = L.FT_DIR
+    device.write(root_blk * bs, bytes(build_dir_block(
+        [(L.ROOT_INO, b".", ft), (L.ROOT_INO, b"..", ft), (L.LOST_FOUND_INO, b"lost+found", ft)], bs, True)))
+    lf_data = build_dir_block([(L.LOST_FOUND_INO, b".", ft), (L.ROOT_INO, b"..", ft)], bs, True)
+    lf_data += b"".join(bytes(build_dir_block([(0, b"", 0)], bs, True)) for _ in lf_blks[1:])
+    device.write(lf_blks[0] * bs, bytes(lf_data))
+    root = Inode(i_mode=L.S_IFDIR | 0o755, i_links_count=3, i_atime=t, i_ctime=t, i_mtime=t, i_size=bs,
+                 i_blocks=bs // 512)
+    root.i_block[0] = root_blk
+    lf = Inode(i_mode=L.S_IFDIR | 0o700, i_links_count=2, i_atime=t, i_ctime=t, i_mtime=t,
+               i_size=len(lf_blks) * bs, i_blocks=len(lf_blks) * bs // 512)
+    lf.i_block[:len(lf_blks)] = lf_blks
+    itable = bytearray(bs)
+    for ino, inode in ((L.ROOT_INO, root), (L.LOST_FOUND_INO, lf)):
+        build_inode_into(inode, itable, (ino - 1) * L.GOOD_OLD_INODE_SIZE)
+    device.write(groups[0].bg_inode_table * bs, bytes(itable))
+
+    write_superblocks(device, sb, groups, backups=True)
+    device.flush()
+    return Filesystem.mount(device)
 
 
 def _now() -> int:

@@ -1,6 +1,6 @@
 """Metadata checker, at least as strict as the strictest thin_check (Rust 1.x), plus the time invariant.
 
-Layer: metadata. May import: errors, checksum, formats, io, btree.node, spacemap, metadata.pool_metadata.
+Layer: metadata. May import: errors, checksum, formats, io, btree.walk, spacemap, metadata.pool_metadata.
 
 Walks everything reachable from the superblock without trusting the space maps, validating every node (checksum,
 self block number, flags, value size, max_entries, nr_entries, key order, one-third fill for non-roots, parent key
@@ -14,17 +14,23 @@ data in place; no thin-provisioning-tools version checks this).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from thinpool import checksum
-from thinpool.btree.node import Node, decode_node
+from thinpool.btree.walk import SALVAGE, Memo, NodeView, Visitor, Where, memo_leaves, walk
 from thinpool.checksum import BlockType
-from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
-from thinpool.formats.device_details import parse_device_details
-from thinpool.formats.space_map import ENTRIES_PER_BITMAP, SmRoot, decode_bitmap, parse_index_entry, parse_metadata_index
+from thinpool.errors import ChecksumError, MetadataCorrupt, MetadataError, StoreIOError
+from thinpool.formats.device_details import parse_device_details, unpack_block_times
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    SmRoot,
+    decode_bitmap,
+    parse_index_entry,
+    parse_metadata_index,
+)
 from thinpool.formats.superblock import Superblock
 from thinpool.io.block_store import BlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -76,12 +82,16 @@ class CheckReport:
 
 
 class _Walker:
+    """The checker's bookkeeping over the one B-tree walker (btree/walk.py, SALVAGE policy, shared memo): metadata
+    reference counts (one per reference, revisits included), problems, and the per-node rules thin_check adds
+    (one-third fill for non-roots, parent key <= first child key, no empty internal node)."""
+
     def __init__(self, store: BlockStore, report: CheckReport, nr_meta: int) -> None:
         self.store = store
         self.report = report
         self.nr_meta = nr_meta
         self.meta = np.zeros(nr_meta, dtype=np.int64)
-        self.visited: dict[int, Node | None] = {}
+        self.visited: Memo = {}
         self.section = "superblock"
 
     def problem(self, msg: str, block: int | None = None, fatal: bool = True, warning: bool = False) -> None:
@@ -101,91 +111,69 @@ class _Walker:
             return None
         try:
             buf = self.store.read_block(b)
-            checksum.verify(buf, bt, b)
+            checksum.validate(buf, bt, b, what)
         except (MetadataError, StoreIOError) as e:
-            self.problem(f"{what}: {e}", b)
-            return None
-        if int.from_bytes(buf[8:16], "little") != b:
-            self.problem(f"bad block nr in {what}", b)
+            self.problem(f"{what}: {e}" if isinstance(e, ChecksumError) or not isinstance(e, MetadataCorrupt)
+                         else f"bad block nr in {what}", b)
             return None
         return buf
 
-    def tree(self, root: int, value_size: int, on_leaf: Callable[[Node], None] | None = None,
-             is_root_exempt: bool = True) -> tuple[bool, list[tuple[np.ndarray, Node]]]:
+    def tree(self, root: int, value_size: int, on_leaf: Callable[[NodeView], None] | None = None,
+             is_root_exempt: bool = True) -> tuple[bool, list[tuple[np.ndarray, NodeView]]]:
         """Reference and walk a tree; on_leaf is called once per distinct leaf. Returns (ok, leaves in order)."""
-        leaves: list[tuple[np.ndarray, Node]] = []
-        ok = self._visit(root, value_size, on_leaf, True, None, (), leaves)
+        v = _CheckVisitor(self, on_leaf)
+        walk(self.store, root, v, value_size=value_size, policy=SALVAGE, memo=self.visited, revisit="replay")
+        ok = v.ok
         last = None
-        for keys, node in leaves:
+        for keys, node in v.leaves:
             if len(keys) and last is not None and keys[0] <= last:
                 self.problem(f"leaf keys out of order across leaves ({keys[0]} after {last})", node.block)
                 ok = False
             if len(keys):
                 last = keys[-1]
-        return ok, leaves
+        return ok, v.leaves
 
-    def _visit(self, b: int, vs: int, on_leaf: Callable[[Node], None] | None, is_root: bool,
-               parent_key: int | None, path: tuple[int, ...], leaves: list[tuple[np.ndarray, Node]]) -> bool:
-        # Damage in a child pointer (a cycle, a block past the device) is reported against the node holding
-        # the pointer (path[-1]), as the engine's readers do.
-        if b in path:
-            self.problem(f"cycle in btree: child pointer {b} of block {path[-1]} points at an ancestor", path[-1])
+    def collect(self, root: int, vs: int, leaves: list[tuple[np.ndarray, NodeView]]) -> bool:
+        """Leaves of an already walked tree, from the memo (no references counted)."""
+        got = memo_leaves(self.visited, root, vs)
+        if got is None:
             return False
-        if path and not 0 <= b < self.nr_meta:
-            self.problem(f"btree node has child pointer {b} beyond the metadata device ({self.nr_meta} blocks)",
-                         path[-1])
-            return False
-        if not self.ref(b):
-            return False
-        first = b not in self.visited
-        if first:
-            try:
-                node = decode_node(self.store.read_block(b), b, vs)
-            except (MetadataError, StoreIOError) as e:
-                self.problem(str(e), b)
-                self.visited[b] = None
-                return False
-            self.visited[b] = node
-        node = self.visited[b]
-        if node is None:
-            return False
-        if node.is_leaf and node.value_size != vs:  # a block already walked as part of another kind of tree
-            self.problem(f"value size mismatch: expected {vs}, but got {node.value_size}", b)
-            return False
-        keys = np.frombuffer(node.keys.tobytes(), dtype="<u8")
-        if not is_root and len(keys) < node.max_entries // 3:
-            self.problem(f"too few entries in btree_node: {len(keys)}, expected at least {node.max_entries // 3}", b)
-        if parent_key is not None and len(keys) and keys[0] < parent_key:
-            self.problem(f"parent key mismatch: parent says {parent_key}, child starts at {keys[0]}", b)
-        if not node.is_leaf and len(keys) == 0:
-            self.problem("empty internal node", b)
-        if len(path) > 12:
-            self.problem("btree too deep", b)
-            return False
-        ok = True
-        if node.is_leaf:
-            leaves.append((keys, node))
-            if first and on_leaf is not None:
-                on_leaf(node)
-        else:
-            for k, child in zip(node.keys, node.values):
-                if first:
-                    ok &= self._visit(int(child), vs, on_leaf, False, k, path + (b,), leaves)
-                else:
-                    # already walked: count the reference only, but still collect leaves for ordering checks
-                    ok &= self._collect(int(child), vs, path + (b,), leaves)
-        return ok
+        leaves.extend((view.keys, view) for view in got)
+        return True
 
-    def _collect(self, b: int, vs: int, path: tuple[int, ...], leaves: list[tuple[np.ndarray, Node]]) -> bool:
-        node = self.visited.get(b)
-        if b in path or node is None:
-            return node is not None
-        if node.is_leaf and node.value_size != vs:
+
+class _CheckVisitor(Visitor):
+    def __init__(self, w: _Walker, on_leaf: Callable[[NodeView], None] | None) -> None:
+        self.w = w
+        self.on_leaf = on_leaf
+        self.ok = True
+        self.leaves: list[tuple[np.ndarray, NodeView]] = []
+
+    def ref(self, b: int, where: Where) -> bool:
+        if not self.w.ref(b):
+            self.ok = False
             return False
-        if node.is_leaf:
-            leaves.append((np.frombuffer(node.keys.tobytes(), dtype="<u8"), node))
-            return True
-        return all(self._collect(int(c), vs, path + (b,), leaves) for c in node.values)
+        return True
+
+    def error(self, err: MetadataCorrupt, where: Where) -> None:
+        # the walker's own findings (cycles, pointers, depth) are reported by their reason alone
+        f = err.fields
+        self.w.problem(f["reason"] if f.get("found_by") == "walker" else str(err), f.get("block"))
+        self.ok = False
+
+    def node(self, view: NodeView, where: Where) -> None:
+        n, w, b = view.nr_entries, self.w, view.block
+        if not where.is_root and n < view.max_entries // 3:
+            w.problem(f"too few entries in btree_node: {n}, expected at least {view.max_entries // 3}", b)
+        if where.parent_key is not None and n and int(view.keys[0]) < where.parent_key:
+            w.problem(f"parent key mismatch: parent says {where.parent_key}, child starts at {view.keys[0]}", b)
+        if not view.is_leaf and n == 0:
+            w.problem("empty internal node", b)
+
+    def leaf(self, view: NodeView, where: Where) -> None:
+        self.leaves.append((view.keys, view))
+        if where.first and self.on_leaf is not None:
+            self.on_leaf(view)
 
 
 def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray | None:
@@ -208,7 +196,7 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
                 if k != i:
                     w.problem(f"data space map index: key {k} where {i} expected", node.block)
                     return None
-                entries.append(parse_index_entry(v))  # type: ignore[arg-type]
+                entries.append(parse_index_entry(v))
                 i += 1
         if len(entries) != n:
             w.problem(f"data space map index has {len(entries)} bitmaps, expected {n}", root.bitmap_root)
@@ -223,9 +211,9 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
         counts[i * E:(i + 1) * E] = decode_bitmap(buf)
     rc_counts: dict[int, int] = {}
 
-    def on_leaf(node: Node) -> None:
+    def on_leaf(node: NodeView) -> None:
         for k, v in zip(node.keys, node.values):
-            rc_counts[int(k)] = int(v)  # type: ignore[arg-type]
+            rc_counts[int(k)] = int(v)
 
     ok, _ = w.tree(root.ref_count_root, 4, on_leaf)
     if not ok or not good:
@@ -238,8 +226,7 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
             w.problem(f"{kind} ref-count tree holds count {c} < 3 for block {b}", root.ref_count_root)
         else:
             counts[b] = c
-    missing = np.flatnonzero(counts == 3)
-    missing = [int(b) for b in missing if int(b) not in rc_counts]
+    missing = [int(b) for b in np.flatnonzero(counts == 3) if int(b) not in rc_counts]
     if missing:
         w.problem(f"{kind} block {missing[0]} has bitmap entry 3 but no ref-count tree entry", root.ref_count_root)
     return counts
@@ -278,7 +265,6 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         return report
     report.transaction_id = sb.trans_id
     report.needs_check = sb.needs_check
-    nr_meta = max(sb.metadata_sm_root.nr_blocks, 1)
     w = _Walker(store, report, store.nr_blocks)
     report.metadata_blocks = sb.metadata_sm_root.nr_blocks
     report.data_blocks = sb.data_sm_root.nr_blocks
@@ -325,19 +311,19 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         _, detail_leaves = w.tree(which.device_details_root, 24)
         for _keys, node in detail_leaves:
             for k, v in zip(node.keys, node.values):
-                d = parse_device_details(v)  # type: ignore[arg-type]
+                d = parse_device_details(v)
                 details[int(k)] = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
         w.section = f"mapping tree ({label})"
         top: dict[int, int] = {}
         owned: set[int] = set()  # devices whose top-level leaf is first reached in this walk
 
-        def on_top(node: Node, owned: set[int] = owned) -> None:
+        def on_top(node: NodeView, owned: set[int] = owned) -> None:
             owned.update(int(k) for k in node.keys)
 
         _, top_leaves = w.tree(which.data_mapping_root, 8, on_top)
         for _keys, node in top_leaves:
             for k, v in zip(node.keys, node.values):
-                top[int(k)] = int(v)  # type: ignore[arg-type]
+                top[int(k)] = int(v)
         if (which is sb) == (not use_metadata_snap or not sb.held_root):
             dev_details = details
         if set(details) != set(top):
@@ -346,10 +332,10 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         for dev_id in sorted(top):
             root = top[dev_id]
 
-            def on_map_leaf(node: Node, dev_id: int = dev_id) -> None:
-                if not node.values:
+            def on_map_leaf(node: NodeView, dev_id: int = dev_id) -> None:
+                if not node.nr_entries:
                     return
-                blocks = np.frombuffer(node.values, dtype="<u8") >> np.uint64(24)  # type: ignore[arg-type]
+                blocks = unpack_block_times(node.values)[0]
                 bad = blocks >= nr_data
                 if bad.any():
                     w.problem(f"device {dev_id}: mapping to data block {int(blocks[bad][0])} beyond the data "
@@ -360,8 +346,8 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             if dev_id not in owned:
                 # A top-level leaf shared with a tree walked before holds one reference on each subtree root,
                 # already counted: only collect the (already walked) leaves for the mapped_blocks check.
-                leaves = []
-                ok = skip_mappings or w._collect(root, 8, (), leaves)
+                leaves: list[tuple[np.ndarray, NodeView]] = []
+                ok = skip_mappings or w.collect(root, 8, leaves)
                 if skip_mappings:
                     continue
             elif skip_mappings:
@@ -372,9 +358,9 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             if ok and (label == "live" or use_metadata_snap):
                 n = sum(len(k) for k, _ in leaves)
                 report.mappings += n
-                d = details.get(dev_id)
-                if d is not None and d[0] != n:
-                    w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {d[0]}",
+                dd = details.get(dev_id)
+                if dd is not None and dd[0] != n:
+                    w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {dd[0]}",
                               root)
     report.devices = len(dev_details)
     # times: every shared data block must be older than each mapping device's snapshotted_time.

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from thinpool.btree.btree import MAX_DEPTH
+from thinpool.btree.walk import NodeView, Visitor, Where, walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -129,8 +129,8 @@ def sorted_runs(steps: Sequence[np.ndarray], equals: Sequence[np.ndarray] = ()) 
 
 
 # --- reading the mapping trees --------------------------------------------------------------------------------
-# TODO(#12): the engine's one walker replaces read_mapping_node / mapping_leaves; until it lands, node access
-# for the tools is confined to these two functions.
+# Node access for the tools goes through BTree.node_arrays (the B-tree owns its nodes); these two functions
+# are the only readers of mapping-tree shape outside btree/ (delta pairs two trees, which no walker does).
 @dataclass(frozen=True, slots=True)
 class MappingNode:
     """One node of a bottom-level mapping tree: children (internal) or packed block_time values (leaf)."""
@@ -147,8 +147,30 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     Raises:
         MetadataCorrupt / ChecksumError naming ``block``.
     """
+    if pmd.readonly:
+        # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
+        grab = _OneNode()
+        for _ in walk_nodes(pmd.store, block, value_size=8, visitor=grab):
+            pass
+        view = grab.view
+        assert view is not None
+        return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
+
+
+class _OneNode(Visitor):
+    """Takes the root node of a walk and refuses every child pointer: a validated read of one node."""
+
+    def __init__(self) -> None:
+        self.view: NodeView | None = None
+
+    def ref(self, b: int, where: Where) -> bool:
+        return where.is_root
+
+    def node(self, view: NodeView, where: Where) -> None:
+        if where.is_root:
+            self.view = view
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,30 +190,64 @@ def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.
     return node.keys, data, times
 
 
+class _SkipSeen(Visitor):
+    """Walk each node once across several walks (thin_rmap's repeated-visit avoidance), remembering block
+    numbers only (the walker's memo would keep the nodes)."""
+
+    def __init__(self, seen: set[int]) -> None:
+        self.seen = seen
+
+    def ref(self, b: int, where: Where) -> bool:
+        if b in self.seen:
+            return False
+        self.seen.add(b)
+        return True
+
+
 def mapping_leaves(pmd: PoolMetadata, root: int, *,
                    seen: set[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(thin blocks, data blocks, times) of each non-empty leaf of the mapping tree at ``root``, in key order.
-    Memory O(depth x fanout). With ``seen``, nodes already in it are skipped and every node visited is added
-    (thin_rmap visits a subtree shared by several devices once).
+    """(thin blocks, data blocks, times) of each non-empty leaf of the mapping tree at ``root``, in key order,
+    through the one walker (btree/walk.py: strict policy, child key ranges, cycles, MAX_DEPTH). Memory
+    O(depth x fanout). With ``seen``, nodes already in it are skipped and every node visited is added (thin_rmap
+    visits a subtree shared by several devices once).
 
     Raises:
-        MetadataCorrupt: a damaged node, a cycle or a tree deeper than MAX_DEPTH.
+        MetadataCorrupt (with ``path``): a damaged node, a key outside its parent's range, a cycle.
     """
-    stack: list[tuple[int, int]] = [(root, 0)]
-    while stack:
-        block, depth = stack.pop()
-        if seen is not None:
-            if block in seen:
-                continue
-            seen.add(block)
-        node = read_mapping_node(pmd, block)
-        if node.is_leaf:
-            if len(node.keys):
-                yield leaf_mappings(pmd, node)
-            continue
-        if depth >= MAX_DEPTH:
-            raise MetadataCorrupt(block=block, reason="btree too deep (cycle?)")
-        stack.extend((int(c), depth + 1) for c in node.values[::-1].tolist())
+    visitor = _SkipSeen(seen) if seen is not None else None
+    # Read-only metadata has no open transaction: reading the store directly keeps a streaming walk from filling
+    # the node cache (each node is visited once; the cache would only hold memory).
+    source = pmd.store if pmd.readonly else pmd.tm
+    for node, _ in walk_nodes(source, root, value_size=8, visitor=visitor):
+        view = NodeView(node)
+        if view.nr_entries:
+            yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))
+
+
+BATCH_MAPPINGS = 4096  # mappings per batch handed on by batched_leaves (fewer, larger numpy steps)
+
+
+def batched_leaves(leaves: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                   nr_mappings: int = BATCH_MAPPINGS) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Consecutive leaves joined into batches of at least ``nr_mappings`` (the last may be smaller): the same
+    mappings in the same order. Memory: one batch."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    n = 0
+    for leaf in leaves:
+        parts.append(leaf)
+        n += len(leaf[0])
+        if n >= nr_mappings:
+            yield _join(parts)
+            parts, n = [], 0
+    if parts:
+        yield _join(parts)
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
 
 
 def device_leaves(pmd: PoolMetadata, dev_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -282,7 +338,7 @@ def emit(pmd: PoolMetadata, visitor: MetadataVisitor, *, dev_ids: Sequence[int] 
         visitor.device_b(device_ir(pmd, dev_id))
         if not skip_mappings:
             joiner = RunJoiner(2, 1)
-            for thin, data, times in device_leaves(pmd, dev_id):
+            for thin, data, times in batched_leaves(device_leaves(pmd, dev_id)):
                 runs = joiner.feed((thin, data), (times,))
                 if len(runs):
                     visitor.map(runs)

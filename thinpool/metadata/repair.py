@@ -1,6 +1,6 @@
 """Salvage damaged pool metadata into fresh metadata (thin_repair's job; never in place).
 
-Layer: metadata. May import: errors, units, checksum, formats, io, btree.node, metadata.pool_metadata.
+Layer: metadata. May import: errors, units, checksum, formats, io, btree.walk, metadata.pool_metadata.
 
 ``repair(src, dst)`` reads what it can from ``src`` without trusting it: the superblock (its checksum may be bad if
 the fields still make sense), the device-details tree, the top-level mapping tree and each device's mapping tree.
@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from thinpool.btree.node import decode_node
-from thinpool.errors import InvalidArgument, MetadataCorrupt, MetadataError, StoreIOError
+from thinpool.btree.walk import SALVAGE, NodeView, Visitor, Where, walk
+from thinpool.errors import InvalidArgument, MetadataCorrupt, MetadataError
 from thinpool.formats.device_details import TIME_MASK, DeviceDetails, parse_device_details
 from thinpool.formats.superblock import THIN_SUPERBLOCK_MAGIC, Superblock, parse_superblock
 from thinpool.io.block_store import BlockStore, FileBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.units import MAX_DEV_ID
-
-MAX_DEPTH = 12
 
 
 @dataclass
@@ -53,51 +51,11 @@ class _Salvager:
         self.report = report
 
     def walk(self, root: int, leaf_vs: int, what: str) -> tuple[np.ndarray, list[bytes] | np.ndarray]:
-        """Every (key, value) of the tree at ``root`` that can be read, in key order, unique keys."""
-        keys: list[int] = []
-        vals: list[object] = []
-        seen: set[int] = set()
-        # (block, depth, lo, hi): keys of the subtree must lie in [lo, hi)
-        stack: list[tuple[int, int, int, int | None]] = [(root, 0, 0, None)]
-        while stack:
-            b, depth, lo, hi = stack.pop()
-            if b in seen:
-                self.report.skipped_blocks += 1
-                self.report.note(f"{what}: block {b} reached twice (cycle or shared child): skipped")
-                continue
-            seen.add(b)
-            if depth > MAX_DEPTH:
-                self.report.skipped_blocks += 1
-                self.report.note(f"{what}: tree deeper than {MAX_DEPTH} at block {b}: skipped")
-                continue
-            if not 0 < b < self.src.nr_blocks:
-                self.report.skipped_blocks += 1
-                self.report.note(f"{what}: pointer {b} out of range: skipped")
-                continue
-            try:
-                node = decode_node(self.src.read_block(b), b, leaf_vs)
-            except (MetadataError, StoreIOError) as e:
-                self.report.skipped_blocks += 1
-                self.report.note(f"{what}: {e}")
-                continue
-            nk = list(node.keys)
-            if node.is_leaf:
-                for k, v in zip(nk, node.values):
-                    if k < lo or (hi is not None and k >= hi):
-                        self.report.dropped_mappings += 1
-                        continue
-                    keys.append(k)
-                    vals.append(v)
-            else:
-                # push right to left so the leaves come out in key order
-                for i in range(len(nk) - 1, -1, -1):
-                    c_lo = max(lo, nk[i])
-                    c_hi = nk[i + 1] if i + 1 < len(nk) else hi
-                    if hi is not None and c_hi is not None:
-                        c_hi = min(c_hi, hi)
-                    if c_hi is not None and c_lo >= c_hi:
-                        continue
-                    stack.append((int(node.values[i]), depth + 1, c_lo, c_hi))  # type: ignore[arg-type]
+        """Every (key, value) of the tree at ``root`` that can be read, in key order, unique keys (the one walker,
+        SALVAGE policy: damaged nodes are skipped with their subtrees; a block reached twice is skipped)."""
+        v = _SalvageVisitor(self.src, self.report, what)
+        walk(self.src, root, v, value_size=leaf_vs, policy=SALVAGE, memo={}, revisit="skip")
+        keys, vals = v.keys, v.vals
         # leaves come out in order when the tree is sane; enforce strictly increasing keys regardless
         if not keys:
             return np.zeros(0, dtype=np.uint64), []
@@ -108,7 +66,43 @@ class _Salvager:
         keep[1:] = k_arr[1:] != k_arr[:-1]
         self.report.dropped_mappings += int(np.count_nonzero(~keep))
         sel = order[keep]
-        return k_arr[keep], [vals[i] for i in sel.tolist()]  # type: ignore[misc]
+        return k_arr[keep], [vals[i] for i in sel.tolist()]
+
+
+class _SalvageVisitor(Visitor):
+    def __init__(self, src: BlockStore, report: RepairReport, what: str) -> None:
+        self.src = src
+        self.report = report
+        self.what = what
+        self.keys: list[int] = []
+        self.vals: list[object] = []
+
+    def _skip(self, msg: str) -> None:
+        self.report.skipped_blocks += 1
+        self.report.note(f"{self.what}: {msg}")
+
+    def ref(self, b: int, where: Where) -> bool:
+        if where.hi is not None and where.lo >= where.hi:
+            return False  # no key can be valid below this pointer
+        if not 0 < b < self.src.nr_blocks:
+            self._skip(f"pointer {b} out of range: skipped")
+            return False
+        return True
+
+    def revisit(self, b: int, where: Where) -> None:
+        self._skip(f"block {b} reached twice (cycle or shared child): skipped")
+
+    def error(self, err: MetadataCorrupt, where: Where) -> None:
+        self._skip(err.fields["reason"] if err.fields.get("found_by") == "walker" else str(err))
+
+    def leaf(self, view: NodeView, where: Where) -> None:
+        lo, hi = where.lo, where.hi
+        for k, v in zip(view.keys.tolist(), view.values if isinstance(view.values, list) else view.values.tolist()):
+            if k < lo or (hi is not None and k >= hi):
+                self.report.dropped_mappings += 1
+                continue
+            self.keys.append(k)
+            self.vals.append(v)
 
 
 def _superblock(src: BlockStore, report: RepairReport) -> Superblock:
@@ -144,7 +138,7 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
     details: dict[int, DeviceDetails] = {}
     for k, v in zip(det_k.tolist(), det_v):
         try:
-            details[int(k)] = parse_device_details(v)  # type: ignore[arg-type]
+            details[int(k)] = parse_device_details(v)
         except Exception:  # noqa: BLE001 - a 24-byte value always parses; be safe with damaged data
             report.dropped_mappings += 1
     devices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -153,7 +147,7 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
         if dev > MAX_DEV_ID:
             report.note(f"device id {dev} out of range: dropped")
             continue
-        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")  # type: ignore[arg-type]
+        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")
         vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
         db = vals >> np.uint64(24)
         t = vals & np.uint64(TIME_MASK)

@@ -60,8 +60,9 @@ def _pieces(start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def _emit_data(w: DiffWriter, pool: Pool, dev_id: int, start: int, end: int) -> None:
-    """Read [start, end) piece by piece; non-zero chunks as ``w`` (adjacent ones merged), zero chunks as ``z``."""
+def _emit_data(w: DiffWriter, pool: Pool, dev_id: int, start: int, end: int, *, zeros: bool = True) -> None:
+    """Read [start, end) piece by piece; non-zero chunks as ``w`` (adjacent ones merged), all-zero chunks as
+    ``z`` (or nothing with ``zeros=False``, where the receiver already reads zeros)."""
     dev = pool.device(dev_id)
     ch = pool.chunk_bytes
     for a, b in _pieces(start, end):
@@ -76,50 +77,70 @@ def _emit_data(w: DiffWriter, pool: Pool, dev_id: int, start: int, end: int) -> 
             if run_kind is None:
                 run_kind, run_start = nz, s
             elif nz != run_kind:
-                _flush(w, buf, a, run_start, s, run_kind)
+                _flush(w, buf, a, run_start, s, run_kind, zeros)
                 run_kind, run_start = nz, s
         if run_kind is not None:
-            _flush(w, buf, a, run_start, b, run_kind)
+            _flush(w, buf, a, run_start, b, run_kind, zeros)
 
 
-def _flush(w: DiffWriter, buf: bytes, base: int, s: int, e: int, nonzero: bool) -> None:
+def _flush(w: DiffWriter, buf: bytes, base: int, s: int, e: int, nonzero: bool, zeros: bool) -> None:
     if nonzero:
         w.write(s, memoryview(buf)[s - base:e - base])
-    else:
+    elif zeros:
         w.zero(s, e - s)
 
 
 def write_diff(w: DiffWriter, pool: Pool, dev_id: int, from_id: int | None, *,
                to_snap: str | None, progress: Progress | None = None) -> None:
-    """Header, extents and end of one diff of ``dev_id`` (against ``from_id`` if given) to ``w``."""
+    """Header, extents and end of one diff of ``dev_id`` (against ``from_id`` if given) to ``w``.
+
+    With ``from_id``: below the older snapshot's size, the chunks the two trees map differently; past it (the
+    device grew since; the receiver's grown range reads zeros, as RBD's does after a resize) whatever the device
+    holds there that is not zero.
+    """
     size = pool.device_size(dev_id)
     ch = pool.chunk_bytes
     from_snap = pool.device_name(from_id) if from_id is not None else None
     w.header(size=size, from_snap=from_snap, to_snap=to_snap)
     origin = pool.external_origin(dev_id)
-    origin_end = 0
-    if origin is not None:
-        # unprovisioned chunks show the origin: a full diff carries its whole extent; after --from, chunks
-        # that became unmapped show it again, so they are read rather than zeroed
-        origin_end = min(size, -(-origin.size // ch) * ch) if from_id is None else 0
-    if origin_end:
-        _emit_data(w, pool, dev_id, 0, origin_end)
+    lo = 0  # everything below ``lo`` has been emitted
+    if origin is not None and from_id is None:
+        # unprovisioned chunks show the origin: a full diff carries its whole extent
+        lo = min(size, -(-origin.size // ch) * ch)
+        _emit_data(w, pool, dev_id, 0, lo)
         if progress:
-            progress(origin_end)
+            progress(lo)
+    # below ``limit`` the diff is what the mapping trees say differs; from there on, what the device holds
+    limit = size if from_id is None else min(size, pool.device_size(from_id))
     for begin, length, kind in changed_runs(pool.md, dev_id, from_id):
-        start, end = max(begin * ch, origin_end), min((begin + length) * ch, size)
+        start, end = max(begin * ch, lo), min((begin + length) * ch, limit)
         if start >= end:
             continue
         if kind == "data" or origin is not None:
+            # after --from, chunks that became unmapped show the origin again: read rather than zeroed
             _emit_data(w, pool, dev_id, start, end)
         else:
             for a, b in _pieces(start, end):
                 w.zero(a, b - a)
         if progress:
             progress(end)
+    if limit < size:
+        _emit_grown(w, pool, dev_id, max(limit, lo), size, has_origin=origin is not None)
     w.end()
     if progress:
         progress(size)
+
+
+def _emit_grown(w: DiffWriter, pool: Pool, dev_id: int, start: int, size: int, *, has_origin: bool) -> None:
+    """The non-zero data of [start, size): the mapped chunks there (the whole range over an external origin)."""
+    if has_origin:
+        _emit_data(w, pool, dev_id, start, size, zeros=False)
+        return
+    ch = pool.chunk_bytes
+    for begin, length, _kind in changed_runs(pool.md, dev_id, None):
+        a, b = max(begin * ch, start), min((begin + length) * ch, size)
+        if a < b:
+            _emit_data(w, pool, dev_id, a, b, zeros=False)
 
 
 def _summary(pool: Pool, dev_id: int, w: DiffWriter, t0: float, *, from_snap: str | None,
@@ -156,17 +177,11 @@ def export_diff(pool: Pool, dev_id: int, out: BinaryIO, *, from_id: int | None =
 
 
 def snapshot_chain(pool: Pool, dev_id: int) -> list[int]:
-    """The snapshots of ``dev_id`` oldest first, from the origins the pool records for each snapshot.
-
-    Raises:
-        InvalidArgument: the pool records no snapshot origins (pass the snapshots explicitly).
-    """
-    origin_of = getattr(pool, "origin_of", None)
-    if origin_of is None:
-        raise InvalidArgument(reason="this pool does not record snapshot origins: name the snapshots with --snap")
-    created = getattr(pool, "created_at", None)
-    snaps = [d for d in pool.list_devices() if d != dev_id and origin_of(d) == dev_id]
-    return sorted(snaps, key=lambda d: (created(d) if created else 0, d))
+    """The snapshots of ``dev_id`` (the devices the pool records as snapshotted from it), oldest first (by
+    creation time, then id). Snapshots of those snapshots are not part of the chain: they are not points in
+    ``dev_id``'s history."""
+    snaps = [d for d in pool.list_devices() if d != dev_id and pool.origin_of(d) == dev_id]
+    return sorted(snaps, key=lambda d: (pool.created_at(d) or 0.0, d))
 
 
 def export_image(pool: Pool, dev_id: int, out: BinaryIO, *, snaps: list[int] | None = None,

@@ -140,6 +140,10 @@ def _apply_one(pool: Pool, dev_id: int, r: StreamReader, version: int, s: DiffSu
     new = s.header.size
     if new > old:
         pool._entry(dev_id)["size"] = new  # provisional: pool.abort() rereads the manifest
+        ch = pool.chunk_bytes
+        tail_end = min(-(-old // ch) * ch, new)
+        if tail_end > old:  # the grown range reads as zeros, as in RBD: clear what the old last chunk held there
+            pool.device(dev_id).write_zeroes(old, tail_end - old)
     _apply_extents(pool, dev_id, r, version, s, progress)
     if new != old:
         pool.resize_device(dev_id, new)  # shrinking unmaps the chunks past the end; commits
@@ -181,7 +185,7 @@ def import_diff(pool: Pool, dev_id: int, f: BinaryIO, *, snap_prefix: str = "",
         _check_snap_name(snap_name)
         if _find_name(pool, snap_name) is not None:
             raise SnapshotExists(dev_id=snap_name, name=snap_name)
-    _check_space(pool, need)
+    _check_space(pool, need + 1)  # + the old last chunk, zeroed past the old end when growing
     snap_id = _next_id(pool, set()) if snap_name else None
     out = ImportSummary(device=pool.device_name(dev_id), dev_id=dev_id, size=h.size, records=s.records,
                         write_records=s.writes, zero_records=s.zeros, bytes_written=s.data_bytes,
@@ -238,7 +242,7 @@ def import_image(pool: Pool, f: BinaryIO, name: str, *, dev_id: int | None = Non
         _check_size(s.header.size, f"diff {i + 1}")
         r.pos = s.start
         _, n = _blocks_needed(r, 2, pool.chunk_bytes, False)
-        need += n
+        need += n + 1
         sn = None if s.header.to_snap is None else snap_prefix + s.header.to_snap
         sid = None
         if sn is not None:

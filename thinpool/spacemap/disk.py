@@ -18,9 +18,18 @@ import numpy as np
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt
-from thinpool.formats.space_map import (ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, IndexEntry, SmRoot,
-                                        build_index_entry, build_metadata_index, decode_bitmap, encode_bitmap,
-                                        parse_index_entry, parse_metadata_index)
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    MAX_METADATA_BITMAPS,
+    IndexEntry,
+    SmRoot,
+    build_index_entry,
+    build_metadata_index,
+    decode_bitmap,
+    encode_bitmap,
+    parse_index_entry,
+    parse_metadata_index,
+)
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.tx.transaction import TransactionManager
 
@@ -56,8 +65,7 @@ class DiskSpaceMap:
         if is_metadata:
             if n > MAX_METADATA_BITMAPS:
                 raise MetadataCorrupt(block=0, reason=f"metadata space map too large ({root.nr_blocks} blocks)")
-            buf = tm.read_raw(root.bitmap_root, BlockType.INDEX)
-            _check_self(buf, root.bitmap_root, "metadata index block")
+            buf = tm.read_raw(root.bitmap_root, BlockType.INDEX, "metadata index block")
             entries = parse_metadata_index(buf, n)
         else:
             tree = BTree(tm, NoRefValue(16))
@@ -71,8 +79,7 @@ class DiskSpaceMap:
                                       reason=f"data space map index has {len(entries)} bitmaps, expected {n}")
         counts = np.zeros(n * E, dtype=np.uint32)
         for i, e in enumerate(entries):
-            buf = tm.read_raw(e.blocknr, BlockType.BITMAP)
-            _check_self(buf, e.blocknr, f"{kind} space map bitmap")
+            buf = tm.read_raw(e.blocknr, BlockType.BITMAP, f"{kind} space map bitmap")
             counts[i * E:(i + 1) * E] = decode_bitmap(buf)
         counts = counts[:root.nr_blocks]
         rc = BTree(tm, NoRefValue(4))
@@ -120,7 +127,8 @@ class DiskSpaceMap:
     def _entry(self, i: int) -> IndexEntry:
         seg = self.core.counts[i * E:(i + 1) * E]
         zero = np.flatnonzero(seg == 0)
-        return IndexEntry(self.bitmap_blocks[i], E - int(np.count_nonzero(seg)), int(zero[0]) if zero.size else len(seg))
+        return IndexEntry(self.bitmap_blocks[i], E - int(np.count_nonzero(seg)),
+                          int(zero[0]) if zero.size else len(seg))
 
     def _update_ref_counts(self, changed: np.ndarray, written: dict[int, int | None]) -> bool:
         counts, committed = self.core.counts, self.core.committed
@@ -176,9 +184,3 @@ class DiskSpaceMap:
             for i in sorted(relocated):
                 self.index_root, _ = self.index_tree.insert(self.index_root, i, build_index_entry(self._entry(i)))
         self.force_dirty = set()
-
-
-def _check_self(buf: bytes, b: int, what: str) -> None:
-    got = int.from_bytes(buf[8:16], "little")
-    if got != b:
-        raise MetadataCorrupt(block=b, reason=f"bad block nr in {what}: says {got}")

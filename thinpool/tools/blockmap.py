@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from thinpool.metadata.ir import RunJoiner, Runs, mapping_leaves
+from thinpool.metadata.ir import RunJoiner, Runs, batched_leaves, mapping_leaves
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.tools.sharing import Sharing
 
@@ -57,7 +57,7 @@ def device_map(md: PoolMetadata, dev_id: int, size: int, sharing: Sharing, origi
 
     joiner = RunJoiner(2, 1)
     going = True
-    for thin, data, _ in mapping_leaves(md, md.device_root(dev_id)):
+    for thin, data, _ in batched_leaves(mapping_leaves(md, md.device_root(dev_id))):
         if not take(joiner.feed((thin, data), (sharing.is_shared(data).astype(np.int64),))):
             going = False
             break

@@ -22,13 +22,22 @@ import numpy as np
 
 from thinpool.btree.btree import MAX_DEPTH
 from thinpool.errors import MetadataCorrupt
-from thinpool.metadata.ir import MappingNode, RunJoiner, Runs, leaf_mappings, mapping_leaves, read_mapping_node
+from thinpool.metadata.ir import (
+    MappingNode,
+    RunJoiner,
+    Runs,
+    batched_leaves,
+    leaf_mappings,
+    mapping_leaves,
+    read_mapping_node,
+)
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 Kind = Literal["same", "different", "left_only", "right_only"]
 KINDS: tuple[Kind, ...] = ("same", "different", "left_only", "right_only")
 _SAME, _DIFFERENT, _LEFT, _RIGHT = range(4)
 _INF = 1 << 64
+_BATCH_KEYS = 4096  # mappings buffered (both sides) before a comparison: fewer, larger numpy steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,9 @@ class _Cursor:
     def top(self) -> int | None:
         return self.stack[-1][0] if self.stack else None
 
+    def nr_below(self, hi: int) -> int:
+        return int(np.searchsorted(self.keys, hi)) if hi < _INF else len(self.keys)
+
     def take_below(self, hi: int) -> tuple[np.ndarray, np.ndarray]:
         n = int(np.searchsorted(self.keys, hi)) if hi < _INF else len(self.keys)
         k, d = self.keys[:n], self.data[:n]
@@ -71,14 +83,18 @@ class _Cursor:
         return read_mapping_node(self.pmd, self.stack[-1][0])
 
     def advance(self, node: MappingNode) -> None:
-        """Replace the top subtree by its children (internal) or load it (leaf; the buffer must be empty)."""
+        """Replace the top subtree by its children (internal) or append its mappings to the buffer (leaf)."""
         _, lo, depth = self.stack.pop()
         hi = self.known_hi()
         if len(node.keys) and (int(node.keys[0]) < lo or int(node.keys[-1]) >= hi):
             raise MetadataCorrupt(block=node.block, reason=f"keys {int(node.keys[0])}..{int(node.keys[-1])} "
                                                            f"outside the parent's range {lo}..{hi}")
         if node.is_leaf:
-            self.keys, self.data, _ = leaf_mappings(self.pmd, node)
+            keys, data, _ = leaf_mappings(self.pmd, node)
+            if len(self.keys):
+                self.keys, self.data = np.concatenate([self.keys, keys]), np.concatenate([self.data, data])
+            else:
+                self.keys, self.data = keys, data
             return
         if depth >= MAX_DEPTH:
             raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
@@ -88,11 +104,8 @@ class _Cursor:
             self.stack.append((int(children[i]), int(bounds[i]), depth + 1))
 
 
-def _classify(lk: np.ndarray, ld: np.ndarray, rk: np.ndarray, rd: np.ndarray,
-              joiner: RunJoiner) -> Iterator[DeltaRun]:
+def _classify(lk: np.ndarray, ld: np.ndarray, rk: np.ndarray, rd: np.ndarray, joiner: RunJoiner) -> Runs:
     """Feed one aligned stretch of both sides (all their keys below one bound) through the joiner."""
-    if not len(lk) and not len(rk):
-        return
     keys = np.union1d(lk, rk)
     li = np.minimum(np.searchsorted(lk, keys), max(len(lk) - 1, 0))
     ri = np.minimum(np.searchsorted(rk, keys), max(len(rk) - 1, 0))
@@ -103,16 +116,65 @@ def _classify(lk: np.ndarray, ld: np.ndarray, rk: np.ndarray, rd: np.ndarray,
     lval = np.where(has_l, ld[li] if len(ld) else keys, keys)
     rval = np.where(has_r, rd[ri] if len(rd) else keys, keys)
     kind = np.where(has_l & has_r, np.where(lval == rval, _SAME, _DIFFERENT), np.where(has_l, _LEFT, _RIGHT))
-    yield from _runs(joiner.feed((keys, lval, rval), (kind,)))
+    return joiner.feed((keys, lval, rval), (kind,))
 
 
-def _same(keys: np.ndarray, data: np.ndarray, joiner: RunJoiner) -> Iterator[DeltaRun]:
-    yield from _runs(joiner.feed((keys, data, data), (np.zeros(len(keys), dtype=np.int64),)))
+def _without_same(runs: Runs) -> Runs:
+    keep = runs.equals[0] != _SAME
+    if keep.all():
+        return runs
+    return Runs(tuple(c[keep] for c in runs.steps), tuple(c[keep] for c in runs.equals), runs.lengths[keep])
 
 
-def _runs(runs: Runs) -> Iterator[DeltaRun]:
-    for begin, lval, rval, kind, length in runs.rows():
-        yield DeltaRun(KINDS[kind], begin, length, None if kind == _RIGHT else lval, None if kind == _LEFT else rval)
+def delta_batches(md: PoolMetadata, dev1: int, dev2: int, *, include_same: bool = True) -> Iterator[Runs]:
+    """``delta_runs`` as numpy batches: ``Runs`` with steps (begin, left data, right data), equals (kind index
+    into ``KINDS``) and lengths; an absent side's data column holds the thin block (meaningless). Runs are
+    maximal across batches. For bulk consumers (the XML writer, export-diff) that want no Python per run.
+
+    Raises:
+        DeviceNotFound, MetadataCorrupt.
+    """
+    left, right = _Cursor(md, md.device_root(dev1)), _Cursor(md, md.device_root(dev2))
+    joiner = RunJoiner(3, 1)
+
+    def out(runs: Runs) -> Iterator[Runs]:
+        if len(runs):
+            r = runs if include_same else _without_same(runs)
+            if len(r):
+                yield r
+
+    while True:
+        lo_hi = min(left.known_hi(), right.known_hi())
+        tops_equal = left.top() is not None and left.top() == right.top()
+        # With the same node next in both trees, neither has a key below that node's keys, which lie above both
+        # bounds: everything buffered can be compared, and then the node skipped.
+        bound = max(left.known_hi(), right.known_hi()) if tops_equal else lo_hi
+        if tops_equal or bound == _INF or left.nr_below(bound) + right.nr_below(bound) >= _BATCH_KEYS:
+            lk, ld = left.take_below(bound)
+            rk, rd = right.take_below(bound)
+            if len(lk) or len(rk):
+                yield from out(_classify(lk, ld, rk, rd, joiner))
+            if bound == _INF:
+                break
+            if tops_equal:
+                block = left.top()
+                assert block is not None
+                left.stack.pop()
+                right.stack.pop()
+                if include_same:
+                    for keys, data, _ in batched_leaves(mapping_leaves(md, block)):
+                        yield from out(joiner.feed((keys, data, data), (np.zeros(len(keys), dtype=np.int64),)))
+                continue
+        bound = lo_hi
+        sides = [c for c in (left, right) if c.known_hi() == bound]
+        nodes = [c.peek() for c in sides]
+        if len(sides) == 2 and nodes[0].is_leaf != nodes[1].is_leaf:
+            # descend the taller tree until the levels meet: a leaf of one may be a child of the other's node
+            i = 0 if not nodes[0].is_leaf else 1
+            sides, nodes = [sides[i]], [nodes[i]]
+        for c, n in zip(sides, nodes):
+            c.advance(n)
+    yield from out(joiner.flush())
 
 
 def delta_runs(md: PoolMetadata, dev1: int, dev2: int, *, include_same: bool = True) -> Iterator[DeltaRun]:
@@ -125,39 +187,10 @@ def delta_runs(md: PoolMetadata, dev1: int, dev2: int, *, include_same: bool = T
     Raises:
         DeviceNotFound: either device does not exist. MetadataCorrupt: damage in either tree.
     """
-    left, right = _Cursor(md, md.device_root(dev1)), _Cursor(md, md.device_root(dev2))
-    joiner = RunJoiner(3, 1)
-    while True:
-        bound = min(left.known_hi(), right.known_hi())
-        if len(left.keys) or len(right.keys):
-            lk, ld = left.take_below(bound)
-            rk, rd = right.take_below(bound)
-            for run in _classify(lk, ld, rk, rd, joiner):
-                if include_same or run.kind != "same":
-                    yield run
-        if bound == _INF:
-            break
-        if not len(left.keys) and not len(right.keys) and left.top() == right.top():
-            # the same node in both trees: identical mappings below it
-            block = left.top()
-            assert block is not None
-            left.stack.pop()
-            right.stack.pop()
-            if include_same:
-                for keys, data, _ in mapping_leaves(md, block):
-                    yield from _same(keys, data, joiner)
-            continue
-        sides = [c for c in (left, right) if c.known_hi() == bound]
-        nodes = [c.peek() for c in sides]
-        if len(sides) == 2 and nodes[0].is_leaf != nodes[1].is_leaf:
-            # descend the taller tree until the levels meet: a leaf of one may be a child of the other's node
-            i = 0 if not nodes[0].is_leaf else 1
-            sides, nodes = [sides[i]], [nodes[i]]
-        for c, n in zip(sides, nodes):
-            c.advance(n)
-    for run in _runs(joiner.flush()):
-        if include_same or run.kind != "same":
-            yield run
+    for batch in delta_batches(md, dev1, dev2, include_same=include_same):
+        for begin, lval, rval, kind, length in batch.rows():
+            yield DeltaRun(KINDS[kind], begin, length, None if kind == _RIGHT else lval,
+                           None if kind == _LEFT else rval)
 
 
 def mapped_runs(md: PoolMetadata, dev: int) -> Iterator[tuple[int, int, int]]:
@@ -168,55 +201,103 @@ def mapped_runs(md: PoolMetadata, dev: int) -> Iterator[tuple[int, int, int]]:
         DeviceNotFound, MetadataCorrupt.
     """
     joiner = RunJoiner(2)
-    for keys, data, _ in mapping_leaves(md, md.device_root(dev)):
+    for keys, data, _ in batched_leaves(mapping_leaves(md, md.device_root(dev))):
         for tb, db, n in joiner.feed((keys, data)).rows():
             yield tb, n, db
     for tb, db, n in joiner.flush().rows():
         yield tb, n, db
 
 
-def write_delta_xml(out: IO[str], md: PoolMetadata, dev1: int, dev2: int, runs: Iterable[DeltaRun], *,
-                    verbose: bool, nr_data_blocks: int, held_root: int = 0) -> None:
+def write_delta_xml(out: IO[str], md: PoolMetadata, dev1: int, dev2: int, runs: Iterable[DeltaRun] | None = None,
+                    *, verbose: bool, nr_data_blocks: int, held_root: int = 0,
+                    batches: Iterable[Runs] | None = None) -> None:
     """thin_delta 0.9.0's XML, byte for byte: verbose lists every range with its data blocks, grouped by kind;
-    otherwise adjacent ranges of one kind merge into one element. Streams: O(1) memory."""
+    otherwise adjacent ranges of one kind merge into one element. Give ``runs`` (DeltaRun records) or
+    ``batches`` (from ``delta_batches``: no Python per run in the non-verbose form). Streams: O(1) memory."""
     held = f'" metadata_snap="{held_root}' if held_root else ""
     out.write(f'<superblock uuid="" time="{md.time}" transaction="{md.trans_id}" '
               f'data_block_size="{md.data_block_size}" nr_data_blocks="{nr_data_blocks}{held}">\n')
     out.write(f'  <diff left="{dev1}" right="{dev2}">\n')
-    lines: list[str] = []
-    if verbose:
-        current: str | None = None
-        for r in runs:
-            if r.kind != current:
-                if current is not None:
-                    lines.append(f"    </{current}>\n")
-                lines.append(f"    <{r.kind}>\n")
-                current = r.kind
-            if r.kind == "different":
-                lines.append(f'      <range begin="{r.begin}" left_data_begin="{r.left_data}" '
-                             f'right_data_begin="{r.right_data}" length="{r.length}"/>\n')
-            else:
-                d = r.right_data if r.kind == "right_only" else r.left_data
-                lines.append(f'      <range begin="{r.begin}" data_begin="{d}" length="{r.length}"/>\n')
-            if len(lines) >= 4096:
-                out.write("".join(lines))
-                lines.clear()
-        if current is not None:
-            lines.append(f"    </{current}>\n")
+    if batches is not None:
+        if verbose:
+            _write_verbose(out, _records(batches))
+        else:
+            _write_merged(out, batches)
     else:
-        kind: str | None = None  # the pending element: kind, begin, end
-        begin = end = 0
-        for r in runs:
-            if kind == r.kind and r.begin == end:
-                end = r.begin + r.length
-                continue
-            if kind is not None:
-                lines.append(f'    <{kind} begin="{begin}" length="{end - begin}"/>\n')
-            kind, begin, end = r.kind, r.begin, r.begin + r.length
-            if len(lines) >= 4096:
-                out.write("".join(lines))
-                lines.clear()
-        if kind is not None:
-            lines.append(f'    <{kind} begin="{begin}" length="{end - begin}"/>\n')
-    out.write("".join(lines))
+        assert runs is not None
+        if verbose:
+            _write_verbose(out, runs)
+        else:
+            _write_merged(out, _as_batches(runs))
     out.write("  </diff>\n</superblock>\n")
+
+
+def _records(batches: Iterable[Runs]) -> Iterator[DeltaRun]:
+    for batch in batches:
+        for begin, lval, rval, kind, length in batch.rows():
+            yield DeltaRun(KINDS[kind], begin, length, lval, rval)
+
+
+def _as_batches(runs: Iterable[DeltaRun]) -> Iterator[Runs]:
+    rows: list[tuple[int, int, int]] = []
+    for r in runs:
+        rows.append((r.begin, r.length, KINDS.index(r.kind)))
+        if len(rows) >= 4096:
+            yield _rows_batch(rows)
+            rows = []
+    if rows:
+        yield _rows_batch(rows)
+
+
+def _rows_batch(rows: list[tuple[int, int, int]]) -> Runs:
+    a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return Runs((a[:, 0], a[:, 0], a[:, 0]), (a[:, 2],), a[:, 1])
+
+
+def _write_verbose(out: IO[str], runs: Iterable[DeltaRun]) -> None:
+    lines: list[str] = []
+    current: str | None = None
+    for r in runs:
+        if r.kind != current:
+            if current is not None:
+                lines.append(f"    </{current}>\n")
+            lines.append(f"    <{r.kind}>\n")
+            current = r.kind
+        if r.kind == "different":
+            lines.append(f'      <range begin="{r.begin}" left_data_begin="{r.left_data}" '
+                         f'right_data_begin="{r.right_data}" length="{r.length}"/>\n')
+        else:
+            d = r.right_data if r.kind == "right_only" else r.left_data
+            lines.append(f'      <range begin="{r.begin}" data_begin="{d}" length="{r.length}"/>\n')
+        if len(lines) >= 4096:
+            out.write("".join(lines))
+            lines.clear()
+    if current is not None:
+        lines.append(f"    </{current}>\n")
+    out.write("".join(lines))
+
+
+def _write_merged(out: IO[str], batches: Iterable[Runs]) -> None:
+    """Adjacent ranges of one kind merge (numpy within a batch, a pending element across batches)."""
+    kind = -1  # the pending element: kind index, begin, end
+    begin = end = 0
+    for batch in batches:
+        b = batch.steps[0]
+        e = b + batch.lengths
+        k = batch.equals[0]
+        brk = np.ones(len(b), dtype=bool)
+        brk[1:] = (k[1:] != k[:-1]) | (b[1:] != e[:-1])
+        starts = np.flatnonzero(brk)
+        ends = np.append(starts[1:], len(b)) - 1
+        gk, gb, ge = k[starts].tolist(), b[starts].tolist(), e[ends].tolist()
+        lines: list[str] = []
+        for kk, bb, ee in zip(gk, gb, ge):
+            if kk == kind and bb == end:
+                end = ee
+                continue
+            if kind >= 0:
+                lines.append(f'    <{KINDS[kind]} begin="{begin}" length="{end - begin}"/>\n')
+            kind, begin, end = kk, bb, ee
+        out.write("".join(lines))
+    if kind >= 0:
+        out.write(f'    <{KINDS[kind]} begin="{begin}" length="{end - begin}"/>\n')

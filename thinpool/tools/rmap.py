@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thinpool.metadata.ir import RunJoiner, Runs, mapping_leaves
+from thinpool.metadata.ir import RunJoiner, Runs, batched_leaves, mapping_leaves
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.tools.stdsort import std_sort
 
@@ -45,7 +45,7 @@ def rmap_runs(md: PoolMetadata, regions: Sequence[tuple[int, int]]) -> list[Rmap
     seen: set[int] = set()
     joiner = RunJoiner(2, 1)
     for dev_id in md.device_ids():
-        for thin, data, _ in mapping_leaves(md, md.device_root(dev_id), seen=seen):
+        for thin, data, _ in batched_leaves(mapping_leaves(md, md.device_root(dev_id), seen=seen)):
             keep = np.zeros(len(data), dtype=bool)
             for lo, hi in regions:
                 keep |= (data >= lo) & (data < hi)

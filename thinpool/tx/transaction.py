@@ -76,13 +76,17 @@ class TransactionManager:
         self.blocks_read += 1
         return self.store.read_block(b)
 
-    def read_raw(self, b: int, block_type: BlockType) -> bytes:
-        """Block ``b`` with its checksum verified for ``block_type`` (a block written in this transaction is
-        returned as queued). The self block number is the caller's check: its offset depends on the type."""
+    def read_raw(self, b: int, block_type: BlockType, what: str = "") -> bytes:
+        """Block ``b`` validated for ``block_type`` (checksum.validate: checksum and self block number; ``what``
+        names it in the error). A block written in this transaction is returned as queued.
+
+        Raises:
+            ChecksumError / MetadataCorrupt naming ``b``.
+        """
         if b in self.dirty_raw:
             return bytes(self.dirty_raw[b])
         buf = self.read_block(b)
-        checksum.verify(buf, block_type, b)
+        checksum.validate(buf, block_type, b, what)
         return buf
 
     def get_dirty(self, b: int) -> Any | None:

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -417,3 +417,84 @@ def write_layer_dirs(base: Path, layers: list[list[Op]], whiteout: str) -> list[
         _write_layer_dir(d, layer, whiteout, below)
         out.append(d)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an OCI image layout (for drivers that load images the way docker does)
+# ---------------------------------------------------------------------------------------------------------------
+def layer_tar(layer: list[Op], below: Tree, out: Path) -> str:
+    """One layer as an uncompressed layer tar (aufs-style whiteouts, as the OCI spec has them); its sha256."""
+    import io
+    import tarfile
+
+    def info(path: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(path.lstrip("/") + ("/" if kind == tarfile.DIRTYPE else ""))
+        ti.type, ti.mode, ti.size, ti.linkname = kind, mode, size, link
+        ti.mtime = 1_700_000_000
+        return ti
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        done: set[str] = set()
+        for d in sorted(_layer_dirs(layer)):
+            mode = below[d].mode if d in below and below[d].kind == "dir" else 0o755
+            tar.addfile(info(d, tarfile.DIRTYPE, mode))
+            done.add(d)
+        for op in layer:
+            parent, name = posixpath.split(op.path)
+            if op.kind == "delete":
+                tar.addfile(info(posixpath.join(parent, f".wh.{name}"), tarfile.REGTYPE, 0o644))
+            elif op.kind == "opaque":
+                if op.path not in done:
+                    tar.addfile(info(op.path, tarfile.DIRTYPE, 0o755))
+                tar.addfile(info(posixpath.join(op.path, ".wh..wh..opq"), tarfile.REGTYPE, 0o644))
+            elif op.kind == "dir":
+                tar.addfile(info(op.path, tarfile.DIRTYPE, op.mode))
+            elif op.kind == "file":
+                tar.addfile(info(op.path, tarfile.REGTYPE, op.mode, op.size), io.BytesIO(b"".join(pieces(op))))
+            elif op.kind == "symlink":
+                tar.addfile(info(op.path, tarfile.SYMTYPE, 0o777, link=op.target))
+            elif op.kind == "hardlink":
+                # a tar writer gives a hard link the inode's mode (moby's UnpackLayer chmods the link with it)
+                mode = next(o.mode for o in layer if o.path == op.target and o.kind == "file")
+                tar.addfile(info(op.path, tarfile.LNKTYPE, mode, link=op.target.lstrip("/")))
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        while b := f.read(WRITE_PIECE):
+            h.update(b)
+    return h.hexdigest()
+
+
+def write_oci_layout(root: Path, layers: list[list[Op]], tags: dict[str, int]) -> None:
+    """An OCI image layout at ``root``: one image per tag, ``tags[name]`` = how many layers (bottom first) it has;
+    layers are shared between the images."""
+    import json
+
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def blob(data: bytes) -> dict[str, Any]:
+        dg = hashlib.sha256(data).hexdigest()
+        (blobs / dg).write_bytes(data)
+        return {"digest": f"sha256:{dg}", "size": len(data)}
+
+    descs = []
+    for i, layer in enumerate(layers):
+        below, _ = reference_tree(layers[:i], digests=False) if i else ({}, set())
+        tmp = blobs / f"tmp-{i}"
+        dg = layer_tar(layer, below, tmp)
+        size = tmp.stat().st_size
+        tmp.rename(blobs / dg)
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{dg}",
+                      "size": size})
+    manifests = []
+    for name, n in tags.items():
+        config = {"architecture": "amd64", "os": "linux", "config": {},
+                  "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in descs[:n]]}}
+        cfg = blob(json.dumps(config, sort_keys=True).encode())
+        man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg}, "layers": descs[:n]}
+        m = blob(json.dumps(man, sort_keys=True).encode())
+        manifests.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", **m,
+                          "annotations": {"org.opencontainers.image.ref.name": name}})
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": manifests}))

@@ -111,10 +111,13 @@ def claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     ov = _get(m, "overlayfs", "rewrite", "throughput_per_s")
     verdict = "not measured"
     if t64 and au:
-        verdict = "holds with a condition" if t64 < au else "does not hold"
+        # fsync-bound loops on a shared disk vary by tens of percent from run to run: call only clear gaps
+        verdict = ("holds with a condition" if t64 < 0.75 * au else "does not hold" if t64 > 1.33 * au
+                   else "does not hold (no clear difference)")
     add("small-file rewrites are slower on devicemapper than on aufs", rw, verdict,
         f"16 KiB file rewritten whole with fsync, {_get(next(iter(m.values()), {}), 'rewrite', 'rewrites_count')} "
-        f"times. thinpool {t64 or 0:.0f}/s vs aufs-like {au or 0:.0f}/s, overlayfs {ov or 0:.0f}/s. Condition: "
+        f"times. thinpool {t64 or 0:.0f}/s vs aufs-like {au or 0:.0f}/s, overlayfs {ov or 0:.0f}/s (a gap under "
+        "25% is called no clear difference: these fsync-bound loops vary that much between runs here). Note: "
         "thinpool's block layer and ext2 run in Python in user space while the union drivers' writes go to "
         "the host kernel's filesystem, so this measures the implementation as much as the design; after the "
         "first copy-up the union drivers rewrite a plain host file.")
@@ -153,7 +156,9 @@ def claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     add("overlay consumes many inodes", ino, verdict,
         "host inodes (on the filesystem holding the driver's files) after import and N containers. Condition: "
         "overlayfs needs one host inode per file per layer plus a few per container (upper, work, init), so the "
-        "count grows with the image, not much with N; the block drivers keep everything in a few host files.")
+        "count grows with the image, not much with N. thinpool-devicemapper keeps the image in a few pool files; "
+        "with thinpool.driver it adds moby's records (metadata/<hash> per device, a JSON per container), a few "
+        "inodes per container whatever the image; btrfs on a loop file uses one host inode in all.")
 
     # 6. aufs lookups slower with depth
     lk = per(lambda d: ", ".join(f"d={k}: {v['median_us']:.1f} µs" for k, v in

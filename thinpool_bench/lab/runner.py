@@ -44,7 +44,7 @@ class LabConfig:
     rewrites: int = 300
     appends: int = 256
     append_bytes: int = 4 * KiB
-    page_cache_n: tuple[int, ...] = (1, 2, 4, 8)
+    page_cache_n: tuple[int, ...] = (1, 2, 4, 10)
     depths: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     nr_probes: int = 50
 
@@ -59,7 +59,8 @@ class LabConfig:
 def all_drivers(workdir: Path, quick: bool) -> list[D.Driver]:
     data = (8 if quick else 24) * GiB
     base = (2 if quick else 8) * GiB
-    return [D.ThinpoolDM(workdir, 64 * KiB, data, base), D.ThinpoolDM(workdir, 512 * KiB, data, base),
+    thin = D.ThinpoolMobyDM if D.moby_driver_available() else D.ThinpoolDM
+    return [thin(workdir, 64 * KiB, data, base), thin(workdir, 512 * KiB, data, base),
             D.Overlay(workdir), D.Btrfs(workdir, (4 if quick else 16) * GiB), D.Vfs(workdir), D.AufsLike(workdir)]
 
 
@@ -70,7 +71,7 @@ def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 def measure(drv: D.Driver, img: I.Image, cfg: LabConfig, ref: tuple[I.Tree, set[frozenset[str]]],
             progress: Progress = _noop) -> dict[str, Any]:
     """Every workload on one driver; the driver is torn down afterwards whatever happens."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"backend": drv.backend} if hasattr(drv, "backend") else {}
     say = lambda what: progress(f"{drv.name}: {what}")  # noqa: E731
     try:
         drv.setup()
@@ -151,16 +152,16 @@ def measure(drv: D.Driver, img: I.Image, cfg: LabConfig, ref: tuple[I.Tree, set[
         say("lookup depth")
         out["lookup"] = lookup_depth(drv, cfg)
         say("delete")
-        before = drv.usage()
+        u_before = drv.usage()
         t0 = time.perf_counter()
         for cid in made:
             drv.delete_container(cid)
         secs = time.perf_counter() - t0
-        after = drv.usage()
+        u_after = drv.usage()
         out["delete"] = {"containers_count": len(made), "time_s": secs, "time_per_container_s": secs / len(made),
-                         "space_before_bytes": before["space_bytes"], "space_after_bytes": after["space_bytes"],
-                         "space_returned_bytes": before["space_bytes"] - after["space_bytes"],
-                         "host_inodes_after": after["host_inodes"]}
+                         "space_before_bytes": u_before["space_bytes"], "space_after_bytes": u_after["space_bytes"],
+                         "space_returned_bytes": u_before["space_bytes"] - u_after["space_bytes"],
+                         "host_inodes_after": u_after["host_inodes"]}
     except Exception as e:  # noqa: BLE001 - one driver's failure is reported, the others still run
         out["error"] = f"{type(e).__name__}: {e}"[:500]
         out["traceback"] = traceback.format_exc()[-2000:]
@@ -242,10 +243,10 @@ def alloc_on_demand(drv: D.Driver, cid: str, cfg: LabConfig, reps: int = 3) -> d
                         work[pre][k] = work[pre].get(k, 0) + v
     finally:
         view.close()
-    new, pre = float(np.median(times[False])), float(np.median(times[True]))
+    t_new, t_pre = float(np.median(times[False])), float(np.median(times[True]))
     r: dict[str, Any] = {"appends_count": cfg.appends, "append_bytes": cfg.append_bytes, "files_count": reps,
-                         "new_file_per_s": cfg.appends / new, "preallocated_per_s": cfg.appends / pre,
-                         "new_over_preallocated_time_ratio": new / pre}
+                         "new_file_per_s": cfg.appends / t_new, "preallocated_per_s": cfg.appends / t_pre,
+                         "new_over_preallocated_time_ratio": t_new / t_pre}
     if thin:
         n = reps * cfg.appends
         r["new_file_pool_allocated_per_append_bytes"] = work[False]["allocated_bytes"] / n
