@@ -469,9 +469,12 @@ class RemotePool:
         return {"devices": self._info()["manifest_devices"]}
 
     def status(self) -> Any:
+        from dataclasses import fields
+
         from thinpool.pool import PoolStatus
 
-        return PoolStatus(**self._info()["status"])
+        st = self._info()["status"]
+        return PoolStatus(**{f.name: st[f.name] for f in fields(PoolStatus) if f.name in st})
 
     def list_devices(self) -> list[int]:
         return [int(d["dev_id"]) for d in self._info()["devices"]]
