@@ -498,3 +498,15 @@ def test_export_default_chain_from_recorded_origins(chain, tmp_path):
     ok("export", "copy", "-o", g, "-p", q)
     with open(g, "rb") as fh:
         assert [d.header.to_snap for d in scan_image(fh).diffs] == ["c-s1", "c-s2", "c-s3", None]
+
+
+def test_v2_protection_record_is_one_byte_whatever_its_length_says():
+    """Pacific announces 8 bytes for `p` and writes 1 (docs/ceph-rbd.md): read exactly one."""
+    from thinpool.rbd.stream import DiffHeader
+
+    for announced in (1, 8):
+        raw = _raw(b"rbd diff v2\n", b"t", _u64(6), _u32s(b"sn"), b"p", _u64(announced), b"\x01",
+                   b"s", _u64(8), _u64(1 << 20), b"z", _u64(16), _u64(0, 4096), b"e")
+        recs = list(iter_diff(StreamReader(io.BytesIO(raw)), 2))
+        assert recs[0] == DiffHeader(from_snap=None, to_snap="sn", size=1 << 20, protected=True)
+        assert recs[1] == Extent("z", 0, 4096)
