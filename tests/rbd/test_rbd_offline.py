@@ -498,3 +498,47 @@ def test_export_default_chain_from_recorded_origins(chain, tmp_path):
     ok("export", "copy", "-o", g, "-p", q)
     with open(g, "rb") as fh:
         assert [d.header.to_snap for d in scan_image(fh).diffs] == ["c-s1", "c-s2", "c-s3", None]
+
+
+def test_v2_protection_record_is_one_byte_whatever_its_length_says():
+    """Pacific announces 8 bytes for `p` and writes 1 (docs/ceph-rbd.md): read exactly one."""
+    from thinpool.rbd.stream import DiffHeader
+
+    for announced in (1, 8):
+        raw = _raw(b"rbd diff v2\n", b"t", _u64(6), _u32s(b"sn"), b"p", _u64(announced), b"\x01",
+                   b"s", _u64(8), _u64(1 << 20), b"z", _u64(16), _u64(0, 4096), b"e")
+        recs = list(iter_diff(StreamReader(io.BytesIO(raw)), 2))
+        assert recs[0] == DiffHeader(from_snap=None, to_snap="sn", size=1 << 20, protected=True)
+        assert recs[1] == Extent("z", 0, 4096)
+
+
+def test_io_failure_while_applying_changes_nothing(tmp_path, monkeypatch):
+    """A valid stream whose second write fails (an I/O error): the open transaction is dropped, the size is the
+    old one, no snapshot is made; the metadata and pool.json are as before."""
+    from thinpool.errors import StoreIOError
+    from thinpool.thin import ThinDevice
+
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=16 * MiB) as p:
+        p.create_thin(1, 1 * MiB, name="img").write(0, b"keep" * 1000)
+    before = fingerprint(q)
+    data = _stream(size=4 * MiB, recs=(("w", 1 * MiB, pattern(1, 70000)), ("w", 3 * MiB, pattern(2, 5000))))
+    real = ThinDevice.write
+    calls = []
+
+    def flaky(self, offset, buf):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise StoreIOError(what="data", op="write", reason="injected")
+        return real(self, offset, buf)
+
+    monkeypatch.setattr(ThinDevice, "write", flaky)
+    with pytest.raises(StoreIOError):
+        with Pool.open(q) as p:
+            import_diff(p, 1, io.BytesIO(data))
+    monkeypatch.undo()
+    after = fingerprint(q)
+    assert after["metadata"] == before["metadata"] and after["pool.json"] == before["pool.json"]
+    with Pool.open(q, readonly=True) as p:
+        assert p.device_size(1) == 1 * MiB and p.list_devices() == [1]
+        assert p.device(1).read(0, 4000) == b"keep" * 1000
