@@ -309,6 +309,7 @@ class ServedPoolFailed(TransactionError):
     """A served pool stopped accepting writes after a failed commit (dm-thin's metadata_operation_failed)."""
 
     message = "pool failed after an error ({reason}): writes and flushes are refused until it is checked"
+    exit_code = 4
 
 
 class ControlError(ServerError):
