@@ -52,8 +52,9 @@ def _mounted(pool_path: str | None, dev: str, *, write: bool) -> Iterator[Any]:
         try:
             filesystem = Filesystem.mount(device, readonly=not write)
         except NoFilesystem as e:
-            raise NoFilesystem(f"no ext2 file system on device {dev} ({e.reason}); make one with: "
-                               f"thinpool fs mkfs {dev}", reason=e.reason, block=0) from e
+            why = e.fields.get("reason", "")
+            raise NoFilesystem(f"no ext2 file system on device {dev} ({why}); make one with: "
+                               f"thinpool fs mkfs {dev}", reason=why, block=0) from e
         yield filesystem
         if write:
             filesystem.flush()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -119,24 +120,35 @@ def parse_region(text: str) -> tuple[int, int]:
 
 
 @contextmanager
-def open_pool(pool_path: str | None, *, readonly: bool = False) -> Iterator[Any]:
-    """Open the pool named by --pool / $THINPOOL_POOL. Success commits on close; a failure aborts the open
-    transaction and closes without committing, so a refused command leaves the metadata file byte-identical."""
+def open_pool(pool_path: str | None, *, readonly: bool = False, lock: str | None = None) -> Iterator[Any]:
+    """Open the pool named by --pool / $THINPOOL_POOL (``lock``: see thinpool.pool; readers default to a shared
+    lock, ``"none"`` peeks at the last commit). Success commits on close; a failure aborts the open transaction
+    and closes without committing, so a refused command leaves the metadata file byte-identical (or, if it had
+    overwritten committed data in place, fails the pool: needs_check, reported)."""
+    from thinpool.errors import PoolLocked
     from thinpool.pool import Pool
 
-    p = Pool.open(require_pool(pool_path), readonly=readonly)
     try:
+        p = Pool.open(require_pool(pool_path), readonly=readonly, lock=lock)
+    except PoolLocked:
+        from thinpool.control import connect_if_served
+
+        remote = connect_if_served(require_pool(pool_path))  # a running serve/mount holds it: it applies the command
+        if remote is None:
+            raise
+        with remote:
+            yield remote
+        return
+    with p:
+        p.on_queue = _report_queue
         yield p
-    except BaseException:
-        if not p.readonly and not p.closed:
-            try:
-                p.md.abort()
-            except Exception:
-                pass
-            p.readonly = True  # close() must not commit anything now
-        p.close()
-        raise
-    p.close()
+
+
+def _report_queue(pool: Any, need: int, timeout: float) -> None:
+    """queue-if-no-space: say on stderr that the write waits, for how long and how to give it space."""
+    wait = "until space is added" if timeout == 0 else f"up to {timeout:g} s"
+    click.echo(f"thinpool: out of data space ({need} chunk(s) needed): the write waits {wait}; grow the pool "
+               f"from another shell: thinpool pool resize --pool {pool.path} --size BIGGER", err=True)
 
 
 def device_ref(text: str) -> int | str:

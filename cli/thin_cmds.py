@@ -6,10 +6,12 @@ Layer: cli. May import: click, thinpool (the library only inside the commands).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import click
-from thinpool_cli.output import echo_json, progress, table
+from thinpool_cli.output import echo_json, progress
 from thinpool_cli.params import OFFSET, SECTOR_SIZE_PARAM, device_ref, json_option, open_pool, pool_option
 
 IO_CHUNK = 1 << 20  # bytes per read/write call of the copy loops
@@ -95,23 +97,20 @@ def thin_delete(ref: str, force: bool, pool_path: str | None) -> None:
 @pool_option
 @json_option
 def thin_list(pool_path: str | None, as_json: bool) -> None:
-    """List the thin devices: id, name, size, mapped bytes, highest mapped sector, external origin.
+    """List the thin devices: id, name, size, mapped, highest mapped sector, snapshot origin, creation, external origin.
+
+    A snapshot whose origin was deleted shows the origin's id in brackets, as lvs does.
 
     Example: thinpool thin list
     """
-    from thinpool_cli.pool_cmds import device_rows
+    from thinpool_cli.pool_cmds import device_rows, device_table
 
-    from thinpool.units import format_size
-
-    with open_pool(pool_path, readonly=True) as p:
+    with open_pool(pool_path, readonly=True, lock="none") as p:
         rows = device_rows(p)
     if as_json:
         echo_json(rows)
         return
-    table(None, ["id", "name", "size", "mapped", "highest sector", "origin"],
-          [(d["dev_id"], d["name"], format_size(d["size"]), format_size(d["mapped"]),
-            "-" if d["highest_sector"] is None else d["highest_sector"], d["origin"] or "-") for d in rows],
-          right=["id", "size", "mapped", "highest sector"])
+    device_table(None, rows)
 
 
 def _copy_in(dev: Any, src: BinaryIO, offset: int, limit: int | None, total: int) -> int:
@@ -137,17 +136,43 @@ def _copy_in(dev: Any, src: BinaryIO, offset: int, limit: int | None, total: int
 def thin_write(ref: str, src: BinaryIO, offset: int, pool_path: str | None) -> None:
     """Write the bytes of file SRC (or stdin, '-') into device ID at --offset.
 
+    The whole write is checked before its first byte lands: it fits the device and the pool has the space (a pipe
+    is first spooled to a temporary file). A failed write changes nothing.
+
     Example: echo hello | thinpool thin write vol --offset 4k -
     """
     from thinpool.errors import OutOfBounds
 
-    with open_pool(pool_path) as p:
+    with _sized(src) as (f, size), open_pool(pool_path) as p:
         dev = p.device(_resolve(p, ref))
-        size = _regular_file_size(src)
-        if offset > dev.size or (size is not None and offset + size > dev.size):
-            raise OutOfBounds(offset=offset, length=size or 0, size=dev.size)
-        n = _copy_in(dev, src, offset, None, size or 0)
+        if offset > dev.size or offset + size > dev.size:
+            raise OutOfBounds(offset=offset, length=size, size=dev.size)
+        p.check_space(dev.dev_id, offset, size)
+        n = _copy_in(dev, f, offset, size, size)
+        if n != size:
+            from thinpool.errors import StoreIOError
+
+            raise StoreIOError(what=getattr(src, "name", "input"), op="read", reason=f"short read ({n} of {size})")
+        p.commit()  # before saying so
         click.echo(f"wrote {n} bytes to device {dev.dev_id} at offset {offset}", err=True)
+
+
+@contextmanager
+def _sized(src: BinaryIO) -> Iterator[tuple[BinaryIO, int]]:
+    """``src`` with its size known before writing: a regular file as it is, a pipe or terminal spooled to a
+    temporary file first (memory up to 64 MiB, then disk)."""
+    import shutil
+    import tempfile
+
+    size = _regular_file_size(src)
+    if size is not None:
+        yield src, size - src.tell()
+        return
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as tmp:
+        shutil.copyfileobj(src, tmp, IO_CHUNK)
+        size = tmp.tell()
+        tmp.seek(0)
+        yield tmp, size  # type: ignore[misc]
 
 
 def _regular_file_size(f: BinaryIO) -> int | None:
@@ -179,42 +204,54 @@ def thin_read(ref: str, offset: int, length: int | None, out: BinaryIO, pool_pat
         if length is None:
             length = max(0, dev.size - offset)
         check_bounds(dev.size, offset, length)
-        pos = offset
-        with progress(f"reading device {dev.dev_id}", length, min_total=64 << 20) as bar:
-            while pos < offset + length:
-                n = min(IO_CHUNK, offset + length - pos)
-                out.write(dev.read(pos, n))
-                pos += n
-                bar.advance(n)
-        out.flush()
+        if out.isatty() and length > 0:
+            click.echo(f"thinpool: warning: writing {length} bytes of binary data to a terminal (use --output FILE "
+                       "or a pipe)", err=True)
+        _stream(dev, offset, length, out)
 
 
 @thin.command("import")
 @click.argument("ref", metavar="ID")
-@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", metavar="IMAGE|-", type=click.Path(allow_dash=True, dir_okay=False))
 @click.option("-n", "--name", help="Name for a device created by the import.")
 @pool_option
 @json_option
 def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, as_json: bool) -> None:
-    """Copy raw IMAGE into device ID, skipping holes and all-zero chunks.
+    """Copy raw IMAGE (or stdin, '-') into device ID, skipping holes and all-zero chunks.
 
     The device is created (its size rounded up to 512 bytes) when ID is a number that does not exist yet; it
-    then equals the image: chunks that are zero in the image are unmapped in the device.
+    then equals the image: chunks that are zero in the image are unmapped in the device. The space for the whole
+    image is checked first; a failed import changes nothing (a device it created is removed).
 
     Example: thinpool thin import 3 disk.raw --name disk
     """
     from thinpool.errors import OutOfBounds
 
-    with open_pool(pool_path) as p:
-        size = os.path.getsize(image)
+    with _image_fd(image) as (fd, size), open_pool(pool_path) as p:
         ref_v = device_ref(ref)
-        if isinstance(ref_v, int) and ref_v not in p.md.devices:
-            p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)
-        dev = p.device(_resolve(p, ref))
-        if size > dev.size:
-            raise OutOfBounds(offset=0, length=size, size=dev.size)
-        written = _import_image(p, dev, image, size)
-        p.commit()
+        created = isinstance(ref_v, int) and ref_v not in p.list_devices()
+        if not created:
+            dev = p.device(_resolve(p, ref))
+            if size > dev.size:
+                raise OutOfBounds(offset=0, length=size, size=dev.size)
+        extents = _data_extents(fd, size, image)
+        ch = p.chunk_bytes
+        if created:
+            # whole chunks the image has data in: an upper bound of what the import allocates
+            upper = sum(-(-e // ch) - s // ch for s, e in extents)
+            if not p.md.data_sm.has_free(upper):
+                p.ensure_free(len(_nonzero_chunks(fd, size, extents, ch)))
+            assert isinstance(ref_v, int)
+            dev = p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)
+        try:
+            if not created:
+                p.ensure_free(p.blocks_needed(dev.dev_id, _nonzero_chunks(fd, size, extents, ch)))
+            written = _import_image(p, dev, fd, size, extents, image)
+            p.commit()
+        except BaseException:
+            if created:
+                _remove_created(p, dev.dev_id)
+            raise
         mapped = dev.status()[0] * 512
     if as_json:
         echo_json({"dev_id": dev.dev_id, "image_size": size, "written": written, "mapped": mapped})
@@ -222,8 +259,64 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, a
         click.echo(f"imported {size} bytes ({written} in non-zero chunks) into device {dev.dev_id}", err=True)
 
 
-def _import_image(p: Any, dev: Any, image: str, size: int) -> int:
-    """Make ``dev`` equal the raw ``image``: chunks with data are written, all-zero chunks and the image's holes
+def _remove_created(p: Any, dev_id: int) -> None:
+    """A failed import removes the device it created (the error that made it fail is what the user sees)."""
+    p.abort_command()
+    if not p.failed:
+        try:
+            p.delete_thin(dev_id)
+        except Exception:
+            pass
+
+
+@contextmanager
+def _image_fd(image: str) -> Iterator[tuple[int, int]]:
+    """(fd, size) of a regular image file; stdin ('-') is first copied to a sparse temporary file."""
+    import stat
+    import tempfile
+
+    from thinpool.errors import UnsafePoolFile
+
+    if image != "-":
+        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePoolFile(path=image, reason="an image must be a regular file (use - for a pipe)")
+            os.set_blocking(fd, True)
+            yield fd, os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        return
+    src = click.get_binary_stream("stdin")
+    with tempfile.TemporaryFile() as tmp:
+        size = 0
+        while True:
+            buf = src.read(IO_CHUNK)
+            if not buf:
+                break
+            if any(buf):
+                os.pwrite(tmp.fileno(), buf, size)
+            size += len(buf)
+        os.ftruncate(tmp.fileno(), size)
+        yield tmp.fileno(), size
+
+
+def _nonzero_chunks(fd: int, size: int, extents: list[tuple[int, int]], ch: int) -> list[int]:
+    """The chunks of the image that hold a non-zero byte (within its data extents)."""
+    import numpy as np
+
+    out = []
+    for start, end in extents:
+        for c in range(start // ch, -(-end // ch)):
+            if not out or out[-1] != c:
+                buf = os.pread(fd, min(ch, size - c * ch), c * ch)
+                if np.frombuffer(buf, dtype=np.uint8).any():
+                    out.append(c)
+    return out
+
+
+def _import_image(p: Any, dev: Any, fd: int, size: int, extents: list[tuple[int, int]], image: str) -> int:
+    """Make ``dev`` equal the raw image: chunks with data are written, all-zero chunks and the image's holes
     end up unmapped (or zeroed where an external origin shows). Returns the bytes written."""
     import bisect
 
@@ -232,14 +325,18 @@ def _import_image(p: Any, dev: Any, image: str, size: int) -> int:
     ch, dev_size = dev.chunk, dev.size
     written = 0
     done: list[tuple[int, int]] = []  # chunk intervals [a, b) already made equal to the image
-    with open(image, "rb") as f, progress(f"importing into device {dev.dev_id}", size, min_total=64 << 20) as bar:
-        fd = f.fileno()
+    with progress(f"importing into device {dev.dev_id}", size, min_total=64 << 20) as bar:
         next_chunk = 0
-        for start, end in _data_extents(fd, size):
+        for start, end in extents:
             first, last = max(start // ch, next_chunk), -(-end // ch)
             for c in range(first, last):
                 lo, hi = c * ch, min((c + 1) * ch, dev_size)
-                buf = os.pread(fd, min(hi, size) - lo, lo)
+                try:
+                    buf = os.pread(fd, min(hi, size) - lo, lo)
+                except OSError as e:
+                    from thinpool.errors import StoreIOError
+
+                    raise StoreIOError(what=image, op="read", reason=e.strerror or str(e)) from e
                 if np.frombuffer(buf, dtype=np.uint8).any():
                     dev.write(lo, buf + bytes(hi - lo - len(buf)))
                     written += len(buf)
@@ -259,21 +356,32 @@ def _import_image(p: Any, dev: Any, image: str, size: int) -> int:
     return written
 
 
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The data extents of a file (SEEK_DATA/SEEK_HOLE; the whole file where unsupported)."""
+def _data_extents(fd: int, size: int, image: str = "image") -> list[tuple[int, int]]:
+    """The data extents of a file (SEEK_DATA/SEEK_HOLE; the whole file where the filesystem cannot tell).
+    ENXIO means no more data; any other error (EIO, ...) is an error, never "no data"."""
+    import errno
+
+    from thinpool.errors import StoreIOError
+
     out = []
     pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # ENXIO: no more data
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # no data after pos
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP) and not out and pos == 0:
+                return [(0, size)] if size else []  # no SEEK_DATA here: treat everything as data
+            raise StoreIOError(what=image, op="SEEK_DATA", reason=e.strerror or str(e)) from e
+        try:
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start, end))
-            pos = end
-    except (OSError, AttributeError):
-        return [(0, size)] if size else []
+        except OSError as e:
+            raise StoreIOError(what=image, op="SEEK_HOLE", reason=e.strerror or str(e)) from e
+        if start >= size:
+            break
+        out.append((start, end))
+        pos = end
     return out
 
 
@@ -284,13 +392,16 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 @pool_option
 @json_option
 def thin_export(ref: str, image: str, force: bool, pool_path: str | None, as_json: bool) -> None:
-    """Write device ID to the raw IMAGE file, sparse: unwritten and all-zero chunks stay holes.
+    """Write device ID to the raw IMAGE file, sparse: unwritten and all-zero chunks stay holes ('-': stdout).
 
     Example: thinpool thin export vol vol.img
     """
     import numpy as np
 
-    if os.path.exists(image) and not force:
+    if image == "-":
+        _export_stdout(ref, pool_path)
+        return
+    if os.path.lexists(image) and not force:
         raise click.UsageError(f"{image} exists: use --force to overwrite it")
     with open_pool(pool_path, readonly=True) as p:
         dev = p.device(_resolve(p, ref))
@@ -319,6 +430,27 @@ def thin_export(ref: str, image: str, force: bool, pool_path: str | None, as_jso
         click.echo(f"exported device {dev.dev_id}: {size} bytes, {copied} bytes of data", err=True)
 
 
+def _export_stdout(ref: str, pool_path: str | None) -> None:
+    """The whole device to stdout (holes as zeros), refusing a terminal."""
+    out = click.get_binary_stream("stdout")
+    if out.isatty():
+        raise click.UsageError("refusing to write a binary image to a terminal: redirect stdout or give a file")
+    with open_pool(pool_path, readonly=True) as p:
+        dev = p.device(_resolve(p, ref))
+        _stream(dev, 0, dev.size, out)
+
+
+def _stream(dev: Any, offset: int, length: int, out: BinaryIO) -> None:
+    pos = offset
+    with progress(f"reading device {dev.dev_id}", length, min_total=64 << 20) as bar:
+        while pos < offset + length:
+            n = min(IO_CHUNK, offset + length - pos)
+            out.write(dev.read(pos, n))
+            pos += n
+            bar.advance(n)
+    out.flush()
+
+
 @thin.command("flush")
 @click.argument("ref", metavar="[ID]", required=False)
 @pool_option
@@ -334,6 +466,100 @@ def thin_flush(ref: str | None, pool_path: str | None) -> None:
             p.commit()
         click.echo(f"committed: transaction {p.md.trans_id}, {p.status().used_data_blocks} chunks used", err=True)
 
+
+
+@thin.command("resize")
+@click.argument("ref", metavar="ID")
+@click.option("-s", "--size", type=SECTOR_SIZE_PARAM, required=True, help="New virtual size (a multiple of 512).")
+@click.option("-f", "--force", is_flag=True, help="Allow shrinking (what lies past the new end is discarded).")
+@pool_option
+def thin_resize(ref: str, size: int, force: bool, pool_path: str | None) -> None:
+    """Grow or shrink device ID to --size, as lvextend / lvreduce (shrinking needs --force and unmaps every chunk
+    past the new end; growing shows zeros).
+
+    Example: thinpool thin resize vol --size 2G
+    """
+    with open_pool(pool_path) as p:
+        dev_id = _resolve(p, ref)
+        old = p.device_size(dev_id)
+        if size < old and not force:
+            raise click.UsageError(f"shrinking device {dev_id} from {old} to {size} bytes discards its data past "
+                                   "the new end: use --force")
+        p.resize_device(dev_id, size)
+        click.echo(f"device {dev_id}: {old} -> {size} bytes", err=True)
+
+
+@thin.command("rename")
+@click.argument("ref", metavar="ID")
+@click.argument("name", metavar="NEW_NAME")
+@pool_option
+def thin_rename(ref: str, name: str, pool_path: str | None) -> None:
+    """Give device ID (id or name) the name NEW_NAME ('-' removes the name).
+
+    Example: thinpool thin rename vol data
+    """
+    with open_pool(pool_path) as p:
+        dev_id = _resolve(p, ref)
+        p.rename_device(dev_id, None if name == "-" else name)
+        click.echo(f"device {dev_id}: now {'unnamed' if name == '-' else repr(name)}", err=True)
+
+
+@thin.command("discard")
+@click.argument("ref", metavar="ID")
+@click.option("-o", "--offset", type=OFFSET, default="0", help="Byte offset of the range.")
+@click.option("-l", "--length", type=OFFSET, help="Bytes (default: to the end of the device).")
+@pool_option
+def thin_discard(ref: str, offset: int, length: int | None, pool_path: str | None) -> None:
+    """Discard a byte range of device ID, as blkdiscard: the whole chunks inside it are unmapped (per the pool's
+    discard mode; a partial chunk at either end is left alone, as dm-thin does).
+
+    Example: thinpool thin discard vol --offset 1M --length 4M
+    """
+    from thinpool.io.device import check_bounds
+
+    with open_pool(pool_path) as p:
+        dev = p.device(_resolve(p, ref))
+        if length is None:
+            length = max(0, dev.size - offset)
+        check_bounds(dev.size, offset, length)
+        before = dev.status()[0]
+        dev.discard(offset, length)
+        p.commit()
+        freed = (before - dev.status()[0]) * 512
+        click.echo(f"discarded {freed} bytes of device {dev.dev_id} ({freed // dev.chunk} chunk(s) unmapped)",
+                   err=True)
+
+
+@thin.command("merge")
+@click.argument("ref", metavar="SNAP")
+@pool_option
+def thin_merge(ref: str, pool_path: str | None) -> None:
+    """Merge snapshot SNAP into the device it was taken of, as lvconvert --merge: the origin takes the
+    snapshot's data and size, the snapshot goes away (one transaction, O(1) metadata work plus freeing the
+    origin's old chunks).
+
+    Example: thinpool thin merge vol-snap
+    """
+    with open_pool(pool_path) as p:
+        snap_id = _resolve(p, ref)
+        origin_id = p.merge_snapshot(snap_id)
+        click.echo(f"merged snapshot {snap_id} into device {origin_id} ({p.device_name(origin_id)})", err=True)
+
+
+@thin.command("rollback")
+@click.argument("origin", metavar="ORIGIN")
+@click.argument("snap", metavar="SNAP")
+@pool_option
+def thin_rollback(origin: str, snap: str, pool_path: str | None) -> None:
+    """Roll device ORIGIN back to snapshot SNAP, as rbd snap rollback: ORIGIN becomes a copy of SNAP (sharing
+    its chunks), SNAP stays.
+
+    Example: thinpool thin rollback vol vol-snap
+    """
+    with open_pool(pool_path) as p:
+        origin_id, snap_id = _resolve(p, origin), _resolve(p, snap)
+        p.rollback_to_snapshot(origin_id, snap_id)
+        click.echo(f"device {origin_id} rolled back to snapshot {snap_id}", err=True)
 
 
 thin.add_command(thin_list, "ls")  # STYLE.md's name for it

@@ -121,13 +121,11 @@ def _problem(p: Any) -> dict[str, Any]:
 
 def _clear_needs_check(target: str, md_path: str) -> None:
     """Clear NEEDS_CHECK and commit (taking the pool's lock when the target is a pool directory)."""
-    from pathlib import Path
-
     from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.pool_metadata import PoolMetadata
-    from thinpool.pool import Pool
+    from thinpool.pool import lock_pool_dir
 
-    lock_fd = Pool._take_lock(Path(target)) if is_pool_dir(target) else None
+    lock_fd = lock_pool_dir(target) if is_pool_dir(target) else None
     try:
         md = PoolMetadata.open(FileBlockStore(md_path), allow_needs_check=True)
         try:

@@ -6,7 +6,6 @@ Layer: cli. May import: click, thinpool (the library only inside the functions).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -76,15 +75,16 @@ def split_target(args: Sequence[str]) -> tuple[list[str], str | None]:
 
 
 def pool_device_names(target: str | None) -> dict[str, int] | None:
-    """name -> dev_id from a pool directory's pool.json; None when the target is not a pool directory."""
+    """name -> dev_id from a pool directory's manifest; None when the target is not a pool directory.
+
+    Raises:
+        ManifestError: the pool's pool.json is missing or invalid (it says how to recover).
+    """
     if not target or not os.path.isdir(target):
         return None
-    try:
-        with open(os.path.join(target, "pool.json")) as f:
-            m = json.load(f)
-        return {str(e.get("name")): int(k) for k, e in m.get("devices", {}).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    from thinpool.manifest import read_manifest
+
+    return {e["name"]: int(k) for k, e in read_manifest(target)["devices"].items() if e["name"] is not None}
 
 
 def resolve_device(ref: str | int, target: str | None) -> int:

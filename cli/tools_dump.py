@@ -9,7 +9,6 @@ metadata in memory, and only then writes the target (superblock last).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -75,17 +74,15 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
 
     Example: thinpool restore -i mypool.xml -o copy.bin
     """
-    import pathlib
-
     from thinpool.metadata.restore import parse_xml
-    from thinpool.pool import Pool
+    from thinpool.pool import lock_pool_dir
 
     with busy("reading XML", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
         ir = parse_xml(xml_path)
     chunk = _validate_ir(ir)
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output
-    lock_fd = Pool._take_lock(pathlib.Path(output)) if pool_dir else None
+    lock_fd = lock_pool_dir(output) if pool_dir else None
     try:
         _restore_file(ir, chunk, md_path, force)
         if pool_dir:
@@ -109,10 +106,10 @@ def _validate_ir(ir: Any) -> int:
     chunk = int(ir.data_block_size) * SECTOR_SIZE
     check_data_block_size(chunk)
     for dev in ir.devices:
-        _, data_blocks, _ = dev.arrays()
-        if len(data_blocks) and int(data_blocks.max()) >= ir.nr_data_blocks:
+        hi = dev.highest_data()
+        if hi is not None and hi >= ir.nr_data_blocks:
             raise InvalidArgument(reason=f"device {dev.dev_id}: mapping beyond end of data device "
-                                         f"({int(data_blocks.max())} >= {ir.nr_data_blocks})")
+                                         f"({hi} >= {ir.nr_data_blocks})")
     return chunk
 
 
@@ -153,29 +150,27 @@ def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
 
 
 def _write_restored_manifest(pool_dir: str, ir: Any, chunk: int) -> None:
-    """pool.json for restored metadata: existing entries kept for surviving devices, new ones sized to their
-    highest mapped chunk (the metadata wins, as on Pool.open)."""
-    path = os.path.join(pool_dir, "pool.json")
+    """pool.json for restored metadata (through thinpool.manifest): existing entries kept for surviving devices,
+    each sized to at least its highest mapped chunk; new devices unnamed (the metadata wins, as on Pool.open)."""
+    from thinpool import manifest as mf
+    from thinpool.errors import ThinpoolError
+
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        manifest = {"format": 1, "options": {}}
-    old = manifest.get("devices", {}) if isinstance(manifest.get("devices"), dict) else {}
+        m = mf.read_manifest(pool_dir)
+    except ThinpoolError:  # missing or damaged: restore writes a fresh one
+        m = mf.new_manifest(transaction_id=ir.transaction, options={})
+    old = m["devices"]
     devices = {}
     for dev in ir.devices:
-        thin, _, _ = dev.arrays()
-        need = (int(thin.max()) + 1) * chunk if len(thin) else chunk
-        e = old.get(str(dev.dev_id)) or {"name": str(dev.dev_id), "origin": None, "size": 0}
-        e["size"] = max(int(e.get("size", 0)), need)
+        hi = dev.highest_thin()
+        need = (hi + 1) * chunk if hi is not None else chunk
+        e = dict(old.get(str(dev.dev_id)) or {"name": None, "origin": None, "size": need})
+        e["size"] = max(int(e["size"]), need)
         devices[str(dev.dev_id)] = e
-    manifest["devices"] = devices
-    manifest["transaction_id"] = ir.transaction
-    manifest.setdefault("format", 1)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    m["devices"] = devices
+    m["transaction_id"] = ir.transaction
+    m.pop("previous_transaction_id", None)
+    mf.write_manifest(pool_dir, m)
 
 
 def _has_metadata(path: str) -> bool:

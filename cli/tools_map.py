@@ -6,7 +6,6 @@ only for --png).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -28,22 +27,25 @@ MIN_BAR_FRACTION = 0.002  # of the axis: narrower runs are drawn this wide, so a
 
 
 def _map_inputs(target: str | None, pmd: Any) -> dict[int, tuple[str, int, int]]:
-    """dev_id -> (name, size bytes, external origin size): from pool.json for a pool, else from the mappings."""
+    """dev_id -> (name, size bytes, external origin size): from pool.json for a pool, else from the mappings (a
+    bare metadata file, or a pool whose manifest cannot be read)."""
+    from thinpool.errors import ThinpoolError
+    from thinpool.manifest import read_manifest
+
     ch = pmd.data_block_size * 512
-    manifest: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
     if target and os.path.isdir(target):
         try:
-            with open(os.path.join(target, "pool.json")) as f:
-                manifest = json.load(f).get("devices", {})
-        except (OSError, ValueError):
-            manifest = {}
+            devices = read_manifest(target)["devices"]
+        except ThinpoolError:
+            devices = {}
     out = {}
     for dev_id in pmd.device_ids():
-        e = manifest.get(str(dev_id))
+        e = devices.get(str(dev_id))
         if e is not None:
             origin = e.get("origin")
             osize = os.path.getsize(origin) if origin and os.path.exists(origin) else 0
-            out[dev_id] = (str(e.get("name", dev_id)), int(e["size"]), osize)
+            out[dev_id] = (str(e["name"] or dev_id), int(e["size"]), osize)
         else:
             hi = pmd.highest_mapped(dev_id)
             out[dev_id] = (str(dev_id), 0 if hi is None else (hi + 1) * ch, 0)

@@ -113,7 +113,17 @@ class TransactionIdMismatch(TransactionError):
 
 
 class PoolFailed(TransactionError):
-    message = "pool has failed; only close is allowed"
+    """A commit (or the abort after it) failed: as dm-thin's metadata_operation_failed, the pool went read-only
+    with needs_check set; every later write and flush fails until the operator checks it. ``reason`` is the first
+    failure."""
+
+    message = "pool has failed ({reason}): it is read-only with needs_check set; run `thinpool check` (and " \
+              "`thinpool pool repair`) before writing again"
+    exit_code = 4
+
+    def __init__(self, message: str | None = None, *, reason: str = "an earlier operation failed",
+                 **kw: Any) -> None:
+        super().__init__(message, reason=reason, **kw)
 
 
 class ReadOnly(ThinpoolError):
@@ -121,7 +131,11 @@ class ReadOnly(ThinpoolError):
 
 
 class PoolLocked(ThinpoolError):
-    message = "pool {path} is in use by another writer (lock held on {lockfile})"
+    message = "pool {path} is in use by another {holder} (lock held on {lockfile})"
+
+    def __init__(self, message: str | None = None, *, path: str, lockfile: str, holder: str = "writer",
+                 **kw: Any) -> None:
+        super().__init__(message, path=path, lockfile=lockfile, holder=holder, **kw)
 
 
 class PoolNotFound(ThinpoolError, FileNotFoundError):
@@ -191,6 +205,43 @@ class FsNoSpace(FsError, NoSpace):
     exit_code = 3
 
 
+# --- safety (pool files, manifest, locks, host space) -----------------------------------------------------------
+class ManifestError(MetadataError):
+    """pool.json is missing, unreadable or disagrees with the metadata. ``path`` is the manifest, ``reason`` what is
+    wrong; the message says how to recover (nothing is guessed or written back)."""
+
+    message = "{path}: {reason}; restore pool.json from a backup, or rebuild it from the metadata with " \
+              "`thinpool pool rebuild-manifest {pool} --device ID:SIZE[:NAME] ...` (one per thin device)"
+
+    def __init__(self, message: str | None = None, *, path: str, reason: str, pool: str = "POOL",
+                 **kw: Any) -> None:
+        super().__init__(message, path=path, reason=reason, pool=pool, **kw)
+
+
+class UnsafePoolFile(ThinpoolError):
+    """A pool file is a symlink, not a regular file, or the wrong size (a planted or damaged pool directory)."""
+
+    message = "refusing {path}: {reason}"
+
+
+class HostNoSpace(NoSpace, StoreIOError):
+    """The host filesystem under the pool is full (ENOSPC/EDQUOT from the OS), reported as no space, not EIO."""
+
+    message = "no space left on the host filesystem: {op} of {what} failed"
+
+    def __init__(self, message: str | None = None, *, what: str, op: str, **kw: Any) -> None:
+        kw.setdefault("kind", "host filesystem")
+        kw.setdefault("requested", 0)
+        super().__init__(message, what=what, op=op, **kw)
+        self.errno = _errno.ENOSPC
+
+
+class NotEmptyDirectory(InvalidArgument):
+    """``pool create`` was pointed at a directory that holds something other than a pool."""
+
+    message = "{path} is not empty ({entries}): a pool is created only in a new or empty directory"
+
+
 # --- fs (helper fs): extended attributes, unformatted devices ------------------------------------------------
 class XattrNotFound(FsError, LookupError):
     message = "no such extended attribute {name}: {path}"
@@ -230,14 +281,16 @@ class SnapshotExists(DeviceError):
     message = "to-snapshot {name!r} already exists in the pool"
 
 
-# --- servers (helper: servers) --------------------------------------------------------------------------------
-class ServerError(ThinpoolError):
-    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
-
-
 # --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
 class DriverError(ThinpoolError):
     """A refused driver, image or container operation (``reason`` says why)."""
+
+    message = "{reason}"
+
+
+# --- servers (helper: servers) --------------------------------------------------------------------------------
+class ServerError(ThinpoolError):
+    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
 
     message = "{reason}"
 
@@ -258,6 +311,7 @@ class ServedPoolFailed(TransactionError):
     """A served pool stopped accepting writes after a failed commit (dm-thin's metadata_operation_failed)."""
 
     message = "pool failed after an error ({reason}): writes and flushes are refused until it is checked"
+    exit_code = 4
 
 
 class ControlError(ServerError):

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from thinpool.errors import PoolLocked
-from thinpool.metadata.check import check_metadata
 from thinpool.io.block_store import FileBlockStore
+from thinpool.metadata.check import check_metadata
 from thinpool.pool import Pool
 
 CH = 64 * 1024

@@ -10,9 +10,9 @@ import json
 import os
 import random
 
+import crash_harness as h
 import pytest
 
-import crash_harness as h
 from thinpool.tx.transaction import TransactionManager
 
 STATS: dict[str, dict[str, int]] = {}
@@ -96,7 +96,7 @@ def test_enumeration_catches_a_missing_barrier(monkeypatch: pytest.MonkeyPatch) 
 def test_enumeration_catches_lost_data_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sensitivity: if the data file were not synced before the metadata commit, committed bytes would be lost
     on a power cut, and the byte-exact read-back must notice."""
-    from thinpool.io.faulty import FaultyDataStore
+    from thinpool.testing.faulty import FaultyDataStore
     monkeypatch.setattr(FaultyDataStore, "sync", lambda self: self.plan._event(self, "sync") and None)
     d, plan = h.record("provision")
     with pytest.raises(AssertionError, match="committed bytes lost"):

@@ -1,7 +1,8 @@
-"""The fault-injecting stores themselves (thinpool.io.faulty), and the debug hook on a real file-backed pool."""
+"""The fault-injecting stores themselves (thinpool.testing.faulty), and the debug hook on a real file-backed pool."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -9,12 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from thinpool.errors import NoDataSpace, StoreIOError
+from thinpool.errors import HostNoSpace, NoSpace, StoreIOError
 from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
-from thinpool.io.faulty import (FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore, PowerCut, install,
-                                parse_fault_spec)
 from thinpool.metadata.check import check_metadata
 from thinpool.pool import Pool
+from thinpool.testing.faulty import (
+    FaultPlan,
+    FaultyBlockStore,
+    FaultyDataStore,
+    MemoryDataStore,
+    PowerCut,
+    install,
+    parse_fault_spec,
+)
 
 THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
 
@@ -91,11 +99,12 @@ def test_eio_enospc_transient_and_persistent() -> None:
             m.write_block(1, blk(1))
     plan = FaultPlan(at=1, kind="enospc")
     d = FaultyDataStore(MemoryDataStore(1 << 20, 65536), plan)
-    with pytest.raises(NoDataSpace):
+    with pytest.raises(HostNoSpace) as ei:  # a NoSpace (ENOSPC), never an EIO
         d.pwrite(0, b"x")
+    assert isinstance(ei.value, NoSpace) and ei.value.errno == errno.ENOSPC
     plan = FaultPlan(at=1, kind="enospc")
     m = FaultyBlockStore(MemoryBlockStore(16), plan)
-    with pytest.raises(StoreIOError, match="No space"):
+    with pytest.raises(HostNoSpace, match="no space left on the host"):
         m.write_block(1, blk(1))
 
 

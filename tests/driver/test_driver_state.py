@@ -317,3 +317,38 @@ def test_a_multi_platform_index_loads_this_machines_image(pool: Path, tmp_path: 
          "size": len(index), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
     assert ok("image", "load", mine, pool=pool).splitlines() == ["Loaded image: mine:multi"]
     assert set(rootfs_of(pool, "mine:multi")) == {"/mine"}
+
+
+def test_a_socket_is_a_change_but_no_tar_can_hold_it(pool: Path, tmp_path: Path) -> None:
+    import stat as S
+
+    from thinpool.driver.store import mounted
+
+    ok("image", "load", oci_layout(tmp_path / "img", [tar_bytes([("f", "a", b"x")])]), pool=pool)
+    ok("container", "create", "img", "--name", "cc", pool=pool)
+    with Pool.open(pool) as p:
+        with mounted(DeviceSet.open(p), "cc", write=True) as fs:
+            fs.mknod("/rootfs/sock", S.S_IFSOCK | 0o755)
+    assert ok("container", "diff", "cc", pool=pool).splitlines() == ["A /sock"]
+    ok("container", "export", "cc", tmp_path / "cc.tar", pool=pool)
+    with tarfile.open(tmp_path / "cc.tar") as t:
+        assert "sock" not in t.getnames() and "a" in t.getnames()
+    ok("container", "commit", "cc", "img:2", pool=pool)  # moby's addTarFile skips sockets too
+    ok("container", "create", "img:2", "--name", "c2", pool=pool)
+    assert ok("fs", "ls", "c2", "/rootfs", pool=pool).split().count("sock") == 0
+
+
+def test_an_image_without_layers_and_cp_refusals(pool: Path, tmp_path: Path) -> None:
+    ok("image", "load", oci_layout(tmp_path / "img", [], tag="empty"), pool=pool)
+    cid = ok("container", "create", "img:empty", pool=pool).strip()
+    name = f"c-{cid[:12]}"  # a container without --name gets one from its id
+    assert json.loads(ok("container", "ls", "--json", pool=pool))[0]["name"] == name
+    (tmp_path / "f").write_bytes(b"data")
+    assert "no such directory" in fails(1, "container", "cp", tmp_path / "f", f"{name}:/nodir/x", pool=pool)
+    assert "no such file or directory" in fails(1, "container", "cp", tmp_path / "nope", f"{name}:/", pool=pool)
+    ok("container", "cp", tmp_path / "f", f"{name}:/", pool=pool)
+    assert ok("container", "diff", name, pool=pool).splitlines() == ["A /f"]
+    ok("container", "commit", name, "img:one", pool=pool)
+    rows = {r["tag"]: r for r in json.loads(ok("image", "ls", "--json", pool=pool))}
+    assert rows["empty"]["layers"] == 0 and rows["one"]["layers"] == 1
+    assert run("container", "cp", tmp_path / "f", tmp_path / "g", pool=pool).exit_code == 2  # no NAME:PATH

@@ -114,6 +114,10 @@ def _read_md(md: PoolMetadata, r: Read, probe: dict[int, list[int]] | None) -> N
             r.lookups[dev] = [md.lookup(dev, key) for key in keys]
         except MetadataError as e:
             r.errors.append(e)
+    try:  # the data space map is paged in on demand: "everything" includes reading all of it
+        md.data_sm.validate_all()
+    except MetadataError as e:
+        r.errors.append(e)
 
 
 def full_read(img: dict[Any, bytes], probe: dict[int, list[int]] | None = None, *, rw: bool = True) -> Read:

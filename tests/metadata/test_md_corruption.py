@@ -78,6 +78,10 @@ def exercise(path: Path) -> None:
         pmd.highest_mapped(dev)
     pmd.insert(1, 10_000, pmd.alloc_data_block())
     pmd.remove(2, 3)
+    # The data space map is paged in on demand (spacemap/paged.py): a bitmap is read, and its damage found,
+    # when a block it covers is counted. Count one block of each bitmap, as a user whose data lives there would.
+    for b in range(0, pmd.data_sm.nr_blocks, 16320):
+        pmd.data_sm.count(b)
     pmd.commit()
 
 

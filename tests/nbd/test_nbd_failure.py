@@ -20,7 +20,7 @@ import pytest
 
 from nbd_client import RawClient
 from thinpool.io.block_store import MemoryBlockStore
-from thinpool.io.faulty import FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore
+from thinpool.testing.faulty import FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.nbd import ServerThread, serve
 from thinpool.nbd import protocol as P

@@ -470,8 +470,12 @@ with Pool.open({str(path)!r}, use_metadata_snap=True) as p:
         assert digest == hashlib.sha256(pattern(2 * CH, 1)).hexdigest()
         assert unseen == "True"
         assert "READONLY" in r.stdout
-        # a plain read-only open (no lock) sees the live committed state
-        with Pool.open(path, readonly=True) as ro:
+        # a plain read-only open wants a shared lock: refused beside the writer
+        with pytest.raises(PoolLocked) as ei:
+            Pool.open(path, readonly=True)
+        assert ei.value.holder == "writer"
+        # a lock-free peek sees the live committed state
+        with Pool.open(path, readonly=True, lock="none") as ro:
             assert ro.device(1).read(4 * CH, CH) == pattern(CH, 2)
             with pytest.raises(ReadOnly):
                 ro.device(1).write(0, b"x")
@@ -584,7 +588,7 @@ def test_status_fields(tmp_path: Path) -> None:
         assert dev.status() == (CH // 512, 2 * CH // 512 - 1)
         tid = st.transaction_id
     with Pool.open(path, readonly=True) as pool:
-        assert pool.status().mode == "ro"
+        assert pool.status().mode == "rw"  # the pool's mode: a read-only opener only observes it
         assert pool.status().transaction_id == tid
 
 
@@ -735,11 +739,11 @@ def test_multi_leaf_trees_random_writes_against_model(tmp_path: Path) -> None:
     check_pool(path)
 
 
-@pytest.mark.parametrize("crash_at", ["metadata commit", "manifest write"])
+@pytest.mark.parametrize("crash_at", ["pending manifest write", "metadata superblock", "final manifest write"])
 def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  crash_at: str) -> None:
     """The manifest and the metadata are two files; a crash between their updates must leave a pool whose device
-    set is the metadata's, with names and sizes intact."""
+    set is the metadata's, with names and sizes intact (the manifest is written before and after the commit)."""
     import thinpool.pool as pool_mod
 
     path = tmp_path / "pool"
@@ -748,28 +752,40 @@ def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: py
     pool.create_thin(2, 4 * CH, name="gone").write(0, pattern(CH, 2))
     pool.commit()
 
-    class Crash(Exception):
+    class Crash(BaseException):
         pass
 
-    def crash(*a: object, **k: object) -> None:
-        raise Crash()
+    calls = []
+    real = pool_mod._write_manifest
 
-    if crash_at == "metadata commit":
-        monkeypatch.setattr(pool.md, "commit", crash)
+    def write_manifest(p: Path, m: dict) -> None:
+        calls.append(m)
+        if (crash_at == "pending manifest write") == (len(calls) == 1):
+            raise Crash()
+        real(p, m)
+
+    def tm_commit(*a: object, **k: object) -> None:
+        raise Crash()  # power lost before the superblock write: the old one stays on disk
+
+    if crash_at == "metadata superblock":
+        monkeypatch.setattr(pool.md.tm, "commit", tm_commit)
     else:
-        monkeypatch.setattr(pool_mod, "_write_manifest", crash)
+        monkeypatch.setattr(pool_mod, "_write_manifest", write_manifest)
     with pytest.raises(Crash):
         pool.delete_thin(2)
     monkeypatch.undo()
+    # a failed superblock write fails the pool: the last commit is flagged needs_check
+    assert pool.failed == (crash_at == "metadata superblock")
     pool.crash_close()
-    with Pool.open(path) as pool:
-        committed = crash_at == "manifest write"  # the metadata commit happened: the delete stands
+    with Pool.open(path, allow_needs_check=True) as pool:
+        committed = crash_at == "final manifest write"  # the metadata commit happened: the delete stands
         assert pool.list_devices() == ([1] if committed else [1, 2])
         assert (pool.device_name(1), pool.device_size(1)) == ("keep", 3 * CH + 512)
         if not committed:
             assert (pool.device_name(2), pool.device_size(2)) == ("gone", 4 * CH)
             assert pool.device(2).read(0, CH) == pattern(CH, 2)
         assert pool.device(1).read(0, CH) == pattern(CH, 1)
+        assert pool.md.needs_check == (crash_at == "metadata superblock")
     check_pool(path)
 
 

@@ -51,6 +51,8 @@ def ceph_cluster():
         shutil.rmtree(root, ignore_errors=True)
         raise AssertionError("could not start the Ceph test cluster\n" + tail) from None
     yield cluster
+    rss = cluster.daemon_rss()
+    print("\nceph test cluster RSS at the end:", ", ".join(f"{k} {v >> 20} MiB" for k, v in sorted(rss.items())))
     cluster.stop()
     shutil.rmtree(root, ignore_errors=True)
 

@@ -27,7 +27,7 @@ def _free_port() -> int:
 class CephCluster:
     """One mon + one memstore OSD under ``root``; ``rbd(...)`` runs the real rbd CLI against it."""
 
-    def __init__(self, root: Path, *, memstore_bytes: int = 1 << 30) -> None:
+    def __init__(self, root: Path, *, memstore_bytes: int = 512 << 20) -> None:
         self.root = root
         self.conf = root / "ceph.conf"
         self.fsid = str(uuid.uuid4())

@@ -151,7 +151,7 @@ def test_export_format_2_to_ceph(ceph, image_name, tmp_path):
     pool = tmp_path / "pool"
     model = build_chain(pool, chunk=64 * KiB)
     f = tmp_path / "vol.rbd2"
-    ok("export", "vol", "--export-format", "2", "-o", f, "--snap", "s1", "--snap", "s2", "--snap", "s3", "-p", pool)
+    ok("export", "vol", "--export-format", "2", "-o", f, "-p", pool)  # the chain: vol's recorded snapshots
     ceph.rbd("import", "--no-progress", "--export-format", "2", str(f), f"rbd/{image_name}")
     snaps = json.loads(ceph.rbd("snap", "ls", "--format", "json", f"rbd/{image_name}").stdout)
     assert [s["name"] for s in snaps] == ["s1", "s2", "s3"]

@@ -477,10 +477,68 @@ def test_grown_range_reads_zeros_even_over_an_old_partial_chunk(tmp_path):
 def test_export_default_chain_from_recorded_origins(chain, tmp_path):
     """Without --snap, the snapshots are the devices the pool records as snapshots of DEV, oldest first."""
     f = tmp_path / "vol.rbd2"
-    if not hasattr(Pool, "origin_of"):  # a pool that records no lineage: a clean refusal naming the way out
-        r = fails(1, "export", "vol", "-o", f, "-p", chain["pool"])
-        assert "--snap" in r.stderr and not f.exists()
-        return
     ok("export", "vol", "-o", f, "-p", chain["pool"])
     with open(f, "rb") as fh:
         assert [d.header.to_snap for d in scan_image(fh).diffs] == ["s1", "s2", "s3", None]
+    # a snapshot of a snapshot is not in vol's chain; s1's own chain is that snapshot
+    with Pool.open(chain["pool"]) as p:
+        p.create_snap(50, p.find_device("s1"), name="s1-child")
+        try:
+            from thinpool.rbd import snapshot_chain
+
+            assert snapshot_chain(p, 1) == [p.find_device(n) for n in ("s1", "s2", "s3")]
+            assert snapshot_chain(p, p.find_device("s1")) == [50]
+        finally:
+            p.delete_thin(50)
+    # after an import, the snapshots it made are the chain again (round trip without --snap)
+    q = tmp_path / "q"
+    ok("pool", "create", q, "--size", "64M")
+    ok("import", f, "copy", "--snap-prefix", "c-", "-p", q)
+    g = tmp_path / "copy.rbd2"
+    ok("export", "copy", "-o", g, "-p", q)
+    with open(g, "rb") as fh:
+        assert [d.header.to_snap for d in scan_image(fh).diffs] == ["c-s1", "c-s2", "c-s3", None]
+
+
+def test_v2_protection_record_is_one_byte_whatever_its_length_says():
+    """Pacific announces 8 bytes for `p` and writes 1 (docs/ceph-rbd.md): read exactly one."""
+    from thinpool.rbd.stream import DiffHeader
+
+    for announced in (1, 8):
+        raw = _raw(b"rbd diff v2\n", b"t", _u64(6), _u32s(b"sn"), b"p", _u64(announced), b"\x01",
+                   b"s", _u64(8), _u64(1 << 20), b"z", _u64(16), _u64(0, 4096), b"e")
+        recs = list(iter_diff(StreamReader(io.BytesIO(raw)), 2))
+        assert recs[0] == DiffHeader(from_snap=None, to_snap="sn", size=1 << 20, protected=True)
+        assert recs[1] == Extent("z", 0, 4096)
+
+
+def test_io_failure_while_applying_changes_nothing(tmp_path, monkeypatch):
+    """A valid stream whose second write fails (an I/O error): the open transaction is dropped, the size is the
+    old one, no snapshot is made; the metadata and pool.json are as before."""
+    from thinpool.errors import StoreIOError
+    from thinpool.thin import ThinDevice
+
+    q = tmp_path / "q"
+    with Pool.create(q, data_size=16 * MiB) as p:
+        p.create_thin(1, 1 * MiB, name="img").write(0, b"keep" * 1000)
+    before = fingerprint(q)
+    data = _stream(size=4 * MiB, recs=(("w", 1 * MiB, pattern(1, 70000)), ("w", 3 * MiB, pattern(2, 5000))))
+    real = ThinDevice.write
+    calls = []
+
+    def flaky(self, offset, buf):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise StoreIOError(what="data", op="write", reason="injected")
+        return real(self, offset, buf)
+
+    monkeypatch.setattr(ThinDevice, "write", flaky)
+    with pytest.raises(StoreIOError):
+        with Pool.open(q) as p:
+            import_diff(p, 1, io.BytesIO(data))
+    monkeypatch.undo()
+    after = fingerprint(q)
+    assert after["metadata"] == before["metadata"] and after["pool.json"] == before["pool.json"]
+    with Pool.open(q, readonly=True) as p:
+        assert p.device_size(1) == 1 * MiB and p.list_devices() == [1]
+        assert p.device(1).read(0, 4000) == b"keep" * 1000

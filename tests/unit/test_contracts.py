@@ -12,6 +12,8 @@ from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, NoSpa
 from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.spacemap.core import CoreSpaceMap
+from thinpool.spacemap.paged import PagedSpaceMap
+from thinpool.tx.transaction import TransactionManager
 
 BS = 4096
 
@@ -66,19 +68,28 @@ def _core(nr: int, kind: str) -> CoreSpaceMap:
     return CoreSpaceMap(nr, kind=kind)
 
 
-def _reloaded(nr: int, kind: str) -> CoreSpaceMap:
-    """The data space map of real metadata after a commit and a reopen (DiskSpaceMap.load)."""
+def _paged(nr: int, kind: str) -> PagedSpaceMap:
+    """A fresh paged map inside a transaction manager (pages never written: all free)."""
+    sm = CoreSpaceMap(4096, kind="metadata")
+    sm.inc(0)
+    return PagedSpaceMap.create(TransactionManager(MemoryBlockStore(4096), sm), nr, kind=kind)
+
+
+def _reloaded(nr: int, kind: str) -> PagedSpaceMap:
+    """The data space map of real metadata after a commit and a reopen (paged in from its bitmaps), with at most
+    one clean page kept."""
     store = MemoryBlockStore(512)
     pmd = PoolMetadata.format(store, data_block_size=128, nr_data_blocks=nr)
     pmd.close()
     sm = PoolMetadata.open(store).data_sm
     sm.kind = kind
+    sm.max_clean_pages = 1
     return sm
 
 
-@pytest.fixture(params=["core", "disk-reloaded"])
-def make_sm(request) -> Callable[[int, str], CoreSpaceMap]:
-    return _core if request.param == "core" else _reloaded
+@pytest.fixture(params=["core", "paged", "paged-reloaded"])
+def make_sm(request) -> Callable[[int, str], CoreSpaceMap | PagedSpaceMap]:
+    return {"core": _core, "paged": _paged, "paged-reloaded": _reloaded}[request.param]
 
 
 @pytest.mark.parametrize("kind", ["data", "metadata"])

@@ -150,6 +150,14 @@ class BTree:
         m = (k >= lo) if hi is None else ((k >= lo) & (k < hi))
         return k[m], v[m]
 
+    def validate_node(self, b: int) -> None:
+        """Read and validate node ``b`` of this tree (a cheap check of a root before trusting it).
+
+        Raises:
+            MetadataCorrupt / ChecksumError naming ``b``.
+        """
+        self._read(b)
+
     def node_arrays(self, b: int) -> tuple[bool, np.ndarray, np.ndarray]:
         """One validated node of this tree as (is_leaf, keys, values): uint64 keys; child block numbers (uint64)
         for an internal node, the leaf's values (uint64 / uint32) for a leaf. Read-only views; for walkers

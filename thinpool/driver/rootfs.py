@@ -11,6 +11,7 @@ ext2: every component but the last is followed (symlinks restart from ``root`` w
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import posixpath
 import stat as S
 import tarfile
@@ -20,6 +21,8 @@ from typing import Any
 from thinpool.errors import FileNotFound, FsError, NotADirectory
 from thinpool.fs.filesystem import Filesystem
 from thinpool.fs.records import Stat
+
+log = logging.getLogger(__name__)
 
 ROOTFS = "/rootfs"
 MAX_SYMLINK_HOPS = 40
@@ -137,7 +140,7 @@ def tar_info(fs: Filesystem, path: str, name: str, st: Stat, seen: dict[int, str
         ti.size = st.size
         data = True
     else:
-        raise FsError(reason=f"cannot archive {path}: a socket", path=path, errno=_errno.EINVAL)
+        return TarEntry(ti, None, skip=True)  # a socket: moby's addTarFile skips it (tar cannot hold one)
     if fmt != S.S_IFDIR and st.nlink > 1 and seen is not None:
         first = seen.get(st.ino)
         if first is not None:
@@ -156,13 +159,17 @@ def tar_info(fs: Filesystem, path: str, name: str, st: Stat, seen: dict[int, str
 class TarEntry:
     """A header and, for a regular file with content, the ext2 path to read it from."""
 
-    __slots__ = ("info", "data_path")
+    __slots__ = ("info", "data_path", "skip")
 
-    def __init__(self, info: tarfile.TarInfo, data_path: str | None) -> None:
+    def __init__(self, info: tarfile.TarInfo, data_path: str | None, *, skip: bool = False) -> None:
         self.info = info
         self.data_path = data_path
+        self.skip = skip
 
     def write(self, fs: Filesystem, tw: tarfile.TarFile) -> None:
+        if self.skip:
+            log.warning("archive: skipping %s since it is a socket", self.info.name)
+            return
         if self.data_path is None or self.info.size == 0:
             tw.addfile(self.info)
             return

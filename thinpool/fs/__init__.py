@@ -13,7 +13,7 @@ __all__ = ["DirEntry", "File", "Filesystem", "Stat", "StatFs", "mkfs", "mount"]
 
 def mkfs(device: BlockDevice, **options: object) -> Filesystem:
     """Make an empty ext2 file system on ``device`` and return it open (see :meth:`Filesystem.mkfs`)."""
-    return Filesystem.mkfs(device, **options)  # type: ignore[arg-type]
+    return Filesystem.mkfs(device, **options)
 
 
 def mount(device: BlockDevice, *, readonly: bool = False) -> Filesystem:

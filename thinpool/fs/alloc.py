@@ -279,6 +279,11 @@ class Allocator:
         self.gd_dirty = True
 
     # --- persistence ------------------------------------------------------------------------------------------
+    def dirty_bitmap_blocks(self) -> list[int]:
+        """Block numbers of the bitmaps :meth:`write_back` will write."""
+        return sorted([self.groups[g].bg_block_bitmap for g in self._dirty_bbm] +
+                      [self.groups[g].bg_inode_bitmap for g in self._dirty_ibm])
+
     def write_back(self) -> None:
         bs = self.block_size
         for g in sorted(self._dirty_bbm):

@@ -5,6 +5,11 @@ Layer: fs. May import: thinpool.io.device, thinpool.errors.
 File data never goes through this cache: it is read and written straight on the device. The one rule that keeps the
 two paths apart: when a block is freed (or handed out for file data) it is dropped from the cache, so a stale dirty
 copy can never overwrite data later written to the same block.
+
+Blocks made with :meth:`BlockCache.new` are *fresh*: allocated since the last commit, so free in the committed file
+system and safe to write at any time. Every other dirty block overwrites committed metadata in place, so it is only
+written by the flush (after the space for it is reserved), never by eviction: a failed operation that is aborted
+before its flush leaves no metadata block half-updated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class BlockCache:
         self.block_size = block_size
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
+        self._fresh: set[int] = set()  # allocated since the last commit (see the module docstring)
 
     def get(self, block: int) -> bytearray:
         """The cached contents of ``block`` (read from the device on a miss)."""
@@ -57,6 +63,7 @@ class BlockCache:
         buf = bytearray(self.block_size)
         self._blocks[block] = buf
         self._dirty.add(block)
+        self._fresh.add(block)
         self._evict()
         return buf
 
@@ -67,13 +74,29 @@ class BlockCache:
         """Forget ``block`` without writing it (it was freed or now holds file data)."""
         self._blocks.pop(block, None)
         self._dirty.discard(block)
+        self._fresh.discard(block)
+
+    def write_fresh(self) -> None:
+        """Write every dirty fresh block (free in the committed file system, so harmless if the operation fails)."""
+        self._write([b for b in self._dirty if b in self._fresh])
+
+    def dirty_in_place(self) -> list[int]:
+        """The dirty blocks that overwrite committed metadata, sorted (what the flush must reserve first)."""
+        return sorted(b for b in self._dirty if b not in self._fresh)
 
     def write_back(self) -> None:
         """Write every dirty block, merging runs of consecutive blocks into one device write."""
-        if not self._dirty:
+        self._write(list(self._dirty))
+
+    def committed(self) -> None:
+        """The device committed: every block is now part of the committed file system."""
+        self._fresh.clear()
+
+    def _write(self, blocks: list[int]) -> None:
+        if not blocks:
             return
         bs = self.block_size
-        order = sorted(self._dirty)
+        order = sorted(blocks)
         start = 0
         while start < len(order):
             end = start + 1
@@ -85,7 +108,7 @@ class BlockCache:
             else:
                 self.device.write(first * bs, b"".join(self._blocks[b] for b in order[start:end]))
             start = end
-        self._dirty.clear()
+        self._dirty.difference_update(order)
 
     def invalidate(self) -> None:
         """Drop every clean block (dirty ones are kept)."""
@@ -94,7 +117,7 @@ class BlockCache:
 
     def _evict(self) -> None:
         if len(self._dirty) > MAX_DIRTY_BLOCKS:
-            self.write_back()
+            self.write_fresh()  # blocks overwriting committed metadata wait for the flush
         excess = len(self._blocks) - MAX_CLEAN_BLOCKS - len(self._dirty)
         if excess <= 0:
             return

@@ -68,6 +68,21 @@ def decode(name: bytes) -> str:
     return os.fsdecode(name)
 
 
+def superblock_blocks(sb: L.Superblock, groups: list[L.GroupDesc], *, backups: bool) -> list[int]:
+    """The blocks :func:`write_superblocks` writes (superblock and descriptor copies)."""
+    desc_blocks = -(-len(groups) * L.GROUP_DESC_SIZE // sb.block_size)
+    firsts = [sb.s_first_data_block]
+    if backups:
+        sparse_super = bool(sb.s_feature_ro_compat & L.FEATURE_RO_COMPAT_SPARSE_SUPER)
+        firsts += [sb.s_first_data_block + g * sb.s_blocks_per_group for g in range(1, len(groups))
+                   if L.group_has_super(g, sparse_super)]
+    out = []
+    for first in firsts:  # the superblock copy lies in the group's first block (byte 1024 of block 0 at 4 KiB)
+        out.append(first)
+        out.extend(range(first + 1, first + 1 + desc_blocks))
+    return sorted(set(out))
+
+
 def write_superblocks(device: BlockDevice, sb: L.Superblock, groups: list[L.GroupDesc], *,
                       backups: bool) -> None:
     """Write the group descriptor table and the superblock of group 0 (and, with ``backups``, every backup copy
@@ -131,6 +146,7 @@ class FsCore:
             self._write_back()
             self.device.flush()
             self.alloc.unpin()  # the frees are committed now
+            self.cache.committed()
 
     @locked
     def close(self) -> None:
@@ -164,14 +180,38 @@ class FsCore:
             self._inodes.clear()
         if len(self._dirs) > 4096:
             self._dirs.clear()
+        # Blocks free at the last commit first: writing them cannot hurt the committed file system. Then every block
+        # that overwrites committed metadata is rewritten with its current contents, which makes the device
+        # provision it (a thin device copies a shared chunk, allocates an unmapped one) without changing a byte:
+        # if the pool is out of space, that fails while nothing committed has changed. Only then the real
+        # in-place writes, which no longer need space.
+        self.cache.write_fresh()
+        sb_changed = self.alloc.gd_dirty or self._sb_dirty
+        in_place = self.cache.dirty_in_place() + self.alloc.dirty_bitmap_blocks()
+        if sb_changed:
+            in_place += superblock_blocks(self.sb, self.groups, backups=self._backups_dirty)
+        self._reserve(in_place)
         self.cache.write_back()
         self.alloc.write_back()
-        if self.alloc.gd_dirty or self._sb_dirty:
+        if sb_changed:
             self.sb.s_wtime = now()
             write_superblocks(self.device, self.sb, self.groups, backups=self._backups_dirty)
             self.alloc.gd_dirty = False
             self._sb_dirty = False
             self._backups_dirty = False
+
+    def _reserve(self, blocks: list[int]) -> None:
+        """Rewrite each block with what the device holds now (runs of consecutive blocks in one call each)."""
+        bs = self.block_size
+        order = sorted(set(blocks))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and order[end] == order[end - 1] + 1:
+                end += 1
+            off, length = order[start] * bs, (end - start) * bs
+            self.device.write(off, self.device.read(off, length))
+            start = end
 
     def _inode_pos(self, ino: int) -> tuple[int, int]:
         g, idx = divmod(ino - 1, self.sb.s_inodes_per_group)

@@ -14,13 +14,14 @@ directory of 10,000 names costs one dict access; every change is applied to the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from thinpool.errors import FsCorrupt
 from thinpool.fs.layout import DIRENT_FMT, DIRENT_HEADER_SIZE, FT_DIR, rec_len_for
 
 # Entry fields in the per-block lists: [offset, inode, rec_len, name_len, file_type, name]
 OFF, INO, REC, NLEN, FTYPE, NAME = range(6)
-Entry = list  # [int, int, int, int, int, bytes]
+Entry = list[Any]  # [offset, inode, rec_len, name_len, file_type, name]: int x5, bytes
 
 
 def parse_dir_block(buf: bytes | bytearray, block: int, dir_ino: int, nr_inodes: int,

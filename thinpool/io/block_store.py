@@ -9,10 +9,11 @@ override ``write_block``/``sync``.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Protocol
 
-from thinpool.errors import MetadataCorrupt, StoreIOError
+from thinpool.errors import HostNoSpace, MetadataCorrupt, StoreIOError
 from thinpool.units import METADATA_BLOCK_SIZE
 
 BS = METADATA_BLOCK_SIZE
@@ -69,11 +70,17 @@ class MemoryBlockStore:
 class FileBlockStore:
     """Blocks of a file or block device; a trailing partial block is ignored (as the tools do)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, pool_file: bool = False) -> None:
+        """``pool_file``: the metadata file of a pool directory, opened without following a symlink and only if
+        it is a regular file (UnsafePoolFile otherwise); a bare metadata file or device named by the user is
+        opened as given."""
+        from thinpool.io.safe_open import open_pool_file
+
         self.path = os.fspath(path)
         self.readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
-            self._fd = os.open(self.path, os.O_RDONLY if readonly else os.O_RDWR)
+            self._fd = open_pool_file(self.path, flags) if pool_file else os.open(self.path, flags)
             size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:
             raise StoreIOError(what=self.path, op="open", reason=e.strerror or str(e)) from e
@@ -99,7 +106,7 @@ class FileBlockStore:
         try:
             n = os.pwrite(self._fd, data, b * BS)
         except OSError as e:
-            raise StoreIOError(what=self.path, op=f"write of block {b}", reason=e.strerror or str(e)) from e
+            raise _io_error(e, self.path, f"write of block {b}") from e
         if n != BS:
             raise StoreIOError(what=self.path, op=f"write of block {b}", reason="short write")
         self.writes += 1
@@ -108,17 +115,24 @@ class FileBlockStore:
         try:
             os.fsync(self._fd)
         except OSError as e:
-            raise StoreIOError(what=self.path, op="fsync", reason=e.strerror or str(e)) from e
+            raise _io_error(e, self.path, "fsync") from e
 
     def grow(self, nr_blocks: int) -> None:
         if nr_blocks > self._nr:
             try:
                 os.ftruncate(self._fd, nr_blocks * BS)
             except OSError as e:
-                raise StoreIOError(what=self.path, op="grow", reason=e.strerror or str(e)) from e
+                raise _io_error(e, self.path, "grow") from e
             self._nr = nr_blocks
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _io_error(e: OSError, what: str, op: str) -> StoreIOError:
+    """The typed error for a failed write or sync: a full host filesystem is no space (HostNoSpace), not EIO."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HostNoSpace(what=what, op=op)
+    return StoreIOError(what=what, op=op, reason=e.strerror or str(e))

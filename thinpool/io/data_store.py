@@ -5,6 +5,10 @@ Layer: io. May import: thinpool.errors.
 pread/pwrite, not mmap: a full host disk must stay a clean error (ENOSPC from pwrite), where a store through mmap
 would turn it into SIGBUS. Counts every byte written so benchmarks can report write amplification.
 
+Opened as a pool file (no symlink, regular files only). A full host filesystem (ENOSPC, EDQUOT) is HostNoSpace, a
+NoSpace, never an EIO. ``dirty`` lists the byte ranges written since the last successful ``sync``: the pool uses it
+to tell whether a failed command overwrote committed chunks in place (then it cannot be undone by an abort).
+
 Known holes: the store remembers which chunks are holes (scanned once with SEEK_DATA/SEEK_HOLE at the first
 punch, then kept up to date by pwrite and punch), so zeroing a newly provisioned chunk that is still a hole (the
 common case: a fresh sparse file, or a chunk punched by discard passdown) costs no fallocate call.
@@ -17,7 +21,9 @@ import ctypes.util
 import errno
 import os
 
-from thinpool.errors import NoDataSpace, StoreIOError
+from thinpool.errors import HostNoSpace, StoreIOError
+from thinpool.io.block_store import _io_error
+from thinpool.io.safe_open import open_pool_file
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
@@ -27,18 +33,22 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate [offset, offset+length) of a file (reads return zeros). False where unsupported."""
-    r = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    r: int = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     return r == 0
 
 
 class DataStore:
+    """The data device of a pool on a sparse regular file (see the module docstring)."""
+
     def __init__(self, path: str, chunk_bytes: int, *, readonly: bool = False) -> None:
         self.path = path
         self.chunk_bytes = chunk_bytes
         try:
-            self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+            self.fd = open_pool_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as e:
             raise StoreIOError(what=path, op="open", reason=e.strerror or str(e)) from e
+        self.dirty: list[tuple[int, int]] = []  # [start, end) byte ranges written since the last sync
+        self._limit = os.fstat(self.fd).st_size  # writes never grow the file (resize does)
         self.bytes_written = 0
         self.bytes_read = 0
         self.punched = 0
@@ -83,7 +93,26 @@ class DataStore:
             data += bytes(length - len(data))
         return data
 
+    def _mark_dirty(self, start: int, end: int) -> None:
+        d = self.dirty
+        if d and d[-1][1] == start:
+            d[-1] = (d[-1][0], end)
+        else:
+            d.append((start, end))
+
+    def _check_limit(self, end: int) -> None:
+        """A write past the end of the data file means a mapping beyond the data device (corrupt metadata, or a
+        hostile pool): refused instead of silently growing the file (dm-thin would hit the device's end)."""
+        if end > self._limit:
+            self._limit = max(self._limit, self.size)  # another process may have grown it (grow_data_file)
+            if end > self._limit:
+                raise StoreIOError(what=self.path, op="write", reason=f"offset {end} is past the end of the data "
+                                   f"file ({self._limit} bytes): a mapping beyond the data device (run check)")
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._check_limit(offset + len(data))
+            self._mark_dirty(offset, offset + len(data))
         holes = self._holes
         if holes is not None and len(data):
             ch = self.chunk_bytes
@@ -98,9 +127,7 @@ class DataStore:
         try:
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise NoDataSpace(f"host filesystem full while writing {self.path}") from e
-            raise StoreIOError(what=self.path, op="write", reason=e.strerror or str(e)) from e
+            raise _io_error(e, self.path, "write") from e
         if n != len(data):
             raise StoreIOError(what=self.path, op="write", reason="short write")
         self.bytes_written += n
@@ -108,6 +135,9 @@ class DataStore:
     def copy(self, src: int, dst: int, length: int) -> None:
         """Copy [src, src+length) to dst inside the file (copy_file_range: in the kernel, no round trip through
         Python; pread + pwrite where the filesystem cannot). The ranges must not overlap."""
+        if length:
+            self._check_limit(dst + length)
+            self._mark_dirty(dst, dst + length)
         if self._holes is not None and length:
             ch = self.chunk_bytes
             a, b = dst // ch, min((dst + length - 1) // ch + 1, len(self._holes))
@@ -121,8 +151,8 @@ class DataStore:
                     break
                 done += n
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise NoDataSpace(f"host filesystem full while writing {self.path}") from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HostNoSpace(what=self.path, op="copy") from e
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
                 raise StoreIOError(what=self.path, op="copy", reason=e.strerror or str(e)) from e
         if done < length:  # no copy_file_range here (or EOF inside the range): copy the rest by hand
@@ -143,6 +173,7 @@ class DataStore:
         if aligned and end <= len(self._holes) and self._holes.find(0, first, end) < 0:
             self.punches_skipped += 1
             return
+        self._mark_dirty(offset, offset + length)
         if punch_hole(self.fd, offset, length):
             self.punched += length
             end = min(end, len(self._holes))
@@ -155,14 +186,20 @@ class DataStore:
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise StoreIOError(what=self.path, op="fdatasync", reason=e.strerror or str(e)) from e
+            raise _io_error(e, self.path, "fdatasync") from e
+        self.dirty.clear()
 
     def resize(self, size: int) -> None:
+        """Grow the file to ``size`` bytes (never shrinks it: another process may have grown it meanwhile)."""
         old = self.size
+        if size <= old:
+            self._limit = max(self._limit, size)
+            return
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise StoreIOError(what=self.path, op="resize", reason=e.strerror or str(e)) from e
+            raise _io_error(e, self.path, "resize") from e
+        self._limit = size
         if self._holes is not None:
             n = -(-size // self.chunk_bytes)
             if size > old and old % self.chunk_bytes == 0:  # the grown part is a hole

@@ -4,12 +4,15 @@ metadata once and feeds a visitor, and "runs from sorted arrays" coded once.
 Layer: metadata. May import: thinpool.errors, thinpool.formats, thinpool.btree, metadata.pool_metadata, numpy.
 
 The model is thin-provisioning-tools' ``thin/ir.rs``: a ``MetadataVisitor`` receives ``superblock_b``,
-``device_b``, ``map`` (one run of mappings at a time), ``device_e``, ``superblock_e`` and ``eof``. The XML,
+``device_b``, ``map`` (a batch of mapping runs, ``Runs``), ``device_e``, ``superblock_e`` and ``eof``. The XML,
 human-readable and JSON writers (``metadata/dump.py``) are visitors; ``restore`` consumes the same records
 (parsed from XML, or produced by repair), so every producer and consumer meets at this one interface.
+Producers: ``emit`` (open metadata), ``restore.read_xml`` (thin_dump XML), ``restore.MetadataIR.replay``.
+Consumers: ``dump.XmlWriter`` / ``HumanWriter`` / ``JsonWriter``, ``restore.IRCollector``,
+``restore.MetadataBuilder`` (fresh metadata; repair's sink).
 
-Memory: the emitter streams leaf by leaf (one leaf of mappings plus one pending run in memory), so a dump costs
-O(tree depth) memory whatever the mapping count.
+Memory: the emitter streams batches of leaves (about 4096 mappings plus one pending run in memory) through the
+one walker (``btree/walk.py``), so a dump costs O(tree depth) memory whatever the mapping count.
 
 Runs: consecutive entries merge while the "step" columns grow by one and the "equal" columns stay the same. A
 ``RunJoiner`` carries the open run across chunk (leaf) boundaries, so runs are maximal over the whole device.
@@ -147,8 +150,30 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     Raises:
         MetadataCorrupt / ChecksumError naming ``block``.
     """
+    if pmd.readonly:
+        # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
+        grab = _OneNode()
+        for _ in walk_nodes(pmd.store, block, value_size=8, visitor=grab):
+            pass
+        view = grab.view
+        assert view is not None
+        return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
+
+
+class _OneNode(Visitor):
+    """Takes the root node of a walk and refuses every child pointer: a validated read of one node."""
+
+    def __init__(self) -> None:
+        self.view: NodeView | None = None
+
+    def ref(self, b: int, where: Where) -> bool:
+        return where.is_root
+
+    def node(self, view: NodeView, where: Where) -> None:
+        if where.is_root:
+            self.view = view
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,7 +218,10 @@ def mapping_leaves(pmd: PoolMetadata, root: int, *,
         MetadataCorrupt (with ``path``): a damaged node, a key outside its parent's range, a cycle.
     """
     visitor = _SkipSeen(seen) if seen is not None else None
-    for node, _ in walk_nodes(pmd.tm, root, value_size=8, visitor=visitor):
+    # Read-only metadata has no open transaction: reading the store directly keeps a streaming walk from filling
+    # the node cache (each node is visited once; the cache would only hold memory).
+    source = pmd.store if pmd.readonly else pmd.tm
+    for node, _ in walk_nodes(source, root, value_size=8, visitor=visitor):
         view = NodeView(node)
         if view.nr_entries:
             yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))

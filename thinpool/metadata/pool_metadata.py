@@ -65,6 +65,7 @@ from thinpool.io.block_store import BlockStore
 from thinpool.metadata.thin_device import ThinDeviceMetadata
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
+from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS
 
@@ -91,7 +92,7 @@ class MappingValue:
 
     size = 8
 
-    def __init__(self, data_sm: CoreSpaceMap) -> None:
+    def __init__(self, data_sm: PagedSpaceMap) -> None:
         self.data_sm = data_sm
 
     def inc(self, values: Any) -> None:
@@ -132,7 +133,7 @@ class PoolMetadata:
     """An open pool metadata device."""
 
     def __init__(self, store: BlockStore, tm: TransactionManager, sb: Superblock, meta: DiskSpaceMap,
-                 data: DiskSpaceMap | None, *, readonly: bool) -> None:
+                 data: PagedSpaceMap, *, readonly: bool) -> None:
         self.store = store
         self.tm = tm
         self.sb = sb  # the last committed superblock
@@ -140,7 +141,7 @@ class PoolMetadata:
         self.data_disk = data
         self.readonly = readonly
         self.failed = False
-        self.data_sm = data.core if data is not None else CoreSpaceMap(0, kind="data")
+        self.data_sm = data
         self.mapping = BTree(tm, MappingValue(self.data_sm))
         self.top = BTree(tm, SubtreeValue(tm, self.mapping))
         self.tree = TwoLevelTree(self.top, self.mapping)
@@ -180,7 +181,7 @@ class PoolMetadata:
         meta_core.inc(0)  # the superblock
         tm = TransactionManager(store, meta_core)
         meta = DiskSpaceMap.create(tm, meta_core, is_metadata=True)
-        data = DiskSpaceMap.create(tm, CoreSpaceMap(nr_data_blocks, kind="data"), is_metadata=False)
+        data = PagedSpaceMap.create(tm, nr_data_blocks)
         details_root = BTree(tm, NoRefValue(24)).empty()
         mapping_root = BTree(tm, NoRefValue(8)).empty()
         sb = Superblock(flags=0, blocknr=0, uuid=bytes(16), magic=THIN_SUPERBLOCK_MAGIC, version=THIN_VERSION,
@@ -219,8 +220,7 @@ class PoolMetadata:
             tm = TransactionManager(store, meta_core)
             view = cls._snap_view(store, sb) if use_metadata_snap else sb
             ro_meta = DiskSpaceMap(tm, meta_core, is_metadata=True, bitmap_blocks=[], ref_count_root=0, index_root=0)
-            ro_data = DiskSpaceMap(tm, CoreSpaceMap(sb.data_sm_root.nr_blocks, kind="data"), is_metadata=False,
-                                   bitmap_blocks=[], ref_count_root=0, index_root=0)
+            ro_data = PagedSpaceMap.load(tm, sb.data_sm_root)  # O(1): nothing is read unless counted
             return cls(store, tm, view, ro_meta, ro_data, readonly=True)
         if sb.incompat_flags:
             raise UnsupportedMetadata(feature=f"incompat flags {sb.incompat_flags:#x}")
@@ -237,7 +237,7 @@ class PoolMetadata:
         meta_core = CoreSpaceMap(mroot.nr_blocks, kind="metadata")
         tm = TransactionManager(store, meta_core)
         meta = DiskSpaceMap.load(tm, mroot, is_metadata=True, core=meta_core)
-        data = DiskSpaceMap.load(tm, sb.data_sm_root, is_metadata=False)
+        data = PagedSpaceMap.load(tm, sb.data_sm_root, validate=not readonly)
         view = sb
         if use_metadata_snap:
             view = cls._snap_view(store, sb)
@@ -474,7 +474,7 @@ class PoolMetadata:
         self._check_writable()
         if self.held_root:
             raise InvalidArgument(reason="pool metadata snapshot already exists")
-        self.commit()
+        self.commit(force=True)
         b = self.tm.new_block()
         copy = self.sb.replace(blocknr=b, held_root=0)
         self.tm.write_raw(b, build_superblock(copy, zero_sm_roots=True), BlockType.SUPERBLOCK)
@@ -497,12 +497,10 @@ class PoolMetadata:
     def resize_data(self, nr_blocks: int) -> None:
         self._check_writable()
         if nr_blocks < self.data_sm.nr_blocks:
-            used = np.flatnonzero(self.data_sm.counts[nr_blocks:] | self.data_sm.committed[nr_blocks:])
-            if used.size:
-                raise InvalidArgument(reason=f"cannot shrink the data device below block {nr_blocks + int(used[-1])}"
-                                             " which is in use")
+            used = self.data_sm.used_from(nr_blocks)
+            if used is not None:
+                raise InvalidArgument(reason=f"cannot shrink the data device below block {used} which is in use")
             raise InvalidArgument(reason="shrinking the data space map is not supported (dm-thin cannot either)")
-        assert self.data_disk is not None
         self.data_disk.extend(nr_blocks)
 
     def resize_metadata(self, nr_blocks: int) -> None:
@@ -515,22 +513,23 @@ class PoolMetadata:
 
     # --- commit / abort ---------------------------------------------------------------------------------------
     def current_superblock(self) -> Superblock:
-        assert self.data_disk is not None
         return self.sb.replace(flags=self.flags, time=self.time, trans_id=self.trans_id, held_root=self.held_root,
                                data_sm_root=self.data_disk.root(), metadata_sm_root=self.meta_disk.root(),
                                data_mapping_root=self.mapping_root, device_details_root=self.details_root)
 
-    def commit(self) -> set[int]:
+    def commit(self, *, force: bool = False) -> set[int]:
         """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
-        in it (candidates for discard passdown)."""
+        in it (candidates for discard passdown). A commit that would change nothing writes nothing unless
+        ``force``."""
         self._check_writable()
+        if not force and not self._has_changes():
+            return set()  # an empty commit writes nothing (the kernel skips it too)
         sb_written = False
         try:
             for d in self.devices.values():
                 if d.changed:
                     self.details_root, _ = self.details_tree.insert(self.details_root, d.dev_id,
                                                                     build_device_details(d.to_disk()))
-            assert self.data_disk is not None
             self.data_disk.write()
             self.meta_disk.write()
             sb = self.current_superblock()
@@ -553,11 +552,19 @@ class PoolMetadata:
             raise
         for d in self.devices.values():
             d.changed = False
-        freed = {b for b in self.data_sm.freed if self.data_sm.counts[b] == 0}
+        freed = {b for b in self.data_sm.freed if self.data_sm.count(b) == 0}
         self.data_sm.commit()
         self.tm.sm.commit()
         self.sb = sb
         return freed
+
+    def _has_changes(self) -> bool:
+        """Whether a commit would change anything on disk. O(devices) (the details' changed flags)."""
+        sb = self.sb
+        return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.meta_disk.core.changed
+                    or any(d.changed for d in self.devices.values())
+                    or (self.time, self.trans_id, self.flags, self.held_root, self.mapping_root, self.details_root)
+                    != (sb.time, sb.trans_id, sb.flags, sb.held_root, sb.data_mapping_root, sb.device_details_root))
 
     def abort(self) -> None:
         """Forget everything since the last commit."""
@@ -571,8 +578,6 @@ class PoolMetadata:
                                                    core=self.meta_disk.core)
             else:
                 self.meta_disk = _reset_disk(self.meta_disk, self.sb.metadata_sm_root, self.tm)
-            if self.data_disk is not None:
-                self.data_disk = _reset_disk(self.data_disk, self.sb.data_sm_root, self.tm)
             self._load_state(self.sb)
         except ThinpoolError:
             self.failed = True
@@ -584,11 +589,4 @@ class PoolMetadata:
 
 def _reset_disk(disk: DiskSpaceMap, root: SmRoot, tm: TransactionManager) -> DiskSpaceMap:
     """Reload a space map's on-disk bookkeeping from the last committed root."""
-    fresh = DiskSpaceMap.load(tm, root, is_metadata=disk.is_metadata,
-                              core=disk.core if disk.is_metadata else None)
-    if not disk.is_metadata:
-        disk.core.counts = fresh.core.counts
-        disk.core.committed = fresh.core.committed
-        disk.core.abort()
-        fresh.core = disk.core
-    return fresh
+    return DiskSpaceMap.load(tm, root, is_metadata=True, core=disk.core)

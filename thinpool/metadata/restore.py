@@ -72,6 +72,14 @@ class DeviceIR:
         return DeviceDetailsIR(self.dev_id, self.mapped_blocks, self.transaction, self.creation_time,
                                self.snap_time)
 
+    def highest_thin(self) -> int | None:
+        """The highest thin block mapped (None without mappings); from the runs, without expanding them."""
+        return max((int((r.steps[0] + r.lengths - 1).max()) for r in self.runs if len(r)), default=None)
+
+    def highest_data(self) -> int | None:
+        """The highest data block mapped (None without mappings)."""
+        return max((int((r.steps[1] + r.lengths - 1).max()) for r in self.runs if len(r)), default=None)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(thin, data, times) uint64, sorted by thin block; for a thin block given twice, the later wins."""
         if not self.runs:

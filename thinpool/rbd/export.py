@@ -177,17 +177,11 @@ def export_diff(pool: Pool, dev_id: int, out: BinaryIO, *, from_id: int | None =
 
 
 def snapshot_chain(pool: Pool, dev_id: int) -> list[int]:
-    """The snapshots of ``dev_id`` oldest first, from the origins the pool records for each snapshot.
-
-    Raises:
-        InvalidArgument: the pool records no snapshot origins (pass the snapshots explicitly).
-    """
-    origin_of = getattr(pool, "origin_of", None)
-    if origin_of is None:
-        raise InvalidArgument(reason="this pool does not record snapshot origins: name the snapshots with --snap")
-    created = getattr(pool, "created_at", None)
-    snaps = [d for d in pool.list_devices() if d != dev_id and origin_of(d) == dev_id]
-    return sorted(snaps, key=lambda d: ((created(d) if created else None) or 0.0, d))
+    """The snapshots of ``dev_id`` (the devices the pool records as snapshotted from it), oldest first (by
+    creation time, then id). Snapshots of those snapshots are not part of the chain: they are not points in
+    ``dev_id``'s history."""
+    snaps = [d for d in pool.list_devices() if d != dev_id and pool.origin_of(d) == dev_id]
+    return sorted(snaps, key=lambda d: (pool.created_at(d) or 0.0, d))
 
 
 def export_image(pool: Pool, dev_id: int, out: BinaryIO, *, snaps: list[int] | None = None,

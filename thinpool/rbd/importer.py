@@ -10,8 +10,9 @@ Order of work (so that a refused stream changes nothing):
 2. then, as rbd does: ``s`` sets the size, ``w`` and ``z`` apply in stream order to the device (HEAD), and the
    to-snapshot is taken as a new snapshot device named after ``t``.
 
-A failure in step 2 (an I/O error) aborts the open transaction: the pool goes back to its last commit. Memory is
-bounded by one 4 MiB buffer, whatever the stream or device size.
+A failure in step 2 (an I/O error) aborts the open transaction (``Pool.abort_command``): the pool goes back to its
+last commit, or fails (needs_check) if committed chunks had been overwritten in place; ``import_image`` deletes
+the devices it had already created. Memory is bounded by one 4 MiB buffer, whatever the stream or device size.
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ def import_diff(pool: Pool, dev_id: int, f: BinaryIO, *, snap_prefix: str = "",
                         zero_bytes=s.zero_bytes, stream_bytes=r.size)
     try:
         snap = _apply_one(pool, dev_id, r, 1, s, snap_name, snap_id, progress)
-    except BaseException:
-        pool.abort()
+    except BaseException as e:
+        pool.abort_command(e)  # back to the last commit (the pool fails if committed data was overwritten)
         raise
     if snap:
         out.snapshots.append(snap)
@@ -270,8 +271,8 @@ def import_image(pool: Pool, f: BinaryIO, name: str, *, dev_id: int | None = Non
             out.zero_records += s.zeros
             out.bytes_written += s.data_bytes
             out.zero_bytes += s.zero_bytes
-    except BaseException:
-        pool.abort()
+    except BaseException as e:
+        pool.abort_command(e)
         for d in reversed(created):  # what was committed already goes again
             try:
                 pool.delete_thin(d)

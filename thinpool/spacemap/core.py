@@ -27,6 +27,7 @@ class CoreSpaceMap:
         self._candidates: list[int] = []
         self._cursor = 0
         self.freed: set[int] = set()  # blocks whose count dropped to 0 in this transaction
+        self.changed = False  # any count changed since the last commit (an empty commit is skipped)
 
     @property
     def nr_blocks(self) -> int:
@@ -44,6 +45,7 @@ class CoreSpaceMap:
 
     def inc(self, b: int, n: int = 1) -> None:
         self.counts[b] += n
+        self.changed = True
 
     def dec(self, b: int) -> int:
         c = int(self.counts[b])
@@ -51,12 +53,14 @@ class CoreSpaceMap:
             raise MetadataCorrupt(block=b if self.kind == "metadata" else None,
                                   reason=f"{self.kind} block {b}: reference count would go below zero")
         self.counts[b] = c - 1
+        self.changed = True
         if c == 1:
             self.freed.add(b)
         return c - 1
 
     def inc_many(self, blocks: np.ndarray) -> None:
         np.add.at(self.counts, blocks, 1)
+        self.changed = True
 
     def dec_many(self, blocks: np.ndarray) -> None:
         uniq, times = np.unique(blocks, return_counts=True)
@@ -65,6 +69,7 @@ class CoreSpaceMap:
             bad = int(uniq[np.argmax(cur < times)])
             raise MetadataCorrupt(block=None, reason=f"{self.kind} block {bad}: reference count would go below zero")
         self.counts[uniq] = cur - times.astype(np.uint32)
+        self.changed = True
         self.freed.update(int(x) for x in uniq[self.counts[uniq] == 0])
 
     def is_free_for_alloc(self, b: int) -> bool:
@@ -77,6 +82,7 @@ class CoreSpaceMap:
                 b = self._candidates.pop()
                 if self.counts[b] == 0 and self.committed[b] == 0:
                     self.counts[b] = 1
+                    self.changed = True
                     return b
             self._refill()
 
@@ -111,13 +117,16 @@ class CoreSpaceMap:
         self.counts = np.concatenate([self.counts, np.zeros(extra, dtype=np.uint32)])
         self.committed = np.concatenate([self.committed, np.zeros(extra, dtype=np.uint32)])
         self._candidates = []
+        self.changed = True
 
     def commit(self) -> None:
         self.committed = self.counts.copy()
         self._candidates = []
         self.freed = set()
+        self.changed = False
 
     def abort(self) -> None:
         self.counts = self.committed.copy()
         self._candidates = []
         self.freed = set()
+        self.changed = False

@@ -21,7 +21,7 @@ import numpy as np
 
 from thinpool.btree.btree import MAX_DEPTH
 from thinpool.errors import MetadataCorrupt
-from thinpool.metadata.ir import leaf_mappings, read_mapping_node
+from thinpool.metadata.ir import BATCH_MAPPINGS, leaf_mappings, read_mapping_node
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 
@@ -56,12 +56,20 @@ class Sharing:
         # node -> 1 (reached from one place) or 2 (reached again: every block below it is shared)
         self._reach: dict[int, int] = {}
         shared_roots: list[int] = []
+        pending: list[np.ndarray] = []  # leaves folded in batches of ~BATCH_MAPPINGS (fewer numpy steps)
+        nr_pending = 0
         for dev in self.dev_ids:
             for node_block, data in self._walk(md.device_root(dev)):
                 if data is None:
                     shared_roots.append(node_block)
-                else:
-                    self._fold(data)
+                    continue
+                pending.append(data)
+                nr_pending += len(data)
+                if nr_pending >= BATCH_MAPPINGS:
+                    self._fold(np.concatenate(pending))
+                    pending, nr_pending = [], 0
+        if pending:
+            self._fold(np.concatenate(pending))
         refolded: set[int] = set()
         for root in shared_roots:
             for _, data in self._leaves(root, refolded):
@@ -117,6 +125,8 @@ class Sharing:
         """Mappings of ``dev_id`` whose data block no other mapping uses (subtrees reached from two places are
         skipped unread: all their blocks are shared)."""
         n = 0
+        pending: list[np.ndarray] = []
+        nr_pending = 0
         stack = [(self.md.device_root(dev_id), 0)]
         while stack:
             block, depth = stack.pop()
@@ -125,7 +135,14 @@ class Sharing:
             node = read_mapping_node(self.md, block)
             if node.is_leaf:
                 data = leaf_mappings(self.md, node)[1]
-                n += int(np.count_nonzero(~self._twice.test(data))) if len(data) else 0
+                if len(data):
+                    pending.append(data)
+                    nr_pending += len(data)
+                    if nr_pending >= BATCH_MAPPINGS:
+                        n += int(np.count_nonzero(~self._twice.test(np.concatenate(pending))))
+                        pending, nr_pending = [], 0
             elif depth < MAX_DEPTH:
                 stack.extend((int(c), depth + 1) for c in node.values.tolist())
+        if pending:
+            n += int(np.count_nonzero(~self._twice.test(np.concatenate(pending))))
         return n

@@ -1,6 +1,6 @@
 """Fault-injecting stores for the metadata device and the data file: I/O errors, full disks and power cuts.
 
-Layer: io. May import: thinpool.errors, thinpool.units, thinpool.io.
+Layer: testing. May import: thinpool.errors, thinpool.units, thinpool.io.
 
 Every store built on one ``FaultPlan`` shares its event counter: each ``write_block`` / ``pwrite`` / ``punch`` is a
 write event and each ``sync`` a sync event, numbered from 1 in the order they happen. The plan decides what the
@@ -9,8 +9,8 @@ N-th event does:
 - ``kind="eio"``: the event raises StoreIOError (the write is not performed; a failed sync loses the writes it
   was to make durable, as Linux marks pages clean after a writeback error, or lands them, per ``lose``);
   ``persistent=True`` makes every later event fail too (a dead disk).
-- ``kind="enospc"``: the event fails as a full host disk would: NoDataSpace on the data file (DataStore's
-  translation of ENOSPC), StoreIOError on the metadata (FileBlockStore's).
+- ``kind="enospc"``: the event fails as a full host disk would: HostNoSpace (a NoSpace) on either store, as
+  DataStore and FileBlockStore translate ENOSPC.
 - ``kind="power_cut"``: the machine loses power *during* event N. Every write since the store's last completed
   sync is lost (``lose="all"``), or lands (``lose="none"``: the drive wrote its cache in any order but the sync
   never returned), or a seeded random subset lands (``lose=random.Random(seed)``). With ``tear=True`` the write
@@ -27,10 +27,11 @@ every event (store, op, where, bytes), from which tests/crash derive the disk im
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from thinpool.errors import NoDataSpace, StoreIOError
+from thinpool.errors import HostNoSpace, StoreIOError
 from thinpool.units import METADATA_BLOCK_SIZE
 
 BS = METADATA_BLOCK_SIZE
@@ -195,7 +196,7 @@ class FaultyBlockStore:
 
     def _fail(self, op: str) -> None:
         if self.plan.kind == "enospc":
-            raise StoreIOError(what=f"{self.name} (fault injection)", op=op, reason="No space left on device")
+            raise HostNoSpace(what=f"{self.name} (fault injection)", op=op)
         raise StoreIOError(what=f"{self.name} (fault injection)", op=op, reason="Input/output error")
 
     def _lose_pending(self, lose: Any) -> None:
@@ -230,6 +231,7 @@ class MemoryDataStore:
         self.punched = 0
         self.syncs = 0
         self.path = "<memory data>"
+        self.dirty: list[tuple[int, int]] = []  # byte ranges written since the last sync (DataStore.dirty)
 
     @property
     def size(self) -> int:
@@ -267,6 +269,8 @@ class MemoryDataStore:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)
+        if data:
+            self.dirty.append((offset, offset + len(data)))
         for c, o, pos, n in self._spans(offset, len(data)):
             chunk = bytearray(self.chunks.get(c, bytes(self.chunk_bytes)))
             chunk[o:o + n] = data[pos:pos + n]
@@ -286,6 +290,7 @@ class MemoryDataStore:
 
     def sync(self) -> None:
         self.syncs += 1
+        self.dirty = []
 
     def resize(self, size: int) -> None:
         if size < self._size:
@@ -315,6 +320,12 @@ class FaultyDataStore:
     def size(self) -> int:
         return int(self.inner.size)
 
+    @property
+    def dirty(self) -> list[tuple[int, int]]:
+        """Byte ranges written since the last sync (DataStore.dirty), here and in the inner store."""
+        own = [(off, off + (len(arg) if op == "write" else arg)) for op, off, arg in self.pending]
+        return own + list(getattr(self.inner, "dirty", []))
+
     def pread(self, offset: int, length: int) -> bytes:
         if self.plan.crashed:
             raise PowerCut(self.plan.events)
@@ -336,7 +347,7 @@ class FaultyDataStore:
         data = bytes(data)
         if self.plan._event(self, "write", offset, data):
             if self.plan.kind == "enospc":
-                raise NoDataSpace(f"host filesystem full while writing {self.path} (fault injection)")
+                raise HostNoSpace(what=f"{self.name} (fault injection)", op="write")
             raise StoreIOError(what=f"{self.name} (fault injection)", op="write", reason="Input/output error")
         self.pending.append(("write", offset, data))
         self.bytes_written += len(data)
@@ -347,6 +358,8 @@ class FaultyDataStore:
 
     def punch(self, offset: int, length: int) -> None:
         if self.plan._event(self, "punch", offset, None, length):
+            if self.plan.kind == "enospc":
+                raise HostNoSpace(what=f"{self.name} (fault injection)", op="punch")
             raise StoreIOError(what=f"{self.name} (fault injection)", op="punch", reason="Input/output error")
         self.pending.append(("punch", offset, length))
         self.punched += length
@@ -354,6 +367,8 @@ class FaultyDataStore:
     def sync(self) -> None:
         if self.plan._event(self, "sync"):
             self._lose_pending(self.plan.lose)  # Linux: a failed writeback marks the pages clean
+            if self.plan.kind == "enospc":
+                raise HostNoSpace(what=f"{self.name} (fault injection)", op="fdatasync")
             raise StoreIOError(what=f"{self.name} (fault injection)", op="fdatasync", reason="Input/output error")
         self._apply(self.pending)
         self.pending = []

@@ -1,0 +1,192 @@
+"""Scale (#13): cost follows the work, not the pool. An empty 8 TiB pool opens, writes, reads and commits while
+its open reads a bounded number of metadata blocks; the paged data space map agrees with a numpy oracle with
+pages evicted and reloaded at random, across commits, aborts and reopens. No timing assertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from md_helpers import real_thin_check
+
+from thinpool.errors import MetadataCorrupt, NoDataSpace
+from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
+from thinpool.metadata.pool_metadata import PoolMetadata
+from thinpool.pool import Pool
+from thinpool.spacemap.core import CoreSpaceMap
+from thinpool.spacemap.paged import E, PagedSpaceMap
+from thinpool.tx.transaction import TransactionManager
+
+
+class CountingStore(FileBlockStore):
+    """A file block store that counts the blocks read through it."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.reads: list[int] = []
+
+    def read_block(self, b: int) -> bytes:
+        self.reads.append(b)
+        return super().read_block(b)
+
+
+TIB = 1 << 40
+
+
+@pytest.fixture(scope="module")
+def pool_8t(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scale") / "p8t"
+    Pool.create(path, data_size=8 * TIB, chunk_size=64 * 1024).close()
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_open_of_an_8tib_pool_reads_a_bounded_number_of_blocks(pool_8t):
+    for readonly in (True, False):
+        store = CountingStore(pool_8t / "metadata", readonly=readonly)
+        pmd = PoolMetadata.open(store, readonly=readonly)
+        nr_data = pmd.data_sm.nr_blocks
+        assert nr_data == 8 * TIB // (64 * 1024)  # 134 million data blocks, 8,225 data bitmaps
+        # superblock + the metadata space map (at most 255 bitmaps, its index and ref-count tree) + the details
+        # and top-level trees; the writable open also checks the data space map's roots (a few blocks). Nothing
+        # proportional to the 8,225 data bitmaps.
+        nr_meta_bitmaps = -(-pmd.nr_metadata_blocks // E)
+        assert len(store.reads) <= nr_meta_bitmaps + 16, (readonly, len(store.reads))
+        assert pmd.data_sm.pages_loaded == 0
+        store.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.external
+def test_an_8tib_pool_writes_reads_commits_and_passes_thin_check(pool_8t):
+    with Pool.open(pool_8t) as pool:
+        dev = pool.create_thin(1, 4 * TIB)
+        dev.write(3 * TIB, b"far" * 1000)  # one chunk near the end of the virtual device
+        dev.write(0, b"near")
+        snap = pool.create_snap(2, 1)
+        dev.write(0, b"NEAR")  # breaks sharing: a copy
+        pool.commit()
+        sm = pool.md.data_sm
+        assert sm.pages_loaded <= 1 and len(sm._pages) <= 1  # one bitmap touched of 8,225
+        assert sm.nr_allocated() == 3
+        assert snap.read(0, 4) == b"near" and dev.read(0, 4) == b"NEAR"
+        blocks_before = pool.md.tm.blocks_written
+        pool.commit()  # nothing changed: nothing written
+        assert pool.md.tm.blocks_written == blocks_before
+    with Pool.open(pool_8t, readonly=True) as pool:
+        assert pool.device(1).read(3 * TIB, 6) == b"farfar"
+        assert pool.md.data_sm.pages_loaded == 0  # a read-only open and read never touch the data space map
+    real_thin_check(pool_8t / "metadata")
+
+
+# --- the paged space map against a numpy oracle ----------------------------------------------------------------
+NR = 3 * E + 123  # four bitmaps, the last one partial
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("alloc"), st.integers(1, 40)),
+    st.tuples(st.just("inc"), st.integers(0, NR - 1), st.integers(1, 4)),
+    st.tuples(st.just("dec"), st.integers(0, NR - 1)),
+    st.tuples(st.just("inc_many"), st.lists(st.integers(0, NR - 1), max_size=30)),
+    st.tuples(st.just("dec_used"), st.integers(0, 10 ** 6)),
+    st.tuples(st.just("evict")),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("abort")),
+    st.tuples(st.just("reopen")),
+), min_size=1, max_size=40)
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.store = MemoryBlockStore(4096)
+        self.meta = CoreSpaceMap(4096, kind="metadata")
+        self.meta.inc(0)
+        self.tm = TransactionManager(self.store, self.meta)
+        self.sm = PagedSpaceMap.create(self.tm, NR)
+        self.sm.max_clean_pages = 1
+        self.oracle = np.zeros(NR, dtype=np.int64)
+        self.committed = self.oracle.copy()
+        self.commit()
+
+    def commit(self) -> None:
+        self.sm.write()
+        self.tm.pre_commit()
+        self.tm.commit(bytearray(4096))
+        self.meta.commit()
+        self.sm.commit()
+        self.committed = self.oracle.copy()
+
+    def abort(self) -> None:
+        self.tm.abort()
+        self.meta.abort()
+        self.sm.abort()
+        self.oracle = self.committed.copy()
+
+    def reopen(self) -> None:
+        self.commit()
+        root = self.sm.root()
+        self.tm = TransactionManager(self.store, self.meta)
+        self.sm = PagedSpaceMap.load(self.tm, root, validate=True)
+        self.sm.max_clean_pages = 1
+
+
+@settings(max_examples=40)
+@given(ops=OPS, seed=st.integers(0, 2 ** 32 - 1))
+def test_paged_space_map_matches_a_numpy_oracle(ops, seed) -> None:
+    rng = np.random.default_rng(seed)
+    h = Harness()
+    for op in ops:
+        sm, oracle = h.sm, h.oracle
+        if op[0] == "alloc":
+            for _ in range(op[1]):
+                free = (oracle == 0) & (h.committed == 0)
+                if not free.any():
+                    with pytest.raises(NoDataSpace):
+                        sm.new_block()
+                    break
+                b = sm.new_block()
+                assert free[b], f"block {b} handed out: count {oracle[b]}, committed {h.committed[b]}"
+                oracle[b] = 1
+        elif op[0] == "inc":
+            sm.inc(op[1], op[2])
+            oracle[op[1]] += op[2]
+        elif op[0] == "dec":
+            if oracle[op[1]] == 0:
+                with pytest.raises(MetadataCorrupt):
+                    sm.dec(op[1])
+            else:
+                assert sm.dec(op[1]) == oracle[op[1]] - 1
+                oracle[op[1]] -= 1
+        elif op[0] == "inc_many":
+            if op[1]:
+                sm.inc_many(np.array(op[1], dtype=np.int64))
+                np.add.at(oracle, op[1], 1)
+        elif op[0] == "dec_used":
+            used = np.flatnonzero(oracle)
+            if used.size:
+                pick = used[rng.integers(0, used.size, size=min(5, used.size))]
+                want = oracle.copy()
+                np.subtract.at(want, pick, 1)
+                if (want < 0).any():
+                    with pytest.raises(MetadataCorrupt):
+                        sm.dec_many(pick)
+                else:
+                    sm.dec_many(pick)
+                    h.oracle = oracle = want
+        elif op[0] == "evict":
+            sm.evict_clean()
+        elif op[0] == "commit":
+            h.commit()
+        elif op[0] == "abort":
+            h.abort()
+        elif op[0] == "reopen":
+            h.reopen()
+        sm, oracle = h.sm, h.oracle
+        assert sm.nr_allocated() == int(np.count_nonzero(oracle))
+        assert sm.nr_allocatable() == int(np.count_nonzero((oracle == 0) & (h.committed == 0)))
+        for b in rng.integers(0, NR, size=8).tolist():
+            assert sm.count(b) == oracle[b]
+    assert np.array_equal(h.sm.counts, h.oracle)
+    h.reopen()
+    assert np.array_equal(h.sm.counts, h.oracle)
+    h.sm.validate_all()

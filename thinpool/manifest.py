@@ -1,0 +1,280 @@
+"""The pool manifest ``pool.json``: the one place it is parsed, validated and written.
+
+Layer: manifest. May import: thinpool.errors, thinpool.units, thinpool.io.
+
+The manifest holds what dm-thin leaves to its user (LVM keeps the same in its VG metadata): device names, virtual
+sizes, external origins, snapshot lineage and the pool's options. It is treated like metadata:
+
+- **validated at open**: a missing, unreadable or invalid manifest (wrong types, negative or unaligned sizes, an
+  unknown discard mode, a transaction id that disagrees with the metadata, a metadata device without an entry) is
+  refused with a ``ManifestError`` that says how to recover. Nothing is guessed, nothing is written back on open.
+- **written atomically**: through a unique temporary file in the pool directory (``mkstemp``: O_EXCL, so a planted
+  symlink is never followed), fsync, rename over ``pool.json``, fsync of the directory.
+- **read safely**: opened with O_NOFOLLOW | O_NONBLOCK and refused unless it is a regular file of sane size.
+
+Keeping it in step with the metadata (the transaction id, as LVM does): a change of the device set is written in two
+steps around the metadata commit. First the manifest with ``transaction_id`` = the new id,
+``previous_transaction_id`` = the old one and the *union* of the old and new device entries; then the metadata
+commit (whose transaction id becomes the new one); then the final manifest. A crash at any point leaves a pair that
+``reconcile`` accepts: metadata at the new or the previous id, every metadata device with an entry; entries of
+devices the metadata does not have are dropped in memory.
+
+Lineage: a snapshot's entry records ``snapshot_of`` (the origin's id) and ``ancestors`` (the chain of
+``{"dev_id", "name", "created_at"}`` records from the oldest ancestor to the origin, copied at snapshot time), so the
+chain survives the deletion, or the reuse of the id, of an ancestor. ``created_at`` is seconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from thinpool.errors import InvalidArgument, ManifestError
+from thinpool.io.safe_open import open_pool_file
+from thinpool.units import SECTOR_SIZE
+
+MANIFEST = "pool.json"
+FORMAT = 1
+DISCARD_MODES = ("passdown", "nopassdown", "ignore")
+NO_SPACE_POLICIES = ("error", "queue")
+DEFAULT_NO_SPACE_TIMEOUT = 60.0  # seconds, dm-thin's no_space_timeout module parameter; 0 = queue forever
+MAX_TRANSACTION_ID = (1 << 64) - 1  # the superblock's trans_id is a __le64
+MAX_DEV_ID = (1 << 24) - 1
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_NAME_CHARS = 127
+DEFAULT_OPTIONS: dict[str, Any] = {"zero": True, "discard": "passdown", "no_space": "error", "low_water_mark": 0,
+                                   "no_space_timeout": DEFAULT_NO_SPACE_TIMEOUT}
+
+
+def check_name(name: str) -> str:
+    """A device name usable in NBD URIs and file names: 1..127 printable characters, no '/', no white space, not
+    a bare number (numbers are ids). Raises InvalidArgument."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(reason="a device name must not be empty")
+    if name.isdigit():
+        raise InvalidArgument(reason=f"device name {name!r} must not be a number (numbers are device ids)")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(reason=f"device name {name[:20]!r}... is longer than {MAX_NAME_CHARS} characters")
+    bad = [c for c in name if c == "/" or c.isspace() or not c.isprintable()]
+    if bad:
+        raise InvalidArgument(reason=f"device name {name!r} contains {bad[0]!r}: names may not hold '/', white "
+                                     "space or control characters (they name NBD exports and files)")
+    if name in (".", ".."):
+        raise InvalidArgument(reason=f"device name {name!r} is not allowed")
+    return name
+
+
+def new_manifest(*, transaction_id: int, options: dict[str, Any]) -> dict[str, Any]:
+    """A manifest for a new pool (no devices)."""
+    opts = dict(DEFAULT_OPTIONS)
+    opts.update(options)
+    return validate({"format": FORMAT, "transaction_id": transaction_id, "devices": {}, "options": opts},
+                    "pool.json")
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def validate(m: Any, path: str, pool: str = "POOL") -> dict[str, Any]:
+    """Check every field of a parsed manifest; returns a normalised deep copy. Raises ManifestError."""
+
+    def bad(reason: str) -> ManifestError:
+        return ManifestError(path=path, reason=reason, pool=pool)
+
+    if not isinstance(m, dict):
+        raise bad("not a thinpool manifest (expected a JSON object)")
+    if m.get("format") != FORMAT:
+        raise bad(f"unknown manifest format {m.get('format')!r} (expected {FORMAT})")
+    tid = m.get("transaction_id")
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid <= MAX_TRANSACTION_ID:
+        raise bad(f"transaction_id {tid!r} is not an integer 0..2^64-1")
+    prev = m.get("previous_transaction_id")
+    if prev is not None and (not _int(prev) or not 0 <= prev <= MAX_TRANSACTION_ID):
+        raise bad(f"previous_transaction_id {prev!r} is not an integer 0..2^64-1")
+    opts = m.get("options", {})
+    if not isinstance(opts, dict):
+        raise bad("options is not an object")
+    out_opts = dict(DEFAULT_OPTIONS)
+    if "queue_timeout" in opts and "no_space_timeout" not in opts:  # the key's earlier name
+        opts = dict(opts, no_space_timeout=opts["queue_timeout"])
+    for key, v in opts.items():
+        if key == "queue_timeout":
+            continue
+        if key == "zero":
+            ok = isinstance(v, bool)
+        elif key == "discard":
+            ok = v in DISCARD_MODES
+        elif key == "no_space":
+            ok = v in NO_SPACE_POLICIES
+        elif key == "low_water_mark":
+            ok = _int(v) and v >= 0
+        elif key == "no_space_timeout":
+            ok = _number(v) and v >= 0
+        else:
+            raise bad(f"unknown option {key!r}")
+        if not ok:
+            raise bad(f"option {key} has the invalid value {v!r}")
+        out_opts[key] = v
+    devs = m.get("devices")
+    if not isinstance(devs, dict):
+        raise bad("devices is missing or not an object")
+    out_devs: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
+    for key, e in devs.items():
+        if not (isinstance(key, str) and key.isdigit() and str(int(key)) == key and int(key) <= MAX_DEV_ID):
+            raise bad(f"device key {key!r} is not a device id 0..{MAX_DEV_ID}")
+        out_devs[key] = _device(e, key, bad)
+        name = out_devs[key]["name"]
+        if name is not None:
+            if name in names:
+                raise bad(f"devices {names[name]} and {key} have the same name {name!r}")
+            names[name] = key
+    out = {"format": FORMAT, "transaction_id": tid, "devices": out_devs, "options": out_opts}
+    if prev is not None:
+        out["previous_transaction_id"] = prev
+    return out
+
+
+def _device(e: Any, key: str, bad: Any) -> dict[str, Any]:
+    if not isinstance(e, dict):
+        raise bad(f"device {key}: entry is not an object")
+    size = e.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % SECTOR_SIZE:
+        raise bad(f"device {key}: size {size!r} is not a positive multiple of {SECTOR_SIZE} bytes")
+    name = e.get("name")
+    if name == key:
+        name = None  # an unnamed device (earlier manifests stored the id as its name)
+    if name is not None:
+        try:
+            check_name(name)
+        except InvalidArgument as err:
+            raise bad(f"device {key}: {err}") from None
+    origin = e.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not origin or "\0" in origin):
+        raise bad(f"device {key}: external origin {origin!r} is not a path")
+    out: dict[str, Any] = {"name": name, "size": size, "origin": origin}
+    snap_of = e.get("snapshot_of")
+    if snap_of is not None and (not _int(snap_of) or not 0 <= snap_of <= MAX_DEV_ID):
+        raise bad(f"device {key}: snapshot_of {snap_of!r} is not a device id")
+    created = e.get("created_at")
+    if created is not None and (not _number(created) or created < 0):
+        raise bad(f"device {key}: created_at {created!r} is not a time")
+    ancestors = e.get("ancestors", [])
+    if not isinstance(ancestors, list):
+        raise bad(f"device {key}: ancestors is not a list")
+    out_anc = []
+    for a in ancestors:
+        if not isinstance(a, dict) or not _int(a.get("dev_id")) or not 0 <= a["dev_id"] <= MAX_DEV_ID:
+            raise bad(f"device {key}: bad ancestor record {a!r}")
+        t = a.get("created_at")
+        if t is not None and (not _number(t) or t < 0):
+            raise bad(f"device {key}: bad ancestor time {t!r}")
+        n = a.get("name")
+        if n is not None and not isinstance(n, str):
+            raise bad(f"device {key}: bad ancestor name {n!r}")
+        out_anc.append({"dev_id": a["dev_id"], "name": n, "created_at": t})
+    if snap_of is not None and (not out_anc or out_anc[-1]["dev_id"] != snap_of):
+        raise bad(f"device {key}: snapshot_of {snap_of} is not the last of its ancestors")
+    out["snapshot_of"] = snap_of
+    out["created_at"] = created
+    out["ancestors"] = out_anc
+    return out
+
+
+def reconcile(m: dict[str, Any], *, device_ids: list[int], trans_id: int, path: str,
+              pool: str = "POOL") -> dict[str, Any]:
+    """The manifest as it goes with metadata at ``trans_id`` holding ``device_ids`` (see the module docstring):
+    refused unless the transaction ids agree (or the manifest is one interrupted change ahead) and every metadata
+    device has an entry; entries of devices the metadata lacks are dropped. Returns a new dict; writes nothing."""
+    tid, prev = m["transaction_id"], m.get("previous_transaction_id")
+    if trans_id != tid and trans_id != prev:
+        raise ManifestError(path=path, pool=pool, reason=f"transaction id {tid} disagrees with the metadata's "
+                                                         f"{trans_id} (pool.json belongs to another state)")
+    missing = [d for d in device_ids if str(d) not in m["devices"]]
+    if missing:
+        raise ManifestError(path=path, pool=pool, reason=f"thin device(s) {', '.join(map(str, missing[:8]))} of "
+                                                         "the metadata have no entry (size and name unknown)")
+    out = copy.deepcopy(m)
+    keep = {str(d) for d in device_ids}
+    out["devices"] = {k: e for k, e in out["devices"].items() if k in keep}
+    out["transaction_id"] = trans_id
+    out.pop("previous_transaction_id", None)
+    return out
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+def read_manifest(pool_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``pool_dir/pool.json``. Raises ManifestError (missing, unreadable, invalid) or
+    UnsafePoolFile (a symlink or not a regular file)."""
+    d = Path(pool_dir)
+    path = str(d / MANIFEST)
+    try:
+        fd = open_pool_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ManifestError(path=path, pool=str(d), reason="the manifest is missing (device names and sizes are "
+                                                           "unknown)") from None
+    try:
+        if os.fstat(fd).st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(path=path, pool=str(d), reason="the manifest is implausibly large")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ManifestError(path=path, pool=str(d), reason=f"cannot be read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    try:
+        m = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(path=path, pool=str(d), reason=f"not valid JSON ({e})") from None
+    return validate(m, path, str(d))
+
+
+def write_manifest(pool_dir: str | os.PathLike[str], m: dict[str, Any]) -> None:
+    """Validate ``m`` and replace ``pool_dir/pool.json`` atomically and durably (unique temp file, fsync, rename,
+    directory fsync). A failure leaves the old manifest in place. Raises ManifestError (invalid ``m``: a bug),
+    StoreIOError / HostNoSpace (the host filesystem)."""
+    from thinpool.errors import HostNoSpace, StoreIOError
+
+    d = Path(pool_dir)
+    good = validate(m, str(d / MANIFEST), str(d))
+    data = json.dumps(good, indent=2, sort_keys=True).encode() + b"\n"
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + MANIFEST + ".", suffix=".tmp")
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, d / MANIFEST)
+        tmp = None
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HostNoSpace(what=str(d / MANIFEST), op="write") from e
+        raise StoreIOError(what=str(d / MANIFEST), op="write", reason=e.strerror or str(e)) from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

@@ -1,0 +1,512 @@
+"""The data space map in the kernel's shape: bitmaps paged in on demand, the index in memory, dirty pages
+written at commit, allocation from a cursor over bitmaps with free entries.
+
+Layer: spacemap. May import: thinpool.errors, thinpool.checksum, thinpool.formats, thinpool.btree, thinpool.tx.
+
+On disk (kernel dm-space-map-common.c, disk sm): one 2-bit bitmap per ENTRIES_PER_BITMAP (16,320) blocks, an
+index B-tree ``bitmap i -> (blocknr, nr_free, none_free_before)`` and a ref-count B-tree for counts >= 3.
+
+In memory, cost follows the work, not the pool:
+
+- **open** reads nothing but the superblock's root (nr_blocks, nr_allocated, the two tree roots); the index is
+  loaded on first use (one leaf per 252 bitmaps, values decoded with numpy), a bitmap only when a block in it is
+  counted, allocated or freed. A read-only open never touches the data space map.
+- a **page** holds one bitmap's counts (uint32, counts >= 3 resolved through the ref-count tree when the page is
+  loaded) and, once changed, the counts of the last commit beside them (copy on first write). Clean pages are
+  evicted LRU beyond ``max_clean_pages``; dirty pages stay until the commit.
+- **commit** (``write``) relocates each dirty bitmap once (copy on write: the committed bitmap stays intact until
+  the superblock moves), updates its index entry and the ref-count entries that crossed 3: O(dirty pages).
+  ``nr_allocated`` is kept as a counter, never recounted.
+- **allocation** (``new_block``) searches from a cursor the bitmaps whose index entry has free entries and takes
+  a block whose count is 0 now *and* at the last commit (never one the last commit uses, dm-space-map.h).
+- a new or grown pool's free bitmaps are not materialised: a page never written reads as all free, and is
+  written at the next commit from an all-zero template.
+
+``counts`` / ``committed`` materialise the whole map as arrays, O(pool): for tests and oracles only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+import numpy as np
+
+from thinpool.btree.btree import BTree, NoRefValue
+from thinpool.checksum import BlockType
+from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, NoSpace
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    IndexEntry,
+    SmRoot,
+    build_index_entry,
+    decode_bitmap,
+    encode_bitmap,
+)
+from thinpool.tx.transaction import TransactionManager
+
+E: Final = ENTRIES_PER_BITMAP
+_BATCH: Final = 4096  # allocation candidates taken from a page at a time
+_INDEX_DTYPE: Final = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
+
+
+def nr_bitmaps(nr_blocks: int) -> int:
+    return -(-nr_blocks // E)
+
+
+class _Page:
+    """Counts of one bitmap; ``committed`` is ``counts`` itself until the page is first changed."""
+
+    __slots__ = ("counts", "committed", "dirty")
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+        self.committed = counts
+        self.dirty = False
+
+    def make_dirty(self) -> None:
+        if not self.dirty:
+            self.counts = self.committed.copy()
+            self.dirty = True
+
+
+class PagedSpaceMap:
+    """The data space map (tx/api.py SpaceMap, plus batch operations and the commit-time write)."""
+
+    def __init__(self, tm: TransactionManager, root: SmRoot, *, kind: str = "data",
+                 max_clean_pages: int = 64) -> None:
+        self.tm = tm
+        self.kind = kind
+        self.max_clean_pages = max_clean_pages
+        self.rc_tree = BTree(tm, NoRefValue(4))
+        self.index_tree = BTree(tm, NoRefValue(16))
+        self.pages_loaded = 0  # bitmaps read from disk (tests bound what an operation reads)
+        self._reset(root)
+        self._saved: tuple[SmRoot, np.ndarray | None] = (root, None)  # the last commit, for abort
+
+    # --- state ----------------------------------------------------------------------------------------------
+    def _reset(self, root: SmRoot) -> None:
+        self._nr_blocks = root.nr_blocks
+        self.index_root = root.bitmap_root
+        self.ref_count_root = root.ref_count_root
+        self._index: np.ndarray | None = None  # _INDEX_DTYPE per bitmap, loaded on first use
+        self._pages: OrderedDict[int, _Page] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._nr_allocated = root.nr_allocated
+        self._nr_allocatable = root.nr_blocks - root.nr_allocated  # free now and at the last commit
+        self._candidates: list[int] = []
+        self._cursor = 0  # bitmap where the allocation search resumes
+        self.freed: set[int] = set()  # blocks whose count dropped to 0 in this transaction
+        self.changed = False
+
+    @classmethod
+    def create(cls, tm: TransactionManager, nr_blocks: int, *, kind: str = "data") -> PagedSpaceMap:
+        """A new, all-free map (its trees are created now; its bitmaps are written at the commit)."""
+        rc = BTree(tm, NoRefValue(4)).empty()
+        index_root = BTree(tm, NoRefValue(16)).empty()
+        sm = cls(tm, SmRoot(nr_blocks, 0, index_root, rc), kind=kind)
+        n = nr_bitmaps(nr_blocks)
+        sm._index = np.zeros(n, dtype=_INDEX_DTYPE)
+        sm._index["nr_free"] = E
+        sm._dirty = set(range(n))
+        sm.changed = True
+        return sm
+
+    @classmethod
+    def load(cls, tm: TransactionManager, root: SmRoot, *, kind: str = "data",
+             validate: bool = False) -> PagedSpaceMap:
+        """Open the map at ``root``: O(1). Nothing is read until a block is counted or allocated; with
+        ``validate`` (a writable open) the root's counts and the roots of its two trees are checked (one descent
+        of the ref-count tree, one of the index to its last bitmap), so a superblock pointing nowhere fails the
+        open, not a later commit.
+
+        Raises:
+            MetadataCorrupt: (validate) a root that cannot be right.
+        """
+        sm = cls(tm, root, kind=kind)
+        if validate:
+            if root.nr_allocated > root.nr_blocks:
+                raise MetadataCorrupt(block=0, reason=f"{kind} space map: {root.nr_allocated} blocks allocated of "
+                                                      f"{root.nr_blocks}")
+            for b, tree in ((root.bitmap_root, sm.index_tree), (root.ref_count_root, sm.rc_tree)):
+                if not 0 < b < tm.limit:
+                    raise MetadataCorrupt(block=0, reason=f"{kind} space map root points at block {b}, outside "
+                                                          f"the metadata device ({tm.limit} blocks)")
+                tree.validate_node(b)
+            sm.rc_tree.lookup(root.ref_count_root, 0)  # one descent to the first leaf (its value size)
+            n = nr_bitmaps(root.nr_blocks)
+            top = sm.index_tree.highest_key(root.bitmap_root)  # one descent: O(depth) blocks
+            if (n - 1 if n else None) != top:
+                raise MetadataCorrupt(block=root.bitmap_root, reason=f"{kind} space map index ends at bitmap {top}, "
+                                                                     f"but {root.nr_blocks} blocks need {n}")
+        return sm
+
+    @property
+    def core(self) -> PagedSpaceMap:
+        """The map itself (it is its own in-core and on-disk side)."""
+        return self
+
+    @property
+    def nr_blocks(self) -> int:
+        return self._nr_blocks
+
+    def nr_allocated(self) -> int:
+        return self._nr_allocated
+
+    def nr_free(self) -> int:
+        return self._nr_blocks - self._nr_allocated
+
+    def nr_allocatable(self) -> int:
+        """Blocks free now and at the last commit (what ``new_block`` may hand out)."""
+        return self._nr_allocatable
+
+    def has_free(self, n: int) -> bool:
+        return n <= self._nr_allocatable
+
+    def root(self) -> SmRoot:
+        return SmRoot(self._nr_blocks, self._nr_allocated, self.index_root, self.ref_count_root)
+
+    # --- index and pages ------------------------------------------------------------------------------------
+    def _load_index(self) -> np.ndarray:
+        if self._index is None:
+            n = nr_bitmaps(self._nr_blocks)
+            raw: list[bytes] = []
+            for i, (k, v) in enumerate(self.index_tree.items(self.index_root)):
+                if k != i:
+                    raise MetadataCorrupt(block=self.index_root, reason=f"data space map index: key {k} at {i}")
+                raw.append(v)
+            if len(raw) != n:
+                raise MetadataCorrupt(block=self.index_root,
+                                      reason=f"data space map index has {len(raw)} bitmaps, expected {n}")
+            idx = np.frombuffer(b"".join(raw), dtype=_INDEX_DTYPE).copy() if raw else np.zeros(0, _INDEX_DTYPE)
+            self._index = idx
+        return self._index
+
+    def _page(self, i: int) -> _Page:
+        page = self._pages.get(i)
+        if page is not None:
+            self._pages.move_to_end(i)
+            return page
+        idx = self._load_index()
+        if not 0 <= i < len(idx):
+            raise MetadataCorrupt(block=None, reason=f"{self.kind} block {i * E} beyond the {self.kind} space map "
+                                                     f"({self._nr_blocks} blocks)")
+        blocknr = int(idx["blocknr"][i])
+        if blocknr == 0:  # never written: all free
+            counts = np.zeros(E, dtype=np.uint32)
+        else:
+            buf = self.tm.read_raw(blocknr, BlockType.BITMAP, f"{self.kind} space map bitmap")
+            counts = decode_bitmap(buf).astype(np.uint32)
+            self.pages_loaded += 1
+            if (counts == 3).any():
+                lo = i * E
+                k, v = self.rc_tree.lookup_range(self.ref_count_root, lo, lo + E)
+                local = (k - np.uint64(lo)).astype(np.int64)
+                if len(k) and (not (counts[local] == 3).all() or int(v.min()) < 3):
+                    raise MetadataCorrupt(block=self.ref_count_root, reason=f"{self.kind} ref-count tree "
+                                          "disagrees with the bitmap")
+                counts[local] = v
+                if np.count_nonzero(counts == 3) != np.count_nonzero(v == 3):
+                    b = lo + int(np.flatnonzero(counts == 3)[0])
+                    raise MetadataCorrupt(block=self.ref_count_root,
+                                          reason=f"{self.kind} block {b} has count >= 3 but no ref-count entry")
+        valid = self._nr_blocks - i * E
+        if valid < E:
+            counts[valid:] = 0
+        page = _Page(counts)
+        self._pages[i] = page
+        self._evict()
+        return page
+
+    def _evict(self) -> None:
+        if len(self._pages) - len(self._dirty) <= self.max_clean_pages:
+            return
+        for j in list(self._pages):
+            if len(self._pages) - len(self._dirty) <= self.max_clean_pages:
+                break
+            if not self._pages[j].dirty:
+                del self._pages[j]
+
+    def evict_clean(self) -> None:
+        """Drop every clean page (tests: reloading must give the same counts)."""
+        for j in [j for j, p in self._pages.items() if not p.dirty]:
+            del self._pages[j]
+
+    def _wpage(self, i: int) -> _Page:
+        page = self._page(i)
+        if not page.dirty:
+            page.make_dirty()
+            self._dirty.add(i)
+        self.changed = True
+        return page
+
+    def _check(self, b: int) -> None:
+        if not 0 <= b < self._nr_blocks:
+            raise MetadataCorrupt(block=None, reason=f"{self.kind} block {b} beyond the {self.kind} space map "
+                                                     f"({self._nr_blocks} blocks)")
+
+    # --- counts ---------------------------------------------------------------------------------------------
+    def count(self, b: int) -> int:
+        self._check(b)
+        return int(self._page(b // E).counts[b % E])
+
+    def committed_count(self, b: int) -> int:
+        self._check(b)
+        return int(self._page(b // E).committed[b % E])
+
+    def inc(self, b: int, n: int = 1) -> None:
+        self._check(b)
+        page = self._wpage(b // E)
+        i = b % E
+        c = int(page.counts[i])
+        if c == 0:
+            self._nr_allocated += 1
+            if page.committed[i] == 0:
+                self._nr_allocatable -= 1
+        page.counts[i] = c + n
+
+    def dec(self, b: int) -> int:
+        self._check(b)
+        page = self._wpage(b // E)
+        i = b % E
+        c = int(page.counts[i])
+        if c == 0:
+            raise MetadataCorrupt(block=None, reason=f"{self.kind} block {b}: reference count would go below zero")
+        page.counts[i] = c - 1
+        if c == 1:
+            self._nr_allocated -= 1
+            if page.committed[i] == 0:
+                self._nr_allocatable += 1
+            self.freed.add(b)
+        return c - 1
+
+    def _by_page(self, blocks: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        uniq, times = np.unique(np.asarray(blocks, dtype=np.int64), return_counts=True)
+        if len(uniq) and (int(uniq[0]) < 0 or int(uniq[-1]) >= self._nr_blocks):
+            bad = int(uniq[0]) if int(uniq[0]) < 0 else int(uniq[-1])
+            self._check(bad)
+        pages = uniq // E
+        cuts = np.flatnonzero(np.diff(pages)) + 1
+        out = []
+        for lo, hi in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(uniq)]]).tolist()):
+            out.append((int(pages[lo]), uniq[lo:hi] % E, times[lo:hi].astype(np.uint32)))
+        return out
+
+    def inc_many(self, blocks: np.ndarray) -> None:
+        """One reference more per occurrence of each block in ``blocks``."""
+        for i, local, times in self._by_page(blocks):
+            page = self._wpage(i)
+            cur = page.counts[local]
+            was0 = cur == 0
+            self._nr_allocated += int(np.count_nonzero(was0))
+            self._nr_allocatable -= int(np.count_nonzero(was0 & (page.committed[local] == 0)))
+            page.counts[local] = cur + times
+
+    def dec_many(self, blocks: np.ndarray) -> None:
+        """One reference less per occurrence; raises (changing nothing) if a count would go below zero."""
+        groups = self._by_page(blocks)
+        for i, local, times in groups:
+            cur = self._page(i).counts[local]
+            if (cur < times).any():
+                bad = i * E + int(local[np.argmax(cur < times)])
+                raise MetadataCorrupt(block=None, reason=f"{self.kind} block {bad}: reference count would go "
+                                                         "below zero")
+        for i, local, times in groups:
+            page = self._wpage(i)
+            new = page.counts[local] - times
+            page.counts[local] = new
+            now0 = new == 0
+            self._nr_allocated -= int(np.count_nonzero(now0))
+            self._nr_allocatable += int(np.count_nonzero(now0 & (page.committed[local] == 0)))
+            self.freed.update((i * E + local[now0]).tolist())
+
+    # --- allocation -----------------------------------------------------------------------------------------
+    def new_block(self) -> int:
+        """A block whose count is 0 now and at the last commit; its count becomes 1.
+
+        Raises:
+            NoDataSpace: none is free.
+        """
+        while True:
+            while self._candidates:
+                b = self._candidates.pop()
+                page = self._wpage(b // E)
+                i = b % E
+                if page.counts[i] == 0 and page.committed[i] == 0:
+                    page.counts[i] = 1
+                    self._nr_allocated += 1
+                    self._nr_allocatable -= 1
+                    return b
+            self._refill()
+
+    def _refill(self) -> None:
+        if self._nr_allocatable <= 0:
+            raise self._no_space()
+        idx = self._load_index()
+        n = len(idx)
+        has_free = idx["nr_free"] > 0
+        start = self._cursor
+        order = np.concatenate([np.flatnonzero(has_free[start:]) + start, np.flatnonzero(has_free[:start])])
+        for i in order.tolist():
+            page = self._page(i)
+            valid = min(E, self._nr_blocks - i * E)
+            free = np.flatnonzero((page.counts[:valid] == 0) & (page.committed[:valid] == 0))
+            if free.size:
+                self._candidates = (free[:_BATCH][::-1] + i * E).tolist()
+                self._cursor = i if free.size > _BATCH else (i + 1) % max(n, 1)
+                return
+        raise self._no_space()
+
+    def _no_space(self) -> NoSpace:
+        return NoMetadataSpace() if self.kind == "metadata" else NoDataSpace()
+
+    # --- growth ---------------------------------------------------------------------------------------------
+    def extend(self, nr_blocks: int) -> None:
+        """Grow to ``nr_blocks`` (the new blocks are free; new bitmaps are written at the commit)."""
+        if nr_blocks <= self._nr_blocks:
+            return
+        idx = self._load_index()
+        old_n, n = len(idx), nr_bitmaps(nr_blocks)
+        if old_n:
+            self._wpage(old_n - 1)  # its tail becomes valid: rewrite it and its index entry
+        extra = np.zeros(n - old_n, dtype=_INDEX_DTYPE)
+        extra["nr_free"] = E
+        self._index = np.concatenate([idx, extra])
+        self._dirty.update(range(old_n, n))
+        self._nr_allocatable += nr_blocks - self._nr_blocks
+        self._nr_blocks = nr_blocks
+        self._candidates = []
+        self.changed = True
+
+    def any_committed(self, lo: int, hi: int) -> bool:
+        """Whether a block in [lo, hi) is in use at the last commit. O(bitmaps covering the range)."""
+        lo, hi = max(lo, 0), min(hi, self._nr_blocks)
+        for i in range(lo // E, -(-hi // E)):
+            p = self._page(i)
+            a, b = max(lo - i * E, 0), min(hi - i * E, E)
+            if b > a and bool(p.committed[a:b].any()):
+                return True
+        return False
+
+    def used_from(self, lo: int) -> int | None:
+        """The highest block >= ``lo`` counted now or at the last commit, or None. O(pages above lo)."""
+        best = None
+        for i in range(lo // E, nr_bitmaps(self._nr_blocks)):
+            p = self._page(i)
+            used = np.flatnonzero((p.counts != 0) | (p.committed != 0))
+            used = used[used + i * E >= lo]
+            if used.size:
+                best = i * E + int(used[-1])
+        return best
+
+    # --- commit ---------------------------------------------------------------------------------------------
+    def _entry(self, i: int, counts: np.ndarray, blocknr: int) -> IndexEntry:
+        valid = min(E, self._nr_blocks - i * E)
+        seg = counts[:valid]
+        zero = np.flatnonzero(seg == 0)
+        return IndexEntry(blocknr, E - int(np.count_nonzero(seg)), int(zero[0]) if zero.size else valid)
+
+    def write(self) -> None:
+        """Write back every dirty bitmap (relocated, copy on write), its index entry and the ref-count entries
+        that changed. Call before the metadata space map's write. O(dirty pages)."""
+        if not self._dirty:
+            return
+        idx = self._load_index()
+        tm = self.tm
+        for i in sorted(self._dirty):
+            page = self._pages.get(i)
+            counts = page.counts if page is not None else np.zeros(E, dtype=np.uint32)
+            committed = page.committed if page is not None else counts
+            if page is not None:
+                self._update_ref_counts(i, counts, committed)
+            new = tm.new_block()
+            old = int(idx["blocknr"][i])
+            if old:
+                tm.dec(old)
+            if page is None:
+                buf = bytearray(4096)
+                buf[8:16] = new.to_bytes(8, "little")
+            else:
+                buf = encode_bitmap(new, counts[:min(E, self._nr_blocks - i * E)])
+            tm.write_raw(new, buf, BlockType.BITMAP)
+            e = self._entry(i, counts, new)
+            idx[i] = (e.blocknr, e.nr_free, e.none_free_before)
+            self.index_root, _ = self.index_tree.insert(self.index_root, i, build_index_entry(e))
+
+    def _update_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray) -> None:
+        changed = np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed))
+        for j in changed.tolist():
+            b = i * E + j
+            if counts[j] >= 3:
+                self.ref_count_root, _ = self.rc_tree.insert(self.ref_count_root, b, int(counts[j]))
+            else:
+                self.ref_count_root, _ = self.rc_tree.remove(self.ref_count_root, b)
+
+    def commit(self) -> None:
+        """The transaction is durable: dirty pages become clean (called after the superblock is written)."""
+        for i in self._dirty:
+            page = self._pages.get(i)
+            if page is not None:
+                page.committed = page.counts
+                page.dirty = False
+        self._dirty = set()
+        self._nr_allocatable = self._nr_blocks - self._nr_allocated
+        self._candidates = []
+        self.freed = set()
+        self.changed = False
+        self._saved = (self.root(), None if self._index is None else self._index.copy())  # O(bitmaps), 16 B each
+        self._evict()
+
+    def abort(self) -> None:
+        """Back to the last commit: every page returns to its committed counts (kept beside the dirty ones)."""
+        pages = self._pages
+        root, idx = self._saved
+        self._reset(root)
+        self._index = None if idx is None else idx.copy()
+        n = nr_bitmaps(root.nr_blocks)
+        for i, p in pages.items():
+            if i < n:
+                p.counts = p.committed
+                p.dirty = False
+                self._pages[i] = p
+
+    def validate_all(self) -> None:
+        """Read the whole map as the eager loader did: every index entry, every bitmap, every ref-count entry
+        (checked against its bitmap). O(pool); for a full read (``thinpool check`` has its own walk).
+
+        Raises:
+            MetadataCorrupt / ChecksumError naming the damaged block.
+        """
+        for i in range(len(self._load_index())):
+            self._page(i)
+            if len(self._pages) > self.max_clean_pages:
+                self._evict()
+        for b, c in self.rc_tree.items(self.ref_count_root):
+            if b >= self._nr_blocks or int(self._page(b // E).committed[b % E]) != c or c < 3:
+                raise MetadataCorrupt(block=self.ref_count_root, reason=f"{self.kind} ref-count tree entry {b}:{c} "
+                                                                        "disagrees with the bitmap")
+
+    # --- whole-map views (tests, oracles) -------------------------------------------------------------------
+    def _materialise(self, which: str) -> np.ndarray:
+        out = np.zeros(self._nr_blocks, dtype=np.uint32)
+        for i in range(nr_bitmaps(self._nr_blocks)):
+            lo = i * E
+            hi = min(lo + E, self._nr_blocks)
+            p = self._page(i)
+            out[lo:hi] = getattr(p, which)[:hi - lo]
+        return out
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Every count now, as one array (O(pool): tests and oracles only)."""
+        return self._materialise("counts")
+
+    @property
+    def committed(self) -> np.ndarray:
+        """Every count at the last commit (O(pool): tests and oracles only)."""
+        return self._materialise("committed")
+
+    @property
+    def bitmap_blocks(self) -> list[int]:
+        """Where each bitmap is (0: not written yet)."""
+        return [int(b) for b in self._load_index()["blocknr"]]
