@@ -125,9 +125,20 @@ def open_pool(pool_path: str | None, *, readonly: bool = False, lock: str | None
     lock, ``"none"`` peeks at the last commit). Success commits on close; a failure aborts the open transaction
     and closes without committing, so a refused command leaves the metadata file byte-identical (or, if it had
     overwritten committed data in place, fails the pool: needs_check, reported)."""
+    from thinpool.errors import PoolLocked
     from thinpool.pool import Pool
 
-    p = Pool.open(require_pool(pool_path), readonly=readonly, lock=lock)
+    try:
+        p = Pool.open(require_pool(pool_path), readonly=readonly, lock=lock)
+    except PoolLocked:
+        from thinpool.control import connect_if_served
+
+        remote = connect_if_served(require_pool(pool_path))  # a running serve/mount holds it: it applies the command
+        if remote is None:
+            raise
+        with remote:
+            yield remote
+        return
     with p:
         p.on_queue = _report_queue
         yield p

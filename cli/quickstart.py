@@ -6,6 +6,7 @@ Layer: cli. May import: click, thinpool (the library only inside the command).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 
 import click
@@ -48,26 +49,30 @@ def quickstart(directory: str, png: bool) -> None:
         click.secho(f"\n$ {text}", bold=True)
 
     chunk = 64 * 1024
-    step(f"thinpool pool create {directory} --size 64M --chunk-size 64k")
+    d = shlex.quote(directory)
+    # every step prints the shell command that does the same (a replayable transcript: the data comes from
+    # printf / head | tr, no file is assumed)
+    step(f"thinpool pool create {d} --size 64M --chunk-size 64k")
     with Pool.create(directory, data_size=64 << 20, chunk_size=chunk) as p:
         click.echo(f"pool {directory}: {p.md.nr_data_blocks} chunks of 64KiB, nothing allocated")
 
-        step(f"thinpool thin create 1 --size 4M --name vol --pool {directory}")
+        step(f"thinpool thin create 1 --size 4M --name vol --pool {d}")
         vol = p.create_thin(1, 4 << 20, name="vol")
         click.echo("device 1 (vol): 4MiB virtual (64 chunks), 0 bytes allocated")
 
-        step(f"thinpool thin write vol demo.bin --pool {directory}      # 256 KiB of 'A' at offset 0")
+        step(f"head -c 262144 /dev/zero | tr '\\0' A | thinpool thin write vol --pool {d} -    # 256 KiB of 'A'")
         vol.write(0, b"A" * (4 * chunk))
-        step("thinpool thin write vol --offset 1M ...                  # 'hello, thin world' at 1 MiB")
+        step(f"printf 'hello, thin world' | thinpool thin write vol --offset 1M --pool {d} -")
         vol.write(1 << 20, b"hello, thin world")
         click.echo(f"{p.md.data_sm.nr_allocated()} chunks allocated: 4 for the 256 KiB, 1 for the small write "
                    "(the rest of that chunk is zeroed)")
 
-        step(f"thinpool thin snap 2 vol --name vol-snap --pool {directory}")
+        step(f"thinpool thin snap 2 vol --name vol-snap --pool {d}")
         p.create_snap(2, 1, name="vol-snap")
         click.echo("snapshot 2 (vol-snap) shares all 5 chunks with vol: no data copied")
 
-        step("thinpool thin write vol --offset 64k ...                 # overwrite 4 KiB with 'B'")
+        step(f"head -c 4096 /dev/zero | tr '\\0' B | thinpool thin write vol --offset 64k --pool {d} -    "
+             "# overwrite 4 KiB with 'B'")
         vol.write(chunk, b"B" * 4096)
         snap = p.device(2)
         click.echo(f"copy-on-write: chunk 1 of vol now has its own data block; {p.md.data_sm.nr_allocated()} chunks "
@@ -75,9 +80,9 @@ def quickstart(directory: str, png: bool) -> None:
         click.echo(f"vol reads {vol.read(chunk, 4)!r}..., vol-snap still reads {snap.read(chunk, 4)!r}...")
         p.commit()
 
-        step(f"thinpool pool status --pool {directory}")
+        step(f"thinpool pool status --pool {d}")
         show_status(p, False)
-    step(f"thinpool ls {directory} -o DEV,MAPPED,EXCLUSIVE,SHARED")
+    step(f"thinpool ls {d} -o DEV,MAPPED,EXCLUSIVE,SHARED")
     ctx = click.get_current_context()
     ctx.invoke(ls, target=directory, pool_path=None, fields="DEV,MAPPED,EXCLUSIVE,SHARED", no_headers=False,
                metadata_snap=False, as_json=False)
@@ -97,7 +102,8 @@ def _show_map(directory: str, png: bool) -> None:
             png_path = os.path.join(directory, "map.png")
         except ImportError:
             click.echo("(matplotlib is not installed: no map.png; pip install 'thinpool[plot]')")
-    step_text = f"thinpool map vol vol-snap --pool {directory}" + (f" --png {png_path}" if png_path else "")
+    step_text = f"thinpool map vol vol-snap --pool {shlex.quote(directory)}" + \
+        (f" --png {shlex.quote(png_path)}" if png_path else "")
     click.secho(f"\n$ {step_text}", bold=True)
     ctx = click.get_current_context()
     ctx.invoke(map_cmd, args=("vol", "vol-snap"), metadata_snap=False, png=png_path, pool_path=directory,

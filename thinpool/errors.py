@@ -281,14 +281,16 @@ class SnapshotExists(DeviceError):
     message = "to-snapshot {name!r} already exists in the pool"
 
 
-# --- servers (helper: servers) --------------------------------------------------------------------------------
-class ServerError(ThinpoolError):
-    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
-
-
 # --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
 class DriverError(ThinpoolError):
     """A refused driver, image or container operation (``reason`` says why)."""
+
+    message = "{reason}"
+
+
+# --- servers (helper: servers) --------------------------------------------------------------------------------
+class ServerError(ThinpoolError):
+    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
 
     message = "{reason}"
 
@@ -309,6 +311,7 @@ class ServedPoolFailed(TransactionError):
     """A served pool stopped accepting writes after a failed commit (dm-thin's metadata_operation_failed)."""
 
     message = "pool failed after an error ({reason}): writes and flushes are refused until it is checked"
+    exit_code = 4
 
 
 class ControlError(ServerError):

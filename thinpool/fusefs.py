@@ -265,11 +265,13 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
 
 def mount(exports: Mapping[str, BlockDevice], mountpoint: str | os.PathLike[str], *, foreground: bool = True,
           on_unmount: Callable[[], Any] | None = None, lock: threading.Lock | None = None, direct_io: bool = True,
-          allow_other: bool = False, fsname: str = "thinpool") -> None:
+          allow_other: bool = False, fsname: str = "thinpool", state: dict[str, Any] | None = None,
+          setup: Callable[[Any], Any] | None = None) -> None:
     """Mount ``exports`` at ``mountpoint`` and serve until unmounted (blocks when ``foreground``).
 
     Must run in the main thread of its process (libfuse installs SIGINT/SIGTERM/SIGHUP handlers that unmount).
-    On unmount every device is flushed and then ``on_unmount`` is called.
+    On unmount every device is flushed and then ``on_unmount`` is called (not after a failed fsync: then
+    ``state["failed"]`` says why). ``setup(ops)`` runs before the mount (the control channel).
     """
     mfusepy = _load_mfusepy()
     ops = make_operations(exports, on_unmount=on_unmount, lock=lock, direct_io=direct_io)
@@ -277,7 +279,13 @@ def mount(exports: Mapping[str, BlockDevice], mountpoint: str | os.PathLike[str]
                               "subtype": "thinpool"}
     if allow_other:
         kwargs["allow_other"] = True
-    _fuse_class(mfusepy)(ops, os.fspath(mountpoint), **kwargs)
+    if setup is not None:
+        setup(ops)  # e.g. the control channel, which needs the operations object
+    try:
+        _fuse_class(mfusepy)(ops, os.fspath(mountpoint), **kwargs)
+    finally:
+        if state is not None:
+            state["failed"] = ops.failed
 
 
 def _fuse_class(mfusepy: Any) -> Any:

@@ -446,3 +446,54 @@ def test_merge_needs_a_live_origin(tmp_path: Path) -> None:
     assert "was deleted" in fails(1, "thin", "merge", "snap", "-p", p).stderr
     fails(1, "thin", "merge", "snap", "-p", p)
     assert fingerprint(p) == before
+
+
+def test_quickstart_transcript_replays_as_written(tmp_path: Path) -> None:
+    """Every `$ ...` line of the quickstart is a shell command; run in order in a fresh directory they build the
+    same pool (devices, contents, mappings)."""
+    first = tmp_path / "a"
+    first.mkdir()
+    out = ok("quickstart", first / "thinpool-demo", "--no-png").stdout
+    cmds = [ln[2:] for ln in out.splitlines() if ln.startswith("$ ")]
+    assert len(cmds) >= 8 and not any("..." in c for c in cmds)
+    replay = tmp_path / "b"
+    replay.mkdir()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("THINPOOL_POOL", None)
+    demo = str(first / "thinpool-demo")
+    for c in cmds:
+        c = c.replace(demo, "thinpool-demo")
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", c], cwd=replay, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, (c, r.stderr)
+
+    def view(p: Path) -> list:
+        with Pool.open(p, readonly=True) as pool:
+            return [(d, pool.device_label(d), pool.device_size(d), pool.device(d).read(0, pool.device_size(d)),
+                     [a.tolist() for a in pool.md.mappings(d)[:2]]) for d in pool.list_devices()]
+
+    assert view(replay / "thinpool-demo") == view(first / "thinpool-demo")
+
+
+def test_binary_read_to_a_terminal_warns(tmp_path: Path) -> None:
+    import pty
+
+    p = _small_pool(tmp_path, "8M")
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", MAIN, "thin", "read", "vol", "--length", "16", "-p", str(p)],
+                           stdout=slave, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 0 and "binary data to a terminal" in r.stderr
+    # not to a pipe
+    r = subprocess.run([sys.executable, "-c", MAIN, "thin", "read", "vol", "--length", "16", "-p", str(p)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == b"" and r.stdout == b"A" * 16
+
+
+def test_metadata_size_over_the_usable_maximum_warns(tmp_path: Path) -> None:
+    r = ok("pool", "create", tmp_path / "p", "--size", "1M", "--metadata-size", "17G")
+    assert "more than dm-thin can use" in r.stderr
+    assert (tmp_path / "p" / "metadata").stat().st_size == 255 * 16320 * 4096

@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import need_tool
 
 REPO = Path(__file__).resolve().parents[2]

@@ -348,3 +348,18 @@ def test_public_api_exports() -> None:
     from thinpool import HostNoSpace as H  # noqa: F401
     from thinpool import ThinDevice
     assert H is HostNoSpace and issubclass(thinpool.DeviceNotFound, LookupError)
+
+
+def test_a_mapping_past_the_data_file_never_grows_it(tmp_path: Path) -> None:
+    from thinpool.io.data_store import DataStore
+
+    f = tmp_path / "data"
+    f.write_bytes(bytes(4 * CH))
+    ds = DataStore(str(f), CH)
+    ds.pwrite(3 * CH, b"ok")
+    with pytest.raises(StoreIOError, match="past the end of the data file"):
+        ds.pwrite(1000 * CH, b"x")  # what a mapping to data block 1000 would do
+    assert f.stat().st_size == 4 * CH
+    os.truncate(f, 8 * CH)  # grown by another process (grow_data_file): taken up
+    ds.pwrite(7 * CH, b"y")
+    ds.close()

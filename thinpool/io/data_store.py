@@ -48,6 +48,7 @@ class DataStore:
         except OSError as e:
             raise StoreIOError(what=path, op="open", reason=e.strerror or str(e)) from e
         self.dirty: list[tuple[int, int]] = []  # [start, end) byte ranges written since the last sync
+        self._limit = os.fstat(self.fd).st_size  # writes never grow the file (resize does)
         self.bytes_written = 0
         self.bytes_read = 0
         self.punched = 0
@@ -99,8 +100,18 @@ class DataStore:
         else:
             d.append((start, end))
 
+    def _check_limit(self, end: int) -> None:
+        """A write past the end of the data file means a mapping beyond the data device (corrupt metadata, or a
+        hostile pool): refused instead of silently growing the file (dm-thin would hit the device's end)."""
+        if end > self._limit:
+            self._limit = max(self._limit, self.size)  # another process may have grown it (grow_data_file)
+            if end > self._limit:
+                raise StoreIOError(what=self.path, op="write", reason=f"offset {end} is past the end of the data "
+                                   f"file ({self._limit} bytes): a mapping beyond the data device (run check)")
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if len(data):
+            self._check_limit(offset + len(data))
             self._mark_dirty(offset, offset + len(data))
         holes = self._holes
         if holes is not None and len(data):
@@ -125,6 +136,7 @@ class DataStore:
         """Copy [src, src+length) to dst inside the file (copy_file_range: in the kernel, no round trip through
         Python; pread + pwrite where the filesystem cannot). The ranges must not overlap."""
         if length:
+            self._check_limit(dst + length)
             self._mark_dirty(dst, dst + length)
         if self._holes is not None and length:
             ch = self.chunk_bytes
@@ -181,11 +193,13 @@ class DataStore:
         """Grow the file to ``size`` bytes (never shrinks it: another process may have grown it meanwhile)."""
         old = self.size
         if size <= old:
+            self._limit = max(self._limit, size)
             return
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise _io_error(e, self.path, "resize") from e
+        self._limit = size
         if self._holes is not None:
             n = -(-size // self.chunk_bytes)
             if size > old and old % self.chunk_bytes == 0:  # the grown part is a hole
