@@ -125,7 +125,8 @@ def _render_ls(f: Any, path: str, is_dir: bool, entries: list[tuple[str, Any]], 
         for n, s in entries:
             full = path.rstrip("/") + "/" + n if is_dir else n
             name = n + (f" -> {f.readlink(full)}" if s.is_symlink else "")
-            rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, s.size, _when(s.mtime), name))
+            size = f"{os.major(s.rdev)}, {os.minor(s.rdev)}" if s.rdev else s.size  # as ls -l shows devices
+            rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, size, _when(s.mtime), name))
         table(None, ["mode", "links", "uid", "gid", "size", "modified", "name"], rows,
               right=["links", "uid", "gid", "size"])
     else:
@@ -152,7 +153,8 @@ def fs_tree(dev: str, path: str, pool_path: str | None) -> None:
                 last = i == len(entries) - 1
                 p = d.rstrip("/") + "/" + e.name
                 s = f.lstat(p)
-                label = e.name + ("/" if s.is_dir else f" -> {f.readlink(p)}" if s.is_symlink else f"  ({s.size})")
+                label = e.name + ("/" if s.is_dir else f" -> {f.readlink(p)}" if s.is_symlink else
+                                  f"  ({_type_name(s.mode)})" if s.is_special else f"  ({s.size})")
                 click.echo(prefix + ("└── " if last else "├── ") + label)
                 if s.is_dir:
                     counts[0] += 1
