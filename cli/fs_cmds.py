@@ -1,4 +1,5 @@
-"""`thinpool fs ...`: an ext2 file system on a thin device (mkfs, ls, tree, put, get, cat, rm, mkdir, mv, stat, df).
+"""`thinpool fs ...`: an ext2 file system on a thin device (mkfs, ls, tree, put, get, cat, rm, mkdir, mv, stat, df,
+trim).
 
 Layer: cli. May import: click, thinpool (the library only inside the commands).
 
@@ -383,3 +384,17 @@ def fs_df(dev: str, pool_path: str | None, as_json: bool) -> None:
               [(format_size(s.size), format_size(used * s.block_size), format_size(s.free_bytes), pct,
                 s.nr_inodes, s.nr_inodes - s.free_inodes, s.free_inodes)],
               right=["size", "used", "free", "use%", "inodes", "iused", "ifree"])
+
+
+@fs.command("trim")
+@DEV_ARG
+@pool_option
+def fs_trim(dev: str, pool_path: str | None) -> None:
+    """Give the file system's free space back to the pool (like fstrim): discard every free block.
+
+    Example: thinpool fs trim vol
+    """
+    from thinpool.units import format_size
+
+    with _mounted(pool_path, dev, write=True) as f:
+        click.echo(f"trimmed {format_size(f.trim())} on device {dev}")
