@@ -289,7 +289,8 @@ def test_fio_nbd_tls_4k_randwrite_qd16(benchmark, tls_servers):
     ref = med["nbdkit-memory"]["iops"]
     print("\n4k-randwrite-qd16, TLS vs plaintext (median IOPS; ratio vs nbdkit memory plaintext):")
     for name, m in med.items():
-        print(f"  {name:20s} {m['iops']:8.0f} IOPS  {m['lat_us_mean']:7.1f} us  {m['iops'] / ref:5.2f}x  {m['all_iops']}")
+        print(f"  {name:20s} {m['iops']:8.0f} IOPS  {m['lat_us_mean']:7.1f} us  {m['iops'] / ref:5.2f}x  "
+              f"{m['all_iops']}")
         benchmark.extra_info[name.replace("-", "_")] = m
         assert m["iops"] > 0
     tls_cost = med["thinpool-tls"]["iops"] / med["thinpool"]["iops"]

@@ -207,8 +207,8 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
 
     Example: thinpool serve --pool ./pool --socket /tmp/tp.sock --fork --pid-file tp.pid && nbdinfo 'nbd+unix:///0?socket=/tmp/tp.sock'
     """
-    from thinpool.nbd.server import ServerOptions
-    from thinpool.nbd.server import serve as nbd_serve
+    from thinpool.nbd import ServerOptions
+    from thinpool.nbd import serve as nbd_serve
     from thinpool.pool import Pool
 
     if socket_path and listen:
@@ -373,7 +373,8 @@ def mount(pool_path: str, directory: str, exports: tuple[str, ...], readonly: bo
 
 def _fuse() -> Callable[..., Any]:
     try:
-        from thinpool.fusefs import _load_mfusepy, mount as fuse_mount
+        from thinpool.fusefs import _load_mfusepy
+        from thinpool.fusefs import mount as fuse_mount
 
         _load_mfusepy()
     except ImportError:

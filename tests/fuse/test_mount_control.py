@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import pytest
-
 from test_fuse_export import need_fuse
 from test_mount_cli import mounted
 

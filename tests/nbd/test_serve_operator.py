@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from nbd_client import RawClient
+
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool
 
