@@ -270,19 +270,9 @@ def fs_rm(dev: str, paths: tuple[str, ...], recursive: bool, force: bool, pool_p
             if st.is_dir:
                 if not recursive:
                     raise IsADirectory(path=p, reason=f"{p} is a directory (use -r)")
-                _rm_tree(f, p)
+                f.rmtree(p)
             else:
                 f.unlink(p)
-
-
-def _rm_tree(f: Any, path: str) -> None:
-    for e in f.scandir(path):
-        p = path.rstrip("/") + "/" + e.name
-        if f.lstat(p).is_dir:
-            _rm_tree(f, p)
-        else:
-            f.unlink(p)
-    f.rmdir(path)
 
 
 @fs.command("mkdir")
