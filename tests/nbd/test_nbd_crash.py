@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import need_tool, run_tool
 from nbd_client import RawClient
+
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool
 
