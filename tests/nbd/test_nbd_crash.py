@@ -60,7 +60,7 @@ def test_sigkill_during_fio_keeps_every_flushed_write():
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             state = {"issued": issued, "durable": durable}
 
-            def pattern() -> None:
+            def pattern(state: dict = state) -> None:
                 try:
                     with RawClient(sock, timeout=30) as c:
                         c.greeting()
