@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import need_tool, run_tool
 from nbd_client import RawClient
+
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool
 
@@ -60,7 +60,7 @@ def test_sigkill_during_fio_keeps_every_flushed_write():
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             state = {"issued": issued, "durable": durable}
 
-            def pattern() -> None:
+            def pattern(state: dict = state) -> None:
                 try:
                     with RawClient(sock, timeout=30) as c:
                         c.greeting()
