@@ -26,6 +26,7 @@ from thinpool.errors import ChecksumError, MetadataCorrupt, MetadataError, Store
 from thinpool.formats.device_details import parse_device_details, unpack_block_times
 from thinpool.formats.space_map import (
     ENTRIES_PER_BITMAP,
+    IndexEntry,
     SmRoot,
     decode_bitmap,
     parse_index_entry,
@@ -232,6 +233,145 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
     return counts
 
 
+class _Refs:
+    """Data references found in the mapping leaves, kept sparse: (block, count) pairs, compacted as they come.
+    Memory O(distinct mapped blocks), not O(data device)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.pending = 0
+        self.blocks = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, blocks: np.ndarray) -> None:
+        self.chunks.append(blocks.astype(np.int64))
+        self.pending += len(blocks)
+        if self.pending > 1 << 21:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self.chunks:
+            return
+        new, cnt = np.unique(np.concatenate(self.chunks), return_counts=True)
+        self.chunks, self.pending = [], 0
+        allb = np.concatenate([self.blocks, new])
+        allc = np.concatenate([self.counts, cnt])
+        self.blocks, inv = np.unique(allb, return_inverse=True)
+        self.counts = np.bincount(inv, weights=allc).astype(np.int64)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct blocks, reference count of each)."""
+        self._compact()
+        return self.blocks, self.counts
+
+
+def _sm_index(w: _Walker, root: SmRoot) -> list[IndexEntry] | None:
+    """The data space map's index entries (its nodes referenced); None if unreadable."""
+    n = -(-root.nr_blocks // E)
+    ok, leaves = w.tree(root.bitmap_root, 16)
+    if not ok:
+        return None
+    entries: list[IndexEntry] = []
+    i = 0
+    for keys, node in leaves:
+        for k, v in zip(keys.tolist(), node.values):
+            if k != i:
+                w.problem(f"data space map index: key {k} where {i} expected", node.block)
+                return None
+            entries.append(parse_index_entry(v))
+            i += 1
+    if len(entries) != n:
+        w.problem(f"data space map index has {len(entries)} bitmaps, expected {n}", root.bitmap_root)
+        return None
+    return entries
+
+
+_Pending = list[tuple[str, "int | None", bool]]
+
+
+def _stream_data_sm(w: _Walker, root: SmRoot, refs: tuple[np.ndarray, np.ndarray] | None
+                    ) -> tuple[int, _Pending] | None:
+    """Check the data space map bitmap by bitmap against the references found (memory: one bitmap, the
+    ref-count entries and the sparse references, never an array over the data device). Returns (blocks in use,
+    the comparison's problems, for the caller to report in thin_check's order), or None if unreadable."""
+    entries = _sm_index(w, root)
+    if entries is None:
+        return None
+    rc_counts: dict[int, int] = {}
+
+    def on_leaf(node: NodeView) -> None:
+        for k, v in zip(node.keys.tolist(), node.values.tolist()):
+            rc_counts[int(k)] = int(v)
+
+    ok_rc, _ = w.tree(root.ref_count_root, 4, on_leaf)
+    rc_keys = np.array(sorted(rc_counts), dtype=np.int64)
+    nr = root.nr_blocks
+    rc_problems: _Pending = []
+    cmp_problems: _Pending = []
+    missing: int | None = None
+    leaks = 0
+    used = 0
+    good = True
+    ub, uc = refs if refs is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if refs is not None and len(ub) and int(ub[-1]) >= nr:
+        b = int(ub[np.searchsorted(ub, nr)])
+        cmp_problems.append((f"data block {b} is in use beyond the end of the data space map ({nr} blocks)", None,
+                             True))
+    for i, e in enumerate(entries):
+        buf = w.raw(e.blocknr, BlockType.BITMAP, "data space map bitmap")
+        if buf is None:
+            good = False
+            continue
+        lo = i * E
+        valid = min(E, nr - lo)
+        counts = decode_bitmap(buf)[:valid].astype(np.int64)
+        a, z = np.searchsorted(rc_keys, [lo, lo + valid])
+        for b in rc_keys[a:z].tolist():
+            c = rc_counts[b]
+            if counts[b - lo] != 3:
+                rc_problems.append((f"data ref-count tree has block {b} whose bitmap entry is not 3",
+                                    root.ref_count_root, True))
+            elif c < 3:
+                rc_problems.append((f"data ref-count tree holds count {c} < 3 for block {b}", root.ref_count_root,
+                                    True))
+            else:
+                counts[b - lo] = c
+        if missing is None:
+            threes = np.flatnonzero(counts == 3) + lo
+            threes = threes[~np.isin(threes, rc_keys)]
+            if threes.size:
+                missing = int(threes[0])
+        used += int(np.count_nonzero(counts))
+        if refs is None:
+            continue
+        expected = np.zeros(valid, dtype=np.int64)
+        a, z = np.searchsorted(ub, [lo, lo + valid])
+        expected[ub[a:z] - lo] = uc[a:z]
+        for j in np.flatnonzero(counts != expected).tolist():
+            b = lo + j
+            if counts[j] > expected[j]:
+                leaks += 1
+                if leaks <= 10:
+                    cmp_problems.append((f"data block {b} leaked: space map says {counts[j]}, expected {expected[j]}",
+                                         None, False))
+            else:
+                cmp_problems.append((f"data reference counts differ for block {b}, expected {expected[j]}, but got "
+                                     f"{counts[j]}", None, True))
+    if not ok_rc or not good:
+        return None
+    for b in rc_keys[rc_keys >= nr].tolist():
+        rc_problems.append((f"data ref-count tree has block {b} whose bitmap entry is not 3", root.ref_count_root,
+                            True))
+    if missing is not None:
+        rc_problems.append((f"data block {missing} has bitmap entry 3 but no ref-count tree entry",
+                            root.ref_count_root, True))
+    for msg, block, fatal in rc_problems:
+        w.problem(msg, block, fatal)
+    if leaks > 10:
+        cmp_problems.append((f"{leaks} data blocks have leaked in all", None, False))
+    return used, cmp_problems
+
+
 def _compare(w: _Walker, kind: str, stored: np.ndarray | None, expected: np.ndarray) -> None:
     if stored is None:
         return
@@ -294,7 +434,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             held = parse_superblock(buf, sb.held_root)
             view = sb.replace(device_details_root=held.device_details_root, data_mapping_root=held.data_mapping_root)
     nr_data = sb.data_sm_root.nr_blocks
-    data_expected = np.zeros(max(nr_data, 1), dtype=np.int64)
+    data_refs = _Refs()
     roots = [(sb, "live")]
     if sb.held_root and buf is not None:
         from thinpool.formats.superblock import parse_superblock
@@ -341,7 +481,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
                     w.problem(f"device {dev_id}: mapping to data block {int(blocks[bad][0])} beyond the data "
                               f"device ({nr_data} blocks)", node.block)
                     blocks = blocks[~bad]
-                np.add.at(data_expected, blocks.astype(np.int64), 1)
+                data_refs.add(blocks)
 
             if dev_id not in owned:
                 # A top-level leaf shared with a tree walked before holds one reference on each subtree root,
@@ -369,10 +509,11 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         _check_times(w, store, sb if not use_metadata_snap else view, dev_details)
     # space maps
     w.section = "space map counts"
-    data_counts = _load_sm_counts(w, sb.data_sm_root, False)
+    data = _stream_data_sm(w, sb.data_sm_root, None if skip_mappings else data_refs.result())
     meta_counts = _load_sm_counts(w, sb.metadata_sm_root, True)
-    if not skip_mappings:
-        _compare(w, "data", data_counts, data_expected[:nr_data] if nr_data else data_expected[:0])
+    if data is not None:
+        for msg, block, fatal in data[1]:
+            w.problem(msg, block, fatal)
     _compare(w, "metadata", meta_counts, w.meta[:sb.metadata_sm_root.nr_blocks]
              if len(w.meta) >= sb.metadata_sm_root.nr_blocks else w.meta)
     if len(w.meta) > sb.metadata_sm_root.nr_blocks and w.meta[sb.metadata_sm_root.nr_blocks:].any():
@@ -380,8 +521,8 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         w.problem(f"metadata block {b} in use beyond the metadata space map", b)
     if meta_counts is not None:
         report.metadata_free_blocks = int(np.count_nonzero(meta_counts == 0))
-    if data_counts is not None:
-        report.data_used_blocks = int(np.count_nonzero(data_counts))
+    if data is not None:
+        report.data_used_blocks = data[0]
     return report
 
 

@@ -561,7 +561,7 @@ class PoolMetadata:
     def _has_changes(self) -> bool:
         """Whether a commit would change anything on disk. O(devices) (the details' changed flags)."""
         sb = self.sb
-        return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.tm.sm.changed
+        return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.meta_disk.core.changed
                     or any(d.changed for d in self.devices.values())
                     or (self.time, self.trans_id, self.flags, self.held_root, self.mapping_root, self.details_root)
                     != (sb.time, sb.trans_id, sb.flags, sb.held_root, sb.data_mapping_root, sb.device_details_root))

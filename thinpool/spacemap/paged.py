@@ -35,8 +35,14 @@ import numpy as np
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, NoSpace
-from thinpool.formats.space_map import (ENTRIES_PER_BITMAP, IndexEntry, SmRoot,
-                                        build_index_entry, decode_bitmap, encode_bitmap)
+from thinpool.formats.space_map import (
+    ENTRIES_PER_BITMAP,
+    IndexEntry,
+    SmRoot,
+    build_index_entry,
+    decode_bitmap,
+    encode_bitmap,
+)
 from thinpool.tx.transaction import TransactionManager
 
 E: Final = ENTRIES_PER_BITMAP
@@ -107,11 +113,12 @@ class PagedSpaceMap:
         return sm
 
     @classmethod
-    def load(cls, tm: TransactionManager, root: SmRoot, *, kind: str = "data", validate: bool = False) -> PagedSpaceMap:
+    def load(cls, tm: TransactionManager, root: SmRoot, *, kind: str = "data",
+             validate: bool = False) -> PagedSpaceMap:
         """Open the map at ``root``: O(1). Nothing is read until a block is counted or allocated; with
-        ``validate`` (a writable open) the root's counts and the roots of its two trees are checked (two blocks
-        read, one descent of the ref-count tree and one of the index to its last bitmap), so a superblock pointing nowhere fails the open,
-        not a later commit.
+        ``validate`` (a writable open) the root's counts and the roots of its two trees are checked (one descent
+        of the ref-count tree, one of the index to its last bitmap), so a superblock pointing nowhere fails the
+        open, not a later commit.
 
         Raises:
             MetadataCorrupt: (validate) a root that cannot be right.
