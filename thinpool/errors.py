@@ -281,14 +281,16 @@ class SnapshotExists(DeviceError):
     message = "to-snapshot {name!r} already exists in the pool"
 
 
-# --- servers (helper: servers) --------------------------------------------------------------------------------
-class ServerError(ThinpoolError):
-    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
-
-
 # --- Docker devicemapper driver (helper driver) ----------------------------------------------------------------
 class DriverError(ThinpoolError):
     """A refused driver, image or container operation (``reason`` says why)."""
+
+    message = "{reason}"
+
+
+# --- servers (helper: servers) --------------------------------------------------------------------------------
+class ServerError(ThinpoolError):
+    """A server (NBD, FUSE, control channel) could not be set up or refused an operator request."""
 
     message = "{reason}"
 

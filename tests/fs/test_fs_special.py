@@ -219,3 +219,54 @@ def test_the_kernel_sees_special_files_and_xattrs(image, tmp_path):
         assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (7, 8, 1_500_000_000 * 10**9)
         sp = os.stat(mnt / "sparse")
         assert sp.st_size == 20 * MiB and sp.st_blocks == 24
+
+
+@pytest.mark.external
+@pytest.mark.root
+def test_thinpool_reads_and_changes_special_files_and_xattrs_the_kernel_wrote(image, tmp_path):
+    """The kernel's ext2 writes the xattr blocks (sharing identical ones by refcount through its mbcache), device
+    numbers and a sparse file; thinpool reads them, changes a shared block (copied first) and the kernel agrees."""
+    from test_fs_kernel import _can_loop_mount, loop_mount
+
+    need_root_feature("root and loop devices", _can_loop_mount())
+    with FileDevice(image) as dev:
+        Filesystem.mkfs(dev).close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_mount(image, mnt, readonly=False):
+        for name in ("a", "b", "c"):
+            (mnt / name).write_bytes(name.encode())
+            os.setxattr(mnt / name, "user.same", b"shared value")
+            os.setxattr(mnt / name, "trusted.t", b"x" * 300)
+        os.setxattr(mnt / "c", "security.capability", CAP)
+        os.mknod(mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(mnt / "wide", stat.S_IFBLK | 0o600, os.makedev(300, 70000))
+        os.mkfifo(mnt / "fifo")
+        with open(mnt / "sparse", "wb") as f:
+            f.seek(8 * MiB)
+            f.write(b"end")
+    e2fsck(image)
+    with FileDevice(image) as dev:
+        fs = Filesystem.mount(dev)
+        acl_a, acl_b = (fs._inode(fs.lstat(p).ino).i_file_acl for p in ("/a", "/b"))
+        assert acl_a and acl_a == acl_b  # the kernel shares one block between a and b
+        for name in ("/a", "/b"):
+            assert sorted(fs.listxattr(name)) == ["trusted.t", "user.same"]
+            assert fs.getxattr(name, "user.same") == b"shared value"
+        assert fs.getxattr("/c", "security.capability") == CAP
+        assert fs.lstat("/null").st_rdev == os.makedev(1, 3)
+        assert fs.lstat("/wide").st_rdev == os.makedev(300, 70000)
+        assert stat.S_ISFIFO(fs.lstat("/fifo").st_mode)
+        assert fs.data_ranges("/sparse") == [(8 * MiB, 3)]
+        fs.setxattr("/a", "user.same", b"changed in a")  # a gets its own block, b keeps the shared one
+        fs.removexattr("/b", "trusted.t")
+        fs.unlink("/c")
+        fs.mknod("/from-thinpool", stat.S_IFCHR | 0o600, os.makedev(4095, 1048575))
+        fs.close()
+    e2fsck(image)
+    with loop_mount(image, mnt, readonly=True):
+        assert os.getxattr(mnt / "a", "user.same") == b"changed in a"
+        assert os.getxattr(mnt / "a", "trusted.t") == b"x" * 300
+        assert os.getxattr(mnt / "b", "user.same") == b"shared value"
+        assert os.listxattr(mnt / "b") == ["user.same"]
+        assert os.lstat(mnt / "from-thinpool").st_rdev == os.makedev(4095, 1048575)

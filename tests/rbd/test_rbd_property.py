@@ -16,7 +16,7 @@ from thinpool.pool import Pool
 from thinpool.rbd import export_diff, import_diff, validate_diff
 
 CH = 64 * KiB
-SIZES = st.integers(1, 40).map(lambda n: n * 8 * 512 * 3)  # 12 KiB steps: rarely chunk aligned
+SIZES = st.integers(1, 500).map(lambda n: n * 8 * 512 * 3)  # 12 KiB steps up to 6 MiB: rarely aligned
 
 op = st.one_of(
     st.tuples(st.just("w"), st.floats(0, 1), st.integers(1, 3 * CH), st.integers(0, 255)),
@@ -27,8 +27,8 @@ op = st.one_of(
 
 
 @given(size=SIZES, rounds=st.lists(st.lists(op, max_size=6), min_size=1, max_size=4),
-       origin=st.none() | st.integers(1, 300 * KiB))
-def test_random_chains_rebuild_every_snapshot(size, rounds, origin):
+       origin=st.none() | st.integers(1, 300 * KiB), chunk=st.sampled_from([CH, 192 * KiB]))
+def test_random_chains_rebuild_every_snapshot(size, rounds, origin, chunk):
     """``origin``: the length of an external origin file under the source device (None: no origin)."""
     with tempfile.TemporaryDirectory(prefix="tprbdprop") as d:
         src, dst = Path(d) / "src", Path(d) / "dst"
@@ -36,7 +36,7 @@ def test_random_chains_rebuild_every_snapshot(size, rounds, origin):
         if origin is not None:
             ofile = Path(d) / "origin"
             ofile.write_bytes(pattern(origin, origin))
-        with Pool.create(src, data_size=64 << 20, chunk_size=CH) as p, \
+        with Pool.create(src, data_size=64 << 20, chunk_size=chunk) as p, \
                 Pool.create(dst, data_size=64 << 20, chunk_size=CH) as q:
             dev = p.create_thin(1, size, name="vol", origin=None if ofile is None else str(ofile))
             q.create_thin(1, 512, name="copy")

@@ -4,12 +4,15 @@ metadata once and feeds a visitor, and "runs from sorted arrays" coded once.
 Layer: metadata. May import: thinpool.errors, thinpool.formats, thinpool.btree, metadata.pool_metadata, numpy.
 
 The model is thin-provisioning-tools' ``thin/ir.rs``: a ``MetadataVisitor`` receives ``superblock_b``,
-``device_b``, ``map`` (one run of mappings at a time), ``device_e``, ``superblock_e`` and ``eof``. The XML,
+``device_b``, ``map`` (a batch of mapping runs, ``Runs``), ``device_e``, ``superblock_e`` and ``eof``. The XML,
 human-readable and JSON writers (``metadata/dump.py``) are visitors; ``restore`` consumes the same records
 (parsed from XML, or produced by repair), so every producer and consumer meets at this one interface.
+Producers: ``emit`` (open metadata), ``restore.read_xml`` (thin_dump XML), ``restore.MetadataIR.replay``.
+Consumers: ``dump.XmlWriter`` / ``HumanWriter`` / ``JsonWriter``, ``restore.IRCollector``,
+``restore.MetadataBuilder`` (fresh metadata; repair's sink).
 
-Memory: the emitter streams leaf by leaf (one leaf of mappings plus one pending run in memory), so a dump costs
-O(tree depth) memory whatever the mapping count.
+Memory: the emitter streams batches of leaves (about 4096 mappings plus one pending run in memory) through the
+one walker (``btree/walk.py``), so a dump costs O(tree depth) memory whatever the mapping count.
 
 Runs: consecutive entries merge while the "step" columns grow by one and the "equal" columns stay the same. A
 ``RunJoiner`` carries the open run across chunk (leaf) boundaries, so runs are maximal over the whole device.

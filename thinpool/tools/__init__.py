@@ -1,6 +1,24 @@
 """The metadata tools as library calls (thin_ls, thin_delta, thin_rmap, block maps), testable without the CLI.
 
-Layer: tools. May import: thinpool.errors, thinpool.units, thinpool.metadata, numpy.
+Layer: tools. May import: thinpool.errors, thinpool.units, thinpool.btree (the walker), thinpool.metadata, numpy.
+
+- ``delta``: ``delta_runs`` / ``delta_batches`` (two mapping trees walked together, shared subtrees skipped),
+  ``mapped_runs``, and thin_delta's XML writer.
+- ``ls``: thin_ls rows with fields computed only when asked for; ``sharing``: which data blocks are mapped more
+  than once (two bit maps over the data device).
+- ``rmap``: thin_rmap's runs, sorted by ``stdsort`` (libstdc++'s std::sort, for thin_rmap's order of ties).
+- ``blockmap``: qemu-img-map-style entries of a device, shared or exclusive.
+
+Every tool streams the mappings leaf by leaf (``metadata.ir``): memory does not grow with the mapping count.
 """
 
 from __future__ import annotations
+
+from thinpool.tools.blockmap import device_map
+from thinpool.tools.delta import DeltaRun, delta_batches, delta_runs, mapped_runs, write_delta_xml
+from thinpool.tools.ls import LS_DEFAULT, LS_FIELDS, ls_json, ls_rows, ls_text
+from thinpool.tools.rmap import RmapRun, rmap_runs
+from thinpool.tools.sharing import Sharing
+
+__all__ = ["LS_DEFAULT", "LS_FIELDS", "DeltaRun", "RmapRun", "Sharing", "delta_batches", "delta_runs",
+           "device_map", "ls_json", "ls_rows", "ls_text", "mapped_runs", "rmap_runs", "write_delta_xml"]
