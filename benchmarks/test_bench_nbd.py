@@ -122,10 +122,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_fio(uri: str, args: list[str]) -> dict:
+def run_fio(uri: str, args: list[str], home: str | None = None) -> dict:
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={SIZE}", "--time_based",
            f"--runtime={RUNTIME}", "--ramp_time=0.5", "--output-format=json", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNTIME * 4 + 60)
+    env = {**os.environ, "HOME": home} if home else None
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNTIME * 4 + 60, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"fio failed: {r.stdout[-2000:]} {r.stderr[-2000:]}")
     text = r.stdout
@@ -191,3 +192,108 @@ def test_server_cpu_per_request(benchmark, servers, iodepth):
     print(f"\nQD{iodepth} server CPU per 4k write: " + ", ".join(
         f"{k} {v['cpu_us_per_req']} us ({v['iops_wall']} IOPS, {v['iops_wall'] / ref['iops_wall']:.2f}x)"
         for k, v in result.items()))
+
+
+# --- TLS: fio 4 KiB randwrite QD16 through TLS and plaintext, next to nbdkit memory and qemu-nbd -------------
+def _make_pki(d: str) -> str:
+    """A throwaway CA and server certificate (openssl) in qemu/nbdkit/libnbd's directory layout."""
+    def ossl(*a: str) -> None:
+        subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days",
+         "2", "-subj", "/CN=bench ca", "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+         "keyUsage=critical,keyCertSign,cRLSign")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out", "server.csr", "-subj",
+         "/CN=localhost")
+    with open(os.path.join(d, "ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+         "-out", "server-cert.pem", "-days", "2", "-extfile", "ext")
+    # fio's nbd engine refuses tls-certificates= in a URI (libnbd's uri_allow_local_file): libnbd then looks in
+    # its default directory, $HOME/.pki/libnbd, so fio runs with HOME pointing here
+    client = os.path.join(d, "home", ".pki", "libnbd")
+    os.makedirs(client)
+    shutil.copy(os.path.join(d, "ca-cert.pem"), client)
+    return os.path.join(d, "home")
+
+
+@pytest.fixture(scope="module")
+def tls_servers():
+    _need("fio", "nbdkit", "qemu-nbd", "openssl")
+    if "nbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout:
+        pytest.skip("fio has no nbd engine")
+    tmp = tempfile.mkdtemp(prefix="tpbtls", dir="/tmp")
+    procs: list[subprocess.Popen] = []
+    try:
+        client = _make_pki(tmp)
+        cert, key = os.path.join(tmp, "server-cert.pem"), os.path.join(tmp, "server-key.pem")
+        uris = {}
+        for name, tls in (("thinpool", False), ("thinpool-tls", True)):
+            sock = os.path.join(tmp, f"{name}.sock")
+            code = textwrap.dedent(f"""
+                from thinpool.io.device import MemoryDevice
+                from thinpool.nbd import ServerOptions, serve
+                from thinpool.nbd.tls import server_context
+                opts = ServerOptions(tls=server_context({cert!r}, {key!r}), tls_mode="require") if {tls} \\
+                    else ServerOptions()
+                serve({{"": MemoryDevice({SIZE})}}, unix_path={sock!r}, options=opts)
+            """)
+            procs.append(subprocess.Popen([sys.executable, "-c", code]))
+            _wait_socket(sock, procs[-1])
+            uris[name] = f"nbds+unix:///?socket={sock}" if tls else f"nbd+unix:///?socket={sock}"
+        for name, tls in (("nbdkit-memory", False), ("nbdkit-memory-tls", True)):
+            sock = os.path.join(tmp, f"{name}.sock")
+            extra = ["--tls=require", f"--tls-certificates={tmp}"] if tls else []
+            procs.append(subprocess.Popen(["nbdkit", "-f", "-U", sock, *extra, "memory", f"size={SIZE}"]))
+            _wait_socket(sock, procs[-1])
+            uris[name] = f"nbds+unix:///?socket={sock}" if tls else f"nbd+unix:///?socket={sock}"
+        for name, tls in (("qemu-nbd-raw", False), ("qemu-nbd-raw-tls", True)):
+            img = os.path.join(tmp, f"{name}.img")
+            with open(img, "wb") as f:
+                f.truncate(SIZE)
+            sock = os.path.join(tmp, f"{name}.sock")
+            extra = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tmp},verify-peer=off",
+                     "--tls-creds", "tls0"] \
+                if tls else []
+            procs.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", sock, "-t", "--shared=8", "-x", "",
+                                           *extra, img]))
+            _wait_socket(sock, procs[-1])
+            uris[name] = f"nbds+unix:///?socket={sock}" if tls else f"nbd+unix:///?socket={sock}"
+        uris["_home"] = client
+        yield uris
+    finally:
+        for p in procs:
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_fio_nbd_tls_4k_randwrite_qd16(benchmark, tls_servers):
+    """fio 4 KiB randwrite QD16 through TLS and plaintext: thinpool (MemoryDevice: the protocol layer), nbdkit's
+    memory plugin and qemu-nbd on a raw sparse file, each with and without TLS, interleaved rounds, medians."""
+    args = WORKLOADS["4k-randwrite-qd16"]
+    home = tls_servers["_home"]
+    servers = {k: v for k, v in tls_servers.items() if not k.startswith("_")}
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+
+    def run_all():
+        names = list(servers)
+        for r in range(ROUNDS):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                runs[name].append(run_fio(servers[name], args, home=home))
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    med = {}
+    for name, rs in runs.items():
+        rs = sorted(rs, key=lambda x: x["iops"])
+        med[name] = {**rs[len(rs) // 2], "all_iops": [round(x["iops"]) for x in runs[name]]}
+    ref = med["nbdkit-memory"]["iops"]
+    print("\n4k-randwrite-qd16, TLS vs plaintext (median IOPS; ratio vs nbdkit memory plaintext):")
+    for name, m in med.items():
+        print(f"  {name:20s} {m['iops']:8.0f} IOPS  {m['lat_us_mean']:7.1f} us  {m['iops'] / ref:5.2f}x  "
+              f"{m['all_iops']}")
+        benchmark.extra_info[name.replace("-", "_")] = m
+        assert m["iops"] > 0
+    tls_cost = med["thinpool-tls"]["iops"] / med["thinpool"]["iops"]
+    benchmark.extra_info["thinpool_tls_over_plain"] = round(tls_cost, 3)
+    print(f"  thinpool TLS / plaintext: {tls_cost:.2f}x; qemu-nbd TLS / plaintext: "
+          f"{med['qemu-nbd-raw-tls']['iops'] / med['qemu-nbd-raw']['iops']:.2f}x")

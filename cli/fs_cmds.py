@@ -1,4 +1,5 @@
-"""`thinpool fs ...`: an ext2 file system on a thin device (mkfs, ls, tree, put, get, cat, rm, mkdir, mv, stat, df).
+"""`thinpool fs ...`: an ext2 file system on a thin device (mkfs, ls, tree, put, get, cat, rm, mkdir, mv, stat, df,
+trim).
 
 Layer: cli. May import: click, thinpool (the library only inside the commands).
 
@@ -125,7 +126,8 @@ def _render_ls(f: Any, path: str, is_dir: bool, entries: list[tuple[str, Any]], 
         for n, s in entries:
             full = path.rstrip("/") + "/" + n if is_dir else n
             name = n + (f" -> {f.readlink(full)}" if s.is_symlink else "")
-            rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, s.size, _when(s.mtime), name))
+            size = f"{os.major(s.rdev)}, {os.minor(s.rdev)}" if s.rdev else s.size  # as ls -l shows devices
+            rows.append((_kind(s.mode), s.nlink, s.uid, s.gid, size, _when(s.mtime), name))
         table(None, ["mode", "links", "uid", "gid", "size", "modified", "name"], rows,
               right=["links", "uid", "gid", "size"])
     else:
@@ -152,7 +154,8 @@ def fs_tree(dev: str, path: str, pool_path: str | None) -> None:
                 last = i == len(entries) - 1
                 p = d.rstrip("/") + "/" + e.name
                 s = f.lstat(p)
-                label = e.name + ("/" if s.is_dir else f" -> {f.readlink(p)}" if s.is_symlink else f"  ({s.size})")
+                label = e.name + ("/" if s.is_dir else f" -> {f.readlink(p)}" if s.is_symlink else
+                                  f"  ({_type_name(s.mode)})" if s.is_special else f"  ({s.size})")
                 click.echo(prefix + ("└── " if last else "├── ") + label)
                 if s.is_dir:
                     counts[0] += 1
@@ -267,19 +270,9 @@ def fs_rm(dev: str, paths: tuple[str, ...], recursive: bool, force: bool, pool_p
             if st.is_dir:
                 if not recursive:
                     raise IsADirectory(path=p, reason=f"{p} is a directory (use -r)")
-                _rm_tree(f, p)
+                f.rmtree(p)
             else:
                 f.unlink(p)
-
-
-def _rm_tree(f: Any, path: str) -> None:
-    for e in f.scandir(path):
-        p = path.rstrip("/") + "/" + e.name
-        if f.lstat(p).is_dir:
-            _rm_tree(f, p)
-        else:
-            f.unlink(p)
-    f.rmdir(path)
 
 
 @fs.command("mkdir")
@@ -381,3 +374,17 @@ def fs_df(dev: str, pool_path: str | None, as_json: bool) -> None:
               [(format_size(s.size), format_size(used * s.block_size), format_size(s.free_bytes), pct,
                 s.nr_inodes, s.nr_inodes - s.free_inodes, s.free_inodes)],
               right=["size", "used", "free", "use%", "inodes", "iused", "ifree"])
+
+
+@fs.command("trim")
+@DEV_ARG
+@pool_option
+def fs_trim(dev: str, pool_path: str | None) -> None:
+    """Give the file system's free space back to the pool (like fstrim): discard every free block.
+
+    Example: thinpool fs trim vol
+    """
+    from thinpool.units import format_size
+
+    with _mounted(pool_path, dev, write=True) as f:
+        click.echo(f"trimmed {format_size(f.trim())} on device {dev}")

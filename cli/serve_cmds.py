@@ -194,19 +194,21 @@ def _tls_options(tls: str | None, cert: str | None, key: str | None, ca: str | N
 @click.option("--ready-fd", type=click.IntRange(min=0), metavar="FD",
               help="Write READY=1 to this file descriptor (and close it) once listening; $NOTIFY_SOCKET "
                    "(systemd) is notified too.")
+@click.option("--fork", "fork", is_flag=True,
+              help="Run in the background: return (exit 0) once the server listens, or fail with its error.")
 def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: tuple[str, ...],
           readonly: bool, commit_interval: float, tls: str | None, tls_cert: str | None, tls_key: str | None,
           tls_ca: str | None, max_connections: int, handshake_timeout: float, socket_mode: str,
-          pid_file: str | None, ready_fd: int | None) -> None:
+          pid_file: str | None, ready_fd: int | None, fork: bool) -> None:
     """Serve thin devices over NBD (one export per device, by name and by id) until SIGINT/SIGTERM, then commit.
 
     NBD FLUSH and FUA writes commit the pool; TRIM discards chunks; block status shows holes vs data. A failed
     commit fails the server: every later request gets an error, nothing is committed at exit (exit 4).
 
-    Example: thinpool serve --pool ./pool --socket /tmp/tp.sock --ready-fd 3 3>ready & nbdinfo 'nbd+unix:///0?socket=/tmp/tp.sock'
+    Example: thinpool serve --pool ./pool --socket /tmp/tp.sock --fork --pid-file tp.pid && nbdinfo 'nbd+unix:///0?socket=/tmp/tp.sock'
     """
-    from thinpool.nbd.server import ServerOptions
-    from thinpool.nbd.server import serve as nbd_serve
+    from thinpool.nbd import ServerOptions
+    from thinpool.nbd import serve as nbd_serve
     from thinpool.pool import Pool
 
     if socket_path and listen:
@@ -224,6 +226,8 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
     options = ServerOptions(max_connections=max_connections, handshake_timeout=handshake_timeout, tls=ctx,
                             tls_mode=tls_mode, socket_mode=mode, read_only=readonly)
     pid = PidFile(pid_file)
+    if fork:
+        ready_fd = _fork(ready_fd)
     pool = Pool.open(pool_path, readonly=readonly)
     try:
         devices, aliases = select_exports(pool, exports, readonly)
@@ -245,6 +249,8 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
             sys.stdout.flush()
             pid.write()
             notify_ready(ready_fd)
+            if fork:
+                _detach_output()
 
         periodic = (commit_interval, pool.commit) if commit_interval and not readonly else None
         try:
@@ -262,6 +268,42 @@ def serve(pool_path: str, socket_path: str | None, listen: str | None, exports: 
             pool.crash_close() if not pool.readonly else pool.close()
         raise
     click.echo("stopped" if readonly else "stopped; pool committed")
+
+
+def _fork(ready_fd: int | None) -> int:
+    """--fork: the parent waits for the child's readiness (the pipe) and exits 0, or 1 if the child died first
+    (its one-line error is already on the shared stderr). Returns, in the child, the pipe's write end."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    child = os.fork()
+    if child:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            ok = f.read().startswith(b"READY=1")
+        if not ok:
+            _pid, status = os.waitpid(child, 0)
+            raise click.exceptions.Exit(os.waitstatus_to_exitcode(status) or 1)
+        if ready_fd is not None:
+            notify_ready(ready_fd)
+        raise click.exceptions.Exit(0)
+    os.close(r)
+    os.setsid()
+    if ready_fd is not None:
+        os.close(ready_fd)  # the parent reports readiness there
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return w
+
+
+def _detach_output() -> None:
+    """A forked server, once ready, writes nothing to the terminal (or pipe) it was started from."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _start_control(pool: Any, server: Any, devices: dict[str, Any]) -> Any:
@@ -331,7 +373,8 @@ def mount(pool_path: str, directory: str, exports: tuple[str, ...], readonly: bo
 
 def _fuse() -> Callable[..., Any]:
     try:
-        from thinpool.fusefs import _load_mfusepy, mount as fuse_mount
+        from thinpool.fusefs import _load_mfusepy
+        from thinpool.fusefs import mount as fuse_mount
 
         _load_mfusepy()
     except ImportError:

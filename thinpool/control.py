@@ -33,8 +33,15 @@ from collections.abc import Callable
 from typing import Any
 
 import thinpool.errors as E
-from thinpool.errors import AddressInUse, ControlError, DeviceBusy, ListenError, ReadOnly, ServedPoolFailed, \
-    ThinpoolError
+from thinpool.errors import (
+    AddressInUse,
+    ControlError,
+    DeviceBusy,
+    ListenError,
+    ReadOnly,
+    ServedPoolFailed,
+    ThinpoolError,
+)
 
 log = logging.getLogger("thinpool.control")
 

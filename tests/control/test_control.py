@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_tool, run_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
 
-from thinpool.pool import Pool  # noqa: E402
 from thinpool.nbd import protocol as P  # noqa: E402
+from thinpool.pool import Pool  # noqa: E402
 
 MiB = 1 << 20
 BS = 4096
@@ -37,8 +36,8 @@ def pooldir():
 
 
 def thinpool(*args: str, pool: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], capture_output=True, text=True,
-                       env={**os.environ, "THINPOOL_POOL": pool}, timeout=120)
+    r = subprocess.run([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args],
+                       capture_output=True, text=True, env={**os.environ, "THINPOOL_POOL": pool}, timeout=120)
     if check:
         assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r

@@ -66,3 +66,21 @@ def test_fs_commands_round_trip(env, tmp_path):
                 f.seek(off)
                 f.write(dev.read(off, n))
     e2fsck(img)
+
+
+def test_fs_trim_returns_a_deleted_files_chunks(env, tmp_path):
+    from thinpool.pool import Pool
+
+    def used() -> int:
+        with Pool.open(env["THINPOOL_POOL"], readonly=True) as p:
+            return p.status().used_data_blocks
+
+    run(env, "mkfs", "vol")
+    (tmp_path / "big").write_bytes(os.urandom(8 * MiB))
+    run(env, "put", "vol", str(tmp_path / "big"), "/big")
+    full = used()
+    run(env, "rm", "vol", "/big")
+    assert used() == full
+    r = run(env, "trim", "vol")
+    assert r.output.startswith("trimmed ") and "on device vol" in r.output
+    assert used() < full - 8 * MiB // (64 * 1024) + 4

@@ -20,6 +20,17 @@ def test_struct_sizes_are_pinned():
     assert L.INODE.sizeof() == 128
     assert L.DIRENT_HEADER.sizeof() == 8
     assert L.INODE_FMT.size == 128 and L.DIRENT_FMT.size == 8
+    assert L.XATTR_HEADER.sizeof() == 32 and L.XATTR_ENTRY.sizeof() == 16
+
+
+@pytest.mark.parametrize("struct_", ["XATTR_HEADER", "XATTR_ENTRY", "DIRENT_HEADER"])
+def test_xattr_and_dirent_fast_formats_match_construct(struct_):
+    slow = getattr(L, struct_)
+    fast = L.fast_format(slow)
+    raw = os.urandom(slow.sizeof())
+    parsed = slow.parse(raw)
+    assert list(fast.unpack(raw)) == [parsed[sc.name] for sc in slow.subcons]
+    assert fast.pack(*fast.unpack(raw)) == raw == slow.build(parsed)
 
 
 @given(st.binary(min_size=1024, max_size=1024))

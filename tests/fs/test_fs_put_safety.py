@@ -115,6 +115,9 @@ def test_a_tree_with_special_files_is_made_with_mknod(tmp_path):
     assert "Type: FIFO" in debugfs(img, "stat /special/fifo") and "Type: socket" in debugfs(img, "stat /special/sock")
     assert "Device major/minor number: 01:03" in debugfs(img, "stat /special/null")
     assert "259:70000" in debugfs(img, "stat /special/disk")
+    listing = ok("fs", "ls", "vol", "/special", "-l", env=env).stdout.decode()
+    assert "259, 70000" in listing and "1, 3" in listing and "| prw" in listing
+    assert "fifo  (fifo)" in ok("fs", "tree", "vol", "/special", env=env).stdout.decode()
     st = json.loads(ok("fs", "stat", "vol", "/special/disk", "--json", env=env).stdout)
     assert st["type"] == "block device" and st["rdev"] == "259:70000" and st["mode"] == os.lstat(src / "disk").st_mode
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -131,3 +132,26 @@ def test_mkfs_on_a_thin_device_provisions_only_metadata_chunks(tmp_path):
         img = tmp_path / "thin.img"
         _export(pool.device(1), img)
         e2fsck(img)
+
+
+def test_trim_gives_deleted_files_chunks_back_to_the_pool(tmp_path):
+    from fs_helpers import export_thin
+
+    with Pool.create(tmp_path / "pool", data_size=128 * 2**20, chunk_size=64 * 1024) as pool:
+        pool.create_thin(1, 64 * 2**20)
+        fs = Filesystem.mkfs(pool.device(1))
+        base = pool.status().used_data_blocks
+        keep = os.urandom(100_000)
+        fs.write_file("/keep", keep)
+        fs.write_file("/big", os.urandom(20 * 2**20))
+        fs.flush()
+        full = pool.status().used_data_blocks
+        fs.unlink("/big")
+        assert pool.status().used_data_blocks == full  # deleting frees ext2 blocks, not pool chunks
+        trimmed = fs.trim()
+        used = pool.status().used_data_blocks
+        assert trimmed >= 20 * 2**20 and used <= base + 3 < full
+        assert fs.trim() < 64 * 1024 * 4 and pool.status().used_data_blocks == used  # only partial chunks remain
+        assert fs.read_file("/keep") == keep
+        fs.close()
+    e2fsck(export_thin(tmp_path / "pool", 1, tmp_path / "t.img"))

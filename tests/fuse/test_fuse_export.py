@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_root_feature, need_tool, run_tool
 
 HERE = Path(__file__).resolve().parent

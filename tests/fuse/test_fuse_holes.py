@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 from conftest import need_tool, run_tool
 from test_fuse_export import fuse_mount  # noqa: F401  (the fixture)
 

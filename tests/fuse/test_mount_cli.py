@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need_tool, run_tool
 from test_fuse_export import is_mounted, make_tree, need_fuse, need_loop
 

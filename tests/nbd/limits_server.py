@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sparse_device import SparseDevice  # noqa: E402
+
 from thinpool.nbd import ServerOptions, serve  # noqa: E402
 
 

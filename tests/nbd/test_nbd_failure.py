@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from nbd_client import RawClient
+
 from thinpool.io.block_store import MemoryBlockStore
-from thinpool.testing.faulty import FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.nbd import ServerThread, serve
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool, _write_manifest
+from thinpool.testing.faulty import FaultPlan, FaultyBlockStore, FaultyDataStore, MemoryDataStore
 
 CH = 64 * 1024
 MiB = 1 << 20

@@ -11,9 +11,9 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import need_root_feature, need_tool, run_tool
 from sparse_device import SparseDevice
+
 from thinpool.nbd import ServerThread
 
 MiB = 1 << 20

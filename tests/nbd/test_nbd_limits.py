@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nbd_client import Disconnected, RawClient
 from sparse_device import SparseDevice
+
 from thinpool.nbd import ServerOptions, ServerThread
 from thinpool.nbd import protocol as P
 
@@ -305,7 +305,7 @@ def test_disconnected_flood_does_not_leak(sockdir):
     """Clients that vanish with requests in flight or payloads half sent leave nothing behind."""
     with ServerThread({"big": SparseDevice(4 << 30), "small": SparseDevice(MiB)},
                       unix_path=os.path.join(sockdir, "s")) as srv:
-        for i in range(10):
+        for _ in range(10):
             c = RawClient(srv.addresses[0])
             c.greeting()
             c.go("big")

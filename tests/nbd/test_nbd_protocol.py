@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from nbd_client import Disconnected, RawClient
 from sparse_device import SparseDevice
+
 from thinpool.errors import NoDataSpace
 from thinpool.io.device import MemoryDevice
 from thinpool.nbd import ServerThread, allocation_extents
@@ -546,7 +546,7 @@ def _garbage_session(server, prefix_go: bool, junk: bytes) -> None:
             c.sock.shutdown(socket.SHUT_WR)
             while c.sock.recv(65536):
                 pass
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             pass
 
 

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import need_tool, run_tool
 from nbd_client import RawClient
 from sparse_device import SparseDevice
+
 from thinpool.nbd import ServerOptions, ServerThread
 from thinpool.nbd import protocol as P
 from thinpool.nbd.tls import server_context

@@ -8,9 +8,9 @@ import shutil
 import tempfile
 
 import pytest
-
 from conftest import need_tool, run_tool
 from sparse_device import SparseDevice
+
 from thinpool.nbd import ServerThread
 
 pytestmark = pytest.mark.external

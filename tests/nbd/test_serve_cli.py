@@ -11,7 +11,6 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import need_tool, run_tool
 
 MiB = 1 << 20

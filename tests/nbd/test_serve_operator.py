@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from nbd_client import RawClient
+
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool
 
@@ -125,3 +125,34 @@ def test_mount_without_mfusepy_names_the_extra(pools, tmp_path):
     r = run("mount", "--pool", str(pools / "a"), str(mnt), env=env)
     assert r.returncode == 1 and r.stderr.strip() == \
         "thinpool: error: FUSE support is not installed: pip install 'thinpool[fuse]'", r.stderr
+
+
+def test_fork_returns_once_listening(pools):
+    sock = str(pools / "k.sock")
+    pid = str(pools / "k.pid")
+    r = run("serve", "--pool", str(pools / "a"), "--socket", sock, "--fork", "--pid-file", pid)
+    assert r.returncode == 0, r.stderr
+    assert "serving nbd+unix:///vol" in r.stdout
+    child = int(Path(pid).read_text())
+    try:
+        with RawClient(sock) as c:  # no race: listening before the command returned
+            c.greeting()
+            assert c.go("vol")[0] == 4 * MiB
+            assert c.write(0, b"f" * 512) == 0
+    finally:
+        os.kill(child, signal.SIGTERM)
+    for _ in range(600):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        import time
+
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the forked server did not stop")
+    with Pool.open(str(pools / "a"), readonly=True) as p:
+        assert p.device(0).read(0, 512) == b"f" * 512  # committed at SIGTERM
+    # a failing --fork start reports the child's error and exits non-zero
+    r = run("serve", "--pool", str(pools / "b"), "--socket", "/nonexistent-dir/y.sock", "--fork")
+    assert r.returncode == 1 and "/nonexistent-dir/y.sock" in r.stderr and "Traceback" not in r.stderr

@@ -230,7 +230,7 @@ def test_nbd_route_qemu_img_convert_both_ways(ceph, image_name, tmp_path):
     model = build_chain(pool, chunk=64 * KiB)
     sock = tmp_path / "tp.sock"
     srv = subprocess.Popen([sys.executable, "-m", "thinpool_cli.serve_cmds", "serve", "--pool", str(pool),
-                            "--socket", str(sock), "--export", "vol", "--export", "s2"],
+                            "--socket", str(sock), "--export", "vol", "--export", "s2:rw"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(2):

@@ -386,3 +386,44 @@ class FsCore:
                       avail_blocks=max(0, sb.s_free_blocks_count - sb.s_r_blocks_count),
                       nr_inodes=sb.s_inodes_count, free_inodes=sb.s_free_inodes_count, name_max=L.NAME_MAX,
                       nr_groups=len(self.groups))
+
+    @locked
+    def trim(self) -> int:
+        """Discard every free block the device still holds (``fstrim``): on a thin device the chunks wholly inside
+        free space go back to the pool. Returns the bytes passed to ``discard``.
+
+        Flushes first, so blocks freed since the last commit are free in the committed file system before any of
+        them is discarded; only ranges the device reports mapped are discarded (the work follows what is there).
+
+        Raises:
+            FsError: the file system is read-only or closed.
+        """
+        self._check_writable()
+        self.flush()
+        bs = self.block_size
+        free: list[tuple[int, int]] = []  # (first block, end block) of each free run
+        for g in range(len(self.groups)):
+            if self.groups[g].bg_free_blocks_count == 0:
+                continue
+            nbits = self.alloc.group_nr_blocks(g)
+            bits = np.unpackbits(self.alloc.block_bitmap(g), bitorder="little")[:nbits].astype(np.int8)
+            edges = np.diff(np.concatenate(([1], bits, [1])))
+            base = self.sb.s_first_data_block + g * self.sb.s_blocks_per_group
+            free.extend((base + int(a), base + int(b)) for a, b in zip(np.flatnonzero(edges == -1),
+                                                                       np.flatnonzero(edges == 1), strict=True))
+        total = 0
+        mapped = self.device.mapped_ranges(0, self.sb.s_blocks_count * bs)
+        i = 0
+        for start, length in mapped:  # both lists are sorted: intersect them in one pass
+            end = start + length
+            while i < len(free) and free[i][1] * bs <= start:
+                i += 1
+            k = i
+            while k < len(free) and free[k][0] * bs < end:
+                lo, hi = max(free[k][0] * bs, start), min(free[k][1] * bs, end)
+                if hi > lo:
+                    self.device.discard(lo, hi - lo)
+                    total += hi - lo
+                k += 1
+        self.device.flush()
+        return total

@@ -180,3 +180,19 @@ class FsFiles(FsNamei):
         """
         self._check_writable()
         self._truncate(ino, self._open_inode(ino, path), size)
+
+    @_locked
+    def rmtree(self, path: str) -> None:
+        """Remove directory ``path`` and everything below it (``rm -r``; symlinks are removed, never followed).
+
+        Raises:
+            FileNotFound, NotADirectory, FsError (EBUSY) for the root.
+        """
+        self._check_writable()
+        for e in self.scandir(path):
+            p = path.rstrip("/") + "/" + e.name
+            if self.lstat(p).is_dir:
+                self.rmtree(p)
+            else:
+                self.unlink(p)
+        self.rmdir(path)

@@ -205,6 +205,24 @@ DIRENT_HEADER = cs.Struct(  # struct ext2_dir_entry_2 without the name, 8 bytes
 )
 DIRENT_HEADER_SIZE: Final = 8
 
+XATTR_HEADER = cs.Struct(  # struct ext2_xattr_header, 32 bytes at the start of an xattr block (fs/ext2/xattr.h)
+    "h_magic" / cs.Int32ul,  # EXT2_XATTR_MAGIC 0xEA020000
+    "h_refcount" / cs.Int32ul,  # inodes sharing the block
+    "h_blocks" / cs.Int32ul,  # blocks (always 1)
+    "h_hash" / cs.Int32ul,  # hash of the entry hashes
+    "h_checksum" / cs.Int32ul,  # ext4 metadata_csum only; 0 on ext2
+    "h_reserved" / cs.Bytes(12),
+)
+
+XATTR_ENTRY = cs.Struct(  # struct ext2_xattr_entry without the name, 16 bytes
+    "e_name_len" / cs.Int8ul,  # bytes
+    "e_name_index" / cs.Int8ul,  # namespace: 1 user, 2/3 POSIX ACL, 4 trusted, 6 security
+    "e_value_offs" / cs.Int16ul,  # bytes from the start of the block
+    "e_value_inum" / cs.Int32ul,  # ext4 ea_inode only; 0 on ext2
+    "e_value_size" / cs.Int32ul,  # bytes
+    "e_hash" / cs.Int32ul,  # ext2_xattr_hash_entry
+)
+
 
 def fast_format(struct_: cs.Struct) -> struct.Struct:
     """Derive a :class:`struct.Struct` equal to a construct Struct of fixed-size integer/bytes/array fields.
@@ -233,9 +251,12 @@ _SB_FMT: Final = fast_format(SUPERBLOCK)
 _GD_FMT: Final = fast_format(GROUP_DESC)
 INODE_FMT: Final = fast_format(INODE)
 DIRENT_FMT: Final = fast_format(DIRENT_HEADER)
+XATTR_HEADER_FMT: Final = fast_format(XATTR_HEADER)
+XATTR_ENTRY_FMT: Final = fast_format(XATTR_ENTRY)
 _SB_FIELDS: Final = tuple(sc.name for sc in SUPERBLOCK.subcons)
 _GD_FIELDS: Final = tuple(sc.name for sc in GROUP_DESC.subcons)
 assert _SB_FMT.size == SUPERBLOCK_SIZE and _GD_FMT.size == GROUP_DESC_SIZE and INODE_FMT.size == 128
+assert XATTR_HEADER_FMT.size == 32 and XATTR_ENTRY_FMT.size == 16
 
 
 @dataclasses.dataclass(slots=True)

@@ -1,6 +1,6 @@
 """Extended attributes in an ext2 xattr block: names, the block format, the entry and block hashes.
 
-Layer: fs. May import: thinpool.errors.
+Layer: fs. May import: thinpool.errors, thinpool.fs.layout.
 
 An inode's attributes live in one block named by ``i_file_acl`` (``struct ext2_xattr_header`` and
 ``struct ext2_xattr_entry`` in the kernel's ``fs/ext2/xattr.h``)::
@@ -31,6 +31,7 @@ import struct
 from typing import Final
 
 from thinpool.errors import FsCorrupt, FsError, FsNoSpace
+from thinpool.fs.layout import XATTR_ENTRY_FMT, XATTR_HEADER_FMT
 
 XATTR_MAGIC: Final = 0xEA020000
 XATTR_HEADER_SIZE: Final = 32  # bytes
@@ -52,8 +53,8 @@ _INDEX_PREFIX: Final = {INDEX_USER: b"user.", INDEX_TRUSTED: b"trusted.", INDEX_
                         INDEX_POSIX_ACL_ACCESS: b"system.posix_acl_access",
                         INDEX_POSIX_ACL_DEFAULT: b"system.posix_acl_default"}
 
-_HEADER = struct.Struct("<IIII16x")
-_ENTRY = struct.Struct("<BBHIII")
+_HEADER = XATTR_HEADER_FMT  # h_magic h_refcount h_blocks h_hash h_checksum h_reserved
+_ENTRY = XATTR_ENTRY_FMT  # e_name_len e_name_index e_value_offs e_value_inum e_value_size e_hash
 
 NAME_HASH_SHIFT: Final = 5
 VALUE_HASH_SHIFT: Final = 16
@@ -134,7 +135,7 @@ def parse_block(buf: bytes | bytearray, block: int) -> tuple[int, dict[Key, byte
         FsCorrupt: bad magic or h_blocks, an entry or value outside the block, overlapping values.
     """
     bs = len(buf)
-    magic, refcount, nr_blocks, _ = _HEADER.unpack_from(buf, 0)
+    magic, refcount, nr_blocks, _, _, _ = _HEADER.unpack_from(buf, 0)
 
     def bad(why: str) -> FsCorrupt:
         return FsCorrupt(reason=f"xattr block {block}: {why}", block=block)
@@ -198,7 +199,7 @@ def build_block(attrs: dict[Key, bytes], block_size: int, refcount: int = 1) -> 
         _ENTRY.pack_into(buf, off, len(name), index, value_offs, 0, len(value), h)
         buf[off + XATTR_ENTRY_SIZE:off + XATTR_ENTRY_SIZE + len(name)] = name
         off += _entry_len(len(name))
-    _HEADER.pack_into(buf, 0, XATTR_MAGIC, refcount, 1, block_hash(hashes))
+    _HEADER.pack_into(buf, 0, XATTR_MAGIC, refcount, 1, block_hash(hashes), 0, bytes(12))
     return buf
 
 

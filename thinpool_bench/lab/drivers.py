@@ -161,6 +161,7 @@ class Driver:
 
     name = "?"
     kernel = False  # needs root and a kernel filesystem
+    secondary = False  # quick mode leaves the chunk-size-independent workloads to the primary pool
 
     def __init__(self, workdir: Path) -> None:
         self.root = workdir / self.name
@@ -945,17 +946,29 @@ class ThinpoolMobyDM(ThinpoolDM):
         self.moby = MobyDriver(self.ds)
 
     def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
-        oci = self.root / f"oci-{tag}"
+        """Load the image (all layers); an image of fewer layers is loaded when a container first needs it,
+        its layers shared with the ones already there."""
         refs = [f"lab-{tag}:l{i}" for i in range(len(layers))]
-        I.write_oci_layout(oci, layers, {r: i + 1 for i, r in enumerate(refs)})
+        self._layers = {**getattr(self, "_layers", {}), tag: layers}
+        self._loaded: set[str] = getattr(self, "_loaded", set())
+        self._load(refs[-1])
+        return refs
+
+    def _load(self, ref: str) -> None:
+        tag, _, idx = ref.partition(":")
+        tag = tag[len("lab-"):]
+        oci = self.root / f"oci-{tag}"
+        I.write_oci_layout(oci, self._layers[tag][:int(idx[1:]) + 1], {ref: int(idx[1:]) + 1})
         try:
             self.moby.images.load(str(oci))
         finally:
             shutil.rmtree(oci)  # the layout is the registry's, not the driver's: keep it out of the space figures
         self.pool.commit()
-        return refs
+        self._loaded.add(ref)
 
     def create_container(self, cid: str, layer_id: str) -> None:
+        if layer_id not in self._loaded:
+            self._load(layer_id)
         self.moby.containers.create(layer_id, name=cid)
         self.pool.commit()
 

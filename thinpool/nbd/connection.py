@@ -1,0 +1,595 @@
+"""One NBD client connection on asyncio: receive buffer, transmission fast paths, long requests off the loop.
+
+Layer: nbd. May import: thinpool.errors, thinpool.io, thinpool.nbd.protocol, thinpool.nbd.handshake.
+
+See :mod:`thinpool.nbd.server` for the limits (:class:`ServerOptions`) this class enforces per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+from thinpool.errors import NoSpace, OutOfBounds, ReadOnly, ServedPoolFailed, ThinpoolError
+from thinpool.io.device import BlockDevice
+from thinpool.nbd import protocol as P
+from thinpool.nbd.handshake import _STARTTLS, BASE_ALLOCATION_ID, HandshakeMixin, _Close, _Export
+
+if TYPE_CHECKING:
+    from thinpool.nbd.server import NBDServer
+
+log = logging.getLogger("thinpool.nbd")
+
+_MIN_BUFFER = 256 * 1024
+_SHRINK_BUFFER = 8 * 1024 * 1024  # an idle receive buffer larger than this is given back
+_ZERO_CHUNK = 1024 * 1024
+_FLUSH_OUT_BYTES = 256 * 1024  # queued reply bytes handed to the transport at once
+
+
+class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
+    """One client connection: handshake generator, then the transmission fast path."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.opts = server.options
+        self.transport: Any = None  # asyncio's Transport, then the TLS transport after STARTTLS
+        self._buf = bytearray(_MIN_BUFFER)
+        self._start = 0
+        self._end = 0
+        self._want = 4  # bytes needed to make progress
+        self._hs: Generator[int, bytes, None] | None = None
+        self._hs_need = 0
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._skip = 0  # transmission: payload bytes still to discard (refused oversized write)
+        self._export: Any = None  # the _Export chosen by GO/EXPORT_NAME (set before transmission)
+        self._structured = False
+        self._meta_base_allocation = False
+        self._meta_export: _Export | None = None
+        self._no_zeroes = False
+        self._tls = False
+        self._upgrading = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._closing = False
+        self._paused = False  # the transport's write buffer is above its high-water mark
+        self._reading = True
+        self._inflight = 0  # requests running in a worker
+        self._reserved = 0  # reply bytes those requests will queue
+        self._disc = False  # DISC received while requests were in flight
+
+    # --- asyncio plumbing -----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        srv = self.server
+        srv.connections.add(self)
+        srv._handshaking[self] = None
+        srv.stats["connections"] += 1
+        if srv._closed:
+            transport.close()
+            return
+        self.transport.set_write_buffer_limits(high=self.opts.max_reply_bytes, low=self.opts.max_reply_bytes // 4)
+        self._hs_timer = asyncio.get_running_loop().call_later(self.opts.handshake_timeout, self._hs_expired)
+        self.transport.write(P.S_SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        self._hs = self._handshake()
+        self._hs_need = next(self._hs)
+        self._want = self._hs_need
+
+    def _hs_expired(self) -> None:
+        self._hs_timer = None
+        if self._hs is not None or self._upgrading:
+            log.debug("nbd: handshake not finished within %.1f s, disconnecting", self.opts.handshake_timeout)
+            self.server.stats["handshake_timeouts"] += 1
+            self.close()
+
+    def _handshake_done(self) -> None:
+        self._hs = None
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self.server._handshaking.pop(self, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.server._connection_closed(self)
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self._buf = bytearray(0)
+        self._out = []
+        if self._hs is not None:
+            self._hs.close()
+            self._hs = None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._resume()
+
+    def _blocked(self) -> bool:
+        return (self._paused or self._inflight >= self.opts.max_in_flight
+                or self._reserved >= self.opts.max_reply_bytes or self._upgrading)
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self._closing or t.is_closing():
+            return
+        want = not self._blocked()
+        if want != self._reading:
+            self._reading = want
+            if want:
+                t.resume_reading()
+            else:
+                t.pause_reading()
+
+    def _resume(self) -> None:
+        """Something that blocked this connection went away: work through what is buffered, read again."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.buffer_updated(0)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self._buf
+        if len(buf) - self._end < 65536 or self._start + self._want > len(buf):
+            avail = self._end - self._start
+            need = max(self._want, avail) + 65536
+            if need <= len(buf):
+                # compact in place (same length: allowed even while a view of the buffer exists)
+                if self._start:
+                    buf[:avail] = buf[self._start:self._end]
+                    self._start, self._end = 0, avail
+            else:
+                # grow with the data that arrived (doubling), never straight to a declared payload size: a
+                # 28-byte WRITE header must not make the server allocate 32 MiB
+                new = bytearray(min(need + 65536, max(_MIN_BUFFER, 2 * len(buf), 2 * (avail + 65536))))
+                new[:avail] = buf[self._start:self._end]
+                self._buf = new
+                self._start, self._end = 0, avail
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        try:
+            self._process()
+        except Exception:  # never let one connection take the loop down
+            log.exception("nbd: internal error, dropping connection")
+            self.server.stats["protocol_errors"] += 1
+            self.close()
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self._flush_out()
+        if self._closing and self.transport is not None:
+            if self._inflight:
+                return  # closed when the last worker request finishes
+            self.transport.close()
+            return
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buf) > _SHRINK_BUFFER:
+                self._buf = bytearray(_MIN_BUFFER)
+        self._update_reading()
+
+    def _queue(self, piece: bytes | bytearray | memoryview) -> None:
+        self._out.append(piece)  # type: ignore[arg-type]
+        self._out_bytes += len(piece)
+
+    def _flush_out(self) -> None:
+        """Send queued replies: small pieces joined into one write, large read payloads written as they are
+        (no extra copy when the socket takes them at once)."""
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        small: list[bytes] = []
+        write = self.transport.write
+        for piece in out:
+            if len(piece) >= 65536:
+                if small:
+                    write(b"".join(small))
+                    small = []
+                write(piece)
+            else:
+                small.append(piece)
+        if small:
+            write(b"".join(small) if len(small) > 1 else small[0])
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            if self._out and not self.transport.is_closing():
+                self._flush_out()
+            self._out = []
+            self.transport.close()
+
+    # --- parsing --------------------------------------------------------------------------------------------
+    def _process(self) -> None:
+        lock = self.server.lock
+        stats = self.server.stats
+        pack_simple = P.S_SIMPLE_REPLY.pack
+        pack_chunk = P.S_CHUNK.pack
+        pack_offset = P.S_OFFSET.pack
+        while not self._closing:
+            buf = self._buf
+            avail = self._end - self._start
+            if self._hs is not None:
+                if self._upgrading:
+                    return
+                need = self._hs_need
+                if need == _STARTTLS:
+                    if avail:
+                        log.info("nbd: data after NBD_OPT_STARTTLS before the TLS handshake, disconnecting")
+                        self._closing = True
+                        return
+                    self._start_tls()
+                    return
+                if avail < need:
+                    self._want = need
+                    return
+                data = bytes(buf[self._start:self._start + need])
+                self._start += need
+                try:
+                    self._hs_need = self._hs.send(data)
+                except StopIteration:
+                    self._handshake_done()  # transmission phase
+                except _Close:
+                    self._handshake_done()
+                    self._closing = True
+                    return
+                continue
+            if self._skip:
+                n = min(self._skip, avail)
+                self._skip -= n
+                self._start += n
+                if self._skip:
+                    self._want = 1
+                    return
+                continue
+            if avail < 28:
+                self._want = 28
+                return
+            if self._out_bytes >= _FLUSH_OUT_BYTES:
+                self._flush_out()
+            if self._blocked():
+                self._want = 28
+                return  # resumed by resume_writing / a finished worker request
+            magic, flags, cmd, cookie, offset, length = P.S_REQUEST.unpack_from(buf, self._start)
+            if magic != P.REQUEST_MAGIC:
+                log.info("nbd: bad request magic %#x, disconnecting", magic)
+                stats["protocol_errors"] += 1
+                self._closing = True
+                return
+            if cmd == P.CMD_WRITE:
+                if length > P.MAX_PAYLOAD:
+                    self._start += 28
+                    self._skip = length
+                    self._reply_error(cmd, cookie, P.EINVAL, "write payload too large")
+                    continue
+                if avail < 28 + length:
+                    self._want = 28 + length
+                    return
+                # Zero-copy: the device gets a view of the receive buffer, valid during the call only.
+                view = memoryview(buf)[self._start + 28:self._start + 28 + length]
+                self._start += 28 + length
+                exp = self._export
+                try:
+                    if (not flags and length and not exp.readonly and offset + length <= exp.size
+                            and self.server.failed is None):
+                        # fast path: the common plain write
+                        stats["requests"] += 1
+                        try:
+                            with lock:
+                                exp.device.write(offset, view)
+                        except Exception as e:
+                            self._device_failed(cmd, cookie, exp, e)
+                        else:
+                            self._out.append(pack_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+                            self._out_bytes += 16
+                    else:
+                        self._request(flags, cmd, cookie, offset, length, view)
+                finally:
+                    try:
+                        view.release()
+                    except BufferError:  # the device kept a view: detach from our buffer for good
+                        log.warning("nbd: device kept a reference to a write buffer")
+                        self._buf = bytearray(self._buf)
+                continue
+            self._start += 28
+            if (cmd == P.CMD_READ and self._structured and not flags & ~P.CMD_FLAG_DF
+                    and 0 < length <= self.opts.split_bytes and self.server.failed is None):
+                exp = self._export
+                if offset + length <= exp.size:
+                    # fast path: the common structured read
+                    stats["requests"] += 1
+                    try:
+                        with lock:
+                            got = exp.device.read(offset, length)
+                        if len(got) != length:
+                            raise OSError(errno.EIO, f"device returned {len(got)} of {length} bytes")
+                    except Exception as e:
+                        self._device_failed(cmd, cookie, exp, e)
+                    else:
+                        self._out.append(pack_chunk(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                                    P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
+                                         + pack_offset(offset))
+                        self._out.append(got)
+                        self._out_bytes += 28 + length
+                    continue
+            if cmd == P.CMD_DISC:
+                self._closing = True
+                return
+            self._request(flags, cmd, cookie, offset, length, None)
+
+    # --- TLS ------------------------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        self._upgrading = True
+        self._update_reading()
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        loop = asyncio.get_running_loop()
+        old = self.transport
+        try:
+            new = await loop.start_tls(old, self, self.opts.tls, server_side=True,
+                                       ssl_handshake_timeout=self.opts.handshake_timeout)
+        except Exception as e:  # bad certificate, plaintext client, timeout
+            log.info("nbd: TLS handshake failed: %s", e)
+            self.server.stats["protocol_errors"] += 1
+            self._upgrading = False
+            self._closing = True
+            if old is not None:
+                old.close()
+            return
+        if self._closing or new is None:
+            if new is not None:
+                new.close()
+            return
+        self.transport = new  # type: ignore[assignment]
+        self._reading = True
+        new.set_write_buffer_limits(high=self.opts.max_reply_bytes, low=self.opts.max_reply_bytes // 4)
+        self._tls = True
+        self._upgrading = False
+        self._hs_need = self._hs.send(b"") if self._hs is not None else 16  # on to the next option header
+        self._want = self._hs_need
+        self._resume()
+
+    def _reply_ok(self, cookie: int) -> None:
+        self._queue(P.S_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _reply_error(self, cmd: int, cookie: int, err: int, msg: str) -> None:
+        self.server.stats["errors"] += 1
+        if self._structured and cmd in (P.CMD_READ, P.CMD_BLOCK_STATUS):
+            raw = msg.encode()[:P.MAX_STRING]
+            payload = P.S_ERROR.pack(err, len(raw)) + raw
+            self._queue(P.S_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, cookie,
+                                            len(payload)) + payload)
+        else:
+            self._queue(P.S_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _request(self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: Any) -> None:
+        exp = self._export
+        self.server.stats["requests"] += 1
+        # validate
+        # FUA is valid on every command once SEND_FUA is advertised (ignored where nothing is written)
+        allowed = P.CMD_FLAG_FUA
+        if cmd == P.CMD_READ:
+            allowed |= P.CMD_FLAG_DF if self._structured else 0
+        elif cmd == P.CMD_WRITE_ZEROES:
+            allowed |= P.CMD_FLAG_NO_HOLE
+        elif cmd == P.CMD_BLOCK_STATUS:
+            allowed |= P.CMD_FLAG_REQ_ONE
+        elif cmd not in (P.CMD_FLUSH, P.CMD_WRITE, P.CMD_TRIM, P.CMD_CACHE):
+            self._reply_error(cmd, cookie, P.EINVAL, f"command {cmd} not supported")
+            return
+        if flags & ~allowed:
+            self._reply_error(cmd, cookie, P.EINVAL, f"flags {flags:#x} not valid for {P.CMD_NAMES[cmd]}")
+            return
+        if exp.readonly and cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            self._reply_error(cmd, cookie, P.EPERM, "export is read-only")
+            return
+        if self.server.failed is not None:
+            self._reply_error(cmd, cookie, P.EIO, f"pool failed: {self.server.failed}")
+            return
+        if cmd == P.CMD_READ and length > P.MAX_PAYLOAD:
+            self._reply_error(cmd, cookie, P.EINVAL, "read larger than the maximum block size")
+            return
+        size = exp.size
+        if cmd != P.CMD_FLUSH and offset + length > size:
+            err = P.ENOSPC if cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
+            self._reply_error(cmd, cookie, err,
+                              f"request {offset}+{length} beyond the end of the export ({size} bytes)")
+            return
+        if length > self.opts.split_bytes and cmd in (P.CMD_READ, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            self._offload(flags, cmd, cookie, offset, length)
+            return
+        dev = exp.device
+        try:
+            with self.server.lock:
+                if cmd == P.CMD_READ:
+                    if length == 0:
+                        self._reply_none(cookie)
+                        return
+                    buf = dev.read(offset, length)
+                    if len(buf) != length:
+                        raise OSError(errno.EIO, f"device returned {len(buf)} of {length} bytes")
+                    self._reply_read(cookie, offset, buf)
+                    return
+                if cmd == P.CMD_WRITE:
+                    if length:
+                        dev.write(offset, data)
+                elif cmd == P.CMD_FLUSH:
+                    self._flush(dev)
+                elif cmd == P.CMD_TRIM:
+                    if length:
+                        dev.discard(offset, length)
+                elif cmd == P.CMD_WRITE_ZEROES:
+                    if length:
+                        self._zero(dev, flags, offset, length)
+                elif cmd == P.CMD_BLOCK_STATUS:
+                    self._block_status(flags, cookie, offset, length, dev)
+                    return
+                elif cmd == P.CMD_CACHE:
+                    pass  # advisory; nothing to prefetch in memory
+                if flags & P.CMD_FLAG_FUA and cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+                    self._flush(dev)
+        except Exception as e:  # a device error or bug must not kill the server
+            self._device_failed(cmd, cookie, exp, e)
+            return
+        self._reply_ok(cookie)
+
+    def _flush(self, dev: BlockDevice) -> None:
+        """FLUSH/FUA: the commit. Its failure fails the server (nothing acknowledged may change silently)."""
+        try:
+            dev.flush()
+        except BaseException as e:
+            self.server.fail(f"flush failed: {e}")
+            raise
+
+    @staticmethod
+    def _zero(dev: BlockDevice, flags: int, offset: int, length: int) -> None:
+        if flags & P.CMD_FLAG_NO_HOLE:
+            pos = offset
+            while pos < offset + length:
+                n = min(_ZERO_CHUNK, offset + length - pos)
+                dev.write(pos, bytes(n))
+                pos += n
+        else:
+            dev.write_zeroes(offset, length)
+
+    def _reply_read(self, cookie: int, offset: int, buf: bytes | bytearray) -> None:
+        if self._structured:
+            self._queue(P.S_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, cookie,
+                                       8 + len(buf)) + P.S_OFFSET.pack(offset))
+        else:
+            self._queue(P.S_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._queue(buf)
+
+    # --- long requests, off the loop ------------------------------------------------------------------------
+    def _offload(self, flags: int, cmd: int, cookie: int, offset: int, length: int) -> None:
+        """Run a long READ/TRIM/WRITE_ZEROES in a worker, ``split_bytes`` at a time, each piece under the device
+        lock, the lock released (and the GIL offered) between pieces so the loop keeps serving others."""
+        exp = self._export
+        dev = exp.device
+        lock = self.server.lock
+        piece = self.opts.split_bytes
+        server = self.server
+        reserve = length if cmd == P.CMD_READ else 0
+
+        def work() -> bytearray | None:
+            out = bytearray(length) if cmd == P.CMD_READ else None
+            pos = 0
+            while pos < length:
+                t = self.transport
+                if (t is None or t.is_closing()) and cmd != P.CMD_READ:
+                    raise ConnectionAbortedError("client went away")  # not acknowledged: may stop midway
+                if server.failed is not None:
+                    raise ServedPoolFailed(reason=server.failed)
+                n = min(piece, length - pos)
+                with lock:
+                    if cmd == P.CMD_READ:
+                        got = dev.read(offset + pos, n)
+                        if len(got) != n:
+                            raise OSError(errno.EIO, f"device returned {len(got)} of {n} bytes")
+                        out[pos:pos + n] = got  # type: ignore[index]
+                    elif cmd == P.CMD_TRIM:
+                        dev.discard(offset + pos, n)
+                    else:
+                        self._zero(dev, flags, offset + pos, n)
+                pos += n
+                time.sleep(0.0005)  # let a waiting loop thread take the lock (threading.Lock is not fair)
+            if flags & P.CMD_FLAG_FUA and cmd != P.CMD_READ:
+                with lock:
+                    self._flush(dev)
+            return out
+
+        self._inflight += 1
+        self._reserved += reserve
+        self.server.stats["offloaded"] += 1
+        fut = self.server.run_off_loop(work)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._inflight -= 1
+            self._reserved -= reserve
+            if self.transport is None or self.transport.is_closing():
+                return
+            exc = f.exception()
+            if exc is not None:
+                if not isinstance(exc, ConnectionAbortedError):
+                    self._device_failed(cmd, cookie, exp, exc)  # type: ignore[arg-type]
+            elif cmd == P.CMD_READ:
+                self._reply_read(cookie, offset, f.result())
+            else:
+                self._reply_ok(cookie)
+            self._resume()
+
+        fut.add_done_callback(done)
+
+    def _device_failed(self, cmd: int, cookie: int, exp: _Export, e: BaseException) -> None:
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+        if isinstance(e, NoSpace) or (cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            self._reply_error(cmd, cookie, P.ENOSPC, str(e))
+        elif isinstance(e, OutOfBounds):
+            self._reply_error(cmd, cookie, P.EINVAL, str(e))
+        elif isinstance(e, ReadOnly):
+            self._reply_error(cmd, cookie, P.EPERM, str(e))
+        elif isinstance(e, OSError) and not isinstance(e, ThinpoolError):
+            self._reply_error(cmd, cookie, P.wire_errno(e.errno) if e.errno else P.EIO, str(e))
+        elif isinstance(e, ThinpoolError):
+            log.warning("nbd: %s on %s failed: %s", P.CMD_NAMES.get(cmd), exp.name, e)
+            self._reply_error(cmd, cookie, P.EIO, str(e))
+        else:
+            log.error("nbd: %s on %s raised", P.CMD_NAMES.get(cmd), exp.name, exc_info=e)
+            self._reply_error(cmd, cookie, P.EIO, f"internal error: {type(e).__name__}")
+
+    def _reply_none(self, cookie: int) -> None:
+        if self._structured:
+            self._queue(P.S_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, cookie, 0))
+        else:
+            self._reply_ok(cookie)
+
+    def _block_status(self, flags: int, cookie: int, offset: int, length: int, dev: BlockDevice) -> None:
+        if not self._structured or not self._meta_base_allocation or self._meta_export is not self._export:
+            self._reply_error(P.CMD_BLOCK_STATUS, cookie, P.EINVAL, "no meta context negotiated")
+            return
+        if length == 0:
+            self._reply_error(P.CMD_BLOCK_STATUS, cookie, P.EINVAL, "zero-length block status")
+            return
+        extents = allocation_extents(dev.mapped_ranges(offset, length), offset, length)
+        if flags & P.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        payload = P.S_U32.pack(BASE_ALLOCATION_ID) + b"".join(P.S_EXTENT.pack(n, st) for n, st in extents)
+        self._queue(P.S_CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS,
+                                        cookie, len(payload)) + payload)
+
+
+def allocation_extents(mapped: list[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:
+    """Turn a device's mapped byte ranges into base:allocation extents (length, flags) covering exactly
+    [offset, offset+length): data is 0, anything unmapped is HOLE|ZERO. Adjacent extents of one kind merge."""
+    end = offset + length
+    out: list[list[int]] = []
+
+    def add(n: int, st: int) -> None:
+        if n <= 0:
+            return
+        if out and out[-1][1] == st:
+            out[-1][0] += n
+        else:
+            out.append([n, st])
+
+    pos = offset
+    for start, n in sorted(mapped):
+        s, e = max(start, offset), min(start + n, end)
+        if e <= s or e <= pos:
+            continue
+        s = max(s, pos)
+        add(s - pos, P.STATE_HOLE | P.STATE_ZERO)
+        add(e - s, 0)
+        pos = e
+    add(end - pos, P.STATE_HOLE | P.STATE_ZERO)
+    return [(n, st) for n, st in out]
