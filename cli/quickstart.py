@@ -16,7 +16,7 @@ POOL_FILES = {"metadata", "data", "pool.json", "pool.json.tmp", "lock"}
 
 def _is_thinpool_dir(path: str) -> bool:
     """A directory that holds a thinpool pool and nothing else (safe to remove and recreate)."""
-    names = set(os.listdir(path))
+    names = {n for n in os.listdir(path) if not (n.startswith(".pool.json.") and n.endswith(".tmp"))}
     return "metadata" in names and names <= POOL_FILES | {"map.png"}
 
 

@@ -333,9 +333,12 @@ class Pool:
                                    readonly=readonly, use_metadata_snap=use_metadata_snap,
                                    allow_needs_check=allow_needs_check)
             manifest = mf.read_manifest(p)
-            manifest = mf.reconcile(manifest, device_ids=md.device_ids(), trans_id=md.trans_id,
-                                    path=str(p / MANIFEST), pool=str(p))
             chunk = md.data_block_size * SECTOR_SIZE
+            if use_metadata_snap:
+                manifest = _snapshot_manifest(manifest, md, chunk)
+            else:
+                manifest = mf.reconcile(manifest, device_ids=md.device_ids(), trans_id=md.trans_id,
+                                        path=str(p / MANIFEST), pool=str(p))
             data = DataStore(str(p / "data"), chunk, readonly=readonly)
             if data.size < md.nr_data_blocks * chunk:
                 raise UnsafePoolFile(path=str(p / "data"), reason=f"the data file has {data.size} bytes, fewer than "
@@ -1111,6 +1114,24 @@ class Pool:
     def devices(self) -> Iterator[ThinDevice]:
         for d in self.list_devices():
             yield ThinDevice(self, d)
+
+
+def _snapshot_manifest(m: dict[str, Any], md: PoolMetadata, chunk: int) -> dict[str, Any]:
+    """The manifest for a read-only view through the held metadata snapshot: the snapshot is older than the
+    manifest, so its transaction id is not compared; a device deleted since has no entry any more and is shown
+    unnamed, sized to its highest mapped chunk (in memory only: a snapshot view never writes)."""
+    out = copy.deepcopy(m)
+    out.pop("previous_transaction_id", None)
+    out["transaction_id"] = md.trans_id
+    devs = {}
+    for dev_id in md.device_ids():
+        e = m["devices"].get(str(dev_id))
+        if e is None:
+            hi = md.highest_mapped(dev_id)
+            e = {"name": None, "size": (1 if hi is None else hi + 1) * chunk, "origin": None}
+        devs[str(dev_id)] = e
+    out["devices"] = devs
+    return out
 
 
 def _check_new_pool_dir(p: Path) -> None:

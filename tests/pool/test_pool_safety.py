@@ -363,3 +363,17 @@ def test_a_mapping_past_the_data_file_never_grows_it(tmp_path: Path) -> None:
     os.truncate(f, 8 * CH)  # grown by another process (grow_data_file): taken up
     ds.pwrite(7 * CH, b"y")
     ds.close()
+
+
+def test_metadata_snapshot_view_beside_later_changes(tmp_path: Path) -> None:
+    path = _pool(tmp_path)
+    with Pool.open(path) as p:
+        p.create_thin(2, 2 * CH, name="gone").write(0, pattern(CH, 5))
+        p.reserve_metadata_snap()
+        p.delete_thin(2)  # after the snapshot: the manifest no longer knows device 2
+        p.create_thin(3, CH)
+        with Pool.open(path, use_metadata_snap=True) as snap:
+            assert snap.list_devices() == [1, 2]
+            assert snap.device(2).read(0, CH) == pattern(CH, 5) and snap.device_label(2) is None
+            assert snap.device(1).read(0, 2 * CH) == pattern(2 * CH, 1)
+        p.release_metadata_snap()
