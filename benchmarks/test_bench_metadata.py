@@ -192,3 +192,63 @@ def test_snapshot_commit_1m_device(benchmark, big_pool, tmp_path) -> None:
         ratio = _results["snapshot+commit of a 1M-mapping device"] / empty
         benchmark.extra_info["ratio_vs_empty"] = round(ratio, 3)
         print(f"  snapshot+commit 1M / empty (medians): {ratio:.2f}x")
+
+
+# --- scale (#13): the same work on a 1 GiB, 1 TiB and 8 TiB pool ------------------------------------------------
+SCALE_SIZES = {"1GiB": 1 << 30, "1TiB": 1 << 40, "8TiB": 8 << 40}
+
+
+@pytest.fixture(scope="module", params=list(SCALE_SIZES))
+def scale_pool(request, tmp_path_factory) -> tuple[str, Path]:
+    """An empty pool (64 KiB chunks) of each size on sparse files, with one committed thin device."""
+    from thinpool.pool import Pool
+
+    path = tmp_path_factory.mktemp("scale") / request.param
+    with Pool.create(path, data_size=SCALE_SIZES[request.param], chunk_size=64 * 1024) as pool:
+        pool.create_thin(1, 1 << 30)
+    return request.param, path
+
+
+def test_scale_open_write_commit(benchmark, scale_pool) -> None:
+    """Open, one 4 KiB provisioning write, commit, close: should not grow with the pool size."""
+    from thinpool.pool import Pool
+
+    name, path = scale_pool
+    offsets = iter(range(0, 1 << 30, 64 * 1024))
+
+    def once() -> None:
+        with Pool.open(path) as pool:
+            pool.device(1).write(next(offsets), b"x" * 4096)
+            pool.commit()
+
+    benchmark.group = "scale open+write+commit"
+    benchmark.name = f"test_scale_open_write_commit[{name}]"
+    benchmark.pedantic(once, rounds=5, iterations=1)
+
+
+def test_scale_readonly_open_read(benchmark, scale_pool) -> None:
+    from thinpool.pool import Pool
+
+    name, path = scale_pool
+
+    def once() -> None:
+        with Pool.open(path, readonly=True) as pool:
+            pool.device(1).read(0, 4096)
+            assert pool.md.data_sm.pages_loaded == 0
+
+    benchmark.group = "scale read-only open+read"
+    benchmark.pedantic(once, rounds=5, iterations=1)
+
+
+def test_scale_check(benchmark, scale_pool) -> None:
+    from thinpool.metadata.check import check_metadata
+
+    name, path = scale_pool
+
+    def once() -> None:
+        store = FileBlockStore(path / "metadata", readonly=True)
+        assert check_metadata(store).ok
+        store.close()
+
+    benchmark.group = "scale check"
+    benchmark.pedantic(once, rounds=2, iterations=1)

@@ -209,6 +209,14 @@ def lock_pool_dir(path: str | os.PathLike[str], mode: str = "exclusive") -> int 
         os.close(fd)
         raise PoolLocked(path=p, lockfile=f"the directory {p}",
                          holder="writer or reader" if mode == "exclusive" else "writer") from None
+    # the path must still name the directory we locked (not one renamed away and replaced meanwhile)
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(p))
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise PoolLocked(path=p, lockfile=f"the directory {p}", holder="process (the directory was replaced)")
     return fd
 
 

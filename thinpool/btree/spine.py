@@ -20,6 +20,7 @@ One NodeCache exists per transaction manager (``NodeCache.of(tm)``); every BTree
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 from thinpool.btree.node import Node, decode_node
 from thinpool.errors import MetadataCorrupt
@@ -70,8 +71,8 @@ class NodeCache:
         Raises:
             MetadataCorrupt / ChecksumError naming ``b`` (or the node whose child pointer is out of range).
         """
-        dirty = self.tm.dirty.get(b)
-        node = dirty if isinstance(dirty, Node) else None  # only nodes are queued decoded
+        # only B-tree nodes are queued decoded (other blocks go to dirty_raw): no isinstance on this hot path
+        node = cast("Node | None", self.tm.dirty.get(b))
         if node is None:
             node = self.cache.get(b)
             if node is not None:
@@ -113,8 +114,8 @@ class NodeCache:
         tm = self.tm
         node = tm.dirty.get(b)
         count = tm.sm.count(b)
-        if count == 1 and isinstance(node, Node):
-            return node
+        if node is not None and count == 1:
+            return cast(Node, node)
         orig = self.read(b, leaf_value_size)
         copy = orig.copy(tm.new_block())
         tm.add_dirty(copy.block, copy)
