@@ -93,6 +93,23 @@ class DataStore:
             data += bytes(length - len(data))
         return data
 
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``offset`` straight into ``view`` (a writable byte buffer); bytes past the
+        end of the file read as zeros."""
+        length = len(view)
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(self.fd, [view[done:] if done else view], offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as e:
+            raise StoreIOError(what=self.path, op="read", reason=e.strerror or str(e)) from e
+        self.bytes_read += length
+        if done < length:
+            view[done:] = bytes(length - done)
+
     def _mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty
         if d and d[-1][1] == start:

@@ -11,6 +11,7 @@ whole device.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from typing import Protocol, runtime_checkable
@@ -42,6 +43,22 @@ def check_bounds(size: int, offset: int, length: int) -> None:
     """Raise OutOfBounds unless [offset, offset+length) lies inside a device of ``size`` bytes."""
     if offset < 0 or length < 0 or offset + length > size:
         raise OutOfBounds(offset=offset, length=length, size=size)
+
+
+_SMALL_ZEROS = bytes(4096)
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set a writable byte buffer to zeros in place (one memset; no temporary zero buffer for large ones)."""
+    n = len(view)
+    if n <= len(_SMALL_ZEROS):
+        view[:] = _SMALL_ZEROS[:n]
+        return
+    c = (ctypes.c_char * n).from_buffer(view)
+    try:
+        ctypes.memset(c, 0, n)
+    finally:
+        del c
 
 
 class MemoryDevice:
