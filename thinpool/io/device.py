@@ -11,7 +11,6 @@ whole device.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from typing import Protocol, runtime_checkable
@@ -54,6 +53,8 @@ def zero_fill(view: memoryview) -> None:
     if n <= len(_SMALL_ZEROS):
         view[:] = _SMALL_ZEROS[:n]
         return
+    import ctypes  # here, not at import: start-up time
+
     c = (ctypes.c_char * n).from_buffer(view)
     try:
         ctypes.memset(c, 0, n)
