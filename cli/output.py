@@ -6,6 +6,7 @@ Layer: cli. May import: click, rich (imported lazily, so ``thinpool --help`` sta
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,27 +48,70 @@ class _NullProgress:
         pass
 
 
-class _RichProgress:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress = progress
-        self.task = task
+PROGRESS_DELAY_ENVVAR = "THINPOOL_PROGRESS_DELAY"
+PROGRESS_DELAY_S = 1.0  # a job still running after this long gets a bar, however small its total
+
+
+class _LazyProgress:
+    """Counts progress, and starts a rich bar once the job has run ``delay`` seconds (or at once when large)."""
+
+    def __init__(self, description: str, total: int, delay: float) -> None:
+        import time
+
+        self.description, self.total, self.delay = description, total, delay
+        self.completed = 0
+        self._t0 = time.monotonic()
+        self._clock = time.monotonic
+        self._bar: Any = None
+        self._task: Any = None
+        if delay <= 0:
+            self._start()
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                             TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed)
+
+    def _tick(self) -> None:
+        if self._bar is None:
+            if self._clock() - self._t0 < self.delay:
+                return
+            self._start()
+        self._bar.update(self._task, completed=self.completed)
 
     def advance(self, n: int = 1) -> None:
-        self.progress.advance(self.task, n)
+        self.completed += n
+        self._tick()
 
     def update(self, completed: int) -> None:
-        self.progress.update(self.task, completed=completed)
+        self.completed = completed
+        self._tick()
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _progress_delay() -> float:
+    try:
+        return max(float(os.environ.get(PROGRESS_DELAY_ENVVAR, PROGRESS_DELAY_S)), 0.0)
+    except ValueError:
+        return PROGRESS_DELAY_S
 
 
 @contextmanager
-def progress(description: str, total: int, *, min_total: int = 1) -> Iterator[_NullProgress | _RichProgress]:
-    """A progress bar on stderr when stderr is a terminal and the job is large (``total >= min_total``)."""
-    if total < min_total or not sys.stderr.isatty():
+def progress(description: str, total: int, *, min_total: int = 1) -> Iterator[_NullProgress | _LazyProgress]:
+    """A progress bar on stderr when stderr is a terminal: at once for a large job (``total >= min_total``),
+    else as soon as the job has taken more than a second ($THINPOOL_PROGRESS_DELAY seconds)."""
+    if not sys.stderr.isatty() or total <= 0:
         yield _NullProgress()
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  console=Console(file=sys.stderr), transient=True) as p:
-        yield _RichProgress(p, p.add_task(description, total=total))
+    bar = _LazyProgress(description, total, 0.0 if total >= min_total else _progress_delay())
+    try:
+        yield bar
+    finally:
+        bar.stop()

@@ -497,3 +497,44 @@ def test_metadata_size_over_the_usable_maximum_warns(tmp_path: Path) -> None:
     r = ok("pool", "create", tmp_path / "p", "--size", "1M", "--metadata-size", "17G")
     assert "more than dm-thin can use" in r.stderr
     assert (tmp_path / "p" / "metadata").stat().st_size == 255 * 16320 * 4096
+
+
+def test_progress_bar_on_a_terminal_for_a_job_that_runs_long(tmp_path: Path) -> None:
+    """On a pty, a job that has run longer than $THINPOOL_PROGRESS_DELAY seconds (0 here, so the test does not
+    depend on timing) shows its bar however small it is; not on a pipe."""
+    import pty
+    import select
+
+    p = _small_pool(tmp_path, "8M")
+    src = tmp_path / "src"
+    src.write_bytes(b"P" * (2 * CH))
+
+    def stderr_of(on_pty: bool) -> bytes:
+        env = dict(os.environ, THINPOOL_PROGRESS_DELAY="0", COLUMNS="100")
+        master, slave = pty.openpty()
+        err = slave if on_pty else subprocess.PIPE
+        proc = subprocess.Popen([sys.executable, "-c", MAIN, "thin", "write", "vol", str(src), "-p", str(p)],
+                                stderr=err, stdout=subprocess.DEVNULL, env=env)
+        os.close(slave)
+        out = b""
+        if on_pty:
+            while True:
+                r, _, _ = select.select([master], [], [], 60)
+                if not r:
+                    break
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        else:
+            assert proc.stderr is not None
+            out = proc.stderr.read()
+        assert proc.wait(60) == 0
+        os.close(master)
+        return out
+
+    assert b"writing device 1" in stderr_of(True)
+    assert b"writing device 1" not in stderr_of(False)

@@ -84,12 +84,43 @@ mon data = {r}/mon
         self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
         self._run("ceph-osd", "-i", "0")
         self._wait(lambda: "osd.0 up" in self._run("ceph", "osd", "dump").stdout, deadline, "osd.0 up")
+        self._start_watchdog()
         self._run("ceph", "osd", "pool", "create", "rbd", "8", "8")
         self._run("ceph", "osd", "pool", "application", "enable", "rbd", "rbd")
         self._run("rbd", "pool", "init", "rbd")
 
+    def _start_watchdog(self) -> None:
+        """A small process that kills the daemons by their pid files (and removes the directory) if this (test)
+        process dies without ``stop`` (killed by a timeout, say), so no cluster outlives its session."""
+        import sys
+
+        code = ("import os, shutil, signal, sys, time\n"
+                "parent, root, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]\n"
+                "while True:\n"
+                "    try:\n"
+                "        os.kill(parent, 0)\n"
+                "    except ProcessLookupError:\n"
+                "        break\n"
+                "    time.sleep(1)\n"
+                "for f in files:\n"
+                "    try:\n"
+                "        os.kill(int(open(f).read().strip()), signal.SIGKILL)\n"
+                "    except (OSError, ValueError):\n"
+                "        pass\n"
+                "time.sleep(1)\n"
+                "shutil.rmtree(root, ignore_errors=True)\n")
+        args = [sys.executable, "-c", code, str(os.getpid()), str(self.root), str(self.pids["osd"]),
+                str(self.pids["mon"])]
+        self._watchdog = subprocess.Popen(args, start_new_session=True,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+
     def stop(self) -> None:
         """Stop the OSD, then the mon, by their pid files (SIGTERM, then SIGKILL after 20 s)."""
+        wd = getattr(self, "_watchdog", None)
+        if wd is not None:
+            wd.kill()
+            wd.wait()
         for name in ("osd", "mon"):
             pidfile = self.pids[name]
             try:

@@ -114,3 +114,17 @@ def test_delta_between_trees_of_different_heights_and_shapes(seed: int):
             want = model_delta(m[a], m[b])
             assert list(delta_runs(md, a, b)) == want, (a, b)
             assert list(delta_runs(md, a, b, include_same=False)) == [r for r in want if r.kind != "same"], (a, b)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_xml_from_batches_equals_xml_from_records(seed: int):
+    from thinpool.tools.delta import delta_batches
+
+    store, md = random_pool(seed)
+    md = reopen(store)
+    for a, b in ((0, 1), (1, 2), (2, 0), (3, 4)):
+        for verbose in (False, True):
+            x, y = io.StringIO(), io.StringIO()
+            write_delta_xml(x, md, a, b, delta_runs(md, a, b), verbose=verbose, nr_data_blocks=5)
+            write_delta_xml(y, md, a, b, verbose=verbose, nr_data_blocks=5, batches=delta_batches(md, a, b))
+            assert x.getvalue() == y.getvalue(), (a, b, verbose)

@@ -220,7 +220,7 @@ def write_delta_xml(out: IO[str], md: PoolMetadata, dev1: int, dev2: int, runs: 
     out.write(f'  <diff left="{dev1}" right="{dev2}">\n')
     if batches is not None:
         if verbose:
-            _write_verbose(out, _records(batches))
+            _write_verbose_batches(out, batches)
         else:
             _write_merged(out, batches)
     else:
@@ -232,10 +232,26 @@ def write_delta_xml(out: IO[str], md: PoolMetadata, dev1: int, dev2: int, runs: 
     out.write("  </diff>\n</superblock>\n")
 
 
-def _records(batches: Iterable[Runs]) -> Iterator[DeltaRun]:
+def _write_verbose_batches(out: IO[str], batches: Iterable[Runs]) -> None:
+    """The verbose form straight from batches: one line per run, no record objects."""
+    current = -1
     for batch in batches:
+        lines: list[str] = []
         for begin, lval, rval, kind, length in batch.rows():
-            yield DeltaRun(KINDS[kind], begin, length, lval, rval)
+            if kind != current:
+                if current >= 0:
+                    lines.append(f"    </{KINDS[current]}>\n")
+                lines.append(f"    <{KINDS[kind]}>\n")
+                current = kind
+            if kind == _DIFFERENT:
+                lines.append(f'      <range begin="{begin}" left_data_begin="{lval}" right_data_begin="{rval}" '
+                             f'length="{length}"/>\n')
+            else:
+                lines.append(f'      <range begin="{begin}" data_begin="{rval if kind == _RIGHT else lval}" '
+                             f'length="{length}"/>\n')
+        out.write("".join(lines))
+    if current >= 0:
+        out.write(f"    </{KINDS[current]}>\n")
 
 
 def _as_batches(runs: Iterable[DeltaRun]) -> Iterator[Runs]:
