@@ -147,7 +147,12 @@ class LayerApplier:
                     raise self.bad(f"opaque whiteout {ti.name!r}: no directory {os.path.dirname(name) or '/'}")
                 self._opaque(d)
             else:
-                self._remove(d.rstrip("/") + "/" + base[len(WHITEOUT_PREFIX):])
+                original = base[len(WHITEOUT_PREFIX):]
+                if original in ("", ".", ".."):
+                    # ``.wh.`` and ``.wh..`` name the directory itself, ``.wh...`` its parent: at the top, the
+                    # rootfs itself and the device root beside ``/id``. No real layer carries them.
+                    raise self.bad(f"whiteout {ti.name!r} names no entry")
+                self._remove(d.rstrip("/") + "/" + original)
             return
         st = lstat(fs, path)
         if st is not None and S.S_ISDIR(st.mode) and name == "." and not self.whiteouts:

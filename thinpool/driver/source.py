@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,7 +102,12 @@ def _dir_files(d: Path) -> _Files:
         return cache
 
     def opener(name: str) -> IO[bytes]:
-        return open(d / name, "rb")
+        if name.startswith("/") or name == ".." or name.startswith("../"):
+            raise KeyError(name)  # names come from the image's JSON: never outside the layout
+        try:
+            return open(d / name, "rb")
+        except IsADirectoryError:
+            raise KeyError(name) from None
 
     return _Files(str(d), opener, names)
 
@@ -111,9 +117,13 @@ def _tar_files(tf: tarfile.TarFile, where: str) -> _Files:
 
     def opener(name: str) -> IO[bytes]:
         m = members[name]
+        hops = 0
         while m.islnk() or m.issym():
-            m = members[os.path.normpath(m.linkname if m.islnk() else
-                                         os.path.join(os.path.dirname(name), m.linkname))]
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise KeyError(name)  # a link loop in the archive
+            name = os.path.normpath(m.linkname if m.islnk() else os.path.join(os.path.dirname(name), m.linkname))
+            m = members[name]
         f = tf.extractfile(m)
         if f is None:
             raise KeyError(name)
@@ -122,11 +132,31 @@ def _tar_files(tf: tarfile.TarFile, where: str) -> _Files:
     return _Files(where, opener, lambda: set(members))
 
 
-def _blob_name(digest: str) -> str:
+MAX_LINK_HOPS = 40
+MAX_INDEX_DEPTH = 8  # an index of indexes ... (a hostile one could loop)
+# the OCI descriptor grammar: algorithm ":" encoded
+_DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+
+
+def _blob_name(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise ImageFormatError(source=repr(digest)[:80], reason="bad digest")
     alg, _, hexd = digest.partition(":")
-    if not alg or not hexd or "/" in digest:
-        raise ImageFormatError(source=digest, reason="bad digest")
     return f"blobs/{alg}/{hexd}"
+
+
+def _obj(files: _Files, value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise files.bad(f"{what} is not a JSON object")
+    return value
+
+
+def _list(files: _Files, value: object, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise files.bad(f"{what} is not a JSON list")
+    return value
 
 
 def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[ImageSpec]:
@@ -135,25 +165,34 @@ def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[Image
     specs: list[ImageSpec] = []
     found_tag = False
 
-    def visit(desc: dict[str, Any], ref_name: str | None) -> None:
+    def visit(desc: dict[str, Any], ref_name: str | None, depth: int = 0) -> None:
         nonlocal found_tag
+        desc = _obj(files, desc, "a descriptor")
         mt = desc.get("mediaType", "")
-        ann = desc.get("annotations") or {}
+        ann = _obj(files, desc.get("annotations") or {}, "annotations")
         ref_name = ann.get(REF_NAME, ref_name)
         full = ann.get(CONTAINERD_NAME)
+        if not isinstance(ref_name, str | None) or not isinstance(full, str | None):
+            raise files.bad("an image name annotation is not a string")
         if mt in INDEX_TYPES:
-            for d in _for_this_platform(files.json(_blob_name(desc["digest"])).get("manifests", [])):
-                visit(d, ref_name)
+            if depth >= MAX_INDEX_DEPTH:
+                raise files.bad(f"image indexes nested deeper than {MAX_INDEX_DEPTH}")
+            sub = _obj(files, files.json(_blob_name(desc.get("digest"))), "an image index")
+            for d in _for_this_platform(_list(files, sub.get("manifests"), "manifests")):
+                visit(d, ref_name, depth + 1)
             return
         if mt and mt not in MANIFEST_TYPES:
             return
         if tag is not None and ref_name != tag:
             return
         found_tag = found_tag or tag is not None
-        m = files.json(_blob_name(desc["digest"]))
-        config = files.read(_blob_name(m["config"]["digest"]))
-        layers = [LayerBlob(_blob_name(ld["digest"]), _opener(files, _blob_name(ld["digest"])), ld["digest"],
-                            ld.get("mediaType", "")) for ld in m.get("layers", [])]
+        m = _obj(files, files.json(_blob_name(desc.get("digest"))), "a manifest")
+        config = files.read(_blob_name(_obj(files, m.get("config"), "the manifest's config").get("digest")))
+        layers = []
+        for ld in _list(files, m.get("layers"), "the manifest's layers"):
+            ld = _obj(files, ld, "a layer descriptor")
+            name = _blob_name(ld.get("digest"))
+            layers.append(LayerBlob(name, _opener(files, name), ld["digest"], str(ld.get("mediaType", ""))))
         refs = []
         if full:
             refs.append(normalize_ref(full))
@@ -162,7 +201,8 @@ def _oci_images(files: _Files, tag: str | None, default_name: str) -> list[Image
                         else f"{default_name}:{ref_name}")
         specs.append(ImageSpec(config, layers, refs))
 
-    for d in _for_this_platform(files.json("index.json").get("manifests", [])):
+    index = _obj(files, files.json("index.json"), "index.json")
+    for d in _for_this_platform(_list(files, index.get("manifests"), "index.json's manifests")):
         visit(d, None)
     if tag is not None and not found_tag:
         raise files.bad(f"no image tagged {tag!r} in index.json")
@@ -176,7 +216,7 @@ _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"
 def _for_this_platform(descs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A multi-platform index: only the linux manifest of this machine's architecture (as docker pulls one);
     descriptors without a platform are all kept."""
-    with_platform = [d for d in descs if isinstance(d.get("platform"), dict)]
+    with_platform = [d for d in descs if isinstance(d, dict) and isinstance(d.get("platform"), dict)]
     if len(with_platform) < 2:
         return descs
     arch = _GOARCH.get(platform.machine(), platform.machine())
@@ -195,9 +235,14 @@ def _docker_images(files: _Files) -> list[ImageSpec]:
         raise files.bad("manifest.json is not a list")
     specs = []
     for entry in manifest:
+        entry = _obj(files, entry, "a manifest.json entry")
+        names = [entry.get("Config")] + _list(files, entry.get("Layers"), "Layers")
+        tags = _list(files, entry.get("RepoTags"), "RepoTags")
+        if not all(isinstance(n, str) for n in names + tags):
+            raise files.bad("manifest.json: Config, Layers and RepoTags must be strings")
         config = files.read(entry["Config"])
-        layers = [LayerBlob(n, _opener(files, n)) for n in entry.get("Layers", [])]
-        specs.append(ImageSpec(config, layers, [normalize_ref(r) for r in entry.get("RepoTags") or []]))
+        layers = [LayerBlob(n, _opener(files, n)) for n in names[1:]]
+        specs.append(ImageSpec(config, layers, [normalize_ref(r) for r in tags]))
     return specs
 
 
@@ -223,7 +268,8 @@ def open_source(source: str) -> Iterator[list[ImageSpec]]:
     try:
         tf = tarfile.open(p, "r:*")
     except tarfile.TarError as e:
-        raise ImageFormatError(source=source, reason=f"not a tar archive ({e})") from None
+        detail = str(e) if "\n" not in str(e) else "neither gzip, bzip2, xz nor plain tar"
+        raise ImageFormatError(source=source, reason=f"not a tar archive ({detail})") from None
     with tf:
         files = _tar_files(tf, str(p))
         if files.exists("manifest.json") and tag is None:

@@ -18,12 +18,14 @@ A layer's device is a snapshot of its parent's (the bottom layer's of the base d
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import hashlib
 import json
 import os
 import secrets
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +184,13 @@ class ImageStore:
                     applied = LayerApplier(fs, ROOTFS, source=blob.name).apply(EofPadded(stream))
                     stream.drain()
                     raw.drain()
+                except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                    raise ImageFormatError(source=blob.name, reason=f"corrupt compressed layer ({e or 'truncated'})") \
+                        from None
+                except Exception as e:
+                    if type(e).__name__ != "ZstdError":
+                        raise
+                    raise ImageFormatError(source=blob.name, reason=f"corrupt zstd layer ({e})") from None
                 finally:
                     raw.f.close()
                 diff_id = stream.digest
@@ -291,9 +300,18 @@ class ImageStore:
             raise ImageFormatError(source="config", reason=f"no rootfs.diff_ids ({e})") from None
         if len(diff_ids) != len(spec.layers):
             raise ImageFormatError(source="config", reason=f"{len(diff_ids)} diff_ids for {len(spec.layers)} layers")
+        if not all(isinstance(d, str) for d in diff_ids):
+            raise ImageFormatError(source="config", reason="a diff_id is not a string")
         parent = None
-        for blob, diff_id in zip(spec.layers, diff_ids):
-            parent, _ = self.register_layer(parent, blob, diff_id)
+        created: list[Layer] = []
+        try:
+            for blob, diff_id in zip(spec.layers, diff_ids):
+                parent, new = self.register_layer(parent, blob, diff_id)
+                if new:
+                    created.append(parent)
+        except BaseException:
+            self._forget(created)  # a refused image leaves no layer behind: a failing load changes nothing
+            raise
         image_id = "sha256:" + hashlib.sha256(spec.config).hexdigest()
         if image_id not in self.images:
             self.imagedb.mkdir(parents=True, exist_ok=True)
@@ -391,6 +409,18 @@ class ImageStore:
             d.rmdir()
             out.append(f"Deleted: {chain}")
         return out
+
+    def _forget(self, layers: list[Layer]) -> None:
+        """Delete ``layers`` (just registered, no image uses them yet), top first."""
+        for layer in reversed(layers):
+            self.layers.pop(layer.chain_id, None)
+            d = self.layerdb / _hex(layer.chain_id)
+            (d / "cache-id").unlink(missing_ok=True)  # first, as in release_layers
+            self.ds.delete_device(layer.cache_id)
+            if d.is_dir():
+                for f in d.iterdir():
+                    os.unlink(f)
+                d.rmdir()
 
     def _depth(self, chain: str) -> int:
         n = 0
