@@ -281,7 +281,7 @@ class Pool:
             raise InvalidArgument(reason=f"data size {data_size} is smaller than one chunk ({chunk_size} bytes)")
         _check_new_pool_dir(p)
         made_dir = not p.exists()
-        p.mkdir(parents=True, exist_ok=True)
+        p.mkdir(mode=POOL_DIR_MODE, parents=True, exist_ok=True)
         msize = metadata_size or metadata_size_for(data_size, chunk_size)
         lock_fd = Pool._take_lock(p)
         made: list[str] = []
@@ -1159,10 +1159,17 @@ def _check_new_pool_dir(p: Path) -> None:
             raise NotEmptyDirectory(path=str(p), entries=shown)
 
 
+# A pool holds every device's data: its files are the owner's alone (0600; the umask may only narrow it), and a
+# directory made for it is 0750 (the control socket takes the directory's mode).
+POOL_FILE_MODE = 0o600
+POOL_DIR_MODE = 0o750
+
+
 def _create_pool_file(path: Path) -> int:
     """Create a new pool file: O_EXCL | O_NOFOLLOW, so nothing existing (or behind a symlink) is truncated."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       POOL_FILE_MODE)
     except FileExistsError:
         raise UnsafePoolFile(path=str(path), reason="it already exists") from None
     except OSError as e:

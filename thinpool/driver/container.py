@@ -126,7 +126,10 @@ class Containers:
             raise DriverError(reason=f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
         if self._path(name).exists():
             raise ContainerExists(name=name)
-        taken = {e.get("name") for e in self.ds.pool.manifest["devices"].values()}
+        if name.isdigit():
+            raise DriverError(reason=f"invalid container name {name!r}: thinpool takes a number for a device id")
+        pool = self.ds.pool
+        taken = {pool.device_label(i) for i in pool.list_devices()}
         for dev in (name, name + "-init"):
             if dev in taken:
                 raise ContainerExists(name=name, reason=f"a device named {dev} exists")

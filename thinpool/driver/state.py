@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 
 from thinpool.errors import DriverError, DriverNotInitialized, PoolLowOnSpace
 from thinpool.fs.filesystem import Filesystem
-from thinpool.pool import Pool, _write_manifest
+from thinpool.pool import Pool
 from thinpool.thin import ThinDevice
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class DeviceSet:
             raise DriverError(reason=f"base size {base_size} must be a positive multiple of 4096 bytes")
         if not 0 <= min_free_percent <= 99:
             raise DriverError(reason=f"minimum free space {min_free_percent}% must be 0..99")
-        if BASE_DEVICE_NAME in {e.get("name") for e in pool.manifest["devices"].values()}:
+        if BASE_DEVICE_NAME in {pool.device_label(i) for i in pool.list_devices()}:
             raise DriverError(reason=f"pool {pool.path} already has a device named {BASE_DEVICE_NAME!r}")
         (root / "metadata").mkdir(parents=True, exist_ok=True)
         options = {"base_size": base_size, "min_free_space_percent": min_free_percent}
@@ -203,7 +202,7 @@ class DeviceSet:
             return
         log.warning("rolling back open transaction %s: hash=%r device_id=%s", self.open_transaction_id,
                     self.transaction_hash, self.transaction_device_id)
-        if self.transaction_device_id in self.pool.md.devices:
+        if self.transaction_device_id in self.pool.list_devices():
             self._dm_delete(self.transaction_device_id)
         self._remove_info(self.transaction_hash)
         self.open_transaction_id = pool_tid
@@ -243,7 +242,7 @@ class DeviceSet:
         self.pool.set_transaction_id(self.pool.md.trans_id, self.open_transaction_id)
 
     def _next_free_device_id(self) -> int:
-        used = set(self.pool.md.devices) | {d.device_id for d in self.devices.values()}
+        used = set(self.pool.list_devices()) | {d.device_id for d in self.devices.values()}
         for _ in range(MAX_DEVICE_ID + 1):
             self.next_device_id = (self.next_device_id + 1) & MAX_DEVICE_ID
             if self.next_device_id not in used:
@@ -252,36 +251,20 @@ class DeviceSet:
         raise DriverError(reason="unable to find a free device id")
 
     # --- dm messages (each committed, none moves the pool's transaction id) -----------------------------------
-    # The pool's manifest (names, sizes, lineage) must describe every device of the committed metadata, so a
-    # new device's entry is written before the metadata that creates it is committed, and a deleted device's
-    # entry is dropped after: a crash in between leaves an entry without a device, which the pool drops at open.
+    # Pool's public create/delete with keep_transaction_id=True: the bare dm message, committed, the pool's
+    # manifest (names, sizes, lineage) kept in step with the metadata; the driver moves the transaction id itself
+    # with set_transaction_id, as moby does.
     def _dm_create(self, device_id: int, origin_id: int | None, name: str, size: int) -> None:
         pool = self.pool
-        pool.check_writable()
-        if any(e.get("name") == name for e in pool.manifest["devices"].values()):
+        if any(pool.device_label(i) == name for i in pool.list_devices()):
             raise DriverError(reason=f"a device named {name!r} already exists in the pool")
-        entry: dict[str, Any] = {"name": name, "size": size, "origin": None, "created_at": time.time()}
-        if origin_id is not None:
-            src = pool.manifest["devices"][str(origin_id)]
-            entry["origin"] = src.get("origin")
-            entry["snapshot_of"] = origin_id
-            entry["ancestors"] = list(src.get("ancestors") or []) + [
-                {"dev_id": origin_id, "name": src.get("name"), "created_at": src.get("created_at")}]
-        pool.manifest["devices"][str(device_id)] = entry
-        _write_manifest(pool.path, pool.manifest)
         if origin_id is None:
-            pool._guard_metadata(lambda: pool.md.create_thin(device_id))
+            pool.create_thin(device_id, size, name=name, keep_transaction_id=True)
         else:
-            pool._guard_metadata(lambda: pool.md.create_snap(device_id, origin_id))
-        pool.commit()
+            pool.create_snap(device_id, origin_id, name=name, size=size, keep_transaction_id=True)
 
     def _dm_delete(self, device_id: int) -> None:
-        pool = self.pool
-        pool.check_writable()
-        pool._guard_metadata(lambda: pool.md.delete_thin(device_id))
-        pool.commit()
-        pool.manifest["devices"].pop(str(device_id), None)
-        _write_manifest(pool.path, pool.manifest)
+        self.pool.delete_thin(device_id, keep_transaction_id=True)
 
     # --- devices ----------------------------------------------------------------------------------------------
     def lookup(self, h: str) -> DevInfo | None:

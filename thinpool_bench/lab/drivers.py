@@ -289,7 +289,7 @@ class Overlay(Driver):
         for cid in cids:
             read_all(str(self.view(cid).root / path.lstrip("/")))
         parts = fincore(sorted(real))
-        return {"resident_bytes": sum(parts.values()), "files": len(parts)}
+        return {"resident_bytes": sum(parts.values()), "files_count": len(parts)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,7 +475,7 @@ class AufsLike(Overlay):
         for cid in cids:
             self.view(cid).read(path)
         parts = fincore(sorted(real))
-        return {"resident_bytes": sum(parts.values()), "files": len(parts),
+        return {"resident_bytes": sum(parts.values()), "files_count": len(parts),
                 "note": "user-space union: reads go to the one branch file"}
 
 
@@ -527,7 +527,7 @@ class Vfs(Driver):
         for p in files:
             read_all(p)
         parts = fincore(files)
-        return {"resident_bytes": sum(parts.values()), "files": len(parts)}
+        return {"resident_bytes": sum(parts.values()), "files_count": len(parts)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -613,7 +613,7 @@ class Btrfs(Driver):
             read_all(p)
         parts = fincore(files)
         backing = fincore([str(self.file)])[str(self.file)]
-        return {"resident_bytes": sum(parts.values()) + backing, "files": len(parts),
+        return {"resident_bytes": sum(parts.values()) + backing, "files_count": len(parts),
                 "container_files_bytes": sum(parts.values()), "loop_backing_file_bytes": backing}
 
     def teardown(self) -> None:
@@ -884,7 +884,7 @@ class ThinpoolDM(Driver):
             loop_parts = fincore(loops)
             backing = fincore([data_file])[data_file]
             return {"resident_bytes": sum(parts.values()) + sum(loop_parts.values()) + backing,
-                    "files": len(parts), "ext2_files_bytes": sum(parts.values()),
+                    "files_count": len(parts), "ext2_files_bytes": sum(parts.values()),
                     "loop_devices_bytes": sum(loop_parts.values()), "pool_data_file_bytes": backing,
                     "note": "FUSE export with direct I/O (no page cache in the FUSE files)"}
         finally:

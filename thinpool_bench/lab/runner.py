@@ -26,8 +26,10 @@ from thinpool_bench.lab import image as I
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 Progress = Callable[[str], None]
 
+# a key's unit is that of its longest matching suffix: ``throughput_bytes_per_s`` is bytes per second
 UNITS = {"_s": "seconds", "_us": "microseconds", "_bytes": "bytes", "_per_s": "operations per second",
-         "_inodes": "inodes", "_count": "count"}
+         "_bytes_per_s": "bytes per second", "_inodes": "inodes", "_count": "count",
+         "_ratio": "ratio (dimensionless)"}
 
 
 def _noop(_: str) -> None:
@@ -183,7 +185,7 @@ def measure(drv: D.Driver, img: I.Image, cfg: LabConfig, ref: tuple[I.Tree, set[
         out["delete"] = {"containers_count": len(made), "time_s": secs, "time_per_container_s": secs / len(made),
                          "space_before_bytes": u_before["space_bytes"], "space_after_bytes": u_after["space_bytes"],
                          "space_returned_bytes": u_before["space_bytes"] - u_after["space_bytes"],
-                         "host_inodes_after": u_after["host_inodes"]}
+                         "after_delete_host_inodes": u_after["host_inodes"]}
     except Exception as e:  # noqa: BLE001 - one driver's failure is reported, the others still run
         out["error"] = f"{type(e).__name__}: {e}"[:500]
         out["traceback"] = traceback.format_exc()[-2000:]
@@ -347,7 +349,7 @@ def run_lab(*, quick: bool = False, workdir: str | None = None, only: tuple[str,
     result: dict[str, Any] = {"machine": machine_info(), "quick": quick, "units": UNITS,
                               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                               "image": {"layers_count": len(img.layers), "files_count": img.nr_files,
-                                        "bytes": img.bytes_total, "sized_files": img.sized_files,
+                                        "total_bytes": img.bytes_total, "sized_files": img.sized_files,
                                         "shared_file": img.shared_file, "shared_file_bytes": img.shared_bytes,
                                         "reference_entries_count": len(ref[0])},
                               "drivers": {}}
