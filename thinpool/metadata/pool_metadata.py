@@ -52,7 +52,7 @@ from thinpool.formats.device_details import (
     unpack_block_time,
     unpack_block_times,
 )
-from thinpool.formats.space_map import ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SmRoot
+from thinpool.formats.space_map import ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SmRoot, parse_metadata_index
 from thinpool.formats.superblock import (
     NEEDS_CHECK_FLAG,
     THIN_SUPERBLOCK_MAGIC,
@@ -63,7 +63,7 @@ from thinpool.formats.superblock import (
 )
 from thinpool.io.block_store import BlockStore
 from thinpool.metadata.thin_device import ThinDeviceMetadata
-from thinpool.spacemap.core import CoreSpaceMap
+from thinpool.spacemap.core import CoreSpaceMap, RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
@@ -216,10 +216,11 @@ class PoolMetadata:
         ``space_maps=False`` (read-only tools such as dump) reads only the superblock, details and mappings."""
         sb = cls.read_superblock(store)
         if not space_maps:
-            meta_core = CoreSpaceMap(store.nr_blocks, kind="metadata")
-            tm = TransactionManager(store, meta_core)
+            ro_core = RootSpaceMap(store.nr_blocks, sb.metadata_sm_root.nr_allocated)
+            tm = TransactionManager(store, ro_core)
             view = cls._snap_view(store, sb) if use_metadata_snap else sb
-            ro_meta = DiskSpaceMap(tm, meta_core, is_metadata=True, bitmap_blocks=[], ref_count_root=0, index_root=0)
+            ro_meta = DiskSpaceMap(tm, ro_core, is_metadata=True, bitmap_blocks=[], ref_count_root=0,  # type: ignore[arg-type]
+                                   index_root=0)
             ro_data = PagedSpaceMap.load(tm, sb.data_sm_root)  # O(1): nothing is read unless counted
             return cls(store, tm, view, ro_meta, ro_data, readonly=True)
         if sb.incompat_flags:
@@ -234,9 +235,19 @@ class PoolMetadata:
                                                   f"expected {mroot.nr_blocks}")
         if mroot.nr_blocks == 0 or -(-mroot.nr_blocks // ENTRIES_PER_BITMAP) > MAX_METADATA_BITMAPS:
             raise MetadataCorrupt(block=0, reason=f"bad metadata space map size {mroot.nr_blocks}")
-        meta_core = CoreSpaceMap(mroot.nr_blocks, kind="metadata")
-        tm = TransactionManager(store, meta_core)
-        meta = DiskSpaceMap.load(tm, mroot, is_metadata=True, core=meta_core)
+        if readonly or use_metadata_snap:
+            # A read-only open reads no bitmap (only the metadata index block, one block, for its checksum and the
+            # bitmaps' locations): sizes and counts come from the superblock's roots, as the kernel's status does.
+            ro = RootSpaceMap(mroot.nr_blocks, mroot.nr_allocated)
+            tm = TransactionManager(store, ro)
+            buf = tm.read_raw(mroot.bitmap_root, BlockType.INDEX, "metadata index block")
+            entries = parse_metadata_index(buf, -(-mroot.nr_blocks // ENTRIES_PER_BITMAP))
+            meta = DiskSpaceMap(tm, ro, is_metadata=True, bitmap_blocks=[e.blocknr for e in entries],  # type: ignore[arg-type]
+                                ref_count_root=mroot.ref_count_root, index_root=mroot.bitmap_root)
+        else:
+            meta_core = CoreSpaceMap(mroot.nr_blocks, kind="metadata")
+            tm = TransactionManager(store, meta_core)
+            meta = DiskSpaceMap.load(tm, mroot, is_metadata=True, core=meta_core)
         data = PagedSpaceMap.load(tm, sb.data_sm_root, validate=not readonly)
         view = sb
         if use_metadata_snap:
@@ -571,6 +582,9 @@ class PoolMetadata:
         self.tm.abort()
         self.tm.sm.abort()
         self.data_sm.abort()
+        if self.readonly:  # nothing was changed; the space maps of a read-only open hold no counts to reset
+            self._load_state(self.sb)
+            return
         try:
             nr_meta = self.sb.metadata_sm_root.nr_blocks
             if nr_meta and nr_meta != self.tm.sm.nr_blocks:

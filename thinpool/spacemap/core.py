@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace
+from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, ReadOnly
 
 _BATCH = 4096
 
@@ -130,3 +130,44 @@ class CoreSpaceMap:
         self._candidates = []
         self.freed = set()
         self.changed = False
+
+
+class RootSpaceMap:
+    """A read-only open's metadata space map: its size and allocated count from the superblock's space-map root,
+    no bitmap read (tx/api.py SpaceMap). Reference counts are not known: ``count`` and every change raise
+    ReadOnly (only writes need them)."""
+
+    def __init__(self, nr_blocks: int, nr_allocated: int, *, kind: str = "metadata") -> None:
+        self._nr_blocks = nr_blocks
+        self._nr_allocated = nr_allocated
+        self.kind = kind
+        self.changed = False
+        self.freed: set[int] = set()
+
+    @property
+    def nr_blocks(self) -> int:
+        return self._nr_blocks
+
+    def nr_allocated(self) -> int:
+        return self._nr_allocated
+
+    def nr_free(self) -> int:
+        return self._nr_blocks - self._nr_allocated
+
+    def count(self, b: int) -> int:
+        raise ReadOnly()
+
+    def inc(self, b: int, n: int = 1) -> None:
+        raise ReadOnly()
+
+    def dec(self, b: int) -> int:
+        raise ReadOnly()
+
+    def new_block(self) -> int:
+        raise ReadOnly()
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
