@@ -75,6 +75,10 @@ def test_claim_texts_agree_with_their_verdicts_and_numbers() -> None:
     worst = max(c["create_time_per_container_s"] for n in ("overlayfs", "aufs-like", "btrfs")
                 for c in d[n]["containers"].values() if "create_time_per_container_s" in c)
     assert f"at most {worst * 1e3:.1f} ms per container" in start
+    pc = cl["n identical devicemapper containers keep n copies in the page cache"]["why"]
+    nmax = max(int(n) for n in d["btrfs"]["page_cache"])
+    copies = d["btrfs"]["page_cache"][str(nmax)]["container_files_bytes"] / RES["image"]["shared_file_bytes"]
+    assert f"cache {copies:.1f} copies for N={nmax}" in pc
     read = cl["devicemapper copies a block on read"]
     assert read["verdict"] == ("does not hold" if all(d[t]["lower_read"]["copied_bytes"] == 0 for t in report.THIN)
                                else "holds")

@@ -148,12 +148,16 @@ def claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     if t_pc is not None and o_pc is not None:
         one = res["image"]["shared_file_bytes"]
         verdict = "holds" if t_pc >= 0.9 * nmax * one and o_pc <= 1.1 * one else "does not hold"
+    one = res["image"]["shared_file_bytes"]
+    b_pc = _get(m, "btrfs", "page_cache", str(nmax), "container_files_bytes")
+    btrfs_txt = "" if b_pc is None or not nmax else (
+        f" btrfs snapshots, though they share extents on disk, cache {b_pc / one:.1f} copies for N={nmax}.")
     add("n identical devicemapper containers keep n copies in the page cache; overlayfs shares one", pcn, verdict,
-        f"the same {_size(res['image']['shared_file_bytes'])} file read in N containers through the kernel, "
+        f"the same {_size(one)} file read in N containers through the kernel, "
         f"resident bytes summed with fincore over "
         f"the files that hold it. thinpool: N kernel ext2 mounts on loop devices over its FUSE export, each "
-        f"caching its own copy (plus one copy in the pool's data file, read by the FUSE daemon); overlayfs: the "
-        f"one lower file. btrfs snapshots, though they share extents on disk, also cache one copy per snapshot.")
+        f"caching its own copy (plus what the pool's data file holds, read by the FUSE daemon); overlayfs: the "
+        f"one lower file." + btrfs_txt)
 
     # 5. overlay consumes many inodes
     ino = per(lambda d: f"import {d['import_host_inodes']}, "
