@@ -110,6 +110,20 @@ def test_traversal_never_writes_outside_the_rootfs(pool: Path, tmp_path: Path) -
     assert tree["/rootfs/x"] == b"x" and tree["/rootfs/y"] == b"y" and "/rootfs/lost+found" in tree
 
 
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, REG, tarfile.FIFOTYPE])
+def test_the_layer_root_cannot_become_a_symlink_or_a_file(pool: Path, tmp_path: Path, kind: bytes) -> None:
+    # "." -> "/" would make /rootfs a symlink to the device root: "id" would then overwrite /id
+    before = state(pool)
+    root = (".", kind, "/" if kind == tarfile.SYMTYPE else "", b"x" if kind == REG else None)
+    layer = raw_tar([root, ("id", REG, "", b"OWNED"), ("lost+found/evil", REG, "", b"e")])
+    assert "names the root itself" in fails("image", "load", oci_layout(tmp_path / "root", [layer]), pool=pool)
+    assert state(pool) == before
+    ok("image", "load", oci_layout(tmp_path / "dot", [raw_tar([(".", DIR, "", None), ("id", REG, "", b"in")])]),
+       pool=pool)  # "." as a directory only sets the root's attributes
+    tree = device_tree(pool, "dot")
+    assert tree["/rootfs/id"] == b"in" and tree["/id"] != b"in"
+
+
 @pytest.mark.parametrize("name", [".wh..", ".wh...", ".wh.", "a/.wh..", "a/.wh..."])
 def test_a_whiteout_naming_the_directory_itself_or_its_parent_is_refused(pool: Path, tmp_path: Path,
                                                                          name: str) -> None:

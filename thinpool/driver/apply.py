@@ -94,6 +94,9 @@ class LayerApplier:
         return ImageFormatError(source=self.source, reason=reason)
 
     def apply(self, stream: IO[bytes] | object) -> Applied:
+        st = lstat(self.fs, self.root)
+        if st is None or not S.S_ISDIR(st.mode):
+            raise self.bad(f"{self.root} is not a directory")  # never apply through a root that is a symlink
         try:
             tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
         except tarfile.TarError as e:
@@ -124,6 +127,10 @@ class LayerApplier:
         name = clean(ti.name)
         if name == ".." or name.startswith("../"):
             raise self.bad(f"{ti.name!r} is outside of the root")
+        if name == "." and not ti.isdir():
+            # replacing the root by a file, a device or a symlink (to "/": every later path of this and every
+            # upper layer would land beside /rootfs, on /id and /lost+found) is refused
+            raise self.bad(f"{ti.name!r} names the root itself, which must stay a directory")
         if name != ".":
             parent = resolve(fs, self.root, posixpath_dir(name), follow_last=False)
             if lstat(fs, parent) is None:
