@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from thinpool.pool import Pool
 
 
+_SCRATCH_MAX_BYTES = 4 << 20  # read() gathers scattered pieces of reads up to this size in a kept buffer
+
+
 class ThinDevice:
     """A thin device of ``size`` bytes in ``pool`` (implements thinpool.io.device.BlockDevice)."""
 
@@ -39,6 +42,7 @@ class ThinDevice:
         self.dev_id = dev_id
         self.chunk = pool.chunk_bytes
         self.md = pool.md.device(dev_id)
+        self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
 
     def __repr__(self) -> str:
         return f"ThinDevice(dev_id={self.dev_id}, size={self.size})"
@@ -67,9 +71,17 @@ class ThinDevice:
         view = memoryview(buf).cast("B")
         length = len(view)
         check_bounds(self.size, offset, length)
-        if length:
-            with self.pool.lock:
-                self._fill(view, offset, self._plan(offset, length))
+        if not length:
+            return 0
+        ch = self.chunk
+        first = offset // ch
+        with self.pool.lock:
+            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup
+                m = self.md.find_block(first)
+                plan = [[0, length, -1 if m is None else m[0] * ch + offset - first * ch]]
+            else:
+                plan = self._plan(offset, length)
+            self._fill(view, offset, plan)
         return length
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -86,9 +98,18 @@ class ThinDevice:
             if file_off < 0:
                 return self._unprovisioned(offset, length)
             return self.pool.data.pread(file_off, length)
-        out = bytearray(length)
-        self._fill(memoryview(out), offset, plan)
-        return bytes(out)
+        # pieces from several places: gathered in a buffer kept by the device (a fresh one would be zeroed, then
+        # page-faulted in, on every read: glibc gives large freed blocks back to the kernel), then one copy out
+        if length > _SCRATCH_MAX_BYTES:
+            out = bytearray(length)
+            self._fill(memoryview(out), offset, plan)
+            return bytes(out)
+        scratch = self._scratch
+        if scratch is None or len(scratch) < length:
+            scratch = self._scratch = bytearray(max(length, ch))
+        with memoryview(scratch) as mv, mv[:length] as view:
+            self._fill(view, offset, plan)
+            return bytes(view)
 
     def _plan(self, offset: int, length: int) -> list[list[int]]:
         """[buffer offset, length, data file offset or -1 (unprovisioned)] pieces covering [offset, offset+length),
