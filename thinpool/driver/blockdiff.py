@@ -23,6 +23,7 @@ owner, times, xattrs: no content block changes).
 from __future__ import annotations
 
 import json
+import os
 import stat as S
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,18 +103,7 @@ def changed_blocks(containers: Containers, rec: dict[str, object], fs_block_size
 
 
 def _blocks(fs: Filesystem, ino: int) -> set[int]:
-    inode = fs._inode(ino)
-    if not inode.has_blocks:
-        return set()
-    n = -(-inode.size // fs.block_size)
-    if not n:
-        return set()
-    return {int(b) for b in fs.mapper.map(ino, inode, 0, n) if b}
-
-
-def _live(fs: Filesystem, ino: int) -> bool:
-    inode = fs._inode(ino)
-    return inode.i_links_count > 0 and inode.i_mode != 0
+    return set(fs.inode_blocks(ino))
 
 
 def block_diff(containers: Containers, name: str) -> list[Change]:
@@ -124,20 +114,20 @@ def block_diff(containers: Containers, name: str) -> list[Change]:
         index, bmap = _load_index(containers.dir / f"{rec['Name']}.inodes.json", old)
         bs = new.block_size
         blocks = changed_blocks(containers, rec, bs)
-        per_block = bs // new.inode_size
-        itables = [(gd.bg_inode_table, g) for g, gd in enumerate(new.groups)]
-        itable_len = -(-new.sb.s_inodes_per_group * new.inode_size // bs)
+        isz = new.inode_size
+        per_block = bs // isz
+        itables = new.inode_table_blocks()
         inodes: set[int] = set()
         content: set[int] = set()
         for blk in blocks:
-            for start, g in itables:
+            for start, itable_len, first in itables:
                 if start <= blk < start + itable_len:
                     a = old.device.read(blk * bs, bs)
                     b = new.device.read(blk * bs, bs)
                     for slot in range(per_block):
-                        lo = slot * new.inode_size
-                        if a[lo:lo + new.inode_size] != b[lo:lo + new.inode_size]:
-                            inodes.add(g * new.sb.s_inodes_per_group + (blk - start) * per_block + slot + 1)
+                        lo = slot * isz
+                        if a[lo:lo + isz] != b[lo:lo + isz]:
+                            inodes.add(first + (blk - start) * per_block + slot)
                     break
             else:
                 content.add(blk)
@@ -159,28 +149,30 @@ def block_diff(containers: Containers, name: str) -> list[Change]:
         for ino in sorted(inodes):
             if ino < new.first_ino and ino != ROOT_INO:
                 continue
-            if not (_live(new, ino) and _live(old, ino)) or ino not in index:
+            ni, oi = new.inode_stat(ino), old.inode_stat(ino)
+            if ni is None or oi is None or ino not in index:
                 continue  # new or freed inodes are named by the directories that changed
-            ni, oi = new._inode(ino), old._inode(ino)
             nb, ob = _blocks(new, ino), _blocks(old, ino)
             if ni.size == oi.size and nb == ob and not (nb & content):
                 continue  # metadata only
-            if ni.is_dir and oi.is_dir:
+            n_dir, o_dir = S.S_ISDIR(ni.mode), S.S_ISDIR(oi.mode)
+            if n_dir and o_dir:
+                after = dict(new.dir_entries_by_ino(ino))
+                before = dict(old.dir_entries_by_ino(ino))
                 for rel in index[ino]:
                     path = ROOTFS + ("" if rel == "/" else rel)
-                    after = {n: i for n, i, _ in new._dir(ino).names() if n not in (b".", b"..")}
-                    before = {n: i for n, i, _ in old._dir(ino).names() if n not in (b".", b"..")}
-                    for n in sorted(set(after) | set(before)):
-                        child = rel.rstrip("/") + "/" + n.decode("utf-8", "surrogateescape")
+                    for n in sorted(set(after) | set(before), key=os.fsencode):
+                        child = rel.rstrip("/") + "/" + n
                         if n not in before:
                             changes[child] = ADD
-                            if S.S_ISDIR(new._inode(after[n]).i_mode):
-                                add_tree(path.rstrip("/") + "/" + n.decode("utf-8", "surrogateescape"), child)
+                            cst = new.inode_stat(after[n])
+                            if cst is not None and S.S_ISDIR(cst.mode):
+                                add_tree(path.rstrip("/") + "/" + n, child)
                         elif n not in after:
                             changes[child] = DELETE
                         elif after[n] != before[n]:
                             changes[child] = MODIFY
-            elif not ni.is_dir:
+            elif not n_dir:
                 for rel in index[ino]:
                     changes.setdefault(rel, MODIFY)
         for p in list(changes):
