@@ -59,10 +59,19 @@ class ThinDevice:
     def read(self, offset: int, length: int) -> bytes:
         """The bytes of [offset, offset+length). One range lookup; a range that is one physically contiguous run
         (or one hole) is a single pread (or one zeroed allocation) with no further copy."""
-        check_bounds(self.size, offset, length)
-        if length == 0:
+        pool = self.pool
+        size = pool.device_size(self.dev_id)
+        if offset < 0 or length <= 0 or offset + length > size:
+            check_bounds(size, offset, length)
             return b""
-        with self.pool.lock:
+        ch = self.chunk
+        first = offset // ch
+        with pool.lock:
+            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup, one pread
+                m = self.md.find_block(first)
+                if m is None:
+                    return self._unprovisioned(offset, length)
+                return pool.data.pread(m[0] * ch + offset - first * ch, length)
             return self._read(offset, length)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
@@ -86,12 +95,6 @@ class ThinDevice:
 
     def _read(self, offset: int, length: int) -> bytes:
         ch = self.chunk
-        first = offset // ch
-        if (offset + length - 1) // ch == first:  # inside one chunk: one lookup, one pread
-            m = self.md.find_block(first)
-            if m is None:
-                return self._unprovisioned(offset, length)
-            return self.pool.data.pread(m[0] * ch + offset - first * ch, length)
         plan = self._plan(offset, length)
         if len(plan) == 1:
             file_off = plan[0][2]
