@@ -61,3 +61,30 @@ def test_block_diff_agrees_with_naive_diff_on_content(tmp_path: Path) -> None:
         from thinpool.driver.blockdiff import changed_blocks
 
         assert changed_blocks(d.containers, d.containers.get("idle"), 4096) == set()
+
+
+def test_block_diff_renames_replacements_and_nested_trees(tmp_path: Path) -> None:
+    """Directory entries compared by inode number: a rename is D + A, a file replaced by another inode is C, a new
+    tree below an existing directory is reported whole; odd names come through unchanged."""
+    pool = tmp_path / "pool"
+    ok("pool", "create", pool, "--size", "256M", pool=pool)
+    ok("driver", "init", "--base-size", "64M", pool=pool)
+    layer = tar_bytes([("d", "etc"), ("f", "etc/conf", b"a=1\n"), ("f", "etc/keep", b"k"), ("d", "srv"),
+                       ("f", "srv/app", b"v1" * 3000), ("d", "var"), ("f", "var/log", b"l")])
+    ok("image", "load", oci_layout(tmp_path / "img", [layer]), pool=pool)
+    ok("container", "create", "img", "--name", "box", pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        with mounted(ds, "box", write=True) as fs:
+            fs.rename("/rootfs/etc/conf", "/rootfs/etc/conf.old")              # same inode, new name
+            fs.write_file("/rootfs/srv/app.tmp", b"v2" * 3000)                 # replaced by another inode
+            fs.rename("/rootfs/srv/app.tmp", "/rootfs/srv/app")
+            fs.mkdir("/rootfs/var/cache/deep/er", parents=True)                # nested tree in an existing dir
+            fs.write_file("/rootfs/var/cache/deep/er/f", b"f")
+            fs.write_file("/rootfs/var/ünï côde", b"u")
+    naive = ok("container", "diff", "box", pool=pool).splitlines()
+    blocks = ok("container", "diff", "--blocks", "box", pool=pool).splitlines()
+    assert blocks == ["C /etc", "D /etc/conf", "A /etc/conf.old", "C /srv", "C /srv/app", "C /var",
+                     "A /var/cache", "A /var/cache/deep", "A /var/cache/deep/er", "A /var/cache/deep/er/f",
+                     "A /var/ünï côde"]
+    assert set(naive) == set(blocks)  # the naive diff orders a directory's additions before its deletions
