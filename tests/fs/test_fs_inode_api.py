@@ -151,7 +151,8 @@ def test_inode_table_blocks_and_geometry_match_debugfs(built):
             (int(re.search(r"Block size:\s+(\d+)", stats).group(1)),
              int(re.search(r"Inode size:\s+(\d+)", stats).group(1)),
              int(re.search(r"First inode:\s+(\d+)", stats).group(1)))
-        for name in ("block_size", "inode_size", "first_ino"):
+        assert fs.uuid == re.search(r"Filesystem UUID:\s+(\S+)", stats).group(1)
+        for name in ("block_size", "inode_size", "first_ino", "uuid"):
             with pytest.raises(AttributeError):
                 setattr(fs, name, 1)
 
@@ -166,6 +167,7 @@ def test_geometry_of_a_mkfs_ext2_image(tmp_path):
     with Filesystem.mount(FileDevice(img)) as fs:
         assert (fs.block_size, fs.inode_size, fs.first_ino) == \
             (int(hdr["Block size"]), int(hdr["Inode size"]), int(hdr["First inode"]))
+        assert fs.uuid == hdr["Filesystem UUID"]
         assert [t for t, _, _ in fs.inode_table_blocks()] == tables
         assert all(n == int(hdr["Inode blocks per group"]) for _, n, _ in fs.inode_table_blocks())
         fs.write_file("/x", b"y" * 70_000)

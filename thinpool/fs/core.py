@@ -18,6 +18,7 @@ import os
 import struct
 import threading
 import time
+import uuid as _uuid
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
@@ -151,6 +152,11 @@ class FsCore:
     def first_ino(self) -> int:
         """The first inode number not reserved by ext2 (11 on revision 0; ``s_first_ino`` on revision 1)."""
         return self._first_ino
+
+    @property
+    def uuid(self) -> str:
+        """The file system's UUID (``s_uuid``) in the form blkid and dumpe2fs print."""
+        return str(_uuid.UUID(bytes=bytes(self.sb.s_uuid)))
 
     @locked
     def flush(self) -> None:
