@@ -10,6 +10,10 @@ On-disk result is plain ext2 revision 1 with 4 KiB blocks, as ``mkfs.ext2 -b 409
 makes it (plus ``sparse_super`` with more than one group, ``large_file`` once a file passes 2 GiB), so e2fsck,
 debugfs and the kernel read what we write. Everything goes through the byte-addressed ``BlockDevice`` protocol.
 
+By inode number, for tools that start from blocks (the driver's ``container diff --blocks``): ``inode_stat``,
+``inode_blocks``, ``dir_entries_by_ino``, ``inode_table_blocks``; the geometry as read-only properties
+``block_size``, ``inode_size``, ``first_ino`` and ``uuid``.
+
 Consistency: metadata (inodes, directories, indirect blocks, bitmaps, descriptors, superblock) is written back by
 :meth:`Filesystem.flush`, which then calls ``device.flush()`` (on a thin device that commits the pool); file data is
 written to the device immediately. Every operation first checks it has the blocks and inodes it needs, so a full file
