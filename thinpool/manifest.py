@@ -193,6 +193,39 @@ def _device(e: Any, key: str, bad: Any) -> dict[str, Any]:
     return out
 
 
+def validate_changed(m: dict[str, Any], keys: Any, path: str, pool: str = "POOL") -> dict[str, Any]:
+    """``m`` with only its top-level fields and the device entries ``keys`` checked (as ``validate`` does), for a
+    manifest whose other entries were validated before (an update of a validated manifest): O(changed entries),
+    plus one pass over the names when a changed entry has one. Returns a new dict sharing the unchanged entries.
+    Raises ManifestError."""
+
+    def bad(reason: str) -> ManifestError:
+        return ManifestError(path=path, reason=reason, pool=pool)
+
+    head = validate({k: v for k, v in m.items() if k != "devices"} | {"devices": {}}, path, pool)
+    devs = m.get("devices")
+    if not isinstance(devs, dict):
+        raise bad("devices is missing or not an object")
+    out_devs = dict(devs)
+    named = {}
+    for key in keys:
+        if key not in devs:
+            continue
+        if not (isinstance(key, str) and key.isdigit() and str(int(key)) == key and int(key) <= MAX_DEV_ID):
+            raise bad(f"device key {key!r} is not a device id 0..{MAX_DEV_ID}")
+        out_devs[key] = _device(devs[key], key, bad)
+        if out_devs[key]["name"] is not None:
+            named[out_devs[key]["name"]] = key
+    if named:
+        for key, e in out_devs.items():
+            other = named.get(e["name"]) if e["name"] is not None else None
+            if other is not None and other != key:
+                raise bad(f"devices {min(key, other, key=int)} and {max(key, other, key=int)} have the same "
+                          f"name {e['name']!r}")
+    head["devices"] = out_devs
+    return head
+
+
 def reconcile(m: dict[str, Any], *, device_ids: list[int], trans_id: int, path: str,
               pool: str = "POOL") -> dict[str, Any]:
     """The manifest as it goes with metadata at ``trans_id`` holding ``device_ids`` (see the module docstring):
@@ -241,15 +274,17 @@ def read_manifest(pool_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return validate(m, path, str(d))
 
 
-def write_manifest(pool_dir: str | os.PathLike[str], m: dict[str, Any]) -> None:
-    """Validate ``m`` and replace ``pool_dir/pool.json`` atomically and durably (unique temp file, fsync, rename,
-    directory fsync). A failure leaves the old manifest in place. Raises ManifestError (invalid ``m``: a bug),
-    StoreIOError / HostNoSpace (the host filesystem)."""
+def write_manifest(pool_dir: str | os.PathLike[str], m: dict[str, Any], *, validated: bool = False) -> None:
+    """Validate ``m`` (unless the caller just did: ``validated``) and replace ``pool_dir/pool.json`` atomically
+    and durably (unique temp file, fsync, rename, directory fsync). A failure leaves the old manifest in place.
+    The JSON is compact (one line, keys in insertion order): the C encoder writes it ~10x faster than indented
+    output, which matters with thousands of devices. Raises ManifestError (invalid ``m``: a bug), StoreIOError /
+    HostNoSpace (the host filesystem)."""
     from thinpool.errors import HostNoSpace, StoreIOError
 
     d = Path(pool_dir)
-    good = validate(m, str(d / MANIFEST), str(d))
-    data = json.dumps(good, indent=2, sort_keys=True).encode() + b"\n"
+    good = m if validated else validate(m, str(d / MANIFEST), str(d))
+    data = json.dumps(good, separators=(",", ":")).encode() + b"\n"
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=d, prefix="." + MANIFEST + ".", suffix=".tmp")

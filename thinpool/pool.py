@@ -82,6 +82,7 @@ DISCARD_MODES = mf.DISCARD_MODES
 NO_SPACE_POLICIES = mf.NO_SPACE_POLICIES
 POOL_FILES = ("metadata", "data", MANIFEST)
 LOCK_MODES = ("exclusive", "shared", "none")
+PASSDOWN_MAX_BYTES = 64 << 20  # the longest single punch of a passdown (bounds a written-zeros fallback's buffer)
 QUEUE_POLL_S = 0.5  # how often a queued write looks for a data file grown by another process
 
 
@@ -220,9 +221,9 @@ def lock_pool_dir(path: str | os.PathLike[str], mode: str = "exclusive") -> int 
     return fd
 
 
-def _write_manifest(p: Path, manifest: dict[str, Any]) -> None:
+def _write_manifest(p: Path, manifest: dict[str, Any], *, validated: bool = False) -> None:
     """The one call through which the pool writes pool.json (tests patch it to crash in between)."""
-    mf.write_manifest(p, manifest)
+    mf.write_manifest(p, manifest, validated=validated)
 
 
 class Pool:
@@ -698,14 +699,19 @@ class Pool:
         tid = old_tid + 1 if new_tid is None else new_tid
         if not 0 <= tid <= mf.MAX_TRANSACTION_ID:
             raise InvalidArgument(reason=f"transaction id {tid} is out of range (0..2^64-1)")
-        union = dict(self.manifest["devices"])
+        cur = self.manifest["devices"]
+        # only the entries that changed are validated again (the rest were, at open or at their own change), so a
+        # change costs O(changed entries) in validation, not O(devices)
+        changed = [k for k, v in new_devices.items() if cur.get(k) is not v]
+        union = dict(cur)
         union.update(new_devices)
         pending = dict(self.manifest, devices=union, transaction_id=tid, previous_transaction_id=old_tid)
         final = {k: v for k, v in self.manifest.items() if k != "previous_transaction_id"}
         final = dict(final, devices=new_devices, transaction_id=tid)
-        pending = mf.validate(pending, str(self.path / MANIFEST), str(self.path))
-        final = mf.validate(final, str(self.path / MANIFEST), str(self.path))
-        _write_manifest(self.path, pending)
+        path, pool = str(self.path / MANIFEST), str(self.path)
+        pending = mf.validate_changed(pending, changed, path, pool)
+        final = mf.validate_changed(final, changed, path, pool)
+        _write_manifest(self.path, pending, validated=True)
         try:
             if md_op is not None:
                 self._guard_metadata(md_op)
@@ -720,7 +726,7 @@ class Pool:
         self.manifest = dict(pending)  # what is on disk now; the commit makes the metadata match it
         self.commit()
         self.manifest = final
-        _write_manifest(self.path, final)
+        _write_manifest(self.path, final, validated=True)
 
     def create_thin(self, dev_id: int, size: int, *, name: str | None = None, origin: str | None = None,
                     keep_transaction_id: bool = False) -> ThinDevice:
@@ -1063,17 +1069,28 @@ class Pool:
                 raise
             self.stats["commits"] += 1
             self._last_commit = _time.monotonic()
-            if self.discard_mode == "passdown":
-                for b in sorted(freed):
-                    if self.md.data_sm.count(b) == 0:
-                        # the commit is durable: a failing punch must not make it look failed (the blocks are free
-                        # in the metadata either way; their old bytes stay in the data file), as dm-thin only
-                        # logs a failed passdown
-                        try:
-                            self.data.punch(b * self.chunk_bytes, self.chunk_bytes)
-                        except StoreIOError as e:
-                            log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
-                            break
+            if self.discard_mode == "passdown" and freed:
+                self._passdown(freed)
+
+    def _passdown(self, freed: Any) -> None:
+        """Punch the data blocks the last commit freed (``PoolMetadata.commit`` returns only blocks whose count is
+        0 after it, and nothing can change them under the pool lock), merged into runs of consecutive blocks:
+        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy over the sorted blocks, so a
+        delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
+        durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
+        their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
+        blocks = np.fromiter(freed, dtype=np.int64, count=len(freed))
+        blocks.sort()
+        starts, ends = block_runs(blocks)
+        ch = self.chunk_bytes
+        step = max(1, PASSDOWN_MAX_BYTES // ch)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            for lo in range(a, b, step):
+                try:
+                    self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
+                except StoreIOError as e:
+                    log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                    return
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""
@@ -1122,6 +1139,16 @@ class Pool:
     def devices(self) -> Iterator[ThinDevice]:
         for d in self.list_devices():
             yield ThinDevice(self, d)
+
+
+def block_runs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of consecutive values in sorted, unique ``blocks``: (starts, ends), ends exclusive."""
+    if not len(blocks):
+        return blocks[:0], blocks[:0]
+    cuts = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = blocks[np.concatenate([[0], cuts])]
+    ends = blocks[np.concatenate([cuts - 1, [len(blocks) - 1]])] + 1
+    return starts, ends
 
 
 def _snapshot_manifest(m: dict[str, Any], md: PoolMetadata, chunk: int) -> dict[str, Any]:

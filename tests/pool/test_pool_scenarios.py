@@ -758,11 +758,11 @@ def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: py
     calls = []
     real = pool_mod._write_manifest
 
-    def write_manifest(p: Path, m: dict) -> None:
+    def write_manifest(p: Path, m: dict, **kw: object) -> None:
         calls.append(m)
         if (crash_at == "pending manifest write") == (len(calls) == 1):
             raise Crash()
-        real(p, m)
+        real(p, m, **kw)
 
     def tm_commit(*a: object, **k: object) -> None:
         raise Crash()  # power lost before the superblock write: the old one stays on disk
