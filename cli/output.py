@@ -26,7 +26,7 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=click.get_text_stream("stdout"), soft_wrap=True,
+    console = Console(file=sys.stdout, soft_wrap=True,
                       width=None if sys.stdout.isatty() else 200)
     t = Table(title=title, box=box.SIMPLE_HEAD if console.is_terminal else box.ASCII2, title_justify="left")
     for c in columns:

@@ -6,6 +6,7 @@ Layer: cli. May import: click, thinpool (the library only inside the commands).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -287,7 +288,7 @@ def _image_fd(image: str) -> Iterator[tuple[int, int]]:
         finally:
             os.close(fd)
         return
-    src = click.get_binary_stream("stdin")
+    src = sys.stdin.buffer
     with tempfile.TemporaryFile() as tmp:
         size = 0
         while True:
@@ -432,7 +433,7 @@ def thin_export(ref: str, image: str, force: bool, pool_path: str | None, as_jso
 
 def _export_stdout(ref: str, pool_path: str | None) -> None:
     """The whole device to stdout (holes as zeros), refusing a terminal."""
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     if out.isatty():
         raise click.UsageError("refusing to write a binary image to a terminal: redirect stdout or give a file")
     with open_pool(pool_path, readonly=True) as p:

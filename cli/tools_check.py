@@ -39,15 +39,23 @@ def _step(section: str) -> int:
 @click.option("--ignore-non-fatal-errors", is_flag=True, help="Leaked blocks do not fail the check.")
 @click.option("--clear-needs-check-flag", is_flag=True, help="Clear NEEDS_CHECK when the check passes.")
 @click.option("-m", "--metadata-snap", is_flag=True, help="Check through the held metadata snapshot.")
+@click.option("--auto-repair", is_flag=True,
+              help="Repair leaked blocks (space map counts above the references found), then check again; refused "
+                   "when the metadata has any other error.")
 @json_option
 def check(target: str | None, pool_path: str | None, quiet: bool, super_block_only: bool, skip_mappings: bool,
-          ignore_non_fatal_errors: bool, clear_needs_check_flag: bool, metadata_snap: bool, as_json: bool) -> None:
+          ignore_non_fatal_errors: bool, clear_needs_check_flag: bool, metadata_snap: bool, auto_repair: bool,
+          as_json: bool) -> None:
     """Check metadata like thin_check: exit 0 when consistent, 1 when not.
 
     Prints thin_check's steps on stderr and TRANSACTION_ID= / METADATA_FREE_BLOCKS= on stdout (as thin_check
     0.9.0, METADATA_FREE_BLOCKS is the metadata device's blocks minus the superblock; --json gives the real count).
 
-    Example: thinpool check mypool   (or: thinpool check mypool/metadata)
+    --auto-repair (as thin_check 1.x) lowers the count of every leaked block, data and metadata, to the
+    references found, in one transaction, then checks again; with any error other than leaks it refuses (exit 1)
+    and changes nothing.
+
+    Example: thinpool check mypool   (or: thinpool check mypool/metadata; thinpool check --auto-repair mypool)
     """
     from thinpool.errors import ThinpoolError
     from thinpool.io.block_store import FileBlockStore
@@ -55,6 +63,14 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
     from thinpool.metadata.pool_metadata import PoolMetadata
 
     path = metadata_path(target or pool_path)
+    if auto_repair:
+        for flag, given in (("-m", metadata_snap), ("--super-block-only", super_block_only),
+                            ("--skip-mappings", skip_mappings)):
+            if given:
+                raise click.UsageError(f"--auto-repair checks everything: it cannot be combined with {flag}")
+        _auto_repair(target or pool_path or path, path, quiet, ignore_non_fatal_errors, clear_needs_check_flag,
+                     as_json)
+        return
     if metadata_snap:
         require_metadata_snap(path)
     store = FileBlockStore(path, readonly=True)
@@ -85,6 +101,61 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
         raise click.exceptions.Exit(1)
 
 
+def _auto_repair(target: str, path: str, quiet: bool, ignore_non_fatal_errors: bool, clear_needs_check_flag: bool,
+                 as_json: bool) -> None:
+    """check --auto-repair under the pool's lock: the check's output, a line saying what was repaired, and the
+    re-check's output; a refusal prints the check's output and raises (nothing written)."""
+    from thinpool.errors import LeakRepairRefused, ThinpoolError
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.check import repair_leaks
+    from thinpool.metadata.pool_metadata import PoolMetadata
+    from thinpool.pool import lock_pool_dir
+
+    lock_fd = lock_pool_dir(target) if is_pool_dir(target) else None
+    try:
+        store = FileBlockStore(path)
+        try:
+            try:  # the same work estimate as a plain check (about 250 mappings per allocated metadata block)
+                work = PoolMetadata.read_superblock(store).metadata_sm_root.nr_allocated * 250
+            except ThinpoolError:
+                work = 0
+            with busy("checking metadata", work):
+                try:
+                    res = repair_leaks(store, name=path)
+                except LeakRepairRefused as e:
+                    if not quiet and not as_json:  # the check's findings, then the one-line refusal
+                        _print_check(e.report, e.report.problems, 3, store.nr_blocks, False)
+                    raise
+            nr_blocks = store.nr_blocks
+        finally:
+            store.close()
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    after = res.after
+    failed = bool(after.errors) or (not ignore_non_fatal_errors and bool(after.leaks))
+    cleared = False
+    if clear_needs_check_flag and not failed and after.needs_check:
+        _clear_needs_check(target, path)
+        cleared = True
+    repaired = {"data_blocks": res.data_blocks, "metadata_blocks": res.metadata_blocks,
+                "data_blocks_freed": res.data_freed, "metadata_blocks_freed": res.metadata_freed}
+    if as_json:
+        out = _check_json(after, after.problems, failed, cleared)
+        out["repaired"] = repaired
+        out["leaks_before"] = [_problem(p) for p in res.before.leaks]
+        echo_json(out)
+    elif not quiet:
+        if res.before.leaks:
+            _print_check(res.before, res.before.problems, 3, nr_blocks, False, kv=False)
+            sys.stderr.write(f"repairing leaks: lowered the counts of {res.data_blocks} data block(s) "
+                             f"({res.data_freed} now free) and {res.metadata_blocks} metadata block(s) "
+                             f"({res.metadata_freed} now free)\n")
+        _print_check(after, after.problems, 3, nr_blocks, cleared)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 def _check_json(report: Any, problems: list[Any], failed: bool, cleared: bool) -> dict[str, Any]:
     return {"ok": not failed, "transaction_id": report.transaction_id, "needs_check": report.needs_check,
             "needs_check_cleared": cleared, "metadata_blocks": report.metadata_blocks,
@@ -95,7 +166,8 @@ def _check_json(report: Any, problems: list[Any], failed: bool, cleared: bool) -
             "warnings": [_problem(p) for p in problems if p.warning]}
 
 
-def _print_check(report: Any, problems: list[Any], last_step: int, nr_blocks: int, cleared: bool) -> None:
+def _print_check(report: Any, problems: list[Any], last_step: int, nr_blocks: int, cleared: bool, *,
+                 kv: bool = True) -> None:
     """thin_check 0.9.0's layout: steps on stderr with their problems indented, the two KEY=VALUE lines on stdout
     once the superblock is good, and no further steps after one that found errors."""
     err = sys.stderr
@@ -105,7 +177,7 @@ def _print_check(report: Any, problems: list[Any], last_step: int, nr_blocks: in
         for p in here:
             tag = "(warning) " if p.warning else "(leak) " if not p.fatal else ""
             err.write(f"  {tag}{p}\n")
-        if i == 0 and not here:
+        if i == 0 and not here and kv:
             click.echo(f"TRANSACTION_ID={report.transaction_id}")
             click.echo(f"METADATA_FREE_BLOCKS={max(nr_blocks - 1, 0)}")
         if any(p.fatal for p in here):

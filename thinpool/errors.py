@@ -371,3 +371,13 @@ class PoolLowOnSpace(NoSpace):
 
     message = ("Thin Pool has {free} free {kind} blocks which is less than minimum required {minimum} free {kind} "
                "blocks. Create more free space in thin pool or use --min-free-space to change behavior")
+
+
+# --- check --auto-repair (helper repair) ------------------------------------------------------------------------
+class LeakRepairRefused(MetadataError):
+    """``check --auto-repair`` repairs leaked blocks only; any other error refuses it (nothing is changed)."""
+
+    message = ("{path}: not repairing: the metadata has {count} error(s) besides leaked blocks (first: {first}); "
+               "use `thinpool pool repair` to salvage it into new metadata")
+    exit_code = 1
+    report: Any  # the check's CheckReport (thinpool.metadata.check), for the CLI to print its findings

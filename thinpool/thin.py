@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from thinpool.errors import InvalidArgument, NoMetadataSpace
-from thinpool.io.device import check_bounds
+from thinpool.io.device import check_bounds, zero_fill
 
 if TYPE_CHECKING:
     from thinpool.pool import Pool
+
+
+_SCRATCH_MAX_BYTES = 4 << 20  # read() gathers scattered pieces of reads up to this size in a kept buffer
 
 
 class ThinDevice:
@@ -39,6 +42,7 @@ class ThinDevice:
         self.dev_id = dev_id
         self.chunk = pool.chunk_bytes
         self.md = pool.md.device(dev_id)
+        self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
 
     def __repr__(self) -> str:
         return f"ThinDevice(dev_id={self.dev_id}, size={self.size})"
@@ -53,52 +57,115 @@ class ThinDevice:
 
     # --- reading ----------------------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        check_bounds(self.size, offset, length)
-        if length == 0:
+        """The bytes of [offset, offset+length). One range lookup; a range that is one physically contiguous run
+        (or one hole) is a single pread (or one zeroed allocation) with no further copy."""
+        pool = self.pool
+        size = pool.device_size(self.dev_id)
+        if offset < 0 or length <= 0 or offset + length > size:
+            check_bounds(size, offset, length)
             return b""
-        with self.pool.lock:
+        ch = self.chunk
+        first = offset // ch
+        with pool.lock:
+            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup, one pread
+                m = self.md.find_block(first)
+                if m is None:
+                    return self._unprovisioned(offset, length)
+                return pool.data.pread(m[0] * ch + offset - first * ch, length)
             return self._read(offset, length)
 
-    def _read(self, offset: int, length: int) -> bytes:
-        pool, md, ch = self.pool, self.md, self.chunk
-        first, last = offset // ch, (offset + length - 1) // ch
-        if first == last:
-            m = md.find_block(first)
-            o = offset - first * ch
-            if m is None:
-                return self._unprovisioned(first, o, length)
-            return pool.data.pread(m[0] * ch + o, length)
-        out = bytearray(length)
-        k, d, _ = md.find_mapped_range(first, last + 1)
-        mapped = dict(zip(k.tolist(), d.tolist()))
-        pos = offset
-        end = offset + length
-        while pos < end:
-            c = pos // ch
-            o = pos - c * ch
-            n = min(ch - o, end - pos)
-            db = mapped.get(c)
-            if db is None:
-                piece = self._unprovisioned(c, o, n)
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
+        """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (zero-copy: preads into slices of it, holes
+        zeroed in place). Returns the number of bytes read (always ``len(buf)``)."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        check_bounds(self.size, offset, length)
+        if not length:
+            return 0
+        ch = self.chunk
+        first = offset // ch
+        with self.pool.lock:
+            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup
+                m = self.md.find_block(first)
+                plan = [[0, length, -1 if m is None else m[0] * ch + offset - first * ch]]
             else:
-                # coalesce a run of physically contiguous chunks into one pread
-                run = 1
-                while pos + n < end and mapped.get(c + run) == db + run:
-                    n2 = min(ch, end - (pos + n))
-                    n += n2
-                    run += 1
-                piece = pool.data.pread(db * ch + o, n)
-            out[pos - offset:pos - offset + n] = piece
-            pos += n
-        return bytes(out)
+                plan = self._plan(offset, length)
+            self._fill(view, offset, plan)
+        return length
 
-    def _unprovisioned(self, c: int, o: int, n: int) -> bytes:
+    def _read(self, offset: int, length: int) -> bytes:
+        ch = self.chunk
+        plan = self._plan(offset, length)
+        if len(plan) == 1:
+            file_off = plan[0][2]
+            if file_off < 0:
+                return self._unprovisioned(offset, length)
+            return self.pool.data.pread(file_off, length)
+        # pieces from several places: gathered in a buffer kept by the device (a fresh one would be zeroed, then
+        # page-faulted in, on every read: glibc gives large freed blocks back to the kernel), then one copy out
+        if length > _SCRATCH_MAX_BYTES:
+            out = bytearray(length)
+            self._fill(memoryview(out), offset, plan)
+            return bytes(out)
+        scratch = self._scratch
+        if scratch is None or len(scratch) < length:
+            scratch = self._scratch = bytearray(max(length, ch))
+        with memoryview(scratch) as mv, mv[:length] as view:
+            self._fill(view, offset, plan)
+            return bytes(view)
+
+    def _plan(self, offset: int, length: int) -> list[list[int]]:
+        """[buffer offset, length, data file offset or -1 (unprovisioned)] pieces covering [offset, offset+length),
+        from one range lookup; physically contiguous mapped chunks (and adjacent holes) are merged into one piece."""
+        ch = self.chunk
+        end = offset + length
+        first, last = offset // ch, (end - 1) // ch
+        k, d, _ = self.md.find_mapped_range(first, last + 1)
+        thin_blocks, data_blocks = k.tolist(), d.tolist()
+        nr = len(data_blocks)
+        if not nr:
+            return [[0, length, -1]]
+        d0 = data_blocks[0]
+        if (nr == last - first + 1 and data_blocks[-1] - d0 == nr - 1
+                and (nr < 3 or data_blocks == list(range(d0, d0 + nr)))):  # one contiguous run: one pread
+            return [[0, length, d0 * ch + offset - first * ch]]
+        plan: list[list[int]] = []
+        pos = offset
+        for c, db in zip(thin_blocks, data_blocks):
+            cs = c * ch
+            if cs > pos:
+                plan.append([pos - offset, cs - pos, -1])
+                pos = cs
+            n = min(cs + ch, end) - pos
+            file_off = db * ch + pos - cs
+            if plan and (last := plan[-1])[2] >= 0 and last[2] + last[1] == file_off:
+                last[1] += n
+            else:
+                plan.append([pos - offset, n, file_off])
+            pos += n
+        if pos < end:
+            plan.append([pos - offset, end - pos, -1])
+        return plan
+
+    def _fill(self, view: memoryview, offset: int, plan: list[list[int]]) -> None:
+        data = self.pool.data
+        for boff, n, file_off in plan:
+            piece = view[boff:boff + n]
+            if file_off >= 0:
+                data.preadinto(file_off, piece)
+                continue
+            origin = self.pool.external_origin(self.dev_id)
+            if origin is None:
+                zero_fill(piece)
+            else:
+                piece[:] = origin.read_at(offset + boff, n)
+
+    def _unprovisioned(self, start: int, n: int) -> bytes:
+        """The bytes of unprovisioned [start, start+n): zeros, or the external origin's bytes."""
         origin = self.pool.external_origin(self.dev_id)
         if origin is None:
             return bytes(n)
-        start = c * self.chunk + o
-        data = origin.read_at(start, n)
-        return data
+        return origin.read_at(start, n)
 
     def mapped_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
         """Byte ranges holding data (provisioned chunks, plus the external origin's extent), merged."""
@@ -399,7 +466,7 @@ class ThinFile(io.RawIOBase):
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         n = max(0, min(len(b), self.dev.size - self.pos))
         if n:
-            memoryview(b)[:n] = self.dev.read(self.pos, n)
+            self.dev.readinto(self.pos, memoryview(b).cast("B")[:n])
             self.pos += n
         return n
 

@@ -16,10 +16,9 @@ common case: a fresh sparse file, or a chunk punched by discard passdown) costs 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
+from typing import Any
 
 from thinpool.errors import HostNoSpace, StoreIOError
 from thinpool.io.block_store import _io_error
@@ -27,13 +26,28 @@ from thinpool.io.safe_open import open_pool_file
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate: Any = None  # libc's fallocate, loaded at the first punch (ctypes.util.find_library spawns ldconfig)
+
+
+def _load_fallocate() -> Any:
+    global _fallocate
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    f = libc.fallocate
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    _fallocate = f
+    return f
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate [offset, offset+length) of a file (reads return zeros). False where unsupported."""
-    r: int = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    r: int = (_fallocate or _load_fallocate())(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     return r == 0
 
 
@@ -92,6 +106,23 @@ class DataStore:
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``offset`` straight into ``view`` (a writable byte buffer); bytes past the
+        end of the file read as zeros."""
+        length = len(view)
+        done = 0
+        try:
+            while done < length:
+                n = os.preadv(self.fd, [view[done:] if done else view], offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as e:
+            raise StoreIOError(what=self.path, op="read", reason=e.strerror or str(e)) from e
+        self.bytes_read += length
+        if done < length:
+            view[done:] = bytes(length - done)
 
     def _mark_dirty(self, start: int, end: int) -> None:
         d = self.dirty

@@ -44,6 +44,24 @@ def check_bounds(size: int, offset: int, length: int) -> None:
         raise OutOfBounds(offset=offset, length=length, size=size)
 
 
+_SMALL_ZEROS = bytes(4096)
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set a writable byte buffer to zeros in place (one memset; no temporary zero buffer for large ones)."""
+    n = len(view)
+    if n <= len(_SMALL_ZEROS):
+        view[:] = _SMALL_ZEROS[:n]
+        return
+    import ctypes  # here, not at import: start-up time
+
+    c = (ctypes.c_char * n).from_buffer(view)
+    try:
+        ctypes.memset(c, 0, n)
+    finally:
+        del c
+
+
 class MemoryDevice:
     """A device held in a bytearray (tests, development of the filesystem and servers)."""
 

@@ -2,6 +2,8 @@
 
 Layer: metadata. May import: errors, checksum, formats, io, btree.walk, spacemap, metadata.pool_metadata.
 
+``repair_leaks`` is `check --auto-repair`: it lowers over-counted (leaked) blocks to the counts the walk found.
+
 Walks everything reachable from the superblock without trusting the space maps, validating every node (checksum,
 self block number, flags, value size, max_entries, nr_entries, key order, one-third fill for non-roots, parent key
 <= first child key, leaf key order across a tree, cycles), then recomputes the metadata and data reference counts
@@ -63,6 +65,10 @@ class CheckReport:
     devices: int = 0
     mappings: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # every over-counted block (not capped like the problems): (block, count in the space map, references found),
+    # in block order; what --auto-repair lowers the counts to
+    leaked_data: list[tuple[int, int, int]] = field(default_factory=list)
+    leaked_metadata: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -351,6 +357,7 @@ def _stream_data_sm(w: _Walker, root: SmRoot, refs: tuple[np.ndarray, np.ndarray
             b = lo + j
             if counts[j] > expected[j]:
                 leaks += 1
+                w.report.leaked_data.append((b, int(counts[j]), int(expected[j])))
                 if leaks <= 10:
                     cmp_problems.append((f"data block {b} leaked: space map says {counts[j]}, expected {expected[j]}",
                                          None, False))
@@ -385,6 +392,8 @@ def _compare(w: _Walker, kind: str, stored: np.ndarray | None, expected: np.ndar
     for b in diff.tolist():
         if stored[b] > expected[b]:
             leaks += 1
+            (w.report.leaked_metadata if kind == "metadata" else w.report.leaked_data).append(
+                (b, int(stored[b]), int(expected[b])))
             if leaks <= 10:
                 w.problem(f"{kind} block {b} leaked: space map says {stored[b]}, expected {expected[b]}",
                           b if kind == "metadata" else None, fatal=False)
@@ -568,3 +577,55 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"  {tag}{p}")
     return "\n".join(lines)
 
+
+
+@dataclass
+class LeakRepair:
+    """What ``repair_leaks`` did: the check before, the re-check after, and how many counts it lowered."""
+
+    before: CheckReport
+    after: CheckReport
+    data_blocks: int = 0  # data blocks whose count was lowered
+    metadata_blocks: int = 0
+    data_freed: int = 0  # of those, blocks whose count dropped to 0
+    metadata_freed: int = 0
+
+
+def repair_leaks(store: BlockStore, *, name: str = "metadata") -> LeakRepair:
+    """thin_check 1.x's --auto-repair: check ``store``; if the only problems are leaked blocks (a space map count
+    higher than the references the walk found), lower every such count, data and metadata, to what the walk found,
+    in one transaction, then check again. Any other error raises LeakRepairRefused and nothing is written.
+    The caller holds the pool's lock; ``store`` must be writable and stays open."""
+    from thinpool.errors import LeakRepairRefused
+
+    before = check_metadata(store)
+    if before.errors:
+        first = before.errors[0]
+        raise LeakRepairRefused(path=name, count=len(before.errors), first=str(first), report=before)
+    result = LeakRepair(before, before)
+    if not before.leaked_data and not before.leaked_metadata:
+        return result
+    md = PoolMetadata.open(store, allow_needs_check=True)
+    try:
+        for leaks, sm in ((before.leaked_data, md.data_sm), (before.leaked_metadata, md.meta_disk.core)):
+            if not leaks:
+                continue
+            arr = np.array(leaks, dtype=np.int64)
+            blocks, stored, expected = arr[:, 0], arr[:, 1], arr[:, 2]
+            now = np.array([sm.count(int(b)) for b in blocks], dtype=np.int64)
+            if (now != stored).any():  # the space map the pool loads must be the one the checker read
+                b = int(blocks[np.argmax(now != stored)])
+                raise LeakRepairRefused(path=name, count=1, first=f"block {b}: count changed while checking",
+                                        report=before)
+            sm.dec_many(np.repeat(blocks, stored - expected))
+        md.commit()
+    except BaseException:
+        if not md.failed:
+            md.abort()
+        raise
+    result.data_blocks = len(before.leaked_data)
+    result.metadata_blocks = len(before.leaked_metadata)
+    result.data_freed = sum(1 for _, _, e in before.leaked_data if e == 0)
+    result.metadata_freed = sum(1 for _, _, e in before.leaked_metadata if e == 0)
+    result.after = check_metadata(store)
+    return result

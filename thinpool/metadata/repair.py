@@ -10,7 +10,9 @@ mappings to data blocks beyond the data device. Space maps are never read: ``dst
 salvaged device is rebuilt through ``PoolMetadata.build_device``, which recounts the data references; the metadata
 space map counts the new trees. Data blocks mapped by more than one device must be copied on the next write, so
 such devices get a snapshotted_time newer than every mapping (a damaged time could otherwise let a write
-overwrite shared data in place). The held metadata snapshot is not carried over.
+overwrite shared data in place). A readable held metadata snapshot is carried over: its devices and mappings
+are salvaged the same way and built first, the snapshot is taken, then the live devices that differ from it are
+rebuilt (an unchanged device keeps sharing its tree with the snapshot, as in the source).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class RepairReport:
     problems: list[str] = field(default_factory=list)
     transaction_id: int = 0
     data_blocks: int = 0
+    held_snapshot: bool = False  # a held metadata snapshot was carried over
+    held_devices: int = 0
+    held_mappings: int = 0
 
     def note(self, msg: str) -> None:
         if len(self.problems) < 200:
@@ -132,28 +137,20 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
     sb = _superblock(src, report)
     nr_data = nr_data_blocks or sb.data_sm_root.nr_blocks
     sal = _Salvager(src, report)
-    # devices: the top level of the mapping tree decides; details are used where readable
-    top_k, top_v = sal.walk(sb.data_mapping_root, 8, "mapping tree (top level)")
-    det_k, det_v = sal.walk(sb.device_details_root, 24, "device details")
-    details: dict[int, DeviceDetails] = {}
-    for k, v in zip(det_k.tolist(), det_v):
+    details, devices, max_mapped = _salvage(sal, sb, report, "")
+    held_sb: Superblock | None = None
+    held: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    held_details: dict[int, DeviceDetails] = {}
+    if sb.held_root:
         try:
-            details[int(k)] = parse_device_details(v)
-        except Exception:  # noqa: BLE001 - a 24-byte value always parses; be safe with damaged data
-            report.dropped_mappings += 1
-    devices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    max_mapped = -1
-    for dev, root in zip(top_k.tolist(), top_v):
-        if dev > MAX_DEV_ID:
-            report.note(f"device id {dev} out of range: dropped")
-            continue
-        k, v = sal.walk(int(root), 8, f"mapping tree of device {dev}")
-        vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
-        db = vals >> np.uint64(24)
-        t = vals & np.uint64(TIME_MASK)
-        devices[int(dev)] = (k, db, t)
-        if len(db):
-            max_mapped = max(max_mapped, int(db.max()))
+            if not 0 < sb.held_root < src.nr_blocks:
+                raise MetadataCorrupt(block=sb.held_root, reason="held root beyond the metadata device")
+            held_sb = PoolMetadata.read_superblock(src, sb.held_root)
+        except MetadataError as e:
+            report.note(f"metadata snapshot superblock: {e}: the snapshot is dropped")
+        if held_sb is not None:
+            held_details, held, held_max = _salvage(sal, held_sb, report, "metadata snapshot: ")
+            max_mapped = max(max_mapped, held_max)
     if not nr_data or nr_data > src.nr_blocks * 16320:
         report.note(f"data space map size {nr_data} implausible: using the highest mapped block")
         nr_data = max_mapped + 1
@@ -161,11 +158,13 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
     report.dropped_devices = sorted(set(details) - set(devices))
     # drop mappings beyond the data device, clamp times to the pool time
     pool_time = sb.time
-    for dev, (k, db, t) in list(devices.items()):
-        ok = db < np.uint64(nr_data)
-        report.dropped_mappings += int(np.count_nonzero(~ok))
-        t = np.minimum(t[ok], np.uint64(pool_time))
-        devices[dev] = (k[ok], db[ok], t)
+    held_time = min(held_sb.time, pool_time) if held_sb is not None else pool_time
+    for devs, limit in ((devices, pool_time), (held, held_time)):
+        for dev, (k, db, t) in list(devs.items()):
+            ok = db < np.uint64(nr_data)
+            report.dropped_mappings += int(np.count_nonzero(~ok))
+            t = np.minimum(t[ok], np.uint64(limit))
+            devs[dev] = (k[ok], db[ok], t)
     # shared data blocks: the next write by any device mapping one must copy it, so those devices get a
     # snapshotted_time newer than all their (clamped) mapping times
     all_db = np.concatenate([db for _, db, _ in devices.values()]) if devices else np.zeros(0, np.uint64)
@@ -181,16 +180,38 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
             raise MetadataCorrupt(block=0, reason="pool time at its 24-bit limit: cannot mark shared data safely")
         new_time = pool_time + 1
     md = PoolMetadata.format(dst, data_block_size=sb.data_block_size, nr_data_blocks=nr_data)
+    live_details = {dev: _details(details.get(dev), len(devices[dev][0]), sb, pool_time,
+                                  new_time if dev in sharers else None) for dev in devices}
+    kept: set[int] = set()
+    if held_sb is not None:
+        # the snapshot first (its own time and transaction id), then hold it
+        for dev in sorted(held):
+            k, db, t = held[dev]
+            md.build_device(dev, k, db, t, _details(held_details.get(dev), len(k), held_sb, held_time, None))
+            report.held_mappings += len(k)
+        md.time = held_time
+        md.trans_id = held_sb.trans_id
+        md.reserve_metadata_snap()
+        report.held_snapshot = True
+        report.held_devices = len(held)
+        # live devices equal to their snapshot copy keep the shared tree; the others are replaced
+        for dev in sorted(held):
+            same = dev in devices and all(np.array_equal(a, b) for a, b in zip(held[dev], devices[dev]))
+            if same:
+                kept.add(dev)
+                d = live_details[dev]
+                det = md.devices[dev]
+                if (det.mapped_blocks, det.transaction_id, det.creation_time, det.snapshotted_time) != \
+                        (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time):
+                    det.transaction_id, det.creation_time = d.transaction_id, d.creation_time
+                    det.snapshotted_time, det.changed = d.snapshotted_time, True
+            else:
+                md.delete_thin(dev)
     md.time = new_time
     for dev in sorted(devices):
         k, db, t = devices[dev]
-        d = details.get(dev)
-        creation = min(d.creation_time, pool_time) if d is not None else pool_time
-        snapped = min(d.snapshotted_time, pool_time) if d is not None else pool_time
-        if dev in sharers:
-            snapped = new_time
-        trans = d.transaction_id if d is not None else sb.trans_id
-        md.build_device(dev, k, db, t, DeviceDetails(len(k), trans, creation, snapped))
+        if dev not in kept:
+            md.build_device(dev, k, db, t, live_details[dev])
         report.mappings += len(k)
     md.trans_id = sb.trans_id
     md.commit()
@@ -225,3 +246,43 @@ def repair_file(src_path: str | os.PathLike[str], dst_path: str | os.PathLike[st
         src.close()
 
 
+
+
+def _details(d: DeviceDetails | None, mapped: int, sb: Superblock, pool_time: int,
+             snapped_override: int | None) -> DeviceDetails:
+    """A salvaged device's details: times clamped to the pool time, the superblock's transaction id when the
+    details were lost."""
+    creation = min(d.creation_time, pool_time) if d is not None else pool_time
+    snapped = min(d.snapshotted_time, pool_time) if d is not None else pool_time
+    if snapped_override is not None:
+        snapped = snapped_override
+    trans = d.transaction_id if d is not None else sb.trans_id
+    return DeviceDetails(mapped, trans, creation, snapped)
+
+
+def _salvage(sal: _Salvager, sb: Superblock, report: RepairReport, label: str
+             ) -> tuple[dict[int, DeviceDetails], dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
+    """Devices (details where readable; the top level of the mapping tree decides) and their mappings from the
+    trees of ``sb`` (the live superblock or the held snapshot's). Returns (details, devices, highest data block)."""
+    top_k, top_v = sal.walk(sb.data_mapping_root, 8, f"{label}mapping tree (top level)")
+    det_k, det_v = sal.walk(sb.device_details_root, 24, f"{label}device details")
+    details: dict[int, DeviceDetails] = {}
+    for k, v in zip(det_k.tolist(), det_v):
+        try:
+            details[int(k)] = parse_device_details(v)
+        except Exception:  # noqa: BLE001 - a 24-byte value always parses; be safe with damaged data
+            report.dropped_mappings += 1
+    devices: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    max_mapped = -1
+    for dev, root in zip(top_k.tolist(), top_v):
+        if dev > MAX_DEV_ID:
+            report.note(f"{label}device id {dev} out of range: dropped")
+            continue
+        k, v = sal.walk(int(root), 8, f"{label}mapping tree of device {dev}")
+        vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
+        db = vals >> np.uint64(24)
+        t = vals & np.uint64(TIME_MASK)
+        devices[int(dev)] = (k, db, t)
+        if len(db):
+            max_mapped = max(max_mapped, int(db.max()))
+    return details, devices, max_mapped

@@ -480,6 +480,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
         piece = self.opts.split_bytes
         server = self.server
         reserve = length if cmd == P.CMD_READ else 0
+        readinto = getattr(dev, "readinto", None)  # ThinDevice.readinto(offset, buf): no intermediate copy
 
         def work() -> bytearray | None:
             out = bytearray(length) if cmd == P.CMD_READ else None
@@ -493,10 +494,15 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                 n = min(piece, length - pos)
                 with lock:
                     if cmd == P.CMD_READ:
-                        got = dev.read(offset + pos, n)
-                        if len(got) != n:
-                            raise OSError(errno.EIO, f"device returned {len(got)} of {n} bytes")
-                        out[pos:pos + n] = got  # type: ignore[index]
+                        if readinto is not None:  # straight into the reply buffer
+                            got_n = readinto(offset + pos, memoryview(out)[pos:pos + n])  # type: ignore[arg-type]
+                        else:
+                            got = dev.read(offset + pos, n)
+                            got_n = len(got)
+                            if got_n == n:
+                                out[pos:pos + n] = got  # type: ignore[index]
+                        if got_n != n:
+                            raise OSError(errno.EIO, f"device returned {got_n} of {n} bytes")
                     elif cmd == P.CMD_TRIM:
                         dev.discard(offset + pos, n)
                     else:
