@@ -514,6 +514,8 @@ class Pool:
         try:
             if not self.readonly and not self.closed:
                 self.abort_command(exc if isinstance(exc, BaseException) else None)
+                if not self.md.needs_check:
+                    self._compact_manifest()  # the manifest as reloaded for the last commit: no journal at rest
         finally:
             self._release()
 
