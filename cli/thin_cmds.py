@@ -306,7 +306,7 @@ def _nonzero_chunks(fd: int, size: int, extents: list[tuple[int, int]], ch: int)
     """The chunks of the image that hold a non-zero byte (within its data extents)."""
     import numpy as np
 
-    out = []
+    out: list[int] = []
     for start, end in extents:
         for c in range(start // ch, -(-end // ch)):
             if not out or out[-1] != c:
@@ -364,7 +364,7 @@ def _data_extents(fd: int, size: int, image: str = "image") -> list[tuple[int, i
 
     from thinpool.errors import StoreIOError
 
-    out = []
+    out: list[tuple[int, int]] = []
     pos = 0
     while pos < size:
         try:
