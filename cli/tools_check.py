@@ -105,16 +105,21 @@ def _auto_repair(target: str, path: str, quiet: bool, ignore_non_fatal_errors: b
                  as_json: bool) -> None:
     """check --auto-repair under the pool's lock: the check's output, a line saying what was repaired, and the
     re-check's output; a refusal prints the check's output and raises (nothing written)."""
-    from thinpool.errors import LeakRepairRefused
+    from thinpool.errors import LeakRepairRefused, ThinpoolError
     from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.check import repair_leaks
+    from thinpool.metadata.pool_metadata import PoolMetadata
     from thinpool.pool import lock_pool_dir
 
     lock_fd = lock_pool_dir(target) if is_pool_dir(target) else None
     try:
         store = FileBlockStore(path)
         try:
-            with busy("checking metadata", 0):
+            try:  # the same work estimate as a plain check (about 250 mappings per allocated metadata block)
+                work = PoolMetadata.read_superblock(store).metadata_sm_root.nr_allocated * 250
+            except ThinpoolError:
+                work = 0
+            with busy("checking metadata", work):
                 try:
                     res = repair_leaks(store, name=path)
                 except LeakRepairRefused as e:

@@ -7,9 +7,9 @@ import struct
 
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
+from thinpool_cli.main import cli
 
 from thinpool.pool import Pool
-from thinpool_cli.main import cli
 
 
 def test_repair_salvages_a_pool_with_a_damaged_leaf(tmp_path) -> None:
@@ -42,3 +42,57 @@ def test_repair_refuses_in_place(tmp_path) -> None:
     assert r.exit_code == 1 and "in place" in r.output
     assert open(meta, "rb").read() == before
     assert os.path.exists(meta)
+
+
+def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
+    need_tool("thin_check", "thin_dump")
+    with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
+        a = pool.create_thin(1, 8 << 20)
+        a.write(0, b"A" * (1 << 20))
+        pool.create_snap(2, 1)
+        pool.md.reserve_metadata_snap()
+        a.write(1 << 20, b"C" * (1 << 20))
+        pool.delete_thin(2)
+    src = str(tmp_path / "p" / "metadata")
+    out = tmp_path / "repaired.bin"
+    r = CliRunner().invoke(cli, ["pool", "repair", str(tmp_path / "p"), str(out)])
+    assert r.exit_code == 0, r.output
+    assert run_tool("thin_check", str(out), check=False).returncode == 0
+    held = run_tool("thin_dump", "-m", str(out)).stdout
+    assert held == run_tool("thin_dump", "-m", src).stdout
+    assert 'dev_id="2" mapped_blocks="16"' in held
+    assert run_tool("thin_dump", str(out)).stdout == run_tool("thin_dump", src).stdout
+    assert CliRunner().invoke(cli, ["check", "-m", str(out)]).exit_code == 0
+
+
+def test_check_auto_repair_text_output_and_refusal(tmp_path) -> None:
+    need_tool("thin_check")
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+
+    with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
+        pool.create_thin(1, 8 << 20).write(0, b"A" * (1 << 20))
+        leaf = pool.md.device_root(1)
+    meta = tmp_path / "p" / "metadata"
+    md = PoolMetadata.open(FileBlockStore(meta))
+    md.data_sm.inc(700)
+    md.commit()
+    md.close()
+    r = CliRunner().invoke(cli, ["check", "--auto-repair", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    err = r.stderr
+    assert "(leak) data block 700 leaked: space map says 1, expected 0" in err
+    assert err.index("(leak)") < err.index("repairing leaks") < err.rindex("checking space map counts")
+    assert r.stdout.count("TRANSACTION_ID=") == 1
+    assert run_tool("thin_check", str(meta), check=False).returncode == 0
+    # now damage a leaf: refused, the check's findings printed, one error line, nothing changed
+    with open(meta, "r+b") as f:
+        f.seek(leaf * 4096 + 100)
+        f.write(struct.pack("<Q", 0xDEADBEEF))
+    before = meta.read_bytes()
+    r = CliRunner().invoke(cli, ["check", "--auto-repair", str(meta)])
+    assert r.exit_code == 1
+    assert "examining mapping tree" in r.stderr and "repairing leaks" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("thinpool: error: ")
+    assert "not repairing" in r.stderr and "pool repair" in r.stderr
+    assert meta.read_bytes() == before

@@ -11,9 +11,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import fuzz_images as f
 import pytest
 
-import fuzz_images as f
 from thinpool.errors import InvalidArgument, MetadataCorrupt
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.metadata.check import check_metadata, format_report
@@ -193,3 +193,91 @@ def test_repair_file_output_passes_thin_check(tmp_path: Path, images: dict) -> N
         assert r.returncode == 0, r.stdout + r.stderr
         r = subprocess.run([THIN_CHECK, str(src)], capture_output=True, text=True)
         assert r.returncode != 0
+
+
+# --- issue 16: the held metadata snapshot survives repair; check --auto-repair ----------------------------------
+def _snap_maps(store: MemoryBlockStore) -> dict:
+    md = PoolMetadata.open(store, readonly=True, use_metadata_snap=True)
+    return {dev: tuple(a.tobytes() for a in md.mappings(dev)) for dev in md.device_ids()}
+
+
+@pytest.mark.timeout(120)
+def test_repair_keeps_the_held_snapshot_of_every_image(images: dict) -> None:
+    held = [n for n, img in images.items() if PoolMetadata.read_superblock(f.store_of(img)).held_root]
+    assert held, "no image with a held metadata snapshot"
+    for name in held:
+        img = images[name]
+        dst, rep = do_repair(img)
+        assert rep.held_snapshot, name
+        assert _snap_maps(dst) == _snap_maps(f.store_of(img)), name
+        thin_check(dst)
+
+
+def _counts_of(store: MemoryBlockStore) -> tuple[list[int], list[int]]:
+    md = PoolMetadata.open(store, readonly=False, allow_needs_check=True)
+    return [md.data_sm.count(b) for b in range(md.data_sm.nr_blocks)], md.meta_disk.core.counts.tolist()
+
+
+@pytest.mark.timeout(300)
+def test_auto_repair_of_raised_counts_restores_every_count(images: dict) -> None:
+    from thinpool.metadata.check import repair_leaks
+    rng = random.Random(16)
+    names = [n for n in images if not n.startswith(("f6", "f7"))]
+    done = 0
+    for name in names:
+        store = f.store_of(images[name])
+        if not check_metadata(store).ok:
+            continue
+        data0, meta0 = _counts_of(store)
+        maps0 = f.full_read(images[name], rw=False).maps
+        md = PoolMetadata.open(store, allow_needs_check=True)
+        for _ in range(rng.randint(1, 40)):
+            b = rng.randrange(md.data_sm.nr_blocks)
+            md.data_sm.inc(b, rng.randint(1, 3))
+        for _ in range(rng.randint(0, 5)):
+            b = rng.randrange(md.meta_disk.core.nr_blocks)
+            md.meta_disk.core.inc(b)
+        md.commit()
+        assert not check_metadata(store).ok, name
+        res = repair_leaks(store)
+        assert res.after.ok, f"{name}:\n{format_report(res.after)}"
+        assert res.data_blocks >= 1
+        data1, meta1 = _counts_of(store)
+        assert data1 == data0, name
+        # the metadata counts differ only where the repair's own commit shadowed space map blocks
+        assert f.full_read(as_img(store), rw=False).maps == maps0, name
+        thin_check(store)
+        done += 1
+    assert done >= 3
+
+
+@pytest.mark.timeout(300)
+def test_auto_repair_of_fuzzed_images_refuses_or_passes(images: dict) -> None:
+    """Whatever the damage: auto-repair refuses with the metadata unchanged, or leaves metadata both checkers
+    accept."""
+    from thinpool.errors import LeakRepairRefused, ThinpoolError
+    from thinpool.metadata.check import repair_leaks
+    rng = random.Random(1616)
+    names = [n for n in images if not n.startswith(("f6", "f7"))]
+    cats = {n: f.catalogue(images[n]) for n in names}
+    refused = fixed = leaky = 0
+    for case in range(300 if LONG else 60):
+        n = rng.choice(names)
+        bad, b, desc, _ = f.mutate(images[n], cats[n], rng)
+        store = f.store_of(bad)
+        before = dict(store.blocks)
+        try:
+            res = repair_leaks(store)
+        except LeakRepairRefused:
+            assert store.blocks == before, f"case {case} {n} block {b} {desc}: refused but changed"
+            refused += 1
+            continue
+        except ThinpoolError as e:  # opening for the write failed before anything was written
+            assert store.blocks == before, f"case {case} {n} block {b} {desc}: {e} after writing"
+            refused += 1
+            continue
+        assert res.after.ok, f"case {case} {n} block {b} {desc}:\n{format_report(res.after)}"
+        fixed += 1
+        leaky += bool(res.data_blocks or res.metadata_blocks)
+    print(f"\n[auto-repair] fuzzed images: refused {refused}, passed {fixed} (of which {leaky} had leaks fixed)")
+    assert refused and fixed
