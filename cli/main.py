@@ -39,7 +39,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("thinpool_cli.quickstart", "quickstart", "A demo pool in ./thinpool-demo: snapshots, CoW, maps."),
     "fs": ("thinpool_cli.fs_cmds", "fs", "An ext2 filesystem on a thin device (mkfs, ls, put, get, ...)."),
     "serve": ("thinpool_cli.serve_cmds", "serve", "Serve thin devices over NBD."),
-    "mount": ("thinpool_cli.serve_cmds", "mount", "Export thin devices as files through FUSE."),
+    "mount": ("thinpool_cli.mount_cmds", "mount", "Export thin devices as files through FUSE."),
     "bench": ("thinpool_cli.bench_cmds", "bench", "Measure thinpool against raw files, qcow2 and friends."),
     "metadata-size": ("thinpool_cli.metasize_cmds", "metadata_size",
                       "Estimate the metadata size for a pool, like thin_metadata_size."),
