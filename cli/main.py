@@ -122,10 +122,10 @@ class ThinpoolGroup(click.Group):
                 raise click.exceptions.Exit(1)
         except KeyboardInterrupt:
             click.echo("thinpool: interrupted", err=True)
-            raise click.exceptions.Exit(130)
+            raise click.exceptions.Exit(130) from None
         except OSError as e:
             if e.errno == errno.EPIPE:
-                raise click.exceptions.Exit(1)
+                raise click.exceptions.Exit(1) from None
             where = f"{e.filename}: " if e.filename else ""
             report_error(f"{where}{e.strerror or e}", 1)
 
