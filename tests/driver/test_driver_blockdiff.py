@@ -61,3 +61,81 @@ def test_block_diff_agrees_with_naive_diff_on_content(tmp_path: Path) -> None:
         from thinpool.driver.blockdiff import changed_blocks
 
         assert changed_blocks(d.containers, d.containers.get("idle"), 4096) == set()
+
+
+def test_block_diff_renames_replacements_and_nested_trees(tmp_path: Path) -> None:
+    """Directory entries compared by inode number: a rename is D + A, a file replaced by another inode is C, a new
+    tree below an existing directory is reported whole; odd names come through unchanged."""
+    pool = tmp_path / "pool"
+    ok("pool", "create", pool, "--size", "256M", pool=pool)
+    ok("driver", "init", "--base-size", "64M", pool=pool)
+    layer = tar_bytes([("d", "etc"), ("f", "etc/conf", b"a=1\n"), ("f", "etc/keep", b"k"), ("d", "srv"),
+                       ("f", "srv/app", b"v1" * 3000), ("d", "var"), ("f", "var/log", b"l")])
+    ok("image", "load", oci_layout(tmp_path / "img", [layer]), pool=pool)
+    ok("container", "create", "img", "--name", "box", pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        with mounted(ds, "box", write=True) as fs:
+            fs.rename("/rootfs/etc/conf", "/rootfs/etc/conf.old")              # same inode, new name
+            fs.write_file("/rootfs/srv/app.tmp", b"v2" * 3000)                 # replaced by another inode
+            fs.rename("/rootfs/srv/app.tmp", "/rootfs/srv/app")
+            fs.mkdir("/rootfs/var/cache/deep/er", parents=True)                # nested tree in an existing dir
+            fs.write_file("/rootfs/var/cache/deep/er/f", b"f")
+            fs.write_file("/rootfs/var/ünï côde", b"u")
+    naive = ok("container", "diff", "box", pool=pool).splitlines()
+    blocks = ok("container", "diff", "--blocks", "box", pool=pool).splitlines()
+    assert blocks == ["C /etc", "D /etc/conf", "A /etc/conf.old", "C /srv", "C /srv/app", "C /var",
+                     "A /var/cache", "A /var/cache/deep", "A /var/cache/deep/er", "A /var/cache/deep/er/f",
+                     "A /var/ünï côde"]
+    assert set(naive) == set(blocks)  # the naive diff orders a directory's additions before its deletions
+
+
+def test_inode_index_saved_memory_mapped_and_removed_with_the_container(tmp_path: Path) -> None:
+    """The saved index answers paths (hard links, odd names) and block owners as the init device's file system
+    does, is read memory-mapped, is rebuilt when its files are missing or torn, and goes with ``container rm``."""
+    import numpy as np
+
+    from thinpool.driver.blockdiff import InodeIndex
+
+    pool = tmp_path / "pool"
+    ok("pool", "create", pool, "--size", "256M", pool=pool)
+    ok("driver", "init", "--base-size", "64M", pool=pool)
+    layer = tar_bytes([("d", "a"), ("f", "a/one", b"1" * 70_000), ("h", "a/two", "a/one"), ("d", "a/ünï côde"),
+                       ("f", "a/ünï côde/x", b"x"), ("l", "a/ln", "one")])
+    ok("image", "load", oci_layout(tmp_path / "img", [layer]), pool=pool)
+    ok("container", "create", "img", "--name", "idx", pool=pool)
+    with Pool.open(pool) as p:
+        d = Driver(DeviceSet.open(p))
+        cdir = d.containers.dir
+        saved = InodeIndex.load(cdir, "idx")
+        assert saved is not None
+        assert all(isinstance(a, np.memmap) for a in (saved._inos, saved._blob, saved._bmap))
+        with mounted(d.containers.ds, "idx-init", write=False) as fs:
+            one = fs.lstat("/rootfs/a/one").ino
+            odd = fs.lstat("/rootfs/a/ünï côde/x").ino
+            assert sorted(saved.paths(one)) == ["/a/one", "/a/two"]
+            assert saved.paths(odd) == ["/a/ünï côde/x"]
+            assert saved.paths(fs.lstat("/rootfs").ino) == ["/"]
+            assert saved.paths(fs.statfs().nr_inodes) == [] and fs.statfs().nr_inodes not in saved
+            blocks = fs.inode_blocks(one)
+            assert len(blocks) == 18
+            assert saved.owners(set(blocks[3:5]) | {0, 2**32 - 1}) == {one}
+            assert saved.owners(set()) == set()
+            built = InodeIndex.build(fs)
+            for ino in (one, odd, fs.lstat("/rootfs/a/ln").ino):
+                assert built.paths(ino) == saved.paths(ino)
+    before = ok("container", "diff", "--blocks", "idx", pool=pool)
+    with Pool.open(pool) as p:
+        ds = DeviceSet.open(p)
+        with mounted(ds, "idx", write=True) as fs:
+            fs.write_at("/rootfs/a/two", 5, b"through the other name")
+    after = ok("container", "diff", "--blocks", "idx", pool=pool)
+    assert before == "" and after.splitlines() == ["C /a", "C /a/one", "C /a/two"]
+    blob = cdir / "idx.paths.npy"
+    blob.write_bytes(blob.read_bytes()[:-3])  # torn: the index is rebuilt from the init device
+    assert InodeIndex.load(cdir, "idx") is None
+    assert ok("container", "diff", "--blocks", "idx", pool=pool) == after
+    (cdir / "idx.blocks.npy").unlink()
+    assert ok("container", "diff", "--blocks", "idx", pool=pool) == after
+    ok("container", "rm", "idx", pool=pool)
+    assert not [p.name for p in cdir.iterdir() if p.name.startswith("idx.")]

@@ -12,7 +12,7 @@ Layer: driver. May import: thinpool.errors, thinpool.fs, thinpool.tools, thinpoo
    a directory among them is compared entry by entry: names added (``A``, with everything below an added
    directory), removed (``D``), pointing at another inode (``C``).
 4. Paths come from the inode-to-paths index of the ``-init`` device, made once when the container is created
-   with the block map (``NAME.inodes.json``, ``NAME.blocks.npy``; the init device never changes afterwards), and
+   with the block map (:class:`InodeIndex`, memory-mapped ``.npy`` files; the init device never changes afterwards), and
    from the changed directories.
 
 Parents of changes are reported changed, as in the naive diff. Where the two disagree, on purpose: the block diff
@@ -22,7 +22,7 @@ owner, times, xattrs: no content block changes).
 
 from __future__ import annotations
 
-import json
+import os
 import stat as S
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,30 +56,114 @@ def inode_index(fs: Filesystem, root: str = ROOTFS) -> dict[int, list[str]]:
 
 
 def block_map(fs: Filesystem, index: dict[int, list[str]]) -> np.ndarray:
-    """The ext2's block-to-inode map of the indexed inodes: rows (block, inode), sorted by block."""
-    rows = [(b, ino) for ino in index for b in _blocks(fs, ino)]
-    arr = np.array(sorted(rows), dtype="<u4").reshape(-1, 2)
-    return arr
+    """The ext2's block-to-inode map of the indexed inodes: shape (2, n), row 0 the blocks in ascending order, row 1
+    the inode owning each (each row contiguous, so a memory-mapped copy is binary-searched in place)."""
+    blocks: list[int] = []
+    owners: list[int] = []
+    for ino in index:
+        own = fs.inode_blocks(ino)
+        blocks.extend(own)
+        owners.extend([ino] * len(own))
+    arr = np.array([blocks, owners], dtype="<u4").reshape(2, -1)
+    return np.ascontiguousarray(arr[:, np.argsort(arr[0], kind="stable")])
 
 
-def save_index(fs: Filesystem, path: Path) -> None:
-    """Write ``NAME.inodes.json`` (inode -> paths) and ``NAME.blocks.npy`` (block -> inode) of ``fs``."""
-    index = inode_index(fs)
-    path.write_text(json.dumps({str(k): v for k, v in index.items()}, separators=(",", ":")))
-    np.save(_blocks_path(path), block_map(fs, index))
+class InodeIndex:
+    """The init device's inode -> paths index and block -> inode map, answering only what a diff asks.
 
+    On disk (``save_index``) it is three ``.npy`` files next to the container's record: ``NAME.inodes.npy`` (shape
+    (2, n) uint64: the indexed inode numbers ascending, and the end offset of each one's paths in the blob),
+    ``NAME.paths.npy`` (uint8: every path, ``os.fsencode``d, NUL-separated, grouped by inode in the same order) and
+    ``NAME.blocks.npy`` (see :func:`block_map`). Loaded memory-mapped, a diff reads the pages its binary searches
+    touch and the paths of its candidate inodes, not the whole index.
+    """
 
-def _blocks_path(index_path: Path) -> Path:
-    return index_path.with_name(index_path.name.replace(".inodes.json", ".blocks.npy"))
+    def __init__(self, inos: np.ndarray, blob: np.ndarray, bmap: np.ndarray) -> None:
+        self._inos = inos
+        self._blob = blob
+        self._bmap = bmap
 
-
-def _load_index(path: Path, fs: Filesystem) -> tuple[dict[int, list[str]], np.ndarray]:
-    try:
-        index = {int(k): v for k, v in json.loads(path.read_text()).items()}
-        return index, np.load(_blocks_path(path))
-    except FileNotFoundError:
+    @classmethod
+    def build(cls, fs: Filesystem) -> InodeIndex:
+        """The index of ``fs`` in memory (from a walk of its rootfs)."""
         index = inode_index(fs)
-        return index, block_map(fs, index)
+        order = sorted(index)
+        parts = [b"\0".join(os.fsencode(p) for p in index[ino]) for ino in order]
+        ends = np.cumsum([len(x) for x in parts], dtype="<u8")
+        inos = np.array([order, ends], dtype="<u8").reshape(2, -1)
+        blob = np.frombuffer(b"".join(parts), dtype="u1")
+        return cls(inos, blob, block_map(fs, index))
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> InodeIndex | None:
+        """The saved index of container ``name``, memory-mapped; None when its files are missing or inconsistent."""
+        inos_p, blob_p, blocks_p = _index_paths(directory, name)
+        try:
+            inos = np.load(inos_p, mmap_mode="r")
+            blob = np.load(blob_p, mmap_mode="r")
+            bmap = np.load(blocks_p, mmap_mode="r")
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+        if inos.ndim != 2 or inos.shape[0] != 2 or bmap.ndim != 2 or bmap.shape[0] != 2 or blob.ndim != 1 or \
+                not inos.shape[1] or int(inos[1, -1]) != blob.shape[0]:
+            return None
+        return cls(inos, blob, bmap)
+
+    def save(self, directory: Path, name: str) -> None:
+        """Write the three files (each via a temporary name and a rename; the inode table last)."""
+        inos_p, blob_p, blocks_p = _index_paths(directory, name)
+        for path, arr in ((blob_p, self._blob), (blocks_p, self._bmap), (inos_p, self._inos)):
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(arr))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def __contains__(self, ino: int) -> bool:
+        return self._slot(ino) is not None
+
+    def _slot(self, ino: int) -> int | None:
+        keys = self._inos[0]
+        i = int(np.searchsorted(keys, ino))
+        return i if i < keys.shape[0] and int(keys[i]) == ino else None
+
+    def paths(self, ino: int) -> list[str]:
+        """Every path of ``ino`` below the rootfs (``/`` for the rootfs itself); empty if it is not indexed."""
+        i = self._slot(ino)
+        if i is None:
+            return []
+        lo = int(self._inos[1, i - 1]) if i else 0
+        raw = bytes(self._blob[lo:int(self._inos[1, i])])
+        return [os.fsdecode(p) for p in raw.split(b"\0")]
+
+    def owners(self, blocks: set[int]) -> set[int]:
+        """The indexed inodes owning any of ``blocks``."""
+        col = self._bmap[0]
+        if not blocks or not col.shape[0]:
+            return set()
+        want = np.array(sorted(blocks), dtype="<u4")
+        pos = np.searchsorted(col, want)
+        inside = pos < col.shape[0]
+        pos, want = pos[inside], want[inside]
+        hit = np.asarray(col[pos]) == want
+        return {int(i) for i in np.asarray(self._bmap[1][pos[hit]])}
+
+
+def _index_paths(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    return directory / f"{name}.inodes.npy", directory / f"{name}.paths.npy", directory / f"{name}.blocks.npy"
+
+
+def save_index(fs: Filesystem, directory: Path, name: str) -> None:
+    """Write container ``name``'s index of its init device's file system ``fs`` (see :class:`InodeIndex`)."""
+    InodeIndex.build(fs).save(directory, name)
+
+
+def remove_index(directory: Path, name: str) -> None:
+    """Delete container ``name``'s index files (and those of the earlier JSON format)."""
+    for p in (*_index_paths(directory, name), directory / f"{name}.inodes.json"):
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".tmp").unlink(missing_ok=True)
 
 
 def changed_blocks(containers: Containers, rec: dict[str, object], fs_block_size: int) -> set[int]:
@@ -102,18 +186,7 @@ def changed_blocks(containers: Containers, rec: dict[str, object], fs_block_size
 
 
 def _blocks(fs: Filesystem, ino: int) -> set[int]:
-    inode = fs._inode(ino)
-    if not inode.has_blocks:
-        return set()
-    n = -(-inode.size // fs.block_size)
-    if not n:
-        return set()
-    return {int(b) for b in fs.mapper.map(ino, inode, 0, n) if b}
-
-
-def _live(fs: Filesystem, ino: int) -> bool:
-    inode = fs._inode(ino)
-    return inode.i_links_count > 0 and inode.i_mode != 0
+    return set(fs.inode_blocks(ino))
 
 
 def block_diff(containers: Containers, name: str) -> list[Change]:
@@ -121,33 +194,29 @@ def block_diff(containers: Containers, name: str) -> list[Change]:
     rec = containers.get(name)
     ds = containers.ds
     with mounted(ds, rec["Device"], write=False) as new, mounted(ds, rec["InitDevice"], write=False) as old:
-        index, bmap = _load_index(containers.dir / f"{rec['Name']}.inodes.json", old)
+        index = InodeIndex.load(containers.dir, str(rec["Name"])) or InodeIndex.build(old)
         bs = new.block_size
         blocks = changed_blocks(containers, rec, bs)
-        per_block = bs // new.inode_size
-        itables = [(gd.bg_inode_table, g) for g, gd in enumerate(new.groups)]
-        itable_len = -(-new.sb.s_inodes_per_group * new.inode_size // bs)
+        isz = new.inode_size
+        per_block = bs // isz
+        itables = new.inode_table_blocks()
         inodes: set[int] = set()
         content: set[int] = set()
         for blk in blocks:
-            for start, g in itables:
+            for start, itable_len, first in itables:
                 if start <= blk < start + itable_len:
                     a = old.device.read(blk * bs, bs)
                     b = new.device.read(blk * bs, bs)
                     for slot in range(per_block):
-                        lo = slot * new.inode_size
-                        if a[lo:lo + new.inode_size] != b[lo:lo + new.inode_size]:
-                            inodes.add(g * new.sb.s_inodes_per_group + (blk - start) * per_block + slot + 1)
+                        lo = slot * isz
+                        if a[lo:lo + isz] != b[lo:lo + isz]:
+                            inodes.add(first + (blk - start) * per_block + slot)
                     break
             else:
                 content.add(blk)
         # content blocks that belonged to a file when the container was made: its inode is a candidate even
         # when its inode slot did not change (a rewrite that puts mtime back within the same second)
-        if content and len(bmap):
-            want = np.array(sorted(content), dtype="<u4")
-            pos = np.searchsorted(bmap[:, 0], want)
-            hit = (pos < len(bmap)) & (bmap[np.minimum(pos, len(bmap) - 1), 0] == want)
-            inodes.update(int(i) for i in bmap[pos[hit], 1])
+        inodes.update(index.owners(content))
         changes: dict[str, str] = {}
 
         def add_tree(path: str, rel: str) -> None:
@@ -159,29 +228,31 @@ def block_diff(containers: Containers, name: str) -> list[Change]:
         for ino in sorted(inodes):
             if ino < new.first_ino and ino != ROOT_INO:
                 continue
-            if not (_live(new, ino) and _live(old, ino)) or ino not in index:
+            ni, oi = new.inode_stat(ino), old.inode_stat(ino)
+            if ni is None or oi is None or ino not in index:
                 continue  # new or freed inodes are named by the directories that changed
-            ni, oi = new._inode(ino), old._inode(ino)
             nb, ob = _blocks(new, ino), _blocks(old, ino)
             if ni.size == oi.size and nb == ob and not (nb & content):
                 continue  # metadata only
-            if ni.is_dir and oi.is_dir:
-                for rel in index[ino]:
+            n_dir, o_dir = S.S_ISDIR(ni.mode), S.S_ISDIR(oi.mode)
+            if n_dir and o_dir:
+                after = dict(new.dir_entries_by_ino(ino))
+                before = dict(old.dir_entries_by_ino(ino))
+                for rel in index.paths(ino):
                     path = ROOTFS + ("" if rel == "/" else rel)
-                    after = {n: i for n, i, _ in new._dir(ino).names() if n not in (b".", b"..")}
-                    before = {n: i for n, i, _ in old._dir(ino).names() if n not in (b".", b"..")}
-                    for n in sorted(set(after) | set(before)):
-                        child = rel.rstrip("/") + "/" + n.decode("utf-8", "surrogateescape")
+                    for n in sorted(set(after) | set(before), key=os.fsencode):
+                        child = rel.rstrip("/") + "/" + n
                         if n not in before:
                             changes[child] = ADD
-                            if S.S_ISDIR(new._inode(after[n]).i_mode):
-                                add_tree(path.rstrip("/") + "/" + n.decode("utf-8", "surrogateescape"), child)
+                            cst = new.inode_stat(after[n])
+                            if cst is not None and S.S_ISDIR(cst.mode):
+                                add_tree(path.rstrip("/") + "/" + n, child)
                         elif n not in after:
                             changes[child] = DELETE
                         elif after[n] != before[n]:
                             changes[child] = MODIFY
-            elif not ni.is_dir:
-                for rel in index[ino]:
+            elif not n_dir:
+                for rel in index.paths(ino):
                     changes.setdefault(rel, MODIFY)
         for p in list(changes):
             parts = p.strip("/").split("/")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from thinpool.driver.apply import LayerApplier
-from thinpool.driver.blockdiff import save_index
+from thinpool.driver.blockdiff import remove_index, save_index
 from thinpool.driver.changes import Change, changes_dirs, export_changes
 from thinpool.driver.rootfs import ROOTFS, export_tree, lstat, resolve, tar_info, walk
 from thinpool.driver.state import DeviceSet, atomic_output, go_json, write_meta_file
@@ -142,12 +142,11 @@ class Containers:
                 setup_init_layer(fs)
             self.dir.mkdir(parents=True, exist_ok=True)
             with mounted(self.ds, init, write=False) as fs:
-                save_index(fs, self.dir / f"{name}.inodes.json")  # for diff --blocks: -init never changes
+                save_index(fs, self.dir, name)  # for diff --blocks: -init never changes
             self.ds.add_device(name, init, name)
         except BaseException:
             self.ds.delete_device(init)
-            (self.dir / f"{name}.inodes.json").unlink(missing_ok=True)
-            (self.dir / f"{name}.blocks.npy").unlink(missing_ok=True)
+            remove_index(self.dir, name)
             raise
         rec = {"ID": cid, "Name": name, "Image": image_id, "ImageRef": image_ref,
                "Created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -163,8 +162,7 @@ class Containers:
             if self.ds.lookup(h) is not None:
                 self.ds.delete_device(h)
         os.unlink(self._path(rec["Name"]))
-        (self.dir / f"{rec['Name']}.inodes.json").unlink(missing_ok=True)
-        (self.dir / f"{rec['Name']}.blocks.npy").unlink(missing_ok=True)
+        remove_index(self.dir, rec["Name"])
 
     # --- content ----------------------------------------------------------------------------------------------
     def diff(self, name: str) -> list[Change]:

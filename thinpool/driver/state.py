@@ -393,9 +393,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _uuid_of(fs: Filesystem) -> str:
-    import uuid
-
-    return str(uuid.UUID(bytes=bytes(fs.sb.s_uuid)))
+    return fs.uuid
 
 
 def _version() -> str:

@@ -18,6 +18,7 @@ import os
 import struct
 import threading
 import time
+import uuid as _uuid
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from thinpool.errors import (
+    FileNotFound,
     FsCorrupt,
     FsError,
     FsNoSpace,
@@ -116,10 +118,10 @@ class FsCore:
         self.device = device
         self.sb = sb
         self.groups = groups
-        self.block_size = sb.block_size
+        self._block_size = sb.block_size
         self.readonly = readonly
-        self.inode_size = sb.s_inode_size if sb.s_rev_level >= L.EXT2_DYNAMIC_REV else L.GOOD_OLD_INODE_SIZE
-        self.first_ino = sb.s_first_ino if sb.s_rev_level >= L.EXT2_DYNAMIC_REV else L.FIRST_INO
+        self._inode_size = sb.s_inode_size if sb.s_rev_level >= L.EXT2_DYNAMIC_REV else L.GOOD_OLD_INODE_SIZE
+        self._first_ino = sb.s_first_ino if sb.s_rev_level >= L.EXT2_DYNAMIC_REV else L.FIRST_INO
         self.filetype = bool(sb.s_feature_incompat & L.FEATURE_INCOMPAT_FILETYPE)
         self.sparse_super = bool(sb.s_feature_ro_compat & L.FEATURE_RO_COMPAT_SPARSE_SUPER)
         self.desc_blocks = -(-len(groups) * L.GROUP_DESC_SIZE // self.block_size)
@@ -135,6 +137,26 @@ class FsCore:
         self._backups_dirty = False
         self.closed = False
         self.lock = threading.RLock()
+
+    @property
+    def block_size(self) -> int:
+        """Bytes per file system block."""
+        return self._block_size
+
+    @property
+    def inode_size(self) -> int:
+        """Bytes per on-disk inode slot."""
+        return self._inode_size
+
+    @property
+    def first_ino(self) -> int:
+        """The first inode number not reserved by ext2 (11 on revision 0; ``s_first_ino`` on revision 1)."""
+        return self._first_ino
+
+    @property
+    def uuid(self) -> str:
+        """The file system's UUID (``s_uuid``) in the form blkid and dumpe2fs print."""
+        return str(_uuid.UUID(bytes=bytes(self.sb.s_uuid)))
 
     @locked
     def flush(self) -> None:
@@ -378,6 +400,76 @@ class FsCore:
         return Stat(ino=ino, mode=i.i_mode, nlink=i.i_links_count, uid=i.uid, gid=i.gid, size=i.size,
                     atime=i.i_atime, mtime=i.i_mtime, ctime=i.i_ctime, blocks=i.i_blocks, blksize=self.block_size,
                     rdev=i.rdev)
+
+    def _check_ino(self, ino: int) -> None:
+        if not 1 <= ino <= self.sb.s_inodes_count:
+            raise FsError(reason=f"inode number {ino} out of range 1..{self.sb.s_inodes_count}",
+                          errno=_errno.EINVAL, inode=ino)
+
+    def _live_slot(self, ino: int) -> Inode | None:
+        """The validated inode ``ino``, or None for a free slot (link count 0 or mode 0, not validated)."""
+        self._check_ino(ino)
+        inode = self._inodes.get(ino)
+        if inode is None:
+            blk, off = self._inode_pos(ino)
+            raw = parse_inode(self.cache.get(blk), off)
+            if raw.i_links_count == 0 or raw.i_mode == 0:
+                return None
+            inode = self._inode(ino)
+        if inode.i_links_count == 0 or inode.i_mode == 0:
+            return None
+        return inode
+
+    @locked
+    def inode_stat(self, ino: int) -> Stat | None:
+        """Attributes of inode number ``ino``, or None when its slot is free (link count 0 or mode 0).
+
+        Raises:
+            FsError: ``ino`` is outside 1..s_inodes_count (errno EINVAL).
+            FsCorrupt: the inode's slot is damaged.
+        """
+        if self._live_slot(ino) is None:
+            return None
+        return self._stat(ino)
+
+    @locked
+    def inode_blocks(self, ino: int) -> list[int]:
+        """The physical blocks holding inode ``ino``'s data, in logical order, holes left out; indirect blocks are
+        not included. Empty for a free slot, a fast symlink and a device, FIFO or socket node.
+
+        Raises:
+            FsError: ``ino`` is out of range (errno EINVAL).
+            FsCorrupt: the inode or one of its indirect blocks is damaged.
+        """
+        inode = self._live_slot(ino)
+        if inode is None or not inode.has_blocks:
+            return []
+        n = -(-inode.size // self.block_size)
+        if not n:
+            return []
+        phys = self.mapper.map(ino, inode, 0, n)
+        return [int(b) for b in phys[phys != 0]]
+
+    @locked
+    def dir_entries_by_ino(self, ino: int) -> list[tuple[str, int]]:
+        """(name, inode number) of every entry of directory inode ``ino`` except '.' and '..', in on-disk order.
+
+        Raises:
+            FileNotFound: the slot is free. NotADirectory: the inode is not a directory.
+            FsError: ``ino`` is out of range (errno EINVAL).
+        """
+        inode = self._live_slot(ino)
+        if inode is None:
+            raise FileNotFound(path=f"<inode {ino}>", inode=ino)
+        if not inode.is_dir:
+            raise NotADirectory(path=f"<inode {ino}>", inode=ino)
+        return [(decode(n), i) for n, i, _ in self._dir(ino).names()]
+
+    def inode_table_blocks(self) -> list[tuple[int, int, int]]:
+        """Per block group: (first block of its inode table, number of inode table blocks, its first inode number)."""
+        ipg = self.sb.s_inodes_per_group
+        nr = -(-ipg * self.inode_size // self.block_size)
+        return [(gd.bg_inode_table, nr, g * ipg + 1) for g, gd in enumerate(self.groups)]
 
     @locked
     def statfs(self) -> StatFs:
