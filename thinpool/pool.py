@@ -4,7 +4,11 @@ Layer: pool. May import: everything below (errors, units, io, metadata, manifest
 
 The manifest (``thinpool.manifest``) keeps what dm-thin leaves to its user (device names, virtual sizes, external
 origins, lineage, options), in step with the metadata through the transaction id, as LVM does. It is validated at
-open like the metadata: a missing or inconsistent one is refused, never guessed and written back.
+open like the metadata: a missing or inconsistent one is refused, never guessed and written back. A device change
+appends two small records to ``pool.json.journal`` (O(1) in the device count); the journal is folded into
+``pool.json`` when it outgrows it and when the pool closes.
+
+Discard passdown after a commit punches the freed data blocks as merged runs (one ``fallocate`` per run).
 
 Durability: ``commit`` syncs the data file before the metadata that points into it; a crash loses only what came
 after the last commit.
