@@ -239,3 +239,91 @@ def test_rss_4gib(benchmark: Any) -> None:
                                  "mbps": round(total / float(secs) / 1e6, 1), "goal_rss_mib": 200})
     print(f"\nwrote {total >> 20} MiB through one thin device: peak RSS {peak_mib:.1f} MiB "
           f"(at start {int(start_kib) / 1024:.1f} MiB), {total / float(secs) / 1e6:.0f} MB/s incl. commits")
+
+
+# --- issue 13: deletes of many mappings, device changes with many devices ----------------------------------------
+# Not asserted (goals: delete of a 4M-mapping device under 2 s; create_snap at 10,000 devices within 2x of at 10).
+# THINPOOL_BENCH_DELETE sets the mapping counts (default 10000,100000,1000000; 4000000 needs ~1 GiB RAM to build).
+# The data file is written for real only where THINPOOL_BENCH_DELETE_DATA=1 (then every chunk is allocated and
+# the punches do real work; ~64 KiB per mapping of disk), else it stays sparse and the punches are cheap.
+
+DELETE_SIZES = [int(x) for x in os.environ.get("THINPOOL_BENCH_DELETE", "10000,100000,1000000").split(",")]
+DEVICE_COUNTS = [10, 1000, 10000]
+
+
+def _pool_with_mappings(path: Path, n: int, *, fill: bool) -> None:
+    """A pool whose device 1 maps n chunks (built in bulk, data blocks in random order), committed."""
+    import numpy as np
+
+    with Pool.create(path, data_size=(n + 64) * CH, chunk_size=CH) as p:
+        p.create_thin(1, n * CH)
+        p.md.delete_thin(1)  # the manifest entry stays; the tree is rebuilt in bulk under the same id
+        data = np.random.default_rng(n).permutation(n).astype(np.uint64)
+        p.md.build_device(1, np.arange(n, dtype=np.uint64), data, np.zeros(n, dtype=np.uint64))
+        p.commit()
+    if fill:
+        with open(path / "data", "r+b") as f:
+            block = b"\x5a" * CH
+            for _ in range(n):
+                f.write(block)
+
+
+@pytest.mark.parametrize("n", DELETE_SIZES, ids=[f"{n}-mappings" for n in DELETE_SIZES])
+def test_delete_device(benchmark: Any, n: int, tmp_path: Path) -> None:
+    """delete_thin of a device with n unshared mappings: metadata walk, space-map decrements, the commit and the
+    passdown punches (merged into runs)."""
+    fill = os.environ.get("THINPOOL_BENCH_DELETE_DATA") == "1"
+    base = tmp_path / "base"
+    _pool_with_mappings(base, n, fill=fill)
+    state = {"i": 0}
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        state["i"] += 1
+        work = tmp_path / f"w{state['i']}"
+        subprocess.run(["cp", "-a", "--sparse=always", str(base), str(work)], check=True)
+        return (Pool.open(work),), {}
+
+    def run(pool: Pool) -> None:
+        pool.delete_thin(1)
+        pool.close()
+
+    benchmark.pedantic(run, setup=setup, rounds=3 if n <= 100000 else 1, iterations=1)
+    benchmark.extra_info.update(mappings=n, data_written=fill)
+    for w in tmp_path.glob("w*"):
+        shutil.rmtree(w)
+
+
+@pytest.mark.parametrize("devices", DEVICE_COUNTS, ids=[f"{d}-devices" for d in DEVICE_COUNTS])
+def test_create_snap_and_delete_with_many_devices(benchmark: Any, devices: int, tmp_path: Path) -> None:
+    """create_snap + delete_thin of one snapshot in a pool of ``devices`` devices (a base and its snapshots, all
+    named, built in bulk): manifest journal records, metadata commit, name checks."""
+    import time as _t
+
+    from thinpool.pool import _write_manifest
+
+    path = tmp_path / "p"
+    pool = Pool.create(path, data_size=1024 * CH, chunk_size=CH)
+    try:
+        pool.create_thin(0, 64 * CH, name="base")
+        src = pool.manifest["devices"]["0"]
+        anc = [{"dev_id": 0, "name": "base", "created_at": src["created_at"]}]
+        now = _t.time()
+        for i in range(1, devices):
+            pool.md.create_snap(i, 0)
+            pool.manifest["devices"][str(i)] = {"name": f"s{i}", "size": src["size"], "origin": None,
+                                                "snapshot_of": 0, "ancestors": anc, "created_at": now}
+        pool.md.set_transaction_id(pool.md.trans_id, pool.md.trans_id + 1)
+        pool.manifest["transaction_id"] = pool.md.trans_id
+        pool.commit()
+        _write_manifest(pool.path, pool.manifest)
+        pool.close()
+        pool = Pool.open(path)
+
+        def run() -> None:
+            pool.create_snap(devices, 0, name="x")
+            pool.delete_thin(devices)
+
+        benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+        benchmark.extra_info.update(devices=devices, pool_json_bytes=(path / "pool.json").stat().st_size)
+    finally:
+        pool.close()

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json, table
 from thinpool_cli.params import SizeParam, json_option, open_pool, pool_option
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json, kv_table, table
 from thinpool_cli.params import POOL_ENVVAR, device_ref, json_option, open_pool, pool_option
 

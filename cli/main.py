@@ -39,7 +39,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("thinpool_cli.quickstart", "quickstart", "A demo pool in ./thinpool-demo: snapshots, CoW, maps."),
     "fs": ("thinpool_cli.fs_cmds", "fs", "An ext2 filesystem on a thin device (mkfs, ls, put, get, ...)."),
     "serve": ("thinpool_cli.serve_cmds", "serve", "Serve thin devices over NBD."),
-    "mount": ("thinpool_cli.serve_cmds", "mount", "Export thin devices as files through FUSE."),
+    "mount": ("thinpool_cli.mount_cmds", "mount", "Export thin devices as files through FUSE."),
     "bench": ("thinpool_cli.bench_cmds", "bench", "Measure thinpool against raw files, qcow2 and friends."),
     "metadata-size": ("thinpool_cli.metasize_cmds", "metadata_size",
                       "Estimate the metadata size for a pool, like thin_metadata_size."),
@@ -122,10 +122,10 @@ class ThinpoolGroup(click.Group):
                 raise click.exceptions.Exit(1)
         except KeyboardInterrupt:
             click.echo("thinpool: interrupted", err=True)
-            raise click.exceptions.Exit(130)
+            raise click.exceptions.Exit(130) from None
         except OSError as e:
             if e.errno == errno.EPIPE:
-                raise click.exceptions.Exit(1)
+                raise click.exceptions.Exit(1) from None
             where = f"{e.filename}: " if e.filename else ""
             report_error(f"{where}{e.strerror or e}", 1)
 

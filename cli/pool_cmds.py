@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json, kv_table, table
 from thinpool_cli.params import CHUNK_SIZE, SIZE, json_option, open_pool, pool_option, require_pool
 

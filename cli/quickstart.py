@@ -29,11 +29,10 @@ def quickstart(directory: str, png: bool) -> None:
 
     Example: thinpool quickstart && thinpool pool status --pool thinpool-demo
     """
-    from thinpool_cli.pool_cmds import show_status
-    from thinpool_cli.tools_cmds import ls
-
     from thinpool.errors import InvalidArgument
     from thinpool.pool import Pool
+    from thinpool_cli.pool_cmds import show_status
+    from thinpool_cli.tools_cmds import ls
 
     if os.path.exists(directory):
         if not os.path.isdir(directory):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import click
+
 from thinpool_cli.output import echo_json, progress
 from thinpool_cli.params import device_ref, json_option, open_pool, pool_option
 

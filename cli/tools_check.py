@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json
 from thinpool_cli.params import is_pool_dir, json_option, metadata_path
 from thinpool_cli.tools_common import busy, require_metadata_snap, target_option

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import click
+
 from thinpool_cli.params import F, device_ref, is_target, metadata_path, pool_option
 
 BIG_MAPPINGS = 1 << 19  # mappings (about a second of work) from which the tools show progress on a terminal

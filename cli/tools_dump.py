@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import click
+
 from thinpool_cli.params import json_option
 from thinpool_cli.tools_common import (
     busy,

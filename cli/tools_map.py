@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json, table
 from thinpool_cli.params import json_option, pool_option
 from thinpool_cli.tools_common import (

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import click
+
 from thinpool_cli.output import echo_json
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (

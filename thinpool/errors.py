@@ -50,7 +50,8 @@ class MetadataCorrupt(MetadataError):
 
 
 class ChecksumError(MetadataCorrupt):
-    message = "metadata corrupt at block {block}: bad checksum in {block_type} (stored {stored:#010x}, computed {computed:#010x})"
+    message = ("metadata corrupt at block {block}: bad checksum in {block_type} "
+               "(stored {stored:#010x}, computed {computed:#010x})")
 
     def __init__(self, *, block: int, block_type: str, stored: int, computed: int) -> None:
         super().__init__(block=block, reason="bad checksum", block_type=block_type, stored=stored,

@@ -47,7 +47,7 @@ SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 MAX_WRITE = 1024 * 1024
 
 
-def _load_mfusepy():
+def _load_mfusepy() -> Any:
     # mfusepy picks libfuse2 when both are installed; this module is written for libfuse3.
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy
@@ -68,12 +68,12 @@ def _device_errno(e: BaseException) -> int:
 
 
 def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[[], Any] | None = None,
-                    lock: threading.Lock | None = None, direct_io: bool = True):
+                    lock: threading.Lock | None = None, direct_io: bool = True) -> Any:
     """Build the mfusepy Operations object for ``exports`` (separate from :func:`mount` for testing)."""
     mfusepy = _load_mfusepy()
     FuseOSError = mfusepy.FuseOSError
 
-    class DeviceFS(mfusepy.Operations):
+    class DeviceFS(mfusepy.Operations):  # type: ignore[misc,name-defined]  # mfusepy is untyped
         use_ns = True
 
         def __init__(self) -> None:
@@ -112,7 +112,7 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
                 raise FuseOSError(errno.EIO) from e
 
         # --- libfuse callbacks ------------------------------------------------------------------------------
-        def init_with_config(self, conn, config) -> None:
+        def init_with_config(self, conn: Any, config: Any) -> None:
             if conn is not None:
                 conn.max_write = MAX_WRITE
             if config is not None:
@@ -169,7 +169,8 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
             end = min(offset + size, dev.size)
             if offset >= end:
                 return b""
-            return self._call(dev.read, offset, end - offset)
+            data: bytes = self._call(dev.read, offset, end - offset)
+            return data
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             dev = self._dev(path)
@@ -203,7 +204,8 @@ def make_operations(exports: Mapping[str, BlockDevice], *, on_unmount: Callable[
                 raise FuseOSError(errno.EINVAL)  # SEEK_SET/CUR/END never reach a FUSE filesystem
             if offset < 0 or offset >= dev.size:
                 raise FuseOSError(errno.ENXIO)
-            for start, n in self._call(dev.mapped_ranges, offset, dev.size - offset):
+            ranges: list[tuple[int, int]] = self._call(dev.mapped_ranges, offset, dev.size - offset)
+            for start, n in ranges:
                 if start + n <= offset:
                     continue
                 if whence == SEEK_DATA:
@@ -291,7 +293,7 @@ def mount(exports: Mapping[str, BlockDevice], mountpoint: str | os.PathLike[str]
 def _fuse_class(mfusepy: Any) -> Any:
     """mfusepy's FUSE with the one callback wrapper it lacks: lseek (SEEK_DATA/SEEK_HOLE, libfuse >= 3.8)."""
 
-    class FUSE(mfusepy.FUSE):  # type: ignore[misc,name-defined]
+    class FUSE(mfusepy.FUSE):  # type: ignore[misc]
         def lseek(self, path: bytes | None, off: int, whence: int, fip: Any) -> int:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             name = None if path is None else path.decode(self.encoding, self.errors)

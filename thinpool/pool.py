@@ -4,7 +4,11 @@ Layer: pool. May import: everything below (errors, units, io, metadata, manifest
 
 The manifest (``thinpool.manifest``) keeps what dm-thin leaves to its user (device names, virtual sizes, external
 origins, lineage, options), in step with the metadata through the transaction id, as LVM does. It is validated at
-open like the metadata: a missing or inconsistent one is refused, never guessed and written back.
+open like the metadata: a missing or inconsistent one is refused, never guessed and written back. A device change
+appends two small records to ``pool.json.journal`` (O(1) in the device count); the journal is folded into
+``pool.json`` when it outgrows it and when the pool closes.
+
+Discard passdown after a commit punches the freed data blocks as merged runs (one ``fallocate`` per run).
 
 Durability: ``commit`` syncs the data file before the metadata that points into it; a crash loses only what came
 after the last commit.
@@ -59,6 +63,7 @@ from thinpool.errors import (
     InvalidArgument,
     NoDataSpace,
     NoMetadataSpace,
+    NoSpace,
     NotEmptyDirectory,
     PoolFailed,
     PoolLocked,
@@ -82,6 +87,7 @@ DISCARD_MODES = mf.DISCARD_MODES
 NO_SPACE_POLICIES = mf.NO_SPACE_POLICIES
 POOL_FILES = ("metadata", "data", MANIFEST)
 LOCK_MODES = ("exclusive", "shared", "none")
+PASSDOWN_MAX_BYTES = 64 << 20  # the longest single punch of a passdown (bounds a written-zeros fallback's buffer)
 QUEUE_POLL_S = 0.5  # how often a queued write looks for a data file grown by another process
 
 
@@ -220,9 +226,18 @@ def lock_pool_dir(path: str | os.PathLike[str], mode: str = "exclusive") -> int 
     return fd
 
 
-def _write_manifest(p: Path, manifest: dict[str, Any]) -> None:
-    """The one call through which the pool writes pool.json (tests patch it to crash in between)."""
-    mf.write_manifest(p, manifest)
+def _write_manifest(p: Path, manifest: dict[str, Any], *, validated: bool = False) -> None:
+    """The one call through which the pool writes pool.json whole (tests patch it to crash in between)."""
+    mf.write_manifest(p, manifest, validated=validated)
+
+
+def _append_manifest(p: Path, record: dict[str, Any]) -> int:
+    """The one call through which the pool appends a device change to the manifest journal (tests patch it to
+    crash in between). Returns the journal's size."""
+    return mf.append_journal(p, record)
+
+
+JOURNAL_COMPACT_BYTES = 64 << 10  # the journal is folded into pool.json past max(this, pool.json's size)
 
 
 class Pool:
@@ -233,7 +248,7 @@ class Pool:
         self.path = Path(path)
         self.md = md
         self.data = data
-        self.manifest = mf.validate(manifest, str(self.path / MANIFEST), str(self.path))
+        self._set_manifest(mf.validate(manifest, str(self.path / MANIFEST), str(self.path)))
         self.readonly = readonly
         self._lock_fd = lock_fd
         self.lock = threading.RLock()
@@ -258,6 +273,7 @@ class Pool:
         self.auto_commit_interval: float | None = None
         self._last_commit = _time.monotonic()
         self._failure: str | None = None  # why the pool failed (metadata_operation_failed), None while healthy
+        self._manifest_bytes = _file_size(self.path / MANIFEST)  # pool.json's size (when to compact the journal)
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     @classmethod
@@ -448,6 +464,7 @@ class Pool:
         try:
             if not self.readonly and not self.failed and not self.md.needs_check and not self._unchanged():
                 self.commit()
+            self._compact_manifest()
         finally:
             self._release()
 
@@ -501,6 +518,8 @@ class Pool:
         try:
             if not self.readonly and not self.closed:
                 self.abort_command(exc if isinstance(exc, BaseException) else None)
+                if not self.md.needs_check:
+                    self._compact_manifest()  # the manifest as reloaded for the last commit: no journal at rest
         finally:
             self._release()
 
@@ -538,8 +557,8 @@ class Pool:
     def _reload_manifest(self) -> None:
         try:
             m = mf.read_manifest(self.path)
-            self.manifest = mf.reconcile(m, device_ids=self.md.device_ids(), trans_id=self.md.trans_id,
-                                         path=str(self.path / MANIFEST), pool=str(self.path))
+            self._set_manifest(mf.reconcile(m, device_ids=self.md.device_ids(), trans_id=self.md.trans_id,
+                                            path=str(self.path / MANIFEST), pool=str(self.path)))
         except ThinpoolError:
             pass  # the in-memory copy stays (it matched the last commit)
         for o in self._origins.values():
@@ -646,9 +665,9 @@ class Pool:
             dev_id = int(ref)
             self._entry(dev_id)
             return dev_id
-        for key, e in self.manifest["devices"].items():
-            if e.get("name") == ref:
-                return int(key)
+        key = self._names.get(ref)
+        if key is not None and key in self.manifest["devices"]:
+            return int(key)
         raise DeviceNotFound(dev_id=ref)
 
     def origin_path(self, dev_id: int) -> str | None:
@@ -689,23 +708,34 @@ class Pool:
         return dev_id in self.md.devices and str(dev_id) in self.manifest["devices"]
 
     # --- changes of the device set (manifest and metadata in step) --------------------------------------------
-    def _change(self, new_devices: dict[str, dict[str, Any]], md_op: Callable[[], Any] | None,
-                new_tid: int | None = None) -> None:
-        """Apply a change of the device table: the manifest with the union of old and new entries and both
-        transaction ids, then the metadata op + new transaction id + commit, then the final manifest (see
-        thinpool.manifest). Must hold the lock; the pool must be writable."""
+    def _change(self, md_op: Callable[[], Any] | None, *, sets: dict[str, dict[str, Any]] | None = None,
+                dels: tuple[str, ...] = (), new_tid: int | None = None) -> None:
+        """Apply a change of the device table: entries ``sets`` added or replaced, ``dels`` removed. The manifest
+        with the union of old and new entries and both transaction ids, then the metadata op + new transaction id
+        + commit, then the final manifest (see thinpool.manifest), each as one journal record: O(changed entries)
+        in validation and on disk, not O(devices). Must hold the lock; the pool must be writable."""
+        sets = sets or {}
         old_tid = self.md.trans_id
         tid = old_tid + 1 if new_tid is None else new_tid
         if not 0 <= tid <= mf.MAX_TRANSACTION_ID:
             raise InvalidArgument(reason=f"transaction id {tid} is out of range (0..2^64-1)")
-        union = dict(self.manifest["devices"])
-        union.update(new_devices)
-        pending = dict(self.manifest, devices=union, transaction_id=tid, previous_transaction_id=old_tid)
-        final = {k: v for k, v in self.manifest.items() if k != "previous_transaction_id"}
-        final = dict(final, devices=new_devices, transaction_id=tid)
-        pending = mf.validate(pending, str(self.path / MANIFEST), str(self.path))
-        final = mf.validate(final, str(self.path / MANIFEST), str(self.path))
-        _write_manifest(self.path, pending)
+        cur = self.manifest["devices"]
+        path, pool = str(self.path / MANIFEST), str(self.path)
+        head = {k: v for k, v in self.manifest.items() if k not in ("devices", "previous_transaction_id")}
+        pending = dict(head, devices=cur | sets, transaction_id=tid, previous_transaction_id=old_tid)
+        # only the changed entries are validated (the rest were, at open or at their own change); names against
+        # the index of the current ones
+        pending = mf.validate_changed(pending, list(sets), path, pool, names=self._names)
+        sets = {k: pending["devices"][k] for k in sets}
+        final_devs = dict(pending["devices"])
+        for k in dels:
+            final_devs.pop(k, None)
+        final = dict(pending, devices=final_devs)
+        del final["previous_transaction_id"]
+        rec: dict[str, Any] = {"transaction_id": tid, "previous_transaction_id": old_tid}
+        if sets:
+            rec["set"] = sets
+        _append_manifest(self.path, rec)
         try:
             if md_op is not None:
                 self._guard_metadata(md_op)
@@ -717,10 +747,46 @@ class Pool:
                 except BaseException:
                     self._fail("abort of a failed device change failed", abort=False)
             raise
-        self.manifest = dict(pending)  # what is on disk now; the commit makes the metadata match it
+        before = self.manifest
+        self._set_manifest(pending, changed=list(sets), old=before)  # on disk now; the commit makes the metadata match
         self.commit()
-        self.manifest = final
-        _write_manifest(self.path, final)
+        self._set_manifest(final, changed=list(dels), old=pending)
+        rec = {"transaction_id": tid}
+        if dels:
+            rec["del"] = list(dels)
+        size = _append_manifest(self.path, rec)
+        if size > max(JOURNAL_COMPACT_BYTES, self._manifest_bytes):
+            self._compact_manifest()
+
+    def _compact_manifest(self) -> None:
+        """Fold the journal into pool.json (amortised O(1) per change: it runs once the journal outgrows pool.json).
+        Only with the metadata and the manifest in step (never mid-change, never on a failed pool)."""
+        if self.readonly or self.failed or not os.path.lexists(self.path / mf.JOURNAL):
+            return
+        try:
+            mf.compact(self.path, self.manifest)
+        except (StoreIOError, NoSpace) as e:  # the journal stays and stays right: the change itself is durable
+            log.warning("compaction of %s failed (the journal is kept): %s", self.path / mf.JOURNAL, e)
+            return
+        self._manifest_bytes = _file_size(self.path / MANIFEST)
+
+    def _set_manifest(self, m: dict[str, Any], *, changed: list[str] | None = None,
+                      old: dict[str, Any] | None = None) -> None:
+        """Make ``m`` the manifest in memory and keep the name index (name -> key) in step: updated for the
+        ``changed`` keys (their entries in ``old`` and ``m``), rebuilt when none are given."""
+        devs = m["devices"]
+        if changed is None or old is None:
+            self._names = {e["name"]: k for k, e in devs.items() if e.get("name") is not None}
+        else:
+            for k in changed:
+                e = old["devices"].get(k)
+                if e is not None and e.get("name") is not None and self._names.get(e["name"]) == k:
+                    del self._names[e["name"]]
+            for k in changed:
+                e = devs.get(k)
+                if e is not None and e.get("name") is not None:
+                    self._names[e["name"]] = k
+        self.manifest = m
 
     def create_thin(self, dev_id: int, size: int, *, name: str | None = None, origin: str | None = None,
                     keep_transaction_id: bool = False) -> ThinDevice:
@@ -734,9 +800,8 @@ class Pool:
             if origin is not None:
                 ExternalOrigin(origin).close()
                 origin = os.path.abspath(origin)
-            devs = dict(self.manifest["devices"])
-            devs[str(dev_id)] = {"name": name, "size": size, "origin": origin, "created_at": _time.time()}
-            self._change(devs, lambda: self.md.create_thin(dev_id),
+            entry = {"name": name, "size": size, "origin": origin, "created_at": _time.time()}
+            self._change(lambda: self.md.create_thin(dev_id), sets={str(dev_id): entry},
                          new_tid=self.md.trans_id if keep_transaction_id else None)
             return ThinDevice(self, dev_id)
 
@@ -751,10 +816,9 @@ class Pool:
             self._check_new(dev_id, size, name)
             ancestors = list(src.get("ancestors", [])) + [
                 {"dev_id": origin_id, "name": src.get("name"), "created_at": src.get("created_at")}]
-            devs = dict(self.manifest["devices"])
-            devs[str(dev_id)] = {"name": name, "size": size, "origin": src.get("origin"), "snapshot_of": origin_id,
-                                 "ancestors": ancestors, "created_at": _time.time()}
-            self._change(devs, lambda: self.md.create_snap(dev_id, origin_id),
+            entry = {"name": name, "size": size, "origin": src.get("origin"), "snapshot_of": origin_id,
+                     "ancestors": ancestors, "created_at": _time.time()}
+            self._change(lambda: self.md.create_snap(dev_id, origin_id), sets={str(dev_id): entry},
                          new_tid=self.md.trans_id if keep_transaction_id else None)
             return ThinDevice(self, dev_id)
 
@@ -768,9 +832,9 @@ class Pool:
 
     def _check_name_free(self, name: str, dev_id: int) -> None:
         mf.check_name(name)
-        for key, e in self.manifest["devices"].items():
-            if e.get("name") == name and int(key) != dev_id and int(key) in self.md.devices:
-                raise InvalidArgument(reason=f"a device named {name!r} already exists")
+        key = self._names.get(name)  # O(1): the name index kept by _set_manifest
+        if key is not None and int(key) != dev_id and int(key) in self.md.devices:
+            raise InvalidArgument(reason=f"a device named {name!r} already exists")
 
     def delete_thin(self, dev_id: int, *, keep_transaction_id: bool = False) -> None:
         """Delete a thin device (its lineage stays recorded in its descendants)."""
@@ -780,8 +844,7 @@ class Pool:
                 from thinpool.errors import DeviceNotFound as _NotFound
 
                 raise _NotFound(dev_id=dev_id)
-            devs = {k: v for k, v in self.manifest["devices"].items() if k != str(dev_id)}
-            self._change(devs, lambda: self.md.delete_thin(dev_id),
+            self._change(lambda: self.md.delete_thin(dev_id), dels=(str(dev_id),),
                          new_tid=self.md.trans_id if keep_transaction_id else None)
             o = self._origins.pop(dev_id, None)
             if o is not None:
@@ -800,9 +863,7 @@ class Pool:
             if origin_id is None or not self.is_live(origin_id):
                 raise InvalidArgument(reason=f"device {snap_id} has no live origin to merge into"
                                       + (f" (its origin {origin_id} was deleted)" if origin_id is not None else ""))
-            devs = dict(self.manifest["devices"])
-            devs[str(origin_id)] = dict(devs[str(origin_id)], size=e["size"])
-            del devs[str(snap_id)]
+            sets = {str(origin_id): dict(self._entry(origin_id), size=e["size"])}
             md = self.md
 
             def op() -> None:
@@ -810,7 +871,7 @@ class Pool:
                 md.create_snap(origin_id, snap_id)
                 md.delete_thin(snap_id)
 
-            self._change(devs, op)
+            self._change(op, sets=sets, dels=(str(snap_id),))
             self._drop_origin(origin_id)
             self._drop_origin(snap_id)
             return int(origin_id)
@@ -824,15 +885,14 @@ class Pool:
             o, e = self._entry(origin_id), self._entry(snap_id)
             if origin_id == snap_id:
                 raise InvalidArgument(reason="rollback needs two different devices")
-            devs = dict(self.manifest["devices"])
-            devs[str(origin_id)] = dict(o, size=e["size"])
+            sets = {str(origin_id): dict(o, size=e["size"])}
             md = self.md
 
             def op() -> None:
                 md.delete_thin(origin_id)
                 md.create_snap(origin_id, snap_id)
 
-            self._change(devs, op)
+            self._change(op, sets=sets)
             self._drop_origin(origin_id)
 
     def _drop_origin(self, dev_id: int) -> None:
@@ -847,9 +907,7 @@ class Pool:
             e = self._entry(dev_id)
             if name is not None:
                 self._check_name_free(name, dev_id)
-            devs = dict(self.manifest["devices"])
-            devs[str(dev_id)] = dict(e, name=name)
-            self._change(devs, None)
+            self._change(None, sets={str(dev_id): dict(e, name=name)})
 
     def resize_device(self, dev_id: int, size: int) -> None:
         """Change a device's virtual size. Shrinking unmaps every chunk wholly past the new end; growing makes
@@ -862,8 +920,7 @@ class Pool:
                 raise InvalidArgument(reason=f"device size {size} must be a positive multiple of 512 bytes")
             old = e["size"]
             ch = self.chunk_bytes
-            devs = dict(self.manifest["devices"])
-            devs[str(dev_id)] = dict(e, size=size)
+            sets = {str(dev_id): dict(e, size=size)}
             dev = ThinDevice(self, dev_id)
 
             def op() -> None:
@@ -881,7 +938,7 @@ class Pool:
                         finally:
                             e["size"] = old
 
-            self._change(devs, op)
+            self._change(op, sets=sets)
 
     def trim(self) -> int:
         """Offline trim of the data file (thin_trim): punch a hole in every data block no device maps. Must be
@@ -1063,17 +1120,28 @@ class Pool:
                 raise
             self.stats["commits"] += 1
             self._last_commit = _time.monotonic()
-            if self.discard_mode == "passdown":
-                for b in sorted(freed):
-                    if self.md.data_sm.count(b) == 0:
-                        # the commit is durable: a failing punch must not make it look failed (the blocks are free
-                        # in the metadata either way; their old bytes stay in the data file), as dm-thin only
-                        # logs a failed passdown
-                        try:
-                            self.data.punch(b * self.chunk_bytes, self.chunk_bytes)
-                        except StoreIOError as e:
-                            log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
-                            break
+            if self.discard_mode == "passdown" and freed:
+                self._passdown(freed)
+
+    def _passdown(self, freed: Any) -> None:
+        """Punch the data blocks the last commit freed (``PoolMetadata.commit`` returns only blocks whose count is
+        0 after it, and nothing can change them under the pool lock), merged into runs of consecutive blocks:
+        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy over the sorted blocks, so a
+        delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
+        durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
+        their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
+        blocks = np.fromiter(freed, dtype=np.int64, count=len(freed))
+        blocks.sort()
+        starts, ends = block_runs(blocks)
+        ch = self.chunk_bytes
+        step = max(1, PASSDOWN_MAX_BYTES // ch)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            for lo in range(a, b, step):
+                try:
+                    self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
+                except StoreIOError as e:
+                    log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                    return
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""
@@ -1101,7 +1169,7 @@ class Pool:
                 from thinpool.errors import TransactionIdMismatch
 
                 raise TransactionIdMismatch(current=self.md.trans_id, given=current)
-            self._change(dict(self.manifest["devices"]), None, new_tid=new)
+            self._change(None, new_tid=new)
 
     def reserve_metadata_snap(self) -> int:
         with self.lock:
@@ -1122,6 +1190,23 @@ class Pool:
     def devices(self) -> Iterator[ThinDevice]:
         for d in self.list_devices():
             yield ThinDevice(self, d)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def block_runs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of consecutive values in sorted, unique ``blocks``: (starts, ends), ends exclusive."""
+    if not len(blocks):
+        return blocks[:0], blocks[:0]
+    cuts = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = blocks[np.concatenate([[0], cuts])]
+    ends = blocks[np.concatenate([cuts - 1, [len(blocks) - 1]])] + 1
+    return starts, ends
 
 
 def _snapshot_manifest(m: dict[str, Any], md: PoolMetadata, chunk: int) -> dict[str, Any]:

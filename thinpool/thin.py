@@ -138,8 +138,8 @@ class ThinDevice:
                 pos = cs
             n = min(cs + ch, end) - pos
             file_off = db * ch + pos - cs
-            if plan and (last := plan[-1])[2] >= 0 and last[2] + last[1] == file_off:
-                last[1] += n
+            if plan and (prev := plan[-1])[2] >= 0 and prev[2] + prev[1] == file_off:
+                prev[1] += n
             else:
                 plan.append([pos - offset, n, file_off])
             pos += n

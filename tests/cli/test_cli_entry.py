@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 import pytest
 from cli_helpers import fails, ok
-
 from conftest import need_tool, run_tool
+
 from thinpool_cli.main import LAZY_COMMANDS, cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import busy_pool, fails, fingerprint, ok, pool, run  # noqa: F401
-
 from conftest import need_tool, run_tool
 
 

@@ -7,9 +7,9 @@ import struct
 
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
-from thinpool_cli.main import cli
 
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 
 def test_repair_salvages_a_pool_with_a_damaged_leaf(tmp_path) -> None:

@@ -9,9 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import (IMAGE_NAMES, IMAGES, busy_pool, fails, file_hash, fingerprint, ok, pool, run,  # noqa: F401
-                         unpack_image)
-
+from cli_helpers import IMAGE_NAMES, IMAGES, busy_pool, fails, file_hash, fingerprint, ok, pool, run, unpack_image  # noqa: F401
 from conftest import need_tool, run_tool
 
 ALL_LS_FIELDS = ("DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,MAPPED_SECTORS,EXCLUSIVE_SECTORS,SHARED_SECTORS,"

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from thinpool import checksum
+from thinpool.btree.node import decode_node  # noqa: F401 (re-exported for tests)
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt, MetadataError
 from thinpool.formats.btree_node import NODE_HEADER_SIZE
-from thinpool.btree.node import decode_node  # noqa: F401 (re-exported for tests)
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 

@@ -9,12 +9,12 @@ metadata_nr_blocks, index nr_free / none_free_before. They are not in the table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import pytest
 
 import fuzz_images as f
+import pytest
+
 from thinpool.errors import ChecksumError, MetadataCorrupt, MetadataError, NeedsCheck, UnsupportedMetadata
 from thinpool.metadata.check import check_metadata, format_report
 from thinpool.metadata.pool_metadata import PoolMetadata

@@ -18,9 +18,9 @@ import os
 import random
 from collections import Counter
 
+import fuzz_images as f
 import pytest
 
-import fuzz_images as f
 from thinpool.errors import MetadataCorrupt, MetadataError
 from thinpool.metadata.check import check_metadata
 

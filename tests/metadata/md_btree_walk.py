@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from thinpool.btree.spine import NodeCache
 from thinpool.btree.node import Node
+from thinpool.btree.spine import NodeCache
 from thinpool.tx.transaction import TransactionManager
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
-from thinpool_cli.main import cli
 
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata, repair_leaks
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.metadata.repair import repair_file
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 pytestmark = pytest.mark.external
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from md_btree_walk import expected_counts, sm_counts, walk
 
-from thinpool.btree.spine import NodeCache
 from thinpool.btree.btree import BTree, NoRefValue
+from thinpool.btree.spine import NodeCache
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.tx.transaction import TransactionManager

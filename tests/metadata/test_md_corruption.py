@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from md_helpers import new_pool_file, our_dump
 
-from thinpool.btree.spine import NodeCache
 from thinpool import checksum
+from thinpool.btree.spine import NodeCache
 from thinpool.checksum import BlockType
 from thinpool.errors import ChecksumError, MetadataCorrupt
 from thinpool.io.block_store import FileBlockStore

@@ -756,13 +756,13 @@ def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: py
         pass
 
     calls = []
-    real = pool_mod._write_manifest
+    real = pool_mod._append_manifest
 
-    def write_manifest(p: Path, m: dict) -> None:
+    def write_manifest(p: Path, m: dict) -> int:
         calls.append(m)
         if (crash_at == "pending manifest write") == (len(calls) == 1):
             raise Crash()
-        real(p, m)
+        return real(p, m)
 
     def tm_commit(*a: object, **k: object) -> None:
         raise Crash()  # power lost before the superblock write: the old one stays on disk
@@ -770,7 +770,7 @@ def test_crash_during_delete_keeps_name_and_size(tmp_path: Path, monkeypatch: py
     if crash_at == "metadata superblock":
         monkeypatch.setattr(pool.md.tm, "commit", tm_commit)
     else:
-        monkeypatch.setattr(pool_mod, "_write_manifest", write_manifest)
+        monkeypatch.setattr(pool_mod, "_append_manifest", write_manifest)
     with pytest.raises(Crash):
         pool.delete_thin(2)
     monkeypatch.undo()

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner, Result
-from thinpool_cli.main import cli
 
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 KiB, MiB = 1 << 10, 1 << 20
 

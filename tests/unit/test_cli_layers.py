@@ -37,3 +37,9 @@ def test_the_cli_and_benchmarks_do_not_reach_into_the_engine(path: Path) -> None
     bad = [n for n in imported(path) if any(n == e or n.startswith(e + ".") for e in ENGINE)]
     assert not bad, f"{path.relative_to(REPO)} imports engine internals {bad}"
 
+
+
+def test_no_cli_module_is_over_400_lines() -> None:
+    long = {str(p.relative_to(REPO)): n for p in sorted((REPO / "cli").glob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

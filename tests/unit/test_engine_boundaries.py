@@ -12,8 +12,7 @@ import pytest
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.btree.spine import NodeCache
 from thinpool.errors import DeviceNotFound, InvalidArgument
-from thinpool.formats.device_details import (pack_block_time, pack_block_times, unpack_block_time,
-                                             unpack_block_times)
+from thinpool.formats.device_details import pack_block_time, pack_block_times, unpack_block_time, unpack_block_times
 from thinpool.io.block_store import MemoryBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.spacemap.core import CoreSpaceMap

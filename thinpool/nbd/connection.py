@@ -350,7 +350,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             if new is not None:
                 new.close()
             return
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new
         self._reading = True
         new.set_write_buffer_limits(high=self.opts.max_reply_bytes, low=self.opts.max_reply_bytes // 4)
         self._tls = True
@@ -527,7 +527,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             exc = f.exception()
             if exc is not None:
                 if not isinstance(exc, ConnectionAbortedError):
-                    self._device_failed(cmd, cookie, exp, exc)  # type: ignore[arg-type]
+                    self._device_failed(cmd, cookie, exp, exc)
             elif cmd == P.CMD_READ:
                 self._reply_read(cookie, offset, f.result())
             else:

@@ -179,7 +179,7 @@ class HandshakeMixin:
         except (ValueError, UnicodeDecodeError):
             self._opt_error(opt, P.REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO")
             return None
-        exp = self.server.find(name)
+        exp: _Export | None = self.server.find(name)
         if exp is None:
             self._opt_error(opt, P.REP_ERR_UNKNOWN, f"no export named {name!r}")
             return None

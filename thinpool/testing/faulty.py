@@ -279,7 +279,7 @@ class MemoryDataStore:
         self.bytes_written += len(data)
 
     def punch(self, offset: int, length: int) -> None:
-        for c, o, pos, n in self._spans(offset, length):
+        for c, o, _pos, n in self._spans(offset, length):
             if o == 0 and n == self.chunk_bytes:
                 self.chunks.pop(c, None)
             elif c in self.chunks:
