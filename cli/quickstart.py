@@ -11,7 +11,7 @@ import shutil
 
 import click
 
-POOL_FILES = {"metadata", "data", "pool.json", "pool.json.tmp", "lock"}
+POOL_FILES = {"metadata", "data", "pool.json", "pool.json.journal", "pool.json.tmp", "lock"}
 
 
 def _is_thinpool_dir(path: str) -> bool:
