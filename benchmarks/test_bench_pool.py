@@ -32,7 +32,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

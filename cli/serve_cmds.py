@@ -162,7 +162,7 @@ def _tls_options(tls: str | None, cert: str | None, key: str | None, ca: str | N
         click.echo(f"thinpool: warning: serving plaintext NBD on {host}, reachable from the network", err=True)
     elif network and tls == "on":
         click.echo(f"thinpool: warning: TLS is optional on {host}: plaintext clients are served too", err=True)
-    ctx = server_context(cert, key, ca) if cert and tls != "off" else None
+    ctx = server_context(cert, key, ca) if cert and key and tls != "off" else None
     return tls, ctx
 
 

@@ -222,7 +222,7 @@ def validate_changed(m: dict[str, Any], keys: Any, path: str, pool: str = "POOL"
     if not isinstance(devs, dict):
         raise bad("devices is missing or not an object")
     out_devs = dict(devs)
-    named = {}
+    named: dict[str, Any] = {}
     for key in keys:
         if key not in devs:
             continue

@@ -17,6 +17,7 @@ from typing import Any
 
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
+
 from thinpool_cli.main import cli
 
 BASE_SIZE = "256M"

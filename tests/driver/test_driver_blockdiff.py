@@ -7,11 +7,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from driver_helpers import oci_layout, tar_bytes
-from thinpool_cli.main import cli
 
 from thinpool.driver import DeviceSet, Driver
 from thinpool.driver.store import mounted
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 
 def ok(*args: object, pool: Path) -> str:

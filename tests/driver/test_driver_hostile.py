@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from driver_helpers import oci_layout, tar_bytes
-from thinpool_cli.main import cli
 
 from thinpool.driver import DeviceSet, Driver
 from thinpool.driver.rootfs import walk
 from thinpool.driver.store import mounted
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 pytestmark = pytest.mark.timeout(300)
 

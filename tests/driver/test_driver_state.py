@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
 from driver_helpers import oci_layout, tar_bytes
-from thinpool_cli.main import cli
 
 from thinpool.driver import DeviceSet, Driver
 from thinpool.driver.state import human_size
 from thinpool.pool import Pool
+from thinpool_cli.main import cli
 
 
 def run(*args: object, pool: Path | None = None):

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from conftest import need_tool, run_tool
+
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata, format_report
 

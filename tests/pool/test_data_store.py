@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pool_helpers import CH, is_data, is_hole
+
 from thinpool.io.data_store import DataStore
 
 

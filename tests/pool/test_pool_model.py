@@ -23,12 +23,11 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import need_tool, run_tool
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
-from conftest import need_tool, run_tool
 from thinpool.errors import NoDataSpace
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata, format_report

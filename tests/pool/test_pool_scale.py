@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from pool_helpers import CH, check_pool, is_data, is_hole, pattern
+
 from thinpool import manifest as mf
 from thinpool import pool as pool_mod
 from thinpool.errors import InvalidArgument, ManifestError

@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from pool_helpers import CH, check_pool, is_data, is_hole, pattern
+
 from thinpool.errors import DeviceNotFound, InvalidArgument, NoDataSpace, OutOfBounds, PoolLocked, ReadOnly
 from thinpool.pool import Pool
 

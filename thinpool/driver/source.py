@@ -236,12 +236,13 @@ def _docker_images(files: _Files) -> list[ImageSpec]:
     specs = []
     for entry in manifest:
         entry = _obj(files, entry, "a manifest.json entry")
-        names = [entry.get("Config")] + _list(files, entry.get("Layers"), "Layers")
+        config_name = entry.get("Config")
+        layer_names = _list(files, entry.get("Layers"), "Layers")
         tags = _list(files, entry.get("RepoTags"), "RepoTags")
-        if not all(isinstance(n, str) for n in names + tags):
+        if not isinstance(config_name, str) or not all(isinstance(n, str) for n in layer_names + tags):
             raise files.bad("manifest.json: Config, Layers and RepoTags must be strings")
-        config = files.read(entry["Config"])
-        layers = [LayerBlob(n, _opener(files, n)) for n in names[1:]]
+        config = files.read(config_name)
+        layers = [LayerBlob(n, _opener(files, n)) for n in layer_names]
         specs.append(ImageSpec(config, layers, [normalize_ref(r) for r in tags]))
     return specs
 

@@ -91,6 +91,7 @@ class MappingValue:
     """Bottom-level leaf values (block_time): each holds one reference on its data block."""
 
     size = 8
+    batch_dec = True  # dec takes a whole uint64 array (BTree.delete batches leaves)
 
     def __init__(self, data_sm: PagedSpaceMap) -> None:
         self.data_sm = data_sm
