@@ -156,7 +156,7 @@ def pool_create(path: str | None, pool_path: str | None, size: int, chunk_size: 
             show_status(p, True)
         else:
             click.echo(f"created pool {target}: {size // chunk_size} chunks of {chunk_size // 1024}KiB, "
-                       f"{p.md.nr_metadata_blocks} metadata blocks")
+                       f"{p.nr_metadata_blocks} metadata blocks")
 
 
 @pool.command("status")
@@ -284,7 +284,7 @@ def pool_commit(pool_path: str | None) -> None:
     """
     with open_pool(pool_path) as p:
         p.commit()
-        click.echo(f"committed transaction {p.md.trans_id}", err=True)
+        click.echo(f"committed transaction {p.transaction_id}", err=True)
 
 
 @pool.command("repair")
@@ -344,7 +344,7 @@ def pool_trim(path: str | None, pool_path: str | None) -> None:
     """
     with open_pool(_one_pool(path, pool_path)) as p:
         n = p.trim()
-        click.echo(f"trimmed {n} unused chunk(s) of {p.md.nr_data_blocks}", err=True)
+        click.echo(f"trimmed {n} unused chunk(s) of {p.nr_data_blocks}", err=True)
 
 
 @pool.command("rebuild-manifest")

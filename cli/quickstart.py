@@ -53,7 +53,7 @@ def quickstart(directory: str, png: bool) -> None:
     # printf / head | tr, no file is assumed)
     step(f"thinpool pool create {d} --size 64M --chunk-size 64k")
     with Pool.create(directory, data_size=64 << 20, chunk_size=chunk) as p:
-        click.echo(f"pool {directory}: {p.md.nr_data_blocks} chunks of 64KiB, nothing allocated")
+        click.echo(f"pool {directory}: {p.nr_data_blocks} chunks of 64KiB, nothing allocated")
 
         step(f"thinpool thin create 1 --size 4M --name vol --pool {d}")
         vol = p.create_thin(1, 4 << 20, name="vol")
@@ -63,7 +63,7 @@ def quickstart(directory: str, png: bool) -> None:
         vol.write(0, b"A" * (4 * chunk))
         step(f"printf 'hello, thin world' | thinpool thin write vol --offset 1M --pool {d} -")
         vol.write(1 << 20, b"hello, thin world")
-        click.echo(f"{p.md.data_sm.nr_allocated()} chunks allocated: 4 for the 256 KiB, 1 for the small write "
+        click.echo(f"{p.nr_allocated_data_blocks} chunks allocated: 4 for the 256 KiB, 1 for the small write "
                    "(the rest of that chunk is zeroed)")
 
         step(f"thinpool thin snap 2 vol --name vol-snap --pool {d}")
@@ -74,7 +74,7 @@ def quickstart(directory: str, png: bool) -> None:
              "# overwrite 4 KiB with 'B'")
         vol.write(chunk, b"B" * 4096)
         snap = p.device(2)
-        click.echo(f"copy-on-write: chunk 1 of vol now has its own data block; {p.md.data_sm.nr_allocated()} chunks "
+        click.echo(f"copy-on-write: chunk 1 of vol now has its own data block; {p.nr_allocated_data_blocks} chunks "
                    "allocated")
         click.echo(f"vol reads {vol.read(chunk, 4)!r}..., vol-snap still reads {snap.read(chunk, 4)!r}...")
         p.commit()

@@ -133,11 +133,10 @@ class PidFile:
 def fail_served_pool(pool: Any, reason: str) -> None:
     """After a failed commit while serving: back to the last commit, needs_check set (best effort, as dm-thin's
     metadata_operation_failed), the pool released without committing, one error for the CLI."""
-    for step in (pool.md.abort, pool.md.set_needs_check):
-        try:
-            step()
-        except Exception:
-            pass
+    try:
+        pool.fail(reason)
+    except Exception:
+        pass  # best effort: the device may be failing; nothing is committed either way
     pool.crash_close()
     raise ServedPoolFailed(reason=reason)
 

@@ -235,7 +235,7 @@ def thin_flush(ref: str | None, pool_path: str | None) -> None:
             p.device(_resolve(p, ref)).flush()
         else:
             p.commit()
-        click.echo(f"committed: transaction {p.md.trans_id}, {p.status().used_data_blocks} chunks used", err=True)
+        click.echo(f"committed: transaction {p.transaction_id}, {p.status().used_data_blocks} chunks used", err=True)
 
 
 

@@ -47,7 +47,7 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, a
         if created:
             # whole chunks the image has data in: an upper bound of what the import allocates
             upper = sum(-(-e // ch) - s // ch for s, e in extents)
-            if not p.md.data_sm.has_free(upper):
+            if not p.has_free_data_blocks(upper):
                 p.ensure_free(len(_nonzero_chunks(fd, size, extents, ch)))
             assert isinstance(ref_v, int)
             dev = p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)

@@ -323,7 +323,7 @@ class ControlServer:
             if self.host.failed() is not None:
                 st["mode"] = "failed"
             return {"status": st, "chunk_bytes": pool.chunk_bytes, "path": str(pool.path),
-                    "trans_id": pool.md.trans_id, "manifest_devices": pool.manifest.get("devices", {}),
+                    "trans_id": pool.transaction_id, "manifest_devices": pool.manifest.get("devices", {}),
                     "devices": [_device_info(pool, d) for d in pool.list_devices()]}
 
         return self.host.run(info)  # type: ignore[no-any-return]
@@ -377,7 +377,7 @@ class ControlServer:
 
         def commit() -> int:
             self.pool.commit()
-            return int(self.pool.md.trans_id)
+            return int(self.pool.transaction_id)
 
         return int(self.host.run(commit))
 

@@ -579,6 +579,43 @@ class Pool:
             return "a metadata commit failed"
         return self._failure
 
+    def fail(self, reason: str) -> None:
+        """Fail the pool from outside (a server whose commit failed): as dm-thin's metadata_operation_failed, back
+        to the last commit, needs_check set (best effort), read-only; every later write and flush raises
+        PoolFailed."""
+        with self.lock:
+            self._fail(reason)
+
+    # --- what callers above the pool may read (so nothing outside reaches into the metadata) -------------------
+    @property
+    def transaction_id(self) -> int:
+        """The metadata's transaction id (dm-thin's; moves with every committed device change)."""
+        return int(self.md.trans_id)
+
+    @property
+    def nr_data_blocks(self) -> int:
+        """Chunks of the data device."""
+        return int(self.md.nr_data_blocks)
+
+    @property
+    def nr_metadata_blocks(self) -> int:
+        """4 KiB blocks of the metadata device."""
+        return int(self.md.nr_metadata_blocks)
+
+    @property
+    def nr_allocated_data_blocks(self) -> int:
+        """Chunks in use now (this transaction included)."""
+        return int(self.md.data_sm.nr_allocated())
+
+    def has_free_data_blocks(self, n: int) -> bool:
+        """At least ``n`` chunks are free now."""
+        return bool(self.md.data_sm.has_free(n))
+
+    @property
+    def metadata_blocks_written(self) -> int:
+        """Metadata blocks written since the pool was opened (benchmarks count the metadata cost of a write)."""
+        return int(self.md.tm.blocks_written)
+
     def _fail(self, reason: str, *, abort: bool = True) -> None:
         """dm-thin's metadata_operation_failed: abort to the last commit, set needs_check, go read-only.
         Every later write and flush raises PoolFailed."""

@@ -143,14 +143,14 @@ def device_series(workdir: Path, io_size: int, pattern: str, chunk: int, zero: b
 
         def measure(phase: str, fn: Callable[[int], Any], raw_fn: Callable[[int], Any], raw_final: Callable[[], Any],
                     final: Callable[[], Any]) -> None:
-            w0, m0 = pool.data.bytes_written, pool.md.tm.blocks_written
+            w0, m0 = pool.data.bytes_written, pool.metadata_blocks_written
             secs, lat = _timed(ops, fn, final)
             wa = (pool.data.bytes_written - w0) / (len(ops) * io_size) if phase[:4] != "read" else 0.0
-            mb = (pool.md.tm.blocks_written - m0) / len(ops)
+            mb = (pool.metadata_blocks_written - m0) / len(ops)
             rsecs, rlat = _timed(ops, raw_fn, raw_final)
             cells.append(Cell(io_size, pattern, phase, chunk, zero, len(ops), secs, rsecs, _pct(lat, 50),
                               _pct(lat, 99), _pct(rlat, 50), _pct(rlat, 99), wa, mb,
-                              pool.md.data_sm.nr_allocated() * chunk))
+                              pool.nr_allocated_data_blocks * chunk))
 
         def w(off: int) -> None:
             dev.write(off, buf)

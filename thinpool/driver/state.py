@@ -125,7 +125,7 @@ class DeviceSet:
         self.next_device_id = 0
         self.base_uuid = ""
         self.base_fs = ""
-        self.open_transaction_id = pool.md.trans_id
+        self.open_transaction_id = pool.transaction_id
         self.transaction_hash = ""
         self.transaction_device_id = 0
 
@@ -188,12 +188,12 @@ class DeviceSet:
         self.base_uuid = ds.get("BaseDeviceUUID", "")
         self.base_fs = ds.get("BaseDeviceFilesystem", "")
         tx = _read_json(self.metadata_dir / "transaction-metadata")
-        self.open_transaction_id = int(tx.get("open_transaction_id", self.pool.md.trans_id))
+        self.open_transaction_id = int(tx.get("open_transaction_id", self.pool.transaction_id))
         self.transaction_hash = tx.get("device_hash", "")
         self.transaction_device_id = int(tx.get("device_id", 0))
 
     def _process_pending_transaction(self) -> None:
-        pool_tid = self.pool.md.trans_id
+        pool_tid = self.pool.transaction_id
         if self.open_transaction_id == pool_tid:
             return
         if self.open_transaction_id < pool_tid:
@@ -233,13 +233,13 @@ class DeviceSet:
                                  "BaseDeviceFilesystem": self.base_fs}))
 
     def _open_transaction(self, h: str, device_id: int) -> None:
-        self.open_transaction_id = self.pool.md.trans_id + 1
+        self.open_transaction_id = self.pool.transaction_id + 1
         self.transaction_hash = h
         self.transaction_device_id = device_id
         self._save_transaction()
 
     def _close_transaction(self) -> None:
-        self.pool.set_transaction_id(self.pool.md.trans_id, self.open_transaction_id)
+        self.pool.set_transaction_id(self.pool.transaction_id, self.open_transaction_id)
 
     def _next_free_device_id(self) -> int:
         used = set(self.pool.list_devices()) | {d.device_id for d in self.devices.values()}

@@ -203,7 +203,7 @@ def import_diff(pool: Pool, dev_id: int, f: BinaryIO, *, snap_prefix: str = "",
 
 
 def _check_space(pool: Pool, need: int) -> None:
-    free = pool.md.data_sm.nr_blocks - pool.md.data_sm.nr_allocated()
+    free = pool.nr_data_blocks - pool.nr_allocated_data_blocks
     if need > free:
         raise NoDataSpace(requested=need)
 

@@ -833,8 +833,8 @@ class ThinpoolDM(Driver):
 
     def counters(self) -> dict[str, int]:
         return {"data_written_bytes": self.pool.data.bytes_written,
-                "metadata_written_bytes": self.pool.md.tm.blocks_written * 4096,
-                "allocated_bytes": self.pool.md.data_sm.nr_allocated() * self.chunk_size}
+                "metadata_written_bytes": self.pool.metadata_blocks_written * 4096,
+                "allocated_bytes": self.pool.nr_allocated_data_blocks * self.chunk_size}
 
     def usage(self) -> dict[str, int]:
         return {"space_bytes": du_bytes(self.pool_dir / "data") + du_bytes(self.pool_dir / "metadata"),
