@@ -472,6 +472,18 @@ class RemotePool:
         return int(self._info()["chunk_bytes"])
 
     @property
+    def transaction_id(self) -> int:
+        return int(self._info()["trans_id"])
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return int(self._info()["status"]["total_data_blocks"])
+
+    @property
+    def nr_metadata_blocks(self) -> int:
+        return int(self._info()["status"]["total_metadata_blocks"])
+
+    @property
     def manifest(self) -> dict[str, Any]:
         return {"devices": self._info()["manifest_devices"]}
 
