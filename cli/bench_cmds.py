@@ -12,6 +12,10 @@ import click
 SUITE_PARTS = ("device", "goals", "snapshot", "cowlab", "qcow2")
 
 
+QUICK_NOTE = ("thinpool bench: --quick measures short spans with few rounds: its numbers are noisy (ratios move "
+              "by about 0.1 on a shared machine); use a full run for figures to quote")
+
+
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Smaller spans, sizes and counts (about a minute per part).")
 @click.option("--only", "parts", multiple=True, type=click.Choice([*SUITE_PARTS, "drivers"]),
@@ -41,6 +45,8 @@ def bench(quick: bool, parts: tuple[str, ...], as_json: bool, png_dir: Path | No
         def progress(msg: str) -> None:
             prog.update(task, description=msg)
 
+        if quick:
+            click.echo(QUICK_NOTE, err=True)
         if suite_parts:
             from thinpool_bench import suite
 
