@@ -46,6 +46,7 @@ def test_entry_point_help_version_and_a_session(tmp_path: Path):
     assert r.returncode == 0 and r.stdout.startswith(b"<superblock") and b"single_mapping" in r.stdout
 
 
+@pytest.mark.external
 def test_quickstart_subprocess_is_rerunnable(tmp_path: Path):
     r = thinpool("quickstart", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -167,6 +167,7 @@ def test_locked_pool_refuses_writers_and_changes_nothing(busy_pool: Path):
         holder.communicate("", timeout=30)
 
 
+@pytest.mark.external
 def test_corrupt_metadata(tmp_path: Path, busy_pool: Path):
     bad = tmp_path / "bad"
     shutil.copytree(busy_pool, bad)
@@ -185,6 +186,7 @@ def test_corrupt_metadata(tmp_path: Path, busy_pool: Path):
     assert run_tool("thin_check", str(bad / "metadata"), check=False).returncode == 1
 
 
+@pytest.mark.external
 def test_pool_made_by_cli_passes_thin_check(busy_pool: Path):
     need_tool("thin_check")
     r = run_tool("thin_check", str(busy_pool / "metadata"), check=False)

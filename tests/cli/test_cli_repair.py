@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
 
@@ -12,6 +13,7 @@ from thinpool.pool import Pool
 from thinpool_cli.main import cli
 
 
+@pytest.mark.external
 def test_repair_salvages_a_pool_with_a_damaged_leaf(tmp_path) -> None:
     need_tool("thin_check")
     with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
@@ -44,6 +46,7 @@ def test_repair_refuses_in_place(tmp_path) -> None:
     assert os.path.exists(meta)
 
 
+@pytest.mark.external
 def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
     need_tool("thin_check", "thin_dump")
     with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
@@ -65,6 +68,7 @@ def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
     assert CliRunner().invoke(cli, ["check", "-m", str(out)]).exit_code == 0
 
 
+@pytest.mark.external
 def test_check_auto_repair_text_output_and_refusal(tmp_path) -> None:
     need_tool("thin_check")
     from thinpool.io.block_store import FileBlockStore

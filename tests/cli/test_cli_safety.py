@@ -315,6 +315,7 @@ def test_faults_at_every_event_of_the_cli_write_paths(tmp_path: Path, monkeypatc
 
 
 # --- issue 16: status as the kernel prints it, metadata-size as thin_metadata_size -------------------------------
+@pytest.mark.external
 def test_pool_status_is_the_kernels_line_on_thin_restore_metadata(tmp_path: Path) -> None:
     """Metadata written by the real thin_restore; the expected line is built from its raw superblock with the
     kernel's rules (dm-thin.c pool_status; the reserve of dm-thin-metadata.c __set_metadata_reserve, the
@@ -356,6 +357,7 @@ def test_pool_status_is_the_kernels_line_on_thin_restore_metadata(tmp_path: Path
     assert st["metadata_percent"] == round(100 * used_meta / meta_nr, 2)
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("args", [
     "-b 64k -s 1t -m 1000", "-b 64k -s 8064k -m 2 -u k", "-b 64 -s 1g -m 1", "-b 64k -s 1g -m 1 -u g",
     "-b 64k -s 1t -m 1k -u K", "-b 1m -s 1t -m 100 -n", "-b 64k -s 1g -m 1 -u m -n", "-b 4k -s 1t -m 1 -u b",
@@ -377,6 +379,7 @@ def test_metadata_size_errors(args: str, msg: str) -> None:
     assert msg in fails(1, "metadata-size", *args.split()).stderr
 
 
+@pytest.mark.external
 def test_thin_resize_rename_discard_trim(tmp_path: Path) -> None:
     from conftest import need_tool, run_tool
 
@@ -402,6 +405,7 @@ def test_thin_resize_rename_discard_trim(tmp_path: Path) -> None:
     assert run_tool("thin_check", str(p / "metadata"), check=False).returncode == 0
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("op", ["merge", "rollback"])
 def test_merge_and_rollback_against_a_byte_model(tmp_path: Path, op: str) -> None:
     from conftest import need_tool, run_tool

@@ -31,6 +31,7 @@ def targets(images: dict[str, Path], busy: Path) -> list[Path]:
 
 
 # --- dump -------------------------------------------------------------------------------------------------------
+@pytest.mark.external
 def test_dump_equals_thin_dump(images, busy_pool: Path, tmp_path: Path):
     need_tool("thin_dump")
     for t in targets(images, busy_pool):
@@ -61,6 +62,7 @@ def test_dump_json_matches_xml(busy_pool: Path):
 
 
 # --- ls / delta / rmap ------------------------------------------------------------------------------------------
+@pytest.mark.external
 def test_ls_equals_thin_ls(images, busy_pool: Path):
     need_tool("thin_ls")
     for t in targets(images, busy_pool):
@@ -86,6 +88,7 @@ DELTA_PAIRS = {"f3_snapshot": [(1, 2), (2, 1), (7, 8), (1, 7)],
                "f7_many_devices": [(0, 3), (3, 6), (6, 1197), (12, 0)]}
 
 
+@pytest.mark.external
 def test_delta_equals_thin_delta(images, busy_pool: Path):
     need_tool("thin_delta")
     cases = [(images[n], a, b) for n, pairs in DELTA_PAIRS.items() for a, b in pairs]
@@ -115,6 +118,7 @@ RMAP_REGIONS = [["0..100000"], ["0..3"], ["10..12"], ["1..2"], ["2990..3100"], [
                 ["5000..6000"]]
 
 
+@pytest.mark.external
 def test_rmap_equals_thin_rmap(images, busy_pool: Path):
     need_tool("thin_rmap")
     for t in targets(images, busy_pool):
@@ -140,6 +144,7 @@ def check_steps(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if "(warning)" not in ln]
 
 
+@pytest.mark.external
 def test_check_mirrors_thin_check(images, busy_pool: Path):
     need_tool("thin_check")
     for t in targets(images, busy_pool):
@@ -152,6 +157,7 @@ def test_check_mirrors_thin_check(images, busy_pool: Path):
     assert report["ok"] and report["devices"] == 3 and report["errors"] == []
 
 
+@pytest.mark.external
 def test_check_finds_corruption(images, tmp_path: Path):
     need_tool("thin_check")
     bad = tmp_path / "bad.bin"
@@ -176,6 +182,7 @@ def test_check_finds_corruption(images, tmp_path: Path):
     assert "metadata corrupt" in fails(4, "ls", "-o", "DEV,EXCLUSIVE_BLOCKS", bad).stderr
 
 
+@pytest.mark.external
 def test_check_clear_needs_check_flag(images, tmp_path: Path):
     need_tool("thin_dump")
     f5 = tmp_path / "f5.bin"
@@ -202,6 +209,7 @@ def test_check_needs_check_on_pool_dir_then_clear(busy_pool: Path):
 
 
 # --- restore ----------------------------------------------------------------------------------------------------
+@pytest.mark.external
 def test_restore_passes_thin_check(tmp_path: Path):
     need_tool("thin_check", "thin_dump")
     for name in IMAGE_NAMES:
@@ -212,6 +220,7 @@ def test_restore_passes_thin_check(tmp_path: Path):
         assert run_tool("thin_dump", str(out)).stdout == (IMAGES / f"{name}.xml").read_text(), name
 
 
+@pytest.mark.external
 def test_restore_round_trip_of_a_thinpool_pool(busy_pool: Path, tmp_path: Path):
     need_tool("thin_check", "thin_dump", "thin_restore")
     xml = tmp_path / "busy.xml"
@@ -228,6 +237,7 @@ def test_restore_round_trip_of_a_thinpool_pool(busy_pool: Path, tmp_path: Path):
     assert ok("dump", real).stdout == xml.read_text()
 
 
+@pytest.mark.external
 def test_restore_into_a_pool_directory(busy_pool: Path, tmp_path: Path):
     xml = tmp_path / "busy.xml"
     ok("dump", busy_pool, "-o", xml)
@@ -355,6 +365,7 @@ def test_tool_target_errors(tmp_path: Path):
     assert r.exit_code == 1 and r.stdout == ""
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("seed,dev_chunks", [(1, 64), (2, 64), (3, 1024), (4, 1024)])
 def test_random_pools_agree_with_the_real_tools(tmp_path: Path, seed: int, dev_chunks: int):
     """Pools built by random writes, snapshots of snapshots, overwrites and deletes: dump, ls, delta and rmap equal
@@ -400,6 +411,7 @@ def test_random_pools_agree_with_the_real_tools(tmp_path: Path, seed: int, dev_c
                 run_tool("thin_delta", "--verbose", "--snap1", str(a), "--snap2", str(b), md).stdout
 
 
+@pytest.mark.external
 def test_damaged_metadata_never_gives_a_traceback_and_check_agrees_with_thin_check(busy_pool: Path,
                                                                                    tmp_path: Path):
     """Bytes of random metadata blocks overwritten: every tool answers with one error line (or a result), never a

@@ -68,6 +68,7 @@ class Serve:
         return self.proc.returncode, out, err
 
 
+@pytest.mark.external
 def test_pool_commands_reach_the_running_server(pooldir):
     pool = os.path.join(pooldir, "pool")
     sock = os.path.join(pooldir, "s.sock")
@@ -117,6 +118,7 @@ def test_pool_commands_reach_the_running_server(pooldir):
     run_tool("thin_check", os.path.join(pool, "metadata"))
 
 
+@pytest.mark.external
 def test_snapshot_while_fio_writes(pooldir):
     """A snapshot through the control channel while fio (nbd engine, verify) writes to the origin and a second
     client writes flush-marked rounds: the snapshot is a consistent cut of the origin at that moment (every

@@ -100,6 +100,7 @@ def test_init_writes_mobys_records(pool: Path) -> None:
     fails(1, "driver", "init", pool=pool)  # once only
 
 
+@pytest.mark.external
 def test_interrupted_create_is_rolled_back_at_the_next_open(pool: Path) -> None:
     with Pool.open(pool) as p:
         ds = DeviceSet.open(p)

@@ -116,6 +116,7 @@ def blocks(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+@pytest.mark.external
 def test_files_and_sizes(fuse_mount):
     m = fuse_mount(disk=64 * MiB, small=MiB)
     assert sorted(os.listdir(m.mnt)) == ["disk", "small"]
@@ -227,6 +228,7 @@ def make_tree(root: str, seed: int = 1) -> None:
     shutil.copytree(src, os.path.join(root, "thinpool_src"), ignore=shutil.ignore_patterns("__pycache__"))
 
 
+@pytest.mark.external
 def test_loop_ext4_on_fuse_file(fuse_mount):
     need_loop()
     need_tool("losetup", "mkfs.ext4", "e2fsck", "fstrim", "mount", "umount", "diff")

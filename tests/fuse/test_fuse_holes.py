@@ -35,6 +35,7 @@ def test_seek_data_and_hole(fuse_mount):  # noqa: F811
         os.close(fd)
 
 
+@pytest.mark.external
 def test_cp_sparse_and_qemu_img_map_see_holes(fuse_mount):  # noqa: F811
     need_tool("qemu-img", "cp")
     m = fuse_mount(disk=32 * MiB)

@@ -85,6 +85,7 @@ def used_blocks(pool_path: str) -> int:
         return pool.status().used_data_blocks
 
 
+@pytest.mark.external
 def test_thin_device_ext4_fstrim_snapshot():
     need_fuse()
     need_loop()

@@ -26,6 +26,7 @@ def _mounted(path: str) -> bool:
         return any(line.split()[1] == real for line in f)
 
 
+@pytest.mark.external
 def test_nbdfuse_loop_ext4_fstrim():
     need_root_feature("/dev/fuse", os.path.exists("/dev/fuse"))
     need_root_feature("loop devices", os.path.exists("/dev/loop-control") and os.geteuid() == 0)

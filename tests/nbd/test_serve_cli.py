@@ -55,6 +55,7 @@ class Serve:
         return self.proc.returncode, out, err
 
 
+@pytest.mark.external
 def test_serve_write_map_trim_commit(pooldir):
     need_tool("nbdinfo", "qemu-io")
     pool_path = os.path.join(pooldir, "pool")
@@ -84,6 +85,7 @@ def test_serve_write_map_trim_commit(pooldir):
     assert not os.path.exists(sock)
 
 
+@pytest.mark.external
 def test_serve_export_selection_and_tcp(pooldir):
     need_tool("nbdinfo")
     pool_path = os.path.join(pooldir, "pool")
@@ -112,6 +114,7 @@ def test_serve_errors(pooldir):
     assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.external
 def test_serve_read_only(pooldir):
     need_tool("nbdinfo", "qemu-io")
     pool_path = os.path.join(pooldir, "pool")
@@ -133,6 +136,7 @@ def test_serve_read_only(pooldir):
         assert pool.device(0).read(0, 4096) == b"\x42" * 4096
 
 
+@pytest.mark.external
 def test_serve_nbdcopy_and_qemu_img_on_thin_device(pooldir):
     need_tool("nbdcopy", "nbdinfo", "qemu-img")
     pool_path = os.path.join(pooldir, "pool")

@@ -311,6 +311,7 @@ class PoolMachine(RuleBasedStateMachine):
 PoolMachine.TestCase.settings = settings(PoolMachine.TestCase.settings, stateful_step_count=50)
 
 
+@pytest.mark.external
 def test_pool_against_byte_model() -> None:
     need_tool("thin_check")
     PoolMachine.TestCase().runTest()
