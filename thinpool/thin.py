@@ -285,15 +285,12 @@ class ThinDevice:
                         buf = None
                         if m is not None:  # break sharing: copy the whole chunk, then write the piece
                             pool.stats["cow_copies"] += 1
-                            copy = getattr(data, "copy", None)
-                            if copy is not None:
-                                if run_file >= 0:
-                                    data.pwrite(run_file, view[run_start:run_end])
-                                    run_file = -1
-                                copy(m[0] * ch, db * ch, ch)  # in the kernel where it can
-                                data.pwrite(file_off, view[vstart:vstart + n])
-                                continue
-                            buf = bytearray(data.pread(m[0] * ch, ch))
+                            if run_file >= 0:
+                                data.pwrite(run_file, view[run_start:run_end])
+                                run_file = -1
+                            data.copy(m[0] * ch, db * ch, ch)  # in the kernel where it can (copy_file_range)
+                            data.pwrite(file_off, view[vstart:vstart + n])
+                            continue
                         else:
                             origin = pool.external_origin(dev)
                             if origin is not None and cs < origin.size:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from thinpool.errors import HostNoSpace, StoreIOError
 from thinpool.io.block_store import _io_error
@@ -49,6 +49,36 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate [offset, offset+length) of a file (reads return zeros). False where unsupported."""
     r: int = (_fallocate or _load_fallocate())(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     return r == 0
+
+
+@runtime_checkable
+class DataStoreProtocol(Protocol):
+    """What the pool and its thin devices need of a data device (DataStore on a sparse file; the in-memory and
+    fault-injecting stores of thinpool.testing): byte-addressed reads and writes, an in-file copy, hole punching."""
+
+    chunk_bytes: int
+    path: str
+    bytes_read: int
+    bytes_written: int
+
+    @property
+    def size(self) -> int: ...
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def preadinto(self, offset: int, view: memoryview) -> None: ...
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def copy(self, src: int, dst: int, length: int) -> None: ...
+
+    def punch(self, offset: int, length: int) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def resize(self, size: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DataStore:

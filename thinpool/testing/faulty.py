@@ -267,6 +267,11 @@ class MemoryDataStore:
         self.bytes_read += length
         return bytes(out)
 
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        """DataStoreProtocol.preadinto: ``len(view)`` bytes at ``offset`` into ``view`` (through pread, so the
+        same faults, write cache and counters apply)."""
+        view[:] = self.pread(offset, len(view))
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)
         if data:
@@ -342,6 +347,11 @@ class FaultyDataStore:
                 buf[lo - offset:hi - offset] = bytes(hi - lo)
         self.bytes_read += length
         return bytes(buf)
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        """DataStoreProtocol.preadinto: ``len(view)`` bytes at ``offset`` into ``view`` (through pread, so the
+        same faults, write cache and counters apply)."""
+        view[:] = self.pread(offset, len(view))
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)
