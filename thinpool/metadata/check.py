@@ -194,20 +194,10 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
             return None
         entries = parse_metadata_index(buf, min(n, 255))
     else:
-        ok, leaves = w.tree(root.bitmap_root, 16)
-        if not ok:
+        found = _sm_index(w, root)
+        if found is None:
             return None
-        i = 0
-        for keys, node in leaves:
-            for k, v in zip(keys.tolist(), node.values):
-                if k != i:
-                    w.problem(f"data space map index: key {k} where {i} expected", node.block)
-                    return None
-                entries.append(parse_index_entry(v))
-                i += 1
-        if len(entries) != n:
-            w.problem(f"data space map index has {len(entries)} bitmaps, expected {n}", root.bitmap_root)
-            return None
+        entries = found
     counts = np.zeros(n * E, dtype=np.int64)
     good = True
     for i, e in enumerate(entries):
