@@ -482,7 +482,31 @@ class AufsLike(Overlay):
 # ---------------------------------------------------------------------------------------------------------------
 # vfs: a full copy per layer
 # ---------------------------------------------------------------------------------------------------------------
-class Vfs(Driver):
+class _BranchingDriver(Driver):
+    """Drivers whose layers and containers are whole trees made from their parent (vfs: a copy; btrfs: a
+    snapshot): one layer, or a container's -init and rw trees, each a new branch of the one below."""
+
+    layer_prefix = container_prefix = ""
+
+    def _branch(self, src: str | None, dst: str) -> Path:
+        """A new tree ``dst`` made from ``src`` (an empty one when None)."""
+        raise NotImplementedError
+
+    def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
+        ids: list[str] = []
+        for i, layer in enumerate(layers):
+            lid = f"{self.layer_prefix}{tag}-L{i}"
+            I.apply_layer(I.HostWriter(self._branch(ids[-1] if ids else None, lid)), layer)
+            ids.append(lid)
+        return ids
+
+    def create_container(self, cid: str, layer_id: str) -> None:
+        c = self.container_prefix
+        I.apply_layer(I.HostWriter(self._branch(layer_id, f"{c}{cid}-init")), I.init_layer())
+        self._branch(f"{c}{cid}-init", f"{c}{cid}")
+
+
+class Vfs(_BranchingDriver):
     """moby's vfs driver: every layer and container is a full copy of its parent (``cp -a``) plus its changes."""
 
     name = "vfs"
@@ -491,7 +515,7 @@ class Vfs(Driver):
         super().setup()
         (self.root / "dir").mkdir()
 
-    def _copy(self, src: str | None, dst: str) -> Path:
+    def _branch(self, src: str | None, dst: str) -> Path:
         d = self.root / "dir" / dst
         if src is None:
             d.mkdir(0o755)
@@ -499,19 +523,6 @@ class Vfs(Driver):
             run(["cp", "-a", "--reflink=never", str(self.root / "dir" / src), str(d)])
         return d
 
-    def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
-        ids: list[str] = []
-        for i, layer in enumerate(layers):
-            lid = f"{tag}-L{i}"
-            d = self._copy(ids[-1] if ids else None, lid)
-            I.apply_layer(I.HostWriter(d), layer)
-            ids.append(lid)
-        return ids
-
-    def create_container(self, cid: str, layer_id: str) -> None:
-        init = self._copy(layer_id, f"{cid}-init")
-        I.apply_layer(I.HostWriter(init), I.init_layer())
-        self._copy(f"{cid}-init", cid)
 
     def delete_container(self, cid: str) -> None:
         shutil.rmtree(self.root / "dir" / cid)
@@ -533,7 +544,7 @@ class Vfs(Driver):
 # ---------------------------------------------------------------------------------------------------------------
 # btrfs on a loop file
 # ---------------------------------------------------------------------------------------------------------------
-class Btrfs(Driver):
+class Btrfs(_BranchingDriver):
     """moby's btrfs driver: a subvolume per layer, a snapshot for each child layer and container."""
 
     name = "btrfs"
@@ -565,7 +576,9 @@ class Btrfs(Driver):
         (self.mnt / "l").mkdir()
         (self.mnt / "c").mkdir()
 
-    def _sub(self, src: str | None, dst: str) -> Path:
+    layer_prefix, container_prefix = "l/", "c/"
+
+    def _branch(self, src: str | None, dst: str) -> Path:
         d = self.mnt / dst
         if src is None:
             run(["btrfs", "subvolume", "create", str(d)])
@@ -573,19 +586,6 @@ class Btrfs(Driver):
             run(["btrfs", "subvolume", "snapshot", str(self.mnt / src), str(d)])
         return d
 
-    def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
-        ids: list[str] = []
-        for i, layer in enumerate(layers):
-            lid = f"l/{tag}-L{i}"
-            d = self._sub(ids[-1] if ids else None, lid)
-            I.apply_layer(I.HostWriter(d), layer)
-            ids.append(lid)
-        return ids
-
-    def create_container(self, cid: str, layer_id: str) -> None:
-        init = self._sub(layer_id, f"c/{cid}-init")
-        I.apply_layer(I.HostWriter(init), I.init_layer())
-        self._sub(f"c/{cid}-init", f"c/{cid}")
 
     def delete_container(self, cid: str) -> None:
         run(["btrfs", "subvolume", "delete", "-C", str(self.mnt / "c" / cid), str(self.mnt / "c" / f"{cid}-init")])
