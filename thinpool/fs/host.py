@@ -21,8 +21,8 @@ import errno as _errno
 import os
 import secrets
 import stat as statmod
-from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from thinpool.errors import FileNotFound, FsError, FsNoSpace, IsADirectory, LocalFileError, NotADirectory
 
@@ -87,20 +87,27 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 
 def _write_extents(fs: Filesystem, inp: IO[bytes], dst: str, size: int) -> int:
     """Write the data extents of open host file ``inp`` into the new ext2 file ``dst``; returns bytes written."""
-    total = 0
     with fs.open(dst, "xb") as out:
-        for start, length in data_extents(inp.fileno(), size):
-            inp.seek(start)
-            out.seek(start)
-            left = length
-            while left:
-                chunk = inp.read(min(IO_CHUNK, left))
-                if not chunk:
-                    break
-                out.write(chunk)
-                left -= len(chunk)
-                total += len(chunk)
-        out.truncate(size)  # a trailing hole
+        return _copy_extents(inp, out, data_extents(inp.fileno(), size), size)
+
+
+def _copy_extents(inp: Any, out: Any, extents: Iterable[tuple[int, int]], size: int) -> int:
+    """Copy the (start, length) data extents from ``inp`` to the same offsets of ``out`` (host files or ext2 Files,
+    either way), leave the rest a hole
+    (a trailing one too: ``out`` ends at ``size``); returns the bytes copied."""
+    total = 0
+    for start, length in extents:
+        inp.seek(start)
+        out.seek(start)
+        left = length
+        while left:
+            chunk = inp.read(min(IO_CHUNK, left))
+            if not chunk:
+                break
+            out.write(chunk)
+            left -= len(chunk)
+            total += len(chunk)
+    out.truncate(size)
     return total
 
 
@@ -311,18 +318,5 @@ def _get_any(fs: Filesystem, src: str, dst: str, stats: CopyStats, archive: bool
 
 
 def _get_file(fs: Filesystem, src: str, dst: str, size: int) -> int:
-    total = 0
     with fs.open(src, "rb") as inp, open(dst, "wb") as out:
-        for start, length in fs.data_ranges(src):
-            inp.seek(start)
-            out.seek(start)
-            left = length
-            while left:
-                chunk = inp.read(min(IO_CHUNK, left))
-                if not chunk:
-                    break
-                out.write(chunk)
-                left -= len(chunk)
-                total += len(chunk)
-        out.truncate(size)
-    return total
+        return _copy_extents(inp, out, fs.data_ranges(src), size)
