@@ -86,13 +86,18 @@ class FsFiles(FsNamei):
         self._check_writable()
         if offset < 0:
             raise FsError(reason=f"negative offset {offset}: {path}", path=path, errno=_errno.EINVAL)
+        ino, inode = self._regular(path)
+        return self._write(ino, inode, offset, data, path)
+
+    def _regular(self, path: str) -> tuple[int, Inode]:
+        """The inode number and inode of regular file ``path``; IsADirectory / FsError (EINVAL) otherwise."""
         ino = self._lookup(path)
         inode = self._inode(ino)
         if inode.is_dir:
             raise IsADirectory(path=path)
         if not inode.is_reg:
             raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
-        return self._write(ino, inode, offset, data, path)
+        return ino, inode
 
     @_locked
     def data_ranges(self, path: str) -> list[tuple[int, int]]:
@@ -102,12 +107,7 @@ class FsFiles(FsNamei):
         Raises:
             FileNotFound, IsADirectory, FsError (EINVAL: not a regular file).
         """
-        ino = self._lookup(path)
-        inode = self._inode(ino)
-        if inode.is_dir:
-            raise IsADirectory(path=path)
-        if not inode.is_reg:
-            raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
+        ino, inode = self._regular(path)
         bs = self.block_size
         size = inode.size
         out = []
@@ -121,12 +121,7 @@ class FsFiles(FsNamei):
     @_locked
     def truncate(self, path: str, size: int) -> None:
         self._check_writable()
-        ino = self._lookup(path)
-        inode = self._inode(ino)
-        if inode.is_dir:
-            raise IsADirectory(path=path)
-        if not inode.is_reg:
-            raise FsError(reason=f"not a regular file: {path}", path=path, errno=_errno.EINVAL)
+        ino, inode = self._regular(path)
         self._truncate(ino, inode, size)
 
     # --- by inode number, for open File objects -------------------------------------------------------------

@@ -227,6 +227,7 @@ class Overlay(Driver):
 
     name = "overlayfs"
     kernel = True
+    whiteouts = "overlay"  # how layer directories mark deletions: 0/0 char devices (aufs-like: .wh. files)
 
     def unavailable(self) -> str | None:
         with open("/proc/filesystems") as f:
@@ -242,7 +243,7 @@ class Overlay(Driver):
         self.parent: dict[str, str] = {}
 
     def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
-        dirs = I.write_layer_dirs(self.root / "l" / tag, layers, "overlay")
+        dirs = I.write_layer_dirs(self.root / "l" / tag, layers, self.whiteouts)
         ids: list[str] = []
         below: list[str] = []
         for i, d in enumerate(dirs):
@@ -255,7 +256,7 @@ class Overlay(Driver):
     def create_container(self, cid: str, layer_id: str) -> None:
         c = self.root / "c" / cid
         init = c / "i"
-        I._write_layer_dir(init, I.init_layer(), "overlay", {})
+        I._write_layer_dir(init, I.init_layer(), self.whiteouts, {})
         for d in ("u", "w", "m"):
             (c / d).mkdir()
         rel = f"c/{cid}"
@@ -435,24 +436,14 @@ class AufsLike(Overlay):
 
     name = "aufs-like"
     kernel = False
+    whiteouts = "aufs"
 
     def unavailable(self) -> str | None:
         return None
 
-    def import_layers(self, tag: str, layers: list[list[Op]]) -> list[str]:
-        dirs = I.write_layer_dirs(self.root / "l" / tag, layers, "aufs")
-        ids: list[str] = []
-        below: list[str] = []
-        for i, d in enumerate(dirs):
-            lid = f"{tag}/L{i}"
-            below = [str(d.relative_to(self.root))] + below
-            self.chain[lid] = list(below)
-            ids.append(lid)
-        return ids
-
     def create_container(self, cid: str, layer_id: str) -> None:
         c = self.root / "c" / cid
-        I._write_layer_dir(c / "i", I.init_layer(), "aufs", {})
+        I._write_layer_dir(c / "i", I.init_layer(), self.whiteouts, {})
         (c / "u").mkdir()
         self.parent[cid] = layer_id
 
