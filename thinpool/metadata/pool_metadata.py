@@ -61,7 +61,7 @@ from thinpool.formats.superblock import (
     parse_superblock,
 )
 from thinpool.io.block_store import BlockStore
-from thinpool.metadata.thin_device import ThinDeviceMetadata
+from thinpool.metadata.thin_device import MappingCache, ThinDeviceMetadata
 from thinpool.spacemap.core import CoreSpaceMap, RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.paged import PagedSpaceMap
@@ -169,9 +169,11 @@ class PoolMetadata:
         self.top = BTree(tm, SubtreeValue(tm, self.mapping))
         self.tree = TwoLevelTree(self.top, self.mapping)
         self.details_tree = BTree(tm, NoRefValue(24))
+        self._mcaches: dict[int, MappingCache] = {}  # per-device lookup caches (metadata/thin_device.py)
         self._load_state(sb)
 
     def _load_state(self, sb: Superblock) -> None:
+        self._forget_mappings()
         self.time = sb.time
         self.trans_id = sb.trans_id
         self.flags = sb.flags
@@ -327,6 +329,29 @@ class PoolMetadata:
         device exists yet (its calls raise DeviceNotFound once it does not)."""
         return ThinDeviceMetadata(self, dev_id)
 
+    def mapping_cache(self, dev_id: int) -> MappingCache:
+        """The lookup cache of ``dev_id`` (metadata/thin_device.py MappingCache), created on first use.
+
+        Raises:
+            DeviceNotFound: no device ``dev_id``.
+        """
+        c = self._mcaches.get(dev_id)
+        if c is None:
+            c = self._mcaches[dev_id] = MappingCache(self, dev_id, self.get_device(dev_id))
+        return c
+
+    def _forget_mappings(self, dev_id: int | None = None) -> None:
+        """Drop the lookup cache of ``dev_id`` (all devices' when None): its mappings or root changed other than
+        by ``insert``, or the in-core state is reloaded."""
+        if dev_id is None:
+            for c in self._mcaches.values():
+                c.invalidate()
+            self._mcaches.clear()
+        else:
+            old = self._mcaches.pop(dev_id, None)
+            if old is not None:
+                old.invalidate()
+
     def device_root(self, dev_id: int) -> int:
         self.get_device(dev_id)
         return self._roots[dev_id]
@@ -344,6 +369,7 @@ class PoolMetadata:
             raise DeviceExists(dev_id=dev_id)
         sub = self.mapping.empty()
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        self._forget_mappings(dev_id)
         self._roots[dev_id] = sub
         self.devices[dev_id] = ThinDetails(dev_id, 0, self.trans_id, self.time, self.time, changed=True,
                                            owner=self._changed_ids)
@@ -360,6 +386,7 @@ class PoolMetadata:
         root = self._roots[origin_id]
         self.tm.inc(root)
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
+        self._forget_mappings(dev_id)
         self._roots[dev_id] = root
         self.time += 1
         origin.snapshotted_time = self.time
@@ -375,6 +402,7 @@ class PoolMetadata:
         self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
         del self.devices[dev_id]
         del self._roots[dev_id]
+        self._forget_mappings(dev_id)
 
     # --- mappings ---------------------------------------------------------------------------------------------
     def lookup(self, dev_id: int, thin_block: int) -> tuple[int, int] | None:
@@ -416,6 +444,9 @@ class PoolMetadata:
         value = pack_block_time(data_block, self.time if time is None else time)
         self.mapping_root, new_sub, is_new = self.tree.insert(self.mapping_root, dev_id, thin_block, value)
         self._roots[dev_id] = new_sub
+        c = self._mcaches.get(dev_id)
+        if c is not None:
+            c.put(thin_block, value)
         if is_new:
             d.mapped_blocks += 1
             d.changed = True
@@ -430,6 +461,8 @@ class PoolMetadata:
         self._check_writable()
         d = self.get_device(dev_id)
         self.mapping_root, new_sub, n = self.tree.remove_range(self.mapping_root, dev_id, lo, hi)
+        if n:
+            self._forget_mappings(dev_id)
         self._roots[dev_id] = new_sub
         if n:
             d.mapped_blocks -= n
@@ -480,6 +513,7 @@ class PoolMetadata:
             self.data_sm.inc_many(data_blocks.astype(np.int64))
         sub = self.mapping.build(thin_blocks.astype(np.uint64), values)
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        self._forget_mappings(dev_id)
         self._roots[dev_id] = sub
         d = details or DeviceDetails(0, self.trans_id, self.time, self.time)
         self.devices[dev_id] = ThinDetails(dev_id, len(thin_blocks), d.transaction_id, d.creation_time,
