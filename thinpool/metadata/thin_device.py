@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from thinpool.errors import DeviceNotFound
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from thinpool.metadata.pool_metadata import PoolMetadata, ThinDetails
 
 

@@ -28,9 +28,7 @@ In memory, cost follows the work, not the pool:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Final
 
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
@@ -44,10 +42,17 @@ from thinpool.formats.space_map import (
     encode_bitmap,
 )
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 E: Final = ENTRIES_PER_BITMAP
 _BATCH: Final = 4096  # allocation candidates taken from a page at a time
-_INDEX_DTYPE: Final = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
+# a list, not an np.dtype: building that at import would load numpy (numpy takes the list wherever a dtype goes)
+_INDEX_DTYPE: Final = [("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")]
 
 
 def nr_bitmaps(nr_blocks: int) -> int:
