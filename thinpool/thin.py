@@ -29,6 +29,7 @@ from thinpool.units import lazy_module
 if TYPE_CHECKING:
     import numpy as np
 
+    from thinpool.metadata.thin_device import MappingCache
     from thinpool.pool import Pool
 else:
     np = lazy_module("numpy")
@@ -46,6 +47,9 @@ class ThinDevice:
         self.chunk = pool.chunk_bytes
         self.md = pool.md.device(dev_id)
         self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
+        self._mc: MappingCache | None = None  # the device's mapping cache while it stays valid
+        self._manifest: object = None  # the pool manifest ``_size`` was read from
+        self._size = 0
 
     def __repr__(self) -> str:
         return f"ThinDevice(dev_id={self.dev_id}, size={self.size})"
@@ -59,22 +63,42 @@ class ThinDevice:
         return self.pool.device_name(self.dev_id)
 
     # --- reading ----------------------------------------------------------------------------------------------
+    def _cache(self) -> MappingCache:
+        """The device's mapping cache, fetched again once the metadata dropped the one held."""
+        mc = self._mc
+        if mc is None or not mc.valid:
+            mc = self._mc = self.md.cache()
+        return mc
+
+    def _size_now(self) -> int:
+        """The device's size; re-read only when the pool's manifest changed (every change of the device table
+        installs a new manifest object), so the I/O paths do not walk the manifest on every call."""
+        m = self.pool.manifest
+        if m is not self._manifest:
+            self._size = self.pool.device_size(self.dev_id)
+            self._manifest = m
+        return self._size
+
     def read(self, offset: int, length: int) -> bytes:
-        """The bytes of [offset, offset+length). One range lookup; a range that is one physically contiguous run
-        (or one hole) is a single pread (or one zeroed allocation) with no further copy."""
+        """The bytes of [offset, offset+length). Inside one chunk: a mapping-cache hit (no tree walk) and one
+        pread; wider: one range lookup, and a range that is one physically contiguous run (or one hole) is a
+        single pread (or one zeroed allocation) with no further copy."""
         pool = self.pool
-        size = pool.device_size(self.dev_id)
+        size = self._size if pool.manifest is self._manifest else self._size_now()
         if offset < 0 or length <= 0 or offset + length > size:
             check_bounds(size, offset, length)
             return b""
         ch = self.chunk
         first = offset // ch
         with pool.lock:
-            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup, one pread
-                m = self.md.find_block(first)
-                if m is None:
+            if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup, one pread
+                mc = self._mc
+                if mc is None or not mc.valid:
+                    mc = self._cache()
+                v = mc.map.get(first)
+                if v is None and (v := mc.find(first)) is None:
                     return self._unprovisioned(offset, length)
-                return pool.data.pread(m[0] * ch + offset - first * ch, length)
+                return pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
             return self._read(offset, length)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
@@ -82,15 +106,19 @@ class ThinDevice:
         zeroed in place). Returns the number of bytes read (always ``len(buf)``)."""
         view = memoryview(buf).cast("B")
         length = len(view)
-        check_bounds(self.size, offset, length)
+        check_bounds(self._size_now(), offset, length)
         if not length:
             return 0
         ch = self.chunk
         first = offset // ch
         with self.pool.lock:
-            if (offset + length - 1) // ch == first:  # inside one chunk: one lookup
-                m = self.md.find_block(first)
-                plan = [[0, length, -1 if m is None else m[0] * ch + offset - first * ch]]
+            if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup
+                mc = self._cache()
+                v = mc.find(first)
+                if v is None:
+                    plan = [[0, length, -1]]
+                else:
+                    plan = [[0, length, (v >> mc.TIME_BITS) * ch + offset - first * ch]]
             else:
                 plan = self._plan(offset, length)
             self._fill(view, offset, plan)
@@ -202,19 +230,37 @@ class ThinDevice:
 
     # --- writing ----------------------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        check_bounds(self.size, offset, len(view))
-        if not len(view):
+        """Write ``data`` at ``offset`` (see the module docstring for provisioning and copy-on-write). An
+        overwrite inside one chunk the device owns (mapped at or after its snapshot time) is a mapping-cache hit
+        and one pwrite."""
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        size = self._size if self.pool.manifest is self._manifest else self._size_now()
+        if offset < 0 or offset + n > size:
+            check_bounds(size, offset, n)
+        if not n:
             return
-        with self.pool.lock:
-            self.pool.check_writable()
+        pool = self.pool
+        with pool.lock:
+            pool.check_writable()
             try:
-                self._write(offset, view)
+                ch = self.chunk
+                first = offset // ch
+                if (offset + n - 1) // ch == first:
+                    mc = self._mc
+                    if mc is None or not mc.valid:
+                        mc = self._cache()
+                    v = mc.map.get(first)
+                    if v is None:
+                        v = mc.find(first)
+                    if v is not None and v & mc.TIME_MASK >= mc.details.snapshotted_time:
+                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
+                        return
+                self._write(offset, memoryview(data).cast("B"))
             except NoMetadataSpace:
                 self._metadata_exhausted()
                 raise
             finally:
-                self.pool.fire_low_water()
+                pool.fire_low_water()
 
     def _metadata_exhausted(self) -> None:
         """Out of metadata space in the middle of an I/O: as dm-thin, drop the open transaction and put the pool

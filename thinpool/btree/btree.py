@@ -98,6 +98,32 @@ class BTree:
             return node.values[i]
         return None
 
+    def lookup_leaf(self, root: int, key: int) -> tuple[int, int, Any, Any]:
+        """The leaf a ``lookup(root, key)`` ends in, as (lo, hi, keys, values): every lookup of a key in
+        [lo, hi) ends in that same leaf, so for such a key the leaf's entries answer it (present, or absent).
+        ``keys``/``values`` are the node's own arrays (read-only to the caller; a writable node may change them
+        later: copy what is kept). When the descent stops above the leaves (``key`` is below an internal node's
+        first key, which ``lookup`` answers with None), the range is that gap and the entries are empty.
+        O(log n); what the per-device mapping cache (metadata/thin_device.py) fills from.
+        """
+        lo, hi = 0, 1 << 64
+        node = self._read(root)
+        depth = 0
+        while not node.is_leaf:
+            keys = node.keys
+            i = bisect_right(keys, key) - 1
+            if i < 0:  # below this node's first key: lookup says absent for the whole gap
+                return lo, min(hi, keys[0]), (), ()
+            if keys[i] > lo:
+                lo = keys[i]
+            if i + 1 < len(keys) and keys[i + 1] < hi:
+                hi = keys[i + 1]
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, key)
+            node = self._read(node.values[i])
+        return lo, hi, node.keys, node.values
+
     def leaves(self, root: int, lo: int = 0, hi: int | None = None) -> Iterator[Node]:
         """Leaves in key order that may hold keys in [lo, hi) (through the one walker, btree/walk.py)."""
         for node, _ in walk_nodes(self.tm, root, value_size=self.value_size, lo=lo, hi=hi):

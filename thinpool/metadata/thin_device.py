@@ -11,13 +11,23 @@ the no-space policy and the low-water mark); ``release`` gives back a block allo
 
 The handle holds no state of its own: it looks the device up on every call, so it stays valid across commits and
 aborts, and raises DeviceNotFound once the device is deleted.
+
+Lookups go through a per-device MappingCache held by the PoolMetadata (one per device, shared by every handle and
+ThinDevice of that device): the leaves recent lookups ended in, as one dict {thin block: packed block_time} plus the
+key ranges those leaves cover (a key in a covered range that is not in the dict is unmapped). A hit is one dict
+lookup, no tree walk. Invariant: while ``valid``, the cache agrees with the device's tree in the open transaction.
+PoolMetadata keeps it so: ``insert`` writes the new value into the cache; every other change of the device's
+mappings or root (remove_range, delete, create over the id, build_device) and every reload of the in-core state
+(abort, open) drops the device's cache (``valid`` goes False: holders fetch a new one). Commits change no mapping.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from bisect import bisect_right
+from typing import TYPE_CHECKING, Final, Protocol
 
 from thinpool.errors import DeviceNotFound
+from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,6 +45,77 @@ class DataAllocator(Protocol):
             NoDataSpace: the pool is full (after waiting, under the queue policy).
         """
         ...
+
+
+# cached mappings per device before the cache starts over (about 6 MiB; 4 GiB of a device at 64 KiB chunks)
+MAPPING_CACHE_MAX_ENTRIES: Final = 1 << 16
+
+
+class MappingCache:
+    """The mappings of one device that recent lookups saw (see the module docstring). Used under the pool lock."""
+
+    __slots__ = ("pmd", "dev_id", "details", "valid", "map", "starts", "ends", "fills")
+    TIME_BITS: Final = TIME_BITS  # a cached value is packed: data block << TIME_BITS | time (kernel block_time)
+    TIME_MASK: Final = TIME_MASK
+
+    def __init__(self, pmd: PoolMetadata, dev_id: int, details: ThinDetails) -> None:
+        self.pmd = pmd
+        self.dev_id = dev_id
+        self.details = details  # the device's in-core details (snapshotted_time is read live from here)
+        self.valid = True
+        self.map: dict[int, int] = {}  # thin block -> packed block_time, for every key of the cached leaves
+        self.starts: list[int] = []  # covered key ranges [starts[i], ends[i]), sorted, disjoint
+        self.ends: list[int] = []
+        self.fills = 0  # tree descents made to fill the cache (tests and benchmarks count them)
+
+    def find(self, thin_block: int) -> int | None:
+        """The packed block_time mapped at ``thin_block``, or None when unmapped. A hit is a dict lookup; a miss
+        outside the covered ranges descends the tree once and caches the leaf it ends in.
+
+        Raises:
+            MetadataCorrupt: the leaf maps a block past the data device (that leaf is not cached).
+        """
+        v = self.map.get(thin_block)
+        if v is not None:
+            return v
+        i = bisect_right(self.starts, thin_block) - 1
+        if i >= 0 and thin_block < self.ends[i]:
+            return None
+        return self._fill(thin_block)
+
+    def _fill(self, thin_block: int) -> int | None:
+        pmd = self.pmd
+        root = pmd.device_root(self.dev_id)
+        lo, hi, keys, values = pmd.mapping.lookup_leaf(root, thin_block)
+        self.fills += 1
+        nr_data = pmd.data_sm.nr_blocks
+        if len(values) and nr_data and max(values) >> TIME_BITS >= nr_data:
+            pmd.lookup(self.dev_id, thin_block)  # raises MetadataCorrupt if this block is the bad one
+            j = bisect_right(keys, thin_block) - 1
+            return int(values[j]) if j >= 0 and keys[j] == thin_block else None
+        if len(self.map) + len(keys) > MAPPING_CACHE_MAX_ENTRIES:
+            self.map.clear()
+            self.starts.clear()
+            self.ends.clear()
+        self.map.update(zip(keys, values))
+        # Every recorded range stays right while the cache is valid: inserts go into the map as well, removals
+        # drop the cache. Ranges may come to overlap (an insert below a node's first key moves a leaf's start
+        # down into a gap recorded earlier); a key is answered from the last range starting at or before it, so
+        # an overlap costs at most one more descent, never a wrong answer.
+        j = bisect_right(self.starts, lo)
+        self.starts.insert(j, lo)
+        self.ends.insert(j, hi)
+        return self.map.get(thin_block)
+
+    def put(self, thin_block: int, value: int) -> None:
+        """The tree now maps ``thin_block`` to the packed ``value`` (PoolMetadata.insert calls this)."""
+        self.map[thin_block] = value
+
+    def invalidate(self) -> None:
+        self.valid = False
+        self.map = {}
+        self.starts = []
+        self.ends = []
 
 
 class ThinDeviceMetadata:
@@ -65,9 +146,19 @@ class ThinDeviceMetadata:
         """The kernel's __snapshotted_since: a mapping made at ``mapping_time`` may be shared."""
         return self._details().snapshotted_time > mapping_time
 
+    def cache(self) -> MappingCache:
+        """The device's mapping cache (valid now; keep it while ``valid`` holds).
+
+        Raises:
+            DeviceNotFound: no device ``dev_id``.
+        """
+        return self.pmd.mapping_cache(self.dev_id)
+
     def find_block(self, thin_block: int) -> tuple[int, int] | None:
-        """(data block, mapping time) of ``thin_block``, or None when unmapped. O(log n)."""
-        return self.pmd.lookup(self.dev_id, thin_block)
+        """(data block, mapping time) of ``thin_block``, or None when unmapped. O(1) on a cache hit, else
+        O(log n)."""
+        v = self.pmd.mapping_cache(self.dev_id).find(thin_block)
+        return None if v is None else (v >> TIME_BITS, v & TIME_MASK)
 
     def find_mapped_range(self, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(thin blocks, data blocks, times) of the mappings in [lo, hi) as uint64 arrays. O(log n + k)."""
