@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from thinpool.btree.walk import NodeView, Visitor, Where, walk_nodes
+from thinpool.btree.walk import NodeView, Visitor, Where, read_view, walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -152,28 +152,10 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     """
     if pmd.readonly:
         # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
-        grab = _OneNode()
-        for _ in walk_nodes(pmd.store, block, value_size=8, visitor=grab):
-            pass
-        view = grab.view
-        assert view is not None
+        view = read_view(pmd.store, block, value_size=8)
         return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
-
-
-class _OneNode(Visitor):
-    """Takes the root node of a walk and refuses every child pointer: a validated read of one node."""
-
-    def __init__(self) -> None:
-        self.view: NodeView | None = None
-
-    def ref(self, b: int, where: Where) -> bool:
-        return where.is_root
-
-    def node(self, view: NodeView, where: Where) -> None:
-        if where.is_root:
-            self.view = view
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
