@@ -119,8 +119,11 @@ class PagedSpaceMap:
         self.index_root = root.bitmap_root
         self.ref_count_root = root.ref_count_root
         n = nr_bitmaps(root.nr_blocks)
-        self._index = np.zeros(n, dtype=_INDEX_DTYPE)  # _INDEX_DTYPE per bitmap, valid where _loaded
-        self._loaded = np.zeros(-(-n // INDEX_WINDOW), dtype=bool)  # per window of INDEX_WINDOW entries
+        # _index: _INDEX_DTYPE per bitmap, valid where _loaded; _loaded: per window of INDEX_WINDOW entries. Both
+        # made on first use (properties below), so that a read-only open that never allocates does not load numpy.
+        self._nr_index = n
+        self._index_arr: np.ndarray | None = None
+        self._loaded_arr: np.ndarray | None = None
         self._pages: OrderedDict[int, _Page] = OrderedDict()
         self._dirty: set[int] = set()
         self._nr_allocated = root.nr_allocated
@@ -130,6 +133,26 @@ class PagedSpaceMap:
         self._freed: list[np.ndarray] = []  # blocks whose count dropped to 0 in this transaction (batches)
         self._freed_one: list[int] = []  # the same, one at a time (dec)
         self.changed = False
+
+    @property
+    def _index(self) -> np.ndarray:
+        if self._index_arr is None:
+            self._index_arr = np.zeros(self._nr_index, dtype=_INDEX_DTYPE)
+        return self._index_arr
+
+    @_index.setter
+    def _index(self, value: np.ndarray) -> None:
+        self._index_arr = value
+
+    @property
+    def _loaded(self) -> np.ndarray:
+        if self._loaded_arr is None:
+            self._loaded_arr = np.zeros(-(-self._nr_index // INDEX_WINDOW), dtype=bool)
+        return self._loaded_arr
+
+    @_loaded.setter
+    def _loaded(self, value: np.ndarray) -> None:
+        self._loaded_arr = value
 
     @classmethod
     def create(cls, tm: TransactionManager, nr_blocks: int, *, kind: str = "data") -> PagedSpaceMap:
