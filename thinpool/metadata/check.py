@@ -291,7 +291,8 @@ class _Refs:
     def users(self, blocks: np.ndarray) -> np.ndarray:
         """Reference counts of ``blocks`` (int64; call ``flush`` first)."""
         if self.dense is not None:
-            return self.dense[blocks].astype(np.int64)  # saturated at 255: only "> 1" is asked
+            got: np.ndarray = self.dense[blocks].astype(np.int64)  # saturated at 255: only "> 1" is asked
+            return got
         i = np.searchsorted(self.blocks, blocks)
         i = np.minimum(i, max(len(self.blocks) - 1, 0))
         if not len(self.blocks):

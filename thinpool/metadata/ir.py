@@ -175,6 +175,39 @@ def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.
     return node.keys, data, times
 
 
+def leaf_data(pmd: PoolMetadata, node: MappingNode) -> np.ndarray:
+    """The data blocks of a leaf (int64), checked against the data device's size, as ``leaf_mappings``
+    checks them, without the times.
+
+    Raises:
+        MetadataCorrupt: a data block beyond the data device.
+    """
+    data = (node.values >> np.uint64(TIME_BITS)).astype(np.int64)
+    nr_data = pmd.data_sm.nr_blocks
+    if len(data) and nr_data and int(data.max()) >= nr_data:
+        i = int(np.argmax(data >= nr_data))
+        raise MetadataCorrupt(block=node.block, reason=f"block {int(node.keys[i])} maps to data block "
+                                                       f"{int(data[i])} beyond the data device")
+    return data
+
+
+def leaves_data(pmd: PoolMetadata, nodes: Sequence[MappingNode]) -> np.ndarray:
+    """The data blocks of several leaves, concatenated in order (int64; one numpy pass for all of them),
+    checked as ``leaf_data`` checks them.
+
+    Raises:
+        MetadataCorrupt: a data block beyond the data device (naming the first such leaf).
+    """
+    if len(nodes) == 1:
+        return leaf_data(pmd, nodes[0])
+    data = (np.concatenate([n.values for n in nodes]) >> np.uint64(TIME_BITS)).astype(np.int64)
+    nr_data = pmd.data_sm.nr_blocks
+    if len(data) and nr_data and int(data.max()) >= nr_data:
+        for n in nodes:
+            leaf_data(pmd, n)
+    return data
+
+
 class _SkipSeen(Visitor):
     """Walk each node once across several walks (thin_rmap's repeated-visit avoidance), remembering block
     numbers only (the walker's memo would keep the nodes)."""
