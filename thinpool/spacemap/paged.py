@@ -114,6 +114,10 @@ class PagedSpaceMap:
         self.index_root = root.bitmap_root
         self.ref_count_root = root.ref_count_root
         n = nr_bitmaps(root.nr_blocks)
+        if n > max(self.tm.limit, 1) * INDEX_WINDOW:  # more index entries than the metadata device could hold
+            raise MetadataCorrupt(block=0, reason=f"{self.kind} space map of {root.nr_blocks} blocks needs {n} "
+                                                  f"bitmaps: more than a metadata device of {self.tm.limit} blocks "
+                                                  "can index")
         self._index = np.zeros(n, dtype=_INDEX_DTYPE)  # _INDEX_DTYPE per bitmap, valid where _loaded
         self._loaded = np.zeros(-(-n // INDEX_WINDOW), dtype=bool)  # per window of INDEX_WINDOW entries
         self._pages: OrderedDict[int, _Page] = OrderedDict()
