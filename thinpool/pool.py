@@ -475,7 +475,7 @@ class Pool:
         tm = md.tm
         if getattr(tm, "dirty", True) or getattr(tm, "dirty_raw", True):
             return False
-        if any(d.changed for d in md.devices.values()):
+        if md.details_changed():
             return False
         sb = md.sb
         if (md.trans_id, md.time, md.held_root, md.flags) != (sb.trans_id, sb.time, sb.held_root, sb.flags):
@@ -1157,7 +1157,7 @@ class Pool:
                 raise
             self.stats["commits"] += 1
             self._last_commit = _time.monotonic()
-            if self.discard_mode == "passdown" and freed:
+            if self.discard_mode == "passdown" and len(freed):
                 self._passdown(freed)
 
     def _passdown(self, freed: Any) -> None:
@@ -1167,8 +1167,7 @@ class Pool:
         delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
         durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
         their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
-        blocks = np.fromiter(freed, dtype=np.int64, count=len(freed))
-        blocks.sort()
+        blocks = np.unique(np.asarray(freed, dtype=np.int64))
         starts, ends = block_runs(blocks)
         ch = self.chunk_bytes
         step = max(1, PASSDOWN_MAX_BYTES // ch)

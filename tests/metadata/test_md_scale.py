@@ -84,6 +84,38 @@ def test_an_8tib_pool_writes_reads_commits_and_passes_thin_check(pool_8t):
     real_thin_check(pool_8t / "metadata")
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.external
+def test_a_write_to_an_8tib_pool_reads_one_index_window_and_commits_a_bounded_number(tmp_path):
+    """A writable open, three mappings (one far out) and a commit on a fresh 8 TiB pool: the data space map reads
+    one index window (of 33) and one bitmap (of 8,225), the commit writes about as many blocks as on a 1 GiB
+    pool, and the discard of those mappings frees exactly their blocks; thin_check passes on each state."""
+    written = {}
+    for size in (1 << 30, 8 * TIB):
+        path = tmp_path / f"p{size}"
+        Pool.create(path, data_size=size).close()
+        store = CountingStore(path / "metadata")
+        pmd = PoolMetadata.open(store)
+        opened = len(store.reads)
+        pmd.create_thin(1)
+        blocks = [pmd.alloc_data_block() for _ in range(3)]
+        for t, b in zip((0, 5, 1 << 30), blocks):
+            pmd.insert(1, t, b)
+        before = pmd.tm.blocks_written
+        assert len(pmd.commit()) == 0
+        written[size] = pmd.tm.blocks_written - before
+        sm = pmd.data_sm
+        assert int(sm._loaded.sum()) == 1 and sm.pages_loaded <= 1 and len(sm._pages) == 1
+        assert len(store.reads) - opened <= 4, store.reads[opened:]  # the index window, the bitmap, two nodes
+        real_thin_check(path / "metadata")
+        pmd.remove_range(1, 0, 1 << 31)
+        assert pmd.commit().tolist() == sorted(blocks)
+        assert sm.nr_allocated() == 0
+        store.close()
+        real_thin_check(path / "metadata")
+    assert written[8 * TIB] <= written[1 << 30] + 4, written  # the index tree is one level deeper at 8 TiB
+
+
 # --- the paged space map against a numpy oracle ----------------------------------------------------------------
 NR = 3 * E + 123  # four bitmaps, the last one partial
 
@@ -110,9 +142,13 @@ class Harness:
         self.sm.max_clean_pages = 1
         self.oracle = np.zeros(NR, dtype=np.int64)
         self.committed = self.oracle.copy()
+        self.freed: set[int] = set()  # blocks whose count dropped to 0 in this transaction
         self.commit()
 
     def commit(self) -> None:
+        expect = sorted(b for b in self.freed if self.oracle[b] == 0)
+        assert self.sm.freed_blocks().tolist() == expect
+        self.freed = set()
         self.sm.write()
         self.tm.pre_commit()
         self.tm.commit(bytearray(4096))
@@ -125,6 +161,7 @@ class Harness:
         self.meta.abort()
         self.sm.abort()
         self.oracle = self.committed.copy()
+        self.freed = set()
 
     def reopen(self) -> None:
         self.commit()
@@ -161,6 +198,8 @@ def test_paged_space_map_matches_a_numpy_oracle(ops, seed) -> None:
             else:
                 assert sm.dec(op[1]) == oracle[op[1]] - 1
                 oracle[op[1]] -= 1
+                if oracle[op[1]] == 0:
+                    h.freed.add(op[1])
         elif op[0] == "inc_many":
             if op[1]:
                 sm.inc_many(np.array(op[1], dtype=np.int64))
@@ -176,6 +215,7 @@ def test_paged_space_map_matches_a_numpy_oracle(ops, seed) -> None:
                         sm.dec_many(pick)
                 else:
                     sm.dec_many(pick)
+                    h.freed.update(b for b in pick.tolist() if want[b] == 0)
                     h.oracle = oracle = want
         elif op[0] == "evict":
             sm.evict_clean()

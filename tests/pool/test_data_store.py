@@ -1,5 +1,6 @@
-"""DataStore: pread/pwrite/punch on the sparse data file, and its known-holes bookkeeping (a punch of a chunk
-known to be a hole is skipped; anything written is punched for real)."""
+"""DataStore: pread/pwrite/punch on the sparse data file, and its hole check (a punch of a range the filesystem
+reports as a hole is skipped; anything written is punched for real), which costs one lseek for the range touched
+whatever the size of the file."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_punch_skips_known_holes_and_zeroes_written_chunks(tmp_path: Path) -> No
     ds.pwrite(6 * CH, b"z" * CH)
     ds.close()
 
-    # a new store scans the file: chunk 6 holds data, so zeroing it is a real punch
+    # a new store asks the filesystem: chunk 6 holds data, so zeroing it is a real punch
     ds = DataStore(str(path), CH)
     assert is_data(path, 6 * CH, CH)
     ds.punch(6 * CH, CH)
@@ -67,4 +68,35 @@ def test_copy_inside_the_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "copy_file_range", no_cfr)
     ds.copy(CH, 6 * CH, CH)
     assert ds.pread(6 * CH, CH) == src
+    ds.close()
+
+
+def test_hole_check_is_one_lseek_in_an_8tib_file(tmp_path: Path, monkeypatch) -> None:
+    """An 8 TiB sparse data file with data at both ends: a punch of a hole chunk anywhere costs one lseek and no
+    fallocate, a punch of a data chunk one lseek and one fallocate, and nothing is kept per chunk of the file."""
+    import os
+    import sys
+
+    from thinpool.io import data_store as ds_mod
+
+    path = tmp_path / "data"
+    path.write_bytes(b"")
+    ds = DataStore(str(path), CH)
+    ds.resize(8 << 40)
+    ds.pwrite(0, b"a" * CH)
+    ds.pwrite((8 << 40) - CH, b"z" * CH)
+    seeks: list[int] = []
+    real_lseek = os.lseek
+    punches: list[tuple[int, int]] = []
+    real_punch = ds_mod.punch_hole
+    monkeypatch.setattr(ds_mod.os, "lseek", lambda fd, pos, how: (seeks.append(how), real_lseek(fd, pos, how))[1])
+    monkeypatch.setattr(ds_mod, "punch_hole", lambda fd, o, n: (punches.append((o, n)), real_punch(fd, o, n))[1])
+    for chunk in (1, 12345, (8 << 40) // CH - 2, (4 << 40) // CH):
+        ds.punch(chunk * CH, CH)
+    assert seeks == [os.SEEK_DATA] * 4 and punches == [] and ds.punches_skipped == 4
+    ds.punch((8 << 40) - CH, CH)
+    assert len(seeks) == 5 and punches == [((8 << 40) - CH, CH)]
+    assert is_hole(path, (8 << 40) - CH, CH) and is_data(path, 0, CH)
+    monkeypatch.undo()
+    assert sys.getsizeof(ds.__dict__) < 4096 and all(sys.getsizeof(v) < 4096 for v in vars(ds).values())
     ds.close()

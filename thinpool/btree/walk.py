@@ -107,6 +107,15 @@ class NodeView:
         return np.frombuffer(self._node.keys, dtype=np.uint64)
 
     @property
+    def first_key(self) -> int:
+        """keys[0] as an int (no array made); the node must not be empty."""
+        return self._node.keys[0]
+
+    @property
+    def last_key(self) -> int:
+        return self._node.keys[-1]
+
+    @property
     def values(self) -> Any:
         """Children (internal, uint64), 8- or 4-byte values (numpy), or a list of bytes (wider values)."""
         v = self._node.values
@@ -130,6 +139,10 @@ class Visitor:
 
     def revisit(self, b: int, where: Where) -> None:
         """``b`` was already walked (found in the memo)."""
+
+    def node_end(self, view: NodeView, where: Where) -> None:
+        """An internal node after all its children were walked (post-order; first visits only): where a
+        visitor folds its children's results into the node's (the checker's subtree summaries)."""
 
     def error(self, err: MetadataCorrupt, where: Where) -> None:
         """Under the SALVAGE policy: ``err`` (with ``path`` filled) was found; its subtree is skipped."""
@@ -226,6 +239,8 @@ class _Walker:
         if not first and not self.replay:
             return
         yield from self.children(node, where, first)
+        if first:
+            visitor.node_end(NodeView(node), here)
 
     def children(self, node: Node, where: Where, first: bool) -> Iterator[tuple[Node, Where]]:
         keys = node.keys
@@ -275,6 +290,21 @@ def memo_leaves(memo: Memo, root: int, value_size: int) -> list[NodeView] | None
         return all(go(int(c), path + (b,)) for c in node.values)
 
     return out if go(root, ()) else None
+
+
+def read_view(source: Source, block: int, *, value_size: int) -> NodeView:
+    """One node, validated as the walker validates it (``decode_node``; through the node cache when ``source``
+    is a TransactionManager): for code that descends trees itself (thin_delta's paired descent).
+
+    Raises:
+        MetadataCorrupt / ChecksumError naming ``block`` (a block beyond the metadata device included).
+    """
+    if isinstance(source, TransactionManager):
+        return NodeView(NodeCache.of(source).read(block, value_size))
+    if not 0 <= block < source.nr_blocks:
+        raise MetadataCorrupt(block=block, reason=f"btree node pointer {block} beyond the metadata device "
+                                                  f"({source.nr_blocks} blocks)")
+    return NodeView(decode_node(source.read_block(block), block, value_size))
 
 
 def walk_nodes(source: Source, root: int, *, value_size: int, visitor: Visitor | None = None,

@@ -9,9 +9,11 @@ Opened as a pool file (no symlink, regular files only). A full host filesystem (
 NoSpace, never an EIO. ``dirty`` lists the byte ranges written since the last successful ``sync``: the pool uses it
 to tell whether a failed command overwrote committed chunks in place (then it cannot be undone by an abort).
 
-Known holes: the store remembers which chunks are holes (scanned once with SEEK_DATA/SEEK_HOLE at the first
-punch, then kept up to date by pwrite and punch), so zeroing a newly provisioned chunk that is still a hole (the
-common case: a fresh sparse file, or a chunk punched by discard passdown) costs no fallocate call.
+Known holes: before an aligned punch the store asks the filesystem (one ``lseek(SEEK_DATA)`` from the start of
+the range) whether the range holds any data; zeroing a newly provisioned chunk that is still a hole (the common
+case: a fresh sparse file, or a chunk punched by discard passdown) then costs no fallocate call and marks nothing
+dirty. The cost is one system call for the range touched, whatever the size of the file: no per-chunk map is
+kept (it was one byte per chunk, 128 MiB for an 8 TiB pool, and built by walking every extent of the file).
 """
 
 from __future__ import annotations
@@ -97,31 +99,23 @@ class DataStore:
         self.bytes_read = 0
         self.punched = 0
         self.punches_skipped = 0
-        # per chunk: 1 = known to be a hole (None: not scanned yet); a bytearray, so the per-pwrite update of
-        # one chunk costs a byte store, not a numpy call
-        self._holes: bytearray | None = None
+        self._seek_data = True  # the filesystem answers SEEK_DATA (cleared at the first EINVAL/EOPNOTSUPP)
 
-    def _scan_holes(self) -> bytearray:
-        """Which chunks of the file are holes, from SEEK_DATA / SEEK_HOLE (all unknown -> not a hole)."""
-        ch = self.chunk_bytes
-        size = self.size
-        holes = bytearray(b"\x01") * (-(-size // ch))
-        pos = 0
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) holds no data (one ``lseek(SEEK_DATA)``: O(1) in the file's size).
+        False where the filesystem cannot tell (then a punch is always done)."""
+        if not self._seek_data:
+            return False
         try:
-            while pos < size:
-                try:
-                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        break
-                    raise
-                end = os.lseek(self.fd, start, os.SEEK_HOLE)
-                a, b = start // ch, min(-(-end // ch), len(holes))
-                holes[a:b] = bytes(b - a)
-                pos = end
-        except OSError:
-            holes = bytearray(len(holes))  # no SEEK_DATA support: assume nothing is a hole
-        return holes
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after offset
+                return True
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                self._seek_data = False
+                return False
+            raise StoreIOError(what=self.path, op="seek", reason=e.strerror or str(e)) from e
+        return data >= offset + length
 
     @property
     def size(self) -> int:
@@ -174,17 +168,6 @@ class DataStore:
         if len(data):
             self._check_limit(offset + len(data))
             self._mark_dirty(offset, offset + len(data))
-        holes = self._holes
-        if holes is not None and len(data):
-            ch = self.chunk_bytes
-            a, b = offset // ch, (offset + len(data) - 1) // ch + 1
-            if b == a + 1:
-                if a < len(holes) and holes[a]:
-                    holes[a] = 0
-            else:
-                b = min(b, len(holes))
-                if b > a:
-                    holes[a:b] = bytes(b - a)
         try:
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
@@ -199,11 +182,6 @@ class DataStore:
         if length:
             self._check_limit(dst + length)
             self._mark_dirty(dst, dst + length)
-        if self._holes is not None and length:
-            ch = self.chunk_bytes
-            a, b = dst // ch, min((dst + length - 1) // ch + 1, len(self._holes))
-            if b > a:
-                self._holes[a:b] = bytes(b - a)
         done = 0
         try:
             while done < length:
@@ -227,19 +205,12 @@ class DataStore:
         if length <= 0:
             return
         ch = self.chunk_bytes
-        if self._holes is None:
-            self._holes = self._scan_holes()
-        first, end = -(-offset // ch), (offset + length) // ch  # chunks wholly inside the range
-        aligned = offset % ch == 0 and length % ch == 0
-        if aligned and end <= len(self._holes) and self._holes.find(0, first, end) < 0:
+        if offset % ch == 0 and length % ch == 0 and self.is_hole(offset, length):
             self.punches_skipped += 1
             return
         self._mark_dirty(offset, offset + length)
         if punch_hole(self.fd, offset, length):
             self.punched += length
-            end = min(end, len(self._holes))
-            if end > first:
-                self._holes[first:end] = b"\x01" * (end - first)
         else:
             self.pwrite(offset, bytes(length))
 
@@ -261,12 +232,6 @@ class DataStore:
         except OSError as e:
             raise _io_error(e, self.path, "resize") from e
         self._limit = size
-        if self._holes is not None:
-            n = -(-size // self.chunk_bytes)
-            if size > old and old % self.chunk_bytes == 0:  # the grown part is a hole
-                self._holes = self._holes[:n] + b"\x01" * max(0, n - len(self._holes))
-            else:
-                self._holes = None  # rescan at the next punch
 
     def close(self) -> None:
         if self.fd >= 0:

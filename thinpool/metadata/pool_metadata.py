@@ -20,7 +20,6 @@ Public methods check state (read-only, failed) then run inside the open transact
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,16 +71,39 @@ from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_
 MIN_METADATA_BLOCKS = 16
 
 
-@dataclass(slots=True)
 class ThinDetails:
-    """In-core device details (kernel struct dm_thin_device) with a ``changed`` flag."""
+    """In-core device details (kernel struct dm_thin_device) with a ``changed`` flag. Setting the flag also
+    records the device in its metadata's set of changed devices (``owner``), so a commit visits the devices
+    changed in the transaction, not every device of the pool."""
 
-    dev_id: int
-    mapped_blocks: int
-    transaction_id: int
-    creation_time: int
-    snapshotted_time: int
-    changed: bool = False
+    __slots__ = ("dev_id", "mapped_blocks", "transaction_id", "creation_time", "snapshotted_time", "_changed",
+                 "_owner")
+
+    def __init__(self, dev_id: int, mapped_blocks: int, transaction_id: int, creation_time: int,
+                 snapshotted_time: int, changed: bool = False, owner: set[int] | None = None) -> None:
+        self.dev_id = dev_id
+        self.mapped_blocks = mapped_blocks
+        self.transaction_id = transaction_id
+        self.creation_time = creation_time
+        self.snapshotted_time = snapshotted_time
+        self._owner = owner
+        self._changed = False
+        self.changed = changed
+
+    @property
+    def changed(self) -> bool:
+        return self._changed
+
+    @changed.setter
+    def changed(self, value: bool) -> None:
+        self._changed = value
+        if value and self._owner is not None:
+            self._owner.add(self.dev_id)
+
+    def __repr__(self) -> str:
+        return (f"ThinDetails(dev_id={self.dev_id}, mapped_blocks={self.mapped_blocks}, transaction_id="
+                f"{self.transaction_id}, creation_time={self.creation_time}, snapshotted_time="
+                f"{self.snapshotted_time}, changed={self._changed})")
 
     def to_disk(self) -> DeviceDetails:
         return DeviceDetails(self.mapped_blocks, self.transaction_id, self.creation_time, self.snapshotted_time)
@@ -159,10 +181,11 @@ class PoolMetadata:
         self.mapping_root = sb.data_mapping_root
         self.details_root = sb.device_details_root
         self.devices: dict[int, ThinDetails] = {}
+        self._changed_ids: set[int] = set()  # devices whose details changed in this transaction
         for dev_id, raw in self.details_tree.items(self.details_root):
             d = parse_device_details(raw)
             self.devices[dev_id] = ThinDetails(dev_id, d.mapped_blocks, d.transaction_id, d.creation_time,
-                                               d.snapshotted_time)
+                                               d.snapshotted_time, owner=self._changed_ids)
         self._roots: dict[int, int] = {k: int(v) for k, v in self.top.items(self.mapping_root)}
         if set(self._roots) != set(self.devices):
             raise MetadataCorrupt(block=self.details_root, reason="details tree and mapping tree disagree on "
@@ -348,7 +371,8 @@ class PoolMetadata:
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
         self._forget_mappings(dev_id)
         self._roots[dev_id] = sub
-        self.devices[dev_id] = ThinDetails(dev_id, 0, self.trans_id, self.time, self.time, changed=True)
+        self.devices[dev_id] = ThinDetails(dev_id, 0, self.trans_id, self.time, self.time, changed=True,
+                                           owner=self._changed_ids)
 
     def create_snap(self, dev_id: int, origin_id: int) -> None:
         """dm-thin 'create_snap': share the origin's mapping root (O(1)) and bump the pool time."""
@@ -368,7 +392,7 @@ class PoolMetadata:
         origin.snapshotted_time = self.time
         origin.changed = True
         self.devices[dev_id] = ThinDetails(dev_id, origin.mapped_blocks, self.trans_id, self.time, self.time,
-                                           changed=True)
+                                           changed=True, owner=self._changed_ids)
 
     def delete_thin(self, dev_id: int) -> None:
         """dm-thin 'delete': drop the device; only blocks nobody else references are freed."""
@@ -493,7 +517,7 @@ class PoolMetadata:
         self._roots[dev_id] = sub
         d = details or DeviceDetails(0, self.trans_id, self.time, self.time)
         self.devices[dev_id] = ThinDetails(dev_id, len(thin_blocks), d.transaction_id, d.creation_time,
-                                           d.snapshotted_time, changed=True)
+                                           d.snapshotted_time, changed=True, owner=self._changed_ids)
 
     # --- pool-wide messages -----------------------------------------------------------------------------------
     def set_transaction_id(self, current: int, new: int) -> None:
@@ -563,19 +587,19 @@ class PoolMetadata:
                                data_sm_root=self.data_disk.root(), metadata_sm_root=self.meta_disk.root(),
                                data_mapping_root=self.mapping_root, device_details_root=self.details_root)
 
-    def commit(self, *, force: bool = False) -> set[int]:
+    def commit(self, *, force: bool = False) -> np.ndarray:
         """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
-        in it (candidates for discard passdown). A commit that would change nothing writes nothing unless
-        ``force``."""
+        in it (candidates for discard passdown), sorted int64. A commit that would change nothing writes nothing
+        unless ``force``. O(changes): the details of the devices changed, the dirty bitmaps and nodes."""
         self._check_writable()
         if not force and not self._has_changes():
-            return set()  # an empty commit writes nothing (the kernel skips it too)
+            return np.zeros(0, dtype=np.int64)  # an empty commit writes nothing (the kernel skips it too)
         sb_written = False
+        changed = self._changed_devices()
         try:
-            for d in self.devices.values():
-                if d.changed:
-                    self.details_root, _ = self.details_tree.insert(self.details_root, d.dev_id,
-                                                                    build_device_details(d.to_disk()))
+            for d in changed:
+                self.details_root, _ = self.details_tree.insert(self.details_root, d.dev_id,
+                                                                build_device_details(d.to_disk()))
             self.data_disk.write()
             self.meta_disk.write()
             sb = self.current_superblock()
@@ -596,19 +620,29 @@ class PoolMetadata:
         except BaseException:
             self.failed = True
             raise
-        for d in self.devices.values():
+        for d in changed:
             d.changed = False
-        freed = {b for b in self.data_sm.freed if self.data_sm.count(b) == 0}
+        self._changed_ids.clear()
+        freed = self.data_sm.freed_blocks()
         self.data_sm.commit()
         self.tm.sm.commit()
         self.sb = sb
         return freed
 
+    def _changed_devices(self) -> list[ThinDetails]:
+        """The devices whose details changed in this transaction, by id. O(devices changed)."""
+        devices = self.devices
+        return [devices[i] for i in sorted(self._changed_ids) if i in devices and devices[i].changed]
+
+    def details_changed(self) -> bool:
+        """Whether a device's details changed since the last commit."""
+        return bool(self._changed_devices())
+
     def _has_changes(self) -> bool:
-        """Whether a commit would change anything on disk. O(devices) (the details' changed flags)."""
+        """Whether a commit would change anything on disk. O(devices changed)."""
         sb = self.sb
         return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.meta_disk.core.changed
-                    or any(d.changed for d in self.devices.values())
+                    or bool(self._changed_devices())
                     or (self.time, self.trans_id, self.flags, self.held_root, self.mapping_root, self.details_root)
                     != (sb.time, sb.trans_id, sb.flags, sb.held_root, sb.data_mapping_root, sb.device_details_root))
 

@@ -9,8 +9,9 @@ index B-tree ``bitmap i -> (blocknr, nr_free, none_free_before)`` and a ref-coun
 In memory, cost follows the work, not the pool:
 
 - **open** reads nothing but the superblock's root (nr_blocks, nr_allocated, the two tree roots); the index is
-  loaded on first use (one leaf per 252 bitmaps, values decoded with numpy), a bitmap only when a block in it is
-  counted, allocated or freed. A read-only open never touches the data space map.
+  loaded on first use a window of INDEX_WINDOW bitmaps at a time (the one or two leaves that hold it, values
+  decoded with numpy), a bitmap only when a block in it is counted, allocated or freed. A read-only open never
+  touches the data space map; a write near the start of an 8 TiB pool reads one index leaf of its 33.
 - a **page** holds one bitmap's counts (uint32, counts >= 3 resolved through the ref-count tree when the page is
   loaded) and, once changed, the counts of the last commit beside them (copy on first write). Clean pages are
   evicted LRU beyond ``max_clean_pages``; dirty pages stay until the commit.
@@ -20,7 +21,11 @@ In memory, cost follows the work, not the pool:
 - **allocation** (``new_block``) searches from a cursor the bitmaps whose index entry has free entries and takes
   a block whose count is 0 now *and* at the last commit (never one the last commit uses, dm-space-map.h).
 - a new or grown pool's free bitmaps are not materialised: a page never written reads as all free, and is
-  written at the next commit from an all-zero template.
+  written at the next commit from an all-zero template (every all-free bitmap differs only in its block number
+  and checksum: built with numpy in one pass); when most of the index changes at once (a new pool, a large
+  resize) the index tree is rebuilt bottom-up instead of one insert per bitmap.
+- the blocks **freed** in a transaction are kept as arrays (one per batch), not one Python int each, and
+  ``freed_blocks`` filters them with numpy per page at the commit.
 
 ``counts`` / ``committed`` materialise the whole map as arrays, O(pool): for tests and oracles only.
 """
@@ -32,6 +37,7 @@ from typing import Final
 
 import numpy as np
 
+from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, NoSpace
@@ -39,7 +45,6 @@ from thinpool.formats.space_map import (
     ENTRIES_PER_BITMAP,
     IndexEntry,
     SmRoot,
-    build_index_entry,
     decode_bitmap,
     encode_bitmap,
 )
@@ -47,11 +52,29 @@ from thinpool.tx.transaction import TransactionManager
 
 E: Final = ENTRIES_PER_BITMAP
 _BATCH: Final = 4096  # allocation candidates taken from a page at a time
+INDEX_WINDOW: Final = 252  # index entries loaded at a time (one leaf of 16-byte values holds 252)
+REBUILD_FRACTION: Final = 4  # rebuild the index tree when more than 1/4 of its entries (and > 256) changed
 _INDEX_DTYPE: Final = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
 
 
 def nr_bitmaps(nr_blocks: int) -> int:
     return -(-nr_blocks // E)
+
+
+class _FreeBitmap:
+    """A dirty all-free bitmap block, queued by its block number alone: encoded (zeros, the block number, the
+    checksum) only when the commit writes it, so a new 8 TiB pool does not hold 32 MiB of zero bitmaps."""
+
+    __slots__ = ("blocknr",)
+
+    def __init__(self, blocknr: int) -> None:
+        self.blocknr = blocknr
+
+    def encode(self) -> bytearray:
+        buf = bytearray(4096)
+        buf[8:16] = self.blocknr.to_bytes(8, "little")
+        checksum.stamp(buf, BlockType.BITMAP)
+        return buf
 
 
 class _Page:
@@ -82,21 +105,25 @@ class PagedSpaceMap:
         self.index_tree = BTree(tm, NoRefValue(16))
         self.pages_loaded = 0  # bitmaps read from disk (tests bound what an operation reads)
         self._reset(root)
-        self._saved: tuple[SmRoot, np.ndarray | None] = (root, None)  # the last commit, for abort
+        # the last commit, for abort: its root and (index, loaded windows); None: nothing of the index read yet
+        self._saved: tuple[SmRoot, tuple[np.ndarray, np.ndarray] | None] = (root, None)
 
     # --- state ----------------------------------------------------------------------------------------------
     def _reset(self, root: SmRoot) -> None:
         self._nr_blocks = root.nr_blocks
         self.index_root = root.bitmap_root
         self.ref_count_root = root.ref_count_root
-        self._index: np.ndarray | None = None  # _INDEX_DTYPE per bitmap, loaded on first use
+        n = nr_bitmaps(root.nr_blocks)
+        self._index = np.zeros(n, dtype=_INDEX_DTYPE)  # _INDEX_DTYPE per bitmap, valid where _loaded
+        self._loaded = np.zeros(-(-n // INDEX_WINDOW), dtype=bool)  # per window of INDEX_WINDOW entries
         self._pages: OrderedDict[int, _Page] = OrderedDict()
         self._dirty: set[int] = set()
         self._nr_allocated = root.nr_allocated
         self._nr_allocatable = root.nr_blocks - root.nr_allocated  # free now and at the last commit
         self._candidates: list[int] = []
         self._cursor = 0  # bitmap where the allocation search resumes
-        self.freed: set[int] = set()  # blocks whose count dropped to 0 in this transaction
+        self._freed: list[np.ndarray] = []  # blocks whose count dropped to 0 in this transaction (batches)
+        self._freed_one: list[int] = []  # the same, one at a time (dec)
         self.changed = False
 
     @classmethod
@@ -106,8 +133,8 @@ class PagedSpaceMap:
         index_root = BTree(tm, NoRefValue(16)).empty()
         sm = cls(tm, SmRoot(nr_blocks, 0, index_root, rc), kind=kind)
         n = nr_bitmaps(nr_blocks)
-        sm._index = np.zeros(n, dtype=_INDEX_DTYPE)
         sm._index["nr_free"] = E
+        sm._loaded[:] = True
         sm._dirty = set(range(n))
         sm.changed = True
         return sm
@@ -167,19 +194,34 @@ class PagedSpaceMap:
         return SmRoot(self._nr_blocks, self._nr_allocated, self.index_root, self.ref_count_root)
 
     # --- index and pages ------------------------------------------------------------------------------------
+    def _load_window(self, w: int) -> None:
+        """Read index entries [w*INDEX_WINDOW, (w+1)*INDEX_WINDOW) from the index tree (one or two leaves)."""
+        n = len(self._index)
+        lo, hi = w * INDEX_WINDOW, min((w + 1) * INDEX_WINDOW, n)
+        keys: list[int] = []
+        raw: list[bytes] = []
+        for k, v in self.index_tree.items(self.index_root, lo, hi):
+            keys.append(k)
+            raw.append(v)
+        if keys != list(range(lo, hi)):
+            missing = sorted(set(range(lo, hi)) - set(keys))
+            raise MetadataCorrupt(block=self.index_root, reason=f"{self.kind} space map index: bitmap "
+                                  f"{missing[0] if missing else keys[0]} missing or out of place ({n} bitmaps)")
+        self._index[lo:hi] = np.frombuffer(b"".join(raw), dtype=_INDEX_DTYPE)
+        self._loaded[w] = True
+
+    def _entry_of(self, i: int) -> np.void:
+        """Index entry of bitmap ``i`` (its window read on first use)."""
+        w = i // INDEX_WINDOW
+        if not self._loaded[w]:
+            self._load_window(w)
+        entry: np.void = self._index[i]
+        return entry
+
     def _load_index(self) -> np.ndarray:
-        if self._index is None:
-            n = nr_bitmaps(self._nr_blocks)
-            raw: list[bytes] = []
-            for i, (k, v) in enumerate(self.index_tree.items(self.index_root)):
-                if k != i:
-                    raise MetadataCorrupt(block=self.index_root, reason=f"data space map index: key {k} at {i}")
-                raw.append(v)
-            if len(raw) != n:
-                raise MetadataCorrupt(block=self.index_root,
-                                      reason=f"data space map index has {len(raw)} bitmaps, expected {n}")
-            idx = np.frombuffer(b"".join(raw), dtype=_INDEX_DTYPE).copy() if raw else np.zeros(0, _INDEX_DTYPE)
-            self._index = idx
+        """The whole index (every window read): O(bitmaps), for commit-time rebuilds and whole-map views."""
+        for w in np.flatnonzero(~self._loaded).tolist():
+            self._load_window(w)
         return self._index
 
     def _page(self, i: int) -> _Page:
@@ -187,11 +229,10 @@ class PagedSpaceMap:
         if page is not None:
             self._pages.move_to_end(i)
             return page
-        idx = self._load_index()
-        if not 0 <= i < len(idx):
+        if not 0 <= i < len(self._index):
             raise MetadataCorrupt(block=None, reason=f"{self.kind} block {i * E} beyond the {self.kind} space map "
                                                      f"({self._nr_blocks} blocks)")
-        blocknr = int(idx["blocknr"][i])
+        blocknr = int(self._entry_of(i)["blocknr"])
         if blocknr == 0:  # never written: all free
             counts = np.zeros(E, dtype=np.uint32)
         else:
@@ -277,7 +318,7 @@ class PagedSpaceMap:
             self._nr_allocated -= 1
             if page.committed[i] == 0:
                 self._nr_allocatable += 1
-            self.freed.add(b)
+            self._freed_one.append(b)
         return c - 1
 
     def _by_page(self, blocks: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -318,7 +359,25 @@ class PagedSpaceMap:
             now0 = new == 0
             self._nr_allocated -= int(np.count_nonzero(now0))
             self._nr_allocatable += int(np.count_nonzero(now0 & (page.committed[local] == 0)))
-            self.freed.update((i * E + local[now0]).tolist())
+            if now0.any():
+                self._freed.append(i * E + local[now0])
+
+    def freed_blocks(self) -> np.ndarray:
+        """The blocks whose count dropped to 0 in this transaction and is still 0 (sorted, unique int64): the
+        discard passdown candidates of a commit. O(blocks freed), numpy per page."""
+        parts = self._freed + ([np.array(self._freed_one, dtype=np.int64)] if self._freed_one else [])
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        blocks = np.unique(np.concatenate(parts).astype(np.int64))
+        pages = blocks // E
+        cuts = np.flatnonzero(np.diff(pages)) + 1
+        keep = np.zeros(len(blocks), dtype=bool)
+        for lo, hi in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(blocks)]]).tolist()):
+            p = self._pages.get(int(pages[lo]))
+            if p is None:  # evicted clean: nothing changed in it since it was loaded, so its counts are committed
+                p = self._page(int(pages[lo]))
+            keep[lo:hi] = p.counts[blocks[lo:hi] % E] == 0
+        return blocks[keep]
 
     # --- allocation -----------------------------------------------------------------------------------------
     def new_block(self) -> int:
@@ -340,21 +399,32 @@ class PagedSpaceMap:
             self._refill()
 
     def _refill(self) -> None:
+        """Candidates from the first bitmap at or after the cursor (wrapping) whose index entry has free entries;
+        the index is read a window at a time as the search goes, so a pool with free space near the cursor reads
+        one window, whatever its size."""
         if self._nr_allocatable <= 0:
             raise self._no_space()
-        idx = self._load_index()
-        n = len(idx)
-        has_free = idx["nr_free"] > 0
+        n = len(self._index)
         start = self._cursor
-        order = np.concatenate([np.flatnonzero(has_free[start:]) + start, np.flatnonzero(has_free[:start])])
-        for i in order.tolist():
-            page = self._page(i)
-            valid = min(E, self._nr_blocks - i * E)
-            free = np.flatnonzero((page.counts[:valid] == 0) & (page.committed[:valid] == 0))
-            if free.size:
-                self._candidates = (free[:_BATCH][::-1] + i * E).tolist()
-                self._cursor = i if free.size > _BATCH else (i + 1) % max(n, 1)
-                return
+        nr_windows = len(self._loaded)
+        w0 = start // INDEX_WINDOW
+        for step in range(nr_windows + 1):
+            w = (w0 + step) % max(nr_windows, 1)
+            if not self._loaded[w]:
+                self._load_window(w)
+            lo, hi = w * INDEX_WINDOW, min((w + 1) * INDEX_WINDOW, n)
+            if step == 0:
+                lo = start  # the first window from the cursor on; its head is searched last (step == nr_windows)
+            elif step == nr_windows:
+                lo, hi = w0 * INDEX_WINDOW, start
+            for i in (np.flatnonzero(self._index["nr_free"][lo:hi] > 0) + lo).tolist():
+                page = self._page(i)
+                valid = min(E, self._nr_blocks - i * E)
+                free = np.flatnonzero((page.counts[:valid] == 0) & (page.committed[:valid] == 0))
+                if free.size:
+                    self._candidates = (free[:_BATCH][::-1] + i * E).tolist()
+                    self._cursor = i if free.size > _BATCH else (i + 1) % max(n, 1)
+                    return
         raise self._no_space()
 
     def _no_space(self) -> NoSpace:
@@ -365,13 +435,19 @@ class PagedSpaceMap:
         """Grow to ``nr_blocks`` (the new blocks are free; new bitmaps are written at the commit)."""
         if nr_blocks <= self._nr_blocks:
             return
-        idx = self._load_index()
-        old_n, n = len(idx), nr_bitmaps(nr_blocks)
+        old_n, n = len(self._index), nr_bitmaps(nr_blocks)
         if old_n:
             self._wpage(old_n - 1)  # its tail becomes valid: rewrite it and its index entry
         extra = np.zeros(n - old_n, dtype=_INDEX_DTYPE)
         extra["nr_free"] = E
-        self._index = np.concatenate([idx, extra])
+        loaded = np.zeros(-(-n // INDEX_WINDOW), dtype=bool)
+        loaded[:len(self._loaded)] = self._loaded
+        if old_n % INDEX_WINDOW and not self._loaded[-1]:  # the old last window gains entries: read its old part
+            self._load_window(len(self._loaded) - 1)
+            loaded[len(self._loaded) - 1] = True
+        loaded[len(self._loaded):] = True  # windows wholly new: every entry is known (all free)
+        self._index = np.concatenate([self._index, extra])
+        self._loaded = loaded
         self._dirty.update(range(old_n, n))
         self._nr_allocatable += nr_blocks - self._nr_blocks
         self._nr_blocks = nr_blocks
@@ -408,30 +484,40 @@ class PagedSpaceMap:
 
     def write(self) -> None:
         """Write back every dirty bitmap (relocated, copy on write), its index entry and the ref-count entries
-        that changed. Call before the metadata space map's write. O(dirty pages)."""
+        that changed. Call before the metadata space map's write. O(dirty pages): a bitmap never written (all
+        free) is queued as its block number alone and encoded at the commit, and when most of the index changed
+        the index tree is rebuilt bottom-up (a new 8 TiB pool: 8,225 bitmaps, 33 leaves) instead of one insert
+        per bitmap."""
         if not self._dirty:
             return
-        idx = self._load_index()
         tm = self.tm
-        for i in sorted(self._dirty):
+        idx = self._index
+        order = sorted(self._dirty)
+        for i in order:
             page = self._pages.get(i)
-            counts = page.counts if page is not None else np.zeros(E, dtype=np.uint32)
-            committed = page.committed if page is not None else counts
-            if page is not None:
-                self._update_ref_counts(i, counts, committed)
             new = tm.new_block()
-            old = int(idx["blocknr"][i])
+            if page is None:  # never written and never loaded: all free
+                tm.add_dirty(new, _FreeBitmap(new))
+                idx[i] = (new, E, 0)
+                continue
+            self._update_ref_counts(i, page.counts, page.committed)
+            old = int(self._entry_of(i)["blocknr"])
             if old:
                 tm.dec(old)
-            if page is None:
-                buf = bytearray(4096)
-                buf[8:16] = new.to_bytes(8, "little")
-            else:
-                buf = encode_bitmap(new, counts[:min(E, self._nr_blocks - i * E)])
-            tm.write_raw(new, buf, BlockType.BITMAP)
+            counts = page.counts
+            tm.write_raw(new, encode_bitmap(new, counts[:min(E, self._nr_blocks - i * E)]), BlockType.BITMAP)
             e = self._entry(i, counts, new)
             idx[i] = (e.blocknr, e.nr_free, e.none_free_before)
-            self.index_root, _ = self.index_tree.insert(self.index_root, i, build_index_entry(e))
+        n = len(idx)
+        if len(order) > 256 and len(order) * REBUILD_FRACTION > n:
+            idx = self._load_index()
+            raw = idx.tobytes()
+            self.index_tree.delete(self.index_root)
+            self.index_root = self.index_tree.build(np.arange(n, dtype=np.uint64),
+                                                    [raw[16 * j:16 * j + 16] for j in range(n)])
+        else:
+            for i in order:
+                self.index_root, _ = self.index_tree.insert(self.index_root, i, idx[i:i + 1].tobytes())
 
     def _update_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray) -> None:
         changed = np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed))
@@ -452,17 +538,19 @@ class PagedSpaceMap:
         self._dirty = set()
         self._nr_allocatable = self._nr_blocks - self._nr_allocated
         self._candidates = []
-        self.freed = set()
+        self._freed = []
+        self._freed_one = []
         self.changed = False
-        self._saved = (self.root(), None if self._index is None else self._index.copy())  # O(bitmaps), 16 B each
+        self._saved = (self.root(), (self._index.copy(), self._loaded.copy()))  # O(bitmaps), 16 B each
         self._evict()
 
     def abort(self) -> None:
         """Back to the last commit: every page returns to its committed counts (kept beside the dirty ones)."""
         pages = self._pages
-        root, idx = self._saved
+        root, saved = self._saved
         self._reset(root)
-        self._index = None if idx is None else idx.copy()
+        if saved is not None:
+            self._index, self._loaded = saved[0].copy(), saved[1].copy()
         n = nr_bitmaps(root.nr_blocks)
         for i, p in pages.items():
             if i < n:
