@@ -22,14 +22,17 @@ import io
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from thinpool.errors import InvalidArgument, NoMetadataSpace
 from thinpool.io.device import check_bounds, new_bytes, zero_fill
+from thinpool.units import lazy_module
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from thinpool.metadata.thin_device import MappingCache
     from thinpool.pool import Pool
+else:
+    np = lazy_module("numpy")
 
 
 _SCRATCH_MAX_BYTES = 4 << 20  # read() gathers scattered pieces of reads up to this size in a kept buffer

@@ -38,15 +38,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Final
 
 from thinpool.btree.node import MAX_DEPTH, Node, decode_node
 from thinpool.btree.spine import NodeCache
 from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.io.block_store import BlockStore
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 STRICT: Final = "strict"
 SALVAGE: Final = "salvage"

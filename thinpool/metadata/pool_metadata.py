@@ -20,9 +20,7 @@ Public methods check state (read-only, failed) then run inside the open transact
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
@@ -66,7 +64,12 @@ from thinpool.spacemap.core import CoreSpaceMap, RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
-from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS
+from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS, lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 MIN_METADATA_BLOCKS = 16
 
