@@ -526,11 +526,15 @@ class BenchRun:
     snapshots: list[dict[str, float]] = field(default_factory=list)
     cowlab: dict[str, Any] | None = None
     qcow2: dict[str, Any] | None = None
+    scale: dict[str, Any] | None = None  # thinpool_bench.scale (its own RESULTS-scale.md)
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "cells": [c.to_dict() for c in self.cells],
                 "goals": {k: c.to_dict() for k, c in self.goals.items()}, "snapshots": self.snapshots,
-                "cowlab": self.cowlab, "qcow2": self.qcow2, "claims": claims(self)}
+                "cowlab": self.cowlab, "qcow2": self.qcow2, "scale": self.scale, "claims": claims(self)}
+
+
+SUITE_PARTS = ("device", "goals", "snapshot", "cowlab", "qcow2", "scale")
 
 
 def run_all(*, quick: bool = False, parts: Iterable[str] = ("device", "goals", "snapshot", "cowlab", "qcow2"),
@@ -552,6 +556,10 @@ def run_all(*, quick: bool = False, parts: Iterable[str] = ("device", "goals", "
             run.cowlab = cow_lab(wd, sizes=sizes, trials=2 if quick else 3, progress=progress)
         if "qcow2" in parts:
             run.qcow2 = qcow2_peer(wd, span=(16 if quick else 64) * MiB, progress=progress)
+        if "scale" in parts:
+            from thinpool_bench import scale
+
+            run.scale = scale.run_scale(wd, quick=quick, progress=progress)
     return run
 
 
@@ -574,6 +582,8 @@ def claims(run: BenchRun) -> list[dict[str, Any]]:
             out.append({"claim": claim, "measured": fmt.format(value), "value": value,
                         "verdict": "met" if value >= goal else "missed"})
 
+    if run.scale is not None and not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
+        return list(run.scale["claims"])  # a scale-only run: its own goals
     g = run.goals
     for name, goal in GOALS.items():
         c = g.get(name)
@@ -617,7 +627,13 @@ def _size(n: int) -> str:
 
 
 def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> None:
-    """RESULTS.md (tables, machine, claims) and PNG plots."""
+    """RESULTS.md (tables, machine, claims) and PNG plots; a scale part goes to RESULTS-scale.md beside it."""
+    if run.scale is not None:
+        from thinpool_bench import scale
+
+        scale.write_results(run.scale, md_path.with_name("RESULTS-scale.md"))
+        if not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
+            return  # a scale-only run leaves RESULTS.md alone
     lines = ["# thinpool benchmark results", "",
              "Regenerate with `thinpool bench --results benchmarks/RESULTS.md --png benchmarks/results` "
              "(add `--quick` for a short run). Every ratio is thinpool / the same pattern on a raw sparse file "
