@@ -162,13 +162,13 @@ def thin_write(ref: str, src: BinaryIO, offset: int, pool_path: str | None) -> N
 def _sized(src: BinaryIO) -> Iterator[tuple[BinaryIO, int]]:
     """``src`` with its size known before writing: a regular file as it is, a pipe or terminal spooled to a
     temporary file first (memory up to 64 MiB, then disk)."""
-    import shutil
-    import tempfile
-
     size = _regular_file_size(src)
     if size is not None:
         yield src, size - src.tell()
         return
+    import shutil
+    import tempfile
+
     with tempfile.SpooledTemporaryFile(max_size=64 << 20) as tmp:
         shutil.copyfileobj(src, tmp, IO_CHUNK)
         size = tmp.tell()

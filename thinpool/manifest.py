@@ -43,7 +43,6 @@ import errno
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +447,8 @@ def write_manifest(pool_dir: str | os.PathLike[str], m: dict[str, Any], *, valid
 
 
 def _write_full(d: Path, good: dict[str, Any], *, drop_journal: bool = False) -> None:
+    import tempfile  # here, not at the top: it imports shutil and random (~5 ms of every command's start-up)
+
     from thinpool.errors import HostNoSpace, StoreIOError
 
     data = json.dumps(good, separators=(",", ":")).encode() + b"\n"

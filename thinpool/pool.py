@@ -52,9 +52,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from thinpool import manifest as mf
 from thinpool.errors import (
@@ -78,7 +76,12 @@ from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.thin import ThinDevice
-from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size
+from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size, lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ Layer: bottom. May import: thinpool.errors.
 from __future__ import annotations
 
 import re
-from typing import Final, NewType
+import sys
+from types import ModuleType
+from typing import Any, Final, NewType
 
 from thinpool.errors import InvalidArgument
 
@@ -18,6 +20,29 @@ MAX_DATA_BLOCK_SIZE: Final = 1024 * 1024 * 1024  # bytes (2097152 sectors)
 DEFAULT_DATA_BLOCK_SIZE: Final = 64 * 1024
 MAX_DEV_ID: Final = (1 << 24) - 1
 MAX_METADATA_BLOCKS: Final = 255 * 16320  # 4,161,600 blocks (about 15.9 GiB)
+
+class _LazyModule(ModuleType):
+    """Stands in for a module until an attribute is first asked for; then imports it (under the import lock, so
+    threads racing for the first use are safe) and copies its namespace in, so later lookups are plain dict hits."""
+
+    def __getattr__(self, attr: str) -> Any:  # only called for names not (yet) in our __dict__
+        import importlib
+
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
+        return getattr(real, attr)
+
+
+def lazy_module(name: str) -> ModuleType:
+    """Module ``name``, imported on its first attribute access.
+
+    numpy costs ~40 ms of a command's start-up; commands whose work never touches it (``--help``, a 4 KiB read)
+    should not pay for it. After the first access attribute lookups cost what a module's do. A module already
+    imported is returned as is; nothing is put in ``sys.modules``.
+    """
+    mod = sys.modules.get(name)
+    return mod if mod is not None else _LazyModule(name)
+
 
 MetaBlock = NewType("MetaBlock", int)
 DataBlock = NewType("DataBlock", int)

@@ -30,9 +30,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from thinpool.btree.node import MAX_DEPTH, Node
 from thinpool.btree.spine import NodeCache
@@ -41,6 +39,12 @@ from thinpool.errors import MetadataCorrupt
 from thinpool.formats.btree_node import calc_max_entries
 from thinpool.tx.api import ValueType
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 __all__ = ["MAX_DEPTH", "BTree", "NoRefValue", "ValueType"]
 
@@ -71,8 +75,8 @@ class BTree:
         self.leaf_max = calc_max_entries(vt.size)
         self.nodes = NodeCache.of(tm)
         # in-memory node arrays are in the machine's order (btree/node.py swaps at the block boundary)
-        self._np_dtype: type[np.unsignedinteger[Any]] | None = \
-            np.uint64 if vt.size == 8 else np.uint32 if vt.size == 4 else None
+        # a dtype name, not np.uint64: naming numpy here would load it for every tree (native order, as arrays)
+        self._np_dtype: str | None = "u8" if vt.size == 8 else "u4" if vt.size == 4 else None
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read(self, b: int) -> Node:

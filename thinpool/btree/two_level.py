@@ -10,11 +10,12 @@ the new subtree root in place (no reference moves: the top-level entry keeps hol
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from thinpool.btree.btree import BTree
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class TwoLevelTree:

@@ -38,15 +38,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Final
 
 from thinpool.btree.node import MAX_DEPTH, Node, decode_node
 from thinpool.btree.spine import NodeCache
 from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.io.block_store import BlockStore
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 STRICT: Final = "strict"
 SALVAGE: Final = "salvage"
@@ -107,6 +111,15 @@ class NodeView:
         return np.frombuffer(self._node.keys, dtype=np.uint64)
 
     @property
+    def first_key(self) -> int:
+        """keys[0] as an int (no array made); the node must not be empty."""
+        return self._node.keys[0]
+
+    @property
+    def last_key(self) -> int:
+        return self._node.keys[-1]
+
+    @property
     def values(self) -> Any:
         """Children (internal, uint64), 8- or 4-byte values (numpy), or a list of bytes (wider values)."""
         v = self._node.values
@@ -130,6 +143,10 @@ class Visitor:
 
     def revisit(self, b: int, where: Where) -> None:
         """``b`` was already walked (found in the memo)."""
+
+    def node_end(self, view: NodeView, where: Where) -> None:
+        """An internal node after all its children were walked (post-order; first visits only): where a
+        visitor folds its children's results into the node's (the checker's subtree summaries)."""
 
     def error(self, err: MetadataCorrupt, where: Where) -> None:
         """Under the SALVAGE policy: ``err`` (with ``path`` filled) was found; its subtree is skipped."""
@@ -226,6 +243,8 @@ class _Walker:
         if not first and not self.replay:
             return
         yield from self.children(node, where, first)
+        if first:
+            visitor.node_end(NodeView(node), here)
 
     def children(self, node: Node, where: Where, first: bool) -> Iterator[tuple[Node, Where]]:
         keys = node.keys
@@ -275,6 +294,21 @@ def memo_leaves(memo: Memo, root: int, value_size: int) -> list[NodeView] | None
         return all(go(int(c), path + (b,)) for c in node.values)
 
     return out if go(root, ()) else None
+
+
+def read_view(source: Source, block: int, *, value_size: int) -> NodeView:
+    """One node, validated as the walker validates it (``decode_node``; through the node cache when ``source``
+    is a TransactionManager): for code that descends trees itself (thin_delta's paired descent).
+
+    Raises:
+        MetadataCorrupt / ChecksumError naming ``block`` (a block beyond the metadata device included).
+    """
+    if isinstance(source, TransactionManager):
+        return NodeView(NodeCache.of(source).read(block, value_size))
+    if not 0 <= block < source.nr_blocks:
+        raise MetadataCorrupt(block=block, reason=f"btree node pointer {block} beyond the metadata device "
+                                                  f"({source.nr_blocks} blocks)")
+    return NodeView(decode_node(source.read_block(block), block, value_size))
 
 
 def walk_nodes(source: Source, root: int, *, value_size: int, visitor: Visitor | None = None,

@@ -1,6 +1,6 @@
 """B-tree node header (kernel struct node_header, 32 bytes) and node capacity.
 
-Layer: formats. May import: nothing.
+Layer: formats. May import: thinpool.formats.fields.
 
 | off | size | field       |
 |-----|------|-------------|
@@ -17,28 +17,32 @@ Keys: max_entries little-endian u64 from byte 32; values start at 32 + 8*max_ent
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
-import construct as cs
+from thinpool.formats.fields import Layout
 
 NODE_HEADER_SIZE: Final = 32
 INTERNAL_NODE: Final = 1
 LEAF_NODE: Final = 2
 
-NodeHeaderStruct = cs.Struct(
-    "csum" / cs.Int32ul,
-    "flags" / cs.Int32ul,
-    "blocknr" / cs.Int64ul,
-    "nr_entries" / cs.Int32ul,
-    "max_entries" / cs.Int32ul,
-    "value_size" / cs.Int32ul,
-    "padding" / cs.Int32ul,
-)
-assert NodeHeaderStruct.sizeof() == NODE_HEADER_SIZE
-# The same layout as a struct format, for the hot path (construct parses ~50x slower per call).
-NODE_HEADER_FMT: Final = struct.Struct("<IIQIIII")
+NODE_HEADER_LAYOUT: Final = Layout("node_header", (
+    ("csum", "I"),
+    ("flags", "I"),
+    ("blocknr", "Q"),
+    ("nr_entries", "I"),
+    ("max_entries", "I"),
+    ("value_size", "I"),
+    ("padding", "I"),
+))
+# the struct form, for the hot path (construct parses ~50x slower per call)
+NODE_HEADER_FMT: Final = NODE_HEADER_LAYOUT.fmt
 assert NODE_HEADER_FMT.size == NODE_HEADER_SIZE
+
+
+def __getattr__(name: str) -> object:
+    if name == "NodeHeaderStruct":  # the construct form of the same layout, built on first use
+        return NODE_HEADER_LAYOUT.construct()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def calc_max_entries(value_size: int) -> int:

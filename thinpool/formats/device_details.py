@@ -1,6 +1,6 @@
 """Device details (kernel struct disk_device_details, 24 bytes) and the mapping value block_time.
 
-Layer: formats. May import: thinpool.errors.
+Layer: formats. May import: thinpool.errors, thinpool.units (lazy numpy), thinpool.formats.fields.
 
 ``pack_block_time`` / ``unpack_block_time`` (and their numpy forms for arrays of mappings) are the only place
 the block_time packing is written out; everything else calls them.
@@ -12,25 +12,35 @@ block_time (u64) = data_block << 24 | time  (time: 24 bits, data block: 40 bits)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
-
-import construct as cs
-import numpy as np
+from typing import TYPE_CHECKING, Final
 
 from thinpool.errors import InvalidArgument
+from thinpool.formats.fields import Layout
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 DEVICE_DETAILS_SIZE: Final = 24
 TIME_BITS: Final = 24
 TIME_MASK: Final = (1 << TIME_BITS) - 1
 MAX_DATA_BLOCK: Final = (1 << 40) - 1
 
-DeviceDetailsStruct = cs.Struct(
-    "mapped_blocks" / cs.Int64ul,
-    "transaction_id" / cs.Int64ul,
-    "creation_time" / cs.Int32ul,
-    "snapshotted_time" / cs.Int32ul,
-)
-assert DeviceDetailsStruct.sizeof() == DEVICE_DETAILS_SIZE
+DEVICE_DETAILS_LAYOUT: Final = Layout("disk_device_details", (
+    ("mapped_blocks", "Q"),
+    ("transaction_id", "Q"),
+    ("creation_time", "I"),
+    ("snapshotted_time", "I"),
+))
+assert DEVICE_DETAILS_LAYOUT.size == DEVICE_DETAILS_SIZE
+
+
+def __getattr__(name: str) -> object:
+    if name == "DeviceDetailsStruct":  # the construct form of the same layout, built on first use
+        return DEVICE_DETAILS_LAYOUT.construct()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +52,11 @@ class DeviceDetails:
 
 
 def parse_device_details(buf: bytes) -> DeviceDetails:
-    c = DeviceDetailsStruct.parse(buf)
-    return DeviceDetails(c.mapped_blocks, c.transaction_id, c.creation_time, c.snapshotted_time)
+    return DeviceDetails(*DEVICE_DETAILS_LAYOUT.fmt.unpack_from(buf))
 
 
 def build_device_details(d: DeviceDetails) -> bytes:
-    return bytes(DeviceDetailsStruct.build(dict(mapped_blocks=d.mapped_blocks, transaction_id=d.transaction_id,
-                                                creation_time=d.creation_time, snapshotted_time=d.snapshotted_time)))
+    return DEVICE_DETAILS_LAYOUT.fmt.pack(d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
 
 
 def pack_block_time(data_block: int, time: int) -> int:

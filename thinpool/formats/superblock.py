@@ -1,6 +1,6 @@
 """The thin-pool superblock (metadata block 0; kernel struct thin_disk_superblock, 364 bytes).
 
-Layer: formats. May import: thinpool.errors, thinpool.formats.space_map.
+Layer: formats. May import: thinpool.errors, thinpool.formats.fields, thinpool.formats.space_map.
 
 | off   | size | field                  |
 |-------|------|------------------------|
@@ -28,12 +28,12 @@ Layer: formats. May import: thinpool.errors, thinpool.formats.space_map.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass
 from typing import Final
 
-import construct as cs
-
 from thinpool.errors import MetadataCorrupt
+from thinpool.formats.fields import Layout
 from thinpool.formats.space_map import SM_ROOT_SLOT_SIZE, SmRoot, build_sm_root, parse_sm_root
 
 THIN_SUPERBLOCK_MAGIC: Final = 27022010
@@ -41,28 +41,34 @@ THIN_VERSION: Final = 2
 NEEDS_CHECK_FLAG: Final = 1
 SUPERBLOCK_SIZE: Final = 364  # bytes
 
-SuperblockStruct = cs.Struct(
-    "csum" / cs.Int32ul,
-    "flags" / cs.Int32ul,
-    "blocknr" / cs.Int64ul,
-    "uuid" / cs.Bytes(16),
-    "magic" / cs.Int64ul,
-    "version" / cs.Int32ul,
-    "time" / cs.Int32ul,
-    "trans_id" / cs.Int64ul,
-    "held_root" / cs.Int64ul,
-    "data_space_map_root" / cs.Bytes(SM_ROOT_SLOT_SIZE),
-    "metadata_space_map_root" / cs.Bytes(SM_ROOT_SLOT_SIZE),
-    "data_mapping_root" / cs.Int64ul,
-    "device_details_root" / cs.Int64ul,
-    "data_block_size" / cs.Int32ul,  # sectors
-    "metadata_block_size" / cs.Int32ul,  # sectors
-    "metadata_nr_blocks" / cs.Int64ul,
-    "compat_flags" / cs.Int32ul,
-    "compat_ro_flags" / cs.Int32ul,
-    "incompat_flags" / cs.Int32ul,
-)
-assert SuperblockStruct.sizeof() == SUPERBLOCK_SIZE
+SUPERBLOCK_LAYOUT: Final = Layout("thin_disk_superblock", (
+    ("csum", "I"),
+    ("flags", "I"),
+    ("blocknr", "Q"),
+    ("uuid", "16s"),
+    ("magic", "Q"),
+    ("version", "I"),
+    ("time", "I"),
+    ("trans_id", "Q"),
+    ("held_root", "Q"),
+    ("data_space_map_root", f"{SM_ROOT_SLOT_SIZE}s"),
+    ("metadata_space_map_root", f"{SM_ROOT_SLOT_SIZE}s"),
+    ("data_mapping_root", "Q"),
+    ("device_details_root", "Q"),
+    ("data_block_size", "I"),  # sectors
+    ("metadata_block_size", "I"),  # sectors
+    ("metadata_nr_blocks", "Q"),
+    ("compat_flags", "I"),
+    ("compat_ro_flags", "I"),
+    ("incompat_flags", "I"),
+))
+assert SUPERBLOCK_LAYOUT.size == SUPERBLOCK_SIZE
+
+
+def __getattr__(name: str) -> object:
+    if name == "SuperblockStruct":  # the construct form of the same layout, built on first use
+        return SUPERBLOCK_LAYOUT.construct()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +103,24 @@ class Superblock:
 def parse_superblock(buf: bytes | bytearray | memoryview, blocknr: int = 0) -> Superblock:
     """Parse (not validate checksums) a superblock; raises MetadataCorrupt on a short buffer."""
     try:
-        c = SuperblockStruct.parse(bytes(buf[:SUPERBLOCK_SIZE]))
-    except cs.ConstructError as e:
+        c = SUPERBLOCK_LAYOUT.unpack(buf)
+    except struct.error as e:
         raise MetadataCorrupt(block=blocknr, reason=f"unparseable superblock: {e}") from e
     return Superblock(
-        flags=c.flags, blocknr=c.blocknr, uuid=bytes(c.uuid), magic=c.magic, version=c.version, time=c.time,
-        trans_id=c.trans_id, held_root=c.held_root,
-        data_sm_root=parse_sm_root(c.data_space_map_root), metadata_sm_root=parse_sm_root(c.metadata_space_map_root),
-        data_mapping_root=c.data_mapping_root, device_details_root=c.device_details_root,
-        data_block_size=c.data_block_size, metadata_block_size=c.metadata_block_size,
-        metadata_nr_blocks=c.metadata_nr_blocks, compat_flags=c.compat_flags, compat_ro_flags=c.compat_ro_flags,
-        incompat_flags=c.incompat_flags)
+        flags=c["flags"], blocknr=c["blocknr"], uuid=c["uuid"], magic=c["magic"], version=c["version"],
+        time=c["time"], trans_id=c["trans_id"], held_root=c["held_root"],
+        data_sm_root=parse_sm_root(c["data_space_map_root"]),
+        metadata_sm_root=parse_sm_root(c["metadata_space_map_root"]),
+        data_mapping_root=c["data_mapping_root"], device_details_root=c["device_details_root"],
+        data_block_size=c["data_block_size"], metadata_block_size=c["metadata_block_size"],
+        metadata_nr_blocks=c["metadata_nr_blocks"], compat_flags=c["compat_flags"],
+        compat_ro_flags=c["compat_ro_flags"], incompat_flags=c["incompat_flags"])
 
 
 def build_superblock(sb: Superblock, *, zero_sm_roots: bool = False) -> bytearray:
     """Build a 4096-byte superblock block. The checksum is left 0: the caller stamps it (checksum.stamp, as
     PoolMetadata.commit and TransactionManager.write_raw do)."""
-    raw = SuperblockStruct.build(dict(
+    raw = SUPERBLOCK_LAYOUT.pack(
         csum=0, flags=sb.flags, blocknr=sb.blocknr, uuid=sb.uuid.ljust(16, b"\0")[:16], magic=sb.magic,
         version=sb.version, time=sb.time, trans_id=sb.trans_id, held_root=sb.held_root,
         data_space_map_root=bytes(SM_ROOT_SLOT_SIZE) if zero_sm_roots else build_sm_root(sb.data_sm_root),
@@ -121,7 +128,7 @@ def build_superblock(sb: Superblock, *, zero_sm_roots: bool = False) -> bytearra
         data_mapping_root=sb.data_mapping_root, device_details_root=sb.device_details_root,
         data_block_size=sb.data_block_size, metadata_block_size=sb.metadata_block_size,
         metadata_nr_blocks=sb.metadata_nr_blocks, compat_flags=sb.compat_flags, compat_ro_flags=sb.compat_ro_flags,
-        incompat_flags=sb.incompat_flags))
+        incompat_flags=sb.incompat_flags)
     block = bytearray(4096)
     block[:len(raw)] = raw
     return block

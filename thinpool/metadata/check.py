@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thinpool import checksum
-from thinpool.btree.walk import SALVAGE, Memo, NodeView, Visitor, Where, memo_leaves, walk
+from thinpool.btree.walk import SALVAGE, Memo, NodeView, Visitor, Where, read_view, walk
 from thinpool.checksum import BlockType
 from thinpool.errors import ChecksumError, MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.formats.device_details import parse_device_details, unpack_block_times
@@ -98,7 +98,10 @@ class _Walker:
         self.report = report
         self.nr_meta = nr_meta
         self.meta = np.zeros(nr_meta, dtype=np.int64)
-        self.visited: Memo = {}
+        self.visited: Memo = {}  # nodes of the small trees (details, top level, space maps)
+        self.summary: dict[int, _Summary | None] = {}  # mapping-tree subtrees (see _MapVisitor)
+        self.reach: dict[int, int] = {}  # mapping-tree nodes reached more than once: how often
+        self.late_kept = 0
         self.section = "superblock"
 
     def problem(self, msg: str, block: int | None = None, fatal: bool = True, warning: bool = False) -> None:
@@ -139,14 +142,6 @@ class _Walker:
             if len(keys):
                 last = keys[-1]
         return ok, v.leaves
-
-    def collect(self, root: int, vs: int, leaves: list[tuple[np.ndarray, NodeView]]) -> bool:
-        """Leaves of an already walked tree, from the memo (no references counted)."""
-        got = memo_leaves(self.visited, root, vs)
-        if got is None:
-            return False
-        leaves.extend((view.keys, view) for view in got)
-        return True
 
 
 class _CheckVisitor(Visitor):
@@ -230,35 +225,281 @@ def _load_sm_counts(w: _Walker, root: SmRoot, is_metadata: bool) -> np.ndarray |
 
 
 class _Refs:
-    """Data references found in the mapping leaves, kept sparse: (block, count) pairs, compacted as they come.
-    Memory O(distinct mapped blocks), not O(data device)."""
+    """Data references found in the mapping leaves (one per entry of each distinct leaf).
 
-    def __init__(self) -> None:
+    Dense when the data device is small enough (one uint8 per data block, saturating at 255 with exact counts
+    above that in a dict: 16 MiB for 16M data blocks), else sparse: (block, count) pairs compacted as they come
+    (memory O(distinct mapped blocks)). Leaves are folded in batches (fewer numpy steps)."""
+
+    DENSE_LIMIT = 1 << 25  # data blocks (32 MiB of counts; 2 TiB of 64 KiB chunks)
+
+    def __init__(self, nr_data: int) -> None:
         self.chunks: list[np.ndarray] = []
         self.pending = 0
-        self.blocks = np.zeros(0, dtype=np.int64)
+        self.dense: np.ndarray | None = np.zeros(max(nr_data, 1), dtype=np.uint8) \
+            if nr_data <= self.DENSE_LIMIT else None
+        self.over: dict[int, int] = {}  # dense: exact counts >= 255
+        self.blocks = np.zeros(0, dtype=np.int64)  # sparse
         self.counts = np.zeros(0, dtype=np.int64)
 
     def add(self, blocks: np.ndarray) -> None:
-        self.chunks.append(blocks.astype(np.int64))
+        self.chunks.append(blocks)
         self.pending += len(blocks)
-        if self.pending > 1 << 21:
-            self._compact()
+        if self.pending > (1 << 16 if self.dense is not None else 1 << 21):
+            self.flush()
 
-    def _compact(self) -> None:
+    def flush(self) -> None:
         if not self.chunks:
             return
-        new, cnt = np.unique(np.concatenate(self.chunks), return_counts=True)
+        new, cnt = np.unique(np.concatenate(self.chunks).astype(np.int64), return_counts=True)
         self.chunks, self.pending = [], 0
+        if self.dense is not None:
+            cur = self.dense[new].astype(np.int64)
+            sat = cur == 255
+            if sat.any():
+                cur[sat] = [self.over[b] for b in new[sat].tolist()]
+            cur += cnt
+            big = cur >= 255
+            if big.any():
+                self.over.update(zip(new[big].tolist(), cur[big].tolist()))
+            self.dense[new] = np.minimum(cur, 255)
+            return
         allb = np.concatenate([self.blocks, new])
         allc = np.concatenate([self.counts, cnt])
         self.blocks, inv = np.unique(allb, return_inverse=True)
         self.counts = np.bincount(inv, weights=allc).astype(np.int64)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted distinct blocks, reference count of each)."""
-        self._compact()
-        return self.blocks, self.counts
+    def expected(self, lo: int, hi: int) -> np.ndarray:
+        """int64 reference counts of data blocks [lo, hi) (call ``flush`` first)."""
+        if self.dense is not None:
+            e = self.dense[lo:hi].astype(np.int64)
+            if self.over and (e == 255).any():
+                for j in np.flatnonzero(e == 255).tolist():
+                    e[j] = self.over[lo + j]
+            return e
+        e = np.zeros(hi - lo, dtype=np.int64)
+        a, z = np.searchsorted(self.blocks, [lo, hi])
+        e[self.blocks[a:z] - lo] = self.counts[a:z]
+        return e
+
+    def any_shared(self) -> bool:
+        """Some data block has two references or more (call ``flush`` first)."""
+        if self.dense is not None:
+            return bool(self.dense.max() > 1)
+        return bool(len(self.counts) and self.counts.max() > 1)
+
+    def users(self, blocks: np.ndarray) -> np.ndarray:
+        """Reference counts of ``blocks`` (int64; call ``flush`` first)."""
+        if self.dense is not None:
+            got: np.ndarray = self.dense[blocks].astype(np.int64)  # saturated at 255: only "> 1" is asked
+            return got
+        i = np.searchsorted(self.blocks, blocks)
+        i = np.minimum(i, max(len(self.blocks) - 1, 0))
+        if not len(self.blocks):
+            return np.zeros(len(blocks), dtype=np.int64)
+        return np.where(self.blocks[i] == blocks, self.counts[i], 0)
+
+
+# A subtree's summary, kept per distinct mapping-tree node (the checker's memo, instead of the nodes):
+# (first leaf key, last leaf key, number of mappings, latest mapping time, the node's own first key, its
+# nr_entries, max_entries, is_leaf, every node below valid). None while being walked, or when the node failed.
+_Summary = tuple[int, int, int, int, int, int, int, bool, bool]
+_LATE_KEPT = 1 << 20  # data blocks of candidate mappings kept from the walk (8 MiB); leaves beyond are re-read
+
+
+class _MapVisitor(Visitor):
+    """One device's bottom-level mapping tree, walked with the summary memo: a subtree reached before (shared
+    with another device's tree) is counted (one metadata reference, its mappings, key order) from its summary and
+    not read again. First visits add their data references and note leaves that may hold a shared block with a
+    too-recent time (checked once all references are known, by ``_time_candidates``)."""
+
+    def __init__(self, w: _Walker, dev_id: int, snap_time: int, nr_data: int, refs: _Refs) -> None:
+        self.w = w
+        self.dev_id = dev_id
+        self.snap = snap_time
+        self.nr_data = nr_data
+        self.refs = refs
+        self.ok = True
+        self.count = 0
+        self.last: int | None = None
+        self.max_time = -1
+        # (block, path from the device root, reached again, or the leaf's late data blocks): subtrees holding a
+        # mapping time >= snap_time
+        self.candidates: list[tuple[int, tuple[int, ...], bool | np.ndarray]] = []
+        self.pending: list[tuple[int, tuple[int, ...], np.ndarray, int, int, int]] = []
+
+    def _node_rules(self, b: int, n: int, max_entries: int, key0: int | None, is_leaf: bool, where: Where) -> None:
+        w = self.w
+        if not where.is_root and n < max_entries // 3:
+            w.problem(f"too few entries in btree_node: {n}, expected at least {max_entries // 3}", b)
+        if where.parent_key is not None and n and key0 is not None and key0 < where.parent_key:
+            w.problem(f"parent key mismatch: parent says {where.parent_key}, child starts at {key0}", b)
+        if not is_leaf and n == 0:
+            w.problem("empty internal node", b)
+
+    def _order(self, first: int, last: int, b: int) -> None:
+        if self.last is not None and first <= self.last:
+            self.w.problem(f"leaf keys out of order across leaves ({first} after {self.last})", b)
+            self.ok = False
+        self.last = last
+
+    def ref(self, b: int, where: Where) -> bool:
+        w = self.w
+        if not w.ref(b):
+            self.ok = False
+            return False
+        summ = w.summary
+        if b not in summ:
+            summ[b] = None
+            return True
+        s = summ[b]
+        w.reach[b] = w.reach.get(b, 1) + 1
+        self.flush()  # the candidates stay in key order
+        if s is None:  # failed (reported once, when first reached)
+            self.ok = False
+            return False
+        first, last, count, max_time, key0, n, max_entries, is_leaf, ok = s
+        self._node_rules(b, n, max_entries, key0, is_leaf, where)
+        if count:
+            self._order(first, last, b)
+        self.count += count
+        self.ok = self.ok and ok
+        if max_time > self.max_time:
+            self.max_time = max_time
+        if max_time >= self.snap:
+            self.candidates.append((b, where.path, True))
+        return False
+
+    def error(self, err: MetadataCorrupt, where: Where) -> None:
+        f = err.fields
+        self.w.problem(f["reason"] if f.get("found_by") == "walker" else str(err), f.get("block"))
+        self.ok = False
+
+    def node(self, view: NodeView, where: Where) -> None:
+        n = view.nr_entries
+        self._node_rules(view.block, n, view.max_entries, int(view.keys[0]) if n else None, view.is_leaf, where)
+
+    def leaf(self, view: NodeView, where: Where) -> None:
+        n = view.nr_entries
+        b = view.block
+        if not n:
+            self.w.summary[b] = (0, 0, 0, -1, 0, 0, view.max_entries, True, True)
+            return
+        first, last = view.first_key, view.last_key
+        self._order(first, last, b)
+        self.count += n
+        # folded in batches (``flush``): the leaves of one bottom internal node, or until a revisit
+        self.pending.append((b, where.path, view.values, first, last, view.max_entries))
+
+    def flush(self) -> None:
+        """Fold the pending leaves: data references, latest times, summaries, time candidates."""
+        pend = self.pending
+        if not pend:
+            return
+        self.pending = []
+        w = self.w
+        lens = np.array([len(p[2]) for p in pend], dtype=np.int64)
+        starts = np.zeros(len(pend) + 1, dtype=np.int64)
+        np.cumsum(lens, out=starts[1:])
+        blocks, times = unpack_block_times(np.concatenate([p[2] for p in pend]))
+        bad = blocks >= self.nr_data
+        any_bad = bool(bad.any())
+        if any_bad:
+            for i in np.unique(np.searchsorted(starts, np.flatnonzero(bad), side="right") - 1).tolist():
+                lb = blocks[starts[i]:starts[i + 1]]
+                w.problem(f"device {self.dev_id}: mapping to data block {int(lb[lb >= self.nr_data][0])} beyond "
+                          f"the data device ({self.nr_data} blocks)", pend[i][0])
+            self.refs.add(blocks[~bad])
+        else:
+            self.refs.add(blocks)
+        mts = np.maximum.reduceat(times, starts[:-1]).tolist()
+        summ = w.summary
+        for p, n, mt in zip(pend, lens.tolist(), mts):
+            summ[p[0]] = (p[3], p[4], n, mt, p[3], n, p[5], True, True)
+        mx = max(mts)
+        if mx > self.max_time:
+            self.max_time = mx
+        if mx < self.snap:
+            return
+        snap = np.uint64(self.snap)
+        for i, mt in enumerate(mts):
+            if mt < self.snap:
+                continue
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            late = blocks[lo:hi][times[lo:hi] >= snap]
+            if not any_bad and w.late_kept + len(late) <= _LATE_KEPT:
+                w.late_kept += len(late)  # kept: no second read of this leaf
+                self.candidates.append((pend[i][0], pend[i][1], late))
+            else:
+                self.candidates.append((pend[i][0], pend[i][1], False))
+
+    def node_end(self, view: NodeView, where: Where) -> None:
+        self.flush()
+        summ = self.w.summary
+        first = last = None
+        count, mt, ok = 0, -1, True
+        for c in view.values.tolist():
+            s = summ.get(c)
+            if s is None:
+                ok = False
+                continue
+            if s[2]:
+                if first is None:
+                    first = s[0]
+                last = s[1]
+            count += s[2]
+            mt = max(mt, s[3])
+            ok = ok and s[8]
+        n = view.nr_entries
+        summ[view.block] = (first or 0, last or 0, count, mt, int(view.keys[0]) if n else 0, n, view.max_entries,
+                            False, ok)
+
+
+def _first_late(store: BlockStore, b: int, snap: int, data_block: int) -> tuple[int, int]:
+    """(data block, time) of the first mapping of leaf ``b`` to ``data_block`` with a time >= ``snap``."""
+    blocks, times = unpack_block_times(read_view(store, b, value_size=8).values)
+    i = int(np.flatnonzero((blocks == np.uint64(data_block)) & (times >= np.uint64(snap)))[0])
+    return int(blocks[i]), int(times[i])
+
+
+def _time_candidates(w: _Walker, store: BlockStore, refs: _Refs, nr_data: int, snap: int,
+                     candidates: list[tuple[int, tuple[int, ...], bool | np.ndarray]]) -> tuple[int, int] | None:
+    """The first mapping of ``dev_id`` (in key order) whose data block is shared and whose time is not older
+    than the device's snapshotted_time: (data block, time) or None. A block is shared when two leaf entries
+    map it, or when its leaf lies under a node reached from two places (a subtree two devices share)."""
+    reach = w.reach
+    for b, path, again in candidates:
+        if isinstance(again, np.ndarray):  # a first-visit leaf whose late mappings the walk kept
+            if reach.get(b, 1) > 1 or any(reach.get(p, 1) > 1 for p in path):
+                again = False  # the whole leaf is shared: read it again for the first late mapping's time
+            else:
+                db = again.astype(np.int64)
+                hit = np.flatnonzero(refs.users(db) > 1)
+                if hit.size:
+                    return _first_late(store, b, snap, int(db[hit[0]]))
+                continue
+        stack = [(b, again or any(reach.get(p, 1) > 1 for p in path))]
+        while stack:
+            blk, shared_above = stack.pop()
+            view = read_view(store, blk, value_size=8)
+            shared_here = shared_above or reach.get(blk, 1) > 1
+            if not view.is_leaf:
+                stack.extend((c, shared_here) for c in view.values.tolist()[::-1])
+                continue
+            if not view.nr_entries:
+                continue
+            blocks, times = unpack_block_times(view.values)
+            late = times >= np.uint64(snap)
+            if not late.any():
+                continue
+            db = blocks.astype(np.int64)
+            shared = np.ones(len(db), dtype=bool) if shared_here else \
+                refs.users(np.minimum(db, max(nr_data - 1, 0))) > 1
+            bad = late & shared
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                return int(db[i]), int(times[i])
+    return None
 
 
 def _sm_index(w: _Walker, root: SmRoot) -> list[IndexEntry] | None:
@@ -285,10 +526,10 @@ def _sm_index(w: _Walker, root: SmRoot) -> list[IndexEntry] | None:
 _Pending = list[tuple[str, "int | None", bool]]
 
 
-def _stream_data_sm(w: _Walker, root: SmRoot, refs: tuple[np.ndarray, np.ndarray] | None
+def _stream_data_sm(w: _Walker, root: SmRoot, refs: _Refs | None
                     ) -> tuple[int, _Pending] | None:
     """Check the data space map bitmap by bitmap against the references found (memory: one bitmap, the
-    ref-count entries and the sparse references, never an array over the data device). Returns (blocks in use,
+    ref-count entries and the references, ``_Refs``; never an int64 array over the data device). Returns (blocks in use,
     the comparison's problems, for the caller to report in thin_check's order), or None if unreadable."""
     entries = _sm_index(w, root)
     if entries is None:
@@ -308,11 +549,6 @@ def _stream_data_sm(w: _Walker, root: SmRoot, refs: tuple[np.ndarray, np.ndarray
     leaks = 0
     used = 0
     good = True
-    ub, uc = refs if refs is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    if refs is not None and len(ub) and int(ub[-1]) >= nr:
-        b = int(ub[np.searchsorted(ub, nr)])
-        cmp_problems.append((f"data block {b} is in use beyond the end of the data space map ({nr} blocks)", None,
-                             True))
     for i, e in enumerate(entries):
         buf = w.raw(e.blocknr, BlockType.BITMAP, "data space map bitmap")
         if buf is None:
@@ -340,9 +576,7 @@ def _stream_data_sm(w: _Walker, root: SmRoot, refs: tuple[np.ndarray, np.ndarray
         used += int(np.count_nonzero(counts))
         if refs is None:
             continue
-        expected = np.zeros(valid, dtype=np.int64)
-        a, z = np.searchsorted(ub, [lo, lo + valid])
-        expected[ub[a:z] - lo] = uc[a:z]
+        expected = refs.expected(lo, lo + valid)
         for j in np.flatnonzero(counts != expected).tolist():
             b = lo + j
             if counts[j] > expected[j]:
@@ -433,12 +667,13 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             held = parse_superblock(buf, sb.held_root)
             view = sb.replace(device_details_root=held.device_details_root, data_mapping_root=held.data_mapping_root)
     nr_data = sb.data_sm_root.nr_blocks
-    data_refs = _Refs()
+    data_refs = _Refs(nr_data)
     roots = [(sb, "live")]
     if sb.held_root and buf is not None:
         from thinpool.formats.superblock import parse_superblock
         roots.append((parse_superblock(buf, sb.held_root), "metadata snapshot"))
     dev_details: dict[int, tuple[int, int, int, int]] = {}
+    time_problems: list[tuple[str, bool]] = []  # the live view's time findings, reported if nothing else is wrong
     for which, label in roots:
         w.section = f"devices tree ({label})"
         details: dict[int, tuple[int, int, int, int]] = {}
@@ -468,47 +703,46 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         if set(details) != set(top):
             w.problem(f"devices in the details tree and the mapping tree differ: "
                       f"{sorted(set(details) ^ set(top))[:10]}", which.data_mapping_root)
+        times_here = label == "live" and not use_metadata_snap and not skip_mappings
+        per_dev: list[tuple[int, _MapVisitor]] = []
         for dev_id in sorted(top):
             root = top[dev_id]
-
-            def on_map_leaf(node: NodeView, dev_id: int = dev_id) -> None:
-                if not node.nr_entries:
-                    return
-                blocks = unpack_block_times(node.values)[0]
-                bad = blocks >= nr_data
-                if bad.any():
-                    w.problem(f"device {dev_id}: mapping to data block {int(blocks[bad][0])} beyond the data "
-                              f"device ({nr_data} blocks)", node.block)
-                    blocks = blocks[~bad]
-                data_refs.add(blocks)
-
+            if skip_mappings:
+                if dev_id in owned:
+                    w.ref(root)
+                continue
             if dev_id not in owned:
                 # A top-level leaf shared with a tree walked before holds one reference on each subtree root,
-                # already counted: only collect the (already walked) leaves for the mapped_blocks check.
-                leaves: list[tuple[np.ndarray, NodeView]] = []
-                ok = skip_mappings or w.collect(root, 8, leaves)
-                if skip_mappings:
-                    continue
-            elif skip_mappings:
-                w.ref(root)
-                continue
+                # already counted: the subtree's summary gives the mappings for the mapped_blocks check.
+                s = w.summary.get(root)
+                ok, n = (s is not None and s[8]), (s[2] if s is not None else 0)
             else:
-                ok, leaves = w.tree(root, 8, on_map_leaf)
+                dd = details.get(dev_id)
+                v = _MapVisitor(w, dev_id, dd[3] if dd is not None else 0, nr_data, data_refs)
+                walk(store, root, v, value_size=8, policy=SALVAGE)
+                v.flush()
+                ok, n = v.ok, v.count
+                per_dev.append((dev_id, v))
             if ok and (label == "live" or use_metadata_snap):
-                n = sum(len(k) for k, _ in leaves)
                 report.mappings += n
                 dd = details.get(dev_id)
                 if dd is not None and dd[0] != n:
                     w.problem(f"thin device {dev_id} has unexpected number of mappings, expected {n}, actual {dd[0]}",
                               root)
+        data_refs.flush()
+        if times_here:
+            time_problems = _times(w, store, which, details, per_dev, data_refs, nr_data)
     report.devices = len(dev_details)
     # times: every shared data block must be older than each mapping device's snapshotted_time.
     w.section = "mapping times"
     if not skip_mappings and not report.errors:
-        _check_times(w, store, sb if not use_metadata_snap else view, dev_details)
+        if use_metadata_snap:
+            _check_times(w, store, view, dev_details)
+        for msg, warning in time_problems:
+            w.problem(msg, warning=warning)
     # space maps
     w.section = "space map counts"
-    data = _stream_data_sm(w, sb.data_sm_root, None if skip_mappings else data_refs.result())
+    data = _stream_data_sm(w, sb.data_sm_root, None if skip_mappings else data_refs)
     meta_counts = _load_sm_counts(w, sb.metadata_sm_root, True)
     if data is not None:
         for msg, block, fatal in data[1]:
@@ -525,7 +759,34 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
     return report
 
 
+def _times(w: _Walker, store: BlockStore, sb: Superblock, details: dict[int, tuple[int, int, int, int]],
+           per_dev: list[tuple[int, _MapVisitor]], refs: _Refs, nr_data: int) -> list[tuple[str, bool]]:
+    """The time rules over one view's devices, from the walk's per-device latest times and candidate leaves
+    (re-read only where a mapping is not older than its device's snapshotted_time). Returns (message, is a
+    warning) in thin_check's order: every device's time errors, then the shared-block warnings."""
+    out: list[tuple[str, bool]] = []
+    for dev, v in per_dev:
+        if v.max_time > sb.time:
+            out.append((f"device {dev}: mapping time {v.max_time} is later than the pool time {sb.time}", False))
+        d = details.get(dev)
+        if d is not None and (d[2] > sb.time or d[3] > sb.time):
+            out.append((f"device {dev}: creation/snapshot time later than the pool time {sb.time}", False))
+    if not w.reach and not refs.any_shared():
+        return out  # no data block is mapped twice: no warning can apply
+    for dev, v in per_dev:
+        if not v.candidates:
+            continue
+        found = _time_candidates(w, store, refs, nr_data, v.snap, v.candidates)
+        if found is not None:
+            out.append((f"device {dev}: data block {found[0]} is shared but its mapping time {found[1]} is not "
+                        f"older than the device's snapshotted_time {v.snap} (a write would overwrite shared data)",
+                        True))
+    return out
+
+
 def _check_times(w: _Walker, store: BlockStore, sb: Superblock, details: dict[int, tuple[int, int, int, int]]) -> None:
+    """The time rules through the held metadata snapshot (``check -m``): the whole mapping arrays of that view
+    (the streaming path, ``_times``, serves the live view)."""
     pmd = PoolMetadata.open(store, readonly=True, space_maps=False)
     if sb is not pmd.sb and sb.data_mapping_root != pmd.sb.data_mapping_root:
         pmd = PoolMetadata.open(store, readonly=True, space_maps=False, use_metadata_snap=True)

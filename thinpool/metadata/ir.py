@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from thinpool.btree.walk import NodeView, Visitor, Where, walk_nodes
+from thinpool.btree.walk import NodeView, Visitor, Where, read_view, walk_nodes
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -152,28 +152,10 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     """
     if pmd.readonly:
         # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
-        grab = _OneNode()
-        for _ in walk_nodes(pmd.store, block, value_size=8, visitor=grab):
-            pass
-        view = grab.view
-        assert view is not None
+        view = read_view(pmd.store, block, value_size=8)
         return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
-
-
-class _OneNode(Visitor):
-    """Takes the root node of a walk and refuses every child pointer: a validated read of one node."""
-
-    def __init__(self) -> None:
-        self.view: NodeView | None = None
-
-    def ref(self, b: int, where: Where) -> bool:
-        return where.is_root
-
-    def node(self, view: NodeView, where: Where) -> None:
-        if where.is_root:
-            self.view = view
 
 
 def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,6 +173,39 @@ def leaf_mappings(pmd: PoolMetadata, node: MappingNode) -> tuple[np.ndarray, np.
         raise MetadataCorrupt(block=node.block, reason=f"block {int(node.keys[i])} maps to data block "
                                                        f"{int(data[i])} beyond the data device")
     return node.keys, data, times
+
+
+def leaf_data(pmd: PoolMetadata, node: MappingNode) -> np.ndarray:
+    """The data blocks of a leaf (int64), checked against the data device's size, as ``leaf_mappings``
+    checks them, without the times.
+
+    Raises:
+        MetadataCorrupt: a data block beyond the data device.
+    """
+    data = (node.values >> np.uint64(TIME_BITS)).astype(np.int64)
+    nr_data = pmd.data_sm.nr_blocks
+    if len(data) and nr_data and int(data.max()) >= nr_data:
+        i = int(np.argmax(data >= nr_data))
+        raise MetadataCorrupt(block=node.block, reason=f"block {int(node.keys[i])} maps to data block "
+                                                       f"{int(data[i])} beyond the data device")
+    return data
+
+
+def leaves_data(pmd: PoolMetadata, nodes: Sequence[MappingNode]) -> np.ndarray:
+    """The data blocks of several leaves, concatenated in order (int64; one numpy pass for all of them),
+    checked as ``leaf_data`` checks them.
+
+    Raises:
+        MetadataCorrupt: a data block beyond the data device (naming the first such leaf).
+    """
+    if len(nodes) == 1:
+        return leaf_data(pmd, nodes[0])
+    data = (np.concatenate([n.values for n in nodes]) >> np.uint64(TIME_BITS)).astype(np.int64)
+    nr_data = pmd.data_sm.nr_blocks
+    if len(data) and nr_data and int(data.max()) >= nr_data:
+        for n in nodes:
+            leaf_data(pmd, n)
+    return data
 
 
 class _SkipSeen(Visitor):

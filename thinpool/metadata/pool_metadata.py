@@ -20,9 +20,7 @@ Public methods check state (read-only, failed) then run inside the open transact
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
@@ -67,7 +65,12 @@ from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.metadata_paged import MetadataSpaceMap, read_metadata_index
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
-from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS
+from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS, lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 MIN_METADATA_BLOCKS = 16
 
@@ -267,7 +270,7 @@ class PoolMetadata:
             ro = RootSpaceMap(mroot.nr_blocks, mroot.nr_allocated)
             tm = TransactionManager(store, ro)
             entries = read_metadata_index(tm, mroot)
-            meta = DiskSpaceMap(tm, ro, is_metadata=True, bitmap_blocks=entries["blocknr"].tolist(),  # type: ignore[arg-type]
+            meta = DiskSpaceMap(tm, ro, is_metadata=True, bitmap_blocks=[e[0] for e in entries],  # type: ignore[arg-type]
                                 ref_count_root=mroot.ref_count_root, index_root=mroot.bitmap_root)
         else:
             # paged as the data map is: the index block is read now, a bitmap when a block it covers is counted

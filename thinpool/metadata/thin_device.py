@@ -26,12 +26,12 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Final, Protocol
 
-import numpy as np
-
 from thinpool.errors import DeviceNotFound
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from thinpool.metadata.pool_metadata import PoolMetadata, ThinDetails
 
 

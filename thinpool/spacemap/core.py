@@ -10,9 +10,15 @@ next commit (the kernel's rule that a block freed in a transaction is not reused
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from thinpool.errors import MetadataCorrupt, NoDataSpace, NoMetadataSpace, ReadOnly
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 _BATCH = 4096
 

@@ -13,7 +13,7 @@ in two or three rounds).
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
@@ -32,6 +32,12 @@ from thinpool.formats.space_map import (
 )
 from thinpool.spacemap.core import CoreSpaceMap
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 E = ENTRIES_PER_BITMAP
 

@@ -23,27 +23,33 @@ What differs from the data map (spacemap/paged.py, whose paging, allocation rule
 
 from __future__ import annotations
 
-from typing import Final
-
-import numpy as np
+import struct
+from typing import TYPE_CHECKING, Final
 
 from thinpool.checksum import BlockType
 from thinpool.errors import InvalidArgument, MetadataCorrupt
 from thinpool.formats.space_map import (
     INDEX_ENTRY_SIZE,
     MAX_METADATA_BITMAPS,
-    MetadataIndexStruct,
+    METADATA_INDEX_LAYOUT,
     SmRoot,
     encode_bitmap,
 )
 from thinpool.spacemap.paged import _INDEX_DTYPE, E, PagedSpaceMap, _FreeBitmap, nr_bitmaps
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
 
-_INDEX_HEADER: Final = MetadataIndexStruct.sizeof() - MAX_METADATA_BITMAPS * INDEX_ENTRY_SIZE  # csum, pad, blocknr
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
+
+_INDEX_HEADER: Final = METADATA_INDEX_LAYOUT.size - MAX_METADATA_BITMAPS * INDEX_ENTRY_SIZE  # csum, pad, blocknr
 
 
-def read_metadata_index(tm: TransactionManager, root: SmRoot) -> np.ndarray:
-    """The index entries of the metadata space map at ``root`` (one block read, decoded with numpy).
+def read_metadata_index(tm: TransactionManager, root: SmRoot) -> list[tuple[int, int, int]]:
+    """The index entries (blocknr, nr_free, none_free_before) of the metadata space map at ``root``: one block
+    read, decoded without numpy (a read-only open uses it too, and loads no numpy).
 
     Raises:
         MetadataCorrupt / ChecksumError: a bad index block or an entry pointing outside the device.
@@ -52,15 +58,15 @@ def read_metadata_index(tm: TransactionManager, root: SmRoot) -> np.ndarray:
     if not 0 < n <= MAX_METADATA_BITMAPS:
         raise MetadataCorrupt(block=0, reason=f"bad metadata space map size {root.nr_blocks}")
     buf = tm.read_raw(root.bitmap_root, BlockType.INDEX, "metadata index block")
-    idx = np.frombuffer(buf, dtype=_INDEX_DTYPE, count=n, offset=_INDEX_HEADER).copy()
-    blocks = idx["blocknr"]
-    if len(blocks) and (int(blocks.min()) == 0 or int(blocks.max()) >= tm.limit):
-        i = int(np.argmax((blocks == 0) | (blocks >= tm.limit)))
-        raise MetadataCorrupt(block=root.bitmap_root, reason=f"metadata index entry {i} points at block "
-                                                             f"{int(blocks[i])}, outside the metadata device")
+    entries = list(struct.iter_unpack("<QII", buf[_INDEX_HEADER:_INDEX_HEADER + n * INDEX_ENTRY_SIZE]))
+    limit = tm.limit
+    for i, (b, _, _) in enumerate(entries):
+        if not 0 < b < limit:
+            raise MetadataCorrupt(block=root.bitmap_root, reason=f"metadata index entry {i} points at block {b}, "
+                                                                 "outside the metadata device")
     # nr_free / none_free_before are hints (the kernel's search skips entries with nr_free 0; thin_check does
     # not check them): not validated
-    return idx
+    return entries
 
 
 class MetadataSpaceMap(PagedSpaceMap):
@@ -105,7 +111,7 @@ class MetadataSpaceMap(PagedSpaceMap):
                                                   f"{root.nr_blocks}")
         sm = cls(tm, root)
         tm.sm = sm
-        sm._index = read_metadata_index(tm, root)
+        sm._index = np.array(read_metadata_index(tm, root), dtype=_INDEX_DTYPE)
         sm._loaded[:] = True
         if validate:
             sm.rc_tree.validate_node(root.ref_count_root)
@@ -199,7 +205,7 @@ class MetadataSpaceMap(PagedSpaceMap):
             e = self._entry(i, counts, new)
             self._index[i] = (e.blocknr, e.nr_free, e.none_free_before)
         body = self._index.tobytes().ljust(MAX_METADATA_BITMAPS * INDEX_ENTRY_SIZE, b"\0")
-        buf = bytearray(MetadataIndexStruct.build(dict(csum=0, padding=0, blocknr=self.index_root, index=body)))
+        buf = bytearray(METADATA_INDEX_LAYOUT.pack(csum=0, padding=0, blocknr=self.index_root, index=body))
         tm.write_raw(self.index_root, buf, BlockType.INDEX)
 
     def _sync_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray,

@@ -33,9 +33,7 @@ In memory, cost follows the work, not the pool:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Final
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
@@ -49,12 +47,19 @@ from thinpool.formats.space_map import (
     encode_bitmap,
 )
 from thinpool.tx.transaction import TransactionManager
+from thinpool.units import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 E: Final = ENTRIES_PER_BITMAP
 _BATCH: Final = 4096  # allocation candidates taken from a page at a time
 INDEX_WINDOW: Final = 252  # index entries loaded at a time (one leaf of 16-byte values holds 252)
 REBUILD_FRACTION: Final = 4  # rebuild the index tree when more than 1/4 of its entries (and > 256) changed
-_INDEX_DTYPE: Final = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
+# a list, not an np.dtype: building that at import would load numpy (numpy takes the list wherever a dtype goes)
+_INDEX_DTYPE: Final = [("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")]
 
 
 def nr_bitmaps(nr_blocks: int) -> int:
@@ -118,8 +123,11 @@ class PagedSpaceMap:
             raise MetadataCorrupt(block=0, reason=f"{self.kind} space map of {root.nr_blocks} blocks needs {n} "
                                                   f"bitmaps: more than a metadata device of {self.tm.limit} blocks "
                                                   "can index")
-        self._index = np.zeros(n, dtype=_INDEX_DTYPE)  # _INDEX_DTYPE per bitmap, valid where _loaded
-        self._loaded = np.zeros(-(-n // INDEX_WINDOW), dtype=bool)  # per window of INDEX_WINDOW entries
+        # _index: _INDEX_DTYPE per bitmap, valid where _loaded; _loaded: per window of INDEX_WINDOW entries. Both
+        # made on first use (properties below), so that a read-only open that never allocates does not load numpy.
+        self._nr_index = n
+        self._index_arr: np.ndarray | None = None
+        self._loaded_arr: np.ndarray | None = None
         self._pages: OrderedDict[int, _Page] = OrderedDict()
         self._dirty: set[int] = set()
         self._nr_allocated = root.nr_allocated
@@ -129,6 +137,26 @@ class PagedSpaceMap:
         self._freed: list[np.ndarray] = []  # blocks whose count dropped to 0 in this transaction (batches)
         self._freed_one: list[int] = []  # the same, one at a time (dec)
         self.changed = False
+
+    @property
+    def _index(self) -> np.ndarray:
+        if self._index_arr is None:
+            self._index_arr = np.zeros(self._nr_index, dtype=_INDEX_DTYPE)
+        return self._index_arr
+
+    @_index.setter
+    def _index(self, value: np.ndarray) -> None:
+        self._index_arr = value
+
+    @property
+    def _loaded(self) -> np.ndarray:
+        if self._loaded_arr is None:
+            self._loaded_arr = np.zeros(-(-self._nr_index // INDEX_WINDOW), dtype=bool)
+        return self._loaded_arr
+
+    @_loaded.setter
+    def _loaded(self, value: np.ndarray) -> None:
+        self._loaded_arr = value
 
     @classmethod
     def create(cls, tm: TransactionManager, nr_blocks: int, *, kind: str = "data") -> PagedSpaceMap:

@@ -27,7 +27,7 @@ from thinpool.metadata.ir import (
     RunJoiner,
     Runs,
     batched_leaves,
-    leaf_mappings,
+    leaf_data,
     mapping_leaves,
     read_mapping_node,
 )
@@ -90,7 +90,7 @@ class _Cursor:
             raise MetadataCorrupt(block=node.block, reason=f"keys {int(node.keys[0])}..{int(node.keys[-1])} "
                                                            f"outside the parent's range {lo}..{hi}")
         if node.is_leaf:
-            keys, data, _ = leaf_mappings(self.pmd, node)
+            keys, data = node.keys, leaf_data(self.pmd, node)
             if len(self.keys):
                 self.keys, self.data = np.concatenate([self.keys, keys]), np.concatenate([self.data, data])
             else:
@@ -106,7 +106,13 @@ class _Cursor:
 
 def _classify(lk: np.ndarray, ld: np.ndarray, rk: np.ndarray, rd: np.ndarray, joiner: RunJoiner) -> Runs:
     """Feed one aligned stretch of both sides (all their keys below one bound) through the joiner."""
-    keys = np.union1d(lk, rk)
+    if len(lk) == len(rk) and np.array_equal(lk, rk):  # the usual case: the same blocks mapped on both sides
+        kind = np.where(ld == rd, _SAME, _DIFFERENT)
+        return joiner.feed((lk, ld, rd), (kind,))
+    keys = np.concatenate([lk, rk])
+    keys.sort(kind="stable")  # two sorted runs: a merge
+    if len(keys) > 1:
+        keys = keys[np.append(True, keys[1:] != keys[:-1])]
     li = np.minimum(np.searchsorted(lk, keys), max(len(lk) - 1, 0))
     ri = np.minimum(np.searchsorted(rk, keys), max(len(rk) - 1, 0))
     has_l = (lk[li] == keys) if len(lk) else np.zeros(len(keys), dtype=bool)

@@ -21,8 +21,10 @@ import numpy as np
 
 from thinpool.btree.btree import MAX_DEPTH
 from thinpool.errors import MetadataCorrupt
-from thinpool.metadata.ir import BATCH_MAPPINGS, leaf_mappings, read_mapping_node
+from thinpool.metadata.ir import MappingNode, leaf_data, leaves_data, read_mapping_node
 from thinpool.metadata.pool_metadata import PoolMetadata
+
+_BATCH = 1 << 16  # mappings folded at once
 
 
 class BlockBits:
@@ -56,27 +58,27 @@ class Sharing:
         # node -> 1 (reached from one place) or 2 (reached again: every block below it is shared)
         self._reach: dict[int, int] = {}
         shared_roots: list[int] = []
-        pending: list[np.ndarray] = []  # leaves folded in batches of ~BATCH_MAPPINGS (fewer numpy steps)
+        pending: list[MappingNode] = []  # leaves folded in batches of ~BATCH_MAPPINGS (fewer numpy steps)
         nr_pending = 0
         for dev in self.dev_ids:
-            for node_block, data in self._walk(md.device_root(dev)):
-                if data is None:
+            for node_block, node in self._walk(md.device_root(dev)):
+                if node is None:
                     shared_roots.append(node_block)
                     continue
-                pending.append(data)
-                nr_pending += len(data)
-                if nr_pending >= BATCH_MAPPINGS:
-                    self._fold(np.concatenate(pending))
+                pending.append(node)
+                nr_pending += len(node.values)
+                if nr_pending >= _BATCH:
+                    self._fold(leaves_data(md, pending))
                     pending, nr_pending = [], 0
         if pending:
-            self._fold(np.concatenate(pending))
+            self._fold(leaves_data(md, pending))
         refolded: set[int] = set()
         for root in shared_roots:
-            for _, data in self._leaves(root, refolded):
-                self._twice.set(data)
+            for _, node in self._leaves(root, refolded):
+                self._twice.set(leaf_data(md, node))
 
-    def _walk(self, root: int) -> Iterator[tuple[int, np.ndarray | None]]:
-        """First visits: (leaf block, its data blocks); a node reached again: (block, None), not descended."""
+    def _walk(self, root: int) -> Iterator[tuple[int, MappingNode | None]]:
+        """First visits: (leaf block, the leaf); a node reached again: (block, None), not descended."""
         stack = [(root, 0)]
         while stack:
             block, depth = stack.pop()
@@ -87,13 +89,14 @@ class Sharing:
             self._reach[block] = 1
             node = read_mapping_node(self.md, block)
             if node.is_leaf:
-                yield block, leaf_mappings(self.md, node)[1]
+                if len(node.values):
+                    yield block, node
                 continue
             if depth >= MAX_DEPTH:
                 raise MetadataCorrupt(block=block, reason="btree too deep (cycle?)")
-            stack.extend((int(c), depth + 1) for c in node.values[::-1].tolist())
+            stack.extend((c, depth + 1) for c in node.values[::-1].tolist())
 
-    def _leaves(self, root: int, done: set[int]) -> Iterator[tuple[int, np.ndarray]]:
+    def _leaves(self, root: int, done: set[int]) -> Iterator[tuple[int, MappingNode]]:
         stack = [(root, 0)]
         while stack:
             block, depth = stack.pop()
@@ -102,9 +105,9 @@ class Sharing:
             done.add(block)
             node = read_mapping_node(self.md, block)
             if node.is_leaf:
-                yield block, leaf_mappings(self.md, node)[1]
+                yield block, node
             elif depth < MAX_DEPTH:
-                stack.extend((int(c), depth + 1) for c in node.values[::-1].tolist())
+                stack.extend((c, depth + 1) for c in node.values[::-1].tolist())
 
     def _fold(self, data: np.ndarray) -> None:
         if not len(data):
@@ -125,7 +128,7 @@ class Sharing:
         """Mappings of ``dev_id`` whose data block no other mapping uses (subtrees reached from two places are
         skipped unread: all their blocks are shared)."""
         n = 0
-        pending: list[np.ndarray] = []
+        pending: list[MappingNode] = []
         nr_pending = 0
         stack = [(self.md.device_root(dev_id), 0)]
         while stack:
@@ -134,15 +137,14 @@ class Sharing:
                 continue
             node = read_mapping_node(self.md, block)
             if node.is_leaf:
-                data = leaf_mappings(self.md, node)[1]
-                if len(data):
-                    pending.append(data)
-                    nr_pending += len(data)
-                    if nr_pending >= BATCH_MAPPINGS:
-                        n += int(np.count_nonzero(~self._twice.test(np.concatenate(pending))))
+                if len(node.values):
+                    pending.append(node)
+                    nr_pending += len(node.values)
+                    if nr_pending >= _BATCH:
+                        n += int(np.count_nonzero(~self._twice.test(leaves_data(self.md, pending))))
                         pending, nr_pending = [], 0
             elif depth < MAX_DEPTH:
-                stack.extend((int(c), depth + 1) for c in node.values.tolist())
+                stack.extend((c, depth + 1) for c in node.values.tolist())
         if pending:
-            n += int(np.count_nonzero(~self._twice.test(np.concatenate(pending))))
+            n += int(np.count_nonzero(~self._twice.test(leaves_data(self.md, pending))))
         return n
