@@ -18,10 +18,11 @@ QUICK_NOTE = ("thinpool bench: --quick measures short spans with few rounds: its
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Smaller spans, sizes and counts (about a minute per part).")
-@click.option("--only", "parts", multiple=True, type=click.Choice([*SUITE_PARTS, "drivers"]),
-              help="Run only these parts (repeatable). Default: all but drivers. `drivers` is the storage-driver "
-                   "lab: thinpool-devicemapper, overlayfs, btrfs, vfs and aufs-like on one image (root for the "
-                   "kernel drivers).")
+@click.option("--only", "parts", multiple=True, type=click.Choice([*SUITE_PARTS, "scale", "drivers"]),
+              help="Run only these parts (repeatable). Default: all but scale and drivers. `drivers` is the "
+                   "storage-driver lab: thinpool-devicemapper, overlayfs, btrfs, vfs and aufs-like on one image (root "
+                   "for the kernel drivers). `scale` measures 1 GiB..8 TiB pools, 10k..4M mappings (with the C++ "
+                   "thin_* tools) and 1..10,000 devices (RESULTS-scale.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON on stdout.")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 @click.option("--results", "results", type=click.Path(dir_okay=False, path_type=Path),

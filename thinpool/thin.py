@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from thinpool.errors import InvalidArgument, NoMetadataSpace
-from thinpool.io.device import check_bounds, zero_fill
+from thinpool.io.device import check_bounds, new_bytes, zero_fill
 from thinpool.units import lazy_module
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ else:
 
 
 _SCRATCH_MAX_BYTES = 4 << 20  # read() gathers scattered pieces of reads up to this size in a kept buffer
+_GATHER_IN_PLACE_BYTES = 128 << 10  # a scattered read from this size on fills its bytes object in place
+_PLAN_CACHED_CHUNKS = 64  # a read of up to this many chunks looks each one up in the mapping cache
 
 
 class ThinDevice:
@@ -90,13 +92,25 @@ class ThinDevice:
             return b""
         ch = self.chunk
         first = offset // ch
+        if (offset + length - 1) // ch == first:
+            mc = self._mc
+            if mc is not None and mc.valid:
+                # Optimistic, without the pool lock (a seqlock): read through the cached mapping, then keep the
+                # bytes only if nothing could have given the block to someone else meanwhile. A data block is
+                # reused only after its mapping went away (remove_range, delete, abort: each drops the cache, so
+                # ``valid`` is False) or after a commit (a new ``pmd.sb``); both are done under the pool lock
+                # before any reuse, so a read that sees neither read the block while it still held this mapping.
+                sb = mc.pmd.sb
+                v = mc.map.get(first)
+                if v is not None:
+                    out = pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
+                    if mc.valid and mc.pmd.sb is sb:
+                        return out
         with pool.lock:
             if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup, one pread
-                mc = self._mc
-                if mc is None or not mc.valid:
-                    mc = self._cache()
-                v = mc.map.get(first)
-                if v is None and (v := mc.find(first)) is None:
+                mc = self._cache()
+                v = mc.find(first)
+                if v is None:
                     return self._unprovisioned(offset, length)
                 return pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
             return self._read(offset, length)
@@ -132,12 +146,20 @@ class ThinDevice:
             if file_off < 0:
                 return self._unprovisioned(offset, length)
             return self.pool.data.pread(file_off, length)
-        # pieces from several places: gathered in a buffer kept by the device (a fresh one would be zeroed, then
-        # page-faulted in, on every read: glibc gives large freed blocks back to the kernel), then one copy out
+        # pieces from several places: a large read fills a new bytes object in place (no copy out), a small one
+        # is gathered in a buffer kept by the device (a fresh one would be zeroed, then page-faulted in, on every
+        # read: glibc gives large freed blocks back to the kernel) and copied out once
+        if length >= _GATHER_IN_PLACE_BYTES and (made := new_bytes(length)) is not None:
+            out, view = made
+            try:
+                self._fill(view, offset, plan)
+            finally:
+                view.release()
+            return out
         if length > _SCRATCH_MAX_BYTES:
-            out = bytearray(length)
-            self._fill(memoryview(out), offset, plan)
-            return bytes(out)
+            big = bytearray(length)
+            self._fill(memoryview(big), offset, plan)
+            return bytes(big)
         scratch = self._scratch
         if scratch is None or len(scratch) < length:
             scratch = self._scratch = bytearray(max(length, ch))
@@ -151,8 +173,18 @@ class ThinDevice:
         ch = self.chunk
         end = offset + length
         first, last = offset // ch, (end - 1) // ch
-        k, d, _ = self.md.find_mapped_range(first, last + 1)
-        thin_blocks, data_blocks = k.tolist(), d.tolist()
+        if last - first < _PLAN_CACHED_CHUNKS:  # a few chunks: cached lookups (no tree walk, no arrays)
+            mc = self._cache()
+            find, shift = mc.find, mc.TIME_BITS
+            thin_blocks, data_blocks = [], []
+            for c in range(first, last + 1):
+                v = find(c)
+                if v is not None:
+                    thin_blocks.append(c)
+                    data_blocks.append(v >> shift)
+        else:
+            k, d, _ = self.md.find_mapped_range(first, last + 1)
+            thin_blocks, data_blocks = k.tolist(), d.tolist()
         nr = len(data_blocks)
         if not nr:
             return [[0, length, -1]]

@@ -125,8 +125,8 @@ def full_read(img: dict[Any, bytes], probe: dict[int, list[int]] | None = None, 
     r = Read()
     store = store_of(img)
     if rw:
-        try:
-            PoolMetadata.open(store)
+        try:  # the metadata space map is paged in on demand too: "everything" includes reading all of it
+            PoolMetadata.open(store).meta_disk.validate_all()
         except MetadataError as e:
             r.errors.append(e)
     try:

@@ -142,3 +142,96 @@ def test_metadata_space_map_many_bitmaps_passes_thin_check(tmp_path) -> None:
     report = check_metadata(FileBlockStore(path, readonly=True))
     assert report.problems == [], [str(p) for p in report.problems]
     real_thin_check(path)
+
+
+# --- the paged metadata space map (spacemap/metadata_paged.py) -------------------------------------------------
+NR_META = 2 * ENTRIES_PER_BITMAP + 500  # 3 bitmaps, the last one partial
+
+META_OPS = st.lists(st.one_of(
+    st.tuples(st.just("insert"), st.integers(1, 3), st.integers(1, 400)),
+    st.tuples(st.just("snap"), st.integers(1, 3)),
+    st.tuples(st.just("delete"), st.integers(1, 6)),
+    st.tuples(st.just("cursor"), st.integers(0, NR_META - 1)),
+    st.tuples(st.just("evict")),
+    st.tuples(st.just("commit")),
+    st.tuples(st.just("abort")),
+    st.tuples(st.just("reopen")),
+), min_size=1, max_size=25)
+
+
+def _meta_counts_on_disk(path) -> np.ndarray:
+    pmd = reopen(path)
+    try:
+        return pmd.tm.sm.counts
+    finally:
+        pmd.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=META_OPS, seed=st.integers(0, 2 ** 32 - 1))
+def test_metadata_space_map_vs_the_checker(ops, seed, tmp_path_factory) -> None:
+    """Devices, snapshots (shared trees: counts >= 3 in the ref-count tree), deletes, the allocation cursor put
+    anywhere in the 3 bitmaps, clean pages evicted, commits, aborts and reopens: after each commit our checker
+    (which recomputes every metadata count from the trees) finds nothing; an abort returns the map to exactly
+    what is on disk; the real thin_check passes at the end."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path_factory.mktemp("msm") / "pool.bin"
+    pmd = new_pool_file(path, nr_meta_blocks=NR_META, nr_data_blocks=200_000)
+    next_id = 10
+    for op in ops:
+        kind = op[0]
+        if kind == "insert":
+            dev = op[1]
+            if dev not in pmd.devices:
+                pmd.create_thin(dev)
+            for t in rng.choice(50_000, size=op[2], replace=False).tolist():
+                pmd.insert(dev, t, pmd.alloc_data_block())
+        elif kind == "snap":
+            if op[1] in pmd.devices:
+                pmd.create_snap(next_id, op[1])
+                next_id += 1
+        elif kind == "delete":
+            devs = pmd.device_ids()
+            if devs:
+                pmd.delete_thin(devs[op[1] % len(devs)])
+        elif kind == "cursor":
+            pmd.tm.sm._cursor, pmd.tm.sm._candidates = op[1], []  # the next allocation searches from there
+        elif kind == "evict":
+            pmd.tm.sm.evict_clean()
+        elif kind == "commit":
+            pmd.commit()
+            report = check_metadata(FileBlockStore(path, readonly=True))
+            assert report.problems == [], [str(p) for p in report.problems]
+        elif kind == "abort":
+            pmd.abort()
+            assert np.array_equal(pmd.tm.sm.counts, _meta_counts_on_disk(path))
+        elif kind == "reopen":
+            pmd.commit()
+            pmd.close()
+            pmd = reopen(path)
+        assert pmd.tm.sm.nr_allocated() == int(np.count_nonzero(pmd.tm.sm.counts))
+    pmd.commit()
+    pmd.close()
+    report = check_metadata(FileBlockStore(path, readonly=True))
+    assert report.problems == [], [str(p) for p in report.problems]
+    real_thin_check(path)
+
+
+def test_writable_open_reads_the_metadata_index_not_its_bitmaps(tmp_path) -> None:
+    """A 16 GiB metadata device (255 bitmaps, the most there can be): a writable open reads the superblock, the
+    metadata index block and a few tree nodes, no bitmap; a change and its commit read one metadata bitmap."""
+    from thinpool.units import MAX_METADATA_BLOCKS
+
+    path = tmp_path / "pool.bin"
+    pmd = new_pool_file(path, nr_meta_blocks=MAX_METADATA_BLOCKS, nr_data_blocks=4 * ENTRIES_PER_BITMAP)
+    assert len(pmd.tm.sm.bitmap_blocks) == 255
+    pmd.close()
+    store = FileBlockStore(path)
+    pmd = PoolMetadata.open(store)
+    assert pmd.tm.blocks_read <= 8 and len(pmd.tm.sm._pages) == 0
+    pmd.create_thin(1)
+    pmd.insert(1, 7, pmd.alloc_data_block())
+    pmd.commit()
+    assert len(pmd.tm.sm._pages) == 1 and pmd.tm.sm.pages_loaded == 1
+    pmd.close()
+    real_thin_check(path)

@@ -229,3 +229,37 @@ def test_random_operations_against_a_model(tmp_path) -> None:
         for k in models:
             _agree(pool, k, size // CH)
             assert devs[k].read(0, size) == models[k]
+
+
+def test_a_scattered_large_read_is_filled_in_place(tmp_path) -> None:
+    """A 1 MiB read whose chunks lie in several places (a snapshot overwrote every fourth chunk) and holes: the
+    bytes object is filled in place and equals the model; it is a real bytes (hashable, immutable)."""
+    rng = random.Random(3)
+    with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
+        dev = pool.create_thin(1, 8 << 20)
+        model = bytearray(8 << 20)
+        base = rng.randbytes(3 << 20)
+        dev.write(0, base)
+        model[:3 << 20] = base
+        snap = pool.create_snap(2, 1)
+        smodel = bytearray(model)
+        for c in range(0, 48, 4):
+            piece = rng.randbytes(100)
+            snap.write(c * CH + 50, piece)
+            smodel[c * CH + 50:c * CH + 150] = piece
+        for off in (0, 12345, (1 << 20) + 7, (5 << 19), (3 << 20) - 4096):
+            got = snap.read(off, 1 << 20)
+            assert type(got) is bytes and got == bytes(smodel[off:off + (1 << 20)])
+            assert hash(got) == hash(bytes(smodel[off:off + (1 << 20)]))
+            assert dev.read(off, 1 << 20) == bytes(model[off:off + (1 << 20)])
+
+
+def test_new_bytes_is_an_ordinary_bytes_object() -> None:
+    from thinpool.io.device import new_bytes
+
+    made = new_bytes(5)
+    assert made is not None
+    out, view = made
+    view[:] = b"hello"
+    view.release()
+    assert out == b"hello" and type(out) is bytes and {out: 1}[b"hello"] == 1

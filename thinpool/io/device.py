@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from thinpool.errors import OutOfBounds, StoreIOError
 
@@ -60,6 +60,35 @@ def zero_fill(view: memoryview) -> None:
         ctypes.memset(c, 0, n)
     finally:
         del c
+
+
+_bytes_api: tuple[Any, Any, Any] | None = None
+
+
+def new_bytes(n: int) -> tuple[bytes, memoryview] | None:
+    """A new ``bytes`` of ``n`` bytes, not yet filled, and a writable view of its buffer: the C API's idiom
+    ``PyBytes_FromStringAndSize(NULL, n)`` then fill, so a read gathered from several places becomes a bytes
+    object with no copy. The caller fills the whole view, releases it, and only then hands the bytes out (nothing
+    else may see the object before). None where the C API is not reachable (not CPython).
+    """
+    global _bytes_api
+    if _bytes_api is None:
+        import ctypes  # here, not at import: start-up time
+        import sys
+
+        if sys.implementation.name != "cpython":
+            return None
+        api = ctypes.pythonapi
+        make = api.PyBytes_FromStringAndSize
+        make.restype, make.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        addr = api.PyBytes_AsString
+        addr.restype, addr.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+        view = api.PyMemoryView_FromMemory
+        view.restype, view.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+        _bytes_api = (make, addr, view)
+    make, addr, view = _bytes_api
+    out: bytes = make(None, n)
+    return out, view(addr(out), n, 0x200)  # 0x200: PyBUF_WRITE
 
 
 class MemoryDevice:

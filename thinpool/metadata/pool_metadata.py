@@ -49,7 +49,7 @@ from thinpool.formats.device_details import (
     unpack_block_time,
     unpack_block_times,
 )
-from thinpool.formats.space_map import ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SmRoot, parse_metadata_index
+from thinpool.formats.space_map import ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, SmRoot
 from thinpool.formats.superblock import (
     NEEDS_CHECK_FLAG,
     THIN_SUPERBLOCK_MAGIC,
@@ -60,8 +60,9 @@ from thinpool.formats.superblock import (
 )
 from thinpool.io.block_store import BlockStore
 from thinpool.metadata.thin_device import MappingCache, ThinDeviceMetadata
-from thinpool.spacemap.core import CoreSpaceMap, RootSpaceMap
+from thinpool.spacemap.core import RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
+from thinpool.spacemap.metadata_paged import MetadataSpaceMap, read_metadata_index
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS, lazy_module
@@ -158,8 +159,8 @@ class SubtreeValue:
 class PoolMetadata:
     """An open pool metadata device."""
 
-    def __init__(self, store: BlockStore, tm: TransactionManager, sb: Superblock, meta: DiskSpaceMap,
-                 data: PagedSpaceMap, *, readonly: bool) -> None:
+    def __init__(self, store: BlockStore, tm: TransactionManager, sb: Superblock,
+                 meta: DiskSpaceMap | MetadataSpaceMap, data: PagedSpaceMap, *, readonly: bool) -> None:
         self.store = store
         self.tm = tm
         self.sb = sb  # the last committed superblock
@@ -206,10 +207,8 @@ class PoolMetadata:
             raise InvalidArgument(reason=f"metadata device too small: {nr_meta} blocks, need >= {MIN_METADATA_BLOCKS}")
         if nr_data_blocks < 1:
             raise InvalidArgument(reason="the pool needs at least one data block")
-        meta_core = CoreSpaceMap(nr_meta, kind="metadata")
-        meta_core.inc(0)  # the superblock
-        tm = TransactionManager(store, meta_core)
-        meta = DiskSpaceMap.create(tm, meta_core, is_metadata=True)
+        tm = TransactionManager(store, RootSpaceMap(nr_meta, 0))
+        meta = MetadataSpaceMap.create(tm, nr_meta)  # counts the superblock; becomes tm.sm
         data = PagedSpaceMap.create(tm, nr_data_blocks)
         details_root = BTree(tm, NoRefValue(24)).empty()
         mapping_root = BTree(tm, NoRefValue(8)).empty()
@@ -264,19 +263,19 @@ class PoolMetadata:
                                                   f"expected {mroot.nr_blocks}")
         if mroot.nr_blocks == 0 or -(-mroot.nr_blocks // ENTRIES_PER_BITMAP) > MAX_METADATA_BITMAPS:
             raise MetadataCorrupt(block=0, reason=f"bad metadata space map size {mroot.nr_blocks}")
+        meta: DiskSpaceMap | MetadataSpaceMap
         if readonly or use_metadata_snap:
             # A read-only open reads no bitmap (only the metadata index block, one block, for its checksum and the
             # bitmaps' locations): sizes and counts come from the superblock's roots, as the kernel's status does.
             ro = RootSpaceMap(mroot.nr_blocks, mroot.nr_allocated)
             tm = TransactionManager(store, ro)
-            buf = tm.read_raw(mroot.bitmap_root, BlockType.INDEX, "metadata index block")
-            entries = parse_metadata_index(buf, -(-mroot.nr_blocks // ENTRIES_PER_BITMAP))
-            meta = DiskSpaceMap(tm, ro, is_metadata=True, bitmap_blocks=[e.blocknr for e in entries],  # type: ignore[arg-type]
+            entries = read_metadata_index(tm, mroot)
+            meta = DiskSpaceMap(tm, ro, is_metadata=True, bitmap_blocks=[e[0] for e in entries],  # type: ignore[arg-type]
                                 ref_count_root=mroot.ref_count_root, index_root=mroot.bitmap_root)
         else:
-            meta_core = CoreSpaceMap(mroot.nr_blocks, kind="metadata")
-            tm = TransactionManager(store, meta_core)
-            meta = DiskSpaceMap.load(tm, mroot, is_metadata=True, core=meta_core)
+            # paged as the data map is: the index block is read now, a bitmap when a block it covers is counted
+            tm = TransactionManager(store, RootSpaceMap(mroot.nr_blocks, mroot.nr_allocated))
+            meta = MetadataSpaceMap.load(tm, mroot)
         data = PagedSpaceMap.load(tm, sb.data_sm_root, validate=not readonly)
         view = sb
         if use_metadata_snap:
@@ -657,13 +656,7 @@ class PoolMetadata:
         if self.readonly:  # nothing was changed; the space maps of a read-only open hold no counts to reset
             self._load_state(self.sb)
             return
-        try:
-            nr_meta = self.sb.metadata_sm_root.nr_blocks
-            if nr_meta and nr_meta != self.tm.sm.nr_blocks:
-                self.meta_disk = DiskSpaceMap.load(self.tm, self.sb.metadata_sm_root, is_metadata=True,
-                                                   core=self.meta_disk.core)
-            else:
-                self.meta_disk = _reset_disk(self.meta_disk, self.sb.metadata_sm_root, self.tm)
+        try:  # both space maps went back to their last commit above (pages, index, roots, sizes)
             self._load_state(self.sb)
         except ThinpoolError:
             self.failed = True
@@ -672,7 +665,3 @@ class PoolMetadata:
     def close(self) -> None:
         self.store.close()
 
-
-def _reset_disk(disk: DiskSpaceMap, root: SmRoot, tm: TransactionManager) -> DiskSpaceMap:
-    """Reload a space map's on-disk bookkeeping from the last committed root."""
-    return DiskSpaceMap.load(tm, root, is_metadata=True, core=disk.core)

@@ -119,6 +119,10 @@ class PagedSpaceMap:
         self.index_root = root.bitmap_root
         self.ref_count_root = root.ref_count_root
         n = nr_bitmaps(root.nr_blocks)
+        if n > max(self.tm.limit, 1) * INDEX_WINDOW:  # more index entries than the metadata device could hold
+            raise MetadataCorrupt(block=0, reason=f"{self.kind} space map of {root.nr_blocks} blocks needs {n} "
+                                                  f"bitmaps: more than a metadata device of {self.tm.limit} blocks "
+                                                  "can index")
         # _index: _INDEX_DTYPE per bitmap, valid where _loaded; _loaded: per window of INDEX_WINDOW entries. Both
         # made on first use (properties below), so that a read-only open that never allocates does not load numpy.
         self._nr_index = n

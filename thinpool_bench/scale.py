@@ -1,0 +1,452 @@
+"""`thinpool bench --only scale`: what an operation costs as the pool, the mapping count and the device count grow,
+with the C++ metadata tools on the same metadata in the same run.
+
+Layer: tooling above the library (used by ``thinpool_bench.suite.run_all`` and the ``bench`` command). May import:
+everything in thinpool (a bulk-built fixture reaches ``Pool.md``, as benchmarks/ do).
+
+Three parts, every number measured in this run on this machine:
+
+- **pool size**: the same commands (pool create, thin create, thin write 4 KiB (+ commit), thin read 4 KiB, thin
+  snap, pool status) on an empty pool of 1 GiB, 1 TiB and (without ``--quick``) 8 TiB, each a whole ``thinpool``
+  process; time ratio to 1 GiB and peak RSS (``os.wait4``'s rusage of that child alone). Rounds interleave the
+  sizes; medians.
+- **mappings**: a pool whose device 1 maps N chunks to data blocks in random order (every mapping its own run:
+  thin_dump's worst case) and device 2, a snapshot of it with 1 % of its chunks rewritten; N = 10k and 100k with
+  ``--quick``, 10k / 1M / 4M without. Whole processes: open + read, write + commit, snapshot, status, then check,
+  dump, ls (default fields and EXCLUSIVE/SHARED) and delta 1 2, thinpool and the C++ tool interleaved per round,
+  outputs compared byte for byte; last the deletes of the snapshot and of the origin.
+- **devices**: ``Pool.create_snap`` and ``delete_thin`` (in process) in a pool of 1 / 1,000 / 10,000 devices
+  (1 / 100 / 1,000 with ``--quick``).
+
+The Rust pdata_tools (thin-provisioning-tools 1.x) are not measured: Debian 12 ships only the C++ 0.9.0 tools
+(whose multi-call binary is also called pdata_tools) and crates.io is not reachable here; a 1.x pdata_tools on PATH
+is detected and named in the report.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thinpool.pool import Pool
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+CH = 64 * KiB
+Progress = Callable[[str], None]
+
+POOL_SIZES_QUICK = (GiB, TiB)
+POOL_SIZES = (GiB, TiB, 8 * TiB)
+MAPPINGS_QUICK = (10_000, 100_000)
+MAPPINGS = (10_000, 1_000_000, 4_000_000)
+DEVICES_QUICK = (1, 100, 1000)
+DEVICES = (1, 1000, 10_000)
+RSS_GOAL_MB = 100.0
+RUST_NOTE = ("Rust pdata_tools (thin-provisioning-tools 1.x) not measured: not installable here (Debian 12 ships "
+             "only the C++ 0.9.0 tools, whose multi-call binary is also named pdata_tools, and crates.io is not "
+             "reachable to build 1.x)")
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def which(name: str) -> str | None:
+    """A program on PATH, or in /usr/sbin or /sbin (where Debian puts the thin_* tools)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/sbin"):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def thinpool_cmd() -> list[str]:
+    """The ``thinpool`` command of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "thinpool"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("thinpool")
+    return [found] if found else [sys.executable, "-c", "from thinpool_cli.main import main; main()"]
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def run_measured(cmd: Sequence[str], *, stdout: Path | None = None, stdin: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` to completion: wall seconds, its peak RSS (MB) and its exit status.
+
+    The RSS comes from GNU time (``%M``) when installed: a child forked from this (large) process carries this
+    process's resident set until it execs, and wait4's ru_maxrss keeps that high-water mark, so wait4 alone
+    overstates small tools (thin_ls's 5 MB read as ~45 MB). Without GNU time, wait4's figure is reported, marked
+    as an upper bound.
+    """
+    out = open(stdout, "wb") if stdout is not None else subprocess.DEVNULL
+    inp = open(stdin, "rb") if stdin is not None else subprocess.DEVNULL
+    gnu = os.access(GNU_TIME, os.X_OK)
+    rss_file = Path(tempfile.mkstemp(prefix="thinpool-rss-")[1]) if gnu else None
+    full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if rss_file is not None else list(cmd)
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(full, stdout=out, stdin=inp, stderr=subprocess.PIPE)
+        assert p.stderr is not None
+        err = p.stderr.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stderr.close()
+        rss_mb = usage.ru_maxrss / 1024
+        if rss_file is not None:
+            lines = rss_file.read_text().split()
+            if lines and lines[-1].isdigit():
+                rss_mb = int(lines[-1]) / 1024
+    finally:
+        for f in (out, inp):
+            if not isinstance(f, int):
+                f.close()
+        if rss_file is not None:
+            rss_file.unlink(missing_ok=True)
+    return {"s": wall, "rss_mb": rss_mb, "rss_exact": gnu, "rc": p.returncode,
+            "stderr": err.decode(errors="replace").strip().splitlines()[-1:] if p.returncode else []}
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"s": statistics.median(r["s"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs),
+            "rss_exact": all(r["rss_exact"] for r in runs), "rounds": len(runs),
+            "failed": [r["stderr"] for r in runs if r["rc"] != 0]}
+
+
+def _size_label(n: int) -> str:
+    return f"{n // TiB} TiB" if n >= TiB else f"{n // GiB} GiB"
+
+
+# --- pool size ------------------------------------------------------------------------------------------------
+POOL_STEPS = ("pool create", "thin create", "thin write 4 KiB + commit", "thin read 4 KiB", "thin snap",
+              "pool status")
+
+
+def pool_size_part(wd: Path, sizes: Sequence[int], rounds: int, progress: Progress) -> dict[str, Any]:
+    tp = thinpool_cmd()
+    src = wd / "4k.bin"
+    src.write_bytes(os.urandom(4 * KiB))
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {_size_label(s): {k: [] for k in POOL_STEPS} for s in sizes}
+    for r in range(rounds):
+        for size in sizes:
+            label = _size_label(size)
+            progress(f"scale: pool size {label}, round {r + 1}/{rounds}")
+            d = wd / f"pool-{size}"
+            cmds = {"pool create": [*tp, "pool", "create", str(d), "--size", str(size)],
+                    "thin create": [*tp, "thin", "create", "1", "--size", "1G", "-p", str(d)],
+                    "thin write 4 KiB + commit": [*tp, "thin", "write", "1", str(src), "--offset", "64k", "-p",
+                                                  str(d)],
+                    "thin read 4 KiB": [*tp, "thin", "read", "1", "--offset", "64k", "--length", "4k",
+                                        "--output", os.devnull, "-p", str(d)],
+                    "thin snap": [*tp, "thin", "snap", "2", "1", "-p", str(d)],
+                    "pool status": [*tp, "pool", "status", str(d)]}
+            try:
+                for step in POOL_STEPS:
+                    runs[label][step].append(run_measured(cmds[step]))
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+    table: dict[str, Any] = {}
+    base = _size_label(sizes[0])
+    for label, steps in runs.items():
+        table[label] = {}
+        for step, rs in steps.items():
+            m = _median(rs)
+            b = statistics.median(x["s"] for x in runs[base][step])
+            m["ratio"] = m["s"] / b if b else None
+            table[label][step] = m
+    return {"sizes": [_size_label(s) for s in sizes], "steps": list(POOL_STEPS), "table": table}
+
+
+# --- mappings -------------------------------------------------------------------------------------------------
+def build_mapping_pool(path: Path, n: int, seed: int = 1) -> None:
+    """Device 1 maps thin blocks 0..n-1 to a random permutation of data blocks; device 2 is a snapshot of it with
+    1 % of its blocks (at random) remapped to new data blocks. Built in bulk through the metadata."""
+    rng = np.random.default_rng(seed)
+    extra = max(n // 100, 1)
+    with Pool.create(path, data_size=(n + extra + 1024) * CH, chunk_size=CH) as p:
+        p.create_thin(1, n * CH)
+        md = p.md
+        md.delete_thin(1)  # the manifest entry stays; the tree is rebuilt in bulk under the same id
+        md.build_device(1, np.arange(n, dtype=np.uint64), rng.permutation(n).astype(np.uint64),
+                        np.zeros(n, dtype=np.uint64))
+        p.commit()
+        p.create_snap(2, 1)
+        for tb in np.sort(rng.choice(n, extra, replace=False)).tolist():
+            md.insert(2, tb, md.alloc_data_block())
+        p.commit()
+
+
+def _tool_cases(tp: list[str], md: str) -> list[tuple[str, list[str], list[str] | None]]:
+    cc = {t: which(t) for t in ("thin_check", "thin_dump", "thin_ls", "thin_delta")}
+
+    def real(tool: str, *args: str) -> list[str] | None:
+        exe = cc[tool]
+        return [exe, *args] if exe else None
+
+    return [("check", [*tp, "check", md], real("thin_check", md)),
+            ("dump", [*tp, "dump", md], real("thin_dump", md)),
+            ("ls", [*tp, "ls", md], real("thin_ls", md)),
+            ("ls EXCLUSIVE,SHARED", [*tp, "ls", "-o", "DEV,MAPPED,EXCLUSIVE,SHARED", md],
+             real("thin_ls", "-o", "DEV,MAPPED,EXCLUSIVE,SHARED", md)),
+            ("delta 1 2", [*tp, "delta", "1", "2", md], real("thin_delta", "--snap1", "1", "--snap2", "2", md))]
+
+
+def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress) -> list[dict[str, Any]]:
+    tp = thinpool_cmd()
+    src = wd / "4k.bin"
+    if not src.exists():
+        src.write_bytes(os.urandom(4 * KiB))
+    out: list[dict[str, Any]] = []
+    for n in counts:
+        d = wd / f"maps-{n}"
+        progress(f"scale: building {n:,} mappings")
+        t0 = time.perf_counter()
+        build_mapping_pool(d, n)
+        row: dict[str, Any] = {"mappings": n, "build_s": time.perf_counter() - t0, "steps": {}, "tools": {}}
+        try:
+            p = str(d)
+            pool_steps = {"open + read 4 KiB": [*tp, "thin", "read", "1", "--offset", "0", "--length", "4k",
+                                                "--output", os.devnull, "-p", p],
+                          "write 4 KiB + commit": [*tp, "thin", "write", "1", str(src), "--offset", "64k", "-p", p],
+                          "snapshot": [*tp, "thin", "snap", "3", "1", "-p", p],
+                          "pool status": [*tp, "pool", "status", p]}
+            for step, cmd in pool_steps.items():
+                progress(f"scale: {n:,} mappings: {step}")
+                row["steps"][step] = _median([run_measured(cmd)])
+            md = str(d / "metadata")
+            for name, ours, real in _tool_cases(tp, md):
+                ours_runs: list[dict[str, Any]] = []
+                real_runs: list[dict[str, Any]] = []
+                same: bool | None = None
+                for r in range(rounds):
+                    progress(f"scale: {n:,} mappings: {name}, round {r + 1}/{rounds}")
+                    a, b = wd / "ours.out", wd / "real.out"
+                    ours_runs.append(run_measured(ours, stdout=a))
+                    if real is not None:
+                        real_runs.append(run_measured(real, stdout=b))
+                        if name != "check":  # thin_check prints nothing on stdout; ours prints a summary
+                            ok = filecmp.cmp(a, b, shallow=False)
+                            same = ok if same is None else same and ok
+                    for f in (a, b):
+                        f.unlink(missing_ok=True)
+                t: dict[str, Any] = {"thinpool": _median(ours_runs),
+                                     "cpp": _median(real_runs) if real_runs else None, "identical": same}
+                if t["cpp"]:
+                    t["ratio"] = t["thinpool"]["s"] / t["cpp"]["s"]
+                row["tools"][name] = t
+            for step, cmd in (("delete snapshot (1 % own)", [*tp, "thin", "delete", "2", "--force", "-p", p]),
+                              ("delete origin", [*tp, "thin", "delete", "1", "--force", "-p", p])):
+                progress(f"scale: {n:,} mappings: {step}")
+                row["steps"][step] = _median([run_measured(cmd)])
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        out.append(row)
+    return out
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+def build_device_pool(path: Path, devices: int) -> None:
+    """A pool of ``devices`` devices: a base and its snapshots, all named, built in bulk."""
+    from thinpool.manifest import write_manifest
+
+    with Pool.create(path, data_size=1024 * CH, chunk_size=CH) as p:
+        p.create_thin(0, 64 * CH, name="base")
+        src = p.manifest["devices"]["0"]
+        anc = [{"dev_id": 0, "name": "base", "created_at": src["created_at"]}]
+        now = time.time()
+        for i in range(1, devices):
+            p.md.create_snap(i, 0)
+            p.manifest["devices"][str(i)] = {"name": f"s{i}", "size": src["size"], "origin": None,
+                                             "snapshot_of": 0, "ancestors": anc, "created_at": now}
+        p.md.set_transaction_id(p.md.trans_id, p.md.trans_id + 1)
+        p.manifest["transaction_id"] = p.md.trans_id
+        p.commit()
+        write_manifest(p.path, p.manifest)
+
+
+def devices_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress) -> list[dict[str, Any]]:
+    out = []
+    for n in counts:
+        progress(f"scale: create_snap at {n:,} devices")
+        d = wd / f"devs-{n}"
+        try:
+            build_device_pool(d, n)
+            snap: list[float] = []
+            delete: list[float] = []
+            with Pool.open(d) as pool:
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    pool.create_snap(n, 0, name="x")
+                    t1 = time.perf_counter()
+                    pool.delete_thin(n)
+                    t2 = time.perf_counter()
+                    snap.append(t1 - t0)
+                    delete.append(t2 - t1)
+            out.append({"devices": n, "create_snap_ms": statistics.median(snap) * 1e3,
+                        "delete_ms": statistics.median(delete) * 1e3, "rounds": rounds})
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+# --- the whole part -------------------------------------------------------------------------------------------
+def run_scale(wd: Path, *, quick: bool = False, progress: Progress = _noop) -> dict[str, Any]:
+    """Measure the three parts in ``wd`` (scratch pools are removed as they are done)."""
+    wd = Path(wd) / "scale"
+    wd.mkdir(parents=True, exist_ok=True)
+    try:
+        result: dict[str, Any] = {"quick": quick}
+        result["pool_size"] = pool_size_part(wd, POOL_SIZES_QUICK if quick else POOL_SIZES, 2 if quick else 3,
+                                             progress)
+        result["mappings"] = mappings_part(wd, MAPPINGS_QUICK if quick else MAPPINGS, 1 if quick else 3, progress)
+        result["devices"] = devices_part(wd, DEVICES_QUICK if quick else DEVICES, 5 if quick else 20, progress)
+        result["rust"] = _rust_tools() or RUST_NOTE
+        result["cpp_version"] = _cpp_version()
+        result["rss_source"] = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else \
+            "wait4's ru_maxrss (an upper bound: it includes this forking process's resident set)"
+        result["claims"] = claims(result)
+        return result
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def _rust_tools() -> str | None:
+    """The Rust pdata_tools (1.x) if installed: Debian's C++ 0.9.0 package also installs a multi-call binary
+    named pdata_tools, so the version decides."""
+    exe = which("pdata_tools")
+    if exe is None:
+        return None
+    r = subprocess.run([exe, "thin_check", "-V"], capture_output=True, text=True)
+    v = (r.stdout or r.stderr).strip()
+    return None if not v or v.startswith("0.") else f"Rust pdata_tools {v} found ({exe}) but not yet measured"
+
+
+def _cpp_version() -> str | None:
+    exe = which("thin_check")
+    if exe is None:
+        return None
+    r = subprocess.run([exe, "-V"], capture_output=True, text=True)
+    return (r.stdout or r.stderr).strip() or None
+
+
+def claims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, each with this run's value and a verdict."""
+    out: list[dict[str, Any]] = []
+    ps = res.get("pool_size")
+    if ps:
+        big = ps["sizes"][-1]
+        worst = max(ps["table"][big].values(), key=lambda m: m["ratio"] or 0)
+        ratio = max(m["ratio"] or 0 for m in ps["table"][big].values())
+        rss = max(m["rss_mb"] for m in ps["table"][big].values())
+        name = next(k for k, m in ps["table"][big].items() if m is worst)
+        out.append({"claim": f"every command at {big} within 1.5x of 1 GiB", "measured": f"{ratio:.2f}x ({name})",
+                    "verdict": "met" if ratio <= 1.5 else "missed"})
+        out.append({"claim": f"every command at {big} under {RSS_GOAL_MB:.0f} MiB RSS", "measured": f"{rss:.0f} MB",
+                    "verdict": "met" if rss < RSS_GOAL_MB else "missed"})
+    maps = res.get("mappings") or []
+    if maps:
+        top = maps[-1]
+        for name, t in top["tools"].items():
+            if t["cpp"] is None:
+                out.append({"claim": f"{name} at {top['mappings']:,} mappings faster than the C++ tool",
+                            "measured": "C++ tool not installed", "verdict": "n/a"})
+                continue
+            ok = t["ratio"] < 1.0 and t["thinpool"]["rss_mb"] < RSS_GOAL_MB and t["identical"] is not False
+            out.append({"claim": f"{name} at {top['mappings']:,} mappings faster than the C++ tool, RSS < "
+                                 f"{RSS_GOAL_MB:.0f} MiB, same output",
+                        "measured": f"{t['thinpool']['s']:.2f} s / {t['thinpool']['rss_mb']:.0f} MB vs "
+                                    f"{t['cpp']['s']:.2f} s ({t['ratio']:.2f}x)",
+                        "verdict": "met" if ok else "missed"})
+        d = top["steps"].get("delete origin")
+        if d:
+            out.append({"claim": f"delete of a {top['mappings']:,}-mapping device under 2 s (whole process)",
+                        "measured": f"{d['s']:.2f} s", "verdict": "met" if d["s"] < 2.0 else "missed"})
+    devs = res.get("devices") or []
+    if len(devs) > 1:
+        r = devs[-1]["create_snap_ms"] / devs[0]["create_snap_ms"]
+        out.append({"claim": f"create_snap at {devs[-1]['devices']:,} devices within 2x of at {devs[0]['devices']}",
+                    "measured": f"{r:.2f}x", "verdict": "met" if r <= 2.0 else "missed"})
+    return out
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "not installed"
+    fail = " FAILED" if m.get("failed") else ""
+    return f"{m['s']:.2f} s / {m['rss_mb']:.0f} MB{fail}"
+
+
+def report_lines(res: dict[str, Any]) -> list[str]:
+    """The markdown tables of one scale run."""
+    lines = ["# thinpool scale benchmark", "",
+             "Regenerate with `thinpool bench --only scale --results benchmarks/RESULTS.md` (writes this file beside "
+             "it; `--quick` for a short run). Every number is from one run on this machine: whole `thinpool` "
+             "processes (wall time, the child's own peak RSS from `wait4`), medians over the rounds shown; the C++ "
+             "tools run on the same metadata in the same rounds, interleaved. Peak RSS: "
+             f"{res.get('rss_source', '?')}.", ""]
+    if res.get("quick"):
+        lines += ["**Quick run**: small sizes, few rounds; the numbers are noisy.", ""]
+    ps = res.get("pool_size")
+    if ps:
+        sizes = ps["sizes"]
+        lines += ["## Same commands, empty pool of growing size (64 KiB chunks)", "",
+                  "| command | " + " | ".join(sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for step in ps["steps"]:
+            cells = []
+            for s in sizes:
+                m = ps["table"][s][step]
+                ratio = "" if s == sizes[0] else f" ({m['ratio']:.2f}x)"
+                cells.append(f"{m['s']:.3f} s{ratio}, {m['rss_mb']:.0f} MB" + (" FAILED" if m["failed"] else ""))
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines.append("")
+    maps = res.get("mappings") or []
+    if maps:
+        lines += ["## Mappings: device 1 maps N chunks (random data order), device 2 a snapshot with 1 % rewritten",
+                  "", f"C++ tools: {res.get('cpp_version') or 'not installed'}. {res.get('rust')}.", "",
+                  "| mappings | tool | thinpool | C++ | thinpool / C++ | output |", "|---|---|---|---|---|---|"]
+        for row in maps:
+            for name, t in row["tools"].items():
+                ratio = f"{t['ratio']:.2f}x" if t.get("ratio") is not None else "-"
+                same = {True: "identical", False: "DIFFERENT", None: "-"}[t["identical"]]
+                lines.append(f"| {row['mappings']:,} | {name} | {_cell(t['thinpool'])} | {_cell(t['cpp'])} | "
+                             f"{ratio} | {same} |")
+        lines += ["", "| mappings | build (in process) | " + " | ".join(maps[0]["steps"]) + " |",
+                  "|---" * (len(maps[0]["steps"]) + 2) + "|"]
+        for row in maps:
+            lines.append(f"| {row['mappings']:,} | {row['build_s']:.1f} s | " +
+                         " | ".join(_cell(m) for m in row["steps"].values()) + " |")
+        lines.append("")
+    devs = res.get("devices") or []
+    if devs:
+        lines += ["## Devices: create_snap and delete_thin in process (pool.json journal, metadata commit)", "",
+                  "| devices | create_snap | delete_thin | rounds |", "|---|---|---|---|"]
+        for r in devs:
+            lines.append(f"| {r['devices']:,} | {r['create_snap_ms']:.2f} ms | {r['delete_ms']:.2f} ms | "
+                         f"{r['rounds']} |")
+        lines.append("")
+    cl = res.get("claims") or claims(res)
+    if cl:
+        lines += ["## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['measured']} | {c['verdict']} |" for c in cl]
+        lines.append("")
+    return lines
+
+
+def write_results(res: dict[str, Any], path: Path) -> None:
+    """Write the scale report (markdown) to ``path``."""
+    Path(path).write_text("\n".join(report_lines(res)))
