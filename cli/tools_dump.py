@@ -85,7 +85,8 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     md_path = os.path.join(output, "metadata") if pool_dir else output
     lock_fd = lock_pool_dir(output) if pool_dir else None
     try:
-        _restore_file(ir, chunk, md_path, force)
+        with busy("writing metadata", sum(d.mapped_blocks for d in ir.devices)):
+            _restore_file(ir, chunk, md_path, force)
         if pool_dir:
             data = os.path.join(output, "data")
             with open(data, "ab") as f:
