@@ -140,9 +140,7 @@ def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None,
         echo_json([{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
                    for a, b, d, t in zip(db.tolist(), de.tolist(), dev.tolist(), tb.tolist())])
         return
-    out = click.get_text_stream("stdout")
     for i in range(0, len(db), 1 << 16):  # formatted a slice at a time: memory stays the columns
         sl = slice(i, i + (1 << 16))
-        out.write("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n" for a, b, d, t in
-                          zip(db[sl].tolist(), de[sl].tolist(), dev[sl].tolist(), tb[sl].tolist())))
-    out.flush()
+        click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n" for a, b, d, t in
+                           zip(db[sl].tolist(), de[sl].tolist(), dev[sl].tolist(), tb[sl].tolist())), nl=False)
