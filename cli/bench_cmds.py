@@ -18,8 +18,9 @@ QUICK_NOTE = ("thinpool bench: --quick measures short spans with few rounds: its
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Smaller spans, sizes and counts (about a minute per part).")
-@click.option("--only", "parts", multiple=True, type=click.Choice([*SUITE_PARTS, "scale", "drivers"]),
-              help="Run only these parts (repeatable). Default: all but scale and drivers. `drivers` is the "
+@click.option("--only", "parts", multiple=True, type=click.Choice([*SUITE_PARTS, "scale", "nbd", "drivers"]),
+              help="Run only these parts (repeatable). Default: all but scale, nbd and drivers. `nbd`: fio over "
+                   "NBD (QD16) against nbdkit's memory plugin and qemu-nbd + qcow2 (RESULTS-nbd.md). `drivers` is the "
                    "storage-driver lab: thinpool-devicemapper, overlayfs, btrfs, vfs and aufs-like on one image (root "
                    "for the kernel drivers). `scale` measures 1 GiB..8 TiB pools, 10k..4M mappings (with the C++ "
                    "thin_* tools) and 1..10,000 devices (RESULTS-scale.md).")

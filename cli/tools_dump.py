@@ -117,7 +117,7 @@ def _validate_ir(ir: Any) -> int:
 def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
     """Build the metadata in memory (a failure leaves the target untouched), then write it, superblock last."""
     from thinpool.errors import InvalidArgument
-    from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
+    from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.pool_metadata import PoolMetadata
     from thinpool.metadata.restore import restore as do_restore
     from thinpool.pool import metadata_size_for
@@ -132,22 +132,58 @@ def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
             raise InvalidArgument(reason=f"{md_path}: output file too small (need at least 32 KiB)")
     else:
         nr_blocks = metadata_size_for(max(ir.nr_data_blocks, 1) * chunk, chunk) // 4096
-    mem = MemoryBlockStore(nr_blocks)
-    do_restore(ir, mem)
-    if not os.path.exists(md_path):
-        with open(md_path, "wb") as f:
-            f.truncate(nr_blocks * 4096)
-    store = FileBlockStore(md_path)
+    scratch, written = _scratch_store(md_path, nr_blocks)
     try:
-        for b in sorted(mem.blocks):
-            if b:
-                store.write_block(b, mem.blocks[b])
-        store.sync()
-        store.write_block(0, mem.blocks[0])
-        store.sync()
+        do_restore(ir, scratch)
+        scratch.sync()
+        if not os.path.exists(md_path):
+            with open(md_path, "wb") as f:
+                f.truncate(nr_blocks * 4096)
+        store = FileBlockStore(md_path)
+        try:
+            for b in sorted(written):
+                if b:
+                    store.write_block(b, scratch.read_block(b))
+            store.sync()
+            store.write_block(0, scratch.read_block(0))
+            store.sync()
+        finally:
+            store.close()
     finally:
-        store.close()
+        scratch.close()
     PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
+
+
+def _scratch_store(md_path: str, nr_blocks: int) -> tuple[Any, set[int]]:
+    """Where restore builds the metadata before copying it to the target (a failure leaves the target as it
+    was): a sparse scratch file beside the target (or in $TMPDIR), unlinked at once, so memory does not grow
+    with the mapping count. Returns the store and the set of blocks written to it."""
+    import tempfile
+
+    from thinpool.io.block_store import FileBlockStore
+
+    written: set[int] = set()
+
+    class Scratch(FileBlockStore):
+        def write_block(self, b: int, data: bytes | bytearray) -> None:
+            written.add(b)
+            super().write_block(b, data)
+
+    for d in (os.path.dirname(os.path.abspath(md_path)), None):
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".thinpool-restore-", dir=d)
+        except OSError:
+            if d is None:
+                raise
+            continue
+        try:
+            os.ftruncate(fd, nr_blocks * 4096)
+            store = Scratch(tmp)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        return store, written
+    raise AssertionError("unreachable")
 
 
 def _write_restored_manifest(pool_dir: str, ir: Any, chunk: int) -> None:

@@ -128,18 +128,19 @@ def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None,
 
     Example: thinpool rmap 0..100 mypool   (or: thinpool rmap --region 0..100 mypool/metadata)
     """
-    from thinpool.tools.rmap import rmap_runs
+    from thinpool.tools.rmap import rmap_arrays
 
     rest, target = split_target(args)
     parsed = [parse_region(r) for r in list(regions) + rest]
     if not parsed:
         raise click.UsageError("no regions given (e.g. 0..100, or --region 0..100)")
     with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
-        runs = rmap_runs(pmd, parsed)
+        db, de, dev, tb = rmap_arrays(pmd, parsed)
     if as_json:
-        echo_json([{"data_begin": r.data_begin, "data_end": r.data_end, "dev_id": r.dev_id,
-                    "thin_begin": r.thin_begin, "thin_end": r.thin_begin + (r.data_end - r.data_begin)}
-                   for r in runs])
+        echo_json([{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
+                   for a, b, d, t in zip(db.tolist(), de.tolist(), dev.tolist(), tb.tolist())])
         return
-    click.echo("".join(f"data {r.data_begin}..{r.data_end} -> thin({r.dev_id}) {r.thin_begin}.."
-                       f"{r.thin_begin + (r.data_end - r.data_begin)}\n" for r in runs), nl=False)
+    for i in range(0, len(db), 1 << 16):  # formatted a slice at a time: memory stays the columns
+        sl = slice(i, i + (1 << 16))
+        click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n" for a, b, d, t in
+                           zip(db[sl].tolist(), de[sl].tolist(), dev[sl].tolist(), tb[sl].tolist())), nl=False)

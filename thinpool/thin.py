@@ -272,21 +272,19 @@ class ThinDevice:
         if not n:
             return
         pool = self.pool
+        ch = self.chunk
+        first = offset // ch
         with pool.lock:
             pool.check_writable()
+            if (offset + n - 1) // ch == first:  # an overwrite of an owned chunk: a cache hit and one pwrite
+                mc = self._mc
+                if mc is None or not mc.valid:
+                    mc = self._cache()
+                v = mc.map.get(first)
+                if v is not None and v & mc.TIME_MASK >= mc.details.snapshotted_time:
+                    pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
+                    return  # nothing allocated: no low-water event to deliver
             try:
-                ch = self.chunk
-                first = offset // ch
-                if (offset + n - 1) // ch == first:
-                    mc = self._mc
-                    if mc is None or not mc.valid:
-                        mc = self._cache()
-                    v = mc.map.get(first)
-                    if v is None:
-                        v = mc.find(first)
-                    if v is not None and v & mc.TIME_MASK >= mc.details.snapshotted_time:
-                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
-                        return
                 self._write(offset, memoryview(data).cast("B"))
             except NoMetadataSpace:
                 self._metadata_exhausted()
@@ -300,19 +298,29 @@ class ThinDevice:
         self.md.metadata_exhausted()
 
     def _lookup_range(self, first: int, last: int) -> dict[int, tuple[int, int]]:
-        """{thin block: (data block, time)} for the mapped chunks in [first, last]."""
-        return self.md.find_mapped_dict(first, last + 1)
+        """{thin block: (data block, time)} for the mapped chunks in [first, last]: cached lookups for a few
+        chunks, one range lookup for more."""
+        if last - first >= _PLAN_CACHED_CHUNKS:
+            return self.md.find_mapped_dict(first, last + 1)
+        mc = self._cache()
+        find, shift, mask = mc.find, mc.TIME_BITS, mc.TIME_MASK
+        out = {}
+        for c in range(first, last + 1):
+            v = find(c)
+            if v is not None:
+                out[c] = (v >> shift, v & mask)
+        return out
 
-    def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int) -> bool:
+    def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int,
+                       mapped: dict[int, tuple[int, int]]) -> bool:
         """Fast path: every chunk of [first, last] is mapped, unshared, to consecutive data blocks: one pwrite."""
-        k, d, t = self.md.find_mapped_range(first, last + 1)
-        n = last - first + 1
-        if len(k) != n:
+        if len(mapped) != last - first + 1:
             return False
-        d0 = int(d[0])
-        if int(d[-1]) - d0 != n - 1 or int(t.min()) < snap_time or (n > 2 and not bool(np.all(np.diff(d) == 1))):
-            return False
-        self.pool.data.pwrite(d0 * self.chunk + offset - first * self.chunk, view)
+        d0 = mapped[first][0] - first
+        for c, (db, t) in mapped.items():
+            if db - c != d0 or t < snap_time:
+                return False
+        self.pool.data.pwrite((d0 + first) * self.chunk + offset - first * self.chunk, view)
         return True
 
     def _write(self, offset: int, view: memoryview) -> None:
@@ -330,10 +338,10 @@ class ThinDevice:
                 pool.data.pwrite(m[0] * ch + offset - first * ch, view)
                 return
             mapped = {} if m is None else {first: m}
-        elif self._overwrite_run(offset, view, first, last, snap_time):
-            return
         else:
             mapped = self._lookup_range(first, last)
+            if self._overwrite_run(offset, view, first, last, snap_time, mapped):
+                return
         while True:
             need = 0
             for c in range(first, last + 1):
@@ -397,8 +405,8 @@ class ThinDevice:
             for _, db in inserts:  # nothing maps them yet: give them back
                 md.release(db)
             raise
-        for c, db in inserts:
-            md.insert_block(c, db)
+        if inserts:
+            md.insert_blocks([c for c, _ in inserts], [db for _, db in inserts])
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap the whole chunks inside [offset, offset+length) (per the pool's discard mode)."""

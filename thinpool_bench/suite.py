@@ -168,7 +168,8 @@ def device_series(workdir: Path, io_size: int, pattern: str, chunk: int, zero: b
     Reads: read-own (the device's own chunks), read-snapshot (a new snapshot of it: shared chunks),
     read-snap-chain (the newest of a chain of ``chain_depth`` snapshots, each link having overwritten 1/16 of the
     chunks with 4 KiB, so its chunks are physically scattered), read-unprovisioned (a device never written).
-    Each phase runs on thinpool, then the same offsets on a raw file."""
+    Each phase runs on thinpool, then the same offsets on a raw file (a read phase after one untimed pass of
+    both, so each reads from the page cache)."""
     pool_dir = workdir / f"pool-{io_size}-{pattern}-{chunk}-{int(zero)}"
     shutil.rmtree(pool_dir, ignore_errors=True)
     raw_fresh = RawFile(workdir / "raw-fresh.img", span)
@@ -184,6 +185,10 @@ def device_series(workdir: Path, io_size: int, pattern: str, chunk: int, zero: b
 
         def measure(phase: str, fn: Callable[[int], Any], raw_fn: Callable[[int], Any], raw_final: Callable[[], Any],
                     final: Callable[[], Any]) -> None:
+            if phase[:4] == "read":  # one untimed pass on both sides first: both then read from the page cache
+                for off in ops:
+                    fn(off)
+                    raw_fn(off)
             w0, m0 = pool.data.bytes_written, pool.metadata_blocks_written
             c0 = pool.stats["cow_copies"]
             secs, lat = _timed(ops, fn, final)
@@ -527,14 +532,16 @@ class BenchRun:
     cowlab: dict[str, Any] | None = None
     qcow2: dict[str, Any] | None = None
     scale: dict[str, Any] | None = None  # thinpool_bench.scale (its own RESULTS-scale.md)
+    nbd: dict[str, Any] | None = None  # thinpool_bench.nbd_peers: fio over NBD vs C servers (RESULTS-nbd.md)
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "cells": [c.to_dict() for c in self.cells],
                 "goals": {k: c.to_dict() for k, c in self.goals.items()}, "snapshots": self.snapshots,
-                "cowlab": self.cowlab, "qcow2": self.qcow2, "scale": self.scale, "claims": claims(self)}
+                "cowlab": self.cowlab, "qcow2": self.qcow2, "scale": self.scale, "nbd": self.nbd,
+                "claims": claims(self)}
 
 
-SUITE_PARTS = ("device", "goals", "snapshot", "cowlab", "qcow2", "scale")
+SUITE_PARTS = ("device", "goals", "snapshot", "cowlab", "qcow2", "scale", "nbd")
 
 
 def run_all(*, quick: bool = False, parts: Iterable[str] = ("device", "goals", "snapshot", "cowlab", "qcow2"),
@@ -560,6 +567,10 @@ def run_all(*, quick: bool = False, parts: Iterable[str] = ("device", "goals", "
             from thinpool_bench import scale
 
             run.scale = scale.run_scale(wd, quick=quick, progress=progress)
+        if "nbd" in parts:
+            from thinpool_bench import nbd_peers
+
+            run.nbd = nbd_peers.run(wd, quick=quick, progress=progress)
     return run
 
 
@@ -584,6 +595,11 @@ def claims(run: BenchRun) -> list[dict[str, Any]]:
 
     if run.scale is not None and not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
         return list(run.scale["claims"])  # a scale-only run: its own goals
+    nbd_claims = [] if run.nbd is None else [
+        {"claim": c["claim"], "measured": f"{c['ratio']:.2f}x", "value": c["ratio"], "verdict": c["verdict"]}
+        for c in run.nbd["claims"]]
+    if nbd_claims and not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
+        return nbd_claims  # an nbd-only run: its own goals
     g = run.goals
     for name, goal in GOALS.items():
         c = g.get(name)
@@ -619,7 +635,7 @@ def claims(run: BenchRun) -> list[dict[str, Any]]:
                                 f"{large['thinpool_s'] * 1e3:.1f} ms "
                                 f"at {large['size'] // KiB} KiB",
                     "verdict": "holds" if large["thinpool_s"] < large["copyup_s"] else "does not hold"})
-    return out
+    return out + nbd_claims
 
 
 def _size(n: int) -> str:
@@ -632,8 +648,16 @@ def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> 
         from thinpool_bench import scale
 
         scale.write_results(run.scale, md_path.with_name("RESULTS-scale.md"))
-        if not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
+        if not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2 or run.nbd):
             return  # a scale-only run leaves RESULTS.md alone
+    if run.nbd is not None:
+        from thinpool_bench import nbd_peers
+
+        nbd_md = md_path.with_name("RESULTS-nbd.md")
+        nbd_md.write_text(nbd_peers.report(run.nbd))
+        nbd_md.with_suffix(".json").write_text(json.dumps(run.nbd, indent=1))
+        if not (run.cells or run.goals or run.snapshots or run.cowlab or run.qcow2):
+            return  # an nbd-only run leaves RESULTS.md alone
     lines = ["# thinpool benchmark results", "",
              "Regenerate with `thinpool bench --results benchmarks/RESULTS.md --png benchmarks/results` "
              "(add `--quick` for a short run). Every ratio is thinpool / the same pattern on a raw sparse file "
@@ -649,8 +673,9 @@ def write_results(run: BenchRun, md_path: Path, png_dir: Path | None = None) -> 
         lines += ["", "## Goal cells", "",
                   f"64 KiB chunks, zeroing on; each cell is the median of {rounds} rounds (every round: the phase on "
                   "thinpool, then the same offsets on the raw file), the range shows all rounds. Writes include the "
-                  "final commit (thinpool) / fdatasync (raw). 4 KiB cells: random offsets over the span; 1 MiB "
-                  "cells: sequential. `copied/B`: bytes copied by copy-on-write per byte written.", "",
+                  "final commit (thinpool) / fdatasync (raw); reads follow one untimed pass over the same offsets "
+                  "on both sides. 4 KiB cells: random offsets over the span; 1 MiB cells: sequential. `copied/B`: "
+                  "bytes copied by copy-on-write per byte written.", "",
                   "| cell | goal | kernel dm-thin | ratio | ratio range | verdict | thinpool p50 µs | raw p50 µs | "
                   "ops | copied/B | write amp | meta blocks/op |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -303,6 +303,73 @@ class BTree:
         node.values.insert(i, value)
         return new_root, True
 
+    def insert_run(self, root: int, keys: list[int], values: list[Any]) -> tuple[int, int]:
+        """``insert`` of each (key, value) pair, for keys sorted ascending without repeats, with one descent per
+        leaf the run touches instead of one per key: the descent shadows and splits as ``insert`` does, then
+        every following key that belongs in the same leaf (below the leaf's upper bound) goes in while it has
+        room. Overwritten values have their references dropped in one ``ValueType.dec`` call. Returns (new root,
+        number of keys that were new). O(k + leaves * log n) for k keys.
+        """
+        n = len(keys)
+        new = 0
+        olds: list[Any] = []
+        i = 0
+        while i < n:
+            root, leaf, hi = self._insert_descent(root, keys[i])
+            lkeys, lvals = leaf.keys, leaf.values
+            cap = leaf.max_entries
+            while i < n:
+                key = keys[i]
+                if key >= hi:
+                    break
+                j = bisect_right(lkeys, key)
+                if j > 0 and lkeys[j - 1] == key:
+                    olds.append(lvals[j - 1])
+                    lvals[j - 1] = values[i]
+                elif len(lkeys) < cap:
+                    lkeys.insert(j, key)
+                    lvals.insert(j, values[i])
+                    new += 1
+                else:
+                    break  # full: the next descent splits it
+                i += 1
+        if olds:
+            self.vt.dec(olds)
+        return root, new
+
+    def _insert_descent(self, root: int, key: int) -> tuple[int, Node, int]:
+        """Shadow the path from ``root`` to the leaf ``key`` belongs in, splitting full nodes on the way down
+        (so the leaf has room for one entry), as ``insert`` does. Returns (new root, the writable leaf, the
+        leaf's upper key bound: keys at or above it belong in a later leaf)."""
+        node = self._shadow(root)
+        new_root = node.block
+        if len(node.keys) >= node.max_entries:
+            self._split_beneath(node)
+        hi = 1 << 64
+        depth = 0
+        while not node.is_leaf:
+            keys = node.keys
+            i = bisect_right(keys, key) - 1
+            if i < 0:
+                i = 0
+                keys[0] = key
+            depth += 1
+            if depth > MAX_DEPTH:
+                self._find_cycle(root, key)
+            child = self._shadow(node.values[i])
+            node.values[i] = child.block
+            if len(child.keys) >= child.max_entries:
+                sib = self._split_node(child)
+                keys.insert(i + 1, sib.keys[0])
+                node.values.insert(i + 1, sib.block)
+                if key >= sib.keys[0]:
+                    child = sib
+                    i += 1
+            if i + 1 < len(keys) and keys[i + 1] < hi:
+                hi = keys[i + 1]
+            node = child
+        return new_root, node, hi
+
     def _shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
         """Shadow every node from the root to the leaf holding ``key`` (which must exist).
         Returns (new root, the writable leaf, index of key in it). Used to update a value in place, e.g. a

@@ -53,6 +53,23 @@ class TwoLevelTree:
         root, new_sub = self.top.update(root, dev_id, f)
         return root, int(new_sub), out[0]
 
+    def insert_run(self, root: int, dev_id: int, keys: list[int], values: list[Any]) -> tuple[int, int, int]:
+        """Insert or overwrite (dev_id, k) for sorted, unique ``keys``: the top-level path is shadowed once and the
+        device's tree gets ``BTree.insert_run``. Returns (new top root, new subtree root, number of new keys).
+
+        Raises:
+            KeyError: ``dev_id`` has no tree.
+        """
+        out: list[int] = []
+
+        def f(sub: Any) -> int:
+            new_sub, nr_new = self.bottom.insert_run(int(sub), keys, values)
+            out.append(nr_new)
+            return new_sub
+
+        root, new_sub = self.top.update(root, dev_id, f)
+        return root, int(new_sub), out[0]
+
     def remove_range(self, root: int, dev_id: int, lo: int, hi: int) -> tuple[int, int, int]:
         """Remove (dev_id, k) for lo <= k < hi. Returns (new top root, new subtree root, number removed).
         Nothing is shadowed when no key is in the range.

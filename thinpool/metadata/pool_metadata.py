@@ -454,6 +454,31 @@ class PoolMetadata:
             d.mapped_blocks += 1
             d.changed = True
 
+    def insert_run(self, dev_id: int, thin_blocks: list[int], data_blocks: list[int]) -> None:
+        """``insert`` of each thin_blocks[i] -> data_blocks[i] at the pool time, for thin blocks sorted ascending
+        without repeats (the chunks of one write): one descent per leaf touched (BTree.insert_run). The mappings
+        take over the caller's references; replaced mappings drop theirs."""
+        self._check_writable()
+        d = self.get_device(dev_id)
+        if not thin_blocks:
+            return
+        nr_data = self.data_sm.nr_blocks
+        if (min(data_blocks) < 0 or max(data_blocks) >= nr_data or thin_blocks[0] < 0
+                or thin_blocks[-1] >= 2**64):
+            raise InvalidArgument(reason=f"insert: a mapping of thin blocks {thin_blocks[0]}..{thin_blocks[-1]} "
+                                         f"is out of range (data device has {nr_data} blocks)")
+        t = self.time
+        values = [pack_block_time(b, t) for b in data_blocks]
+        self.mapping_root, new_sub, nr_new = self.tree.insert_run(self.mapping_root, dev_id, thin_blocks, values)
+        self._roots[dev_id] = new_sub
+        c = self._mcaches.get(dev_id)
+        if c is not None:
+            for k, v in zip(thin_blocks, values):
+                c.put(k, v)
+        if nr_new:
+            d.mapped_blocks += nr_new
+            d.changed = True
+
     def remove(self, dev_id: int, thin_block: int) -> bool:
         """Unmap ``thin_block``; its data block loses a reference. Returns whether it was mapped."""
         return self.remove_range(dev_id, thin_block, thin_block + 1) == 1

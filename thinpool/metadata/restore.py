@@ -14,6 +14,8 @@ into numpy arrays for the bulk tree build.
 
 from __future__ import annotations
 
+import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import IO
@@ -245,8 +247,143 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
     visitor.eof()
 
 
+# --- a fast path for thin_dump's own layout -----------------------------------------------------------------
+# thin_dump writes one element per line with fixed indentation and attribute order. A file in exactly that layout
+# is parsed a chunk of lines at a time with numpy (the mapping lines' skeletons checked with their digits deleted,
+# the numbers read in one pass); anything else (another layout, a comment, an entity, bad data) makes the fast path
+# give up, and the ElementTree parser above reads the file from the start, with its checks and messages.
+_FAST_SB = re.compile(rb'<superblock uuid="([^"&<>]*)" time="(\d{1,18})" transaction="(\d{1,18})" flags="(\d{1,18})" '
+                      rb'version="(\d{1,18})" data_block_size="(\d{1,18})" nr_data_blocks="(\d{1,18})">\n')
+_FAST_DEV = re.compile(rb'  <device dev_id="(\d{1,18})" mapped_blocks="(\d{1,18})" transaction="(\d{1,18})" '
+                       rb'creation_time="(\d{1,18})" snap_time="(\d{1,18})">\n')
+_SINGLE_SKEL = b'    <single_mapping origin_block="" data_block="" time=""/>'
+_RANGE_SKEL = b'    <range_mapping origin_begin="" data_begin="" length="" time=""/>'
+_SINGLE_LINE = _SINGLE_SKEL + b"\n"
+_RANGE_LINE = _RANGE_SKEL + b"\n"
+_DIGITS = b"0123456789"
+_DIGITS_TO_9 = bytes(57 if 48 <= c <= 57 else c for c in range(256))
+_TO_SPACES = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
+_FAST_CHUNK = 8 << 20  # bytes of XML per step
+
+
+class _NotFast(Exception):
+    """The file is not in thin_dump's exact layout: use the general parser."""
+
+
+def _fast_runs(seg: bytes) -> Runs:
+    """The runs of a stretch of mapping lines (each ending in a newline). Raises _NotFast."""
+    n = seg.count(b"\n")
+    skel = seg.translate(None, _DIGITS)
+    if skel == _SINGLE_LINE * n:
+        kind = "single"
+    elif skel == _RANGE_LINE * n:
+        kind = "range"
+    else:
+        lines = skel.split(b"\n")
+        kinds = set(lines[:-1])
+        if lines[-1] or not kinds <= {_SINGLE_SKEL, _RANGE_SKEL}:
+            raise _NotFast
+        kind = "mixed"
+    if seg.translate(_DIGITS_TO_9).find(b"9" * 19) >= 0:
+        raise _NotFast  # a number too long for int64: the general parser's business
+    nums = np.fromstring(seg.translate(_TO_SPACES), dtype=np.int64, sep=" ")
+    if kind == "single":
+        if len(nums) != 3 * n:
+            raise _NotFast
+        v = nums.reshape(n, 3)
+        tb, db, t, ln = v[:, 0], v[:, 1], v[:, 2], np.ones(n, dtype=np.int64)
+    elif kind == "range":
+        if len(nums) != 4 * n:
+            raise _NotFast
+        v = nums.reshape(n, 4)
+        tb, db, ln, t = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
+    else:
+        a = np.frombuffer(seg, dtype=np.uint8)
+        starts = np.zeros(n, dtype=np.int64)
+        starts[1:] = np.flatnonzero(a == 10)[:-1] + 1
+        is_range = a[starts + 5] == ord("r")  # "    <r"
+        first = np.zeros(n, dtype=np.int64)
+        np.cumsum((3 + is_range.astype(np.int64))[:-1], out=first[1:])
+        if len(nums) != 3 * n + int(np.count_nonzero(is_range)):
+            raise _NotFast
+        tb, db = nums[first], nums[first + 1]
+        ln = np.where(is_range, nums[first + 2], 1)
+        t = np.where(is_range, nums[np.minimum(first + 3, len(nums) - 1)], nums[first + 2])
+    if len(t) and int(t.max()) > TIME_MASK:
+        raise _NotFast  # the general parser reports it
+    keep = ln != 0
+    if not keep.all():
+        tb, db, t, ln = tb[keep], db[keep], t[keep], ln[keep]
+    return Runs((np.ascontiguousarray(tb), np.ascontiguousarray(db)), (np.ascontiguousarray(t),),
+                np.ascontiguousarray(ln))
+
+
+def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
+    """``parse_xml`` of a file in thin_dump's exact layout, or None when it is in any other."""
+    try:
+        with open(path, "rb") as f:
+            m = _FAST_SB.fullmatch(f.readline())
+            if m is None:
+                return None
+            _uuid, *nums = m.groups()
+            time_, trans, flags, version, dbs, nr_data = (int(x) for x in nums)
+            ir = MetadataIR(time_, trans, flags, version, dbs, nr_data)
+            dev: DeviceIR | None = None
+            seen: set[int] = set()
+            done = False
+            while not done:
+                chunk = f.read(_FAST_CHUNK)
+                if not chunk:
+                    return None  # no </superblock>
+                if not chunk.endswith(b"\n"):
+                    chunk += f.readline()
+                data = b"\n" + chunk
+                i = 0  # data[i] is the newline before the next line
+                while i < len(data) - 1:
+                    # the next line indented by two (a device tag) or not at all (only </superblock>, the last
+                    # line: looked for near the end; one elsewhere fails the mapping lines' check)
+                    j1, j2 = data.find(b"\n  <", i), data.find(b"\n<", max(i, len(data) - 64))
+                    j = min(x for x in (j1, j2, len(data) - 1) if x >= 0)
+                    if j > i:  # mapping lines
+                        if dev is None:
+                            return None
+                        runs = _fast_runs(data[i + 1:j + 1])
+                        if len(runs):
+                            dev.runs.append(runs)
+                    if j >= len(data) - 1:
+                        break
+                    k = data.index(b"\n", j + 1)
+                    line = data[j + 1:k + 1]
+                    i = k
+                    if line == b"  </device>\n" and dev is not None:
+                        ir.devices.append(dev)
+                        dev = None
+                    elif line == b"</superblock>\n" and dev is None:
+                        if data[k + 1:].strip() or f.read(1 << 16).strip():
+                            return None
+                        done = True
+                        break
+                    elif (d := _FAST_DEV.fullmatch(line)) is not None and dev is None:
+                        dev_id, mapped, dtrans, ctime, stime = (int(x) for x in d.groups())
+                        if dev_id in seen:
+                            return None
+                        seen.add(dev_id)
+                        dev = DeviceIR(dev_id, dtrans, ctime, stime, mapped)
+                    else:
+                        return None
+    except (_NotFast, ValueError, OverflowError):
+        return None
+    return ir
+
+
 def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
-    """Parse thin_dump XML into a collected IR. Raises InvalidArgument with a clear message on bad input."""
+    """Parse thin_dump XML into a collected IR. Raises InvalidArgument with a clear message on bad input.
+
+    A file path in thin_dump's own layout takes a numpy fast path (``_parse_fast``: the same IR)."""
+    if isinstance(src, str) and os.path.isfile(src):
+        fast = _parse_fast(src)
+        if fast is not None:
+            return fast
     col = IRCollector()
     read_xml(src, col)
     if col.ir is None:
@@ -293,7 +430,13 @@ class MetadataBuilder:
     def device_e(self) -> None:
         assert self.md is not None and self._sb is not None and self._dev is not None
         if self._chunks:
-            thin, data, times = sorted_mappings(*(np.concatenate(c) for c in zip(*self._chunks)))
+            cols = [np.concatenate(c) for c in zip(*self._chunks)]
+            self._chunks = []
+            thin = cols[0]
+            if len(thin) > 1 and not bool((thin[1:] > thin[:-1]).all()):  # thin_dump's order needs no sort
+                cols = list(sorted_mappings(*cols))
+            thin, data, times = cols
+            del cols
         else:
             thin = data = times = np.zeros(0, dtype=np.uint64)
         self._chunks = []

@@ -188,6 +188,13 @@ class ThinDeviceMetadata:
         reference on the data block, a replaced mapping drops its own. Must be in a writable transaction."""
         self.pmd.insert(self.dev_id, thin_block, data_block)
 
+    def insert_blocks(self, thin_blocks: list[int], data_blocks: list[int]) -> None:
+        """``insert_block`` for each pair, thin blocks sorted ascending without repeats (one descent per leaf)."""
+        if len(thin_blocks) == 1:
+            self.pmd.insert(self.dev_id, thin_blocks[0], data_blocks[0])
+        else:
+            self.pmd.insert_run(self.dev_id, thin_blocks, data_blocks)
+
     def remove_range(self, lo: int, hi: int) -> int:
         """Unmap [lo, hi); returns how many blocks were mapped."""
         return self.pmd.remove_range(self.dev_id, lo, hi)

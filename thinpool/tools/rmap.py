@@ -4,8 +4,9 @@ Layer: tools. May import: thinpool.metadata, thinpool.tools.stdsort, numpy.
 
 Order, as thin_rmap 0.9.0 gives it: devices by id, each device's leaves depth first, a node shared by several
 devices visited only for the lowest id that reaches it (thin_rmap's btree_damage_visitor avoids repeated
-visits), runs of consecutive data and thin blocks within one device, then std::sort by data_begin. Memory: the
-nodes visited and the runs found (the output), never the mappings.
+visits), runs of consecutive data and thin blocks within one device, then std::sort by data_begin (reproduced
+over numpy columns by ``stdsort.std_sort_order``). Memory: the nodes visited and the runs found (four int64
+columns), never the mappings.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from thinpool.metadata.ir import RunJoiner, Runs, batched_leaves, mapping_leaves
 from thinpool.metadata.pool_metadata import PoolMetadata
-from thinpool.tools.stdsort import std_sort
+from thinpool.tools.stdsort import std_sort_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,17 +31,21 @@ class RmapRun:
     thin_begin: int
 
 
-def rmap_runs(md: PoolMetadata, regions: Sequence[tuple[int, int]]) -> list[RmapRun]:
-    """thin_rmap's runs for the data blocks in ``regions`` (half-open [begin, end) pairs), in its order.
+def rmap_arrays(md: PoolMetadata, regions: Sequence[tuple[int, int]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """thin_rmap's runs for the data blocks in ``regions`` (half-open [begin, end) pairs), in its order, as
+    int64 columns (data_begin, data_end, dev_id, thin_begin). Memory: the runs found (8 bytes x 4 each).
 
     Raises:
         MetadataCorrupt on damage.
     """
-    found: list[list[int]] = []  # [data_begin, data_end, dev_id, thin_begin]
+    cols: list[list[np.ndarray]] = [[], [], [], []]  # the pieces of each column
 
     def take(runs: Runs) -> None:
-        for db, tb, dev, n in runs.rows():
-            found.append([db, db + n, dev, tb])
+        if len(runs):
+            db, tb = runs.steps
+            for col, piece in zip(cols, (db, db + runs.lengths, runs.equals[0], tb)):
+                col.append(piece)
 
     seen: set[int] = set()
     joiner = RunJoiner(2, 1)
@@ -52,5 +57,24 @@ def rmap_runs(md: PoolMetadata, regions: Sequence[tuple[int, int]]) -> list[Rmap
             if keep.any():
                 take(joiner.feed((data[keep], thin[keep]), (np.full(int(np.count_nonzero(keep)), dev_id),)))
     take(joiner.flush())
-    std_sort(found, lambda x, y: bool(x[0] < y[0]))
-    return [RmapRun(a, b, dev, tb) for a, b, dev, tb in found]
+    if not cols[0]:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, z
+    out = []
+    for col in cols:  # one column at a time, its pieces dropped once joined
+        out.append(np.concatenate(col).astype(np.int64, copy=False))
+        col.clear()
+    order = std_sort_order(out[0])  # libstdc++'s std::sort by data_begin: thin_rmap's order of ties
+    for i in range(4):
+        out[i] = out[i][order]  # the unordered column is freed as its ordered copy replaces it
+    return out[0], out[1], out[2], out[3]
+
+
+def rmap_runs(md: PoolMetadata, regions: Sequence[tuple[int, int]]) -> list[RmapRun]:
+    """``rmap_arrays`` as records.
+
+    Raises:
+        MetadataCorrupt on damage.
+    """
+    db, de, dev, tb = (c.tolist() for c in rmap_arrays(md, regions))
+    return [RmapRun(*r) for r in zip(db, de, dev, tb)]

@@ -135,3 +135,111 @@ def _heap_sort(a: list[Any], first: int, last: int, less: Callable[[Any, Any], b
         value = a[last]
         a[last] = a[first]
         _adjust_heap(a, first, 0, last - first, value, less)
+
+
+# --- the same sort over integer keys, fast ------------------------------------------------------------------------
+# std::sort's result is fixed by the arrangement its introsort loop leaves (partitions down to ranges of 16) and
+# the final insertion sort, which, comparing with a strict "less", is a stable sort of that arrangement. So
+# ``std_sort_order`` runs the loop (numpy partitions over large ranges, a Python loop over packed integers below
+# _NP_MIN) and finishes with numpy's stable sort.
+_NP_MIN = 2048  # ranges at least this long are partitioned with numpy
+_IDX_BITS = 32
+_IDX_MASK = (1 << _IDX_BITS) - 1
+
+
+def std_sort_order(keys: Any) -> Any:
+    """The order std::sort (libstdc++, comparing keys alone) leaves ``keys`` in: ``keys[order]`` is sorted, and
+    equal keys come out as ``std_sort`` (above) leaves them. ``keys``: non-negative integers below 2**63, fewer
+    than 2**32 of them. Returns an int64 numpy array."""
+    import numpy as np
+
+    k = np.array(keys, dtype=np.int64)
+    n = len(k)
+    perm = np.arange(n, dtype=np.int64)
+    if n >= 2:
+        _np_loop(k, perm, 0, n, 2 * (n.bit_length() - 1))
+    return perm[np.argsort(k, kind="stable")]
+
+
+def _np_loop(k: Any, perm: Any, first: int, last: int, depth: int) -> None:
+    while last - first > _THRESHOLD:
+        if last - first < _NP_MIN or depth == 0:
+            _packed_range(k, perm, first, last, depth)
+            return
+        depth -= 1
+        mid = first + (last - first) // 2
+        x, y, z = first + 1, mid, last - 1
+        kx, ky, kz = int(k[x]), int(k[y]), int(k[z])
+        if kx < ky:
+            m = y if ky < kz else z if kx < kz else x
+        else:
+            m = x if kx < kz else z if ky < kz else y
+        k[[first, m]] = k[[m, first]]
+        perm[[first, m]] = perm[[m, first]]
+        cut = _np_partition(k, perm, first + 1, last, int(k[first]))
+        _np_loop(k, perm, cut, last, depth)
+        last = cut
+
+
+def _np_partition(k: Any, perm: Any, lo: int, hi: int, pivot: int) -> int:
+    """libstdc++'s __unguarded_partition of [lo, hi) around ``pivot``, vectorised: the left scan stops at the
+    elements >= pivot (in ascending order), the right scan at those <= pivot (descending); the t-th stops swap
+    while the left one is below the right one; where they cross, the left scan stops at its next stop or at the
+    right scan's previous stop (which now holds a swapped element >= pivot), whichever comes first."""
+    import numpy as np
+
+    seg = k[lo:hi]
+    left = np.flatnonzero(seg >= pivot)
+    right = np.flatnonzero(seg <= pivot)[::-1]
+    m = min(len(left), len(right))
+    crossed = left[:m] >= right[:m]
+    t = int(np.argmax(crossed)) if crossed.any() else m
+    cut = int(left[t]) if t < len(left) else hi - lo
+    if t:
+        cut = min(cut, int(right[t - 1]))
+        a, b = left[:t] + lo, right[:t] + lo
+        k[a], k[b] = k[b], k[a].copy()
+        perm[a], perm[b] = perm[b], perm[a].copy()
+    return lo + cut
+
+
+def _packed_range(k: Any, perm: Any, first: int, last: int, depth: int) -> None:
+    """The introsort loop over [first, last) in Python, on ints packing (key << 32 | position in the range)."""
+    import numpy as np
+
+    keys = k[first:last].tolist()
+    a = [(key << _IDX_BITS) | j for j, key in enumerate(keys)]
+    _packed_loop(a, 0, len(a), depth)
+    idx = np.array([v & _IDX_MASK for v in a], dtype=np.int64)
+    k[first:last] = k[first:last][idx]
+    perm[first:last] = perm[first:last][idx]
+
+
+def _key_less(x: int, y: int) -> bool:
+    return (x >> _IDX_BITS) < (y >> _IDX_BITS)
+
+
+def _packed_loop(a: list[int], first: int, last: int, depth: int) -> None:
+    while last - first > _THRESHOLD:
+        if depth == 0:
+            _heap_sort(a, first, last, _key_less)
+            return
+        depth -= 1
+        mid = first + (last - first) // 2
+        _move_median_to_first(a, first, first + 1, mid, last - 1, _key_less)
+        p = a[first]
+        below = (p >> _IDX_BITS) << _IDX_BITS  # v < below: key(v) < key(pivot)
+        above = p | _IDX_MASK  # v > above: key(pivot) < key(v)
+        lo, hi = first + 1, last
+        while True:
+            while a[lo] < below:
+                lo += 1
+            hi -= 1
+            while a[hi] > above:
+                hi -= 1
+            if not lo < hi:
+                break
+            a[lo], a[hi] = a[hi], a[lo]
+            lo += 1
+        _packed_loop(a, lo, last, depth)
+        last = lo
