@@ -1,4 +1,4 @@
-"""Device-matrix benchmarks (issue 6): thinpool vs a raw sparse file for the same pattern, in the same run.
+"""Device-matrix benchmarks (issues 6 and 15): thinpool vs a raw sparse file for the same pattern, in the same run.
 
 Run: python -m pytest benchmarks/test_bench_matrix.py --benchmark-only
 Each benchmark times one phase on thinpool; the raw baseline for the same pattern is measured in the same test and
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from thinpool import bench as b
+from thinpool_bench import suite as b
 from thinpool.pool import Pool
 
 KiB, MiB = 1 << 10, 1 << 20

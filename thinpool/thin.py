@@ -118,14 +118,28 @@ class ThinDevice:
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         """Read ``len(buf)`` bytes at ``offset`` straight into ``buf`` (zero-copy: preads into slices of it, holes
         zeroed in place). Returns the number of bytes read (always ``len(buf)``)."""
-        view = memoryview(buf).cast("B")
+        view = memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         length = len(view)
-        check_bounds(self._size_now(), offset, length)
+        pool = self.pool
+        size = self._size if pool.manifest is self._manifest else self._size_now()
+        if offset < 0 or offset + length > size:
+            check_bounds(size, offset, length)
         if not length:
             return 0
         ch = self.chunk
         first = offset // ch
-        with self.pool.lock:
+        if (offset + length - 1) // ch == first:
+            mc = self._mc
+            if mc is not None and mc.valid:  # optimistic, without the lock: see read()
+                sb = mc.pmd.sb
+                v = mc.map.get(first)
+                if v is not None:
+                    pool.data.preadinto((v >> mc.TIME_BITS) * ch + offset - first * ch, view)
+                    if mc.valid and mc.pmd.sb is sb:
+                        return length
+        with pool.lock:
             if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup
                 mc = self._cache()
                 v = mc.find(first)

@@ -49,6 +49,7 @@ else:
 __all__ = ["MAX_DEPTH", "BTree", "NoRefValue", "ValueType"]
 
 
+_RUN_DEC_BATCH = 64  # insert_run hands overwritten values to ValueType.dec one by one up to this many
 DELETE_BATCH_VALUES = 1 << 20  # leaf values handed to a batching value type's dec at once by delete()
 
 
@@ -333,8 +334,11 @@ class BTree:
                 else:
                     break  # full: the next descent splits it
                 i += 1
-        if olds:
+        if len(olds) > _RUN_DEC_BATCH:
             self.vt.dec(olds)
+        else:  # a few: one value at a time (a value type's batch path costs more for a handful, profiled)
+            for old in olds:
+                self.vt.dec([old])
         return root, new
 
     def _insert_descent(self, root: int, key: int) -> tuple[int, Node, int]:
