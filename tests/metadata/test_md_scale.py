@@ -234,3 +234,13 @@ def test_paged_space_map_matches_a_numpy_oracle(ops, seed) -> None:
     h.reopen()
     assert np.array_equal(h.sm.counts, h.oracle)
     h.sm.validate_all()
+
+
+@settings(max_examples=60)
+@given(st.lists(st.integers(0, 3 * E), max_size=300), st.booleans())
+def test_sorted_unique_is_np_unique(values, presort) -> None:
+    """The sort-based unique (numpy 2's hashing np.unique took 4.4 s for 4M blocks) gives np.unique's answer."""
+    from thinpool.spacemap.paged import sorted_unique
+
+    a = np.array(sorted(values) if presort else values, dtype=np.int64)
+    assert sorted_unique(a).tolist() == np.unique(a).tolist()
