@@ -279,7 +279,9 @@ class ThinDevice:
         """Write ``data`` at ``offset`` (see the module docstring for provisioning and copy-on-write). An
         overwrite inside one chunk the device owns (mapped at or after its snapshot time) is a mapping-cache hit
         and one pwrite."""
-        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")  # any buffer: sized (and written) in bytes
+        n = len(data)
         size = self._size if self.pool.manifest is self._manifest else self._size_now()
         if offset < 0 or offset + n > size:
             check_bounds(size, offset, n)
