@@ -18,7 +18,22 @@ from thinpool_cli.params import OFFSET, SECTOR_SIZE_PARAM, device_ref, json_opti
 IO_CHUNK = 1 << 20  # bytes per read/write call of the copy loops
 
 
-@click.group("thin")
+class _ThinGroup(click.Group):
+    """The `thin` group; `import` and `export` live in thin_image.py, imported only when one of them is used
+    (or listed), so that `thin read`/`thin write` do not load it."""
+
+    LAZY = ("import", "export")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            from thinpool_cli import thin_image  # noqa: F401  (its decorators add the commands to this group)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group("thin", cls=_ThinGroup)
 def thin() -> None:
     """Thin devices: create, snapshot, delete, read, write, import, export, flush.
 
@@ -335,6 +350,3 @@ def thin_rollback(origin: str, snap: str, pool_path: str | None) -> None:
 
 thin.add_command(thin_list, "ls")  # STYLE.md's name for it
 
-
-# import and export (sparse raw images) live in their own module; importing it adds them to the group
-from thinpool_cli import thin_image  # noqa: E402,F401

@@ -10,6 +10,7 @@ metadata in memory, and only then writes the target (superblock last).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -75,82 +76,156 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
 
     Example: thinpool restore -i mypool.xml -o copy.bin
     """
-    from thinpool.metadata.restore import parse_xml
+    from thinpool.errors import InvalidArgument
+    from thinpool.metadata.restore import restore_xml
     from thinpool.pool import lock_pool_dir
 
-    with busy("reading XML", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
-        ir = parse_xml(xml_path)
-    chunk = _validate_ir(ir)
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output
-    lock_fd = lock_pool_dir(output) if pool_dir else None
+    sink = _RestoreSink(md_path)
     try:
-        _restore_file(ir, chunk, md_path, force)
-        if pool_dir:
-            data = os.path.join(output, "data")
-            with open(data, "ab") as f:
-                if os.path.getsize(data) < ir.nr_data_blocks * chunk:
-                    f.truncate(ir.nr_data_blocks * chunk)
-            _write_restored_manifest(output, ir, chunk)
+        # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet
+        with busy("restoring", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
+            restore_xml(xml_path, sink)
+        if sink.summary is None:
+            raise InvalidArgument(reason="no <superblock> element in the XML")
+        ir, chunk = sink.summary, sink.chunk
+        lock_fd = lock_pool_dir(output) if pool_dir else None
+        try:
+            _restore_file(sink, md_path, force)
+            if pool_dir:
+                data = os.path.join(output, "data")
+                with open(data, "ab") as f:
+                    if os.path.getsize(data) < ir.nr_data_blocks * chunk:
+                        f.truncate(ir.nr_data_blocks * chunk)
+                _write_restored_manifest(output, ir, chunk)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
     finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        sink.close()
     if not quiet:
         click.echo(f"restored {len(ir.devices)} device(s), transaction {ir.transaction}, to {md_path}", err=True)
 
 
-def _validate_ir(ir: Any) -> int:
-    """Everything restore could fail on after it started writing, checked first. Returns the chunk in bytes."""
-    from thinpool.errors import InvalidArgument
-    from thinpool.units import SECTOR_SIZE, check_data_block_size
+@dataclass
+class _RestoredDevice:
+    dev_id: int
+    hi_thin: int | None
 
-    chunk = int(ir.data_block_size) * SECTOR_SIZE
-    check_data_block_size(chunk)
-    for dev in ir.devices:
-        hi = dev.highest_data()
-        if hi is not None and hi >= ir.nr_data_blocks:
-            raise InvalidArgument(reason=f"device {dev.dev_id}: mapping beyond end of data device "
-                                         f"({hi} >= {ir.nr_data_blocks})")
-    return chunk
+    def highest_thin(self) -> int | None:
+        return self.hi_thin
 
 
-def _restore_file(ir: Any, chunk: int, md_path: str, force: bool) -> None:
-    """Build the metadata in memory (a failure leaves the target untouched), then write it, superblock last."""
-    from thinpool.errors import InvalidArgument
+@dataclass
+class _Restored:
+    """What pool.json and the closing line need from a restore: the devices, transaction and data size."""
+
+    transaction: int
+    nr_data_blocks: int
+    devices: list[_RestoredDevice] = field(default_factory=list)
+
+
+class _RestoreSink:
+    """The IR visitor restore streams the XML into: it checks the geometry and that no mapping lies beyond the
+    data device (as soon as a device ends), keeps a line per device for pool.json, and feeds a MetadataBuilder
+    over an unlinked scratch file (so memory holds one device's mappings, not the document). A parse restarted
+    from superblock_b (the fast path giving up) starts it afresh."""
+
+    def __init__(self, md_path: str) -> None:
+        self.md_path = md_path
+        self.summary: _Restored | None = None
+        self.chunk = 0
+        self.scratch: Any = None
+        self.written: set[int] = set()
+        self.builder: Any = None
+        self._hi: tuple[int | None, int | None] = (None, None)
+        self._dev = 0
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
+
+    def superblock_b(self, sb: Any) -> None:
+        from thinpool.errors import InvalidArgument
+        from thinpool.io.block_store import FileBlockStore
+        from thinpool.metadata.restore import MetadataBuilder
+        from thinpool.pool import metadata_size_for
+        from thinpool.units import SECTOR_SIZE, check_data_block_size
+
+        self.chunk = int(sb.data_block_size) * SECTOR_SIZE
+        check_data_block_size(self.chunk)
+        if os.path.exists(self.md_path):
+            probe = FileBlockStore(self.md_path, readonly=True)  # seeks to the end: works for block devices too
+            nr_blocks = probe.nr_blocks
+            probe.close()
+            if nr_blocks < 8:
+                raise InvalidArgument(reason=f"{self.md_path}: output file too small (need at least 32 KiB)")
+        else:
+            nr_blocks = metadata_size_for(max(sb.nr_data_blocks, 1) * self.chunk, self.chunk) // 4096
+        self.close()
+        self.scratch, self.written = _scratch_store(self.md_path, nr_blocks)
+        self.summary = _Restored(sb.transaction, sb.nr_data_blocks)
+        self.builder = MetadataBuilder(self.scratch)
+        self.builder.superblock_b(sb)
+
+    def device_b(self, d: Any) -> None:
+        self._dev = d.dev_id
+        self._hi = (None, None)
+        self.builder.device_b(d)
+
+    def map(self, runs: Any) -> None:
+        if len(runs):
+            ends = runs.lengths - 1
+            ht, hd = int((runs.steps[0] + ends).max()), int((runs.steps[1] + ends).max())
+            t, d = self._hi
+            self._hi = (ht if t is None else max(t, ht), hd if d is None else max(d, hd))
+        self.builder.map(runs)
+
+    def device_e(self) -> None:
+        from thinpool.errors import InvalidArgument
+
+        assert self.summary is not None
+        hi_thin, hi_data = self._hi
+        nr = self.summary.nr_data_blocks
+        if hi_data is not None and hi_data >= nr:
+            raise InvalidArgument(reason=f"device {self._dev}: mapping beyond end of data device ({hi_data} >= {nr})")
+        self.summary.devices.append(_RestoredDevice(self._dev, hi_thin))
+        self.builder.device_e()
+        self.builder.md.commit()  # the scratch file only: the device's nodes leave memory
+
+    def superblock_e(self) -> None:
+        self.builder.superblock_e()
+
+    def eof(self) -> None:
+        self.builder.eof()
+
+
+def _restore_file(sink: _RestoreSink, md_path: str, force: bool) -> None:
+    """Copy the metadata built in the scratch file to the target, superblock last (a failure before this left
+    the target untouched)."""
     from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.pool_metadata import PoolMetadata
-    from thinpool.metadata.restore import restore as do_restore
-    from thinpool.pool import metadata_size_for
 
-    if os.path.exists(md_path):
-        if not force and _has_metadata(md_path):
-            raise click.UsageError(f"{md_path} already holds thin metadata: use --force to overwrite it")
-        probe = FileBlockStore(md_path, readonly=True)  # seeks to the end: works for block devices too
-        nr_blocks = probe.nr_blocks
-        probe.close()
-        if nr_blocks < 8:
-            raise InvalidArgument(reason=f"{md_path}: output file too small (need at least 32 KiB)")
-    else:
-        nr_blocks = metadata_size_for(max(ir.nr_data_blocks, 1) * chunk, chunk) // 4096
-    scratch, written = _scratch_store(md_path, nr_blocks)
+    if os.path.exists(md_path) and not force and _has_metadata(md_path):
+        raise click.UsageError(f"{md_path} already holds thin metadata: use --force to overwrite it")
+    scratch = sink.scratch
+    nr_blocks = scratch.nr_blocks
+    scratch.sync()
+    if not os.path.exists(md_path):
+        with open(md_path, "wb") as f:
+            f.truncate(nr_blocks * 4096)
+    store = FileBlockStore(md_path)
     try:
-        do_restore(ir, scratch)
-        scratch.sync()
-        if not os.path.exists(md_path):
-            with open(md_path, "wb") as f:
-                f.truncate(nr_blocks * 4096)
-        store = FileBlockStore(md_path)
-        try:
-            for b in sorted(written):
-                if b:
-                    store.write_block(b, scratch.read_block(b))
-            store.sync()
-            store.write_block(0, scratch.read_block(0))
-            store.sync()
-        finally:
-            store.close()
+        for b in sorted(sink.written):
+            if b:
+                store.write_block(b, scratch.read_block(b))
+        store.sync()
+        store.write_block(0, scratch.read_block(0))
+        store.sync()
     finally:
-        scratch.close()
+        store.close()
     PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
 
 

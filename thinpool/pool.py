@@ -74,7 +74,7 @@ from thinpool.errors import (
 from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
-from thinpool.metadata.pool_metadata import PoolMetadata
+from thinpool.metadata.pool_metadata import PoolMetadata, sorted_unique
 from thinpool.thin import ThinDevice
 from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size, lazy_module
 
@@ -91,6 +91,7 @@ NO_SPACE_POLICIES = mf.NO_SPACE_POLICIES
 POOL_FILES = ("metadata", "data", MANIFEST)
 LOCK_MODES = ("exclusive", "shared", "none")
 PASSDOWN_MAX_BYTES = 64 << 20  # the longest single punch of a passdown (bounds a written-zeros fallback's buffer)
+PASSDOWN_RUNS_AT_ONCE = 65536  # runs turned into Python ints at a time (a 4M-block delete has ~1M runs)
 QUEUE_POLL_S = 0.5  # how often a queued write looks for a data file grown by another process
 
 
@@ -1022,7 +1023,7 @@ class Pool:
 
     def blocks_needed(self, dev_id: int, thin_blocks: Any) -> int:
         """Data blocks writes to the given thin blocks (chunk indexes, any order) would allocate now."""
-        tb = np.unique(np.asarray(thin_blocks, dtype=np.int64))
+        tb = sorted_unique(np.asarray(thin_blocks, dtype=np.int64))
         if not len(tb):
             return 0
         with self.lock:
@@ -1170,17 +1171,19 @@ class Pool:
         delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
         durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
         their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
-        blocks = np.unique(np.asarray(freed, dtype=np.int64))
+        blocks = sorted_unique(np.asarray(freed, dtype=np.int64))
         starts, ends = block_runs(blocks)
         ch = self.chunk_bytes
         step = max(1, PASSDOWN_MAX_BYTES // ch)
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            for lo in range(a, b, step):
-                try:
-                    self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
-                except StoreIOError as e:
-                    log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
-                    return
+        n = PASSDOWN_RUNS_AT_ONCE
+        for at in range(0, len(starts), n):  # runs as Python ints a batch at a time
+            for a, b in zip(starts[at:at + n].tolist(), ends[at:at + n].tolist()):
+                for lo in range(a, b, step):
+                    try:
+                        self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
+                    except StoreIOError as e:
+                        log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                        return
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""

@@ -178,7 +178,9 @@ def build_mapping_pool(path: Path, n: int, seed: int = 1) -> None:
     1 % of its blocks (at random) remapped to new data blocks. Built in bulk through the metadata."""
     rng = np.random.default_rng(seed)
     extra = max(n // 100, 1)
-    with Pool.create(path, data_size=(n + extra + 1024) * CH, chunk_size=CH) as p:
+    # metadata for two full trees (the snapshot's rewrites copy nearly every leaf) and room to change them
+    md_bytes = -(-(n * 128 + (16 << 20)) // 4096) * 4096
+    with Pool.create(path, data_size=(n + extra + 1024) * CH, chunk_size=CH, metadata_size=md_bytes) as p:
         p.create_thin(1, n * CH)
         md = p.md
         md.delete_thin(1)  # the manifest entry stays; the tree is rebuilt in bulk under the same id

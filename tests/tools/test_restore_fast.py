@@ -99,3 +99,47 @@ def test_other_layouts_and_bad_values_go_to_the_general_parser(edit: tuple[str, 
     except InvalidArgument as e:
         got = e.fields
     assert got == want
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from thinpool_cli.main import cli
+
+    r = CliRunner().invoke(cli, [str(a) for a in args], env={"THINPOOL_POOL": None}, catch_exceptions=False)
+    return r.exit_code, r.stderr
+
+
+def test_restore_restarts_with_the_general_parser_midway(tmp_path: Path) -> None:
+    """The fast path feeds device after device into the scratch build, meets a comment, gives up; the general
+    parser builds it all again: the result dumps like the source."""
+    text = xml_of_pool(3)
+    cut = text.index("  <device", text.index("  <device") + 1)
+    odd = text[:cut] + "  <!-- a comment thin_dump never writes -->\n" + text[cut:]
+    src = tmp_path / "in.xml"
+    src.write_text(odd)
+    out = tmp_path / "out.bin"
+    code, err = _cli("restore", "-i", src, "-o", out, "-q")
+    assert code == 0, err
+    got = io.StringIO()
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.pool_metadata import PoolMetadata
+
+    dump(PoolMetadata.open(FileBlockStore(out, readonly=True), readonly=True, space_maps=False), XmlWriter(got))
+    assert got.getvalue() == text
+
+
+def test_restore_of_bad_xml_leaves_the_target_unchanged(tmp_path: Path) -> None:
+    text = xml_of_pool(0)
+    src = tmp_path / "in.xml"
+    src.write_text(text)
+    out = tmp_path / "out.bin"
+    assert _cli("restore", "-i", src, "-o", out, "-q")[0] == 0
+    before = out.read_bytes()
+    last = text.rindex("  </device>")
+    src.write_text(text[:last] + '    <single_mapping origin_block="5" data_block="99999999999" time="0"/>\n'
+                   + text[last:])  # beyond the data device, in the last device: found after the others were built
+    code, err = _cli("restore", "-i", src, "-o", out, "-q", "-f")
+    assert code != 0 and "beyond end of data device" in err
+    assert out.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".thinpool-restore-")]

@@ -27,7 +27,7 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-heavy = ["numpy._core", "construct", "rich", "crc32c", "tempfile", "thinpool.pool"]
+heavy = ["numpy._core", "construct", "rich", "crc32c", "tempfile", "thinpool_cli.thin_image", "thinpool.pool"]
 print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}), file=sys.stderr)
 """
 
@@ -87,3 +87,19 @@ def test_the_checksum_uses_the_crc32c_extension_itself() -> None:
     assert checksum._crc32c is not crc32c.crc32c or checksum._crc32c.__module__ == "crc32c._crc32c"
     assert checksum._crc32c(data) == crc32c.crc32c(data)
     assert checksum._crc32c(b"123456789") == 0xE3069283
+
+
+def test_lazy_module_runs_the_module_at_first_attribute_use() -> None:
+    probe = r"""
+import sys, threading
+from thinpool.units import lazy_module
+m = lazy_module("colorsys")
+before = "colorsys" in sys.modules
+out = []
+ts = [threading.Thread(target=lambda: out.append(m.rgb_to_hsv(1.0, 0.0, 0.0))) for _ in range(8)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(before, "colorsys" in sys.modules, set(out) == {(0.0, 1.0, 1.0)}, lazy_module("colorsys") is sys.modules["colorsys"])
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["False", "True", "True", "True"], r.stderr

@@ -64,6 +64,7 @@ from thinpool.spacemap.core import RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.metadata_paged import MetadataSpaceMap, read_metadata_index
 from thinpool.spacemap.paged import PagedSpaceMap
+from thinpool.spacemap.paged import sorted_unique as sorted_unique  # re-exported: the pool uses it
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import MAX_DEV_ID, MAX_METADATA_BLOCKS, METADATA_BLOCK_SIZE_SECTORS, lazy_module
 

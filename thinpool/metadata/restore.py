@@ -318,23 +318,23 @@ def _fast_runs(seg: bytes) -> Runs:
                 np.ascontiguousarray(ln))
 
 
-def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
-    """``parse_xml`` of a file in thin_dump's exact layout, or None when it is in any other."""
+def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor) -> bool:
+    """``read_xml`` of a file in thin_dump's exact layout; False (the visitor may have seen a prefix, and is to be
+    fed again from its superblock_b) when the file is in any other."""
     try:
         with open(path, "rb") as f:
             m = _FAST_SB.fullmatch(f.readline())
             if m is None:
-                return None
-            _uuid, *nums = m.groups()
-            time_, trans, flags, version, dbs, nr_data = (int(x) for x in nums)
-            ir = MetadataIR(time_, trans, flags, version, dbs, nr_data)
-            dev: DeviceIR | None = None
+                return False
+            uuid = m.group(1).decode()
+            time_, trans, flags, version, dbs, nr_data = (int(x) for x in m.groups()[1:])
+            visitor.superblock_b(SuperblockIR(uuid, time_, trans, flags, version, dbs, nr_data))
+            in_dev = False
             seen: set[int] = set()
-            done = False
-            while not done:
+            while True:
                 chunk = f.read(_FAST_CHUNK)
                 if not chunk:
-                    return None  # no </superblock>
+                    return False  # no </superblock>
                 if not chunk.endswith(b"\n"):
                     chunk += f.readline()
                 data = b"\n" + chunk
@@ -345,35 +345,55 @@ def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
                     j1, j2 = data.find(b"\n  <", i), data.find(b"\n<", max(i, len(data) - 64))
                     j = min(x for x in (j1, j2, len(data) - 1) if x >= 0)
                     if j > i:  # mapping lines
-                        if dev is None:
-                            return None
+                        if not in_dev:
+                            return False
                         runs = _fast_runs(data[i + 1:j + 1])
                         if len(runs):
-                            dev.runs.append(runs)
+                            visitor.map(runs)
                     if j >= len(data) - 1:
                         break
                     k = data.index(b"\n", j + 1)
                     line = data[j + 1:k + 1]
                     i = k
-                    if line == b"  </device>\n" and dev is not None:
-                        ir.devices.append(dev)
-                        dev = None
-                    elif line == b"</superblock>\n" and dev is None:
+                    if line == b"  </device>\n" and in_dev:
+                        visitor.device_e()
+                        in_dev = False
+                    elif line == b"</superblock>\n" and not in_dev:
                         if data[k + 1:].strip() or f.read(1 << 16).strip():
-                            return None
-                        done = True
-                        break
-                    elif (d := _FAST_DEV.fullmatch(line)) is not None and dev is None:
+                            return False
+                        visitor.superblock_e()
+                        visitor.eof()
+                        return True
+                    elif (d := _FAST_DEV.fullmatch(line)) is not None and not in_dev:
                         dev_id, mapped, dtrans, ctime, stime = (int(x) for x in d.groups())
                         if dev_id in seen:
-                            return None
+                            return False
                         seen.add(dev_id)
-                        dev = DeviceIR(dev_id, dtrans, ctime, stime, mapped)
+                        visitor.device_b(DeviceDetailsIR(dev_id, mapped, dtrans, ctime, stime))
+                        in_dev = True
                     else:
-                        return None
+                        return False
     except (_NotFast, ValueError, OverflowError):
-        return None
-    return ir
+        return False
+
+
+def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
+    """``parse_xml`` by the fast path, or None when the file is not in thin_dump's exact layout."""
+    col = IRCollector()
+    return col.ir if _read_fast(path, col) else None
+
+
+def restore_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+    """Feed thin_dump XML to ``visitor`` (a ``MetadataBuilder``, say) as it is parsed: memory holds one batch of
+    runs, not the document. A file path in thin_dump's own layout takes the fast path; if that gives up midway,
+    the general parser feeds ``visitor`` again from its ``superblock_b``.
+
+    Raises:
+        InvalidArgument with a clear message on bad input.
+    """
+    if isinstance(src, str) and os.path.isfile(src) and _read_fast(src, visitor):
+        return
+    read_xml(src, visitor)
 
 
 def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
@@ -430,8 +450,13 @@ class MetadataBuilder:
     def device_e(self) -> None:
         assert self.md is not None and self._sb is not None and self._dev is not None
         if self._chunks:
-            cols = [np.concatenate(c) for c in zip(*self._chunks)]
+            pieces = [list(c) for c in zip(*self._chunks)]
             self._chunks = []
+            cols = []
+            for col in pieces:  # one column at a time, its pieces freed once joined
+                cols.append(np.concatenate(col))
+                col.clear()
+            del pieces
             thin = cols[0]
             if len(thin) > 1 and not bool((thin[1:] > thin[:-1]).all()):  # thin_dump's order needs no sort
                 cols = list(sorted_mappings(*cols))

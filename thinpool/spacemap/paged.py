@@ -66,6 +66,22 @@ def nr_bitmaps(nr_blocks: int) -> int:
     return -(-nr_blocks // E)
 
 
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an integer array by sort and compare. numpy 2's ``np.unique`` hashes integers instead: 4.4 s
+    for 4 million blocks here, against 0.05 s this way; the result is the same (sorted, unique). Already sorted
+    unique input is returned as it is after one comparison pass."""
+    a = np.asarray(a)
+    if len(a) < 2:
+        return a.copy()
+    if bool((a[1:] > a[:-1]).all()):
+        return a
+    s = np.sort(a)
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 class _FreeBitmap:
     """A dirty all-free bitmap block, queued by its block number alone: encoded (zeros, the block number, the
     checksum) only when the commit writes it, so a new 8 TiB pool does not hold 32 MiB of zero bitmaps."""
@@ -134,7 +150,9 @@ class PagedSpaceMap:
         self._nr_allocatable = root.nr_blocks - root.nr_allocated  # free now and at the last commit
         self._candidates: list[int] = []
         self._cursor = 0  # bitmap where the allocation search resumes
-        self._freed: list[np.ndarray] = []  # blocks whose count dropped to 0 in this transaction (batches)
+        # blocks whose count dropped to 0 in this transaction: per bitmap, their offsets in it (uint16: 2 bytes a
+        # block; a 4M-block delete keeps 8 MB, not 4M Python ints)
+        self._freed: dict[int, list[np.ndarray]] = {}
         self._freed_one: list[int] = []  # the same, one at a time (dec)
         self.changed = False
 
@@ -392,24 +410,23 @@ class PagedSpaceMap:
             self._nr_allocated -= int(np.count_nonzero(now0))
             self._nr_allocatable += int(np.count_nonzero(now0 & (page.committed[local] == 0)))
             if now0.any():
-                self._freed.append(i * E + local[now0])
+                self._freed.setdefault(i, []).append(local[now0].astype(np.uint16))
 
     def freed_blocks(self) -> np.ndarray:
         """The blocks whose count dropped to 0 in this transaction and is still 0 (sorted, unique int64): the
         discard passdown candidates of a commit. O(blocks freed), numpy per page."""
-        parts = self._freed + ([np.array(self._freed_one, dtype=np.int64)] if self._freed_one else [])
-        if not parts:
-            return np.zeros(0, dtype=np.int64)
-        blocks = np.unique(np.concatenate(parts).astype(np.int64))
-        pages = blocks // E
-        cuts = np.flatnonzero(np.diff(pages)) + 1
-        keep = np.zeros(len(blocks), dtype=bool)
-        for lo, hi in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(blocks)]]).tolist()):
-            p = self._pages.get(int(pages[lo]))
+        per_page = {i: list(v) for i, v in self._freed.items()}
+        for b in self._freed_one:
+            per_page.setdefault(b // E, []).append(np.array([b % E], dtype=np.uint16))
+        out = []
+        for i in sorted(per_page):
+            parts = per_page[i]
+            local = sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            p = self._pages.get(i)
             if p is None:  # evicted clean: nothing changed in it since it was loaded, so its counts are committed
-                p = self._page(int(pages[lo]))
-            keep[lo:hi] = p.counts[blocks[lo:hi] % E] == 0
-        return blocks[keep]
+                p = self._page(i)
+            out.append(local[p.counts[local] == 0].astype(np.int64) + i * E)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     # --- allocation -----------------------------------------------------------------------------------------
     def new_block(self) -> int:
@@ -570,7 +587,7 @@ class PagedSpaceMap:
         self._dirty = set()
         self._nr_allocatable = self._nr_blocks - self._nr_allocated
         self._candidates = []
-        self._freed = []
+        self._freed = {}
         self._freed_one = []
         self.changed = False
         self._saved = (self.root(), (self._index.copy(), self._loaded.copy()))  # O(bitmaps), 16 B each
