@@ -116,6 +116,38 @@ def test_a_write_to_an_8tib_pool_reads_one_index_window_and_commits_a_bounded_nu
     assert written[8 * TIB] <= written[1 << 30] + 4, written  # the index tree is one level deeper at 8 TiB
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.external
+def test_growing_a_pool_to_8tib_rebuilds_the_index_and_passes_thin_check(tmp_path):
+    """1 GiB -> 8 TiB in one resize (8,209 new bitmaps: the index tree is rebuilt bottom-up, the new bitmaps are
+    written from their block numbers alone), then a write in the last bitmap; thin_check passes after each, and
+    a reopen reads the written chunk and counts exactly the blocks in use."""
+    path = tmp_path / "p"
+    with Pool.create(path, data_size=1 << 30) as pool:
+        dev = pool.create_thin(1, 16 * TIB)
+        dev.write(0, b"small")
+        pool.commit()
+        pool.resize_metadata(64 << 20)  # 8,225 bitmaps need 33 MB of metadata
+        pool.resize(8 * TIB)
+        pool.commit()
+    real_thin_check(path / "metadata")
+    with Pool.open(path) as pool:
+        sm = pool.md.data_sm
+        assert sm.nr_blocks == 8 * TIB // (64 * 1024) and len(sm.bitmap_blocks) == 8225
+        sm._cursor, sm._candidates = 8224, []  # the next allocation comes from the last bitmap
+        pool.device(1).write(9 * TIB, b"far")
+        pool.commit()
+        assert sm.nr_allocated() == 2
+    real_thin_check(path / "metadata")
+    with Pool.open(path, readonly=True) as pool:
+        assert pool.device(1).read(9 * TIB, 3) == b"far" and pool.device(1).read(0, 5) == b"small"
+    store = FileBlockStore(path / "metadata", readonly=True)
+    pmd = PoolMetadata.open(store, readonly=True)
+    used = [int(b) for b in np.flatnonzero(pmd.data_sm.committed)]
+    assert len(used) == 2 and used[-1] >= 8224 * E
+    store.close()
+
+
 # --- the paged space map against a numpy oracle ----------------------------------------------------------------
 NR = 3 * E + 123  # four bitmaps, the last one partial
 
