@@ -86,16 +86,8 @@ class Node:
         return buf
 
 
-def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bool = True) -> Node:
-    """Validate and decode a node read from ``block``.
-
-    Checks (kernel node_check plus thin_check's per-node rules): checksum, self block number, flags, max_entries
-    fits and is a multiple of 3, nr_entries <= max_entries, value size (8 for internal nodes, the tree's leaf
-    value size for leaves), keys strictly increasing.
-
-    Raises:
-        MetadataCorrupt / ChecksumError naming ``block``.
-    """
+def _header(buf: bytes, block: int, leaf_value_size: int, verify_csum: bool) -> tuple[bool, int, int, int]:
+    """The checks every decode makes before the arrays: (is_leaf, nr_entries, max_entries, value_size)."""
     if verify_csum:
         checksum.verify(buf, BlockType.BTREE_NODE, block)
     _csum, flags, blocknr, nr, max_entries, value_size, _pad = NODE_HEADER_FMT.unpack_from(buf, 0)
@@ -114,6 +106,20 @@ def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bo
         raise MetadataCorrupt(block=block, reason=f"bad max_entries {max_entries} for value size {value_size}")
     if nr > max_entries:
         raise MetadataCorrupt(block=block, reason=f"nr_entries {nr} > max_entries {max_entries}")
+    return is_leaf, nr, max_entries, value_size
+
+
+def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bool = True) -> Node:
+    """Validate and decode a node read from ``block``.
+
+    Checks (kernel node_check plus thin_check's per-node rules): checksum, self block number, flags, max_entries
+    fits and is a multiple of 3, nr_entries <= max_entries, value size (8 for internal nodes, the tree's leaf
+    value size for leaves), keys strictly increasing.
+
+    Raises:
+        MetadataCorrupt / ChecksumError naming ``block``.
+    """
+    is_leaf, nr, max_entries, value_size = _header(buf, block, leaf_value_size, verify_csum)
     keys = _from_le("Q", buf[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr])
     if nr > 1:  # strictly increasing keys
         np = sys.modules.get("numpy")
@@ -135,3 +141,44 @@ def decode_node(buf: bytes, block: int, leaf_value_size: int, *, verify_csum: bo
     else:
         values = [bytes(vbytes[i * value_size:(i + 1) * value_size]) for i in range(nr)]
     return Node(block, is_leaf, value_size, keys, values, max_entries)
+
+
+class FrozenNode:
+    """A validated node for a read-only walk: keys and values are little-endian numpy views of the block it was
+    read from (no copies; never changed, never written). Values wider than 8 bytes are a list of bytes."""
+
+    __slots__ = ("block", "is_leaf", "keys", "values", "value_size", "max_entries")
+
+    def __init__(self, block: int, is_leaf: bool, value_size: int, keys: Any, values: Any, max_entries: int) -> None:
+        self.block = block
+        self.is_leaf = is_leaf
+        self.value_size = value_size
+        self.keys = keys
+        self.values = values
+        self.max_entries = max_entries
+
+    @property
+    def nr_entries(self) -> int:
+        return len(self.keys)
+
+
+def decode_frozen(buf: bytes, block: int, leaf_value_size: int) -> FrozenNode:
+    """``decode_node``'s checks, with numpy views instead of copies (for readers that only look).
+
+    Raises:
+        MetadataCorrupt / ChecksumError naming ``block``.
+    """
+    import numpy as np
+
+    is_leaf, nr, max_entries, value_size = _header(buf, block, leaf_value_size, True)
+    keys = np.frombuffer(buf, dtype="<u8", count=nr, offset=NODE_HEADER_SIZE)
+    if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        i = int(np.argmax(keys[1:] <= keys[:-1])) + 1
+        raise MetadataCorrupt(block=block, reason=f"keys out of order at entry {i} ({keys[i - 1]} >= {keys[i]})")
+    vbase = NODE_HEADER_SIZE + 8 * max_entries
+    values: Any
+    if value_size in (8, 4):
+        values = np.frombuffer(buf, dtype="<u8" if value_size == 8 else "<u4", count=nr, offset=vbase)
+    else:
+        values = [bytes(buf[vbase + i * value_size:vbase + (i + 1) * value_size]) for i in range(nr)]
+    return FrozenNode(block, is_leaf, value_size, keys, values, max_entries)

@@ -37,10 +37,9 @@ Memory O(depth x fanout) plus the memo. Time O(nodes walked).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from thinpool.btree.node import MAX_DEPTH, Node, decode_node
+from thinpool.btree.node import MAX_DEPTH, FrozenNode, Node, decode_frozen, decode_node
 from thinpool.btree.spine import NodeCache
 from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.io.block_store import BlockStore
@@ -59,8 +58,7 @@ Source = TransactionManager | BlockStore
 Memo = dict[int, Node | None]
 
 
-@dataclass(frozen=True, slots=True)
-class Where:
+class Where(NamedTuple):
     """Where a node was reached: ``path`` holds the blocks from the root down to its parent (empty for the
     root); its keys must lie in ``[lo, hi)`` (``hi`` None: unbounded), the intersection of the ranges its
     ancestors' keys give; ``first`` is False when the node was already walked (a shared subtree, or a replay from
@@ -82,7 +80,7 @@ class NodeView:
 
     __slots__ = ("_node",)
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node | FrozenNode) -> None:
         self._node = node
 
     @property
@@ -108,22 +106,23 @@ class NodeView:
     @property
     def keys(self) -> np.ndarray:
         """uint64 keys (a read-only view)."""
-        return np.frombuffer(self._node.keys, dtype=np.uint64)
+        k = self._node.keys
+        return k if isinstance(k, np.ndarray) else np.frombuffer(k, dtype=np.uint64)
 
     @property
     def first_key(self) -> int:
         """keys[0] as an int (no array made); the node must not be empty."""
-        return self._node.keys[0]
+        return int(self._node.keys[0])
 
     @property
     def last_key(self) -> int:
-        return self._node.keys[-1]
+        return int(self._node.keys[-1])
 
     @property
     def values(self) -> Any:
         """Children (internal, uint64), 8- or 4-byte values (numpy), or a list of bytes (wider values)."""
         v = self._node.values
-        if isinstance(v, list):
+        if isinstance(v, (list, np.ndarray)):
             return v
         return np.frombuffer(v, dtype=np.uint64 if v.typecode == "Q" else np.uint32)
 
@@ -308,7 +307,7 @@ def read_view(source: Source, block: int, *, value_size: int) -> NodeView:
     if not 0 <= block < source.nr_blocks:
         raise MetadataCorrupt(block=block, reason=f"btree node pointer {block} beyond the metadata device "
                                                   f"({source.nr_blocks} blocks)")
-    return NodeView(decode_node(source.read_block(block), block, value_size))
+    return NodeView(decode_frozen(source.read_block(block), block, value_size))
 
 
 def walk_nodes(source: Source, root: int, *, value_size: int, visitor: Visitor | None = None,

@@ -153,7 +153,7 @@ def read_mapping_node(pmd: PoolMetadata, block: int) -> MappingNode:
     if pmd.readonly:
         # no open transaction: read the store directly, so that walks over many nodes do not fill the cache
         view = read_view(pmd.store, block, value_size=8)
-        return MappingNode(block, view.is_leaf, view.keys.astype(np.int64), view.values)
+        return MappingNode(block, view.is_leaf, view.keys.view(np.int64), view.values)
     is_leaf, keys, values = pmd.mapping.node_arrays(block)
     return MappingNode(block, is_leaf, keys.astype(np.int64), values)
 

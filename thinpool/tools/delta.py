@@ -27,7 +27,7 @@ from thinpool.metadata.ir import (
     RunJoiner,
     Runs,
     batched_leaves,
-    leaf_data,
+    leaves_data,
     mapping_leaves,
     read_mapping_node,
 )
@@ -37,7 +37,7 @@ Kind = Literal["same", "different", "left_only", "right_only"]
 KINDS: tuple[Kind, ...] = ("same", "different", "left_only", "right_only")
 _SAME, _DIFFERENT, _LEFT, _RIGHT = range(4)
 _INF = 1 << 64
-_BATCH_KEYS = 4096  # mappings buffered (both sides) before a comparison: fewer, larger numpy steps
+_BATCH_KEYS = 32768  # mappings buffered (both sides) before a comparison: fewer, larger numpy steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,32 +52,54 @@ class DeltaRun:
 
 
 class _Cursor:
-    """One tree's position: the loaded leaf's unconsumed mappings, and a stack of subtrees still to visit with
-    the lower bound of their keys (every key of the tree not yet consumed is in ``buf`` or under the stack)."""
+    """One tree's position: the loaded leaves' unconsumed mappings (kept as the leaves' own arrays, joined only
+    when taken), and a stack of subtrees still to visit with the lower bound of their keys (every key of the tree
+    not yet consumed is buffered or under the stack)."""
 
-    __slots__ = ("pmd", "stack", "keys", "data")
+    __slots__ = ("pmd", "stack", "kc", "dc", "n")
 
     def __init__(self, pmd: PoolMetadata, root: int) -> None:
         self.pmd = pmd
         self.stack: list[tuple[int, int, int]] = [(root, 0, 0)]  # (block, lower bound key, depth), top last
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.data = np.zeros(0, dtype=np.int64)
+        self.kc: list[np.ndarray] = []  # buffered keys, ascending across the chunks
+        self.dc: list[np.ndarray | MappingNode] = []  # data blocks, or the leaf they are still to come from
+        self.n = 0
 
     def known_hi(self) -> int:
-        """Every key of this tree below this bound is in ``keys``."""
+        """Every key of this tree below this bound is buffered."""
         return self.stack[-1][1] if self.stack else _INF
 
     def top(self) -> int | None:
         return self.stack[-1][0] if self.stack else None
 
     def nr_below(self, hi: int) -> int:
-        return int(np.searchsorted(self.keys, hi)) if hi < _INF else len(self.keys)
+        """At least the number of buffered keys below ``hi`` (all buffered keys: a batching hint)."""
+        return self.n
 
     def take_below(self, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        n = int(np.searchsorted(self.keys, hi)) if hi < _INF else len(self.keys)
-        k, d = self.keys[:n], self.data[:n]
-        self.keys, self.data = self.keys[n:], self.data[n:]
-        return k, d
+        if not self.kc:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z
+        keys = self.kc[0] if len(self.kc) == 1 else np.concatenate(self.kc)
+        nodes = [c for c in self.dc if isinstance(c, MappingNode)]
+        decoded = leaves_data(self.pmd, nodes) if nodes else None  # one numpy pass (and range check) for all
+        parts: list[np.ndarray] = []
+        i = 0
+        for c in self.dc:
+            if isinstance(c, MappingNode):
+                assert decoded is not None
+                parts.append(decoded[i:i + len(c.keys)])
+                i += len(c.keys)
+            else:
+                parts.append(c)
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        cut = int(np.searchsorted(keys, hi)) if hi < _INF else len(keys)
+        if cut < len(keys):
+            self.kc, self.dc = [keys[cut:]], [data[cut:]]
+        else:
+            self.kc, self.dc = [], []
+        self.n = len(keys) - cut
+        return keys[:cut], data[:cut]
 
     def peek(self) -> MappingNode:
         return read_mapping_node(self.pmd, self.stack[-1][0])
@@ -90,11 +112,10 @@ class _Cursor:
             raise MetadataCorrupt(block=node.block, reason=f"keys {int(node.keys[0])}..{int(node.keys[-1])} "
                                                            f"outside the parent's range {lo}..{hi}")
         if node.is_leaf:
-            keys, data = node.keys, leaf_data(self.pmd, node)
-            if len(self.keys):
-                self.keys, self.data = np.concatenate([self.keys, keys]), np.concatenate([self.data, data])
-            else:
-                self.keys, self.data = keys, data
+            if len(node.keys):
+                self.kc.append(node.keys)
+                self.dc.append(node)  # its data blocks are decoded (and checked) a batch at a time
+                self.n += len(node.keys)
             return
         if depth >= MAX_DEPTH:
             raise MetadataCorrupt(block=node.block, reason="btree too deep (cycle?)")
@@ -152,6 +173,12 @@ def delta_batches(md: PoolMetadata, dev1: int, dev2: int, *, include_same: bool 
     while True:
         lo_hi = min(left.known_hi(), right.known_hi())
         tops_equal = left.top() is not None and left.top() == right.top()
+        if tops_equal and include_same:
+            node = left.peek()
+            if node.is_leaf:  # a shared leaf: its mappings join both buffers (compared "same"), no flush
+                left.advance(node)
+                right.advance(node)
+                continue
         # With the same node next in both trees, neither has a key below that node's keys, which lie above both
         # bounds: everything buffered can be compared, and then the node skipped.
         bound = max(left.known_hi(), right.known_hi()) if tops_equal else lo_hi
