@@ -37,7 +37,8 @@ _SNDBUF_BYTES = 2 * 1024 * 1024
 # straight into it) that are reused once the socket took them whole: no allocation, no page faults, one send.
 _POOLED_MIN = 64 * 1024
 _POOLED_MAX = 4 * 1024 * 1024 + 28  # split_bytes' default plus the header
-_POOL_KEEP = 4  # reply buffers kept per connection
+_POOL_KEEP = 4  # reply buffers kept per connection, each at most _POOL_KEEP_BYTES (4 MiB a connection at most)
+_POOL_KEEP_BYTES = 1024 * 1024 + 28
 _READ_HEADER = 28  # structured reply chunk header (20) + offset (8)
 
 
@@ -225,9 +226,10 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                         break
                 write(piece)
                 if type(piece) is memoryview:  # a pooled reply buffer
-                    if (not self._paused and len(self._free) < _POOL_KEEP
+                    whole = cast(bytearray, piece.obj)
+                    if (not self._paused and len(self._free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES
                             and not self.transport.get_write_buffer_size()):
-                        self._free.append(cast(bytearray, piece.obj))  # sent whole: reusable
+                        self._free.append(whole)  # sent whole: reusable
                     piece.release()
             else:
                 small.append(piece)
