@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from thinpool_bench import suite as b
 from thinpool.pool import Pool
+from thinpool_bench import suite as b
 
 KiB, MiB = 1 << 10, 1 << 20
 

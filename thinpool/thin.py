@@ -279,7 +279,9 @@ class ThinDevice:
         """Write ``data`` at ``offset`` (see the module docstring for provisioning and copy-on-write). An
         overwrite inside one chunk the device owns (mapped at or after its snapshot time) is a mapping-cache hit
         and one pwrite."""
-        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")  # any buffer: sized (and written) in bytes
+        n = len(data)
         size = self._size if self.pool.manifest is self._manifest else self._size_now()
         if offset < 0 or offset + n > size:
             check_bounds(size, offset, n)
@@ -342,14 +344,25 @@ class ThinDevice:
         physically contiguous pieces are coalesced (an overwrite of a run of sequentially allocated chunks is one
         pwrite). New mappings are inserted only after their data is written; if writing fails, the blocks
         allocated for it are released."""
-        pool, md, ch, dev = self.pool, self.md, self.chunk, self.dev_id
+        pool, md, ch = self.pool, self.md, self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
         snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
-        if first == last:  # fast path: an overwrite inside one provisioned, unshared chunk
+        if first == last:  # one chunk
             m = md.find_block(first)
-            if m is not None and m[1] >= snap_time:
-                pool.data.pwrite(m[0] * ch + offset - first * ch, view)
+            o = offset - first * ch
+            if m is not None and m[1] >= snap_time:  # an overwrite in place
+                pool.data.pwrite(m[0] * ch + o, view)
+                return
+            if md.has_free(1):  # a new block for it (else the general path applies the no-space policy)
+                db = pool.alloc_data_block()
+                try:
+                    if len(view) == ch or not self._prepare_new(first, db, m, o, view):
+                        pool.data.pwrite(db * ch + o, view)
+                except BaseException:
+                    md.release(db)  # nothing maps it yet: give it back
+                    raise
+                md.insert_block(first, db)
                 return
             mapped = {} if m is None else {first: m}
         else:
@@ -385,27 +398,10 @@ class ThinDevice:
                     inserts.append((c, db))
                     file_off = db * ch + o
                     if n != ch:
-                        buf = None
-                        if m is not None:  # break sharing: copy the whole chunk, then write the piece
-                            pool.stats["cow_copies"] += 1
-                            if run_file >= 0:
-                                data.pwrite(run_file, view[run_start:run_end])
-                                run_file = -1
-                            data.copy(m[0] * ch, db * ch, ch)  # in the kernel where it can (copy_file_range)
-                            data.pwrite(file_off, view[vstart:vstart + n])
-                            continue
-                        else:
-                            origin = pool.external_origin(dev)
-                            if origin is not None and cs < origin.size:
-                                buf = bytearray(origin.read_at(cs, ch))
-                            elif pool.zero_blocks:
-                                data.punch(db * ch, ch)
-                        if buf is not None:
-                            buf[o:o + n] = view[vstart:vstart + n]
-                            if run_file >= 0:
-                                data.pwrite(run_file, view[run_start:run_end])
-                                run_file = -1
-                            data.pwrite(db * ch, buf)
+                        if run_file >= 0:  # the piece may be written out of order: flush the pending run
+                            data.pwrite(run_file, view[run_start:run_end])
+                            run_file = -1
+                        if self._prepare_new(c, db, m, o, view[vstart:vstart + n]):
                             continue
                 if run_file >= 0 and file_off == run_file + (run_end - run_start) and vstart == run_end:
                     run_end += n
@@ -421,6 +417,29 @@ class ThinDevice:
             raise
         if inserts:
             md.insert_blocks([c for c, _ in inserts], [db for _, db in inserts])
+
+    def _prepare_new(self, c: int, db: int, m: tuple[int, int] | None, o: int, piece: memoryview) -> bool:
+        """A new data block ``db`` for chunk ``c`` that a write covers only partly (``piece`` at ``o``): the rest
+        of the chunk comes from the shared block ``m`` (break sharing: the whole chunk copied, then the piece),
+        from the external origin, or reads as zeros (a hole punched when zeroing is on). Returns True when the
+        piece is written too, False when the caller still writes it (so it can join a coalesced pwrite)."""
+        pool, ch = self.pool, self.chunk
+        data = pool.data
+        if m is not None:
+            pool.stats["cow_copies"] += 1
+            data.copy(m[0] * ch, db * ch, ch)  # in the kernel where it can (copy_file_range)
+            data.pwrite(db * ch + o, piece)
+            return True
+        origin = pool.external_origin(self.dev_id)
+        cs = c * ch
+        if origin is not None and cs < origin.size:
+            buf = bytearray(origin.read_at(cs, ch))
+            buf[o:o + len(piece)] = piece
+            data.pwrite(db * ch, buf)
+            return True
+        if pool.zero_blocks:
+            data.punch(db * ch, ch)
+        return False
 
     def discard(self, offset: int, length: int) -> None:
         """Unmap the whole chunks inside [offset, offset+length) (per the pool's discard mode)."""

@@ -49,12 +49,12 @@ def test_open_of_an_8tib_pool_reads_a_bounded_number_of_blocks(pool_8t):
         pmd = PoolMetadata.open(store, readonly=readonly)
         nr_data = pmd.data_sm.nr_blocks
         assert nr_data == 8 * TIB // (64 * 1024)  # 134 million data blocks, 8,225 data bitmaps
-        # superblock + the metadata space map (at most 255 bitmaps, its index and ref-count tree) + the details
-        # and top-level trees; the writable open also checks the data space map's roots (a few blocks). Nothing
-        # proportional to the 8,225 data bitmaps.
-        nr_meta_bitmaps = -(-pmd.nr_metadata_blocks // E)
-        # a read-only open reads no bitmap at all: superblock, metadata index, details and top-level trees
-        assert len(store.reads) <= (8 if readonly else nr_meta_bitmaps + 16), (readonly, len(store.reads))
+        # superblock, the metadata index block, the details and top-level trees; the writable open also checks
+        # the roots of the two space maps' ref-count trees and the data index (one descent). No bitmap of either
+        # space map (66 metadata bitmaps, 8,225 data bitmaps here): both are paged in on demand.
+        assert len(store.reads) <= (4 if readonly else 10), (readonly, store.reads)
+        if not readonly:
+            assert pmd.tm.sm.pages_loaded == 0 and len(pmd.tm.sm._pages) == 0
         assert pmd.data_sm.pages_loaded == 0
         used[readonly] = (pmd.tm.sm.nr_allocated(), pmd.data_sm.nr_allocated())
         store.close()

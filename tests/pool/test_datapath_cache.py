@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from thinpool.errors import DeviceNotFound, MetadataCorrupt
+from thinpool.errors import DeviceNotFound, MetadataCorrupt, OutOfBounds
 from thinpool.formats.device_details import pack_block_time
 from thinpool.pool import Pool
 
@@ -263,3 +263,141 @@ def test_new_bytes_is_an_ordinary_bytes_object() -> None:
     view[:] = b"hello"
     view.release()
     assert out == b"hello" and type(out) is bytes and {out: 1}[b"hello"] == 1
+
+
+def test_writes_of_any_buffer_count_bytes_not_items(tmp_path) -> None:
+    """The fast path sizes a write in bytes whatever the buffer (an array of 8-byte items, a memoryview of one)."""
+    from array import array
+
+    with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
+        dev = pool.create_thin(1, 4 << 20)
+        dev.write(0, b"\0" * CH)  # provisioned: the next writes take the fast path
+        items = array("Q", range(100, 164))
+        dev.write(8, items)
+        dev.write(1000, memoryview(items))
+        assert dev.read(8, 512) == items.tobytes() and dev.read(1000, 512) == items.tobytes()
+        with pytest.raises(OutOfBounds):
+            dev.write((4 << 20) - 256, items)  # 512 bytes: past the end, though only 64 items
+
+
+def test_lock_free_reads_never_see_another_devices_blocks(tmp_path) -> None:
+    """Readers on other threads (the lock-free single-chunk path) while a writer discards the device's chunks,
+    commits (passdown punches and frees them) and reuses the blocks for another device: every read returns the
+    device's own bytes or zeros, never the other device's."""
+    import threading
+
+    with Pool.create(tmp_path / "p", data_size=40 * CH, discard="passdown") as pool:
+        a = pool.create_thin(1, 16 * CH)
+        b = pool.create_thin(2, 16 * CH)
+        a.write(0, b"A" * (16 * CH))
+        pool.commit()
+        stop = threading.Event()
+        bad: list[bytes] = []
+
+        def reader() -> None:
+            rng = random.Random(threading.get_ident())
+            while not stop.is_set():
+                got = a.read(rng.randrange(16) * CH + rng.randrange(0, CH - 4096, 512), 4096)
+                if got not in (b"A" * 4096, bytes(4096)):
+                    bad.append(got[:8])
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            rng = random.Random(1)
+            for _ in range(60):
+                c = rng.randrange(16)
+                a.discard(c * CH, CH)
+                pool.commit()  # the chunk's block is free (and punched) now
+                b.write(rng.randrange(16) * CH, b"B" * CH)  # may take that block
+                a.write(c * CH, b"A" * CH)
+                pool.commit()
+                b.discard(0, 16 * CH)
+                pool.commit()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not bad, bad[:3]
+
+
+class _Interfering:
+    """The pool's data store, running ``hook`` once just before the next pread/preadinto: what another thread
+    could do while a lock-free read is between its lookup and its read."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.hook = None
+
+    def _run(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+
+    def pread(self, offset, length):
+        self._run()
+        return self.inner.pread(offset, length)
+
+    def preadinto(self, offset, view):
+        self._run()
+        return self.inner.preadinto(offset, view)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("into", [False, True])
+@pytest.mark.parametrize("how", ["discard-commit", "abort", "cow-commit"])
+def test_a_lock_free_read_racing_a_block_reuse_is_redone(tmp_path, how, into) -> None:
+    """Between a lock-free read's lookup and its pread, the chunk's block is freed and handed to another device
+    (discard + commit; abort of the transaction that mapped it; a copy-on-write, after the sharing snapshot was
+    deleted, then a commit), which writes it: the read notices (the cache was dropped, or a commit happened) and
+    is redone under the lock, returning the chunk's current bytes, never the other device's."""
+    nr = 8
+    pool = Pool.create(tmp_path / "p", data_size=nr * CH, discard="passdown")
+    try:
+        a = pool.create_thin(1, nr * CH)
+        b = pool.create_thin(2, nr * CH)
+        want = bytes(4096)
+        if how == "abort":
+            a.write(0, b"A" * ((nr - 1) * CH))
+            pool.commit()
+            a.write((nr - 1) * CH, b"A" * CH)  # mapped in the open transaction only
+            c = nr - 1
+        elif how == "cow-commit":
+            a.write(0, b"A" * ((nr - 1) * CH))
+            pool.create_snap(3, 1)
+            pool.delete_thin(3)  # the chunks still look shared (their time is older than the snapshot)
+            c = 3
+            want = b"C" * 4096
+        else:
+            a.write(0, b"A" * (nr * CH))
+            pool.commit()
+            c = 3
+        assert a.read(c * CH, 4096) == b"A" * 4096  # cached
+        store = pool.data = _Interfering(pool.data)
+
+        def reuse() -> None:
+            if how == "abort":
+                pool.md.abort()  # (what a failed command's abort does to the metadata)
+            elif how == "cow-commit":
+                a.write(c * CH, b"C" * CH)  # copy-on-write to the one free block; the old block is freed
+                pool.commit()
+            else:
+                a.discard(c * CH, CH)
+                pool.commit()
+            b.write(0, b"B" * CH)  # the only free block: the one chunk c had
+            assert b.md.find_block(0) is not None
+
+        store.hook = reuse
+        if into:
+            buf = bytearray(4096)
+            a.readinto(c * CH, buf)
+            got = bytes(buf)
+        else:
+            got = a.read(c * CH, 4096)
+        assert got == want
+        assert b.read(0, 4) == b"BBBB"
+    finally:
+        pool.crash_close()
