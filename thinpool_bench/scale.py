@@ -255,6 +255,8 @@ def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progre
                               ("delete origin", [*tp, "thin", "delete", "1", "--force", "-p", p])):
                 progress(f"scale: {n:,} mappings: {step}")
                 row["steps"][step] = _median([run_measured(cmd)])
+            tc = which("thin_check")  # what the deletes left must pass the real checker
+            row["thin_check_after_deletes"] = None if tc is None else run_measured([tc, md])["rc"] == 0
         finally:
             shutil.rmtree(d, ignore_errors=True)
         out.append(row)
@@ -427,11 +429,12 @@ def report_lines(res: dict[str, Any]) -> list[str]:
                 same = {True: "identical", False: "DIFFERENT", None: "-"}[t["identical"]]
                 lines.append(f"| {row['mappings']:,} | {name} | {_cell(t['thinpool'])} | {_cell(t['cpp'])} | "
                              f"{ratio} | {same} |")
-        lines += ["", "| mappings | build (in process) | " + " | ".join(maps[0]["steps"]) + " |",
-                  "|---" * (len(maps[0]["steps"]) + 2) + "|"]
+        lines += ["", "| mappings | build (in process) | " + " | ".join(maps[0]["steps"]) +
+                  " | thin_check after the deletes |", "|---" * (len(maps[0]["steps"]) + 3) + "|"]
         for row in maps:
+            tc = {True: "passes", False: "FAILS", None: "-"}[row.get("thin_check_after_deletes")]
             lines.append(f"| {row['mappings']:,} | {row['build_s']:.1f} s | " +
-                         " | ".join(_cell(m) for m in row["steps"].values()) + " |")
+                         " | ".join(_cell(m) for m in row["steps"].values()) + f" | {tc} |")
         lines.append("")
     devs = res.get("devices") or []
     if devs:

@@ -41,5 +41,6 @@ def test_bench_scale_quick_end_to_end(tmp_path: Path) -> None:
             if name != "check":
                 assert t["identical"] is True, (row["mappings"], name)
         assert all(m["failed"] == [] for m in row["steps"].values()), row["steps"]
+        assert row["thin_check_after_deletes"] is True
     assert [d["devices"] for d in scale["devices"]] == [1, 100, 1000]
     assert not list(work.iterdir())  # scratch pools removed

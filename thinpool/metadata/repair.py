@@ -57,21 +57,27 @@ class _Salvager:
 
     def walk(self, root: int, leaf_vs: int, what: str) -> tuple[np.ndarray, list[bytes] | np.ndarray]:
         """Every (key, value) of the tree at ``root`` that can be read, in key order, unique keys (the one walker,
-        SALVAGE policy: damaged nodes are skipped with their subtrees; a block reached twice is skipped)."""
+        SALVAGE policy: damaged nodes are skipped with their subtrees; a block reached twice is skipped).
+        Memory: the entries found, as numpy arrays (lists of bytes for values wider than 8 bytes)."""
         v = _SalvageVisitor(self.src, self.report, what)
-        walk(self.src, root, v, value_size=leaf_vs, policy=SALVAGE, memo={}, revisit="skip")
-        keys, vals = v.keys, v.vals
-        # leaves come out in order when the tree is sane; enforce strictly increasing keys regardless
-        if not keys:
+        walk(self.src, root, v, value_size=leaf_vs, policy=SALVAGE)
+        if not v.kchunks:
             return np.zeros(0, dtype=np.uint64), []
-        k_arr = np.array(keys, dtype=np.uint64)
+        k_arr = np.concatenate(v.kchunks)
+        vals: list[bytes] | np.ndarray = v.wide if v.is_wide else np.concatenate(v.vchunks)
+        v.kchunks, v.vchunks = [], []
+        # leaves come out in order when the tree is sane; enforce strictly increasing keys regardless
+        if len(k_arr) > 1 and bool((k_arr[1:] > k_arr[:-1]).all()):
+            return k_arr, vals
         order = np.argsort(k_arr, kind="stable")
         k_arr = k_arr[order]
         keep = np.ones(len(k_arr), dtype=bool)
         keep[1:] = k_arr[1:] != k_arr[:-1]
         self.report.dropped_mappings += int(np.count_nonzero(~keep))
         sel = order[keep]
-        return k_arr[keep], [vals[i] for i in sel.tolist()]
+        if isinstance(vals, list):
+            return k_arr[keep], [vals[i] for i in sel.tolist()]
+        return k_arr[keep], vals[sel]
 
 
 class _SalvageVisitor(Visitor):
@@ -79,8 +85,11 @@ class _SalvageVisitor(Visitor):
         self.src = src
         self.report = report
         self.what = what
-        self.keys: list[int] = []
-        self.vals: list[object] = []
+        self.kchunks: list[np.ndarray] = []
+        self.vchunks: list[np.ndarray] = []
+        self.wide: list[bytes] = []  # values wider than 8 bytes (device details)
+        self.is_wide = False
+        self.seen: set[int] = set()  # block numbers walked (not the nodes)
 
     def _skip(self, msg: str) -> None:
         self.report.skipped_blocks += 1
@@ -92,22 +101,33 @@ class _SalvageVisitor(Visitor):
         if not 0 < b < self.src.nr_blocks:
             self._skip(f"pointer {b} out of range: skipped")
             return False
+        if b in self.seen:
+            self._skip(f"block {b} reached twice (cycle or shared child): skipped")
+            return False
+        self.seen.add(b)
         return True
-
-    def revisit(self, b: int, where: Where) -> None:
-        self._skip(f"block {b} reached twice (cycle or shared child): skipped")
 
     def error(self, err: MetadataCorrupt, where: Where) -> None:
         self._skip(err.fields["reason"] if err.fields.get("found_by") == "walker" else str(err))
 
     def leaf(self, view: NodeView, where: Where) -> None:
         lo, hi = where.lo, where.hi
-        for k, v in zip(view.keys.tolist(), view.values if isinstance(view.values, list) else view.values.tolist()):
-            if k < lo or (hi is not None and k >= hi):
-                self.report.dropped_mappings += 1
-                continue
-            self.keys.append(k)
-            self.vals.append(v)
+        keys = view.keys
+        if not len(keys):
+            return
+        ok = keys >= np.uint64(lo)
+        if hi is not None:
+            ok &= keys < np.uint64(hi)
+        all_ok = bool(ok.all())
+        if not all_ok:
+            self.report.dropped_mappings += int(np.count_nonzero(~ok))
+        values = view.values
+        self.kchunks.append(keys.copy() if all_ok else keys[ok])
+        if isinstance(values, list):
+            self.is_wide = True
+            self.wide.extend(values if all_ok else [x for x, good in zip(values, ok.tolist()) if good])
+        else:
+            self.vchunks.append(values.copy() if all_ok else values[ok])
 
 
 def _superblock(src: BlockStore, report: RepairReport) -> Superblock:
@@ -162,6 +182,9 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
     for devs, limit in ((devices, pool_time), (held, held_time)):
         for dev, (k, db, t) in list(devs.items()):
             ok = db < np.uint64(nr_data)
+            if bool(ok.all()):  # the usual case: no copies
+                devs[dev] = (k, db, np.minimum(t, np.uint64(limit), out=t))
+                continue
             report.dropped_mappings += int(np.count_nonzero(~ok))
             t = np.minimum(t[ok], np.uint64(limit))
             devs[dev] = (k[ok], db[ok], t)
@@ -174,6 +197,8 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
         shared = uniq[counts > 1]
         if len(shared):
             sharers = {dev for dev, (_, db, _) in devices.items() if np.isin(db, shared).any()}
+        del uniq, counts, shared
+    del all_db  # freed before the build: memory then holds the devices' mappings and one device's tree
     new_time = pool_time
     if sharers:
         if pool_time >= TIME_MASK:
@@ -213,6 +238,9 @@ def repair(src: BlockStore, dst: BlockStore, *, nr_data_blocks: int | None = Non
         if dev not in kept:
             md.build_device(dev, k, db, t, live_details[dev])
         report.mappings += len(k)
+        empty = np.zeros(0, dtype=np.uint64)
+        devices[dev] = (empty, empty, empty)  # this device's arrays are no longer needed (freed)
+        del k, db, t
     md.trans_id = sb.trans_id
     md.commit()
     report.devices = len(devices)
@@ -279,7 +307,7 @@ def _salvage(sal: _Salvager, sb: Superblock, report: RepairReport, label: str
             report.note(f"{label}device id {dev} out of range: dropped")
             continue
         k, v = sal.walk(int(root), 8, f"{label}mapping tree of device {dev}")
-        vals = np.array(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
+        vals = np.asarray(v, dtype=np.uint64) if len(v) else np.zeros(0, dtype=np.uint64)
         db = vals >> np.uint64(24)
         t = vals & np.uint64(TIME_MASK)
         devices[int(dev)] = (k, db, t)

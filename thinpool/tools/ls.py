@@ -11,10 +11,13 @@ per-mapping memory); HIGHEST_BLOCK descends one spine per device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from thinpool.errors import InvalidArgument
 from thinpool.metadata.pool_metadata import PoolMetadata
-from thinpool.tools.sharing import Sharing
+
+if TYPE_CHECKING:
+    from thinpool.tools.sharing import Sharing
 
 LS_FIELDS = ("DEV", "MAPPED_BLOCKS", "EXCLUSIVE_BLOCKS", "SHARED_BLOCKS", "MAPPED_SECTORS", "EXCLUSIVE_SECTORS",
              "SHARED_SECTORS", "MAPPED_BYTES", "EXCLUSIVE_BYTES", "SHARED_BYTES", "MAPPED", "EXCLUSIVE", "SHARED",
@@ -57,7 +60,11 @@ def ls_rows(md: PoolMetadata, fields: Sequence[str] = LS_FIELDS) -> list[dict[st
         InvalidArgument (unknown field), MetadataCorrupt.
     """
     chosen = set(check_fields(fields))
-    sharing = Sharing(md) if chosen & _NEEDS_SHARING else None
+    sharing: Sharing | None = None
+    if chosen & _NEEDS_SHARING:  # imported here: the default fields need neither it nor numpy
+        from thinpool.tools.sharing import Sharing
+
+        sharing = Sharing(md)
     bs = md.data_block_size  # sectors
     rows: list[dict[str, Value]] = []
     for dev_id in md.device_ids():
