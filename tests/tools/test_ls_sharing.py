@@ -110,3 +110,23 @@ def test_std_sort_sorts_and_is_deterministic():
     std_sort(a, lambda x, y: x[0] < y[0])
     std_sort(b, lambda x, y: x[0] < y[0])
     assert [x[0] for x in a] == sorted(x[0] for x in a) and a == b
+
+
+@pytest.mark.parametrize("keep", [0, 500, 3000])
+def test_exclusive_counts_with_the_kept_blocks_budget_exceeded(keep: int, monkeypatch: pytest.MonkeyPatch):
+    """Devices whose blocks did not fit the budget are walked again; the counts are the same either way."""
+    from thinpool.tools import sharing as sharing_mod
+
+    monkeypatch.setattr(sharing_mod, "_BATCH", 64)  # many small batches: the budget runs out midway
+    monkeypatch.setattr(sharing_mod, "_KEEP", keep)
+    store, md = random_pool(2, nr_devices=6)
+    md.create_snap(7, 1)  # a snapshot sharing its origin's whole tree
+    md.commit()
+    m = model(md)
+    md = reopen(store)
+    c = counts_of(m)
+    s = Sharing(md)
+    if keep == 0:
+        assert all(not m[d] for d in s._kept)  # only empty devices count as kept: all others walked again
+    for dev, maps in m.items():
+        assert s.exclusive_blocks(dev) == sum(1 for d in maps.values() if c[d] == 1)
