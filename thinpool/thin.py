@@ -382,6 +382,27 @@ class ThinDevice:
             snap_time = md.snapshotted_time
             mapped = self._lookup_range(first, last)
         data = pool.data
+        nr = last - first + 1
+        if need == nr and offset == first * ch and end == (last + 1) * ch:
+            # whole chunks, each needing a new block (provision, or break sharing with nothing to copy): the
+            # blocks, one pwrite per run of consecutive ones, one insert run
+            dbs: list[int] = []
+            try:
+                for _ in range(nr):
+                    dbs.append(pool.alloc_data_block())
+                i = 0
+                while i < nr:
+                    j = i + 1
+                    while j < nr and dbs[j] == dbs[j - 1] + 1:
+                        j += 1
+                    data.pwrite(dbs[i] * ch, view[i * ch:j * ch])
+                    i = j
+            except BaseException:
+                for db in dbs:  # nothing maps them yet: give them back
+                    md.release(db)
+                raise
+            md.insert_blocks(list(range(first, last + 1)), dbs)
+            return
         inserts: list[tuple[int, int]] = []
         run_file = run_start = run_end = -1  # a pending coalesced pwrite of view[run_start:run_end]
         try:

@@ -401,3 +401,52 @@ def test_a_lock_free_read_racing_a_block_reuse_is_redone(tmp_path, how, into) ->
         assert b.read(0, 4) == b"BBBB"
     finally:
         pool.crash_close()
+
+
+def test_whole_chunk_runs_provision_and_break_without_copies(tmp_path) -> None:
+    """Aligned multi-chunk writes whose every chunk needs a new block (fresh, shared after a snapshot, over an
+    external origin) copy nothing and map every chunk; a run where some chunks are owned takes the general path;
+    all read back as the model."""
+    origin = random.Random(4).randbytes(6 * CH)
+    (tmp_path / "origin.img").write_bytes(origin)
+    with Pool.create(tmp_path / "p", data_size=256 * CH) as pool:
+        dev = pool.create_thin(1, 32 * CH)
+        model = bytearray(32 * CH)
+        o = pool.create_thin(2, 8 * CH, origin=str(tmp_path / "origin.img"))
+        omodel = bytearray(origin) + bytes(2 * CH)
+        rng = random.Random(8)
+        for off, n in ((0, 8), (8, 8), (4, 8)):  # fresh; fresh; half owned (general path)
+            data = rng.randbytes(n * CH)
+            dev.write(off * CH, data)
+            model[off * CH:(off + n) * CH] = data
+        pool.create_snap(3, 1)
+        snap_model = bytes(model)
+        data = rng.randbytes(16 * CH)
+        dev.write(0, data)  # every chunk shared: break without copying
+        model[:16 * CH] = data
+        data = rng.randbytes(4 * CH)
+        o.write(2 * CH, data)  # over the origin: whole chunks, nothing read from it
+        omodel[2 * CH:6 * CH] = data
+        assert pool.stats["cow_copies"] == 0
+        assert dev.read(0, 32 * CH) == model and pool.device(3).read(0, 32 * CH) == snap_model
+        assert o.read(0, 8 * CH) == omodel
+        assert pool.md.get_device(1).mapped_blocks == 16
+        _agree(pool, 1, 32)
+
+
+def test_a_failed_whole_chunk_run_maps_and_keeps_nothing(tmp_path) -> None:
+    class Failing(_Interfering):
+        def pwrite(self, offset, data):
+            raise OSError("injected")
+
+    with Pool.create(tmp_path / "p", data_size=64 * CH) as pool:
+        dev = pool.create_thin(1, 16 * CH)
+        used = pool.nr_allocated_data_blocks
+        real = pool.data
+        pool.data = Failing(real)
+        with pytest.raises(OSError):
+            dev.write(0, bytes(8 * CH))
+        pool.data = real
+        assert pool.nr_allocated_data_blocks == used
+        assert pool.md.get_device(1).mapped_blocks == 0 and dev.read(0, 8 * CH) == bytes(8 * CH)
+        _agree(pool, 1, 16)

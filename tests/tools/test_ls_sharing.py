@@ -110,3 +110,25 @@ def test_std_sort_sorts_and_is_deterministic():
     std_sort(a, lambda x, y: x[0] < y[0])
     std_sort(b, lambda x, y: x[0] < y[0])
     assert [x[0] for x in a] == sorted(x[0] for x in a) and a == b
+
+
+@pytest.mark.parametrize("keep", [0, 500, 3000])
+def test_exclusive_counts_with_the_kept_blocks_budget_exceeded(keep: int, monkeypatch: pytest.MonkeyPatch):
+    """Devices whose blocks did not fit the budget are walked again; the counts are the same either way."""
+    from thinpool.tools import sharing as sharing_mod
+
+    monkeypatch.setattr(sharing_mod, "_BATCH", 64)  # many small batches: the budget runs out midway
+    monkeypatch.setattr(sharing_mod, "_KEEP", keep)
+    store, md = random_pool(2, nr_devices=6)
+    md.create_snap(7, 1)  # a snapshot sharing its origin's whole tree
+    md.commit()
+    m = model(md)
+    md = reopen(store)
+    c = counts_of(m)
+    s = Sharing(md)
+    if keep == 0:
+        # only devices that folded nothing of their own (empty, or all shared) count as kept: the rest walk again
+        assert all(sum(len(a) for a in s._kept[d]) == 0 for d in s._kept)
+        assert len(s._kept) < len(m)
+    for dev, maps in m.items():
+        assert s.exclusive_blocks(dev) == sum(1 for d in maps.values() if c[d] == 1)

@@ -55,7 +55,8 @@ STRICT: Final = "strict"
 SALVAGE: Final = "salvage"
 
 Source = TransactionManager | BlockStore
-Memo = dict[int, Node | None]
+AnyNode = Node | FrozenNode  # FrozenNode: a store read by a visitor walk (numpy views, no copies)
+Memo = dict[int, AnyNode | None]
 
 
 class Where(NamedTuple):
@@ -153,7 +154,8 @@ class Visitor:
 
 class _Walker:
     def __init__(self, source: Source, value_size: int, visitor: Visitor, policy: str, memo: Memo | None,
-                 lo: int, hi: int | None, revisit: str) -> None:
+                 lo: int, hi: int | None, revisit: str, frozen: bool = False) -> None:
+        self.frozen = frozen  # store reads decoded as numpy views (FrozenNode): for walks that only look
         if policy not in (STRICT, SALVAGE) or revisit not in ("replay", "skip"):
             raise ValueError(f"bad walk policy {policy!r} / revisit {revisit!r}")
         self.vs = value_size
@@ -179,12 +181,14 @@ class _Walker:
             raise err
         self.visitor.error(err, where)
 
-    def read(self, b: int) -> Node:
+    def read(self, b: int) -> AnyNode:
         if self.nodes is not None:
             return self.nodes.read(b, self.vs)
+        if self.frozen:
+            return decode_frozen(self.store.read_block(b), b, self.vs)
         return decode_node(self.store.read_block(b), b, self.vs)
 
-    def visit(self, b: int, where: Where) -> Iterator[tuple[Node, Where]]:
+    def visit(self, b: int, where: Where) -> Iterator[tuple[AnyNode, Where]]:
         """Walk the subtree at ``b``; yields (leaf, where) in key order."""
         path = where.path
         if path:
@@ -205,7 +209,7 @@ class _Walker:
         first = memo is None or b not in memo
         if first:
             try:
-                node: Node | None = self.read(b)
+                node: AnyNode | None = self.read(b)
             except MetadataCorrupt as e:
                 if memo is not None:
                     memo[b] = None
@@ -245,8 +249,11 @@ class _Walker:
         if first:
             visitor.node_end(NodeView(node), here)
 
-    def children(self, node: Node, where: Where, first: bool) -> Iterator[tuple[Node, Where]]:
-        keys = node.keys
+    def children(self, node: AnyNode, where: Where, first: bool) -> Iterator[tuple[AnyNode, Where]]:
+        keys: Any = node.keys
+        vals: Any = node.values
+        if isinstance(node, FrozenNode):  # numpy views: plain ints for the per-child arithmetic
+            keys, vals = keys.tolist(), vals.tolist()
         n = len(keys)
         sub_path = where.path + (node.block,)
         lo, hi = self.lo, self.hi
@@ -258,14 +265,14 @@ class _Walker:
                 break
             if where.hi is not None and (c_hi is None or c_hi > where.hi):
                 c_hi = where.hi
-            child = int(node.values[i])
+            child = int(vals[i])
             w = Where(sub_path, max(keys[i], where.lo), c_hi, first, keys[i])
             if first:
                 yield from self.visit(child, w)
             else:
                 yield from self.replay_subtree(child, w)
 
-    def replay_subtree(self, b: int, where: Where) -> Iterator[tuple[Node, Where]]:
+    def replay_subtree(self, b: int, where: Where) -> Iterator[tuple[AnyNode, Where]]:
         """Leaves under ``b`` from the memo only (no reads, no node callbacks): a revisited shared subtree."""
         node = self.memo.get(b) if self.memo is not None else None
         if b in where.path or node is None or (node.is_leaf and node.value_size != self.vs):
@@ -315,7 +322,17 @@ def walk_nodes(source: Source, root: int, *, value_size: int, visitor: Visitor |
                revisit: str = "replay") -> Iterator[tuple[Node, Where]]:
     """The walk as a generator of (leaf Node, Where), for code inside btree/ (BTree.leaves)."""
     w = _Walker(source, value_size, visitor or Visitor(), policy, memo, lo, hi, revisit)
-    return w.visit(root, Where((), 0, None))
+    return w.visit(root, Where((), 0, None))  # type: ignore[return-value]  # not frozen: Nodes only
+
+
+def walk_views(source: Source, root: int, *, value_size: int, visitor: Visitor | None = None,
+               policy: str = STRICT, memo: Memo | None = None, lo: int = 0,
+               hi: int | None = None) -> Iterator[tuple[NodeView, Where]]:
+    """The walk as a generator of (leaf NodeView, Where) for readers outside btree/ (the metadata IR): nodes
+    read from a store are decoded as views of their blocks (no copies)."""
+    w = _Walker(source, value_size, visitor or Visitor(), policy, memo, lo, hi, "replay", frozen=True)
+    for node, where in w.visit(root, Where((), 0, None)):
+        yield NodeView(node), where
 
 
 def walk(source: Source, root: int, visitor: Visitor, *, value_size: int, policy: str = STRICT,
@@ -333,6 +350,6 @@ def walk(source: Source, root: int, visitor: Visitor, *, value_size: int, policy
     Raises:
         MetadataCorrupt (STRICT): with ``block`` and ``path`` of the damage.
     """
-    for node, where in walk_nodes(source, root, value_size=value_size, visitor=visitor, policy=policy, memo=memo,
-                                  lo=lo, hi=hi, revisit=revisit):
+    w = _Walker(source, value_size, visitor, policy, memo, lo, hi, revisit, frozen=True)
+    for node, where in w.visit(root, Where((), 0, None)):
         visitor.leaf(NodeView(node), where)

@@ -27,6 +27,10 @@ def runs(thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> Iterator[tupl
         yield tb, db, n, t
 
 
+_SINGLE = '    <single_mapping origin_block="%d" data_block="%d" time="%d"/>\n'
+_RANGE = '    <range_mapping origin_begin="%d" data_begin="%d" length="%d" time="%d"/>\n'
+
+
 class XmlWriter:
     """thin_dump 0.9.0's XML (``skip_mappings`` is the emitter's business: devices then have no children)."""
 
@@ -44,10 +48,23 @@ class XmlWriter:
                        f'snap_time="{d.snap_time}">\n')
 
     def map(self, runs: Runs) -> None:
-        self.out.write("".join(
-            f'    <single_mapping origin_block="{tb}" data_block="{db}" time="{t}"/>\n' if n == 1 else
-            f'    <range_mapping origin_begin="{tb}" data_begin="{db}" length="{n}" time="{t}"/>\n'
-            for tb, db, t, n in runs.rows()))
+        # one printf-style format of the whole batch (C does the per-row work): ~1.5x the f-string per row
+        tb, db = runs.steps
+        t, n = runs.equals[0], runs.lengths
+        k = len(n)
+        if not k:
+            return
+        single = n == 1
+        if bool(single.all()):
+            self.out.write((_SINGLE * k) % tuple(np.stack([tb, db, t], axis=1).ravel().tolist()))
+        elif not bool(single.any()):
+            self.out.write((_RANGE * k) % tuple(np.stack([tb, db, n, t], axis=1).ravel().tolist()))
+        else:
+            template = "".join([_SINGLE if one else _RANGE for one in single.tolist()])
+            cols = np.stack([tb, db, np.where(single, t, n), t], axis=1)
+            used = np.ones((k, 4), dtype=bool)
+            used[single, 3] = False  # a single_mapping has three numbers
+            self.out.write(template % tuple(cols[used].tolist()))
 
     def device_e(self) -> None:
         self.out.write("  </device>\n")

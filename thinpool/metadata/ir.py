@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from thinpool.btree.walk import NodeView, Visitor, Where, read_view, walk_nodes
+from thinpool.btree.walk import Visitor, Where, read_view, walk_views
 from thinpool.errors import MetadataCorrupt
 from thinpool.formats.device_details import TIME_BITS, TIME_MASK
 from thinpool.metadata.pool_metadata import PoolMetadata
@@ -236,8 +236,7 @@ def mapping_leaves(pmd: PoolMetadata, root: int, *,
     # Read-only metadata has no open transaction: reading the store directly keeps a streaming walk from filling
     # the node cache (each node is visited once; the cache would only hold memory).
     source = pmd.store if pmd.readonly else pmd.tm
-    for node, _ in walk_nodes(source, root, value_size=8, visitor=visitor):
-        view = NodeView(node)
+    for view, _ in walk_views(source, root, value_size=8, visitor=visitor):
         if view.nr_entries:
             yield leaf_mappings(pmd, MappingNode(view.block, True, view.keys.astype(np.int64), view.values))
 

@@ -40,6 +40,7 @@ from thinpool.errors import (
     UnsupportedMetadata,
 )
 from thinpool.formats.device_details import (
+    TIME_BITS,
     TIME_MASK,
     DeviceDetails,
     build_device_details,
@@ -467,14 +468,13 @@ class PoolMetadata:
                 or thin_blocks[-1] >= 2**64):
             raise InvalidArgument(reason=f"insert: a mapping of thin blocks {thin_blocks[0]}..{thin_blocks[-1]} "
                                          f"is out of range (data device has {nr_data} blocks)")
-        t = self.time
-        values = [pack_block_time(b, t) for b in data_blocks]
+        t = pack_block_time(0, self.time)  # (checks the time once; the data blocks were checked above)
+        values = [b << TIME_BITS | t for b in data_blocks]
         self.mapping_root, new_sub, nr_new = self.tree.insert_run(self.mapping_root, dev_id, thin_blocks, values)
         self._roots[dev_id] = new_sub
         c = self._mcaches.get(dev_id)
         if c is not None:
-            for k, v in zip(thin_blocks, values):
-                c.put(k, v)
+            c.put_many(thin_blocks, values)
         if nr_new:
             d.mapped_blocks += nr_new
             d.changed = True

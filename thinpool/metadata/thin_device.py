@@ -111,6 +111,10 @@ class MappingCache:
         """The tree now maps ``thin_block`` to the packed ``value`` (PoolMetadata.insert calls this)."""
         self.map[thin_block] = value
 
+    def put_many(self, thin_blocks: list[int], values: list[int]) -> None:
+        """``put`` for each pair (PoolMetadata.insert_run calls this)."""
+        self.map.update(zip(thin_blocks, values))
+
     def invalidate(self) -> None:
         self.valid = False
         self.map = {}

@@ -3,10 +3,11 @@ two bit maps over the data device and one walk of every distinct mapping-tree no
 
 Layer: tools. May import: thinpool.metadata, numpy.
 
-Memory: two bits per data block (16 MiB each for an 8 TiB pool of 64 KiB chunks) plus one entry per distinct
-node visited; never per mapping. Work: every distinct leaf is read once, plus the leaves of shared subtrees a
-second time (their blocks are mapped by two devices at least) and the unshared leaves once more for the
-per-device exclusive counts.
+Memory: two bits per data block (16 MiB each for an 8 TiB pool of 64 KiB chunks), one entry per distinct node
+visited, and the data blocks the first walk found, up to 8M of them (32 MiB), kept for the per-device exclusive
+counts. Work: every distinct leaf is read once, plus the leaves of shared subtrees a second time (their blocks
+are mapped by two devices at least); the leaves of devices beyond the 8M budget once more for their exclusive
+counts.
 
 A node reached from two device trees (a snapshot's shared subtree) maps every one of its blocks at least twice,
 so it counts as shared without looking at other devices' leaves; blocks shared between different leaves (the
@@ -25,6 +26,7 @@ from thinpool.metadata.ir import MappingNode, leaf_data, leaves_data, read_mappi
 from thinpool.metadata.pool_metadata import PoolMetadata
 
 _BATCH = 1 << 16  # mappings folded at once
+_KEEP = 1 << 23  # data blocks kept from the first walk for the exclusive counts (32 MiB as uint32)
 
 
 class BlockBits:
@@ -58,20 +60,43 @@ class Sharing:
         # node -> 1 (reached from one place) or 2 (reached again: every block below it is shared)
         self._reach: dict[int, int] = {}
         shared_roots: list[int] = []
-        pending: list[MappingNode] = []  # leaves folded in batches of ~BATCH_MAPPINGS (fewer numpy steps)
-        nr_pending = 0
+        # each device's data blocks as the first walk found them (up to _KEEP in all), so that its exclusive
+        # count needs no second walk; a device beyond the budget is walked again (exclusive_blocks)
+        self._kept: dict[int, list[np.ndarray]] = {}
+        budget = [_KEEP]
+        small = nr < (1 << 32)
         for dev in self.dev_ids:
+            pending: list[MappingNode] = []  # leaves folded in batches (fewer numpy steps)
+            nr_pending = 0
+            mine: list[np.ndarray] | None = []
+
+            def fold(mine: list[np.ndarray] | None, pending: list[MappingNode]) -> list[np.ndarray] | None:
+                data = leaves_data(md, pending)
+                self._fold(data)
+                if mine is None:
+                    return None
+                if len(data) > budget[0]:  # over the budget: give back what this device kept
+                    budget[0] += sum(len(d) for d in mine)
+                    return None
+                budget[0] -= len(data)
+                mine.append(data.astype(np.uint32) if small else data)
+                return mine
+
             for node_block, node in self._walk(md.device_root(dev)):
-                if node is None:
+                if node is not None:
+                    pending.append(node)
+                    nr_pending += len(node.values)
+                    if nr_pending < _BATCH:
+                        continue
+                else:
                     shared_roots.append(node_block)
-                    continue
-                pending.append(node)
-                nr_pending += len(node.values)
-                if nr_pending >= _BATCH:
-                    self._fold(leaves_data(md, pending))
+                if pending:
+                    mine = fold(mine, pending)
                     pending, nr_pending = [], 0
-        if pending:
-            self._fold(leaves_data(md, pending))
+            if pending:
+                mine = fold(mine, pending)
+            if mine is not None:
+                self._kept[dev] = mine
         refolded: set[int] = set()
         for root in shared_roots:
             for _, node in self._leaves(root, refolded):
@@ -127,6 +152,9 @@ class Sharing:
     def exclusive_blocks(self, dev_id: int) -> int:
         """Mappings of ``dev_id`` whose data block no other mapping uses (subtrees reached from two places are
         skipped unread: all their blocks are shared)."""
+        mine = self._kept.get(dev_id)
+        if mine is not None:  # every block under a subtree reached twice is in the "twice" map: none counts
+            return sum(int(np.count_nonzero(~self._twice.test(d.astype(np.int64)))) for d in mine)
         n = 0
         pending: list[MappingNode] = []
         nr_pending = 0
