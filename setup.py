@@ -1,4 +1,5 @@
-"""Package discovery: every package under thinpool/ and thinpool_bench/ (and cli/, installed as thinpool_cli) lands in the wheel.
+"""Package discovery: every package under thinpool/ and thinpool_bench/ (and cli/, as thinpool_cli) lands in the
+wheel.
 
 The metadata lives in pyproject.toml; this file only computes the package list, so that a new subpackage can
 never be left out of a non-editable install.

@@ -297,3 +297,21 @@ def test_fio_nbd_tls_4k_randwrite_qd16(benchmark, tls_servers):
     benchmark.extra_info["thinpool_tls_over_plain"] = round(tls_cost, 3)
     print(f"  thinpool TLS / plaintext: {tls_cost:.2f}x; qemu-nbd TLS / plaintext: "
           f"{med['qemu-nbd-raw-tls']['iops'] / med['qemu-nbd-raw']['iops']:.2f}x")
+
+
+# --- issue 15's acceptance cells (thinpool_bench/nbd_peers.py; `thinpool bench --only nbd` writes RESULTS-nbd.md) --
+def test_fio_nbd_acceptance_cells(benchmark):
+    """4 KiB random overwrite and 1 MiB sequential read vs nbdkit memory, snapshot-break vs qemu-nbd + qcow2, QD16,
+    in one run (quick sizes unless THINPOOL_BENCH_FULL=1). Ratios are printed and kept in extra_info."""
+    from thinpool_bench import nbd_peers
+
+    miss = nbd_peers.missing_tools()
+    if miss:
+        _need(*miss)
+    out: dict = {}
+    benchmark.pedantic(lambda: out.update(nbd_peers.run(quick=os.environ.get("THINPOOL_BENCH_FULL") != "1")),
+                       rounds=1, iterations=1)
+    for c in out["claims"]:
+        print(f"\n{c['verdict']:>7} {c['ratio']:.2f}x  {c['claim']}")
+        benchmark.extra_info[c["cell"]] = round(c["ratio"], 3)
+        assert c["ratio"] > 0

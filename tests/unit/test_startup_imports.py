@@ -19,6 +19,7 @@ import pytest
 # numpy._core appears in sys.modules once numpy's __init__ has run (thinpool.units.lazy_module defers that).
 PROBE = r"""
 import json, sys
+before = set(sys.modules)  # what the interpreter's own start-up loaded (site, .pth files) is not the command's
 sys.argv = ["thinpool"] + json.loads(sys.argv[1])
 from thinpool_cli.main import main
 try:
@@ -28,7 +29,7 @@ except SystemExit as e:
 else:
     code = 0
 heavy = ["numpy._core", "construct", "rich", "crc32c", "tempfile", "thinpool_cli.thin_image", "thinpool.pool"]
-print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}), file=sys.stderr)
+print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules and m not in before]}), file=sys.stderr)
 """
 
 
