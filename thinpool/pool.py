@@ -1017,8 +1017,11 @@ class Pool:
         first, last = offset // ch, (offset + length - 1) // ch
         with self.lock:
             self._entry(dev_id)
-            k, _, t = self.md.mappings(dev_id, first, last + 1)
             snap = self.md.devices[dev_id].snapshotted_time
+            if first == last:  # one chunk (a 4 KiB write): one lookup, no arrays (and no numpy at start-up)
+                m = self.md.lookup(dev_id, first)
+                return int(m is None or m[1] < snap)
+            k, _, t = self.md.mappings(dev_id, first, last + 1)
             return int((last - first + 1) - len(k) + int(np.count_nonzero(t < snap)))
 
     def blocks_needed(self, dev_id: int, thin_blocks: Any) -> int:
@@ -1149,7 +1152,8 @@ class Pool:
                 # a failed fdatasync may have dropped data written since the last commit (Linux marks the pages
                 # clean): never commit mappings to it
                 self.data.sync()
-                freed = self.md.commit()
+                # an empty commit writes nothing: skipped here, so that it builds no (numpy) array of freed blocks
+                freed = self.md.commit() if self.md.has_changes() else ()
             except NoMetadataSpace:
                 # dm-thin's out-of-metadata-space mode: back to the last commit, read-only with needs_check
                 if not self.md.failed:

@@ -666,8 +666,11 @@ class PoolMetadata:
         """Whether a device's details changed since the last commit."""
         return bool(self._changed_devices())
 
-    def _has_changes(self) -> bool:
+    def has_changes(self) -> bool:
         """Whether a commit would change anything on disk. O(devices changed)."""
+        return self._has_changes()
+
+    def _has_changes(self) -> bool:
         sb = self.sb
         return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.meta_disk.core.changed
                     or bool(self._changed_devices())
