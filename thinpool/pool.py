@@ -75,7 +75,7 @@ from thinpool.formats.superblock import NEEDS_CHECK_FLAG
 from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
-from thinpool.metadata.pool_metadata import PoolMetadata, sorted_unique
+from thinpool.metadata.pool_metadata import FreedBlocks, PoolMetadata, sorted_unique
 from thinpool.thin import ThinDevice
 from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size, lazy_module
 
@@ -92,7 +92,6 @@ NO_SPACE_POLICIES = mf.NO_SPACE_POLICIES
 POOL_FILES = ("metadata", "data", MANIFEST)
 LOCK_MODES = ("exclusive", "shared", "none")
 PASSDOWN_MAX_BYTES = 64 << 20  # the longest single punch of a passdown (bounds a written-zeros fallback's buffer)
-PASSDOWN_RUNS_AT_ONCE = 65536  # runs turned into Python ints at a time (a 4M-block delete has ~1M runs)
 QUEUE_POLL_S = 0.5  # how often a queued write looks for a data file grown by another process
 
 
@@ -1164,7 +1163,7 @@ class Pool:
                 # clean): never commit mappings to it
                 self.data.sync()
                 # an empty commit writes nothing: skipped here, so that it builds no (numpy) array of freed blocks
-                freed = self.md.commit() if self.md.has_changes() else ()
+                freed = self.md.commit() if self.md.has_changes() else FreedBlocks([])
             except NoMetadataSpace:
                 # dm-thin's out-of-metadata-space mode: back to the last commit, read-only with needs_check
                 if not self.md.failed:
@@ -1179,26 +1178,23 @@ class Pool:
             if self.discard_mode == "passdown" and len(freed):
                 self._passdown(freed)
 
-    def _passdown(self, freed: Any) -> None:
+    def _passdown(self, freed: FreedBlocks) -> None:
         """Punch the data blocks the last commit freed (``PoolMetadata.commit`` returns only blocks whose count is
         0 after it, and nothing can change them under the pool lock), merged into runs of consecutive blocks:
-        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy over the sorted blocks, so a
-        delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
+        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy a bitmap at a time
+        (``FreedBlocks.runs``), so a delete of N mappings costs O(N) in numpy plus one call per run, and holds
+        the freed blocks at 2 bytes each, never an array of all of them or of all their runs. The commit is
         durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
         their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
-        blocks = sorted_unique(np.asarray(freed, dtype=np.int64))
-        starts, ends = block_runs(blocks)
         ch = self.chunk_bytes
         step = max(1, PASSDOWN_MAX_BYTES // ch)
-        n = PASSDOWN_RUNS_AT_ONCE
-        for at in range(0, len(starts), n):  # runs as Python ints a batch at a time
-            for a, b in zip(starts[at:at + n].tolist(), ends[at:at + n].tolist()):
-                for lo in range(a, b, step):
-                    try:
-                        self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
-                    except StoreIOError as e:
-                        log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
-                        return
+        for a, b in freed.runs():
+            for lo in range(a, b, step):
+                try:
+                    self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
+                except StoreIOError as e:
+                    log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                    return
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""

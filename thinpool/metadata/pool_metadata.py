@@ -64,6 +64,7 @@ from thinpool.metadata.thin_device import MappingCache, ThinDeviceMetadata
 from thinpool.spacemap.core import RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.metadata_paged import MetadataSpaceMap, read_metadata_index
+from thinpool.spacemap.paged import FreedBlocks as FreedBlocks  # re-exported: the pool uses it
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.spacemap.paged import sorted_unique as sorted_unique  # re-exported: the pool uses it
 from thinpool.tx.transaction import TransactionManager
@@ -615,13 +616,14 @@ class PoolMetadata:
                                data_sm_root=self.data_disk.root(), metadata_sm_root=self.meta_disk.root(),
                                data_mapping_root=self.mapping_root, device_details_root=self.details_root)
 
-    def commit(self, *, force: bool = False) -> np.ndarray:
+    def commit(self, *, force: bool = False) -> FreedBlocks:
         """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
-        in it (candidates for discard passdown), sorted int64. A commit that would change nothing writes nothing
-        unless ``force``. O(changes): the details of the devices changed, the dirty bitmaps and nodes."""
+        in it (candidates for discard passdown; FreedBlocks: per bitmap, 2 bytes a block). A commit that would
+        change nothing writes nothing unless ``force``. O(changes): the details of the devices changed, the dirty
+        bitmaps and nodes."""
         self._check_writable()
         if not force and not self._has_changes():
-            return np.zeros(0, dtype=np.int64)  # an empty commit writes nothing (the kernel skips it too)
+            return FreedBlocks([])  # an empty commit writes nothing (the kernel skips it too)
         sb_written = False
         changed = self._changed_devices()
         try:

@@ -33,7 +33,8 @@ In memory, cost follows the work, not the pool:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
@@ -80,6 +81,53 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
+
+
+class FreedBlocks:
+    """The blocks a commit freed, kept per bitmap as their offsets in it (uint16, sorted, unique): 2 bytes a block,
+    never one int64 array of them all (a 4M-block delete holds 8 MB here, not 32 MB plus its concatenation).
+    ``runs`` streams them as runs of consecutive blocks a bitmap at a time (runs crossing a bitmap's end joined)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: list[tuple[int, np.ndarray]]) -> None:
+        self._parts = parts  # (bitmap, offsets), by bitmap
+
+    def __len__(self) -> int:
+        return sum(len(a) for _, a in self._parts)
+
+    def array(self) -> np.ndarray:
+        """Every block, sorted int64 (O(blocks): tests and small commits)."""
+        if not self._parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([a.astype(np.int64) + i * E for i, a in self._parts])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+    def tolist(self) -> list[int]:
+        return [int(b) for b in self.array().tolist()]
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of each run of consecutive blocks, ends exclusive, in order."""
+        pending: tuple[int, int] | None = None
+        for i, local in self._parts:
+            if not len(local):
+                continue
+            loc = local.astype(np.int64)
+            cuts = np.flatnonzero(np.diff(loc) != 1) + 1
+            starts = (loc[np.concatenate([[0], cuts])] + i * E).tolist()
+            ends = (loc[np.concatenate([cuts - 1, [len(loc) - 1]])] + (i * E + 1)).tolist()
+            if pending is not None:
+                if pending[1] == starts[0]:
+                    starts[0] = pending[0]
+                else:
+                    yield pending
+            yield from zip(starts[:-1], ends[:-1])
+            pending = (starts[-1], ends[-1])
+        if pending is not None:
+            yield pending
 
 
 class _FreeBitmap:
@@ -412,21 +460,22 @@ class PagedSpaceMap:
             if now0.any():
                 self._freed.setdefault(i, []).append(local[now0].astype(np.uint16))
 
-    def freed_blocks(self) -> np.ndarray:
-        """The blocks whose count dropped to 0 in this transaction and is still 0 (sorted, unique int64): the
-        discard passdown candidates of a commit. O(blocks freed), numpy per page."""
+    def freed_blocks(self) -> FreedBlocks:
+        """The blocks whose count dropped to 0 in this transaction and is still 0: the discard passdown candidates
+        of a commit. O(blocks freed), numpy per page, 2 bytes a block (FreedBlocks)."""
         per_page = {i: list(v) for i, v in self._freed.items()}
         for b in self._freed_one:
             per_page.setdefault(b // E, []).append(np.array([b % E], dtype=np.uint16))
         out = []
         for i in sorted(per_page):
-            parts = per_page[i]
+            parts = per_page.pop(i)
             local = sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            del parts
             p = self._pages.get(i)
             if p is None:  # evicted clean: nothing changed in it since it was loaded, so its counts are committed
                 p = self._page(i)
-            out.append(local[p.counts[local] == 0].astype(np.int64) + i * E)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append((i, local[p.counts[local] == 0]))
+        return FreedBlocks(out)
 
     # --- allocation -----------------------------------------------------------------------------------------
     def new_block(self) -> int:
