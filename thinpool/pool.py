@@ -71,7 +71,6 @@ from thinpool.errors import (
     ThinpoolError,
     UnsafePoolFile,
 )
-from thinpool.formats.superblock import NEEDS_CHECK_FLAG
 from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
@@ -642,11 +641,11 @@ class Pool:
 
     def check_writable(self) -> None:
         """Raise unless the pool takes writes now: closed -> InvalidArgument, failed -> PoolFailed, read-only or
-        needs_check -> ReadOnly. The healthy case is one expression over plain attributes (no property calls: it
+        needs_check -> ReadOnly. The healthy case is one expression (plain attributes and one property: it
         runs on every 4 KiB write)."""
         md = self.md
         if not (self._failure is not None or self.closed or self.readonly or md.failed or md.readonly
-                or md.flags & NEEDS_CHECK_FLAG):
+                or md.needs_check):
             return
         self._check_writable_slow()
 

@@ -70,28 +70,7 @@ class DataStoreProtocol(Protocol):
 
     def preadinto(self, offset: int, view: memoryview) -> None: ...
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        # the 4 KiB overwrite's path: the limit, the dirty range and the known-hole tail each one comparison in
-        # the common case (the checks themselves are in _check_limit / _mark_dirty)
-        n = len(data)
-        end = offset + n
-        if n:
-            if end > self._limit:
-                self._check_limit(end)
-            if end > self._hole_from:
-                self._hole_from = end
-            d = self.dirty
-            if d and d[-1][1] == offset:
-                d[-1] = (d[-1][0], end)
-            else:
-                d.append((offset, end))
-        try:
-            w = os.pwrite(self.fd, data, offset)
-        except OSError as e:
-            raise _io_error(e, self.path, "write") from e
-        if w != n:
-            raise StoreIOError(what=self.path, op="write", reason="short write")
-        self.bytes_written += n
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
     def copy(self, src: int, dst: int, length: int) -> None: ...
 
@@ -196,14 +175,25 @@ class DataStore:
                                    f"file ({self._limit} bytes): a mapping beyond the data device (run check)")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if len(data):
-            self._check_limit(offset + len(data))
-            self._mark_dirty(offset, offset + len(data))
+        # the 4 KiB overwrite's path: the limit, the dirty range and the known-hole tail each one comparison in
+        # the common case (the checks themselves are in _check_limit / _mark_dirty)
+        n = len(data)
+        end = offset + n
+        if n:
+            if end > self._limit:
+                self._check_limit(end)
+            if end > self._hole_from:
+                self._hole_from = end
+            d = self.dirty
+            if d and d[-1][1] == offset:
+                d[-1] = (d[-1][0], end)
+            else:
+                d.append((offset, end))
         try:
-            n = os.pwrite(self.fd, data, offset)
+            w = os.pwrite(self.fd, data, offset)
         except OSError as e:
             raise _io_error(e, self.path, "write") from e
-        if n != len(data):
+        if w != n:
             raise StoreIOError(what=self.path, op="write", reason="short write")
         self.bytes_written += n
 
