@@ -640,6 +640,16 @@ class Pool:
         self._space_cv.notify_all()
 
     def check_writable(self) -> None:
+        """Raise unless the pool takes writes now: closed -> InvalidArgument, failed -> PoolFailed, read-only or
+        needs_check -> ReadOnly. The healthy case is one expression (plain attributes and one property: it
+        runs on every 4 KiB write)."""
+        md = self.md
+        if not (self._failure is not None or self.closed or self.readonly or md.failed or md.readonly
+                or md.needs_check):
+            return
+        self._check_writable_slow()
+
+    def _check_writable_slow(self) -> None:
         if self.closed:
             raise InvalidArgument(reason="pool is closed")
         if self.failed:
