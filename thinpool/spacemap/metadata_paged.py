@@ -35,7 +35,7 @@ from thinpool.formats.space_map import (
     SmRoot,
     encode_bitmap,
 )
-from thinpool.spacemap.paged import _INDEX_DTYPE, INDEX_WINDOW, E, PagedSpaceMap, _FreeBitmap, nr_bitmaps
+from thinpool.spacemap.paged import _INDEX_DTYPE, INDEX_WINDOW, E, PagedSpaceMap, _FreeBitmap, _Page, nr_bitmaps
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import lazy_module
 
@@ -206,7 +206,7 @@ class MetadataSpaceMap(PagedSpaceMap):
             progress = False
             for i in sorted(self._dirty):
                 page = self._pages.get(i)
-                if page is not None and self._sync_ref_counts(i, page.counts, page.committed, written):
+                if page is not None and self._sync_ref_counts(i, page, written):
                     progress = True
             for i in sorted(self._dirty - relocated.keys()):
                 new = tm.new_block()
@@ -232,17 +232,19 @@ class MetadataSpaceMap(PagedSpaceMap):
         buf = bytearray(METADATA_INDEX_LAYOUT.pack(csum=0, padding=0, blocknr=self.index_root, index=body))
         tm.write_raw(self.index_root, buf, BlockType.INDEX)
 
-    def _sync_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray,
-                         written: dict[int, int | None]) -> bool:
+    def _sync_ref_counts(self, i: int, page: _Page, written: dict[int, int | None]) -> bool:
         """Bring the ref-count tree entries of bitmap ``i`` to its counts now; whether anything changed."""
         lo = i * E
-        cand = set(np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed)).tolist())
+        counts = page.counts
+        big = np.flatnonzero((counts >= 3) | (page.committed >= 3))
+        cand = set(big[counts[big] != page.committed_exact(big)].tolist())
         cand.update(b - lo for b in written if lo <= b < lo + E)
         progress = False
         for j in sorted(cand):
             b = lo + j
             want = int(counts[j]) if counts[j] >= 3 else None
-            have = written.get(b, int(committed[j]) if committed[j] >= 3 else None)
+            old = int(page.committed_exact(np.array([j]))[0])
+            have = written.get(b, old if old >= 3 else None)
             if want == have:
                 continue
             if want is None:

@@ -147,19 +147,59 @@ class _FreeBitmap:
 
 
 class _Page:
-    """Counts of one bitmap; ``committed`` is ``counts`` itself until the page is first changed."""
+    """Counts of one bitmap (uint32). ``committed`` is ``counts`` itself until the page is first changed; then
+    ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the last commit capped at 3 (the
+    bitmap's own two-bit values: 16 KB, not a second 64 KB array), the exact committed counts >= 3 kept beside it
+    (``_big_at``/``_big``: offsets and counts, as the ref-count tree has them). ``committed == 0`` and
+    ``committed >= 3`` read the capped copy; ``committed_exact`` gives counts."""
 
-    __slots__ = ("counts", "committed", "dirty")
+    __slots__ = ("counts", "committed", "dirty", "_big_at", "_big")
 
     def __init__(self, counts: np.ndarray) -> None:
         self.counts = counts
         self.committed = counts
         self.dirty = False
+        self._big_at: np.ndarray | None = None
+        self._big: np.ndarray | None = None
 
     def make_dirty(self) -> None:
         if not self.dirty:
-            self.counts = self.committed.copy()
+            c = self.counts
+            self.committed = np.minimum(c, 3).astype(np.uint8)
+            at = np.flatnonzero(c >= 3)
+            self._big_at, self._big = at, c[at]
             self.dirty = True
+
+    def committed_exact(self, local: np.ndarray) -> np.ndarray:
+        """The committed counts (uint32) at the offsets ``local`` (sorted int64)."""
+        if not self.dirty:
+            out: np.ndarray = self.committed[local].astype(np.uint32)
+            return out
+        out = self.committed[local].astype(np.uint32)
+        assert self._big_at is not None and self._big is not None
+        if len(self._big_at):
+            hi = np.flatnonzero(out == 3)
+            if len(hi):
+                out[hi] = self._big[np.searchsorted(self._big_at, local[hi])]
+        return out
+
+    def committed_full(self) -> np.ndarray:
+        """Every committed count (uint32; the page's own array while it is clean)."""
+        if not self.dirty:
+            return self.committed
+        out = self.committed.astype(np.uint32)
+        assert self._big_at is not None and self._big is not None
+        out[self._big_at] = self._big
+        return out
+
+    def clean(self, *, committed: bool) -> None:
+        """The page becomes clean: at its counts now (``committed``: the commit made them durable) or back at its
+        last commit (abort)."""
+        if self.dirty and not committed:
+            self.counts = self.committed_full()
+        self.committed = self.counts
+        self.dirty = False
+        self._big_at = self._big = None
 
 
 class PagedSpaceMap:
@@ -391,7 +431,7 @@ class PagedSpaceMap:
 
     def committed_count(self, b: int) -> int:
         self._check(b)
-        return int(self._page(b // E).committed[b % E])
+        return int(self._page(b // E).committed_exact(np.array([b % E]))[0])
 
     def inc(self, b: int, n: int = 1) -> None:
         self._check(b)
@@ -598,7 +638,7 @@ class PagedSpaceMap:
                 tm.add_dirty(new, _FreeBitmap(new))
                 idx[i] = (new, E, 0)
                 continue
-            self._update_ref_counts(i, page.counts, page.committed)
+            self._update_ref_counts(i, page)
             old = int(self._entry_of(i)["blocknr"])
             if old:
                 tm.dec(old)
@@ -617,8 +657,10 @@ class PagedSpaceMap:
             for i in order:
                 self.index_root, _ = self.index_tree.insert(self.index_root, i, idx[i:i + 1].tobytes())
 
-    def _update_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray) -> None:
-        changed = np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed))
+    def _update_ref_counts(self, i: int, page: _Page) -> None:
+        counts = page.counts
+        cand = np.flatnonzero((counts >= 3) | (page.committed >= 3))
+        changed = cand[counts[cand] != page.committed_exact(cand)]
         for j in changed.tolist():
             b = i * E + j
             if counts[j] >= 3:
@@ -631,8 +673,7 @@ class PagedSpaceMap:
         for i in self._dirty:
             page = self._pages.get(i)
             if page is not None:
-                page.committed = page.counts
-                page.dirty = False
+                page.clean(committed=True)
         self._dirty = set()
         self._nr_allocatable = self._nr_blocks - self._nr_allocated
         self._candidates = []
@@ -652,8 +693,7 @@ class PagedSpaceMap:
         n = nr_bitmaps(root.nr_blocks)
         for i, p in pages.items():
             if i < n:
-                p.counts = p.committed
-                p.dirty = False
+                p.clean(committed=False)
                 self._pages[i] = p
 
     def validate_all(self) -> None:
@@ -668,7 +708,7 @@ class PagedSpaceMap:
             if len(self._pages) > self.max_clean_pages:
                 self._evict()
         for b, c in self.rc_tree.items(self.ref_count_root):
-            if b >= self._nr_blocks or int(self._page(b // E).committed[b % E]) != c or c < 3:
+            if b >= self._nr_blocks or self.committed_count(b) != c or c < 3:
                 raise MetadataCorrupt(block=self.ref_count_root, reason=f"{self.kind} ref-count tree entry {b}:{c} "
                                                                         "disagrees with the bitmap")
 
@@ -679,7 +719,7 @@ class PagedSpaceMap:
             lo = i * E
             hi = min(lo + E, self._nr_blocks)
             p = self._page(i)
-            out[lo:hi] = getattr(p, which)[:hi - lo]
+            out[lo:hi] = (p.counts if which == "counts" else p.committed_full())[:hi - lo]
         return out
 
     @property
