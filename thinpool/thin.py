@@ -386,10 +386,8 @@ class ThinDevice:
         if need == nr and offset == first * ch and end == (last + 1) * ch:
             # whole chunks, each needing a new block (provision, or break sharing with nothing to copy): the
             # blocks, one pwrite per run of consecutive ones, one insert run
-            dbs: list[int] = []
+            dbs = pool.alloc_data_blocks(nr)  # gives back what it took if it raises
             try:
-                for _ in range(nr):
-                    dbs.append(pool.alloc_data_block())
                 i = 0
                 while i < nr:
                     j = i + 1

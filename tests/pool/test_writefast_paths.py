@@ -6,12 +6,13 @@ a full host disk on the overwrite fast path."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from pool_helpers import CH, check_pool, is_data, is_hole, pattern
 
-from thinpool.errors import HostNoSpace, InvalidArgument, PoolFailed, ReadOnly, StoreIOError
+from thinpool.errors import HostNoSpace, InvalidArgument, NoDataSpace, PoolFailed, ReadOnly, StoreIOError
 from thinpool.io.data_store import DataStore
 from thinpool.pool import Pool
 from thinpool.testing.faulty import FaultPlan, install
@@ -151,3 +152,64 @@ def test_full_host_disk_on_the_fast_overwrite(tmp_path: Path) -> None:
         with pytest.raises(HostNoSpace) as ei:
             dev.write(200, b"x" * 4096)
         assert ei.value.exit_code == 3
+
+
+# --- batched allocation (Pool.alloc_data_blocks, the 1 MiB provision's path) ---------------------------------------
+def test_alloc_data_blocks_batch_and_its_failures(tmp_path: Path) -> None:
+    path = tmp_path / "pool"
+    calls: list[int] = []
+    with Pool.create(path, data_size=10 * CH, chunk_size=CH, low_water_mark=3) as p:
+        p.low_water_callback = lambda pool: calls.append(pool.nr_allocated_data_blocks)
+        dev = p.create_thin(1, 32 * CH)
+        dev.write(0, pattern(4 * CH, 1))  # one aligned multi-chunk write: one batch of 4
+        assert p.nr_allocated_data_blocks == 4 and calls == []
+        p.commit()
+        got = p.alloc_data_blocks(3)  # 3 free after it: at the mark, the event is delivered after the I/O
+        assert len(set(got)) == 3 and p.nr_allocated_data_blocks == 7
+        p.fire_low_water()
+        assert calls == [7]
+        for b in got:
+            p.md.data_sm.dec(b)
+        with pytest.raises(NoDataSpace) as ei:  # 6 free, 7 asked: nothing stays taken
+            p.alloc_data_blocks(7)
+        assert ei.value.requested == 7 and p.nr_allocated_data_blocks == 4
+        with pytest.raises(NoDataSpace):
+            dev.write(8 * CH, pattern(7 * CH, 2))  # the write path: refused before any block is taken
+        assert p.nr_allocated_data_blocks == 4 and dev.read(8 * CH, 7 * CH) == bytes(7 * CH)
+        dev.write(8 * CH, pattern(6 * CH, 2))
+        assert p.nr_allocated_data_blocks == 10
+        p.fail("test")
+        with pytest.raises(PoolFailed):
+            p.alloc_data_blocks(1)
+    with Pool.open(path, readonly=True) as p:
+        assert p.device(1).read(0, 4 * CH) == pattern(4 * CH, 1)
+
+
+def test_alloc_data_blocks_queues_until_a_resize(tmp_path: Path) -> None:
+    path = tmp_path / "pool"
+    with Pool.create(path, data_size=4 * CH, chunk_size=CH, no_space="queue") as p:
+        p.no_space_timeout = 60.0
+        p.create_thin(1, 32 * CH)
+        p.device(1).write(0, pattern(2 * CH, 1))
+        queued = threading.Event()
+        p.on_queue = lambda pool, need, timeout: queued.set()
+        out: list[object] = []
+
+        def taker() -> None:
+            try:
+                with p.lock:
+                    out.append(p.alloc_data_blocks(5))
+            except BaseException as e:  # noqa: BLE001
+                out.append(e)
+
+        t = threading.Thread(target=taker)
+        t.start()
+        assert queued.wait(60)
+        assert p.nr_allocated_data_blocks == 2  # nothing held while it waits
+        p.resize(8 * CH)
+        t.join(60)
+        assert not t.is_alive() and len(out) == 1 and isinstance(out[0], list) and len(set(out[0])) == 5
+        assert p.nr_allocated_data_blocks == 7
+        for b in out[0]:
+            p.md.data_sm.dec(b)
+    check_pool(path)
