@@ -202,3 +202,39 @@ def test_sm_batch_inc_dec_match_single_steps(make_sm):
     assert [sm.count(f[j]) for j in (1, 2, 5)] == [0, 0, 3]
     with pytest.raises(MetadataCorrupt):
         sm.dec_many(np.array([f[2]], dtype=np.int64))
+
+
+def test_file_store_write_run_writes_consecutive_blocks_in_few_calls(tmp_path, monkeypatch):
+    from thinpool.io import block_store
+
+    (tmp_path / "m").write_bytes(bytes(3000 * BS))
+    s = FileBlockStore(tmp_path / "m")
+    calls = []
+    real = block_store.os.pwritev
+    monkeypatch.setattr(block_store.os, "pwritev",
+                        lambda fd, bufs, off: (calls.append(len(bufs)), real(fd, bufs, off))[1])
+    datas = [bytes([i % 251]) * BS for i in range(2500)]
+    s.write_run(7, datas)
+    assert sum(calls) == 2500 and len(calls) == -(-2500 // block_store._IOV_MAX)
+    assert all(s.read_block(7 + i) == datas[i] for i in range(0, 2500, 97)) and s.read_block(6) == bytes(BS)
+    assert s.read_block(2506) == datas[-1] and s.read_block(2507) == bytes(BS)
+    s.close()
+
+
+def test_pre_commit_writes_runs_and_the_same_bytes_as_block_by_block(tmp_path):
+    """The metadata a commit writes through runs (file store) equals what block-by-block writes (memory store)."""
+    from thinpool.metadata.pool_metadata import PoolMetadata as PM
+
+    (tmp_path / "m").write_bytes(bytes(2048 * BS))
+    files, mem = FileBlockStore(tmp_path / "m"), MemoryBlockStore(2048)
+    for store in (files, mem):
+        pmd = PM.format(store, data_block_size=128, nr_data_blocks=100000)
+        n = 20000
+        data = np.random.default_rng(3).choice(100000, size=n, replace=False).astype(np.int64)
+        pmd.build_device(1, np.arange(n, dtype=np.uint64), data, np.zeros(n, dtype=np.uint32))
+        pmd.commit()
+        pmd.delete_thin(1)
+        pmd.commit()
+    for b in range(2048):
+        assert files.read_block(b) == mem.read_block(b), b
+    files.close()

@@ -35,6 +35,9 @@ class Encodable(Protocol):
         ...
 
 
+RUN_BLOCKS = 256  # consecutive dirty blocks written by one call at most (1 MiB)
+
+
 class TransactionManager:
     """Block access and allocation for one metadata device inside one open transaction at a time."""
 
@@ -129,12 +132,30 @@ class TransactionManager:
 
     # --- commit / abort -------------------------------------------------------------------------------------
     def pre_commit(self) -> None:
-        """Write every dirty block except the superblock, then sync."""
-        for b in sorted(self.dirty):
-            self.store.write_block(b, self.dirty[b].encode())
-        for b in sorted(self.dirty_raw):
-            self.store.write_block(b, self.dirty_raw[b])
-        self.blocks_written += len(self.dirty) + len(self.dirty_raw)
+        """Write every dirty block except the superblock, then sync. A store with ``write_run`` (the file store)
+        gets each run of consecutive blocks, up to RUN_BLOCKS of them, as one call (one ``pwritev``): a new 8 TiB
+        pool's 8,347 blocks are a few dozen writes. Blocks are encoded as the run grows, so memory stays one run."""
+        write_run = getattr(self.store, "write_run", None)
+        dirty, raw = self.dirty, self.dirty_raw
+        order = sorted(dirty.keys() | raw.keys()) if raw and dirty else sorted(dirty or raw)
+        if write_run is None:
+            for b in order:
+                r = raw.get(b)
+                self.store.write_block(b, r if r is not None else dirty[b].encode())
+        else:
+            start = 0
+            run: list[bytes | bytearray] = []
+            for b in order:
+                if run and (b != start + len(run) or len(run) >= RUN_BLOCKS):
+                    write_run(start, run)
+                    run = []
+                if not run:
+                    start = b
+                r = raw.get(b)
+                run.append(r if r is not None else dirty[b].encode())
+            if run:
+                write_run(start, run)
+        self.blocks_written += len(order)
         self.store.sync()
 
     def commit(self, superblock: bytearray) -> None:
