@@ -238,3 +238,22 @@ def test_pre_commit_writes_runs_and_the_same_bytes_as_block_by_block(tmp_path):
     for b in range(2048):
         assert files.read_block(b) == mem.read_block(b), b
     files.close()
+
+
+def test_a_store_that_intercepts_block_writes_sees_every_one(tmp_path):
+    """A FileBlockStore subclass overriding write_block (the restore's scratch store counts them) is written
+    block by block; so is a wrapper passing other attributes on."""
+    seen: list[int] = []
+
+    class Counting(FileBlockStore):
+        def write_block(self, b, data):
+            seen.append(b)
+            super().write_block(b, data)
+
+    assert FileBlockStore.writes_runs() and not Counting.writes_runs()
+    (tmp_path / "m").write_bytes(bytes(512 * BS))
+    s = Counting(tmp_path / "m")
+    pmd = PoolMetadata.format(s, data_block_size=128, nr_data_blocks=5000)
+    written = pmd.tm.blocks_written
+    assert len(seen) == written and written > 5
+    s.close()

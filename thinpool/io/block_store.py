@@ -116,6 +116,12 @@ class FileBlockStore:
             raise StoreIOError(what=self.path, op=f"write of block {b}", reason="short write")
         self.writes += 1
 
+    @classmethod
+    def writes_runs(cls) -> bool:
+        """Whether ``write_run`` may stand for ``write_block`` calls: not in a subclass that overrides
+        ``write_block`` (to count or redirect writes) without its own ``write_run``."""
+        return cls.write_block is FileBlockStore.write_block and cls.write_run is FileBlockStore.write_run
+
     def write_run(self, b: int, datas: list[bytes | bytearray]) -> None:
         """Write consecutive blocks ``b``, ``b + 1``, ... in one ``pwritev`` (split at IOV_MAX buffers; a short
         write is continued)."""
