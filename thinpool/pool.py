@@ -987,6 +987,9 @@ class Pool:
                             dev.write_zeroes(old, tail_end - old)
                         finally:
                             e["size"] = old
+                            # a handle that re-read the size inside this window holds the provisional one
+                            # against the current manifest object: a new object makes every handle re-read it
+                            self.manifest = dict(self.manifest)
 
             self._change(op, sets=sets)
 

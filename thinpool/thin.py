@@ -100,6 +100,9 @@ class ThinDevice:
                 # reused only after its mapping went away (remove_range, delete, abort: each drops the cache, so
                 # ``valid`` is False) or after a commit (a new ``pmd.sb``); both are done under the pool lock
                 # before any reuse, so a read that sees neither read the block while it still held this mapping.
+                # A copy-on-write replacing a shared mapping can free a block too, but only one the last commit
+                # uses (sharing comes from a snapshot, and Pool.create_snap commits), which is not handed out
+                # again before the next commit; PoolMetadata.delete_thin drops every device's cache besides.
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
                 if v is not None:

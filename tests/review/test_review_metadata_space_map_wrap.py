@@ -6,8 +6,8 @@ thinpool dump reads, and a crash with an open transaction reopens at the last co
 from __future__ import annotations
 
 import pytest
-
 from conftest import need_tool, run_tool
+
 from thinpool.pool import Pool
 from thinpool.spacemap.paged import E
 
