@@ -213,3 +213,25 @@ def test_alloc_data_blocks_queues_until_a_resize(tmp_path: Path) -> None:
         for b in out[0]:
             p.md.data_sm.dec(b)
     check_pool(path)
+
+
+def test_break_of_a_cached_shared_chunk(tmp_path: Path) -> None:
+    """The mapping cache's shared hit is handed to the break (no second lookup): the snapshot keeps the old chunk,
+    the origin gets a copy with the piece, and the next write to the chunk is an in-place overwrite."""
+    path = _pool(tmp_path)
+    with Pool.open(path) as p:
+        dev = p.device(1)
+        dev.write(100, b"warm")  # chunk 0 in the cache
+        p.create_snap(2, 1)
+        used = p.nr_allocated_data_blocks
+        dev.write(4096, b"b" * 4096)  # cached, shared: broken
+        assert p.nr_allocated_data_blocks == used + 1 and p.stats["cow_copies"] >= 1
+        dev.write(8192, b"c" * 10)  # now owned: in place, nothing allocated
+        assert p.nr_allocated_data_blocks == used + 1
+        want = bytearray(pattern(CH, 1))
+        want[100:104] = b"warm"
+        assert p.device(2).read(0, CH) == want
+        want[4096:8192] = b"b" * 4096
+        want[8192:8202] = b"c" * 10
+        assert dev.read(0, CH) == want
+    check_pool(path)
