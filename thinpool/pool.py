@@ -74,7 +74,7 @@ from thinpool.errors import (
 from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
-from thinpool.metadata.pool_metadata import PoolMetadata, sorted_unique
+from thinpool.metadata.pool_metadata import FreedBlocks, PoolMetadata, sorted_unique
 from thinpool.thin import ThinDevice
 from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size, lazy_module
 
@@ -91,7 +91,6 @@ NO_SPACE_POLICIES = mf.NO_SPACE_POLICIES
 POOL_FILES = ("metadata", "data", MANIFEST)
 LOCK_MODES = ("exclusive", "shared", "none")
 PASSDOWN_MAX_BYTES = 64 << 20  # the longest single punch of a passdown (bounds a written-zeros fallback's buffer)
-PASSDOWN_RUNS_AT_ONCE = 65536  # runs turned into Python ints at a time (a 4M-block delete has ~1M runs)
 QUEUE_POLL_S = 0.5  # how often a queued write looks for a data file grown by another process
 
 
@@ -641,6 +640,16 @@ class Pool:
         self._space_cv.notify_all()
 
     def check_writable(self) -> None:
+        """Raise unless the pool takes writes now: closed -> InvalidArgument, failed -> PoolFailed, read-only or
+        needs_check -> ReadOnly. The healthy case is one expression (plain attributes and one property: it
+        runs on every 4 KiB write)."""
+        md = self.md
+        if not (self._failure is not None or self.closed or self.readonly or md.failed or md.readonly
+                or md.needs_check):
+            return
+        self._check_writable_slow()
+
+    def _check_writable_slow(self) -> None:
         if self.closed:
             raise InvalidArgument(reason="pool is closed")
         if self.failed:
@@ -978,6 +987,9 @@ class Pool:
                             dev.write_zeroes(old, tail_end - old)
                         finally:
                             e["size"] = old
+                            # a handle that re-read the size inside this window holds the provisional one
+                            # against the current manifest object: a new object makes every handle re-read it
+                            self.manifest = dict(self.manifest)
 
             self._change(op, sets=sets)
 
@@ -1008,6 +1020,30 @@ class Pool:
         self._check_low_water()
         return b
 
+    def alloc_data_blocks(self, n: int) -> list[int]:
+        """``n`` data blocks (each with one reference, owned by the caller until mapped or released), taken from
+        the data space map's allocator in one go: one writable check and one low-water check for the batch (a
+        1 MiB provision takes 16). Out of space part way: the blocks taken are given back, then the no-space
+        policy applies to the whole batch (raise NoDataSpace, or queue and start again), so no block is held
+        unmapped while the pool lock is released."""
+        while True:
+            self.check_writable()
+            md = self.md
+            new_block = md.data_sm.new_block
+            out: list[int] = []
+            try:
+                for _ in range(n):
+                    out.append(new_block())
+            except BaseException as e:
+                for b in out:
+                    md.data_sm.dec(b)
+                if not isinstance(e, NoDataSpace):
+                    raise
+                self.no_data_space(n)  # raises, or waits until n blocks are free
+                continue
+            self._check_low_water()
+            return out
+
     def chunks_needed(self, dev_id: int, offset: int, length: int) -> int:
         """Data blocks a write of [offset, offset+length) to ``dev_id`` would allocate now: the chunks it touches
         that are unmapped or may be shared (dm-thin's __snapshotted_since). O(chunks in the range)."""
@@ -1017,8 +1053,11 @@ class Pool:
         first, last = offset // ch, (offset + length - 1) // ch
         with self.lock:
             self._entry(dev_id)
-            k, _, t = self.md.mappings(dev_id, first, last + 1)
             snap = self.md.devices[dev_id].snapshotted_time
+            if first == last:  # one chunk (a 4 KiB write): one lookup, no arrays (and no numpy at start-up)
+                m = self.md.lookup(dev_id, first)
+                return int(m is None or m[1] < snap)
+            k, _, t = self.md.mappings(dev_id, first, last + 1)
             return int((last - first + 1) - len(k) + int(np.count_nonzero(t < snap)))
 
     def blocks_needed(self, dev_id: int, thin_blocks: Any) -> int:
@@ -1149,7 +1188,8 @@ class Pool:
                 # a failed fdatasync may have dropped data written since the last commit (Linux marks the pages
                 # clean): never commit mappings to it
                 self.data.sync()
-                freed = self.md.commit()
+                # an empty commit writes nothing: skipped here, so that it builds no (numpy) array of freed blocks
+                freed = self.md.commit() if self.md.has_changes() else FreedBlocks([])
             except NoMetadataSpace:
                 # dm-thin's out-of-metadata-space mode: back to the last commit, read-only with needs_check
                 if not self.md.failed:
@@ -1164,26 +1204,23 @@ class Pool:
             if self.discard_mode == "passdown" and len(freed):
                 self._passdown(freed)
 
-    def _passdown(self, freed: Any) -> None:
+    def _passdown(self, freed: FreedBlocks) -> None:
         """Punch the data blocks the last commit freed (``PoolMetadata.commit`` returns only blocks whose count is
         0 after it, and nothing can change them under the pool lock), merged into runs of consecutive blocks:
-        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy over the sorted blocks, so a
-        delete of N mappings costs O(N log N) in numpy plus one call per run, not one call per chunk. The commit is
+        one ``fallocate`` per run (at most PASSDOWN_MAX_BYTES each), found with numpy a bitmap at a time
+        (``FreedBlocks.runs``), so a delete of N mappings costs O(N) in numpy plus one call per run, and holds
+        the freed blocks at 2 bytes each, never an array of all of them or of all their runs. The commit is
         durable: a failing punch must not make it look failed (the blocks are free in the metadata either way;
         their old bytes stay in the data file), as dm-thin only logs a failed passdown."""
-        blocks = sorted_unique(np.asarray(freed, dtype=np.int64))
-        starts, ends = block_runs(blocks)
         ch = self.chunk_bytes
         step = max(1, PASSDOWN_MAX_BYTES // ch)
-        n = PASSDOWN_RUNS_AT_ONCE
-        for at in range(0, len(starts), n):  # runs as Python ints a batch at a time
-            for a, b in zip(starts[at:at + n].tolist(), ends[at:at + n].tolist()):
-                for lo in range(a, b, step):
-                    try:
-                        self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
-                    except StoreIOError as e:
-                        log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
-                        return
+        for a, b in freed.runs():
+            for lo in range(a, b, step):
+                try:
+                    self.data.punch(lo * ch, (min(b, lo + step) - lo) * ch)
+                except StoreIOError as e:
+                    log.warning("discard passdown to %s failed after commit: %s", self.data.path, e)
+                    return
 
     def maybe_commit(self) -> None:
         """Commit if auto_commit_interval seconds have passed (long-running servers)."""

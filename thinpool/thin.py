@@ -100,6 +100,9 @@ class ThinDevice:
                 # reused only after its mapping went away (remove_range, delete, abort: each drops the cache, so
                 # ``valid`` is False) or after a commit (a new ``pmd.sb``); both are done under the pool lock
                 # before any reuse, so a read that sees neither read the block while it still held this mapping.
+                # A copy-on-write replacing a shared mapping can free a block too, but only one the last commit
+                # uses (sharing comes from a snapshot, and Pool.create_snap commits), which is not handed out
+                # again before the next commit; PoolMetadata.delete_thin drops every device's cache besides.
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
                 if v is not None:
@@ -290,6 +293,7 @@ class ThinDevice:
         pool = self.pool
         ch = self.chunk
         first = offset // ch
+        hint: tuple[int, int] | None = None
         with pool.lock:
             pool.check_writable()
             if (offset + n - 1) // ch == first:  # an overwrite of an owned chunk: a cache hit and one pwrite
@@ -297,11 +301,14 @@ class ThinDevice:
                 if mc is None or not mc.valid:
                     mc = self._cache()
                 v = mc.map.get(first)
-                if v is not None and v & mc.TIME_MASK >= mc.details.snapshotted_time:
-                    pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
-                    return  # nothing allocated: no low-water event to deliver
+                if v is not None:
+                    t = v & mc.TIME_MASK
+                    if t >= mc.details.snapshotted_time:
+                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
+                        return  # nothing allocated: no low-water event to deliver
+                    hint = (v >> mc.TIME_BITS, t)  # shared: _write breaks it without a second lookup
             try:
-                self._write(offset, memoryview(data).cast("B"))
+                self._write(offset, memoryview(data).cast("B"), hint)
             except NoMetadataSpace:
                 self._metadata_exhausted()
                 raise
@@ -339,17 +346,18 @@ class ThinDevice:
         self.pool.data.pwrite((d0 + first) * self.chunk + offset - first * self.chunk, view)
         return True
 
-    def _write(self, offset: int, view: memoryview) -> None:
+    def _write(self, offset: int, view: memoryview, hint: tuple[int, int] | None = None) -> None:
         """One lookup pass over the range, a space check for the whole write, then the data: pwrites of
         physically contiguous pieces are coalesced (an overwrite of a run of sequentially allocated chunks is one
         pwrite). New mappings are inserted only after their data is written; if writing fails, the blocks
-        allocated for it are released."""
+        allocated for it are released. ``hint``: the one chunk's (data block, time) as the mapping cache just
+        gave it under the same lock hold (a shared chunk), so it is not looked up again."""
         pool, md, ch = self.pool, self.md, self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
         snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
         if first == last:  # one chunk
-            m = md.find_block(first)
+            m = hint if hint is not None else md.find_block(first)
             o = offset - first * ch
             if m is not None and m[1] >= snap_time:  # an overwrite in place
                 pool.data.pwrite(m[0] * ch + o, view)
@@ -386,10 +394,8 @@ class ThinDevice:
         if need == nr and offset == first * ch and end == (last + 1) * ch:
             # whole chunks, each needing a new block (provision, or break sharing with nothing to copy): the
             # blocks, one pwrite per run of consecutive ones, one insert run
-            dbs: list[int] = []
+            dbs = pool.alloc_data_blocks(nr)  # gives back what it took if it raises
             try:
-                for _ in range(nr):
-                    dbs.append(pool.alloc_data_block())
                 i = 0
                 while i < nr:
                     j = i + 1

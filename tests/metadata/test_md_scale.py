@@ -15,7 +15,7 @@ from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.pool import Pool
 from thinpool.spacemap.core import CoreSpaceMap
-from thinpool.spacemap.paged import E, PagedSpaceMap
+from thinpool.spacemap.paged import E, FreedBlocks, PagedSpaceMap
 from thinpool.tx.transaction import TransactionManager
 
 
@@ -276,3 +276,42 @@ def test_sorted_unique_is_np_unique(values, presort) -> None:
 
     a = np.array(sorted(values) if presort else values, dtype=np.int64)
     assert sorted_unique(a).tolist() == np.unique(a).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, 3 * E + 99), max_size=300), st.integers(0, 2))
+def test_freed_blocks_runs_match_a_loop_across_bitmap_ends(blocks: set[int], extra_edge: int) -> None:
+    # runs that end at a bitmap's last entry and go on at the next bitmap's first are one run
+    edges = {E - 1, E, 2 * E - 1, 2 * E}
+    s = sorted(blocks | (edges if extra_edge == 1 else set()) | (set(range(E - 5, E + 5)) if extra_edge == 2 else set()))
+    parts = []
+    for i in range(4):
+        local = [b - i * E for b in s if i * E <= b < (i + 1) * E]
+        if local or i == 1:  # an empty part is skipped
+            parts.append((i, np.array(local, dtype=np.uint16)))
+    fb = FreedBlocks(parts)
+    want: list[tuple[int, int]] = []
+    for b in s:
+        if want and want[-1][1] == b:
+            want[-1] = (want[-1][0], b + 1)
+        else:
+            want.append((b, b + 1))
+    assert list(fb.runs()) == want
+    assert fb.tolist() == s and len(fb) == len(s) and np.asarray(fb).tolist() == s
+
+
+def test_a_delete_holds_the_freed_blocks_per_bitmap_as_two_bytes_each(tmp_path) -> None:
+    n = 3 * E + 17
+    rng = np.random.default_rng(5)
+    data = rng.choice(n + n // 4, size=n, replace=False).astype(np.int64)
+    store = MemoryBlockStore(4096)
+    pmd = PoolMetadata.format(store, data_block_size=128, nr_data_blocks=n + n // 4)
+    pmd.build_device(1, np.arange(n, dtype=np.uint64), data, np.zeros(n, dtype=np.uint32))
+    pmd.commit()
+    pmd.delete_thin(1)
+    freed = pmd.commit()
+    assert isinstance(freed, FreedBlocks)
+    assert all(a.dtype == np.uint16 for _, a in freed._parts)
+    assert freed.tolist() == sorted(data.tolist()) and pmd.data_sm.nr_allocated() == 0
+    runs = list(freed.runs())
+    assert sum(b - a for a, b in runs) == n and all(runs[k][1] < runs[k + 1][0] for k in range(len(runs) - 1))

@@ -69,10 +69,11 @@ def test_a_4k_read_imports_neither_numpy_nor_construct(small_pool: Path, tmp_pat
     assert out.read_bytes() == b"\x5a" * 4096  # the probe really did the read
 
 
-def test_a_4k_overwrite_imports_no_construct_rich_or_crc32c_package(small_pool: Path) -> None:
-    # the writable open decodes the metadata space map with numpy; everything else stays unloaded
+def test_a_4k_overwrite_imports_neither_numpy_nor_construct(small_pool: Path) -> None:
+    # an overwrite in place changes no metadata block: the writable open keeps the metadata space map's index
+    # entries as read (numpy is loaded only when a bitmap is paged in or the index changes)
     loaded = loaded_by(["thin", "write", "1", str(small_pool.parent / "4k"), "--offset", "1M"], small_pool)
-    assert set(loaded) <= {"numpy._core", "thinpool.pool"}
+    assert loaded == ["thinpool.pool"]
     from thinpool import Pool
 
     with Pool.open(small_pool, readonly=True) as p:

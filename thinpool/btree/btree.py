@@ -50,7 +50,7 @@ __all__ = ["MAX_DEPTH", "BTree", "NoRefValue", "ValueType"]
 
 
 _RUN_DEC_BATCH = 64  # insert_run hands overwritten values to ValueType.dec one by one up to this many
-DELETE_BATCH_VALUES = 1 << 20  # leaf values handed to a batching value type's dec at once by delete()
+DELETE_BATCH_VALUES = 1 << 18  # leaf values handed to a batching value type's dec at once by delete() (~2 MB)
 
 
 class NoRefValue:

@@ -100,16 +100,24 @@ class DataStore:
         self.punched = 0
         self.punches_skipped = 0
         self._seek_data = True  # the filesystem answers SEEK_DATA (cleared at the first EINVAL/EOPNOTSUPP)
+        # every byte from here to the end of the file is known to be a hole (learnt from a SEEK_DATA that found
+        # no data after an offset, moved up by every write and copy past it, down by a punch reaching it): a new
+        # block past it needs no lseek. One integer whatever the file's size; only this process writes the file
+        # (the pool's exclusive lock)
+        self._hole_from = 1 << 63
 
     def is_hole(self, offset: int, length: int) -> bool:
         """Whether [offset, offset+length) holds no data (one ``lseek(SEEK_DATA)``: O(1) in the file's size).
         False where the filesystem cannot tell (then a punch is always done)."""
+        if offset >= self._hole_from:
+            return True
         if not self._seek_data:
             return False
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data at or after offset
+                self._hole_from = offset
                 return True
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 self._seek_data = False
@@ -149,6 +157,8 @@ class DataStore:
             view[done:] = bytes(length - done)
 
     def _mark_dirty(self, start: int, end: int) -> None:
+        if end > self._hole_from:
+            self._hole_from = end
         d = self.dirty
         if d and d[-1][1] == start:
             d[-1] = (d[-1][0], end)
@@ -165,14 +175,25 @@ class DataStore:
                                    f"file ({self._limit} bytes): a mapping beyond the data device (run check)")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if len(data):
-            self._check_limit(offset + len(data))
-            self._mark_dirty(offset, offset + len(data))
+        # the 4 KiB overwrite's path: the limit, the dirty range and the known-hole tail each one comparison in
+        # the common case (the checks themselves are in _check_limit / _mark_dirty)
+        n = len(data)
+        end = offset + n
+        if n:
+            if end > self._limit:
+                self._check_limit(end)
+            if end > self._hole_from:
+                self._hole_from = end
+            d = self.dirty
+            if d and d[-1][1] == offset:
+                d[-1] = (d[-1][0], end)
+            else:
+                d.append((offset, end))
         try:
-            n = os.pwrite(self.fd, data, offset)
+            w = os.pwrite(self.fd, data, offset)
         except OSError as e:
             raise _io_error(e, self.path, "write") from e
-        if n != len(data):
+        if w != n:
             raise StoreIOError(what=self.path, op="write", reason="short write")
         self.bytes_written += n
 
@@ -211,6 +232,8 @@ class DataStore:
         self._mark_dirty(offset, offset + length)
         if punch_hole(self.fd, offset, length):
             self.punched += length
+            if offset + length >= self._hole_from:  # the hole tail now starts at this hole
+                self._hole_from = offset
         else:
             self.pwrite(offset, bytes(length))
 

@@ -60,10 +60,16 @@ from thinpool.formats.superblock import (
     parse_superblock,
 )
 from thinpool.io.block_store import BlockStore
-from thinpool.metadata.thin_device import MappingCache, ThinDeviceMetadata
+from thinpool.metadata.thin_device import (
+    MAPPING_CACHE_MAX_ENTRIES,
+    MAX_MAPPING_CACHES,
+    MappingCache,
+    ThinDeviceMetadata,
+)
 from thinpool.spacemap.core import RootSpaceMap
 from thinpool.spacemap.disk import DiskSpaceMap
 from thinpool.spacemap.metadata_paged import MetadataSpaceMap, read_metadata_index
+from thinpool.spacemap.paged import FreedBlocks as FreedBlocks  # re-exported: the pool uses it
 from thinpool.spacemap.paged import PagedSpaceMap
 from thinpool.spacemap.paged import sorted_unique as sorted_unique  # re-exported: the pool uses it
 from thinpool.tx.transaction import TransactionManager
@@ -339,9 +345,21 @@ class PoolMetadata:
         Raises:
             DeviceNotFound: no device ``dev_id``.
         """
-        c = self._mcaches.get(dev_id)
+        caches = self._mcaches
+        c = caches.get(dev_id)
         if c is None:
-            c = self._mcaches[dev_id] = MappingCache(self, dev_id, self.get_device(dev_id))
+            # One budget for the pool, not per device: at most MAX_MAPPING_CACHES devices keep a cache, and a new
+            # one evicts the least recently opened until the entries held fit 4 devices' worth. An evicted cache
+            # is invalidated, so its holders (and a lock-free read in flight) fetch a new one.
+            held = sum(len(x.map) for x in caches.values())
+            while caches and (len(caches) >= MAX_MAPPING_CACHES or held > 4 * MAPPING_CACHE_MAX_ENTRIES):
+                old = caches.pop(next(iter(caches)))
+                held -= len(old.map)
+                old.invalidate()
+            c = caches[dev_id] = MappingCache(self, dev_id, self.get_device(dev_id))
+        else:  # most recently used last (dicts keep insertion order)
+            del caches[dev_id]
+            caches[dev_id] = c
         return c
 
     def _forget_mappings(self, dev_id: int | None = None) -> None:
@@ -406,7 +424,10 @@ class PoolMetadata:
         self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
         del self.devices[dev_id]
         del self._roots[dev_id]
-        self._forget_mappings(dev_id)
+        # Every device's cache, not only this one's: a block this device shared may now have one holder left,
+        # whose copy-on-write can free it within this transaction; a lock-free read of another device through an
+        # older mapping of it must then see its cache dropped (thin.py ThinDevice.read).
+        self._forget_mappings()
 
     # --- mappings ---------------------------------------------------------------------------------------------
     def lookup(self, dev_id: int, thin_block: int) -> tuple[int, int] | None:
@@ -615,13 +636,14 @@ class PoolMetadata:
                                data_sm_root=self.data_disk.root(), metadata_sm_root=self.meta_disk.root(),
                                data_mapping_root=self.mapping_root, device_details_root=self.details_root)
 
-    def commit(self, *, force: bool = False) -> np.ndarray:
+    def commit(self, *, force: bool = False) -> FreedBlocks:
         """Make the transaction durable (dm-thin __commit_transaction). Returns the data blocks that became free
-        in it (candidates for discard passdown), sorted int64. A commit that would change nothing writes nothing
-        unless ``force``. O(changes): the details of the devices changed, the dirty bitmaps and nodes."""
+        in it (candidates for discard passdown; FreedBlocks: per bitmap, 2 bytes a block). A commit that would
+        change nothing writes nothing unless ``force``. O(changes): the details of the devices changed, the dirty
+        bitmaps and nodes."""
         self._check_writable()
         if not force and not self._has_changes():
-            return np.zeros(0, dtype=np.int64)  # an empty commit writes nothing (the kernel skips it too)
+            return FreedBlocks([])  # an empty commit writes nothing (the kernel skips it too)
         sb_written = False
         changed = self._changed_devices()
         try:
@@ -666,8 +688,11 @@ class PoolMetadata:
         """Whether a device's details changed since the last commit."""
         return bool(self._changed_devices())
 
-    def _has_changes(self) -> bool:
+    def has_changes(self) -> bool:
         """Whether a commit would change anything on disk. O(devices changed)."""
+        return self._has_changes()
+
+    def _has_changes(self) -> bool:
         sb = self.sb
         return bool(self.tm.dirty or self.tm.dirty_raw or self.data_sm.changed or self.meta_disk.core.changed
                     or bool(self._changed_devices())

@@ -49,6 +49,8 @@ class DataAllocator(Protocol):
 
 # cached mappings per device before the cache starts over (about 6 MiB; 4 GiB of a device at 64 KiB chunks)
 MAPPING_CACHE_MAX_ENTRIES: Final = 1 << 16
+# devices of one pool that keep a mapping cache at once (the least recently opened gives way): pool.md mapping_cache
+MAX_MAPPING_CACHES: Final = 8
 
 
 class MappingCache:

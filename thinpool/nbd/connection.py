@@ -225,11 +225,13 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                         i -= 1  # the joined pieces filled the socket: this payload waits
                         break
                 write(piece)
-                if type(piece) is memoryview:  # a pooled reply buffer
+                if type(piece) is memoryview and not self._paused and not self.transport.get_write_buffer_size():
+                    # a pooled reply buffer the socket took whole: reusable. One the transport still holds is left
+                    # alone (from Python 3.12 on it queues the memoryview itself, uncopied: releasing it, or
+                    # reusing its buffer, would fail or corrupt the reply being sent)
                     whole = cast(bytearray, piece.obj)
-                    if (not self._paused and len(self._free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES
-                            and not self.transport.get_write_buffer_size()):
-                        self._free.append(whole)  # sent whole: reusable
+                    if len(self._free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES:
+                        self._free.append(whole)
                     piece.release()
             else:
                 small.append(piece)

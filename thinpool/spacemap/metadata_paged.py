@@ -35,7 +35,7 @@ from thinpool.formats.space_map import (
     SmRoot,
     encode_bitmap,
 )
-from thinpool.spacemap.paged import _INDEX_DTYPE, E, PagedSpaceMap, _FreeBitmap, nr_bitmaps
+from thinpool.spacemap.paged import _INDEX_DTYPE, INDEX_WINDOW, E, PagedSpaceMap, _FreeBitmap, _Page, nr_bitmaps
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import lazy_module
 
@@ -73,7 +73,33 @@ class MetadataSpaceMap(PagedSpaceMap):
     """The metadata space map (tx/api.py SpaceMap); the transaction manager's ``sm`` is this map itself."""
 
     def __init__(self, tm: TransactionManager, root: SmRoot) -> None:
+        # the index entries read at open, as Python tuples: the numpy index is built from them at its first use
+        # (a writable open whose transaction changes no metadata block, a 4 KiB overwrite, loads no numpy)
+        self._entries: list[tuple[int, int, int]] | None = None
         super().__init__(tm, root, kind="metadata", max_clean_pages=MAX_METADATA_BITMAPS)
+
+    @property
+    def _index(self) -> np.ndarray:
+        if self._index_arr is None:
+            if self._entries is not None:
+                self._index_arr = np.array(self._entries, dtype=_INDEX_DTYPE)
+            else:
+                self._index_arr = np.zeros(self._nr_index, dtype=_INDEX_DTYPE)
+        return self._index_arr
+
+    @_index.setter
+    def _index(self, value: np.ndarray) -> None:
+        self._index_arr = value
+
+    @property
+    def _loaded(self) -> np.ndarray:  # the whole index is read at open (or is new at create)
+        if self._loaded_arr is None:
+            self._loaded_arr = np.ones(-(-self._nr_index // INDEX_WINDOW), dtype=bool)
+        return self._loaded_arr
+
+    @_loaded.setter
+    def _loaded(self, value: np.ndarray) -> None:
+        self._loaded_arr = value
 
     @classmethod
     def create(cls, tm: TransactionManager, nr_blocks: int, *, kind: str = "metadata") -> MetadataSpaceMap:
@@ -86,7 +112,6 @@ class MetadataSpaceMap(PagedSpaceMap):
                                          f"{MAX_METADATA_BITMAPS} bitmaps")
         sm = cls(tm, SmRoot(nr_blocks, 0, 0, 0))
         sm._index["nr_free"] = E
-        sm._loaded[:] = True
         sm._dirty = set(range(n))
         sm.changed = True
         tm.sm = sm
@@ -111,11 +136,10 @@ class MetadataSpaceMap(PagedSpaceMap):
                                                   f"{root.nr_blocks}")
         sm = cls(tm, root)
         tm.sm = sm
-        sm._index = np.array(read_metadata_index(tm, root), dtype=_INDEX_DTYPE)
-        sm._loaded[:] = True
+        # the committed index until the first commit: an abort before it rebuilds _index from these entries
+        sm._entries = read_metadata_index(tm, root)
         if validate:
             sm.rc_tree.validate_node(root.ref_count_root)
-        sm._saved = (root, (sm._index.copy(), sm._loaded.copy()))
         return sm
 
     def _load_window(self, w: int) -> None:  # the whole index is read at open
@@ -182,7 +206,7 @@ class MetadataSpaceMap(PagedSpaceMap):
             progress = False
             for i in sorted(self._dirty):
                 page = self._pages.get(i)
-                if page is not None and self._sync_ref_counts(i, page.counts, page.committed, written):
+                if page is not None and self._sync_ref_counts(i, page, written):
                     progress = True
             for i in sorted(self._dirty - relocated.keys()):
                 new = tm.new_block()
@@ -208,17 +232,19 @@ class MetadataSpaceMap(PagedSpaceMap):
         buf = bytearray(METADATA_INDEX_LAYOUT.pack(csum=0, padding=0, blocknr=self.index_root, index=body))
         tm.write_raw(self.index_root, buf, BlockType.INDEX)
 
-    def _sync_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray,
-                         written: dict[int, int | None]) -> bool:
+    def _sync_ref_counts(self, i: int, page: _Page, written: dict[int, int | None]) -> bool:
         """Bring the ref-count tree entries of bitmap ``i`` to its counts now; whether anything changed."""
         lo = i * E
-        cand = set(np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed)).tolist())
+        counts = page.counts
+        big = np.flatnonzero((counts >= 3) | (page.committed >= 3))
+        cand = set(big[counts[big] != page.committed_exact(big)].tolist())
         cand.update(b - lo for b in written if lo <= b < lo + E)
         progress = False
         for j in sorted(cand):
             b = lo + j
             want = int(counts[j]) if counts[j] >= 3 else None
-            have = written.get(b, int(committed[j]) if committed[j] >= 3 else None)
+            old = int(page.committed_exact(np.array([j]))[0])
+            have = written.get(b, old if old >= 3 else None)
             if want == have:
                 continue
             if want is None:

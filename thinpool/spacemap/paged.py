@@ -33,7 +33,8 @@ In memory, cost follows the work, not the pool:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 from thinpool import checksum
 from thinpool.btree.btree import BTree, NoRefValue
@@ -82,6 +83,53 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
+class FreedBlocks:
+    """The blocks a commit freed, kept per bitmap as their offsets in it (uint16, sorted, unique): 2 bytes a block,
+    never one int64 array of them all (a 4M-block delete holds 8 MB here, not 32 MB plus its concatenation).
+    ``runs`` streams them as runs of consecutive blocks a bitmap at a time (runs crossing a bitmap's end joined)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: list[tuple[int, np.ndarray]]) -> None:
+        self._parts = parts  # (bitmap, offsets), by bitmap
+
+    def __len__(self) -> int:
+        return sum(len(a) for _, a in self._parts)
+
+    def array(self) -> np.ndarray:
+        """Every block, sorted int64 (O(blocks): tests and small commits)."""
+        if not self._parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([a.astype(np.int64) + i * E for i, a in self._parts])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.array()
+        return a if dtype is None else a.astype(dtype)
+
+    def tolist(self) -> list[int]:
+        return [int(b) for b in self.array().tolist()]
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of each run of consecutive blocks, ends exclusive, in order."""
+        pending: tuple[int, int] | None = None
+        for i, local in self._parts:
+            if not len(local):
+                continue
+            loc = local.astype(np.int64)
+            cuts = np.flatnonzero(np.diff(loc) != 1) + 1
+            starts = (loc[np.concatenate([[0], cuts])] + i * E).tolist()
+            ends = (loc[np.concatenate([cuts - 1, [len(loc) - 1]])] + (i * E + 1)).tolist()
+            if pending is not None:
+                if pending[1] == starts[0]:
+                    starts[0] = pending[0]
+                else:
+                    yield pending
+            yield from zip(starts[:-1], ends[:-1])
+            pending = (starts[-1], ends[-1])
+        if pending is not None:
+            yield pending
+
+
 class _FreeBitmap:
     """A dirty all-free bitmap block, queued by its block number alone: encoded (zeros, the block number, the
     checksum) only when the commit writes it, so a new 8 TiB pool does not hold 32 MiB of zero bitmaps."""
@@ -99,19 +147,59 @@ class _FreeBitmap:
 
 
 class _Page:
-    """Counts of one bitmap; ``committed`` is ``counts`` itself until the page is first changed."""
+    """Counts of one bitmap (uint32). ``committed`` is ``counts`` itself until the page is first changed; then
+    ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the last commit capped at 3 (the
+    bitmap's own two-bit values: 16 KB, not a second 64 KB array), the exact committed counts >= 3 kept beside it
+    (``_big_at``/``_big``: offsets and counts, as the ref-count tree has them). ``committed == 0`` and
+    ``committed >= 3`` read the capped copy; ``committed_exact`` gives counts."""
 
-    __slots__ = ("counts", "committed", "dirty")
+    __slots__ = ("counts", "committed", "dirty", "_big_at", "_big")
 
     def __init__(self, counts: np.ndarray) -> None:
         self.counts = counts
         self.committed = counts
         self.dirty = False
+        self._big_at: np.ndarray | None = None
+        self._big: np.ndarray | None = None
 
     def make_dirty(self) -> None:
         if not self.dirty:
-            self.counts = self.committed.copy()
+            c = self.counts
+            self.committed = np.minimum(c, 3).astype(np.uint8)
+            at = np.flatnonzero(c >= 3)
+            self._big_at, self._big = at, c[at]
             self.dirty = True
+
+    def committed_exact(self, local: np.ndarray) -> np.ndarray:
+        """The committed counts (uint32) at the offsets ``local`` (sorted int64)."""
+        if not self.dirty:
+            out: np.ndarray = self.committed[local].astype(np.uint32)
+            return out
+        out = self.committed[local].astype(np.uint32)
+        assert self._big_at is not None and self._big is not None
+        if len(self._big_at):
+            hi = np.flatnonzero(out == 3)
+            if len(hi):
+                out[hi] = self._big[np.searchsorted(self._big_at, local[hi])]
+        return out
+
+    def committed_full(self) -> np.ndarray:
+        """Every committed count (uint32; the page's own array while it is clean)."""
+        if not self.dirty:
+            return self.committed
+        out = self.committed.astype(np.uint32)
+        assert self._big_at is not None and self._big is not None
+        out[self._big_at] = self._big
+        return out
+
+    def clean(self, *, committed: bool) -> None:
+        """The page becomes clean: at its counts now (``committed``: the commit made them durable) or back at its
+        last commit (abort)."""
+        if self.dirty and not committed:
+            self.counts = self.committed_full()
+        self.committed = self.counts
+        self.dirty = False
+        self._big_at = self._big = None
 
 
 class PagedSpaceMap:
@@ -343,7 +431,7 @@ class PagedSpaceMap:
 
     def committed_count(self, b: int) -> int:
         self._check(b)
-        return int(self._page(b // E).committed[b % E])
+        return int(self._page(b // E).committed_exact(np.array([b % E]))[0])
 
     def inc(self, b: int, n: int = 1) -> None:
         self._check(b)
@@ -412,21 +500,22 @@ class PagedSpaceMap:
             if now0.any():
                 self._freed.setdefault(i, []).append(local[now0].astype(np.uint16))
 
-    def freed_blocks(self) -> np.ndarray:
-        """The blocks whose count dropped to 0 in this transaction and is still 0 (sorted, unique int64): the
-        discard passdown candidates of a commit. O(blocks freed), numpy per page."""
+    def freed_blocks(self) -> FreedBlocks:
+        """The blocks whose count dropped to 0 in this transaction and is still 0: the discard passdown candidates
+        of a commit. O(blocks freed), numpy per page, 2 bytes a block (FreedBlocks)."""
         per_page = {i: list(v) for i, v in self._freed.items()}
         for b in self._freed_one:
             per_page.setdefault(b // E, []).append(np.array([b % E], dtype=np.uint16))
         out = []
         for i in sorted(per_page):
-            parts = per_page[i]
+            parts = per_page.pop(i)
             local = sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            del parts
             p = self._pages.get(i)
             if p is None:  # evicted clean: nothing changed in it since it was loaded, so its counts are committed
                 p = self._page(i)
-            out.append(local[p.counts[local] == 0].astype(np.int64) + i * E)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append((i, local[p.counts[local] == 0]))
+        return FreedBlocks(out)
 
     # --- allocation -----------------------------------------------------------------------------------------
     def new_block(self) -> int:
@@ -549,7 +638,7 @@ class PagedSpaceMap:
                 tm.add_dirty(new, _FreeBitmap(new))
                 idx[i] = (new, E, 0)
                 continue
-            self._update_ref_counts(i, page.counts, page.committed)
+            self._update_ref_counts(i, page)
             old = int(self._entry_of(i)["blocknr"])
             if old:
                 tm.dec(old)
@@ -568,8 +657,10 @@ class PagedSpaceMap:
             for i in order:
                 self.index_root, _ = self.index_tree.insert(self.index_root, i, idx[i:i + 1].tobytes())
 
-    def _update_ref_counts(self, i: int, counts: np.ndarray, committed: np.ndarray) -> None:
-        changed = np.flatnonzero(((counts >= 3) | (committed >= 3)) & (counts != committed))
+    def _update_ref_counts(self, i: int, page: _Page) -> None:
+        counts = page.counts
+        cand = np.flatnonzero((counts >= 3) | (page.committed >= 3))
+        changed = cand[counts[cand] != page.committed_exact(cand)]
         for j in changed.tolist():
             b = i * E + j
             if counts[j] >= 3:
@@ -582,8 +673,7 @@ class PagedSpaceMap:
         for i in self._dirty:
             page = self._pages.get(i)
             if page is not None:
-                page.committed = page.counts
-                page.dirty = False
+                page.clean(committed=True)
         self._dirty = set()
         self._nr_allocatable = self._nr_blocks - self._nr_allocated
         self._candidates = []
@@ -603,8 +693,7 @@ class PagedSpaceMap:
         n = nr_bitmaps(root.nr_blocks)
         for i, p in pages.items():
             if i < n:
-                p.counts = p.committed
-                p.dirty = False
+                p.clean(committed=False)
                 self._pages[i] = p
 
     def validate_all(self) -> None:
@@ -619,7 +708,7 @@ class PagedSpaceMap:
             if len(self._pages) > self.max_clean_pages:
                 self._evict()
         for b, c in self.rc_tree.items(self.ref_count_root):
-            if b >= self._nr_blocks or int(self._page(b // E).committed[b % E]) != c or c < 3:
+            if b >= self._nr_blocks or self.committed_count(b) != c or c < 3:
                 raise MetadataCorrupt(block=self.ref_count_root, reason=f"{self.kind} ref-count tree entry {b}:{c} "
                                                                         "disagrees with the bitmap")
 
@@ -630,7 +719,7 @@ class PagedSpaceMap:
             lo = i * E
             hi = min(lo + E, self._nr_blocks)
             p = self._page(i)
-            out[lo:hi] = getattr(p, which)[:hi - lo]
+            out[lo:hi] = (p.counts if which == "counts" else p.committed_full())[:hi - lo]
         return out
 
     @property

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from thinpool import checksum
 from thinpool.checksum import BlockType
 from thinpool.errors import MetadataCorrupt
-from thinpool.io.block_store import BlockStore
+from thinpool.io.block_store import BlockStore, FileBlockStore
 from thinpool.tx.api import BlockClient, SpaceMap
 
 
@@ -33,6 +33,9 @@ class Encodable(Protocol):
     def encode(self) -> bytes | bytearray:
         """The block as 4096 bytes with its checksum stamped."""
         ...
+
+
+RUN_BLOCKS = 256  # consecutive dirty blocks written by one call at most (1 MiB)
 
 
 class TransactionManager:
@@ -129,13 +132,37 @@ class TransactionManager:
 
     # --- commit / abort -------------------------------------------------------------------------------------
     def pre_commit(self) -> None:
-        """Write every dirty block except the superblock, then sync."""
-        for b in sorted(self.dirty):
-            self.store.write_block(b, self.dirty[b].encode())
-        for b in sorted(self.dirty_raw):
-            self.store.write_block(b, self.dirty_raw[b])
-        self.blocks_written += len(self.dirty) + len(self.dirty_raw)
-        self.store.sync()
+        """Write every dirty block except the superblock, then sync. A store that writes runs (the file store;
+        ``FileBlockStore.writes_runs``) gets each run of consecutive blocks, up to RUN_BLOCKS of them, as one call
+        (one ``pwritev``): a new 8 TiB pool's 8,347 blocks are a few dozen writes. Blocks are encoded as the run
+        grows, so memory stays one run."""
+        # a wrapper that intercepts write_block and passes other attributes on to the store it wraps (tests, fault
+        # injection) is no FileBlockStore: it keeps seeing every block write
+        store = self.store
+        write_run = store.write_run if isinstance(store, FileBlockStore) and type(store).writes_runs() else None
+        dirty, raw = self.dirty, self.dirty_raw
+        if write_run is None:  # block by block, in the order stores and tests have always seen: nodes, then raw
+            for b in sorted(dirty):
+                store.write_block(b, dirty[b].encode())
+            for b in sorted(raw):
+                store.write_block(b, raw[b])
+            self.blocks_written += len(dirty) + len(raw)
+        else:
+            order = sorted(dirty.keys() | raw.keys()) if raw and dirty else sorted(dirty or raw)
+            start = 0
+            run: list[bytes | bytearray] = []
+            for b in order:
+                if run and (b != start + len(run) or len(run) >= RUN_BLOCKS):
+                    write_run(start, run)
+                    run = []
+                if not run:
+                    start = b
+                r = raw.get(b)
+                run.append(r if r is not None else dirty[b].encode())
+            if run:
+                write_run(start, run)
+            self.blocks_written += len(order)
+        store.sync()
 
     def commit(self, superblock: bytearray) -> None:
         """Write the (stamped) superblock to block 0 and sync; the transaction is then durable."""
