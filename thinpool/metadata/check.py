@@ -654,6 +654,9 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
         w.problem(f"metadata space map has {sb.metadata_sm_root.nr_blocks} blocks but the device only "
                   f"{store.nr_blocks}", 0)
         return report  # sizes from a damaged superblock: counting against them is meaningless (and may not fit)
+    for kind, r in (("metadata", sb.metadata_sm_root), ("data", sb.data_sm_root)):
+        if r.nr_allocated > r.nr_blocks:  # (what a writable open refuses too: spacemap load)
+            w.problem(f"{kind} space map: {r.nr_allocated} blocks allocated of {r.nr_blocks}", 0)
     if sb.data_sm_root.nr_blocks > store.nr_blocks * E:
         w.problem(f"data space map has {sb.data_sm_root.nr_blocks} blocks: more than {store.nr_blocks} metadata "
                   "blocks of bitmaps can count", 0)

@@ -162,6 +162,13 @@ def _int(el: ET.Element, name: str) -> int:
     return n
 
 
+def _fit(*fields: tuple[str, int, int]) -> None:
+    """Refuse a number too wide for its on-disk field (name, value, bits) with a typed error."""
+    for name, v, bits in fields:
+        if not 0 <= int(v) < 1 << bits:
+            raise InvalidArgument(reason=f"{name} {v} does not fit in its {bits}-bit field")
+
+
 class _RunBuffer:
     """Runs of one device collected from XML elements, handed over in batches."""
 
@@ -170,6 +177,9 @@ class _RunBuffer:
         self.cols: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
 
     def add(self, thin_begin: int, data_begin: int, length: int, time: int) -> None:
+        if data_begin + length > MAX_DATA_BLOCK + 1 or thin_begin + length > 1 << 63:
+            raise InvalidArgument(reason=f"mapping of thin block {thin_begin} to data block {data_begin} (length "
+                                         f"{length}) is out of range")
         for c, v in zip(self.cols, (thin_begin, data_begin, time, length)):
             c.append(v)
         if len(self.cols[0]) >= _BATCH:
@@ -432,15 +442,26 @@ class MetadataBuilder:
         self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def superblock_b(self, sb: SuperblockIR) -> None:
+        _fit(("time", sb.time, 32), ("transaction", sb.transaction, 64), ("flags", sb.flags, 32),
+             ("version", sb.version, 32), ("data_block_size", sb.data_block_size, 32),
+             ("nr_data_blocks", sb.nr_data_blocks, 64))
         self._sb = sb
         self.md = PoolMetadata.format(self.store, data_block_size=sb.data_block_size,
                                       nr_data_blocks=max(sb.nr_data_blocks, 1))
 
     def device_b(self, d: DeviceDetailsIR) -> None:
+        _fit(("mapped_blocks", d.mapped_blocks, 64), ("transaction", d.transaction, 64),
+             ("creation_time", d.creation_time, 32), ("snap_time", d.snap_time, 32))
         self._dev = d
         self._chunks = []
 
     def map(self, runs: Runs) -> None:
+        assert self._sb is not None
+        if len(runs.lengths):  # refused before it is expanded (a length is a number in the input, not a size)
+            end = int((runs.steps[1].astype(np.int64) + runs.lengths.astype(np.int64)).max())
+            if end > self._sb.nr_data_blocks:
+                raise InvalidArgument(reason=f"mapping beyond end of data device ({end - 1} >= "
+                                             f"{self._sb.nr_data_blocks})")
         self._chunks.append(expand_runs(runs.steps[0], runs.steps[1], runs.lengths, runs.equals[0]))
 
     def map_arrays(self, thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> None:
