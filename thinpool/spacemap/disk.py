@@ -13,7 +13,7 @@ in two or three rounds).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from thinpool.btree.btree import BTree, NoRefValue
 from thinpool.checksum import BlockType
@@ -44,6 +44,21 @@ E = ENTRIES_PER_BITMAP
 
 def nr_bitmaps(nr_blocks: int) -> int:
     return -(-nr_blocks // E)
+
+
+
+def put_ref_count(sm: Any, b: int, want: int | None, have: int | None, written: dict[int, int | None]) -> bool:
+    """Make the ref-count tree of ``sm`` (its ``rc_tree`` at ``ref_count_root``) hold ``want`` for block ``b``
+    (None: no entry; only counts >= 3 live there) where it holds ``have``; record it in ``written``. Whether the
+    tree changed. Shared by the disk and paged metadata space maps' commit."""
+    if want == have:
+        return False
+    if want is None:
+        sm.ref_count_root, _ = sm.rc_tree.remove(sm.ref_count_root, b)
+    else:
+        sm.ref_count_root, _ = sm.rc_tree.insert(sm.ref_count_root, b, want)
+    written[b] = want
+    return True
 
 
 class DiskSpaceMap:
@@ -143,14 +158,7 @@ class DiskSpaceMap:
         for b in cand.tolist():
             want = int(counts[b]) if counts[b] >= 3 else None
             have = written.get(b, int(committed[b]) if committed[b] >= 3 else None)
-            if want == have:
-                continue
-            if want is None:
-                self.ref_count_root, _ = self.rc_tree.remove(self.ref_count_root, b)
-            else:
-                self.ref_count_root, _ = self.rc_tree.insert(self.ref_count_root, b, want)
-            written[b] = want
-            progress = True
+            progress |= put_ref_count(self, b, want, have, written)
         return progress
 
     def _relocate(self, i: int) -> None:

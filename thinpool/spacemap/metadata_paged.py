@@ -35,6 +35,7 @@ from thinpool.formats.space_map import (
     SmRoot,
     encode_bitmap,
 )
+from thinpool.spacemap.disk import put_ref_count
 from thinpool.spacemap.paged import _INDEX_DTYPE, INDEX_WINDOW, E, PagedSpaceMap, _FreeBitmap, _Page, nr_bitmaps
 from thinpool.tx.transaction import TransactionManager
 from thinpool.units import lazy_module
@@ -245,12 +246,5 @@ class MetadataSpaceMap(PagedSpaceMap):
             want = int(counts[j]) if counts[j] >= 3 else None
             old = int(page.committed_exact(np.array([j]))[0])
             have = written.get(b, old if old >= 3 else None)
-            if want == have:
-                continue
-            if want is None:
-                self.ref_count_root, _ = self.rc_tree.remove(self.ref_count_root, b)
-            else:
-                self.ref_count_root, _ = self.rc_tree.insert(self.ref_count_root, b, want)
-            written[b] = want
-            progress = True
+            progress |= put_ref_count(self, b, want, have, written)
         return progress
