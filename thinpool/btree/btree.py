@@ -270,29 +270,7 @@ class BTree:
     def insert(self, root: int, key: int, value: Any) -> tuple[int, bool]:
         """Insert or overwrite ``key``. The tree takes over the caller's reference held by ``value``; an
         overwritten value has its reference dropped. Returns (new root, whether the key is new). O(log n)."""
-        node = self._shadow(root)
-        new_root = node.block
-        if len(node.keys) >= node.max_entries:
-            self._split_beneath(node)
-        depth = 0
-        while not node.is_leaf:
-            keys = node.keys
-            i = bisect_right(keys, key) - 1
-            if i < 0:
-                i = 0
-                keys[0] = key
-            depth += 1
-            if depth > MAX_DEPTH:
-                self._find_cycle(root, key)
-            child = self._shadow(node.values[i])
-            node.values[i] = child.block
-            if len(child.keys) >= child.max_entries:
-                sib = self._split_node(child)
-                keys.insert(i + 1, sib.keys[0])
-                node.values.insert(i + 1, sib.block)
-                if key >= sib.keys[0]:
-                    child = sib
-            node = child
+        new_root, node, _ = self._insert_descent(root, key)
         keys = node.keys
         i = bisect_right(keys, key)
         if i > 0 and keys[i - 1] == key:
