@@ -297,27 +297,12 @@ def test_delete_device(benchmark: Any, n: int, tmp_path: Path) -> None:
 def test_create_snap_and_delete_with_many_devices(benchmark: Any, devices: int, tmp_path: Path) -> None:
     """create_snap + delete_thin of one snapshot in a pool of ``devices`` devices (a base and its snapshots, all
     named, built in bulk): manifest journal records, metadata commit, name checks."""
-    import time as _t
-
-    from thinpool.pool import _write_manifest
+    from thinpool_bench.scale import build_device_pool
 
     path = tmp_path / "p"
-    pool = Pool.create(path, data_size=1024 * CH, chunk_size=CH)
+    build_device_pool(path, devices)
+    pool = Pool.open(path)
     try:
-        pool.create_thin(0, 64 * CH, name="base")
-        src = pool.manifest["devices"]["0"]
-        anc = [{"dev_id": 0, "name": "base", "created_at": src["created_at"]}]
-        now = _t.time()
-        for i in range(1, devices):
-            pool.md.create_snap(i, 0)
-            pool.manifest["devices"][str(i)] = {"name": f"s{i}", "size": src["size"], "origin": None,
-                                                "snapshot_of": 0, "ancestors": anc, "created_at": now}
-        pool.md.set_transaction_id(pool.md.trans_id, pool.md.trans_id + 1)
-        pool.manifest["transaction_id"] = pool.md.trans_id
-        pool.commit()
-        _write_manifest(pool.path, pool.manifest)
-        pool.close()
-        pool = Pool.open(path)
 
         def run() -> None:
             pool.create_snap(devices, 0, name="x")
