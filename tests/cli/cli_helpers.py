@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -93,3 +94,22 @@ def busy_pool(tmp_path: Path) -> Path:
     ok("thin", "write", "vol", "--offset", "2M", "-", "-p", p, input=b"D" * 1000)
     return p
 
+
+def read_pty(master: int, idle_timeout: float) -> bytes:
+    """Everything the terminal side ``master`` of a pty gets until the child closes it (EOF or EIO), or until
+    nothing arrives for ``idle_timeout`` seconds."""
+    import select
+
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], idle_timeout)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out

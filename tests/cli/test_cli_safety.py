@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import fails, fingerprint, ok, run
+from cli_helpers import fails, fingerprint, ok, read_pty, run
 
 from thinpool.pool import Pool
 
@@ -507,7 +507,6 @@ def test_progress_bar_on_a_terminal_for_a_job_that_runs_long(tmp_path: Path) -> 
     """On a pty, a job that has run longer than $THINPOOL_PROGRESS_DELAY seconds (0 here, so the test does not
     depend on timing) shows its bar however small it is; not on a pipe."""
     import pty
-    import select
 
     p = _small_pool(tmp_path, "8M")
     src = tmp_path / "src"
@@ -520,19 +519,8 @@ def test_progress_bar_on_a_terminal_for_a_job_that_runs_long(tmp_path: Path) -> 
         proc = subprocess.Popen([sys.executable, "-c", MAIN, "thin", "write", "vol", str(src), "-p", str(p)],
                                 stderr=err, stdout=subprocess.DEVNULL, env=env)
         os.close(slave)
-        out = b""
         if on_pty:
-            while True:
-                r, _, _ = select.select([master], [], [], 60)
-                if not r:
-                    break
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
+            out = read_pty(master, 60)
         else:
             assert proc.stderr is not None
             out = proc.stderr.read()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
-from cli_helpers import busy_pool, fails, ok, pool  # noqa: E402, F401
+from cli_helpers import busy_pool, fails, ok, pool, read_pty  # noqa: E402, F401
 
 
 def test_dump_by_name_equals_dump_by_id(busy_pool: Path):
@@ -93,18 +93,7 @@ def _on_pty(args: list[str], env: dict[str, str]) -> str:
     master, slave = pty.openpty()
     p = subprocess.Popen(cmd, stdin=slave, stdout=subprocess.DEVNULL, stderr=slave, env=env, close_fds=True)
     os.close(slave)
-    out = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 30)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    out = read_pty(master, 30)
     p.wait(timeout=60)
     os.close(master)
     assert p.returncode == 0, out
