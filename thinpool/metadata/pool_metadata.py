@@ -56,9 +56,9 @@ from thinpool.formats.superblock import (
     THIN_VERSION,
     Superblock,
     build_superblock,
-    parse_superblock,
 )
 from thinpool.io.block_store import BlockStore
+from thinpool.metadata.readonly import read_superblock, snapshot_superblock
 from thinpool.metadata.thin_device import (
     MAPPING_CACHE_MAX_ENTRIES,
     MAX_MAPPING_CACHES,
@@ -230,19 +230,8 @@ class PoolMetadata:
 
     @staticmethod
     def read_superblock(store: BlockStore, blocknr: int = 0) -> Superblock:
-        """Read and validate a superblock as the kernel's sb_check does (checksum, self block number, magic)."""
-        buf = store.read_block(blocknr)
-        if blocknr == 0 and not any(buf):
-            raise MetadataCorrupt(block=0, reason="superblock is all zeros (unformatted metadata)")
-        checksum.validate(buf, BlockType.SUPERBLOCK, blocknr, "superblock")
-        sb = parse_superblock(buf, blocknr)
-        if sb.magic != THIN_SUPERBLOCK_MAGIC:
-            raise MetadataCorrupt(block=blocknr, reason=f"bad superblock magic {sb.magic}")
-        if sb.metadata_block_size != METADATA_BLOCK_SIZE_SECTORS:
-            raise UnsupportedMetadata(feature=f"metadata block size {sb.metadata_block_size} sectors")
-        if sb.data_block_size < 128 or sb.data_block_size % 128 or sb.data_block_size > 2097152:
-            raise MetadataCorrupt(block=blocknr, reason=f"bad data block size {sb.data_block_size}")
-        return sb
+        """Read and validate a superblock as the kernel's sb_check does (``metadata.readonly.read_superblock``)."""
+        return read_superblock(store, blocknr)
 
     @classmethod
     def open(cls, store: BlockStore, *, readonly: bool = False, use_metadata_snap: bool = False,
@@ -292,12 +281,7 @@ class PoolMetadata:
 
     @classmethod
     def _snap_view(cls, store: BlockStore, sb: Superblock) -> Superblock:
-        if not sb.held_root:
-            raise InvalidArgument(reason="no metadata snapshot is held")
-        held = cls.read_superblock(store, sb.held_root)
-        return sb.replace(data_mapping_root=held.data_mapping_root, device_details_root=held.device_details_root,
-                          time=held.time, trans_id=held.trans_id, flags=held.flags, held_root=sb.held_root,
-                          data_sm_root=SmRoot(0, 0, 0, 0))
+        return snapshot_superblock(store, sb)
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
