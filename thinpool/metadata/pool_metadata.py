@@ -45,7 +45,6 @@ from thinpool.formats.device_details import (
     DeviceDetails,
     build_device_details,
     pack_block_time,
-    pack_block_times,
     parse_device_details,
     unpack_block_time,
     unpack_block_times,
@@ -522,7 +521,10 @@ class PoolMetadata:
 
     def build_device(self, dev_id: int, thin_blocks: np.ndarray, data_blocks: np.ndarray, times: np.ndarray,
                      details: DeviceDetails | None = None) -> None:
-        """Create a device whose mapping tree is built in bulk from sorted, unique thin blocks (restore)."""
+        """Create a device whose mapping tree is built in bulk from sorted, unique thin blocks (restore). Checks
+        everything before changing anything; the tree's nodes are written as they fill (metadata/builder.py)."""
+        from thinpool.metadata.builder import DeviceBuilder
+
         self._check_writable()
         self._check_id(dev_id)
         if dev_id in self.devices:
@@ -541,16 +543,18 @@ class PoolMetadata:
                                              f"({self.data_sm.nr_blocks} blocks)")
             if int(times.max()) > TIME_MASK:
                 raise InvalidArgument(reason="build_device: mapping time does not fit in 24 bits")
-        values = pack_block_times(data_blocks, times)
-        if len(data_blocks):
-            self.data_sm.inc_many(data_blocks.astype(np.int64))
-        sub = self.mapping.build(thin_blocks.astype(np.uint64), values)
-        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        b = DeviceBuilder(self, dev_id, len(thin_blocks), details)
+        b.add(thin_blocks, data_blocks, times)
+        b.finish()
+
+    def _attach_device(self, dev_id: int, root: int, nr_mappings: int, details: DeviceDetails) -> None:
+        """Enter a device whose mapping tree was built at ``root`` (metadata/builder.py) in the top-level tree
+        and the in-core details (written at the next commit)."""
+        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
         self._forget_mappings(dev_id)
-        self._roots[dev_id] = sub
-        d = details or DeviceDetails(0, self.trans_id, self.time, self.time)
-        self.devices[dev_id] = ThinDetails(dev_id, len(thin_blocks), d.transaction_id, d.creation_time,
-                                           d.snapshotted_time, changed=True, owner=self._changed_ids)
+        self._roots[dev_id] = root
+        self.devices[dev_id] = ThinDetails(dev_id, nr_mappings, details.transaction_id, details.creation_time,
+                                           details.snapshotted_time, changed=True, owner=self._changed_ids)
 
     # --- pool-wide messages -----------------------------------------------------------------------------------
     def set_transaction_id(self, current: int, new: int) -> None:
