@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from thinpool.errors import StoreIOError
 from thinpool.tools.stdsort import _THRESHOLD, depth_limit, std_sort_range_order
-from thinpool.units import lazy_module
-
-if TYPE_CHECKING:
-    import numpy as np
-else:
-    np = lazy_module("numpy")
 
 RUN_FIELDS = ("data_begin", "data_end", "dev_id", "thin_begin")
 RUN_SIZE = 32  # bytes per run: four little-endian int64
