@@ -100,3 +100,50 @@ def test_check_auto_repair_text_output_and_refusal(tmp_path) -> None:
     assert r.stderr.strip().splitlines()[-1].startswith("thinpool: error: ")
     assert "not repairing" in r.stderr and "pool repair" in r.stderr
     assert meta.read_bytes() == before
+
+
+def _stderr_on(args: list[str], on_pty: bool) -> bytes:
+    """What ``thinpool ARGS`` writes to stderr when stderr is a pseudo-terminal (or a pipe); exit status 0."""
+    import pty
+    import subprocess
+    import sys
+
+    from cli_helpers import read_pty
+
+    env = dict(os.environ, THINPOOL_PROGRESS_MIN_MAPPINGS="1", COLUMNS="100", TERM="xterm")
+    cmd = [sys.executable, "-c", "from thinpool_cli.main import main; main()", *args]
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=slave if on_pty else subprocess.PIPE, env=env)
+    os.close(slave)
+    if on_pty:
+        out = read_pty(master, 60)
+    else:
+        assert p.stderr is not None
+        out = p.stderr.read()
+    assert p.wait(60) == 0, out
+    os.close(master)
+    return out
+
+
+def test_restore_and_repair_show_a_bar_on_a_terminal_only(tmp_path) -> None:
+    """restore (XML read / total) and pool repair (mappings salvaged and written / total) draw a rich bar on a
+    terminal, and print nothing of it on a pipe; both results are the same either way."""
+    with Pool.create(tmp_path / "p", data_size=64 << 20) as pool:
+        pool.create_thin(1, 8 << 20).write(0, b"A" * (2 << 20))
+    meta = tmp_path / "p" / "metadata"
+    xml = tmp_path / "p.xml"
+    r = CliRunner().invoke(cli, ["dump", str(meta), "-o", str(xml)])
+    assert r.exit_code == 0, r.output
+    outs = {}
+    for on_pty in (True, False):
+        tag = "pty" if on_pty else "pipe"
+        rst, rep = tmp_path / f"restored-{tag}.bin", tmp_path / f"repaired-{tag}.bin"
+        with open(rst, "wb") as f:
+            f.truncate(os.path.getsize(meta))
+        seen = _stderr_on(["restore", "-i", str(xml), "-o", str(rst), "-q"], on_pty)
+        assert (b"restoring" in seen) == on_pty, seen
+        seen = _stderr_on(["pool", "repair", str(meta), str(rep)], on_pty)
+        assert (b"repairing metadata" in seen) == on_pty, seen
+        outs[tag] = (rst.read_bytes(), rep.read_bytes())
+    assert outs["pty"] == outs["pipe"]
