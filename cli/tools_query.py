@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from thinpool_cli.output import echo_json
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (
     busy,
+    open_details,
     open_metadata,
     require_devices,
     require_metadata_snap,
@@ -48,7 +48,7 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     Example: thinpool ls mypool -o DEV,MAPPED,EXCLUSIVE,SHARED
     """
     from thinpool.errors import InvalidArgument
-    from thinpool.tools.ls import LS_DEFAULT, check_fields, ls_json, ls_rows, ls_text
+    from thinpool.tools.ls import LS_DEFAULT, check_fields, ls_json, ls_rows, ls_text, needs_mappings
 
     try:
         chosen = check_fields(fields.split(",")) if fields is not None else list(LS_DEFAULT)
@@ -57,11 +57,17 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     target = target or pool_path
     if metadata_snap:
         require_metadata_snap(target)
-    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
-        walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
-        with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
-            rows = ls_rows(pmd, chosen)
+    if not needs_mappings(chosen):  # the details alone: no space map, transaction manager or numpy loaded
+        with open_details(target, use_metadata_snap=metadata_snap) as view:
+            rows = ls_rows(view, chosen)
+    else:
+        with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+            walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
+            with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
+                rows = ls_rows(pmd, chosen)
     if as_json:
+        from thinpool_cli.output import echo_json
+
         echo_json(ls_json(rows, chosen))
         return
     click.echo(ls_text(rows, chosen, headers=not no_headers), nl=False)
@@ -102,6 +108,8 @@ def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, a
     from thinpool.tools.delta import delta_batches, delta_runs, write_delta_xml
 
     if as_json:
+        from thinpool_cli.output import echo_json
+
         runs = delta_runs(pmd, a, b)
         echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
                    "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
@@ -137,6 +145,8 @@ def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None,
     with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
         db, de, dev, tb = rmap_arrays(pmd, parsed)
     if as_json:
+        from thinpool_cli.output import echo_json
+
         echo_json([{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
                    for a, b, d, t in zip(db.tolist(), de.tolist(), dev.tolist(), tb.tolist())])
         return
