@@ -8,6 +8,7 @@ import struct
 import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
+from oracles import assert_thin_check
 
 from thinpool.pool import Pool
 from thinpool_cli.main import cli
@@ -30,7 +31,7 @@ def test_repair_salvages_a_pool_with_a_damaged_leaf(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["pool", "repair", str(tmp_path / "p"), str(out), "--json"])
     assert r.exit_code == 0, r.output
     assert '"devices": 2' in r.output or '"devices": 1' in r.output
-    assert run_tool("thin_check", str(out), check=False).returncode == 0
+    assert_thin_check(str(out))
     dump = run_tool("thin_dump", str(out)).stdout
     assert 'dev_id="1" mapped_blocks="16"' in dump
 
@@ -60,7 +61,7 @@ def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
     out = tmp_path / "repaired.bin"
     r = CliRunner().invoke(cli, ["pool", "repair", str(tmp_path / "p"), str(out)])
     assert r.exit_code == 0, r.output
-    assert run_tool("thin_check", str(out), check=False).returncode == 0
+    assert_thin_check(str(out))
     held = run_tool("thin_dump", "-m", str(out)).stdout
     assert held == run_tool("thin_dump", "-m", src).stdout
     assert 'dev_id="2" mapped_blocks="16"' in held
@@ -88,7 +89,7 @@ def test_check_auto_repair_text_output_and_refusal(tmp_path) -> None:
     assert "(leak) data block 700 leaked: space map says 1, expected 0" in err
     assert err.index("(leak)") < err.index("repairing leaks") < err.rindex("checking space map counts")
     assert r.stdout.count("TRANSACTION_ID=") == 1
-    assert run_tool("thin_check", str(meta), check=False).returncode == 0
+    assert_thin_check(str(meta))
     # now damage a leaf: refused, the check's findings printed, one error line, nothing changed
     with open(meta, "r+b") as f:
         f.seek(leaf * 4096 + 100)
