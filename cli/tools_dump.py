@@ -3,8 +3,9 @@
 Layer: cli. May import: click, thinpool (the library only inside the commands).
 
 dump's XML and human-readable output are byte for byte thin_dump 0.9.0's; it streams (one leaf of mappings in
-memory) and shows a progress bar on a terminal for large pools. restore parses and checks the XML, builds the
-metadata in memory, and only then writes the target (superblock last).
+memory) and shows a progress bar on a terminal for large pools. restore parses and checks the XML as it streams,
+builds the metadata in a scratch file (memory independent of the mapping count), and only then writes the target
+(superblock last); a bar of the XML read shows on a terminal.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 
 import click
 
+from thinpool_cli.output import progress
 from thinpool_cli.params import json_option
 from thinpool_cli.tools_common import (
-    busy,
     mapping_progress,
     open_metadata,
     output_file,
+    progress_threshold,
     require_metadata_snap,
     resolve_device,
     target_option,
@@ -84,9 +86,11 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     md_path = os.path.join(output, "metadata") if pool_dir else output
     sink = _RestoreSink(md_path)
     try:
-        # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet
-        with busy("restoring", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
-            restore_xml(xml_path, sink)
+        # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet. A bar
+        # of the XML read on a terminal, from about 64 bytes of XML a mapping times the threshold in mappings
+        size = os.path.getsize(xml_path)
+        with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
+            restore_xml(xml_path, sink, progress=bar.update)
         if sink.summary is None:
             raise InvalidArgument(reason="no <superblock> element in the XML")
         ir, chunk = sink.summary, sink.chunk

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -194,12 +194,31 @@ class _RunBuffer:
                 c.clear()
 
 
-def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+class _CountingReader:
+    """A binary file that reports how far it has been read (``progress(bytes read)``)."""
+
+    def __init__(self, f: IO[bytes], progress: Callable[[int], None]) -> None:
+        self.f, self.progress, self.done = f, progress, 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.done += len(b)
+        self.progress(self.done)
+        return b
+
+
+def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
+             progress: Callable[[int], None] | None = None) -> None:
     """Parse thin_dump XML, feeding the IR to ``visitor`` as it goes (each element is checked first).
+    ``progress`` (a file path only) gets the bytes read so far.
 
     Raises:
         InvalidArgument with a clear message on bad input (the visitor may have seen a prefix).
     """
+    if progress is not None and isinstance(src, str):
+        with open(src, "rb") as f:
+            read_xml(_CountingReader(f, progress), visitor)  # type: ignore[arg-type]
+        return
     in_sb = saw_sb = False
     in_dev = False
     seen: set[int] = set()
@@ -329,9 +348,10 @@ def _fast_runs(seg: bytes) -> Runs:
                 np.ascontiguousarray(ln))
 
 
-def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor) -> bool:
+def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor,
+               progress: Callable[[int], None] | None = None) -> bool:
     """``read_xml`` of a file in thin_dump's exact layout; False (the visitor may have seen a prefix, and is to be
-    fed again from its superblock_b) when the file is in any other."""
+    fed again from its superblock_b) when the file is in any other. ``progress`` gets the bytes read so far."""
     try:
         with open(path, "rb") as f:
             m = _FAST_SB.fullmatch(f.readline())
@@ -348,6 +368,8 @@ def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor) -> bool:
                     return False  # no </superblock>
                 if not chunk.endswith(b"\n"):
                     chunk += f.readline()
+                if progress is not None:
+                    progress(f.tell())
                 data = b"\n" + chunk
                 i = 0  # data[i] is the newline before the next line
                 while i < len(data) - 1:
@@ -394,17 +416,19 @@ def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
     return col.ir if _read_fast(path, col) else None
 
 
-def restore_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+def restore_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
+                progress: Callable[[int], None] | None = None) -> None:
     """Feed thin_dump XML to ``visitor`` (a ``MetadataBuilder``, say) as it is parsed: memory holds one batch of
     runs, not the document. A file path in thin_dump's own layout takes the fast path; if that gives up midway,
-    the general parser feeds ``visitor`` again from its ``superblock_b``.
+    the general parser feeds ``visitor`` again from its ``superblock_b``. ``progress`` (a file path only) gets
+    the bytes of XML read so far (from 0 again if the general parser starts over).
 
     Raises:
         InvalidArgument with a clear message on bad input.
     """
-    if isinstance(src, str) and os.path.isfile(src) and _read_fast(src, visitor):
+    if isinstance(src, str) and os.path.isfile(src) and _read_fast(src, visitor, progress):
         return
-    read_xml(src, visitor)
+    read_xml(src, visitor, progress=progress)
 
 
 def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
