@@ -15,6 +15,7 @@ import click
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (
     busy,
+    mapping_progress,
     open_details,
     open_metadata,
     require_devices,
@@ -129,28 +130,58 @@ def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, a
 @click.argument("args", nargs=-1, metavar="[REGION...] [TARGET]")
 @click.option("--region", "regions", multiple=True, metavar="BEGIN..END",
               help="Data blocks BEGIN..END (END excluded); repeatable.")
+@click.option("--order", type=click.Choice(["cxx", "sorted"]), default="cxx", show_default=True,
+              help="cxx: thin_rmap 0.9.0's order (std::sort by data block); sorted: thin_rmap 1.x's (by data "
+                   "block, end, device, thin block).")
+@click.option("--memory-budget", "budget", default="8M", show_default=True, metavar="SIZE",
+              help="Runs kept in memory (32 bytes each); more are sorted on an unlinked temporary file.")
 @pool_option
 @json_option
-def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None, as_json: bool) -> None:
+def rmap(args: tuple[str, ...], regions: tuple[str, ...], order: str, budget: str, pool_path: str | None,
+         as_json: bool) -> None:
     """Which thin blocks map the data blocks of REGION (BEGIN..END), like thin_rmap.
+
+    Memory stays bounded however many runs the regions hold: past a budget they are sorted on an unlinked
+    temporary file ($TMPDIR). A progress bar shows on a terminal for a large pool.
 
     Example: thinpool rmap 0..100 mypool   (or: thinpool rmap --region 0..100 mypool/metadata)
     """
-    from thinpool.tools.rmap import rmap_arrays
+    from thinpool.errors import InvalidArgument
+    from thinpool.tools.rmap import rmap_chunks
+    from thinpool.units import parse_size
 
     rest, target = split_target(args)
     parsed = [parse_region(r) for r in list(regions) + rest]
     if not parsed:
         raise click.UsageError("no regions given (e.g. 0..100, or --region 0..100)")
-    with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
-        db, de, dev, tb = rmap_arrays(pmd, parsed)
-    if as_json:
-        from thinpool_cli.output import echo_json
+    try:
+        budget_bytes = parse_size(budget)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'--memory-budget'") from None
+    with open_metadata(target or pool_path) as pmd:
+        with mapping_progress("searching mappings", total_mapped(pmd)) as bar, \
+                rmap_chunks(pmd, parsed, order=order, budget_bytes=budget_bytes, progress=bar.advance) as chunks:
+            first = True
+            for rec in chunks:  # formatted a chunk at a time: memory stays one chunk
+                db, de, dev, tb = (rec[f].tolist() for f in ("data_begin", "data_end", "dev_id", "thin_begin"))
+                if as_json:
+                    click.echo(_json_runs(db, de, dev, tb, first), nl=False)
+                else:
+                    click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n"
+                                       for a, b, d, t in zip(db, de, dev, tb)), nl=False)
+                first = False
+            if as_json:
+                click.echo("[]" if first else "\n]")
 
-        echo_json([{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
-                   for a, b, d, t in zip(db.tolist(), de.tolist(), dev.tolist(), tb.tolist())])
-        return
-    for i in range(0, len(db), 1 << 16):  # formatted a slice at a time: memory stays the columns
-        sl = slice(i, i + (1 << 16))
-        click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n" for a, b, d, t in
-                           zip(db[sl].tolist(), de[sl].tolist(), dev[sl].tolist(), tb[sl].tolist())), nl=False)
+
+def _json_runs(db: list[int], de: list[int], dev: list[int], tb: list[int], first: bool) -> str:
+    """Records of ``json.dumps(runs, indent=2)``, streamed: "[" before the first, "," between them."""
+    import json
+
+    parts = []
+    for a, b, d, t in zip(db, de, dev, tb):
+        rec = json.dumps({"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)},
+                         indent=2)
+        parts.append(("[\n  " if first else ",\n  ") + rec.replace("\n", "\n  "))
+        first = False
+    return "".join(parts)
