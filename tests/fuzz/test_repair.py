@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fuzz_images as f
 import pytest
+from oracles import RUN_CHECKERS, assert_thin_check, assert_thin_check_blocks, checkers_verdict
 
 from thinpool.errors import InvalidArgument, MetadataCorrupt
 from thinpool.io.block_store import MemoryBlockStore
@@ -20,7 +21,7 @@ from thinpool.metadata.check import check_metadata, format_report
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.metadata.repair import repair, repair_file
 
-THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
+THIN_CHECK = RUN_CHECKERS  # the C++ and Rust thin_check (tests/oracles.py)
 LONG = os.environ.get("THINPOOL_LONG") == "1"
 
 
@@ -32,17 +33,7 @@ def images() -> dict:
 
 
 def thin_check(store: MemoryBlockStore) -> None:
-    if THIN_CHECK is None:
-        from conftest import need_tool
-        need_tool("thin_check")
-    with tempfile.NamedTemporaryFile(suffix=".meta") as fh:
-        fh.truncate(store.nr_blocks * 4096)
-        for b, buf in store.blocks.items():
-            fh.seek(b * 4096)
-            fh.write(buf)
-        fh.flush()
-        r = subprocess.run([THIN_CHECK, fh.name], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
+    assert_thin_check_blocks(store.blocks, store.nr_blocks)
 
 
 def do_repair(img: dict) -> tuple[MemoryBlockStore, object]:
@@ -189,10 +180,8 @@ def test_repair_file_output_passes_thin_check(tmp_path: Path, images: dict) -> N
     assert src.read_bytes() == before  # never in place
     assert rep.devices == 5 and rep.mappings == 614
     if THIN_CHECK:
-        r = subprocess.run([THIN_CHECK, str(tmp_path / "fixed")], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = subprocess.run([THIN_CHECK, str(src)], capture_output=True, text=True)
-        assert r.returncode != 0
+        assert_thin_check(tmp_path / "fixed")
+        assert not checkers_verdict(src)
 
 
 # --- issue 16: the held metadata snapshot survives repair; check --auto-repair ----------------------------------
