@@ -293,7 +293,7 @@ _RANGE_LINE = _RANGE_SKEL + b"\n"
 _DIGITS = b"0123456789"
 _DIGITS_TO_9 = bytes(57 if 48 <= c <= 57 else c for c in range(256))
 _TO_SPACES = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
-_FAST_CHUNK = 8 << 20  # bytes of XML per step
+_FAST_CHUNK = 1 << 20  # bytes of XML per step (larger steps cost more memory and run slower: cache)
 
 
 class _NotFast(Exception):
@@ -447,7 +447,7 @@ def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
 
 
 SPILL_MEMORY_BYTES = 4 << 20  # runs of one device kept in memory before they go to a temporary file
-BUILD_CHUNK_MAPPINGS = 1 << 18  # mappings expanded and added to the tree at once
+BUILD_CHUNK_MAPPINGS = 1 << 16  # mappings expanded and added to the tree at once
 
 
 class RunSpill:
