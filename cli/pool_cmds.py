@@ -13,7 +13,7 @@ import click
 
 from thinpool_cli.output import echo_json, kv_table, table
 from thinpool_cli.params import CHUNK_SIZE, SIZE, json_option, open_pool, pool_option, require_pool
-from thinpool_cli.tools_common import busy
+from thinpool_cli.tools_common import mapping_progress
 
 MAX_METADATA_BYTES = 255 * 16320 * 4096  # dm-thin's usable maximum: 255 bitmaps of 16320 blocks (~15.9 GiB)
 
@@ -317,9 +317,17 @@ def pool_repair(src: str, dst: str, force: bool, as_json: bool) -> None:
     locks = [lock_pool_dir(d) for d in (dst, os.path.dirname(os.path.abspath(dst_file)))
              if os.path.isdir(d) and os.path.exists(os.path.join(d, "metadata"))][:1]
     try:
-        # a spinner on a terminal for a large source (a metadata leaf holds up to 126 mappings)
-        with busy("repairing metadata", os.path.getsize(src_file) // 4096 * 126):
-            rep = repair_file(src_file, dst_file)
+        # a bar on a terminal: mappings salvaged, then written (the total known once the details are read)
+        with ExitStack() as stack:
+            bar: Any = None
+
+            def on_progress(done: int, total: int) -> None:
+                nonlocal bar
+                if bar is None:
+                    bar = stack.enter_context(mapping_progress("repairing metadata", total))
+                bar.update(done)
+
+            rep = repair_file(src_file, dst_file, progress=on_progress)
     finally:
         for fd in locks:
             if fd is not None:

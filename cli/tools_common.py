@@ -39,6 +39,20 @@ def open_metadata(target: str | None, *, use_metadata_snap: bool = False) -> Ite
 
 
 @contextmanager
+def open_details(target: str | None, *, use_metadata_snap: bool = False) -> Iterator[Any]:
+    """Open a pool directory's or a bare file's metadata as a ``ReadOnlyMetadata`` view: the superblock and the
+    device details only (what ``ls`` needs for its default fields; no space map, transaction manager or numpy)."""
+    from thinpool.io.block_store import FileBlockStore
+    from thinpool.metadata.readonly import ReadOnlyMetadata
+
+    store = FileBlockStore(metadata_path(target), readonly=True)
+    try:
+        yield ReadOnlyMetadata.open(store, use_metadata_snap=use_metadata_snap)
+    finally:
+        store.close()
+
+
+@contextmanager
 def output_file(path: str | None) -> Iterator[IO[str]]:
     """stdout, or FILE written through a temporary name beside it and renamed when complete (no half-written
     FILE). An error names FILE, never the temporary name."""
@@ -121,11 +135,11 @@ def require_devices(md: Any, ids: Sequence[int]) -> None:
 def require_metadata_snap(target: str | None) -> None:
     """-m needs a held metadata snapshot (thin_check/thin_dump refuse otherwise): refuse the same way."""
     from thinpool.io.block_store import FileBlockStore
-    from thinpool.metadata.pool_metadata import PoolMetadata
+    from thinpool.metadata.readonly import read_superblock
 
     store = FileBlockStore(metadata_path(target), readonly=True)
     try:
-        held = PoolMetadata.read_superblock(store).held_root
+        held = read_superblock(store).held_root
     finally:
         store.close()
     if not held:

@@ -3,8 +3,9 @@
 Layer: cli. May import: click, thinpool (the library only inside the commands).
 
 dump's XML and human-readable output are byte for byte thin_dump 0.9.0's; it streams (one leaf of mappings in
-memory) and shows a progress bar on a terminal for large pools. restore parses and checks the XML, builds the
-metadata in memory, and only then writes the target (superblock last).
+memory) and shows a progress bar on a terminal for large pools. restore parses and checks the XML as it streams,
+builds the metadata in a scratch file (memory independent of the mapping count), and only then writes the target
+(superblock last); a bar of the XML read shows on a terminal.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 
 import click
 
+from thinpool_cli.output import progress
 from thinpool_cli.params import json_option
 from thinpool_cli.tools_common import (
-    busy,
     mapping_progress,
     open_metadata,
     output_file,
+    progress_threshold,
     require_metadata_snap,
     resolve_device,
     target_option,
@@ -84,9 +86,11 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     md_path = os.path.join(output, "metadata") if pool_dir else output
     sink = _RestoreSink(md_path)
     try:
-        # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet
-        with busy("restoring", os.path.getsize(xml_path) // 64):  # about 64 bytes of XML per mapping
-            restore_xml(xml_path, sink)
+        # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet. A bar
+        # of the XML read on a terminal, from about 64 bytes of XML a mapping times the threshold in mappings
+        size = os.path.getsize(xml_path)
+        with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
+            restore_xml(xml_path, sink, progress=bar.update)
         if sink.summary is None:
             raise InvalidArgument(reason="no <superblock> element in the XML")
         ir, chunk = sink.summary, sink.chunk
@@ -137,7 +141,8 @@ class _RestoreSink:
         self.summary: _Restored | None = None
         self.chunk = 0
         self.scratch: Any = None
-        self.written: set[int] = set()
+        self.scratch_fd = -1
+        self.written = bytearray()
         self.builder: Any = None
         self._hi: tuple[int | None, int | None] = (None, None)
         self._dev = 0
@@ -146,6 +151,9 @@ class _RestoreSink:
         if self.scratch is not None:
             self.scratch.close()
             self.scratch = None
+        if self.scratch_fd >= 0:
+            os.close(self.scratch_fd)
+            self.scratch_fd = -1
 
     def superblock_b(self, sb: Any) -> None:
         from thinpool.errors import InvalidArgument
@@ -165,7 +173,7 @@ class _RestoreSink:
         else:
             nr_blocks = metadata_size_for(max(sb.nr_data_blocks, 1) * self.chunk, self.chunk) // 4096
         self.close()
-        self.scratch, self.written = _scratch_store(self.md_path, nr_blocks)
+        self.scratch, self.written, self.scratch_fd = _scratch_store(self.md_path, nr_blocks)
         self.summary = _Restored(sb.transaction, sb.nr_data_blocks)
         self.builder = MetadataBuilder(self.scratch)
         self.builder.superblock_b(sb)
@@ -218,9 +226,8 @@ def _restore_file(sink: _RestoreSink, md_path: str, force: bool) -> None:
             f.truncate(nr_blocks * 4096)
     store = FileBlockStore(md_path)
     try:
-        for b in sorted(sink.written):
-            if b:
-                store.write_block(b, scratch.read_block(b))
+        for b, blocks in _written_runs(sink):
+            store.write_run(b, blocks)
         store.sync()
         store.write_block(0, scratch.read_block(0))
         store.sync()
@@ -229,20 +236,45 @@ def _restore_file(sink: _RestoreSink, md_path: str, force: bool) -> None:
     PoolMetadata.open(FileBlockStore(md_path, readonly=True), readonly=True).close()
 
 
-def _scratch_store(md_path: str, nr_blocks: int) -> tuple[Any, set[int]]:
+def _written_runs(sink: _RestoreSink) -> Any:
+    """(first block, [blocks]) for each run of at most 256 consecutive blocks written to the scratch file,
+    block 0 (the superblock, copied last) left out. Memory: one run."""
+    import numpy as np
+
+    w = np.zeros(len(sink.written) + 2, dtype=np.int8)  # a byte per block, a zero either side
+    w[1:-1] = np.frombuffer(sink.written, dtype=np.int8)
+    w[1] = 0
+    edges = np.flatnonzero(np.diff(w))
+    for lo, hi in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        for b in range(lo, hi, 256):
+            n = min(256, hi - b)
+            raw = os.pread(sink.scratch_fd, n * 4096, b * 4096)
+            yield b, [raw[i * 4096:(i + 1) * 4096] for i in range(n)]
+
+
+def _scratch_store(md_path: str, nr_blocks: int) -> tuple[Any, bytearray, int]:
     """Where restore builds the metadata before copying it to the target (a failure leaves the target as it
     was): a sparse scratch file beside the target (or in $TMPDIR), unlinked at once, so memory does not grow
-    with the mapping count. Returns the store and the set of blocks written to it."""
+    with the mapping count. Returns the store, a byte per block set when the block is written, and a file
+    descriptor of the scratch file to read it back."""
     import tempfile
 
     from thinpool.io.block_store import FileBlockStore
 
-    written: set[int] = set()
+    written = bytearray(nr_blocks)
 
     class Scratch(FileBlockStore):
         def write_block(self, b: int, data: bytes | bytearray) -> None:
-            written.add(b)
+            written[b] = 1
             super().write_block(b, data)
+
+        def write_run(self, b: int, datas: list[bytes | bytearray]) -> None:
+            written[b:b + len(datas)] = b"\x01" * len(datas)
+            super().write_run(b, datas)
+
+        @classmethod
+        def writes_runs(cls) -> bool:
+            return True  # both writes are counted
 
     for d in (os.path.dirname(os.path.abspath(md_path)), None):
         try:
@@ -254,10 +286,12 @@ def _scratch_store(md_path: str, nr_blocks: int) -> tuple[Any, set[int]]:
         try:
             os.ftruncate(fd, nr_blocks * 4096)
             store = Scratch(tmp)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        finally:
             os.unlink(tmp)
-        return store, written
+        return store, written, fd
     raise AssertionError("unreachable")
 
 

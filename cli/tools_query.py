@@ -12,10 +12,11 @@ from typing import Any
 
 import click
 
-from thinpool_cli.output import echo_json
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (
     busy,
+    mapping_progress,
+    open_details,
     open_metadata,
     require_devices,
     require_metadata_snap,
@@ -48,7 +49,7 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     Example: thinpool ls mypool -o DEV,MAPPED,EXCLUSIVE,SHARED
     """
     from thinpool.errors import InvalidArgument
-    from thinpool.tools.ls import LS_DEFAULT, check_fields, ls_json, ls_rows, ls_text
+    from thinpool.tools.ls import LS_DEFAULT, check_fields, ls_json, ls_rows, ls_text, needs_mappings
 
     try:
         chosen = check_fields(fields.split(",")) if fields is not None else list(LS_DEFAULT)
@@ -57,11 +58,17 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     target = target or pool_path
     if metadata_snap:
         require_metadata_snap(target)
-    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
-        walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
-        with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
-            rows = ls_rows(pmd, chosen)
+    if not needs_mappings(chosen):  # the details alone: no space map, transaction manager or numpy loaded
+        with open_details(target, use_metadata_snap=metadata_snap) as view:
+            rows = ls_rows(view, chosen)
+    else:
+        with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+            walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
+            with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
+                rows = ls_rows(pmd, chosen)
     if as_json:
+        from thinpool_cli.output import echo_json
+
         echo_json(ls_json(rows, chosen))
         return
     click.echo(ls_text(rows, chosen, headers=not no_headers), nl=False)
@@ -102,6 +109,8 @@ def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, a
     from thinpool.tools.delta import delta_batches, delta_runs, write_delta_xml
 
     if as_json:
+        from thinpool_cli.output import echo_json
+
         runs = delta_runs(pmd, a, b)
         echo_json({"left": a, "right": b, "data_block_size": pmd.data_block_size,
                    "ranges": [{"kind": r.kind, "begin": r.begin, "length": r.length,
@@ -121,26 +130,58 @@ def _write_delta(pmd: Any, a: int, b: int, verbose: bool, metadata_snap: bool, a
 @click.argument("args", nargs=-1, metavar="[REGION...] [TARGET]")
 @click.option("--region", "regions", multiple=True, metavar="BEGIN..END",
               help="Data blocks BEGIN..END (END excluded); repeatable.")
+@click.option("--order", type=click.Choice(["cxx", "sorted"]), default="cxx", show_default=True,
+              help="cxx: thin_rmap 0.9.0's order (std::sort by data block); sorted: thin_rmap 1.x's (by data "
+                   "block, end, device, thin block).")
+@click.option("--memory-budget", "budget", default="8M", show_default=True, metavar="SIZE",
+              help="Runs kept in memory (32 bytes each); more are sorted on an unlinked temporary file.")
 @pool_option
 @json_option
-def rmap(args: tuple[str, ...], regions: tuple[str, ...], pool_path: str | None, as_json: bool) -> None:
+def rmap(args: tuple[str, ...], regions: tuple[str, ...], order: str, budget: str, pool_path: str | None,
+         as_json: bool) -> None:
     """Which thin blocks map the data blocks of REGION (BEGIN..END), like thin_rmap.
+
+    Memory stays bounded however many runs the regions hold: past a budget they are sorted on an unlinked
+    temporary file ($TMPDIR). A progress bar shows on a terminal for a large pool.
 
     Example: thinpool rmap 0..100 mypool   (or: thinpool rmap --region 0..100 mypool/metadata)
     """
-    from thinpool.tools.rmap import rmap_arrays
+    from thinpool.errors import InvalidArgument
+    from thinpool.tools.rmap import rmap_chunks
+    from thinpool.units import parse_size
 
     rest, target = split_target(args)
     parsed = [parse_region(r) for r in list(regions) + rest]
     if not parsed:
         raise click.UsageError("no regions given (e.g. 0..100, or --region 0..100)")
-    with open_metadata(target or pool_path) as pmd, busy("searching mappings", total_mapped(pmd)):
-        db, de, dev, tb = rmap_arrays(pmd, parsed)
-    if as_json:
-        echo_json([{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
-                   for a, b, d, t in zip(db.tolist(), de.tolist(), dev.tolist(), tb.tolist())])
-        return
-    for i in range(0, len(db), 1 << 16):  # formatted a slice at a time: memory stays the columns
-        sl = slice(i, i + (1 << 16))
-        click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n" for a, b, d, t in
-                           zip(db[sl].tolist(), de[sl].tolist(), dev[sl].tolist(), tb[sl].tolist())), nl=False)
+    try:
+        budget_bytes = parse_size(budget)
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="'--memory-budget'") from None
+    with open_metadata(target or pool_path) as pmd:
+        with mapping_progress("searching mappings", total_mapped(pmd)) as bar, \
+                rmap_chunks(pmd, parsed, order=order, budget_bytes=budget_bytes, progress=bar.advance) as chunks:
+            first = True
+            for rec in chunks:  # formatted a chunk at a time: memory stays one chunk
+                db, de, dev, tb = (rec[f].tolist() for f in ("data_begin", "data_end", "dev_id", "thin_begin"))
+                if as_json:
+                    click.echo(_json_runs(db, de, dev, tb, first), nl=False)
+                else:
+                    click.echo("".join(f"data {a}..{b} -> thin({d}) {t}..{t + (b - a)}\n"
+                                       for a, b, d, t in zip(db, de, dev, tb)), nl=False)
+                first = False
+            if as_json:
+                click.echo("[]" if first else "\n]")
+
+
+def _json_runs(db: list[int], de: list[int], dev: list[int], tb: list[int], first: bool) -> str:
+    """Records of ``json.dumps(runs, indent=2)``, streamed: "[" before the first, "," between them."""
+    import json
+
+    parts = []
+    for a, b, d, t in zip(db, de, dev, tb):
+        rec = json.dumps({"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)},
+                         indent=2)
+        parts.append(("[\n  " if first else ",\n  ") + rec.replace("\n", "\n  "))
+        first = False
+    return "".join(parts)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need_tool, run_tool
+from oracles import assert_thin_check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -115,7 +116,7 @@ def test_pool_commands_reach_the_running_server(pooldir):
         assert p.device(5).read(0, BS) == b"\x33" * BS
         assert p.status().total_data_blocks * 64 * 1024 == 192 * MiB
     need_tool("thin_check")
-    run_tool("thin_check", os.path.join(pool, "metadata"))
+    assert_thin_check(os.path.join(pool, "metadata"))
 
 
 @pytest.mark.external
@@ -175,7 +176,7 @@ def test_snapshot_while_fio_writes(pooldir):
             fio.wait()
         rc, _out, err = srv.stop()
     assert rc == 0, err
-    run_tool("thin_check", os.path.join(pool, "metadata"))
+    assert_thin_check(os.path.join(pool, "metadata"))
     with Pool.open(pool, readonly=True) as p:
         snap, origin = p.device(1), p.device(0)
         tags = [int.from_bytes(snap.read(base + i * BS, 4), "little") for i in range(nblocks)]

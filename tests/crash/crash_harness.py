@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oracles import RUN_CHECKERS, assert_thin_check_blocks
+
 from thinpool.checksum import BlockType, stamp
 from thinpool.errors import ThinpoolError
 from thinpool.formats.superblock import NEEDS_CHECK_FLAG, build_superblock
@@ -45,7 +47,7 @@ _TMP = tempfile.TemporaryDirectory(prefix="thinpool-crash-")  # every run's mani
 
 def scratch(prefix: str = "run-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=_TMP.name))
-THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
+THIN_CHECK = RUN_CHECKERS  # the C++ and Rust thin_check (tests/oracles.py)
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -556,14 +558,7 @@ class Verifier:
         return None
 
     def thin_check(self, meta: dict[int, bytes], what: str) -> None:
-        with tempfile.NamedTemporaryFile(prefix="thinpool-crash-", suffix=".meta") as f:
-            f.truncate(self.d.nr_meta * 4096)
-            for b, buf in meta.items():
-                f.seek(b * 4096)
-                f.write(buf)
-            f.flush()
-            r = subprocess.run([THIN_CHECK, f.name], capture_output=True, text=True)
-            assert r.returncode == 0, f"{what}: thin_check failed: {r.stdout}{r.stderr}"
+        assert_thin_check_blocks(meta, self.d.nr_meta, what=what)
         self.thin_checked += 1
 
     def reuse(self, store: MemoryBlockStore, data: dict[int, bytes], snap: Snap, what: str) -> None:

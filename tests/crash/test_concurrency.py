@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from oracles import RUN_CHECKERS, assert_thin_check
 
 from thinpool.errors import PoolLocked
 from thinpool.io.block_store import FileBlockStore
@@ -33,7 +34,7 @@ DEV_CHUNKS = 24
 NR_REGIONS = DEV_CHUNKS * CH // REGION
 THREADS = 8
 LONG = os.environ.get("THINPOOL_LONG") == "1"
-THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
+THIN_CHECK = RUN_CHECKERS  # the C++ and Rust thin_check (tests/oracles.py)
 
 
 def version_bytes(dev: int, region: int, v: int) -> bytes:
@@ -157,8 +158,7 @@ def test_8_threads_4_devices_with_snapshots(tmp_path: Path) -> None:
     rep = check_metadata(FileBlockStore(path / "metadata", readonly=True))
     assert rep.ok
     if THIN_CHECK:
-        r = subprocess.run([THIN_CHECK, str(path / "metadata")], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert_thin_check(path / "metadata")
     with Pool.open(path) as p:
         final_state(p)
         for snap, origin, s, e in hist.snaps:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from oracles import RUN_CHECKERS, assert_thin_check
 
 from thinpool.errors import HostNoSpace, NoSpace, StoreIOError
 from thinpool.io.block_store import FileBlockStore, MemoryBlockStore
@@ -24,7 +25,7 @@ from thinpool.testing.faulty import (
     parse_fault_spec,
 )
 
-THIN_CHECK = next((p for p in ("/usr/sbin/thin_check", "/sbin/thin_check") if os.access(p, os.X_OK)), None)
+THIN_CHECK = RUN_CHECKERS  # the C++ and Rust thin_check (tests/oracles.py)
 
 
 def blk(i: int) -> bytes:
@@ -159,8 +160,7 @@ def test_power_cut_on_a_real_file_pool(tmp_path: Path, spec: str) -> None:
     rep = check_metadata(FileBlockStore(path / "metadata", readonly=True))
     assert rep.ok
     if THIN_CHECK:
-        r = subprocess.run([THIN_CHECK, str(path / "metadata")], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert_thin_check(path / "metadata")
     with Pool.open(path) as p:
         got = p.device(1).read(0, 32 * ch)
         assert got in (done, bytes(model)), "reopened pool holds neither the last commit nor the one in flight"

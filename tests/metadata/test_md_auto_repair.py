@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import need_tool, run_tool
+from oracles import CXX_CHECK, RUST_CHECK, assert_thin_check, checkers_verdict, run_checker
 
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata, repair_leaks
@@ -57,7 +58,9 @@ def _counts(meta, blocks):
 def test_auto_repair_fixes_thin_restore_leaks(tmp_path) -> None:
     need_tool("thin_restore", "thin_check", "thin_dump")
     meta = _restored_with_leaks(tmp_path)
-    assert run_tool("thin_check", str(meta), check=False).returncode == 0  # 0.9.0 does not see them
+    assert run_checker(CXX_CHECK, meta).ok  # 0.9.0 does not see them; 1.1.0 does, as our check does
+    rust = run_checker(RUST_CHECK, meta)
+    assert not rust.ok and "5 data blocks have leaked." in rust.stderr.splitlines(), rust.describe()
     report = check_metadata(FileBlockStore(meta, readonly=True))
     assert not report.errors
     assert [b for b, _, _ in report.leaked_data] == [5, 6, 7, 8, 9]
@@ -73,7 +76,7 @@ def test_auto_repair_fixes_thin_restore_leaks(tmp_path) -> None:
     assert out["repaired"]["metadata_blocks"] == 0
     assert out["data_used_blocks"] == 10 + 7 + 3 - 5
     assert _counts(meta, [4, 5, 9, 100, 200]) == [1, 0, 0, 1, 1]
-    assert run_tool("thin_check", str(meta), check=False).returncode == 0
+    assert_thin_check(str(meta))
     assert CliRunner().invoke(cli, ["check", str(meta)]).exit_code == 0
     assert run_tool("thin_dump", str(meta)).stdout == dump_before
     # nothing left to repair: a second run changes nothing
@@ -113,7 +116,7 @@ def test_auto_repair_lowers_raised_data_and_metadata_counts(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert "repairing leaks: lowered the counts of 2 data block(s) (1 now free) and 2 metadata block(s) " \
            "(1 now free)" in r.stderr
-    assert run_tool("thin_check", str(meta), check=False).returncode == 0
+    assert_thin_check(str(meta))
     assert CliRunner().invoke(cli, ["check", str(meta)]).exit_code == 0
     assert run_tool("thin_dump", str(meta)).stdout == dump_before
     store = FileBlockStore(meta, readonly=True)
@@ -148,7 +151,7 @@ def test_auto_repair_refuses_other_errors_and_changes_nothing(tmp_path) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("thinpool: error:")]
     assert len(lines) == 1 and "not repairing" in lines[0] and "Traceback" not in r.output
     assert meta.read_bytes() == before
-    assert run_tool("thin_check", str(meta), check=False).returncode != 0
+    assert not checkers_verdict(meta)
     with pytest.raises(Exception) as e:
         repair_leaks(FileBlockStore(meta), name=str(meta))
     assert type(e.value).__name__ == "LeakRepairRefused" and e.value.exit_code == 1
@@ -179,7 +182,7 @@ def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
     out = tmp_path / "out.bin"
     rep = repair_file(src, out)
     assert rep.held_snapshot and rep.held_devices == 3 and rep.devices == 3
-    assert run_tool("thin_check", str(out), check=False).returncode == 0
+    assert_thin_check(str(out))
     assert check_metadata(FileBlockStore(out, readonly=True)).ok
     held_src = run_tool("thin_dump", "-m", str(src)).stdout
     held_out = run_tool("thin_dump", "-m", str(out)).stdout
@@ -209,5 +212,5 @@ def test_repair_drops_an_unreadable_snapshot_but_keeps_the_live_devices(tmp_path
     out = tmp_path / "out.bin"
     rep = repair_file(src, out)
     assert not rep.held_snapshot and any("metadata snapshot" in p for p in rep.problems)
-    assert run_tool("thin_check", str(out), check=False).returncode == 0
+    assert_thin_check(str(out))
     assert 'dev_id="1" mapped_blocks="16"' in run_tool("thin_dump", str(out)).stdout

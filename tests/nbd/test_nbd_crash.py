@@ -17,6 +17,7 @@ import time
 import pytest
 from conftest import need_tool, run_tool
 from nbd_client import RawClient
+from oracles import assert_thin_check
 
 from thinpool.nbd import protocol as P
 from thinpool.pool import Pool
@@ -87,7 +88,7 @@ def test_sigkill_during_fio_keeps_every_flushed_write():
             assert not t.is_alive()
             fio.wait(60)
             issued, durable = state["issued"], state["durable"]
-            run_tool("thin_check", os.path.join(pool, "metadata"))
+            assert_thin_check(os.path.join(pool, "metadata"))
             with Pool.open(pool) as p:
                 dev = p.device(0)
                 tags = [tag_of(dev.read(BASE + i * BS, BS)) for i in range(NBLOCKS)]

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from conftest import need_tool, run_tool
+from oracles import assert_thin_check
 
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.check import check_metadata, format_report
@@ -27,9 +28,7 @@ def check_pool(path: str | os.PathLike[str], *, thin_check: bool = True) -> None
     report = check_metadata(FileBlockStore(meta, readonly=True))
     assert report.ok and not report.warnings, format_report(report)
     if thin_check:
-        need_tool("thin_check")
-        r = run_tool("thin_check", str(meta), check=False)
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert_thin_check(meta)
 
 
 def is_hole(path: str | os.PathLike[str], offset: int, length: int) -> bool:

@@ -27,6 +27,7 @@ from conftest import need_tool, run_tool
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
+from oracles import assert_thin_check
 
 from thinpool.errors import NoDataSpace
 from thinpool.io.block_store import FileBlockStore
@@ -302,8 +303,7 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pool = None
                 report = check_metadata(FileBlockStore(os.path.join(self.path, "metadata"), readonly=True))
                 assert report.ok and not report.warnings, format_report(report)
-                r = run_tool("thin_check", os.path.join(self.path, "metadata"), check=False)
-                assert r.returncode == 0, r.stdout + r.stderr
+                assert_thin_check(os.path.join(self.path, "metadata"))
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -36,27 +36,44 @@ Memory O(depth x fanout) plus the memo. Time O(nodes walked).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from thinpool.btree.node import MAX_DEPTH, FrozenNode, Node, decode_frozen, decode_node
-from thinpool.btree.spine import NodeCache
 from thinpool.errors import MetadataCorrupt, MetadataError, StoreIOError
 from thinpool.io.block_store import BlockStore
-from thinpool.tx.transaction import TransactionManager
 from thinpool.units import lazy_module
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from thinpool.btree.spine import NodeCache
+    from thinpool.tx.transaction import TransactionManager
+
+    Source = TransactionManager | BlockStore  # where nodes come from
 else:
     np = lazy_module("numpy")
 
 STRICT: Final = "strict"
 SALVAGE: Final = "salvage"
 
-Source = TransactionManager | BlockStore
 AnyNode = Node | FrozenNode  # FrozenNode: a store read by a visitor walk (numpy views, no copies)
 Memo = dict[int, AnyNode | None]
+
+
+def _tm_of(source: Source) -> TransactionManager | None:
+    """``source`` if it is a TransactionManager, else None (a BlockStore). A read-only tool walking a bare store
+    (``thinpool ls``) never imports the transaction manager, the node cache or numpy: an object can only be a
+    TransactionManager once its module is loaded, so the module is looked up, not imported."""
+    tx = sys.modules.get("thinpool.tx.transaction")
+    return source if tx is not None and isinstance(source, tx.TransactionManager) else None
+
+
+def _node_cache(tm: TransactionManager) -> NodeCache:
+    from thinpool.btree.spine import NodeCache
+
+    return NodeCache.of(tm)
 
 
 class Where(NamedTuple):
@@ -164,14 +181,15 @@ class _Walker:
         self.memo: Memo | None = memo
         self.lo, self.hi = lo, hi
         self.replay = revisit == "replay"
-        if isinstance(source, TransactionManager):
-            self.nodes: NodeCache | None = NodeCache.of(source)
-            self.store = source.store
-            self.limit = source.limit
+        tm = _tm_of(source)
+        if tm is not None:
+            self.nodes: NodeCache | None = _node_cache(tm)
+            self.store = tm.store
+            self.limit = tm.limit
         else:
             self.nodes = None
-            self.store = source
-            self.limit = source.nr_blocks
+            self.store = cast(BlockStore, source)
+            self.limit = self.store.nr_blocks
 
     def fail(self, err: MetadataCorrupt, where: Where, block: int | None = None) -> None:
         path = where.path + ((block,) if block is not None else ())
@@ -309,8 +327,10 @@ def read_view(source: Source, block: int, *, value_size: int) -> NodeView:
     Raises:
         MetadataCorrupt / ChecksumError naming ``block`` (a block beyond the metadata device included).
     """
-    if isinstance(source, TransactionManager):
-        return NodeView(NodeCache.of(source).read(block, value_size))
+    tm = _tm_of(source)
+    if tm is not None:
+        return NodeView(_node_cache(tm).read(block, value_size))
+    source = cast(BlockStore, source)
     if not 0 <= block < source.nr_blocks:
         raise MetadataCorrupt(block=block, reason=f"btree node pointer {block} beyond the metadata device "
                                                   f"({source.nr_blocks} blocks)")
@@ -323,6 +343,18 @@ def walk_nodes(source: Source, root: int, *, value_size: int, visitor: Visitor |
     """The walk as a generator of (leaf Node, Where), for code inside btree/ (BTree.leaves)."""
     w = _Walker(source, value_size, visitor or Visitor(), policy, memo, lo, hi, revisit)
     return w.visit(root, Where((), 0, None))  # type: ignore[return-value]  # not frozen: Nodes only
+
+
+def walk_items(source: Source, root: int, *, value_size: int) -> Iterator[tuple[int, Any]]:
+    """(key, value) of every entry in key order, as Python ints (8- and 4-byte values) or bytes (wider), through
+    the strict walk, decoded by ``decode_node``: for readers of small trees (the details tree, the top level of
+    the mapping tree) that need neither numpy nor a transaction manager (``metadata/readonly.py``).
+
+    Raises:
+        MetadataCorrupt (with ``path``) / ChecksumError.
+    """
+    for node, _ in walk_nodes(source, root, value_size=value_size):
+        yield from zip(node.keys, node.values)
 
 
 def walk_views(source: Source, root: int, *, value_size: int, visitor: Visitor | None = None,

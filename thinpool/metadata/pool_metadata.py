@@ -45,7 +45,6 @@ from thinpool.formats.device_details import (
     DeviceDetails,
     build_device_details,
     pack_block_time,
-    pack_block_times,
     parse_device_details,
     unpack_block_time,
     unpack_block_times,
@@ -57,9 +56,9 @@ from thinpool.formats.superblock import (
     THIN_VERSION,
     Superblock,
     build_superblock,
-    parse_superblock,
 )
 from thinpool.io.block_store import BlockStore
+from thinpool.metadata.readonly import read_superblock, snapshot_superblock
 from thinpool.metadata.thin_device import (
     MAPPING_CACHE_MAX_ENTRIES,
     MAX_MAPPING_CACHES,
@@ -240,19 +239,8 @@ class PoolMetadata:
 
     @staticmethod
     def read_superblock(store: BlockStore, blocknr: int = 0) -> Superblock:
-        """Read and validate a superblock as the kernel's sb_check does (checksum, self block number, magic)."""
-        buf = store.read_block(blocknr)
-        if blocknr == 0 and not any(buf):
-            raise MetadataCorrupt(block=0, reason="superblock is all zeros (unformatted metadata)")
-        checksum.validate(buf, BlockType.SUPERBLOCK, blocknr, "superblock")
-        sb = parse_superblock(buf, blocknr)
-        if sb.magic != THIN_SUPERBLOCK_MAGIC:
-            raise MetadataCorrupt(block=blocknr, reason=f"bad superblock magic {sb.magic}")
-        if sb.metadata_block_size != METADATA_BLOCK_SIZE_SECTORS:
-            raise UnsupportedMetadata(feature=f"metadata block size {sb.metadata_block_size} sectors")
-        if sb.data_block_size < 128 or sb.data_block_size % 128 or sb.data_block_size > 2097152:
-            raise MetadataCorrupt(block=blocknr, reason=f"bad data block size {sb.data_block_size}")
-        return sb
+        """Read and validate a superblock as the kernel's sb_check does (``metadata.readonly.read_superblock``)."""
+        return read_superblock(store, blocknr)
 
     @classmethod
     def open(cls, store: BlockStore, *, readonly: bool = False, use_metadata_snap: bool = False,
@@ -302,12 +290,7 @@ class PoolMetadata:
 
     @classmethod
     def _snap_view(cls, store: BlockStore, sb: Superblock) -> Superblock:
-        if not sb.held_root:
-            raise InvalidArgument(reason="no metadata snapshot is held")
-        held = cls.read_superblock(store, sb.held_root)
-        return sb.replace(data_mapping_root=held.data_mapping_root, device_details_root=held.device_details_root,
-                          time=held.time, trans_id=held.trans_id, flags=held.flags, held_root=sb.held_root,
-                          data_sm_root=SmRoot(0, 0, 0, 0))
+        return snapshot_superblock(store, sb)
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -571,7 +554,10 @@ class PoolMetadata:
 
     def build_device(self, dev_id: int, thin_blocks: np.ndarray, data_blocks: np.ndarray, times: np.ndarray,
                      details: DeviceDetails | None = None) -> None:
-        """Create a device whose mapping tree is built in bulk from sorted, unique thin blocks (restore)."""
+        """Create a device whose mapping tree is built in bulk from sorted, unique thin blocks (restore). Checks
+        everything before changing anything; the tree's nodes are written as they fill (metadata/builder.py)."""
+        from thinpool.metadata.builder import DeviceBuilder
+
         self._check_writable()
         self._check_id(dev_id)
         if dev_id in self.devices:
@@ -590,16 +576,18 @@ class PoolMetadata:
                                              f"({self.data_sm.nr_blocks} blocks)")
             if int(times.max()) > TIME_MASK:
                 raise InvalidArgument(reason="build_device: mapping time does not fit in 24 bits")
-        values = pack_block_times(data_blocks, times)
-        if len(data_blocks):
-            self.data_sm.inc_many(data_blocks.astype(np.int64))
-        sub = self.mapping.build(thin_blocks.astype(np.uint64), values)
-        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
+        b = DeviceBuilder(self, dev_id, len(thin_blocks), details)
+        b.add(thin_blocks, data_blocks, times)
+        b.finish()
+
+    def _attach_device(self, dev_id: int, root: int, nr_mappings: int, details: DeviceDetails) -> None:
+        """Enter a device whose mapping tree was built at ``root`` (metadata/builder.py) in the top-level tree
+        and the in-core details (written at the next commit)."""
+        self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
         self._forget_mappings(dev_id)
-        self._roots[dev_id] = sub
-        d = details or DeviceDetails(0, self.trans_id, self.time, self.time)
-        self.devices[dev_id] = ThinDetails(dev_id, len(thin_blocks), d.transaction_id, d.creation_time,
-                                           d.snapshotted_time, changed=True, owner=self._changed_ids)
+        self._roots[dev_id] = root
+        self.devices[dev_id] = ThinDetails(dev_id, nr_mappings, details.transaction_id, details.creation_time,
+                                           details.snapshotted_time, changed=True, owner=self._changed_ids)
 
     # --- pool-wide messages -----------------------------------------------------------------------------------
     def set_transaction_id(self, current: int, new: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -193,16 +194,39 @@ class _RunBuffer:
                 c.clear()
 
 
-def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+class _CountingReader:
+    """A binary file that reports how far it has been read (``progress(bytes read)``)."""
+
+    def __init__(self, f: IO[bytes], progress: Callable[[int], None]) -> None:
+        self.f, self.progress, self.done = f, progress, 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.done += len(b)
+        self.progress(self.done)
+        return b
+
+
+def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
+             progress: Callable[[int], None] | None = None) -> None:
     """Parse thin_dump XML, feeding the IR to ``visitor`` as it goes (each element is checked first).
+    ``progress`` (a file path only) gets the bytes read so far.
 
     Raises:
         InvalidArgument with a clear message on bad input (the visitor may have seen a prefix).
     """
+    if progress is not None and isinstance(src, str):
+        with open(src, "rb") as f:
+            read_xml(_CountingReader(f, progress), visitor)  # type: ignore[arg-type]
+        return
     in_sb = saw_sb = False
     in_dev = False
     seen: set[int] = set()
     buf = _RunBuffer(visitor)
+    # thin_dump 1.x writes a subtree shared by several devices once, as <def name=...> before the devices, and
+    # <ref name=.../> where each device has it: the def's runs are kept and replayed at each ref.
+    defs: dict[str, list[tuple[int, int, int, int]]] = {}
+    in_def: list[tuple[int, int, int, int]] | None = None
     try:
         for event, el in ET.iterparse(src, events=("start", "end")):
             tag = el.tag
@@ -227,8 +251,24 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
                     visitor.device_b(DeviceDetailsIR(dev_id, _int(el, "mapped_blocks"), _int(el, "transaction"),
                                                      _int(el, "creation_time"), _int(el, "snap_time")))
                     in_dev = True
+                elif tag == "def":
+                    name = el.get("name")
+                    if not in_sb or in_dev or in_def is not None or name is None or name in defs:
+                        raise InvalidArgument(reason=f"misplaced or duplicate <def name={name!r}>")
+                    in_def = defs[name] = []
+                elif tag == "ref":
+                    name = el.get("name")
+                    if not in_dev and in_def is None:
+                        raise InvalidArgument(reason="<ref> outside <device> or <def>")
+                    if name not in defs or defs[name] is in_def:
+                        raise InvalidArgument(reason=f"<ref name={name!r}> to no <def> before it")
+                    for run in defs[name]:
+                        if in_def is not None:
+                            in_def.append(run)
+                        else:
+                            buf.add(*run)
                 elif tag in ("range_mapping", "single_mapping"):
-                    if not in_dev:
+                    if not in_dev and in_def is None:
                         raise InvalidArgument(reason=f"<{tag}> outside <device>")
                     if tag == "range_mapping":
                         ob, db, n, t = (_int(el, a) for a in _RANGE_REQUIRED)
@@ -237,12 +277,16 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
                         n = 1
                     if t > TIME_MASK:
                         raise InvalidArgument(reason=f"mapping time {t} does not fit in 24 bits")
-                    if n:
+                    if n and in_def is not None:
+                        in_def.append((ob, db, n, t))
+                    elif n:
                         buf.add(ob, db, n, t)
                 else:
                     raise InvalidArgument(reason=f"unknown tag type: <{tag}>")
             else:
-                if tag == "device":
+                if tag == "def":
+                    in_def = None
+                elif tag == "device":
                     buf.flush()
                     visitor.device_e()
                     in_dev = False
@@ -273,7 +317,7 @@ _RANGE_LINE = _RANGE_SKEL + b"\n"
 _DIGITS = b"0123456789"
 _DIGITS_TO_9 = bytes(57 if 48 <= c <= 57 else c for c in range(256))
 _TO_SPACES = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
-_FAST_CHUNK = 8 << 20  # bytes of XML per step
+_FAST_CHUNK = 1 << 20  # bytes of XML per step (larger steps cost more memory and run slower: cache)
 
 
 class _NotFast(Exception):
@@ -328,9 +372,10 @@ def _fast_runs(seg: bytes) -> Runs:
                 np.ascontiguousarray(ln))
 
 
-def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor) -> bool:
+def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor,
+               progress: Callable[[int], None] | None = None) -> bool:
     """``read_xml`` of a file in thin_dump's exact layout; False (the visitor may have seen a prefix, and is to be
-    fed again from its superblock_b) when the file is in any other."""
+    fed again from its superblock_b) when the file is in any other. ``progress`` gets the bytes read so far."""
     try:
         with open(path, "rb") as f:
             m = _FAST_SB.fullmatch(f.readline())
@@ -347,6 +392,8 @@ def _read_fast(path: str | os.PathLike[str], visitor: MetadataVisitor) -> bool:
                     return False  # no </superblock>
                 if not chunk.endswith(b"\n"):
                     chunk += f.readline()
+                if progress is not None:
+                    progress(f.tell())
                 data = b"\n" + chunk
                 i = 0  # data[i] is the newline before the next line
                 while i < len(data) - 1:
@@ -393,17 +440,19 @@ def _parse_fast(path: str | os.PathLike[str]) -> MetadataIR | None:
     return col.ir if _read_fast(path, col) else None
 
 
-def restore_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor) -> None:
+def restore_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
+                progress: Callable[[int], None] | None = None) -> None:
     """Feed thin_dump XML to ``visitor`` (a ``MetadataBuilder``, say) as it is parsed: memory holds one batch of
     runs, not the document. A file path in thin_dump's own layout takes the fast path; if that gives up midway,
-    the general parser feeds ``visitor`` again from its ``superblock_b``.
+    the general parser feeds ``visitor`` again from its ``superblock_b``. ``progress`` (a file path only) gets
+    the bytes of XML read so far (from 0 again if the general parser starts over).
 
     Raises:
         InvalidArgument with a clear message on bad input.
     """
-    if isinstance(src, str) and os.path.isfile(src) and _read_fast(src, visitor):
+    if isinstance(src, str) and os.path.isfile(src) and _read_fast(src, visitor, progress):
         return
-    read_xml(src, visitor)
+    read_xml(src, visitor, progress=progress)
 
 
 def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
@@ -421,13 +470,99 @@ def parse_xml(src: IO[bytes] | IO[str] | str) -> MetadataIR:
     return col.ir
 
 
+SPILL_MEMORY_BYTES = 4 << 20  # runs of one device kept in memory before they go to a temporary file
+BUILD_CHUNK_MAPPINGS = 1 << 16  # mappings expanded and added to the tree at once
+
+
+class RunSpill:
+    """The runs of one device as they arrive (thin begin, data begin, length, time: 32 bytes a run), in memory up
+    to SPILL_MEMORY_BYTES, then in an unlinked temporary file; read back in chunks. Memory: one chunk."""
+
+    def __init__(self) -> None:
+        self._mem: list[np.ndarray] = []
+        self._mem_bytes = 0
+        self._file: IO[bytes] | None = None
+        self.nr_runs = 0
+
+    def append(self, thin: np.ndarray, data: np.ndarray, lengths: np.ndarray, times: np.ndarray) -> None:
+        if not len(lengths):
+            return
+        rows = np.empty((len(lengths), 4), dtype=np.int64)
+        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = thin, data, lengths, times
+        self.nr_runs += len(rows)
+        if self._file is None and self._mem_bytes + rows.nbytes <= SPILL_MEMORY_BYTES:
+            self._mem.append(rows)
+            self._mem_bytes += rows.nbytes
+            return
+        if self._file is None:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile(prefix="thinpool-spill-")
+            for m in self._mem:
+                self._file.write(m.tobytes())
+            self._mem, self._mem_bytes = [], 0
+        self._file.write(rows.tobytes())
+
+    def chunks(self, nr_runs: int | None = None) -> Iterator[np.ndarray]:
+        """The runs in arrival order, as (k, 4) int64 arrays of at most ``nr_runs`` rows (BUILD_CHUNK_MAPPINGS)."""
+        nr_runs = nr_runs or BUILD_CHUNK_MAPPINGS
+        if self._file is None:
+            for m in self._mem:
+                for lo in range(0, len(m), nr_runs):
+                    yield m[lo:lo + nr_runs]
+            return
+        f = self._file
+        f.flush()
+        f.seek(0)
+        while True:
+            a = np.fromfile(f, dtype=np.int64, count=4 * nr_runs)
+            if not len(a):
+                return
+            yield a.reshape(-1, 4)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mem, self._mem_bytes, self.nr_runs = [], 0, 0
+
+
+def expand_bounded(rows: np.ndarray, limit: int | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``expand_runs`` of spilled rows (thin, data, length, time) in pieces of at most ``limit`` mappings
+    (BUILD_CHUNK_MAPPINGS; a run longer than that is cut), so memory follows ``limit``, not the runs' lengths."""
+    limit = limit or BUILD_CHUNK_MAPPINGS
+    tb, db, ln, t = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    cum = np.cumsum(ln)
+    i, n = 0, len(ln)
+    while i < n:
+        base = int(cum[i - 1]) if i else 0
+        j = int(np.searchsorted(cum, base + limit, side="right"))
+        if j > i:
+            yield expand_runs(tb[i:j], db[i:j], ln[i:j], t[i:j])
+            i = j
+            continue
+        length, off = int(ln[i]), 0  # run i alone is longer than limit
+        while off < length:
+            m = min(limit, length - off)
+            r = np.arange(off, off + m, dtype=np.uint64)
+            yield (r + np.uint64(tb[i]), r + np.uint64(db[i]), np.full(m, t[i], dtype=np.uint64))
+            off += m
+        i += 1
+
+
 class MetadataBuilder:
     """A visitor that writes fresh metadata onto ``store`` from the IR it is fed: the store is formatted at
-    ``superblock_b``, each device is bulk-built at ``device_e`` and everything is committed at ``superblock_e``
-    (nothing is committed before). ``.md`` is the open result.
+    ``superblock_b``, each device is built at ``device_e`` and everything is committed at ``superblock_e``
+    (nothing is committed before).  ``.md`` is the open result.
 
     Producers: ``read_xml`` (restore), ``MetadataIR.replay``, and repair: a salvager calls superblock_b with the
     pool's geometry, then per device device_b / map_arrays (or map) / device_e, then superblock_e and eof.
+
+    Memory: a device's runs go to a ``RunSpill`` as they arrive (checked, and watched for order); at device_e a
+    device given in thin block order (thin_dump's) is built by streaming the spill through a ``DeviceBuilder``
+    (one pending node per tree level), so memory does not follow the mapping count. A device given out of
+    order (overlapping mappings: the later wins) is sorted in memory.
 
     Raises (from the calls): InvalidArgument for mappings beyond the data device or a bad geometry.
     """
@@ -439,7 +574,11 @@ class MetadataBuilder:
         self.md: PoolMetadata | None = None
         self._sb: SuperblockIR | None = None
         self._dev: DeviceDetailsIR | None = None
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._spill = RunSpill()
+        self._in_order = True
+        self._next = 0  # the lowest thin block the next mapping may have, while in order
+        self._count = 0  # mappings given (while in order: the device's mapping count)
+        self.max_nodes_held = 0  # most tree nodes held at once by a device build (tests)
 
     def superblock_b(self, sb: SuperblockIR) -> None:
         _fit(("time", sb.time, 32), ("transaction", sb.transaction, 64), ("flags", sb.flags, 32),
@@ -453,47 +592,60 @@ class MetadataBuilder:
         _fit(("mapped_blocks", d.mapped_blocks, 64), ("transaction", d.transaction, 64),
              ("creation_time", d.creation_time, 32), ("snap_time", d.snap_time, 32))
         self._dev = d
-        self._chunks = []
+        self._spill.close()
+        self._in_order, self._next, self._count = True, 0, 0
+
+    def _take(self, thin: np.ndarray, data: np.ndarray, lengths: np.ndarray, times: np.ndarray) -> None:
+        """Check a batch of runs against the data device, note whether the device is still in order, spill it."""
+        assert self._sb is not None
+        if not len(lengths):
+            return
+        ends = data.astype(np.int64) + lengths.astype(np.int64)
+        end = int(ends.max())
+        if end > self._sb.nr_data_blocks:  # refused before it is expanded (a length is a number in the input)
+            raise InvalidArgument(reason=f"mapping beyond end of data device ({end - 1} >= "
+                                         f"{self._sb.nr_data_blocks})")
+        if end - 1 > MAX_DATA_BLOCK:
+            raise InvalidArgument(reason="data block does not fit in 40 bits")
+        if self._in_order:
+            tb = thin.astype(np.int64)
+            tend = tb + lengths.astype(np.int64)
+            self._in_order = int(tb[0]) >= self._next and bool((tb[1:] >= tend[:-1]).all())
+            self._next = int(tend[-1])
+        self._count += int(lengths.sum())
+        self._spill.append(thin, data, lengths, times)
 
     def map(self, runs: Runs) -> None:
-        assert self._sb is not None
-        if len(runs.lengths):  # refused before it is expanded (a length is a number in the input, not a size)
-            end = int((runs.steps[1].astype(np.int64) + runs.lengths.astype(np.int64)).max())
-            if end > self._sb.nr_data_blocks:
-                raise InvalidArgument(reason=f"mapping beyond end of data device ({end - 1} >= "
-                                             f"{self._sb.nr_data_blocks})")
-        self._chunks.append(expand_runs(runs.steps[0], runs.steps[1], runs.lengths, runs.equals[0]))
+        self._take(runs.steps[0], runs.steps[1], runs.lengths, runs.equals[0])
 
     def map_arrays(self, thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> None:
         """Mappings given one per entry (any order; for a thin block given twice the later wins)."""
-        self._chunks.append((thin.astype(np.uint64), data.astype(np.uint64), times.astype(np.uint64)))
+        self._take(thin, data, np.ones(len(thin), dtype=np.int64), times)
 
     def device_e(self) -> None:
+        from thinpool.metadata.builder import DeviceBuilder
+
         assert self.md is not None and self._sb is not None and self._dev is not None
-        if self._chunks:
-            pieces = [list(c) for c in zip(*self._chunks)]
-            self._chunks = []
-            cols = []
-            for col in pieces:  # one column at a time, its pieces freed once joined
-                cols.append(np.concatenate(col))
-                col.clear()
-            del pieces
-            thin = cols[0]
-            if len(thin) > 1 and not bool((thin[1:] > thin[:-1]).all()):  # thin_dump's order needs no sort
-                cols = list(sorted_mappings(*cols))
-            thin, data, times = cols
-            del cols
-        else:
-            thin = data = times = np.zeros(0, dtype=np.uint64)
-        self._chunks = []
-        nr_data = self._sb.nr_data_blocks
-        if len(data) and int(data.max()) >= nr_data:
-            raise InvalidArgument(reason=f"mapping beyond end of data device ({int(data.max())} >= {nr_data})")
-        if len(data) and int(data.max()) > MAX_DATA_BLOCK:
-            raise InvalidArgument(reason="data block does not fit in 40 bits")
         d = self._dev
-        self.md.build_device(d.dev_id, thin, data, times,
-                             DeviceDetails(len(thin), d.transaction, d.creation_time, d.snap_time))
+        try:
+            if self._in_order:
+                b = DeviceBuilder(self.md, d.dev_id, self._count,
+                                  DeviceDetails(self._count, d.transaction, d.creation_time, d.snap_time))
+                for rows in self._spill.chunks():
+                    for thin, data, times in expand_bounded(rows):
+                        b.add(thin, data, times)
+                        self.max_nodes_held = max(self.max_nodes_held, b.tree.max_held)
+                b.finish()
+            else:  # overlapping or unsorted mappings: sorted in memory, the later mapping of a block winning
+                rows = np.concatenate(list(self._spill.chunks())) if self._spill.nr_runs else \
+                    np.zeros((0, 4), dtype=np.int64)
+                self._spill.close()
+                thin, data, times = sorted_mappings(*expand_runs(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]))
+                del rows
+                self.md.build_device(d.dev_id, thin, data, times,
+                                     DeviceDetails(len(thin), d.transaction, d.creation_time, d.snap_time))
+        finally:
+            self._spill.close()
         self._dev = None
 
     def superblock_e(self) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
@@ -40,6 +41,11 @@ _POOLED_MAX = 4 * 1024 * 1024 + 28  # split_bytes' default plus the header
 _POOL_KEEP = 4  # reply buffers kept per connection, each at most _POOL_KEEP_BYTES (4 MiB a connection at most)
 _POOL_KEEP_BYTES = 1024 * 1024 + 28
 _READ_HEADER = 28  # structured reply chunk header (20) + offset (8)
+_S_READ_REPLY = struct.Struct(">IHHQIQ")  # a structured OFFSET_DATA chunk header and its offset, packed at once
+# A run of fast-path requests (one hold of the device lock) ends after this many requests or payload bytes, so
+# other threads waiting for the lock (long requests, the control channel) wait at most one run.
+_RUN_REQUESTS = 256
+_RUN_BYTES = 4 * 1024 * 1024
 
 
 class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
@@ -266,13 +272,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
 
     # --- parsing --------------------------------------------------------------------------------------------
     def _process(self) -> None:
-        lock = self.server.lock
         stats = self.server.stats
-        pack_simple = P.S_SIMPLE_REPLY.pack
-        pack_chunk = P.S_CHUNK.pack
-        pack_offset = P.S_OFFSET.pack
-        chunk_into = P.S_CHUNK.pack_into
-        offset_into = P.S_OFFSET.pack_into
         size = -1  # the export's size, read once per batch of requests (a property chain on every request cost
         # ~1.5 us; a resize between batches is seen, and the device checks its own bounds anyway)
         while not self._closing:
@@ -334,27 +334,20 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                 if avail < 28 + length:
                     self._want = 28 + length
                     return
+            if size < 0:
+                size = self._export.size
+            if ((cmd == P.CMD_WRITE and not flags and not self._export.readonly)
+                    or (cmd == P.CMD_READ and self._structured and not flags & ~P.CMD_FLAG_DF
+                        and length <= min(self.opts.split_bytes, P.MAX_PAYLOAD))) \
+                    and 0 < length and offset + length <= size and self.server.failed is None:
+                self._run(size)  # the common requests, as many as arrived, under one hold of the lock
+                continue
+            if cmd == P.CMD_WRITE:
                 # Zero-copy: the device gets a view of the receive buffer, valid during the call only.
                 view = memoryview(buf)[self._start + 28:self._start + 28 + length]
                 self._start += 28 + length
-                exp = self._export
-                if size < 0:
-                    size = exp.size
                 try:
-                    if (not flags and length and not exp.readonly and offset + length <= size
-                            and self.server.failed is None):
-                        # fast path: the common plain write
-                        stats["requests"] += 1
-                        try:
-                            with lock:
-                                exp.device.write(offset, view)
-                        except Exception as e:
-                            self._device_failed(cmd, cookie, exp, e)
-                        else:
-                            self._out.append(pack_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie))
-                            self._out_bytes += 16
-                    else:
-                        self._request(flags, cmd, cookie, offset, length, view)
+                    self._request(flags, cmd, cookie, offset, length, view)
                 finally:
                     try:
                         view.release()
@@ -363,53 +356,137 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                         self._buf = bytearray(self._buf)
                 continue
             self._start += 28
-            if (cmd == P.CMD_READ and self._structured and not flags & ~P.CMD_FLAG_DF
-                    and 0 < length <= self.opts.split_bytes and self.server.failed is None):
-                exp = self._export
-                if size < 0:
-                    size = exp.size
-                if offset + length <= size:
-                    # fast path: the common structured read
-                    stats["requests"] += 1
-                    dev = exp.device
-                    readinto = getattr(dev, "readinto", None) if length >= _POOLED_MIN else None
-                    if readinto is not None and length + _READ_HEADER <= _POOLED_MAX:
-                        # one reply buffer: header, then the device reads straight into the rest
-                        rbuf = self._reply_buffer(_READ_HEADER + length)
-                        mv = memoryview(rbuf)[:_READ_HEADER + length]
-                        try:
-                            with lock:
-                                got_n = readinto(offset, mv[_READ_HEADER:])
-                            if got_n != length:
-                                raise OSError(errno.EIO, f"device returned {got_n} of {length} bytes")
-                        except Exception as e:
-                            mv.release()
-                            self._device_failed(cmd, cookie, exp, e)
-                        else:
-                            chunk_into(rbuf, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                       P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
-                            offset_into(rbuf, 20, offset)
-                            self._out.append(mv)
-                            self._out_bytes += _READ_HEADER + length
-                        continue
-                    try:
-                        with lock:
-                            got = dev.read(offset, length)
-                        if len(got) != length:
-                            raise OSError(errno.EIO, f"device returned {len(got)} of {length} bytes")
-                    except Exception as e:
-                        self._device_failed(cmd, cookie, exp, e)
-                    else:
-                        self._out.append(pack_chunk(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                                    P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
-                                         + pack_offset(offset))
-                        self._out.append(got)
-                        self._out_bytes += 28 + length
-                    continue
             if cmd == P.CMD_DISC:
                 self._closing = True
                 return
             self._request(flags, cmd, cookie, offset, length, None)
+
+    def _run(self, size: int) -> None:
+        """The fast path: the plain WRITEs and structured READs (up to ``split_bytes``) at the head of the
+        receive buffer, as many as arrived in a row (at most _RUN_REQUESTS / _RUN_BYTES of payload, and no more
+        reply bytes than ``max_reply_bytes`` allows), under one hold of the device lock. Write payloads go to the
+        device as views of the receive buffer (valid during the call only); the small replies of the run are
+        joined into one piece, so the batch leaves in one send. Replies keep the requests' order. The caller
+        checked that the first request qualifies; anything else ends the run and goes the general way."""
+        exp = self._export
+        dev = exp.device
+        write = dev.write
+        read = dev.read
+        readinto = getattr(dev, "readinto", None)
+        buf = self._buf
+        base = memoryview(buf)
+        start = self._start
+        end = self._end
+        unpack = P.S_REQUEST.unpack_from
+        pack_simple = P.S_SIMPLE_REPLY.pack
+        pack_read = _S_READ_REPLY.pack
+        read_into = _S_READ_REPLY.pack_into
+        request_magic = P.REQUEST_MAGIC
+        simple_magic = P.SIMPLE_REPLY_MAGIC
+        structured_magic = P.STRUCTURED_REPLY_MAGIC
+        done_flag = P.REPLY_FLAG_DONE
+        offset_data = P.REPLY_TYPE_OFFSET_DATA
+        cmd_write = P.CMD_WRITE
+        cmd_read = P.CMD_READ
+        max_write = P.MAX_PAYLOAD if not exp.readonly else -1
+        max_read = min(self.opts.split_bytes, P.MAX_PAYLOAD) if self._structured else -1
+        room = self.opts.max_reply_bytes - self._out_bytes  # reply bytes this run may still queue
+        out = self._out
+        small: list[bytes | bytearray | memoryview] = []  # replies not yet in _out (joined at the end)
+        queued = 0
+        nr = 0
+        payload = 0
+        failed: tuple[int, int, BaseException] | None = None
+        kept = False
+        with self.server.lock:
+            while end - start >= 28:
+                magic, flags, cmd, cookie, offset, length = unpack(buf, start)
+                if magic != request_magic or length <= 0 or offset + length > size:
+                    break
+                if cmd == cmd_write:
+                    stop = start + 28 + length
+                    if flags or length > max_write or stop > end:
+                        break
+                    view = base[start + 28:stop]
+                    start = stop
+                    nr += 1
+                    try:
+                        write(offset, view)
+                    except Exception as e:
+                        failed = (cmd, cookie, e)
+                        break
+                    finally:
+                        try:
+                            view.release()
+                        except BufferError:  # the device kept an export of it: detach from this buffer
+                            kept = True
+                    small.append(pack_simple(simple_magic, 0, cookie))
+                    room -= 16
+                    if kept:
+                        break
+                elif cmd == cmd_read:
+                    if flags & ~P.CMD_FLAG_DF or length > max_read:
+                        break
+                    start += 28
+                    nr += 1
+                    if readinto is not None and length >= _POOLED_MIN and length + _READ_HEADER <= _POOLED_MAX:
+                        # one reply buffer: header, then the device reads straight into the rest
+                        rbuf = self._reply_buffer(_READ_HEADER + length)
+                        rmv = memoryview(rbuf)[:_READ_HEADER + length]
+                        try:
+                            got_n = readinto(offset, rmv[_READ_HEADER:])
+                            if got_n != length:
+                                raise OSError(errno.EIO, f"device returned {got_n} of {length} bytes")
+                        except Exception as e:
+                            rmv.release()
+                            failed = (cmd, cookie, e)
+                            break
+                        read_into(rbuf, 0, structured_magic, done_flag, offset_data, cookie, 8 + length, offset)
+                        if small:
+                            piece = b"".join(small) if len(small) > 1 else small[0]
+                            out.append(piece)
+                            queued += len(piece)
+                            small = []
+                        out.append(rmv)
+                        queued += _READ_HEADER + length
+                    else:
+                        try:
+                            got = read(offset, length)
+                            if len(got) != length:
+                                raise OSError(errno.EIO, f"device returned {len(got)} of {length} bytes")
+                        except Exception as e:
+                            failed = (cmd, cookie, e)
+                            break
+                        small.append(pack_read(structured_magic, done_flag, offset_data, cookie, 8 + length,
+                                               offset))
+                        if length >= 65536:  # sent as it is, not joined (a copy)
+                            head: bytes | bytearray | memoryview
+                            head = b"".join(small) if len(small) > 1 else small[0]
+                            out.append(head)
+                            out.append(got)
+                            queued += len(head) + length
+                            small = []
+                        else:
+                            small.append(got)
+                    room -= _READ_HEADER + length
+                else:
+                    break
+                payload += length
+                if nr >= _RUN_REQUESTS or payload >= _RUN_BYTES or room <= 0:
+                    break
+        base.release()
+        self._start = start
+        if small:
+            piece = b"".join(small) if len(small) > 1 else small[0]
+            out.append(piece)
+            queued += len(piece)
+        self._out_bytes += queued
+        self.server.stats["requests"] += nr
+        if failed is not None:
+            self._device_failed(failed[0], failed[1], exp, failed[2])
+        if kept:
+            log.warning("nbd: device kept a reference to a write buffer")
+            self._buf = bytearray(buf)
 
     # --- TLS ------------------------------------------------------------------------------------------------
     def _start_tls(self) -> None:

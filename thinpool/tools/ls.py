@@ -4,19 +4,22 @@ Layer: tools. May import: thinpool.metadata, thinpool.tools.sharing.
 
 The default fields (DEV, MAPPED, CREATE_TIME, SNAP_TIME) and every MAPPED_* / time / TRANSACTION field come
 from the device-details tree alone, as thin_ls computes them, so listing 10,000 snapshots reads no mapping
-tree. EXCLUSIVE_* / SHARED_* walk the mapping trees once (``tools.sharing``: bit maps over the data device, no
-per-mapping memory); HIGHEST_BLOCK descends one spine per device.
+tree, and a ``metadata.readonly.ReadOnlyMetadata`` view (no space map, no transaction manager, no numpy) serves
+them (``needs_mappings`` says when a full ``PoolMetadata`` is needed). EXCLUSIVE_* / SHARED_* walk the mapping
+trees once (``tools.sharing``: bit maps over the data device, no per-mapping memory); HIGHEST_BLOCK descends one
+spine per device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from thinpool.errors import InvalidArgument
-from thinpool.metadata.pool_metadata import PoolMetadata
 
 if TYPE_CHECKING:
+    from thinpool.metadata.pool_metadata import PoolMetadata
+    from thinpool.metadata.readonly import ReadOnlyMetadata
     from thinpool.tools.sharing import Sharing
 
 LS_FIELDS = ("DEV", "MAPPED_BLOCKS", "EXCLUSIVE_BLOCKS", "SHARED_BLOCKS", "MAPPED_SECTORS", "EXCLUSIVE_SECTORS",
@@ -25,6 +28,7 @@ LS_FIELDS = ("DEV", "MAPPED_BLOCKS", "EXCLUSIVE_BLOCKS", "SHARED_BLOCKS", "MAPPE
 LS_DEFAULT = ("DEV", "MAPPED", "CREATE_TIME", "SNAP_TIME")
 SIZE_FIELDS = ("MAPPED", "EXCLUSIVE", "SHARED")  # human sizes in text; numbers (bytes, blocks) in JSON
 _NEEDS_SHARING = frozenset(f for f in LS_FIELDS if f.startswith(("EXCLUSIVE", "SHARED")))
+_NEEDS_MAPPINGS = _NEEDS_SHARING | {"HIGHEST_BLOCK"}
 
 Value = int | str | None
 
@@ -51,20 +55,35 @@ def check_fields(fields: Sequence[str]) -> list[str]:
     return chosen
 
 
-def ls_rows(md: PoolMetadata, fields: Sequence[str] = LS_FIELDS) -> list[dict[str, Value]]:
+def needs_mappings(fields: Iterable[str]) -> bool:
+    """Whether some of ``fields`` (validated names) read the mapping trees, so that ``ls_rows`` needs a
+    ``PoolMetadata`` rather than a ``ReadOnlyMetadata`` view."""
+    return not _NEEDS_MAPPINGS.isdisjoint(fields)
+
+
+def ls_rows(md: PoolMetadata | ReadOnlyMetadata, fields: Sequence[str] = LS_FIELDS) -> list[dict[str, Value]]:
     """Per device (ascending id): the requested fields (names in ``LS_FIELDS``), plus the raw numbers behind
-    them. Sizes: *_BLOCKS in data blocks, *_SECTORS in 512-byte sectors, *_BYTES in bytes, MAPPED/EXCLUSIVE/
-    SHARED as thin_ls prints them (``disk_unit``). HIGHEST_BLOCK is None for a device with no mappings.
+    them. ``md`` may be a ``ReadOnlyMetadata`` view unless ``needs_mappings(fields)``. Sizes: *_BLOCKS in data
+    blocks, *_SECTORS in 512-byte sectors, *_BYTES in bytes, MAPPED/EXCLUSIVE/SHARED as thin_ls prints them
+    (``disk_unit``). HIGHEST_BLOCK is None for a device with no mappings.
 
     Raises:
-        InvalidArgument (unknown field), MetadataCorrupt.
+        InvalidArgument (unknown field; or a field that reads mappings asked of a view), MetadataCorrupt.
     """
     chosen = set(check_fields(fields))
+    full: PoolMetadata | None = None
+    if needs_mappings(chosen):
+        from thinpool.metadata.pool_metadata import PoolMetadata
+
+        if not isinstance(md, PoolMetadata):
+            raise InvalidArgument(reason=f"fields {sorted(chosen & _NEEDS_MAPPINGS)} read the mapping trees: "
+                                         "open the metadata as PoolMetadata")
+        full = md
     sharing: Sharing | None = None
-    if chosen & _NEEDS_SHARING:  # imported here: the default fields need neither it nor numpy
+    if full is not None and chosen & _NEEDS_SHARING:  # imported here: the default fields need neither it nor numpy
         from thinpool.tools.sharing import Sharing
 
-        sharing = Sharing(md)
+        sharing = Sharing(full)
     bs = md.data_block_size  # sectors
     rows: list[dict[str, Value]] = []
     for dev_id in md.device_ids():
@@ -81,8 +100,8 @@ def ls_rows(md: PoolMetadata, fields: Sequence[str] = LS_FIELDS) -> list[dict[st
                         "SHARED_SECTORS": shared * bs, "EXCLUSIVE_BYTES": excl * bs * 512,
                         "SHARED_BYTES": shared * bs * 512, "EXCLUSIVE": disk_unit(excl * bs * 512),
                         "SHARED": disk_unit(shared * bs * 512)})
-        if "HIGHEST_BLOCK" in chosen:
-            row["HIGHEST_BLOCK"] = md.highest_mapped(dev_id)
+        if full is not None and "HIGHEST_BLOCK" in chosen:
+            row["HIGHEST_BLOCK"] = full.highest_mapped(dev_id)
         rows.append(row)
     return rows
 

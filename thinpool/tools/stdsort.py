@@ -151,13 +151,25 @@ def std_sort_order(keys: Any) -> Any:
     """The order std::sort (libstdc++, comparing keys alone) leaves ``keys`` in: ``keys[order]`` is sorted, and
     equal keys come out as ``std_sort`` (above) leaves them. ``keys``: non-negative integers below 2**63, fewer
     than 2**32 of them. Returns an int64 numpy array."""
+    return std_sort_range_order(keys, depth_limit(len(keys)))
+
+
+def depth_limit(n: int) -> int:
+    """libstdc++'s introsort depth limit for ``n`` elements: 2 * floor(log2 n)."""
+    return 2 * (n.bit_length() - 1) if n >= 2 else 0
+
+
+def std_sort_range_order(keys: Any, depth: int) -> Any:
+    """``std_sort_order`` of a range that std::sort's introsort loop reaches with ``depth`` levels left (an
+    external sort hands each range that fits in memory here): the loop from that depth, then the final insertion
+    sort (a stable sort, the range being ordered against its neighbours). Returns an int64 numpy array."""
     import numpy as np
 
     k = np.array(keys, dtype=np.int64)
     n = len(k)
     perm = np.arange(n, dtype=np.int64)
-    if n >= 2:
-        _np_loop(k, perm, 0, n, 2 * (n.bit_length() - 1))
+    if n > _THRESHOLD:
+        _np_loop(k, perm, 0, n, depth)
     return perm[np.argsort(k, kind="stable")]
 
 
