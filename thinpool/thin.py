@@ -33,8 +33,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from thinpool.errors import DeviceNotFound, InvalidArgument, NoMetadataSpace
-from thinpool.formats.device_details import TIME_BITS, TIME_MASK
-from thinpool.formats.superblock import NEEDS_CHECK_FLAG
 from thinpool.io.device import check_bounds, new_bytes, zero_fill
 from thinpool.units import SECTOR_SIZE, lazy_module
 
@@ -324,8 +322,9 @@ class ThinDevice:
         self._lock_acquire()  # pool.lock (explicit: cheaper than a with block on this path)
         try:
             pmd = pool.md
-            # Pool.check_writable, inline: _rw is "open, not read-only (pool and metadata), not failed"
-            if not pool._rw or pmd.failed or pmd.flags & NEEDS_CHECK_FLAG:
+            # Pool.check_writable, inline: _rw is "open, not read-only (pool and metadata), not failed"; any
+            # superblock flag (needs_check is the only one dm-thin defines) takes the full check
+            if not pool._rw or pmd.failed or pmd.flags:
                 pool.check_writable()
             if o + end - offset <= ch:  # inside one chunk
                 mc = self._mc
@@ -333,12 +332,12 @@ class ThinDevice:
                     mc = self._cache()
                 v = mc.map.get(first)
                 if v is not None:
-                    if v & TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
+                    if v & mc.TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
                         if self._pend and first in self._pend:
                             self._note_written(first, o, end - offset)
-                        pool.data.pwrite((v >> TIME_BITS) * ch + o, data)
+                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
                         return  # nothing allocated: no low-water event to deliver
-                    hint = (v >> TIME_BITS, v & TIME_MASK)  # shared: _write breaks it without a second lookup
+                    hint = (v >> mc.TIME_BITS, v & mc.TIME_MASK)  # shared: _write breaks it without a second lookup
             try:
                 self._write(offset, memoryview(data).cast("B"), hint)
             except NoMetadataSpace:
@@ -682,10 +681,11 @@ def complete_copy(pool: Pool, dev_id: int, c: int, old: int, new: int, bits: int
     runs of sectors not in ``bits`` (never written since the break) are copied from the shared block ``old``, one
     copy per run. Nothing to do once the chunk no longer maps ``new`` (its mapping was removed or replaced)."""
     try:
-        v = pool.md.mapping_cache(dev_id).find(c)
+        mc = pool.md.mapping_cache(dev_id)
     except DeviceNotFound:
         return
-    if v is None or v >> TIME_BITS != new:
+    v = mc.find(c)
+    if v is None or v >> mc.TIME_BITS != new:
         return
     ch = pool.chunk_bytes
     spc = ch // SECTOR_SIZE
