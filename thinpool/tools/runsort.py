@@ -13,8 +13,8 @@ std::sort by data_begin (thin_rmap 0.9.0's order of equal keys) exactly:
 - A range larger than the budget is partitioned on the file, as ``__unguarded_partition`` would partition it in
   memory (``stdsort._np_partition``'s reading of it): the t-th element >= pivot from the left swaps with the
   t-th element <= pivot from the right while the first lies below the second. One pass counts both kinds of
-  element per chunk, a second finds where the scans cross, then the elements that move are copied out to the
-  file's scratch area and written back in their new places (two passes over the part of the range they span).
+  element per chunk, which locates the crossing of the scans to a window or two; then the elements that move go
+  through the file's scratch area to their new places (three passes over the parts of the range they span).
 - A range that fits in the budget is read, sorted by ``stdsort.std_sort_range_order`` from the depth the loop
   reached it at, and written back. Each such range is ordered against the rest (everything before it <= its keys
   <= everything after it), so the final insertion sort's stable pass is done range by range.
@@ -187,9 +187,13 @@ class RunStore:
         for c in range(len(wins) - 1, -1, -1):
             le_after[c] = le_after[c + 1] + le[c]
         # t: the left stops x whose index among left stops is below the number of right stops after x
-        t, last_true, first_false = 0, -1, -1
+        t, last_true, first_false, last_skipped = 0, -1, -1, -1
         for c, (s, e) in enumerate(wins):
             if not ge[c]:
+                continue
+            if le_after[c + 1] > t + ge[c] - 1:  # every left stop of this window swaps: no need to read it
+                t += ge[c]
+                last_true, last_skipped = -1, c
                 continue
             k = self._read(s, e)["data_begin"]
             pos = np.flatnonzero(k >= pivot)
@@ -206,6 +210,9 @@ class RunStore:
         cut = first_false if first_false >= 0 else hi
         if t == 0:
             return cut
+        if last_true < 0:  # the last left stop that swaps is the last one of a window not read
+            s, e = wins[last_skipped]
+            last_true = s + int(np.flatnonzero(self._read(s, e)["data_begin"] >= pivot)[-1])
         # the t-th right stop from the right end: where the right scan stopped last before the scans crossed
         c = next(c for c in range(len(wins)) if le_after[c] >= t > le_after[c + 1])
         s, e = wins[c]
@@ -213,15 +220,11 @@ class RunStore:
         b_start = s + int(rpos[len(rpos) - (t - le_after[c + 1])])
         cut = min(cut, b_start)
         a_end = last_true + 1
-        # the elements that move: left stops in [lo, a_end) ascending, right stops in [b_start, hi) descending
-        sl, sr = self.n, self.n + t  # the scratch area past the runs
-        w = 0
-        for s, e in self._windows(lo, a_end):
-            rec = self._read(s, e)
-            sel = rec[rec["data_begin"] >= pivot]
-            self._write(sl + w, sel)
-            w += len(sel)
-        assert w == t
+        # The elements that move: left stops in [lo, a_end) (ascending) and right stops in [b_start, hi)
+        # (descending); each takes the place of the other kind's element of the same rank. The right ones are
+        # copied to the scratch area past the runs; one pass over [lo, a_end) copies the left ones out beside
+        # them and writes the right ones in; a last pass writes the left ones into [b_start, hi).
+        sl, sr = self.n, self.n + t
         w = 0
         for s, e in self._windows(b_start, hi, descending=True):
             rec = self._read(s, e)
@@ -229,15 +232,16 @@ class RunStore:
             self._write(sr + w, sel)
             w += len(sel)
         assert w == t
-        # each left stop takes the right stop of the same rank, and the other way round
         w = 0
         for s, e in self._windows(lo, a_end):
             rec = self._read(s, e)
             where = np.flatnonzero(rec["data_begin"] >= pivot)
             if len(where):
+                self._write(sl + w, rec[where])
                 rec[where] = self._read(sr + w, sr + w + len(where))
                 self._write(s, rec)
                 w += len(where)
+        assert w == t
         w = 0
         for s, e in self._windows(b_start, hi, descending=True):
             rec = self._read(s, e)
