@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from thinpool.errors import DeviceNotFound, InvalidArgument, NoMetadataSpace
 from thinpool.io.device import check_bounds, new_bytes, zero_fill
@@ -215,13 +215,20 @@ class ThinDevice:
         first, last = offset // ch, (end - 1) // ch
         if last - first < _PLAN_CACHED_CHUNKS:  # a few chunks: cached lookups (no tree walk, no arrays)
             mc = self._cache()
-            find, shift = mc.find, mc.TIME_BITS
-            thin_blocks, data_blocks = [], []
-            for c in range(first, last + 1):
-                v = find(c)
-                if v is not None:
-                    thin_blocks.append(c)
-                    data_blocks.append(v >> shift)
+            get, shift = mc.map.get, mc.TIME_BITS
+            vals = [get(c) for c in range(first, last + 1)]  # the hits, straight from the cache's dict
+            if None in vals:  # unmapped, or not cached yet: the cache's full lookup for those
+                find = mc.find
+                vals = [find(first + i) if v is None else v for i, v in enumerate(vals)]
+                if None in vals:
+                    return self._plan_pieces(offset, end, first, vals, shift)
+            mapped = cast("list[int]", vals)  # every chunk mapped
+            d0 = mapped[0] >> shift
+            nr = last - first + 1
+            if (mapped[-1] >> shift) - d0 == nr - 1 and (
+                    nr < 3 or [v >> shift for v in mapped] == list(range(d0, d0 + nr))):
+                return [[0, length, d0 * ch + offset - first * ch]]  # one contiguous run: one pread
+            return self._plan_pieces(offset, end, first, vals, shift)
         else:
             k, d, _ = self.md.find_mapped_range(first, last + 1)
             thin_blocks, data_blocks = k.tolist(), d.tolist()
@@ -248,6 +255,29 @@ class ThinDevice:
             pos += n
         if pos < end:
             plan.append([pos - offset, end - pos, -1])
+        return plan
+
+    def _plan_pieces(self, offset: int, end: int, first: int, vals: list[int | None], shift: int) -> list[list[int]]:
+        """_plan's pieces from the packed mapping of each chunk from ``first`` on (None: unmapped)."""
+        ch = self.chunk
+        plan: list[list[int]] = []
+        pos = offset
+        cs = first * ch
+        for v in vals:
+            pe = cs + ch if cs + ch < end else end
+            if v is None:
+                if plan and plan[-1][2] < 0:
+                    plan[-1][1] += pe - pos
+                else:
+                    plan.append([pos - offset, pe - pos, -1])
+            else:
+                fo = (v >> shift) * ch + pos - cs
+                if plan and (prev := plan[-1])[2] >= 0 and prev[2] + prev[1] == fo:
+                    prev[1] += pe - pos
+                else:
+                    plan.append([pos - offset, pe - pos, fo])
+            pos = pe
+            cs += ch
         return plan
 
     def _fill(self, view: memoryview, offset: int, plan: list[list[int]]) -> None:

@@ -153,10 +153,10 @@ class DataStore:
         """Read ``len(view)`` bytes at ``offset`` straight into ``view`` (a writable byte buffer); bytes past the
         end of the file read as zeros."""
         length = len(view)
-        done = 0
         try:
-            while done < length:
-                n = os.preadv(self.fd, [view[done:] if done else view], offset + done)
+            done = os.preadv(self.fd, [view], offset)  # one call reads it all (a short read only at the end)
+            while 0 < done < length:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
                 if n <= 0:
                     break
                 done += n
