@@ -336,7 +336,8 @@ def pool_repair(src: str, dst: str, force: bool, as_json: bool) -> None:
         echo_json({"destination": dst_file, "devices": rep.devices, "mappings": rep.mappings,
                    "dropped_devices": rep.dropped_devices, "skipped_blocks": rep.skipped_blocks,
                    "dropped_mappings": rep.dropped_mappings, "problems": rep.problems,
-                   "transaction_id": rep.transaction_id})
+                   "transaction_id": rep.transaction_id, "held_snapshot": rep.held_snapshot,
+                   "held_devices": rep.held_devices, "held_mappings": rep.held_mappings})
         return
     click.echo(f"repaired into {dst_file}: {rep.devices} device(s), {rep.mappings} mapping(s); "
                f"skipped {rep.skipped_blocks} unreadable block(s), dropped {rep.dropped_mappings} mapping(s)"

@@ -139,6 +139,7 @@ class _Pending:
     clean: bool
     stdout_has: str | None
     cxx: CheckRun | None
+    verdict: bool  # from checkers_verdict: the Rust checker is to give 0.9.0's verdict
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -177,13 +178,16 @@ def _finish(p: _Pending) -> None:
     shutil.rmtree(p.copy_dir, ignore_errors=True)
     run = CheckRun(RUST_CHECK, p.proc.returncode, out, err)
     if not _judge(run, expect_ok=p.expect_ok, clean=p.clean, stdout_has=p.stdout_has):
-        want = "accept it" if p.expect_ok else "reject it (as thin_check 0.9.0 did)"
-        _failures.append(f"{RUST_CHECK} did not {want}: {p.what + ': ' if p.what else ''}{p.path} "
+        if p.verdict:
+            want = f"disagrees with {CXX_CHECK} 0.9.0, which {'accepted' if p.expect_ok else 'rejected'} it"
+        else:
+            want = "did not accept it"
+        _failures.append(f"{RUST_CHECK} {want}: {p.what + ': ' if p.what else ''}{p.path} "
                          f"(copied when test {p.test} asked)\n{describe([r for r in (p.cxx, run) if r])}")
 
 
 def _submit_rust(path: str, extra: tuple[str, ...], *, what: str, expect_ok: bool, clean: bool,
-                 stdout_has: str | None, cxx: CheckRun | None) -> None:
+                 stdout_has: str | None, cxx: CheckRun | None, verdict: bool = False) -> None:
     global _scratch
     while len(_pending) >= _MAX_PENDING:
         _finish(_pending.pop(0))
@@ -195,7 +199,7 @@ def _submit_rust(path: str, extra: tuple[str, ...], *, what: str, expect_ok: boo
     proc = subprocess.Popen(_argv(RUST_CHECK, copy, extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
-    _pending.append(_Pending(proc, copy_dir, path, what, test, expect_ok, clean, stdout_has, cxx))
+    _pending.append(_Pending(proc, copy_dir, path, what, test, expect_ok, clean, stdout_has, cxx, verdict))
 
 
 def collect(*, wait: bool) -> list[str]:
@@ -244,7 +248,7 @@ def checkers_verdict(path: str | os.PathLike[str], *extra: str, what: str = "") 
         rust = run_checker(RUST_CHECK, path, *extra)
         assert rust.ok == cxx.ok, f"the checkers disagree on {path}:\n{describe([cxx, rust])}"
     else:
-        _submit_rust(path, extra, what=what, expect_ok=cxx.ok, clean=False, stdout_has=None, cxx=cxx)
+        _submit_rust(path, extra, what=what, expect_ok=cxx.ok, clean=False, stdout_has=None, cxx=cxx, verdict=True)
     return cxx.ok
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -67,6 +68,10 @@ def test_repair_keeps_the_held_metadata_snapshot(tmp_path) -> None:
     assert 'dev_id="2" mapped_blocks="16"' in held
     assert run_tool("thin_dump", str(out)).stdout == run_tool("thin_dump", src).stdout
     assert CliRunner().invoke(cli, ["check", "-m", str(out)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["pool", "repair", str(tmp_path / "p"), str(out), "-f", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert (rep["held_snapshot"], rep["held_devices"], rep["held_mappings"]) == (True, 2, 32)
 
 
 @pytest.mark.external

@@ -270,3 +270,44 @@ def test_auto_repair_of_fuzzed_images_refuses_or_passes(images: dict) -> None:
         leaky += bool(res.data_blocks or res.metadata_blocks)
     print(f"\n[auto-repair] fuzzed images: refused {refused}, passed {fixed} (of which {leaky} had leaks fixed)")
     assert refused and fixed
+
+
+def _repair_peak(tmp_path: Path, n: int) -> int:
+    """tracemalloc's peak over repair_file of metadata whose device 1 maps n blocks (shuffled data blocks) and
+    whose device 2 is a snapshot of it (every block shared: the sharing pass runs over all of them)."""
+    import numpy as np
+
+    from thinpool.io.block_store import FileBlockStore
+
+    src, dst = tmp_path / f"src{n}.bin", tmp_path / f"dst{n}.bin"
+    with open(src, "wb") as fh:
+        fh.truncate(48 << 20)
+    store = FileBlockStore(str(src))
+    md = PoolMetadata.format(store, data_block_size=128, nr_data_blocks=1 << 20)
+    rng = np.random.default_rng(n)
+    md.build_device(1, np.arange(n, dtype=np.uint64), rng.permutation(n).astype(np.uint64),
+                    np.zeros(n, dtype=np.uint64))
+    md.commit()
+    md.create_snap(2, 1)
+    md.commit()
+    store.close()
+    import tracemalloc
+
+    tracemalloc.start()
+    rep = repair_file(src, dst)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rep.mappings == 2 * n and rep.devices == 2
+    return peak
+
+
+def test_repair_memory_does_not_follow_the_mapping_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming repair (issue 13): 4x the mappings costs the data space map's pages (5 bytes a data block:
+    1.5 MB more at 400k) and the sharing counts (a byte a data block), not ~60 bytes a mapping (+36 MB here)."""
+    from thinpool.metadata import repair as repair_mod
+
+    monkeypatch.setattr(repair_mod, "CHUNK_MAPPINGS", 1 << 15)
+    monkeypatch.setattr(repair_mod, "SPILL_BUFFER_BYTES", 1 << 20)
+    small = _repair_peak(tmp_path, 100_000)
+    large = _repair_peak(tmp_path, 400_000)
+    assert large - small < 4 << 20, (small, large)

@@ -189,3 +189,56 @@ def test_restore_memory_does_not_follow_the_mapping_count(tmp_path: Path, monkey
     # the whole-array build held ~60 bytes a mapping: +18 MB for the 300k more
     assert large - small < 4 << 20, (small, large)
     assert held_large <= 3 + bulk.WRITE_QUEUE_NODES and held_small <= 2 + bulk.WRITE_QUEUE_NODES
+
+
+@pytest.mark.external
+def test_streamed_restore_and_repair_pass_both_checkers_and_dump_back(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore that spans many XML steps, spill writes and build chunks (small steps), of two devices sharing
+    most blocks (runs and single mappings mixed): the C++ and Rust thin_check accept it, the C++ thin_dump gives
+    the input back byte for byte, and repair of it is accepted as well and keeps every mapping."""
+    from conftest import run_tool
+    from oracles import assert_thin_check
+
+    from thinpool.metadata import repair as repair_mod
+    from thinpool.metadata.repair import repair_file
+
+    monkeypatch.setattr(restore_mod, "_FAST_CHUNK", 1 << 16)
+    monkeypatch.setattr(restore_mod, "BUILD_CHUNK_MAPPINGS", 5000)
+    monkeypatch.setattr(restore_mod, "SPILL_MEMORY_BYTES", 1 << 12)
+    monkeypatch.setattr(repair_mod, "CHUNK_MAPPINGS", 5000)
+    monkeypatch.setattr(repair_mod, "SPILL_BUFFER_BYTES", 1 << 12)
+    src = tmp_path / "src.bin"
+    with open(src, "wb") as f:
+        f.truncate(16 << 20)
+    store = FileBlockStore(str(src))
+    md = PoolMetadata.format(store, data_block_size=128, nr_data_blocks=1 << 18)
+    rng = np.random.default_rng(5)
+    n = 60_000
+    data = np.arange(n, dtype=np.uint64)
+    data[rng.choice(n, n // 3, replace=False)] = rng.permutation(1 << 17)[:n // 3].astype(np.uint64) + np.uint64(n)
+    md.build_device(1, np.arange(n, dtype=np.uint64), data, np.zeros(n, dtype=np.uint64))
+    md.commit()
+    md.create_snap(2, 1)
+    for tb in range(0, n, 37):
+        md.insert(2, tb, md.alloc_data_block())
+    md.commit()
+    store.close()
+    xml = tmp_path / "src.xml"
+    xml.write_text(run_tool("thin_dump", str(src)).stdout)
+    assert "range_mapping" in xml.read_text() and "single_mapping" in xml.read_text()
+    out = tmp_path / "restored.bin"
+    with open(out, "wb") as f:
+        f.truncate(16 << 20)
+    store = FileBlockStore(str(out))
+    b = MetadataBuilder(store)
+    restore_xml(str(xml), b)
+    store.close()
+    assert_thin_check(out, what="streamed restore")
+    assert run_tool("thin_dump", str(out)).stdout == xml.read_text()
+    rep_out = tmp_path / "repaired.bin"
+    rep = repair_file(out, rep_out)
+    assert b.md is not None and rep.mappings == b.md.devices[1].mapped_blocks + b.md.devices[2].mapped_blocks
+    assert_thin_check(rep_out, what="streamed repair")
+    mappings = [ln for ln in run_tool("thin_dump", str(rep_out)).stdout.splitlines() if "_mapping " in ln]
+    assert mappings == [ln for ln in xml.read_text().splitlines() if "_mapping " in ln]

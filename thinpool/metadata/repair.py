@@ -61,8 +61,8 @@ class RepairReport:
 
 
 Progress = Callable[[int, int], None]  # (work done, total work): mappings walked, then mappings written
-SPILL_BUFFER_BYTES = 4 << 20  # salvaged pairs buffered before they go to the temporary file
-CHUNK_MAPPINGS = 1 << 18  # pairs read back and handled at once
+SPILL_BUFFER_BYTES = 1 << 20  # salvaged pairs buffered before they go to the temporary file
+CHUNK_MAPPINGS = 1 << 16  # pairs read back and handled at once
 
 
 @dataclass

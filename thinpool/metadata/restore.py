@@ -223,6 +223,10 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
     in_dev = False
     seen: set[int] = set()
     buf = _RunBuffer(visitor)
+    # thin_dump 1.x writes a subtree shared by several devices once, as <def name=...> before the devices, and
+    # <ref name=.../> where each device has it: the def's runs are kept and replayed at each ref.
+    defs: dict[str, list[tuple[int, int, int, int]]] = {}
+    in_def: list[tuple[int, int, int, int]] | None = None
     try:
         for event, el in ET.iterparse(src, events=("start", "end")):
             tag = el.tag
@@ -247,8 +251,24 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
                     visitor.device_b(DeviceDetailsIR(dev_id, _int(el, "mapped_blocks"), _int(el, "transaction"),
                                                      _int(el, "creation_time"), _int(el, "snap_time")))
                     in_dev = True
+                elif tag == "def":
+                    name = el.get("name")
+                    if not in_sb or in_dev or in_def is not None or name is None or name in defs:
+                        raise InvalidArgument(reason=f"misplaced or duplicate <def name={name!r}>")
+                    in_def = defs[name] = []
+                elif tag == "ref":
+                    name = el.get("name")
+                    if not in_dev and in_def is None:
+                        raise InvalidArgument(reason="<ref> outside <device> or <def>")
+                    if name not in defs or defs[name] is in_def:
+                        raise InvalidArgument(reason=f"<ref name={name!r}> to no <def> before it")
+                    for run in defs[name]:
+                        if in_def is not None:
+                            in_def.append(run)
+                        else:
+                            buf.add(*run)
                 elif tag in ("range_mapping", "single_mapping"):
-                    if not in_dev:
+                    if not in_dev and in_def is None:
                         raise InvalidArgument(reason=f"<{tag}> outside <device>")
                     if tag == "range_mapping":
                         ob, db, n, t = (_int(el, a) for a in _RANGE_REQUIRED)
@@ -257,12 +277,16 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
                         n = 1
                     if t > TIME_MASK:
                         raise InvalidArgument(reason=f"mapping time {t} does not fit in 24 bits")
-                    if n:
+                    if n and in_def is not None:
+                        in_def.append((ob, db, n, t))
+                    elif n:
                         buf.add(ob, db, n, t)
                 else:
                     raise InvalidArgument(reason=f"unknown tag type: <{tag}>")
             else:
-                if tag == "device":
+                if tag == "def":
+                    in_def = None
+                elif tag == "device":
                     buf.flush()
                     visitor.device_e()
                     in_dev = False

@@ -73,6 +73,8 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
         self._out: list[bytes | bytearray | memoryview] = []  # memoryviews: pooled reply buffers
         self._out_bytes = 0
         self._free: list[bytearray] = []  # reply buffers the socket has taken whole, ready for reuse
+        self._lent: list[bytearray] = []  # reply buffers the transport still holds (free again once it drained)
+        self.reply_buffers_made = 0  # reply buffers allocated (tests and benchmarks count reuse with it)
         self._closing = False
         self._paused = False  # the transport holds unsent bytes: our replies wait in _out until it drains
         self._reading = True
@@ -130,6 +132,8 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             self._hs_timer = None
         self._buf = bytearray(0)
         self._out = []
+        self._free = []
+        self._lent = []
         if self._hs is not None:
             self._hs.close()
             self._hs = None
@@ -140,6 +144,13 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._lent:
+            # the transport sent everything it held (low water 0): the reply buffers it kept are ours again
+            free = self._free
+            for whole in self._lent:
+                if len(free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES:
+                    free.append(whole)
+            self._lent = []
         self._resume()
 
     def _blocked(self) -> bool:
@@ -231,14 +242,19 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                         i -= 1  # the joined pieces filled the socket: this payload waits
                         break
                 write(piece)
-                if type(piece) is memoryview and not self._paused and not self.transport.get_write_buffer_size():
-                    # a pooled reply buffer the socket took whole: reusable. One the transport still holds is left
-                    # alone (from Python 3.12 on it queues the memoryview itself, uncopied: releasing it, or
-                    # reusing its buffer, would fail or corrupt the reply being sent)
+                if type(piece) is memoryview:
                     whole = cast(bytearray, piece.obj)
-                    if len(self._free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES:
-                        self._free.append(whole)
-                    piece.release()
+                    if not self._paused and not self.transport.get_write_buffer_size():
+                        # a pooled reply buffer the socket took whole: reusable now
+                        if len(self._free) < _POOL_KEEP and len(whole) <= _POOL_KEEP_BYTES:
+                            self._free.append(whole)
+                        piece.release()
+                    else:
+                        # the transport still holds (part of) it: from Python 3.12 on it queues the memoryview
+                        # itself, uncopied, so the buffer is neither released nor reused until resume_writing
+                        # says the transport drained (a buffer past the cap is left to the garbage collector)
+                        if len(self._lent) < 2 * _POOL_KEEP:
+                            self._lent.append(whole)
             else:
                 small.append(piece)
         if small:
@@ -257,6 +273,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             b = free.pop()
             if len(b) >= n:
                 return b
+        self.reply_buffers_made += 1
         return bytearray(max(n, _POOLED_MIN + _READ_HEADER))
 
     def eof_received(self) -> bool:
