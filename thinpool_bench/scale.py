@@ -1,5 +1,5 @@
 """`thinpool bench --only scale`: what an operation costs as the pool, the mapping count and the device count grow,
-with the C++ metadata tools on the same metadata in the same run.
+with the C++ (0.9.0) and the Rust (pdata_tools 1.x) metadata tools on the same metadata in the same run.
 
 Layer: tooling above the library (used by ``thinpool_bench.suite.run_all`` and the ``bench`` command). May import:
 everything in thinpool (a bulk-built fixture reaches ``Pool.md``, as benchmarks/ do).
@@ -14,15 +14,22 @@ Three parts, every number measured in this run on this machine:
   thin_dump's worst case) and device 2, a snapshot of it with 1 % of its chunks rewritten; N = 10k and 100k with
   ``--quick``, 10k / 1M / 4M without. Whole processes: open + read, write + commit, snapshot, status, then check,
   dump, ls (default fields and EXCLUSIVE/SHARED), delta 1 2, rmap of a quarter of the data blocks, restore (of
-  thin_dump's XML) and repair, thinpool and the C++ tool interleaved per round, outputs compared byte for byte
-  (restore: both results dumped; repair: their mappings); last the deletes of the snapshot and of the origin,
-  and thin_check of what they left.
+  thin_dump's XML) and repair, thinpool, the C++ tool and the Rust tool interleaved per round; thinpool's output
+  compared with the C++ tool's byte for byte (restore: both results dumped; repair: their mappings) and with the
+  Rust tool's as far as their formats agree (dump: the same mappings per device, 1.x writing shared subtrees once
+  as <def>/<ref>; ls: ``0b`` for ``0``; delta: no final newline; rmap: the same lines in another order; restore and
+  repair as for C++); last the deletes of the snapshot and of the origin, and both thin_checks of what they left.
+  A command whose first round takes over a minute is not repeated (0.9.0's thin_restore/thin_repair at 4M).
 - **devices**: ``Pool.create_snap`` and ``delete_thin`` (in process) in a pool of 1 / 1,000 / 10,000 devices
   (1 / 100 / 1,000 with ``--quick``).
 
-The Rust pdata_tools (thin-provisioning-tools 1.x) are not measured: Debian 12 ships only the C++ 0.9.0 tools
-(whose multi-call binary is also called pdata_tools) and crates.io is not reachable here; a 1.x pdata_tools on PATH
-is detected and named in the report.
+The Rust tools are looked for in $THINPOOL_RUST_TOOLS (default /opt/thin-provisioning-tools-rust/usr/sbin, where
+.ci/run unpacks Debian trixie's thin-provisioning-tools 1.1.0); without them their column says "not installed".
+Rust thin_check 1.1.0 never takes less than 0.5 s: its progress thread sleeps 500 ms and is joined at the end.
+
+``python -m thinpool_bench.scale --only-tools --mappings 4000000 --results benchmarks/RESULTS-scale.md`` runs only
+the tools of the mappings part (no pool-size or devices part, no pool steps) and replaces only those rows of an
+existing report.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +65,8 @@ DEVICES_QUICK = (1, 100, 1000)
 DEVICES = (1, 1000, 10_000)
 RSS_GOAL_MB = 100.0
 SPEED_GOALS = ("check", "dump", "ls", "ls EXCLUSIVE,SHARED", "delta 1 2")  # to beat the C++ tools at
-RUST_NOTE = ("Rust pdata_tools (thin-provisioning-tools 1.x) not measured: not installable here (Debian 12 ships "
-             "only the C++ 0.9.0 tools, whose multi-call binary is also named pdata_tools, and crates.io is not "
-             "reachable to build 1.x)")
+RUST_TOOLS_DEFAULT = "/opt/thin-provisioning-tools-rust/usr/sbin"
+SLOW_ROUND_S = 60.0  # a command whose first round took longer is not repeated
 
 
 def _noop(_: str) -> None:
@@ -75,6 +83,27 @@ def which(name: str) -> str | None:
         if os.access(p, os.X_OK):
             return p
     return None
+
+
+def rust_dir() -> Path:
+    return Path(os.environ.get("THINPOOL_RUST_TOOLS") or RUST_TOOLS_DEFAULT)
+
+
+def rust_which(name: str) -> str | None:
+    """A Rust pdata_tools program (thin_check, ...) in $THINPOOL_RUST_TOOLS, if it is there and is 1.x."""
+    p = rust_dir() / name
+    if not os.access(p, os.X_OK) or _rust_version() is None:
+        return None
+    return str(p)
+
+
+def _rust_version() -> str | None:
+    p = rust_dir() / "thin_check"
+    if not os.access(p, os.X_OK):
+        return None
+    r = subprocess.run([str(p), "-V"], capture_output=True, text=True)
+    v = (r.stdout or r.stderr).strip()
+    return None if not v or v.startswith("0.") else v
 
 
 def thinpool_cmd() -> list[str]:
@@ -219,52 +248,197 @@ def _dump_digest(md: Path, *, mappings_only: bool = False) -> str | None:
     return h.hexdigest() if p.returncode == 0 else None
 
 
-def _tool_cases(tp: list[str], md: str, wd: Path, n: int) -> list[tuple[str, list[str], list[str] | None,
-                                                                         Compare | None]]:
-    """(name, thinpool command, C++ command or None, how to compare what they produced)."""
-    cc = {t: which(t) for t in ("thin_check", "thin_dump", "thin_ls", "thin_delta", "thin_rmap", "thin_restore",
-                                "thin_repair")}
+# --- comparing with the Rust tools' output (their formats differ from 0.9.0's in the ways listed above) --------
+_XML_ATTR = re.compile(rb'(\w+)="([^"]*)"')
+_M64 = (1 << 64) - 1
+
+
+def _mix(thin: np.ndarray, data: np.ndarray, time_: int) -> int:
+    """An order-independent digest of mappings: the sum of a 64-bit mix of each (thin, data, time)."""
+    with np.errstate(over="ignore"):
+        x = thin * np.uint64(0x9E3779B97F4A7C15) ^ data * np.uint64(0xC2B2AE3D27D4EB4F) ^ \
+            np.uint64(time_) * np.uint64(0x165667B19E3779F9)
+        x ^= x >> np.uint64(29)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(32)
+        return int(x.sum(dtype=np.uint64))
+
+
+def _xml_digest(path: Path) -> str:
+    """A digest of a thin_dump XML file that both tools' layouts give alike: the superblock's and each device's
+    attributes (flags="0" written or not) and each device's set of (thin, data, time) blocks, with 1.x's <def>
+    subtrees counted at each <ref>. Memory: one integer per <def>."""
+    h = hashlib.sha256()
+    defs: dict[bytes, int] = {}
+    acc = 0
+    def_name: bytes | None = None
+    devices: list[tuple[bytes, int]] = []
+    dev_head = b""
+    with open(path, "rb") as f:
+        for line in f:
+            s = line.strip()
+            if not s:
+                continue
+            attrs = dict(_XML_ATTR.findall(s))
+            if s.startswith(b"<single_mapping "):
+                o, d = int(attrs[b"origin_block"]), int(attrs[b"data_block"])
+                acc = (acc + _mix(np.array([o], dtype=np.uint64), np.array([d], dtype=np.uint64),
+                                  int(attrs[b"time"]))) & _M64
+            elif s.startswith(b"<range_mapping "):
+                o, d, n = int(attrs[b"origin_begin"]), int(attrs[b"data_begin"]), int(attrs[b"length"])
+                r = np.arange(n, dtype=np.uint64)
+                acc = (acc + _mix(r + np.uint64(o), r + np.uint64(d), int(attrs[b"time"]))) & _M64
+            elif s.startswith(b"<ref "):
+                acc = (acc + defs[attrs[b"name"]]) & _M64
+            elif s.startswith(b"<def "):
+                def_name, acc = attrs[b"name"], 0
+            elif s.startswith(b"</def>"):
+                assert def_name is not None
+                defs[def_name], def_name = acc, None
+            elif s.startswith(b"<device "):
+                dev_head, acc = b" ".join(k + b"=" + v for k, v in sorted(attrs.items())), 0
+            elif s.startswith(b"</device>"):
+                devices.append((dev_head, acc))
+            elif s.startswith(b"<superblock "):
+                attrs.setdefault(b"flags", b"0")
+                h.update(b" ".join(k + b"=" + v for k, v in sorted(attrs.items())) + b"\n")
+    for head, total in sorted(devices):
+        h.update(head + b" %d\n" % total)
+    return h.hexdigest()
+
+
+def _same_dump_rust(a: Path, b: Path) -> bool:
+    return _xml_digest(a) == _xml_digest(b)
+
+
+def _same_ls_rust(a: Path, b: Path) -> bool:
+    def tokens(p: Path) -> list[list[bytes]]:
+        return [[b"0" if t == b"0b" else t for t in ln.split()] for ln in p.read_bytes().splitlines()]
+    return tokens(a) == tokens(b)
+
+
+def _same_delta_rust(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes() + b"\n"
+
+
+def _same_rmap_rust(a: Path, b: Path) -> bool:
+    return sorted(a.read_bytes().splitlines()) == sorted(b.read_bytes().splitlines())
+
+
+@dataclass(frozen=True)
+class ToolCase:
+    """One tool: thinpool's command, the C++ and Rust tools' (None when not installed), how to compare outputs."""
+
+    name: str
+    ours: list[str]
+    cpp: list[str] | None
+    rust: list[str] | None
+    cmp_cpp: Compare | None
+    cmp_rust: Compare | None
+
+
+def _tool_cases(tp: list[str], md: str, wd: Path, n: int) -> list[ToolCase]:
+    """Every tool of the mappings part, on the metadata ``md``."""
+    names = ("thin_check", "thin_dump", "thin_ls", "thin_delta", "thin_rmap", "thin_restore", "thin_repair")
+    cc = {t: which(t) for t in names}
+    rr = {t: rust_which(t) for t in names}
 
     def real(tool: str, *args: str) -> list[str] | None:
         exe = cc[tool]
         return [exe, *args] if exe else None
 
-    xml, mine, theirs, rep_mine, rep_theirs = (str(wd / x) for x in ("src.xml", "restored-ours.bin",
-                                                                       "restored-cpp.bin", "repaired-ours.bin",
-                                                                       "repaired-cpp.bin"))
-    with open(xml, "wb") as f:  # the restore input: the same XML for both (not timed)
+    def rust(tool: str, *args: str) -> list[str] | None:
+        exe = rr[tool]
+        return [exe, *args] if exe else None
+
+    xml, mine, theirs, rust_out, rep_mine, rep_theirs, rep_rust = (
+        str(wd / x) for x in ("src.xml", "restored-ours.bin", "restored-cpp.bin", "restored-rust.bin",
+                              "repaired-ours.bin", "repaired-cpp.bin", "repaired-rust.bin"))
+    with open(xml, "wb") as f:  # the restore input: the same XML for all (not timed)
         subprocess.run(real("thin_dump", md) or [*tp, "dump", md], stdout=f, check=True)
     size = os.path.getsize(md)
-    for out in (mine, theirs, rep_mine, rep_theirs):
+    for out in (mine, theirs, rust_out, rep_mine, rep_theirs, rep_rust):
         with open(out, "wb") as f:
             f.truncate(size)
 
-    def restored_same(_a: Path, _b: Path) -> bool | None:
-        x, y = _dump_digest(Path(mine)), _dump_digest(Path(theirs))
+    def same_digest(x: str | None, y: str | None) -> bool | None:
         return None if x is None or y is None else x == y
 
-    def repaired_same(_a: Path, _b: Path) -> bool | None:
+    def restored_same(other: str) -> Compare:
+        return lambda _a, _b: same_digest(_dump_digest(Path(mine)), _dump_digest(Path(other)))
+
+    def repaired_same(other: str) -> Compare:
         # repair marks devices sharing data with a newer snapshot time (on purpose): the mappings must match
-        x, y = _dump_digest(Path(rep_mine), mappings_only=True), _dump_digest(Path(rep_theirs), mappings_only=True)
-        return None if x is None or y is None else x == y
+        return lambda _a, _b: same_digest(_dump_digest(Path(rep_mine), mappings_only=True),
+                                          _dump_digest(Path(other), mappings_only=True))
 
     region = f"0..{max(n // 4, 1)}"
-    return [("check", [*tp, "check", md], real("thin_check", md), None),
-            ("dump", [*tp, "dump", md], real("thin_dump", md), _same_stdout),
-            ("ls", [*tp, "ls", md], real("thin_ls", md), _same_stdout),
-            ("ls EXCLUSIVE,SHARED", [*tp, "ls", "-o", "DEV,MAPPED,EXCLUSIVE,SHARED", md],
-             real("thin_ls", "-o", "DEV,MAPPED,EXCLUSIVE,SHARED", md), _same_stdout),
-            ("delta 1 2", [*tp, "delta", "1", "2", md], real("thin_delta", "--snap1", "1", "--snap2", "2", md),
-             _same_stdout),
-            (f"rmap {region}", [*tp, "rmap", "--region", region, md], real("thin_rmap", "--region", region, md),
-             _same_stdout),
-            ("restore", [*tp, "restore", "-i", xml, "-o", mine, "-q", "-f"],
-             real("thin_restore", "-i", xml, "-o", theirs, "-q"), restored_same),
-            ("repair", [*tp, "pool", "repair", md, rep_mine, "-f"], real("thin_repair", "-i", md, "-o", rep_theirs),
-             repaired_same)]
+    ls_fields = ("-o", "DEV,MAPPED,EXCLUSIVE,SHARED")
+    return [ToolCase("check", [*tp, "check", md], real("thin_check", md), rust("thin_check", md), None, None),
+            ToolCase("dump", [*tp, "dump", md], real("thin_dump", md), rust("thin_dump", md), _same_stdout,
+                     _same_dump_rust),
+            ToolCase("ls", [*tp, "ls", md], real("thin_ls", md), rust("thin_ls", md), _same_stdout, _same_ls_rust),
+            ToolCase("ls EXCLUSIVE,SHARED", [*tp, "ls", *ls_fields, md], real("thin_ls", *ls_fields, md),
+                     rust("thin_ls", *ls_fields, md), _same_stdout, _same_ls_rust),
+            ToolCase("delta 1 2", [*tp, "delta", "1", "2", md], real("thin_delta", "--snap1", "1", "--snap2", "2", md),
+                     rust("thin_delta", "--snap1", "1", "--snap2", "2", md), _same_stdout, _same_delta_rust),
+            ToolCase(f"rmap {region}", [*tp, "rmap", "--region", region, md],
+                     real("thin_rmap", "--region", region, md), rust("thin_rmap", "--region", region, md),
+                     _same_stdout, _same_rmap_rust),
+            ToolCase("restore", [*tp, "restore", "-i", xml, "-o", mine, "-q", "-f"],
+                     real("thin_restore", "-i", xml, "-o", theirs, "-q"),
+                     rust("thin_restore", "-i", xml, "-o", rust_out, "-q"), restored_same(theirs),
+                     restored_same(rust_out)),
+            ToolCase("repair", [*tp, "pool", "repair", md, rep_mine, "-f"],
+                     real("thin_repair", "-i", md, "-o", rep_theirs), rust("thin_repair", "-i", md, "-o", rep_rust),
+                     repaired_same(rep_theirs), repaired_same(rep_rust))]
 
 
-def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress) -> list[dict[str, Any]]:
+_SCRATCH = ("src.xml", "restored-ours.bin", "restored-cpp.bin", "restored-rust.bin", "repaired-ours.bin",
+            "repaired-cpp.bin", "repaired-rust.bin")
+
+
+def _measure_tool(case: ToolCase, wd: Path, rounds: int, label: str, progress: Progress) -> dict[str, Any]:
+    """thinpool, the C++ and the Rust tool interleaved for ``rounds`` rounds (one if the first took over a minute);
+    medians, and whether the outputs agree (stdout compared every round, restore/repair once, at the end)."""
+    runs: dict[str, list[dict[str, Any]]] = {"thinpool": [], "cpp": [], "rust": []}
+    same: dict[str, bool | None] = {"cpp": None, "rust": None}
+    cmds = {"thinpool": case.ours, "cpp": case.cpp, "rust": case.rust}
+    cmps = {"cpp": case.cmp_cpp, "rust": case.cmp_rust}
+    r = 0
+    while r < rounds:
+        progress(f"scale: {label}: {case.name}, round {r + 1}/{rounds}")
+        outs = {k: wd / f"{k}.out" for k in cmds}
+        for k, cmd in cmds.items():
+            if cmd is not None:
+                runs[k].append(run_measured(cmd, stdout=outs[k]))
+        slow = any(rs and rs[-1]["s"] > SLOW_ROUND_S for rs in runs.values())
+        last = r == rounds - 1 or slow
+        for k in ("cpp", "rust"):
+            cmp = cmps[k]
+            # byte comparisons every round; the others (digests, sorting, dumping restored metadata) at the end
+            if cmds[k] is not None and cmp is not None and (cmp is _same_stdout or last):
+                ok = cmp(outs["thinpool"], outs[k])
+                same[k] = ok if same[k] is None or ok is None else same[k] and ok
+        for f in outs.values():
+            f.unlink(missing_ok=True)
+        r += 1
+        if slow:
+            break
+    t: dict[str, Any] = {"thinpool": _median(runs["thinpool"]),
+                         "cpp": _median(runs["cpp"]) if runs["cpp"] else None,
+                         "rust": _median(runs["rust"]) if runs["rust"] else None,
+                         "identical": same["cpp"], "rust_same": same["rust"]}
+    if t["cpp"]:
+        t["ratio"] = t["thinpool"]["s"] / t["cpp"]["s"]
+    if t["rust"]:
+        t["rust_ratio"] = t["thinpool"]["s"] / t["rust"]["s"]
+    return t
+
+
+def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress, *,
+                  tools_only: bool = False) -> list[dict[str, Any]]:
+    """The mappings part; ``tools_only``: only the metadata tools (no pool steps, no deletes)."""
     tp = thinpool_cmd()
     src = wd / "4k.bin"
     if not src.exists():
@@ -283,43 +457,27 @@ def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progre
                           "write 4 KiB + commit": [*tp, "thin", "write", "1", str(src), "--offset", "64k", "-p", p],
                           "snapshot": [*tp, "thin", "snap", "3", "1", "-p", p],
                           "pool status": [*tp, "pool", "status", p]}
-            for step, cmd in pool_steps.items():
+            for step, cmd in ({} if tools_only else pool_steps).items():
                 progress(f"scale: {n:,} mappings: {step}")
                 row["steps"][step] = _median([run_measured(cmd)])
             md = str(d / "metadata")
-            for name, ours, real, compare in _tool_cases(tp, md, wd, n):
-                ours_runs: list[dict[str, Any]] = []
-                real_runs: list[dict[str, Any]] = []
-                same: bool | None = None
-                for r in range(rounds):
-                    progress(f"scale: {n:,} mappings: {name}, round {r + 1}/{rounds}")
-                    a, b = wd / "ours.out", wd / "real.out"
-                    ours_runs.append(run_measured(ours, stdout=a))
-                    if real is not None:
-                        real_runs.append(run_measured(real, stdout=b))
-                        # check: thin_check prints nothing on stdout, ours a summary; restore/repair: compared
-                        # once, after the last round
-                        if compare is _same_stdout or (compare is not None and r == rounds - 1):
-                            ok = compare(a, b)
-                            same = ok if same is None or ok is None else same and ok
-                    for f in (a, b):
-                        f.unlink(missing_ok=True)
-                t: dict[str, Any] = {"thinpool": _median(ours_runs),
-                                     "cpp": _median(real_runs) if real_runs else None, "identical": same}
-                if t["cpp"]:
-                    t["ratio"] = t["thinpool"]["s"] / t["cpp"]["s"]
-                row["tools"][name] = t
+            for case in _tool_cases(tp, md, wd, n):
+                row["tools"][case.name] = _measure_tool(case, wd, rounds, f"{n:,} mappings", progress)
+            if tools_only:
+                continue
             for step, cmd in (("delete snapshot (1 % own)", [*tp, "thin", "delete", "2", "--force", "-p", p]),
                               ("delete origin", [*tp, "thin", "delete", "1", "--force", "-p", p])):
                 progress(f"scale: {n:,} mappings: {step}")
                 row["steps"][step] = _median([run_measured(cmd)])
-            tc = which("thin_check")  # what the deletes left must pass the real checker
+            # what the deletes left must pass the real checkers
+            tc, rc = which("thin_check"), rust_which("thin_check")
             row["thin_check_after_deletes"] = None if tc is None else run_measured([tc, md])["rc"] == 0
+            row["rust_thin_check_after_deletes"] = None if rc is None else run_measured([rc, md])["rc"] == 0
         finally:
             shutil.rmtree(d, ignore_errors=True)
-            for x in ("src.xml", "restored-ours.bin", "restored-cpp.bin", "repaired-ours.bin", "repaired-cpp.bin"):
+            for x in _SCRATCH:
                 (wd / x).unlink(missing_ok=True)
-        out.append(row)
+            out.append(row)
     return out
 
 
@@ -369,35 +527,31 @@ def devices_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progres
 
 
 # --- the whole part -------------------------------------------------------------------------------------------
-def run_scale(wd: Path, *, quick: bool = False, progress: Progress = _noop) -> dict[str, Any]:
-    """Measure the three parts in ``wd`` (scratch pools are removed as they are done)."""
+def run_scale(wd: Path, *, quick: bool = False, progress: Progress = _noop, tools_only: bool = False,
+              mappings: Sequence[int] | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Measure the three parts in ``wd`` (scratch pools are removed as they are done). ``tools_only``: only the
+    metadata tools of the mappings part; ``mappings`` and ``rounds`` override that part's counts and rounds."""
     wd = Path(wd) / "scale"
     wd.mkdir(parents=True, exist_ok=True)
     try:
-        result: dict[str, Any] = {"quick": quick}
-        result["pool_size"] = pool_size_part(wd, POOL_SIZES_QUICK if quick else POOL_SIZES, 2 if quick else 3,
-                                             progress)
-        result["mappings"] = mappings_part(wd, MAPPINGS_QUICK if quick else MAPPINGS, 1 if quick else 3, progress)
-        result["devices"] = devices_part(wd, DEVICES_QUICK if quick else DEVICES, 5 if quick else 20, progress)
-        result["rust"] = _rust_tools() or RUST_NOTE
+        result: dict[str, Any] = {"quick": quick, "tools_only": tools_only}
+        if not tools_only:
+            result["pool_size"] = pool_size_part(wd, POOL_SIZES_QUICK if quick else POOL_SIZES, 2 if quick else 3,
+                                                 progress)
+        result["mappings"] = mappings_part(wd, mappings or (MAPPINGS_QUICK if quick else MAPPINGS),
+                                           rounds or (1 if quick else 3), progress, tools_only=tools_only)
+        if not tools_only:
+            result["devices"] = devices_part(wd, DEVICES_QUICK if quick else DEVICES, 5 if quick else 20, progress)
         result["cpp_version"] = _cpp_version()
+        result["rust_version"] = _rust_version()
+        result["rust_dir"] = str(rust_dir())
         result["rss_source"] = "GNU time's %M" if os.access(GNU_TIME, os.X_OK) else \
             "wait4's ru_maxrss (an upper bound: it includes this forking process's resident set)"
+        result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result["claims"] = claims(result)
         return result
     finally:
         shutil.rmtree(wd, ignore_errors=True)
-
-
-def _rust_tools() -> str | None:
-    """The Rust pdata_tools (1.x) if installed: Debian's C++ 0.9.0 package also installs a multi-call binary
-    named pdata_tools, so the version decides."""
-    exe = which("pdata_tools")
-    if exe is None:
-        return None
-    r = subprocess.run([exe, "thin_check", "-V"], capture_output=True, text=True)
-    v = (r.stdout or r.stderr).strip()
-    return None if not v or v.startswith("0.") else f"Rust pdata_tools {v} found ({exe}) but not yet measured"
 
 
 def _cpp_version() -> str | None:
@@ -435,9 +589,11 @@ def claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             ok = t["thinpool"]["rss_mb"] < RSS_GOAL_MB and t["identical"] is not False and \
                 (t["ratio"] < 1.0 or not fast) and not t["thinpool"]["failed"]
+            rust = "" if not t.get("rust") else \
+                f"; Rust {t['rust']['s']:.2f} s / {t['rust']['rss_mb']:.0f} MB ({t['rust_ratio']:.2f}x)"
             out.append({"claim": claim,
-                        "measured": f"{t['thinpool']['s']:.2f} s / {t['thinpool']['rss_mb']:.0f} MB vs "
-                                    f"{t['cpp']['s']:.2f} s / {t['cpp']['rss_mb']:.0f} MB ({t['ratio']:.2f}x)",
+                        "measured": f"{t['thinpool']['s']:.2f} s / {t['thinpool']['rss_mb']:.0f} MB vs C++ "
+                                    f"{t['cpp']['s']:.2f} s / {t['cpp']['rss_mb']:.0f} MB ({t['ratio']:.2f}x){rust}",
                         "verdict": "met" if ok else "missed"})
         d = top["steps"].get("delete origin")
         if d:
@@ -466,6 +622,13 @@ def report_lines(res: dict[str, Any]) -> list[str]:
              "processes (wall time, the child's own peak RSS from `wait4`), medians over the rounds shown; the C++ "
              "tools run on the same metadata in the same rounds, interleaved. Peak RSS: "
              f"{res.get('rss_source', '?')}.", ""]
+    if res.get("tools_only"):
+        counts = " ".join(f"--mappings {row['mappings']}" for row in res.get("mappings") or [])
+        lines[2] = ("A tools-only run (`python -m thinpool_bench.scale --only-tools " + counts +
+                    " --results benchmarks/RESULTS-scale.md`): only the metadata tools of the mappings part, on "
+                    "this run's freshly built pool. Every number is from this run on this machine: whole processes "
+                    "(wall time, peak RSS), medians over the rounds shown; thinpool, the C++ and the Rust tools "
+                    "interleaved on the same metadata. Peak RSS: " + f"{res.get('rss_source', '?')}.")
     if res.get("quick"):
         lines += ["**Quick run**: small sizes, few rounds; the numbers are noisy.", ""]
     ps = res.get("pool_size")
@@ -483,21 +646,34 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         lines.append("")
     maps = res.get("mappings") or []
     if maps:
+        rust = f"Rust pdata_tools {res['rust_version']} ({res.get('rust_dir')})" if res.get("rust_version") else \
+            f"Rust pdata_tools not installed (looked in {res.get('rust_dir')})"
         lines += ["## Mappings: device 1 maps N chunks (random data order), device 2 a snapshot with 1 % rewritten",
-                  "", f"C++ tools: {res.get('cpp_version') or 'not installed'}. {res.get('rust')}.", "",
-                  "| mappings | tool | thinpool | C++ | thinpool / C++ | output |", "|---|---|---|---|---|---|"]
+                  "", f"C++ tools: {res.get('cpp_version') or 'not installed'}. {rust}. Output: thinpool's compared "
+                  "with the C++ tool's byte for byte (restore: the results' dumps; repair: their mappings), and with "
+                  "the Rust tool's as far as the formats agree (see thinpool_bench/scale.py). Rust thin_check 1.1.0 "
+                  "takes at least 0.5 s (its progress thread sleeps 500 ms). Rounds: a command whose first round "
+                  f"took over {SLOW_ROUND_S:.0f} s ran once.", "",
+                  "| mappings | tool | thinpool | C++ | Rust | thinpool / C++ | thinpool / Rust | rounds | output |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in maps:
             for name, t in row["tools"].items():
                 ratio = f"{t['ratio']:.2f}x" if t.get("ratio") is not None else "-"
+                rratio = f"{t['rust_ratio']:.2f}x" if t.get("rust_ratio") is not None else "-"
                 same = {True: "identical", False: "DIFFERENT", None: "-"}[t["identical"]]
+                rsame = {True: "same", False: "DIFFERENT", None: "-"}[t.get("rust_same")]
                 lines.append(f"| {row['mappings']:,} | {name} | {_cell(t['thinpool'])} | {_cell(t['cpp'])} | "
-                             f"{ratio} | {same} |")
-        lines += ["", "| mappings | build (in process) | " + " | ".join(maps[0]["steps"]) +
-                  " | thin_check after the deletes |", "|---" * (len(maps[0]["steps"]) + 3) + "|"]
-        for row in maps:
-            tc = {True: "passes", False: "FAILS", None: "-"}[row.get("thin_check_after_deletes")]
-            lines.append(f"| {row['mappings']:,} | {row['build_s']:.1f} s | " +
-                         " | ".join(_cell(m) for m in row["steps"].values()) + f" | {tc} |")
+                             f"{_cell(t.get('rust'))} | {ratio} | {rratio} | {t['thinpool']['rounds']} | "
+                             f"C++: {same}, Rust: {rsame} |")
+        if maps[0]["steps"]:
+            lines += ["", "| mappings | build (in process) | " + " | ".join(maps[0]["steps"]) +
+                      " | thin_check (C++ / Rust) after the deletes |", "|---" * (len(maps[0]["steps"]) + 3) + "|"]
+            for row in maps:
+                tc = {True: "passes", False: "FAILS", None: "-"}
+                lines.append(f"| {row['mappings']:,} | {row['build_s']:.1f} s | " +
+                             " | ".join(_cell(m) for m in row["steps"].values()) +
+                             f" | {tc[row.get('thin_check_after_deletes')]} / "
+                             f"{tc[row.get('rust_thin_check_after_deletes')]} |")
         lines.append("")
     devs = res.get("devices") or []
     if devs:
@@ -515,6 +691,48 @@ def report_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+PREVIOUS = "<!-- the report of an earlier run follows, unchanged -->"
+
+
 def write_results(res: dict[str, Any], path: Path) -> None:
-    """Write the scale report (markdown) to ``path``."""
-    Path(path).write_text("\n".join(report_lines(res)))
+    """Write the scale report (markdown) to ``path``. A tools-only run's report goes on top of the existing
+    report's (of an earlier full run), which is kept below, unchanged, under its own heading."""
+    path = Path(path)
+    lines = report_lines(res)
+    if res.get("tools_only"):
+        lines[0] = f"# thinpool scale benchmark: the metadata tools ({res.get('date', '?')})"
+        if path.exists():
+            old = path.read_text()
+            if PREVIOUS in old:  # kept as it was (its headings already one level down)
+                old_lines = old.split(PREVIOUS, 1)[1].strip("\n").splitlines()
+            else:
+                old_lines = ["#" + ln if ln.startswith("#") else ln for ln in old.strip("\n").splitlines()]
+            lines += ["", PREVIOUS, ""] + old_lines
+    path.write_text("\n".join(lines) + ("\n" if res.get("tools_only") else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m thinpool_bench.scale``: the scale part alone (``--only-tools``: only the metadata tools)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m thinpool_bench.scale", description=main.__doc__)
+    ap.add_argument("--only-tools", action="store_true", help="only the metadata tools of the mappings part")
+    ap.add_argument("--mappings", type=int, action="append", help="mapping counts (repeatable)")
+    ap.add_argument("--rounds", type=int, help="rounds of the mappings part")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--results", type=Path, help="write the markdown report here")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    a = ap.parse_args(argv)
+    res = run_scale(a.workdir, quick=a.quick, tools_only=a.only_tools, mappings=a.mappings, rounds=a.rounds,
+                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if a.results:
+        write_results(res, a.results)
+    if a.json:
+        print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
