@@ -370,9 +370,34 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             if 0 < length and offset + length <= size and (cmd == P.CMD_WRITE or cmd == P.CMD_READ) \
                     and self.server.failed is None:
                 fast = self._fast or self._fast_path()
-                if ((not flags and length <= fast[3]) if cmd == P.CMD_WRITE
-                        else (not flags & ~P.CMD_FLAG_DF and length <= fast[4])):
-                    # the common requests, as many as arrived, under one hold of the lock
+                if cmd == P.CMD_WRITE:
+                    if not flags and length <= fast[3]:
+                        stop = self._start + 28 + length
+                        if stop == self._end:
+                            # the only request that arrived (a client at QD1): written here, without the run's
+                            # setup (a run of one costs ~17 % more than this, callgrind)
+                            view = memoryview(buf)[self._start + 28:stop]
+                            self._start = stop
+                            stats["requests"] += 1
+                            try:
+                                with self.server.lock:
+                                    fast[0](offset, view)
+                            except Exception as e:
+                                self._device_failed(cmd, cookie, self._export, e)
+                            else:
+                                self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, cookie))
+                                self._out_bytes += 16
+                            finally:
+                                try:
+                                    view.release()
+                                except BufferError:  # the device kept a view: detach from our buffer for good
+                                    log.warning("nbd: device kept a reference to a write buffer")
+                                    self._buf = bytearray(self._buf)
+                            continue
+                        # the common requests, as many as arrived, under one hold of the lock
+                        self._run(size, flags, cmd, cookie, offset, length)
+                        continue
+                elif not flags & ~P.CMD_FLAG_DF and length <= fast[4]:
                     self._run(size, flags, cmd, cookie, offset, length)
                     continue
             if cmd == P.CMD_WRITE:
