@@ -50,6 +50,7 @@ _GATHER_IN_PLACE_BYTES = 128 << 10  # a scattered read from this size on fills i
 _PLAN_CACHED_CHUNKS = 64  # a read of up to this many chunks looks each one up in the mapping cache
 PENDING_MAX_BYTES = 256 << 20  # chunks whose copy a device defers, in bytes of chunks (at least one chunk)
 DEFER_COPIES = True  # defer the copy of a shared chunk a sector-aligned write breaks (module docstring)
+_WHOLE_FIRST_WRITE_BYTES = 128 << 10  # chunks up to this size take a deferred break's first write whole
 
 
 class ThinDevice:
@@ -65,6 +66,7 @@ class ThinDevice:
         self._pend_max = max(1, PENDING_MAX_BYTES // self.chunk)
         self._full = (1 << (self.chunk // SECTOR_SIZE)) - 1  # every sector of a chunk
         self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
+        self._zbuf: bytearray | None = None  # a chunk of zeros for a deferred break's first write (pool lock)
         self._mc: MappingCache | None = None  # the device's mapping cache while it stays valid
         self._manifest: object = None  # the pool manifest ``_size`` was read from
         self._size = 0
@@ -567,7 +569,20 @@ class ThinDevice:
         if m is not None:
             n = len(piece)
             if defer and DEFER_COPIES and not (o | n) & (SECTOR_SIZE - 1):
-                data.pwrite(db * ch + o, piece)
+                if ch <= _WHOLE_FIRST_WRITE_BYTES:
+                    # the piece in a chunk of zeros, written at once: the page cache then holds the new block
+                    # as one large folio (with Linux's large folios, a chunk built from 4 KiB writes into a
+                    # hole reads back at half the speed); the zeros are placeholders for the pending copy
+                    zb = self._zbuf
+                    if zb is None:
+                        zb = self._zbuf = bytearray(ch)
+                    zb[o:o + n] = piece
+                    try:
+                        data.pwrite(db * ch, zb)
+                    finally:
+                        zb[o:o + n] = bytes(n)
+                else:
+                    data.pwrite(db * ch + o, piece)
                 pend = self._pend
                 if len(pend) >= self._pend_max:
                     self._complete(next(iter(pend)))  # the table is full: the oldest first
