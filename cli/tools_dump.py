@@ -133,7 +133,8 @@ class _Restored:
 class _RestoreSink:
     """The IR visitor restore streams the XML into: it checks the geometry and that no mapping lies beyond the
     data device (as soon as a device ends), keeps a line per device for pool.json, and feeds a MetadataBuilder
-    over an unlinked scratch file (so memory holds one device's mappings, not the document). A parse restarted
+    over an unlinked scratch file (memory: a chunk of runs and one pending node per tree level, whatever the
+    mapping count; a device's runs spill to a temporary file until it ends). A parse restarted
     from superblock_b (the fast path giving up) starts it afresh."""
 
     def __init__(self, md_path: str) -> None:
@@ -148,6 +149,8 @@ class _RestoreSink:
         self._dev = 0
 
     def close(self) -> None:
+        if self.builder is not None:
+            self.builder.close()
         if self.scratch is not None:
             self.scratch.close()
             self.scratch = None
@@ -201,7 +204,7 @@ class _RestoreSink:
             raise InvalidArgument(reason=f"device {self._dev}: mapping beyond end of data device ({hi_data} >= {nr})")
         self.summary.devices.append(_RestoredDevice(self._dev, hi_thin))
         self.builder.device_e()
-        self.builder.md.commit()  # the scratch file only: the device's nodes leave memory
+        self.builder.md.commit()  # the scratch only (never synced): details and dirty bitmaps written per device
 
     def superblock_e(self) -> None:
         self.builder.superblock_e()

@@ -75,7 +75,7 @@ from thinpool.io.block_store import FileBlockStore
 from thinpool.io.data_store import DataStore
 from thinpool.io.safe_open import open_pool_file, open_regular
 from thinpool.metadata.pool_metadata import FreedBlocks, PoolMetadata, sorted_unique
-from thinpool.thin import ThinDevice
+from thinpool.thin import ThinDevice, complete_pending
 from thinpool.units import DEFAULT_DATA_BLOCK_SIZE, MAX_METADATA_BLOCKS, SECTOR_SIZE, check_data_block_size, lazy_module
 
 if TYPE_CHECKING:
@@ -269,10 +269,14 @@ class Pool:
         self._low_water_fired = False
         self._low_water_pending = False
         self.out_of_data_space = False
-        self.stats = {"cow_copies": 0, "commits": 0}
+        # cow_copies: chunks copied (whole or in part) by copy-on-write; cow_bytes: the bytes those copies moved
+        self.stats = {"cow_copies": 0, "cow_bytes": 0, "commits": 0}
         self._origins: dict[int, ExternalOrigin | None] = {}
         self._space_cv = threading.Condition(self.lock)
         self.closed = False
+        # "neither the pool nor its metadata is read-only, the pool is open and has not failed": the data path's
+        # one-attribute form of those four tests (readonly is fixed at open; _release and _fail clear it)
+        self._rw = not readonly and not md.readonly
         self.auto_commit_interval: float | None = None
         self._last_commit = _time.monotonic()
         self._failure: str | None = None  # why the pool failed (metadata_operation_failed), None while healthy
@@ -491,6 +495,7 @@ class Pool:
 
     def _release(self) -> None:
         self.closed = True
+        self._rw = False
         for close in (self.md.close, self.data.close):
             try:
                 close()
@@ -624,6 +629,7 @@ class Pool:
         Every later write and flush raises PoolFailed."""
         if self._failure is None:
             self._failure = reason
+        self._rw = False  # the data path's inline check (ThinDevice.write) now takes the slow one
         if abort and not self.md.failed:
             try:
                 self.md.abort()
@@ -765,6 +771,7 @@ class Pool:
         + commit, then the final manifest (see thinpool.manifest), each as one journal record: O(changed entries)
         in validation and on disk, not O(devices). Must hold the lock; the pool must be writable."""
         sets = sets or {}
+        complete_pending(self)  # a snapshot, delete, merge... shares or drops the chunks: their copies first
         old_tid = self.md.trans_id
         tid = old_tid + 1 if new_tid is None else new_tid
         if not 0 <= tid <= mf.MAX_TRANSACTION_ID:
@@ -1185,6 +1192,8 @@ class Pool:
                 return
             self.check_writable()
             try:
+                # deferred copy-on-writes complete before the commit that makes their mappings durable
+                complete_pending(self)
                 # a failed fdatasync may have dropped data written since the last commit (Linux marks the pages
                 # clean): never commit mappings to it
                 self.data.sync()
@@ -1254,6 +1263,7 @@ class Pool:
         with self.lock:
             self.check_writable()
             try:
+                complete_pending(self)  # the metadata snapshot commits: deferred copies first, as in commit
                 self.data.sync()
             except BaseException as e:
                 self._fail(f"data sync failed: {e}")  # as in commit: never commit mappings to dropped data

@@ -11,6 +11,16 @@ dm_thin_device) and allocates data blocks through the pool (the DataAllocator of
 - A write to a chunk that may be shared (the mapping's time is older than the device's snapshotted_time, the
   kernel's __snapshotted_since) copies the chunk to a new one, applies the write and remaps; the old chunk loses
   a reference.
+- Deferred copy-on-write: a sector-aligned write inside one shared chunk allocates the new block, writes only
+  its own bytes there and remaps at once, recording the chunk as pending (PoolMetadata.pending_copies: the shared
+  block and a bitmap of the 512-byte sectors written since). Later writes to it add their sectors; once every
+  sector was written the copy is dropped (a whole-chunk overwrite copies nothing, as dm-thin's). The sectors never
+  written are copied from the shared block (one copy_file_range per gap run) before anything else may see the
+  new block: a read of the chunk, the commit that makes its mapping durable (so every FLUSH/FUA), any change of
+  the device table (snapshot, delete, merge...), an unaligned write into it, or when the device's table of
+  pending chunks is full (the oldest first). Until that commit a crash leaves the old mapping, whose block is
+  intact: a block the last commit references is not reused, nor punched, before the next commit. A discard or
+  delete of a pending chunk drops it (its mapping and new block go away).
 - discard unmaps whole chunks inside the range (a partial chunk is left alone, as dm-thin does); with passdown,
   chunks whose count reaches 0 get a hole punched at the next commit.
 - A write that would need more chunks than are free is refused whole (NoDataSpace) before anything changes.
@@ -20,11 +30,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from thinpool.errors import InvalidArgument, NoMetadataSpace
+from thinpool.errors import DeviceNotFound, InvalidArgument, NoMetadataSpace
 from thinpool.io.device import check_bounds, new_bytes, zero_fill
-from thinpool.units import lazy_module
+from thinpool.units import SECTOR_SIZE, lazy_module
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +48,9 @@ else:
 _SCRATCH_MAX_BYTES = 4 << 20  # read() gathers scattered pieces of reads up to this size in a kept buffer
 _GATHER_IN_PLACE_BYTES = 128 << 10  # a scattered read from this size on fills its bytes object in place
 _PLAN_CACHED_CHUNKS = 64  # a read of up to this many chunks looks each one up in the mapping cache
+PENDING_MAX_BYTES = 256 << 20  # chunks whose copy a device defers, in bytes of chunks (at least one chunk)
+DEFER_COPIES = True  # defer the copy of a shared chunk a sector-aligned write breaks (module docstring)
+_WHOLE_FIRST_WRITE_BYTES = 128 << 10  # chunks up to this size take a deferred break's first write whole
 
 
 class ThinDevice:
@@ -48,7 +61,12 @@ class ThinDevice:
         self.dev_id = dev_id
         self.chunk = pool.chunk_bytes
         self.md = pool.md.device(dev_id)
+        self._lock_acquire, self._lock_release = pool.lock.acquire, pool.lock.release
+        self._pend = pool.md.pending_copies(dev_id)  # the deferred copies (see the module docstring)
+        self._pend_max = max(1, PENDING_MAX_BYTES // self.chunk)
+        self._full = (1 << (self.chunk // SECTOR_SIZE)) - 1  # every sector of a chunk
         self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
+        self._zbuf: bytearray | None = None  # a chunk of zeros for a deferred break's first write (pool lock)
         self._mc: MappingCache | None = None  # the device's mapping cache while it stays valid
         self._manifest: object = None  # the pool manifest ``_size`` was read from
         self._size = 0
@@ -103,13 +121,18 @@ class ThinDevice:
                 # A copy-on-write replacing a shared mapping can free a block too, but only one the last commit
                 # uses (sharing comes from a snapshot, and Pool.create_snap commits), which is not handed out
                 # again before the next commit; PoolMetadata.delete_thin drops every device's cache besides.
+                # A pending copy-on-write (deferred, see the module docstring) is registered before its new
+                # mapping enters the cache and forgotten only once complete (or after the cache was dropped),
+                # so a mapping seen here with no pending entry after it reads complete bytes.
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
-                if v is not None:
+                if v is not None and not (self._pend and first in self._pend):
                     out = pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
                     if mc.valid and mc.pmd.sb is sb:
                         return out
         with pool.lock:
+            if self._pend:
+                self._settle(offset, offset + length)
             if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup, one pread
                 mc = self._cache()
                 v = mc.find(first)
@@ -138,11 +161,13 @@ class ThinDevice:
             if mc is not None and mc.valid:  # optimistic, without the lock: see read()
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
-                if v is not None:
+                if v is not None and not (self._pend and first in self._pend):
                     pool.data.preadinto((v >> mc.TIME_BITS) * ch + offset - first * ch, view)
                     if mc.valid and mc.pmd.sb is sb:
                         return length
         with pool.lock:
+            if self._pend:
+                self._settle(offset, offset + length)
             if (offset + length - 1) // ch == first:  # inside one chunk: one cached lookup
                 mc = self._cache()
                 v = mc.find(first)
@@ -192,13 +217,20 @@ class ThinDevice:
         first, last = offset // ch, (end - 1) // ch
         if last - first < _PLAN_CACHED_CHUNKS:  # a few chunks: cached lookups (no tree walk, no arrays)
             mc = self._cache()
-            find, shift = mc.find, mc.TIME_BITS
-            thin_blocks, data_blocks = [], []
-            for c in range(first, last + 1):
-                v = find(c)
-                if v is not None:
-                    thin_blocks.append(c)
-                    data_blocks.append(v >> shift)
+            get, shift = mc.map.get, mc.TIME_BITS
+            vals = [get(c) for c in range(first, last + 1)]  # the hits, straight from the cache's dict
+            if None in vals:  # unmapped, or not cached yet: the cache's full lookup for those
+                find = mc.find
+                vals = [find(first + i) if v is None else v for i, v in enumerate(vals)]
+                if None in vals:
+                    return self._plan_pieces(offset, end, first, vals, shift)
+            mapped = cast("list[int]", vals)  # every chunk mapped
+            d0 = mapped[0] >> shift
+            nr = last - first + 1
+            if (mapped[-1] >> shift) - d0 == nr - 1 and (
+                    nr < 3 or [v >> shift for v in mapped] == list(range(d0, d0 + nr))):
+                return [[0, length, d0 * ch + offset - first * ch]]  # one contiguous run: one pread
+            return self._plan_pieces(offset, end, first, vals, shift)
         else:
             k, d, _ = self.md.find_mapped_range(first, last + 1)
             thin_blocks, data_blocks = k.tolist(), d.tolist()
@@ -225,6 +257,29 @@ class ThinDevice:
             pos += n
         if pos < end:
             plan.append([pos - offset, end - pos, -1])
+        return plan
+
+    def _plan_pieces(self, offset: int, end: int, first: int, vals: list[int | None], shift: int) -> list[list[int]]:
+        """_plan's pieces from the packed mapping of each chunk from ``first`` on (None: unmapped)."""
+        ch = self.chunk
+        plan: list[list[int]] = []
+        pos = offset
+        cs = first * ch
+        for v in vals:
+            pe = cs + ch if cs + ch < end else end
+            if v is None:
+                if plan and plan[-1][2] < 0:
+                    plan[-1][1] += pe - pos
+                else:
+                    plan.append([pos - offset, pe - pos, -1])
+            else:
+                fo = (v >> shift) * ch + pos - cs
+                if plan and (prev := plan[-1])[2] >= 0 and prev[2] + prev[1] == fo:
+                    prev[1] += pe - pos
+                else:
+                    plan.append([pos - offset, pe - pos, fo])
+            pos = pe
+            cs += ch
         return plan
 
     def _fill(self, view: memoryview, offset: int, plan: list[list[int]]) -> None:
@@ -281,32 +336,40 @@ class ThinDevice:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (see the module docstring for provisioning and copy-on-write). An
         overwrite inside one chunk the device owns (mapped at or after its snapshot time) is a mapping-cache hit
-        and one pwrite."""
+        and one pwrite: the bounds one chained comparison, the pool's state a few attribute tests inline (the
+        slow check only when one fails), no further call but the store's pwrite."""
         if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")  # any buffer: sized (and written) in bytes
-        n = len(data)
-        size = self._size if self.pool.manifest is self._manifest else self._size_now()
-        if offset < 0 or offset + n > size:
-            check_bounds(size, offset, n)
-        if not n:
-            return
+        end = offset + len(data)
         pool = self.pool
+        if pool.manifest is not self._manifest:
+            self._size_now()
+        if not 0 <= offset < end <= self._size:
+            check_bounds(self._size, offset, end - offset)
+            return  # an empty write
         ch = self.chunk
         first = offset // ch
+        o = offset - first * ch
         hint: tuple[int, int] | None = None
-        with pool.lock:
-            pool.check_writable()
-            if (offset + n - 1) // ch == first:  # an overwrite of an owned chunk: a cache hit and one pwrite
+        self._lock_acquire()  # pool.lock (explicit: cheaper than a with block on this path)
+        try:
+            pmd = pool.md
+            # Pool.check_writable, inline: _rw is "open, not read-only (pool and metadata), not failed"; any
+            # superblock flag (needs_check is the only one dm-thin defines) takes the full check
+            if not pool._rw or pmd.failed or pmd.flags:
+                pool.check_writable()
+            if o + end - offset <= ch:  # inside one chunk
                 mc = self._mc
                 if mc is None or not mc.valid:
                     mc = self._cache()
                 v = mc.map.get(first)
                 if v is not None:
-                    t = v & mc.TIME_MASK
-                    if t >= mc.details.snapshotted_time:
-                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + offset - first * ch, data)
+                    if v & mc.TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
+                        if self._pend and first in self._pend:
+                            self._note_written(first, o, end - offset)
+                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
                         return  # nothing allocated: no low-water event to deliver
-                    hint = (v >> mc.TIME_BITS, t)  # shared: _write breaks it without a second lookup
+                    hint = (v >> mc.TIME_BITS, v & mc.TIME_MASK)  # shared: _write breaks it without a second lookup
             try:
                 self._write(offset, memoryview(data).cast("B"), hint)
             except NoMetadataSpace:
@@ -314,6 +377,47 @@ class ThinDevice:
                 raise
             finally:
                 pool.fire_low_water()
+        finally:
+            self._lock_release()
+
+    # --- deferred copy-on-write (see the module docstring) ----------------------------------------------------
+    def _note_written(self, c: int, o: int, n: int) -> None:
+        """A write of [o, o+n) of pending chunk ``c`` is about to be made: its sectors count as written (all of
+        them: the copy is dropped); a write not on sector boundaries completes the copy first. Pool lock held."""
+        e = self._pend[c]
+        if (o | n) & (SECTOR_SIZE - 1):
+            self._complete(c)
+            return
+        bits = e[2] | ((1 << (n >> 9)) - 1) << (o >> 9)
+        if bits == self._full:
+            del self._pend[c]
+        else:
+            e[2] = bits
+
+    def _note_range(self, offset: int, end: int) -> None:
+        """``_note_written`` for every pending chunk [offset, end) touches."""
+        ch, pend = self.chunk, self._pend
+        first, last = offset // ch, (end - 1) // ch
+        cs = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
+            [c for c in range(first, last + 1) if c in pend]
+        for c in cs:
+            lo = max(offset, c * ch)
+            self._note_written(c, lo - c * ch, min(end, (c + 1) * ch) - lo)
+
+    def _settle(self, offset: int, end: int) -> None:
+        """Complete the pending copies of the chunks [offset, end) touches (before reading them)."""
+        ch, pend = self.chunk, self._pend
+        first, last = offset // ch, (end - 1) // ch
+        cs = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
+            [c for c in range(first, last + 1) if c in pend]
+        for c in cs:
+            self._complete(c)
+
+    def _complete(self, c: int) -> None:
+        """Copy the sectors of pending chunk ``c`` never written from its shared block, and forget it."""
+        old, new, bits = self._pend[c]
+        complete_copy(self.pool, self.dev_id, c, old, new, bits)
+        del self._pend[c]  # only once copied: a failed copy leaves it pending (a failed commit aborts it all)
 
     def _metadata_exhausted(self) -> None:
         """Out of metadata space in the middle of an I/O: as dm-thin, drop the open transaction and put the pool
@@ -355,6 +459,8 @@ class ThinDevice:
         pool, md, ch = self.pool, self.md, self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
+        if self._pend:  # pending chunks this write touches (owned: they take it in place)
+            self._note_range(offset, end)
         snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
         if first == last:  # one chunk
             m = hint if hint is not None else md.find_block(first)
@@ -365,12 +471,17 @@ class ThinDevice:
             if md.has_free(1):  # a new block for it (else the general path applies the no-space policy)
                 db = pool.alloc_data_block()
                 try:
-                    if len(view) == ch or not self._prepare_new(first, db, m, o, view):
+                    if len(view) == ch or not self._prepare_new(first, db, m, o, view, defer=True):
                         pool.data.pwrite(db * ch + o, view)
                 except BaseException:
+                    self._pend.pop(first, None)
                     md.release(db)  # nothing maps it yet: give it back
                     raise
-                md.insert_block(first, db)
+                try:
+                    md.insert_block(first, db)
+                except BaseException:
+                    self._pend.pop(first, None)
+                    raise
                 return
             mapped = {} if m is None else {first: m}
         else:
@@ -445,16 +556,45 @@ class ThinDevice:
         if inserts:
             md.insert_blocks([c for c, _ in inserts], [db for _, db in inserts])
 
-    def _prepare_new(self, c: int, db: int, m: tuple[int, int] | None, o: int, piece: memoryview) -> bool:
+    def _prepare_new(self, c: int, db: int, m: tuple[int, int] | None, o: int, piece: memoryview, *,
+                     defer: bool = False) -> bool:
         """A new data block ``db`` for chunk ``c`` that a write covers only partly (``piece`` at ``o``): the rest
-        of the chunk comes from the shared block ``m`` (break sharing: the whole chunk copied, then the piece),
-        from the external origin, or reads as zeros (a hole punched when zeroing is on). Returns True when the
-        piece is written too, False when the caller still writes it (so it can join a coalesced pwrite)."""
+        of the chunk comes from the shared block ``m`` (break sharing: the part the write does not cover copied
+        around the piece; with ``defer`` and a sector-aligned piece, only the piece is written and the copy is
+        left pending, the caller then maps ``db`` to ``c``), from the external origin, or reads as zeros (a hole
+        punched when zeroing is on). Returns True when the piece is written too, False when the caller still
+        writes it (so it can join a coalesced pwrite)."""
         pool, ch = self.pool, self.chunk
         data = pool.data
         if m is not None:
+            n = len(piece)
+            if defer and DEFER_COPIES and not (o | n) & (SECTOR_SIZE - 1):
+                if ch <= _WHOLE_FIRST_WRITE_BYTES:
+                    # the piece in a chunk of zeros, written at once: the page cache then holds the new block
+                    # as one large folio (with Linux's large folios, a chunk built from 4 KiB writes into a
+                    # hole reads back at half the speed); the zeros are placeholders for the pending copy
+                    zb = self._zbuf
+                    if zb is None:
+                        zb = self._zbuf = bytearray(ch)
+                    zb[o:o + n] = piece
+                    try:
+                        data.pwrite(db * ch, zb)
+                    finally:
+                        zb[o:o + n] = bytes(n)
+                else:
+                    data.pwrite(db * ch + o, piece)
+                pend = self._pend
+                if len(pend) >= self._pend_max:
+                    self._complete(next(iter(pend)))  # the table is full: the oldest first
+                pend[c] = [m[0], db, ((1 << (n >> 9)) - 1) << (o >> 9)]
+                return True
             pool.stats["cow_copies"] += 1
-            data.copy(m[0] * ch, db * ch, ch)  # in the kernel where it can (copy_file_range)
+            pool.stats["cow_bytes"] += ch - n
+            # in the kernel where it can (copy_file_range): the head and the tail around the piece
+            if o:
+                data.copy(m[0] * ch, db * ch, o)
+            if o + n < ch:
+                data.copy(m[0] * ch + o + n, db * ch + o + n, ch - o - n)
             data.pwrite(db * ch + o, piece)
             return True
         origin = pool.external_origin(self.dev_id)
@@ -579,6 +719,48 @@ class ThinDevice:
             hi = self.md.highest_mapped()
         spb = self.chunk // 512
         return mapped * spb, None if hi is None else (hi + 1) * spb - 1
+
+
+def complete_copy(pool: Pool, dev_id: int, c: int, old: int, new: int, bits: int) -> None:
+    """Complete the deferred copy-on-write of chunk ``c`` of ``dev_id``, newly mapped to data block ``new``: the
+    runs of sectors not in ``bits`` (never written since the break) are copied from the shared block ``old``, one
+    copy per run. Nothing to do once the chunk no longer maps ``new`` (its mapping was removed or replaced)."""
+    try:
+        mc = pool.md.mapping_cache(dev_id)
+    except DeviceNotFound:
+        return
+    v = mc.find(c)
+    if v is None or v >> mc.TIME_BITS != new:
+        return
+    ch = pool.chunk_bytes
+    spc = ch // SECTOR_SIZE
+    gaps = ~bits & ((1 << spc) - 1)
+    src, dst = old * ch, new * ch
+    copied = 0
+    data = pool.data
+    while gaps:
+        lo = (gaps & -gaps).bit_length() - 1  # the first sector not written
+        rest = bits >> lo
+        run = (rest & -rest).bit_length() - 1 if rest else spc - lo  # up to the next written one
+        data.copy(src + lo * SECTOR_SIZE, dst + lo * SECTOR_SIZE, run * SECTOR_SIZE)
+        copied += run * SECTOR_SIZE
+        gaps &= ~(((1 << run) - 1) << lo)
+    pool.stats["cow_copies"] += 1
+    pool.stats["cow_bytes"] += copied
+
+
+def complete_pending(pool: Pool) -> int:
+    """Complete every deferred copy-on-write of the pool (before a commit or a change of the device table).
+    Pool lock held. Returns the number of chunks completed."""
+    n = 0
+    for dev_id, pend in pool.md.pending_devices():
+        while pend:
+            c = next(iter(pend))
+            old, new, bits = pend[c]
+            complete_copy(pool, dev_id, c, old, new, bits)
+            del pend[c]
+            n += 1
+    return n
 
 
 class ThinFile(io.RawIOBase):

@@ -190,11 +190,11 @@ def device_series(workdir: Path, io_size: int, pattern: str, chunk: int, zero: b
                     fn(off)
                     raw_fn(off)
             w0, m0 = pool.data.bytes_written, pool.metadata_blocks_written
-            c0 = pool.stats["cow_copies"]
+            c0 = pool.stats["cow_bytes"]
             secs, lat = _timed(ops, fn, final)
             written = len(ops) * io_size
             wa = (pool.data.bytes_written - w0) / written if phase[:4] != "read" else 0.0
-            copied = (pool.stats["cow_copies"] - c0) * chunk / written if phase[:4] != "read" else 0.0
+            copied = (pool.stats["cow_bytes"] - c0) / written if phase[:4] != "read" else 0.0
             mb = (pool.metadata_blocks_written - m0) / len(ops)
             rsecs, rlat = _timed(ops, raw_fn, raw_final)
             cells.append(Cell(io_size, pattern, phase, chunk, zero, len(ops), secs, rsecs, _pct(lat, 50),

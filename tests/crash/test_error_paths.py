@@ -24,9 +24,16 @@ def _read_dev(d: h.Driver, dev: int) -> dict[int, bytes]:
     delete the manifest no longer lists the device, see test_failed_delete_keeps_device_reachable)."""
     out = {}
     zero = bytes(h.CH)
-    for c in range(d.model.sizes[dev]):
+    pending = d.pool.md.pending_copies(dev)  # deferred copy-on-writes: sectors not written since come from
+    for c in range(d.model.sizes[dev]):      # the shared block (as ThinDevice.read shows them)
         m = d.pool.md.lookup(dev, c)
         got = zero if m is None else d.pool.data.pread(m[0] * h.CH, h.CH)
+        if m is not None and c in pending:
+            old, new, bits = pending[c]
+            assert new == m[0]
+            shared = d.pool.data.pread(old * h.CH, h.CH)
+            got = b"".join(got[s:s + h.SECT] if bits >> (s // h.SECT) & 1 else shared[s:s + h.SECT]
+                           for s in range(0, h.CH, h.SECT))
         if got != zero:
             out[c] = got
     return out

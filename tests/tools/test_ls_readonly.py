@@ -168,6 +168,9 @@ def test_ls_through_the_view_equals_thin_ls(busy_pool: Path, tmp_path: Path) -> 
         opts = ["-o", fields] if fields else []
         assert ok("ls", *opts, md).stdout == run_tool("thin_ls", *opts, md).stdout
         assert ok("ls", *opts, "--no-headers", md).stdout == run_tool("thin_ls", *opts, "--no-headers", md).stdout
+        # through the held metadata snapshot (busy_pool holds one, taken before its last write)
+        snap = ok("ls", *opts, "-m", md).stdout
+        assert snap == run_tool("thin_ls", *opts, "-m", md).stdout and snap != ok("ls", *opts, md).stdout
 
 
 def test_ls_on_a_damaged_details_tree_is_one_error_line(busy_pool: Path, tmp_path: Path) -> None:

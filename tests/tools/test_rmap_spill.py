@@ -152,6 +152,21 @@ def test_rmap_spilled_equals_cpp_and_rust_thin_rmap(tmp_path: Path) -> None:
                 run_tool(rust, *args, meta).stdout
 
 
+def test_rmap_json_streamed_is_the_json_of_the_runs(tmp_path: Path) -> None:
+    import json
+
+    store, _ = random_pool(4, nr_devices=4)
+    meta = tmp_path / "metadata"
+    meta.write_bytes(b"".join(store.read_block(b) for b in range(store.nr_blocks)))
+    md = reopen(store)
+    want = [{"data_begin": a, "data_end": b, "dev_id": d, "thin_begin": t, "thin_end": t + (b - a)}
+            for a, b, d, t in zip(*(c.tolist() for c in rmap_arrays(md, [(0, 3000)])))]
+    assert len(want) > 200
+    out = ok("rmap", "0..3000", meta, "--json", "--memory-budget", "2k").stdout
+    assert out == json.dumps(want, indent=2) + "\n"
+    assert ok("rmap", "5000000..5000001", meta, "--json").stdout == "[]\n"
+
+
 def test_rmap_memory_budget_errors(busy_pool: Path) -> None:
     assert "invalid size" in fails(2, "rmap", "0..10", "--memory-budget", "lots", busy_pool).stderr
 

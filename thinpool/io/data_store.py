@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import errno
 import os
+from array import array
 from typing import Any, Protocol, runtime_checkable
 
 from thinpool.errors import HostNoSpace, StoreIOError
 from thinpool.io.block_store import _io_error
 from thinpool.io.safe_open import open_pool_file
 
+_pwrite = os.pwrite
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
 _fallocate: Any = None  # libc's fallocate, loaded at the first punch (ctypes.util.find_library spawns ldconfig)
@@ -93,7 +95,9 @@ class DataStore:
             self.fd = open_pool_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as e:
             raise StoreIOError(what=path, op="open", reason=e.strerror or str(e)) from e
-        self.dirty: list[tuple[int, int]] = []  # [start, end) byte ranges written since the last sync
+        # [start, end) byte ranges written since the last sync, flat (start, end, start, end...): an array of
+        # int64, not a list of tuples, so a burst of random writes holds no objects the garbage collector walks
+        self._dirty = array("q")
         self._limit = os.fstat(self.fd).st_size  # writes never grow the file (resize does)
         self.bytes_written = 0
         self.bytes_read = 0
@@ -126,6 +130,12 @@ class DataStore:
         return data >= offset + length
 
     @property
+    def dirty(self) -> list[tuple[int, int]]:
+        """The [start, end) byte ranges written since the last successful ``sync`` (consecutive ones merged)."""
+        d = self._dirty
+        return list(zip(d[0::2], d[1::2]))
+
+    @property
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
@@ -143,10 +153,10 @@ class DataStore:
         """Read ``len(view)`` bytes at ``offset`` straight into ``view`` (a writable byte buffer); bytes past the
         end of the file read as zeros."""
         length = len(view)
-        done = 0
         try:
-            while done < length:
-                n = os.preadv(self.fd, [view[done:] if done else view], offset + done)
+            done = os.preadv(self.fd, [view], offset)  # one call reads it all (a short read only at the end)
+            while 0 < done < length:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
                 if n <= 0:
                     break
                 done += n
@@ -159,11 +169,12 @@ class DataStore:
     def _mark_dirty(self, start: int, end: int) -> None:
         if end > self._hole_from:
             self._hole_from = end
-        d = self.dirty
-        if d and d[-1][1] == start:
-            d[-1] = (d[-1][0], end)
+        d = self._dirty
+        if d and d[-1] == start:
+            d[-1] = end
         else:
-            d.append((start, end))
+            d.append(start)
+            d.append(end)
 
     def _check_limit(self, end: int) -> None:
         """A write past the end of the data file means a mapping beyond the data device (corrupt metadata, or a
@@ -179,22 +190,21 @@ class DataStore:
         # the common case (the checks themselves are in _check_limit / _mark_dirty)
         n = len(data)
         end = offset + n
-        if n:
-            if end > self._limit:
-                self._check_limit(end)
-            if end > self._hole_from:
-                self._hole_from = end
-            d = self.dirty
-            if d and d[-1][1] == offset:
-                d[-1] = (d[-1][0], end)
-            else:
-                d.append((offset, end))
+        if end > self._limit:
+            self._check_limit(end)
+        if end > self._hole_from:
+            self._hole_from = end
+        d = self._dirty
+        if d and d[-1] == offset:
+            d[-1] = end
+        elif n:
+            d.append(offset)
+            d.append(end)
         try:
-            w = os.pwrite(self.fd, data, offset)
+            if _pwrite(self.fd, data, offset) != n:
+                raise StoreIOError(what=self.path, op="write", reason="short write")
         except OSError as e:
             raise _io_error(e, self.path, "write") from e
-        if w != n:
-            raise StoreIOError(what=self.path, op="write", reason="short write")
         self.bytes_written += n
 
     def copy(self, src: int, dst: int, length: int) -> None:
@@ -242,7 +252,7 @@ class DataStore:
             os.fdatasync(self.fd)
         except OSError as e:
             raise _io_error(e, self.path, "fdatasync") from e
-        self.dirty.clear()
+        del self._dirty[:]
 
     def resize(self, size: int) -> None:
         """Grow the file to ``size`` bytes (never shrinks it: another process may have grown it meanwhile)."""

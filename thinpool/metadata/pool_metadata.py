@@ -181,10 +181,19 @@ class PoolMetadata:
         self.tree = TwoLevelTree(self.top, self.mapping)
         self.details_tree = BTree(tm, NoRefValue(24))
         self._mcaches: dict[int, MappingCache] = {}  # per-device lookup caches (metadata/thin_device.py)
+        # per device, the chunks whose copy-on-write is deferred (thin.py): {thin block: [shared data block, new
+        # data block, fresh-sector bits]}. The new mapping is in the tree (uncommitted); the new block holds the
+        # sectors written since, the rest still comes from the shared block. The data path completes them before
+        # a commit; this state only goes with the transaction: a reload (abort, open) forgets them, as do the
+        # removal of their mappings and the deletion of their device. Each device's dict is kept (cleared, never
+        # replaced) so the data path can hold it.
+        self._pending: dict[int, dict[int, list[int]]] = {}
         self._load_state(sb)
 
     def _load_state(self, sb: Superblock) -> None:
         self._forget_mappings()
+        for p in self._pending.values():
+            p.clear()
         self.time = sb.time
         self.trans_id = sb.trans_id
         self.flags = sb.flags
@@ -357,6 +366,28 @@ class PoolMetadata:
             if old is not None:
                 old.invalidate()
 
+    def pending_copies(self, dev_id: int) -> dict[int, list[int]]:
+        """The deferred copies of ``dev_id`` (see ``__init__``): the same dict for the life of the pool."""
+        p = self._pending.get(dev_id)
+        if p is None:
+            p = self._pending[dev_id] = {}
+        return p
+
+    def pending_devices(self) -> list[tuple[int, dict[int, list[int]]]]:
+        """(dev_id, its deferred copies) for each device with some."""
+        return [(d, p) for d, p in self._pending.items() if p]
+
+    def _drop_pending(self, dev_id: int, lo: int = 0, hi: int | None = None) -> None:
+        """Forget the deferred copies of ``dev_id``'s chunks in [lo, hi) (their mappings went away)."""
+        p = self._pending.get(dev_id)
+        if not p:
+            return
+        if hi is None:
+            p.clear()
+            return
+        for c in [c for c in p if lo <= c < hi]:
+            del p[c]
+
     def device_root(self, dev_id: int) -> int:
         self.get_device(dev_id)
         return self._roots[dev_id]
@@ -407,6 +438,7 @@ class PoolMetadata:
         self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
         del self.devices[dev_id]
         del self._roots[dev_id]
+        self._drop_pending(dev_id)
         # Every device's cache, not only this one's: a block this device shared may now have one holder left,
         # whose copy-on-write can free it within this transaction; a lock-free read of another device through an
         # older mapping of it must then see its cache dropped (thin.py ThinDevice.read).
@@ -495,6 +527,7 @@ class PoolMetadata:
         self.mapping_root, new_sub, n = self.tree.remove_range(self.mapping_root, dev_id, lo, hi)
         if n:
             self._forget_mappings(dev_id)
+            self._drop_pending(dev_id, lo, hi)
         self._roots[dev_id] = new_sub
         if n:
             d.mapped_blocks -= n

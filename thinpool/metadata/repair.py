@@ -63,6 +63,7 @@ class RepairReport:
 Progress = Callable[[int, int], None]  # (work done, total work): mappings walked, then mappings written
 SPILL_BUFFER_BYTES = 1 << 20  # salvaged pairs buffered before they go to the temporary file
 CHUNK_MAPPINGS = 1 << 16  # pairs read back and handled at once
+PENDING_MAPPINGS = 1 << 14  # salvaged leaves' pairs kept back to be spilled as one batch
 
 
 @dataclass
@@ -187,6 +188,7 @@ class _Salvager:
         v = _SalvageVisitor(self, what, spill=True)
         start = self.spill.rows
         walk(self.src, root, v, value_size=8, policy=SALVAGE)
+        v.flush()
         seg = _Segment(start, self.spill.rows - start, v.max_data)
         if v.in_order or seg.count == 0:
             return seg
@@ -222,6 +224,8 @@ class _SalvageVisitor(Visitor):
         self.in_order = True  # (spilled trees) every key so far above the one before
         self.last: int | None = None
         self.max_data = -1
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # leaves not yet spilled
+        self._pending_n = 0
 
     def _skip(self, msg: str) -> None:
         self.report.skipped_blocks += 1
@@ -248,32 +252,49 @@ class _SalvageVisitor(Visitor):
         keys = view.keys
         if not len(keys):
             return
+        values = view.values
+        if self.to_spill:
+            # a leaf's keys are strictly increasing (the node decoder checks it): its ends decide the range check
+            if int(keys[0]) < lo or (hi is not None and int(keys[-1]) >= hi):
+                ok = keys >= np.uint64(lo)
+                if hi is not None:
+                    ok &= keys < np.uint64(hi)
+                self.report.dropped_mappings += int(np.count_nonzero(~ok))
+                keys, values = keys[ok], values[ok]
+                if not len(keys):
+                    return
+            self._pending.append((keys, values))  # views of the blocks read (immutable bytes)
+            self._pending_n += len(keys)
+            if self._pending_n >= PENDING_MAPPINGS:
+                self.flush()
+            return
         ok = keys >= np.uint64(lo)
         if hi is not None:
             ok &= keys < np.uint64(hi)
         all_ok = bool(ok.all())
         if not all_ok:
             self.report.dropped_mappings += int(np.count_nonzero(~ok))
-        values = view.values
-        if self.to_spill:
-            k = keys if all_ok else keys[ok]
-            if not len(k):
-                return
-            v = values if all_ok else values[ok]
-            if self.in_order:
-                self.in_order = (self.last is None or int(k[0]) > self.last) and \
-                    (len(k) == 1 or bool((k[1:] > k[:-1]).all()))
-                self.last = int(k[-1])
-            self.max_data = max(self.max_data, int((v >> np.uint64(24)).max()))
-            self.sal.spill.write(k, v)
-            self.sal.advance(len(k))
-            return
         self.kchunks.append(keys.copy() if all_ok else keys[ok])
         if isinstance(values, list):
             self.is_wide = True
             self.wide.extend(values if all_ok else [x for x, good in zip(values, ok.tolist()) if good])
         else:
             self.vchunks.append(values.copy() if all_ok else values[ok])
+
+    def flush(self) -> None:
+        """Spill the leaves kept back (a batch: one numpy pass for the order check and the highest data block)."""
+        if not self._pending:
+            return
+        parts, self._pending, self._pending_n = self._pending, [], 0
+        k = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        v = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        if self.in_order:
+            self.in_order = (self.last is None or int(k[0]) > self.last) and \
+                (len(k) == 1 or bool((k[1:] > k[:-1]).all()))
+            self.last = int(k[-1])
+        self.max_data = max(self.max_data, int((v >> np.uint64(24)).max()))
+        self.sal.spill.write(k, v)
+        self.sal.advance(len(k))
 
 
 def _superblock(src: BlockStore, report: RepairReport) -> Superblock:

@@ -659,6 +659,10 @@ class MetadataBuilder:
     def eof(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Drop a device's spilled runs (a parse that gave up midway; ``device_e`` drops them itself)."""
+        self._spill.close()
+
 
 def restore(ir: MetadataIR, store: BlockStore) -> PoolMetadata:
     """Write fresh metadata holding ``ir`` onto ``store`` (which is overwritten) and commit it."""
