@@ -253,55 +253,86 @@ _XML_ATTR = re.compile(rb'(\w+)="([^"]*)"')
 _M64 = (1 << 64) - 1
 
 
-def _mix(thin: np.ndarray, data: np.ndarray, time_: int) -> int:
-    """An order-independent digest of mappings: the sum of a 64-bit mix of each (thin, data, time)."""
+_SINGLE_RE = re.compile(rb'<single_mapping origin_block="(\d+)" data_block="(\d+)" time="(\d+)"/>')
+_RANGE_RE = re.compile(rb'<range_mapping origin_begin="(\d+)" data_begin="(\d+)" length="(\d+)" time="(\d+)"/>')
+_FLUSH = 1 << 20  # mappings parsed per numpy step
+
+
+def _mix(thin: np.ndarray, data: np.ndarray, times: np.ndarray) -> int:
+    """An order-free digest of mappings: the sum (mod 2**64) of a 64-bit mix of each (thin, data, time)."""
     with np.errstate(over="ignore"):
         x = thin * np.uint64(0x9E3779B97F4A7C15) ^ data * np.uint64(0xC2B2AE3D27D4EB4F) ^ \
-            np.uint64(time_) * np.uint64(0x165667B19E3779F9)
+            times * np.uint64(0x165667B19E3779F9)
         x ^= x >> np.uint64(29)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(32)
         return int(x.sum(dtype=np.uint64))
 
 
+class _Acc:
+    """The running digest of one device's (or <def>'s) mappings, parsed a batch at a time."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.singles: list[bytes] = []
+        self.ranges: list[tuple[int, int, int, int]] = []
+
+    def flush(self) -> int:
+        if self.singles:
+            v = np.array(self.singles, dtype=np.uint64).reshape(-1, 3)
+            self.total += _mix(v[:, 0], v[:, 1], v[:, 2])
+            self.singles.clear()
+        for o, d, n, t in self.ranges:
+            r = np.arange(n, dtype=np.uint64)
+            self.total += _mix(r + np.uint64(o), r + np.uint64(d), np.full(n, t, dtype=np.uint64))
+        self.ranges.clear()
+        self.total &= _M64
+        return self.total
+
+
 def _xml_digest(path: Path) -> str:
     """A digest of a thin_dump XML file that both tools' layouts give alike: the superblock's and each device's
     attributes (flags="0" written or not) and each device's set of (thin, data, time) blocks, with 1.x's <def>
-    subtrees counted at each <ref>. Memory: one integer per <def>."""
+    subtrees counted at each <ref>. Memory: one integer per <def>, and a batch of parsed mappings."""
     h = hashlib.sha256()
     defs: dict[bytes, int] = {}
-    acc = 0
+    acc = _Acc()
     def_name: bytes | None = None
     devices: list[tuple[bytes, int]] = []
     dev_head = b""
     with open(path, "rb") as f:
         for line in f:
-            s = line.strip()
-            if not s:
+            m = _SINGLE_RE.search(line)
+            if m is not None:
+                acc.singles += m.groups()
+                if len(acc.singles) >= 3 * _FLUSH:
+                    acc.flush()
                 continue
+            m = _RANGE_RE.search(line)
+            if m is not None:
+                o, d, n, t = (int(x) for x in m.groups())
+                acc.ranges.append((o, d, n, t))
+                if len(acc.ranges) >= 1024:
+                    acc.flush()
+                continue
+            s = line.strip()
             attrs = dict(_XML_ATTR.findall(s))
-            if s.startswith(b"<single_mapping "):
-                o, d = int(attrs[b"origin_block"]), int(attrs[b"data_block"])
-                acc = (acc + _mix(np.array([o], dtype=np.uint64), np.array([d], dtype=np.uint64),
-                                  int(attrs[b"time"]))) & _M64
-            elif s.startswith(b"<range_mapping "):
-                o, d, n = int(attrs[b"origin_begin"]), int(attrs[b"data_begin"]), int(attrs[b"length"])
-                r = np.arange(n, dtype=np.uint64)
-                acc = (acc + _mix(r + np.uint64(o), r + np.uint64(d), int(attrs[b"time"]))) & _M64
-            elif s.startswith(b"<ref "):
-                acc = (acc + defs[attrs[b"name"]]) & _M64
+            if s.startswith(b"<ref "):
+                acc.total = (acc.total + defs[attrs[b"name"]]) & _M64
             elif s.startswith(b"<def "):
-                def_name, acc = attrs[b"name"], 0
+                def_name, acc = attrs[b"name"], _Acc()
             elif s.startswith(b"</def>"):
                 assert def_name is not None
-                defs[def_name], def_name = acc, None
+                defs[def_name], def_name = acc.flush(), None
             elif s.startswith(b"<device "):
-                dev_head, acc = b" ".join(k + b"=" + v for k, v in sorted(attrs.items())), 0
+                dev_head, acc = b" ".join(k + b"=" + v for k, v in sorted(attrs.items())), _Acc()
             elif s.startswith(b"</device>"):
-                devices.append((dev_head, acc))
+                devices.append((dev_head, acc.flush()))
             elif s.startswith(b"<superblock "):
                 attrs.setdefault(b"flags", b"0")
                 h.update(b" ".join(k + b"=" + v for k, v in sorted(attrs.items())) + b"\n")
+            elif s and not s.startswith(b"</superblock>"):
+                raise ValueError(f"unexpected line in thin_dump XML: {s[:80]!r}")
     for head, total in sorted(devices):
         h.update(head + b" %d\n" % total)
     return h.hexdigest()
