@@ -1,5 +1,10 @@
 """One NBD client connection on asyncio: receive buffer, transmission fast paths, long requests off the loop.
 
+The fast path (:meth:`_Connection._run`) takes the plain WRITEs and structured READs at the head of the receive
+buffer as one batch: one hold of the device lock, payloads written from views of the receive buffer (the device
+must not keep them past the call), read replies of 64 KiB and more built in reused reply buffers the device reads
+straight into, and the small replies joined into one piece, so a batch leaves in one send.
+
 Layer: nbd. May import: thinpool.errors, thinpool.io, thinpool.nbd.protocol, thinpool.nbd.handshake.
 
 See :mod:`thinpool.nbd.server` for the limits (:class:`ServerOptions`) this class enforces per connection.

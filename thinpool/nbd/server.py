@@ -19,9 +19,13 @@ Requests longer than ``split_bytes`` (READ, TRIM, WRITE_ZEROES) run in a worker 
 device lock between pieces, so other clients keep being served.
 
 Device calls are made under ``NBDServer.lock`` (a ``threading.Lock`` other threads can take to touch the same
-devices safely). ``FLUSH`` and ``FUA`` call ``device.flush()``. A failed flush (a failed commit) *fails the
-server* as dm-thin's metadata_operation_failed fails a pool: every later request except DISC gets an error, so
-nothing acknowledged can read back changed; ``NBDServer.failed`` holds the reason.
+devices safely). Pipelined requests are handled as one batch: the plain WRITEs and structured READs that arrived
+together run under one hold of the lock (at most 256 requests or 4 MiB of payload, and no more reply bytes than
+``max_reply_bytes``), write payloads go to the device as views of the receive buffer, and their replies leave in
+one send, in the requests' order; any other request ends the batch and runs after every request before it (so a
+FLUSH covers every write received before it). ``FLUSH`` and ``FUA`` call ``device.flush()``. A failed flush (a
+failed commit) *fails the server* as dm-thin's metadata_operation_failed fails a pool: every later request except
+DISC gets an error, so nothing acknowledged can read back changed; ``NBDServer.failed`` holds the reason.
 
 TLS: with ``ServerOptions.tls`` (an ``ssl.SSLContext``), ``NBD_OPT_STARTTLS`` upgrades the connection;
 ``tls_mode="require"`` refuses every other option before it (``NBD_REP_ERR_TLS_REQD``).
