@@ -487,3 +487,43 @@ def test_held_metadata_snapshot_checks_and_dumps_agree(tmp_path) -> None:
     assert ours == run_tool("thin_dump", "-m", str(meta)).stdout
     theirs = run_tool(rust("thin_dump"), "-m", str(meta)).stdout
     assert dump_model(theirs) == dump_model(ours) and 'dev_id="2"' in ours and 'dev_id="4"' not in ours
+
+
+def _patch_image(name: str, dest: Path, block: int, offset: int, fmt: str, value: int, block_type: str) -> Path:
+    import gzip
+    import struct
+
+    from thinpool.checksum import BlockType, stamp
+    raw = bytearray(gzip.open(IMAGES / f"{name}.bin.gz").read())
+    buf = bytearray(raw[block * 4096:(block + 1) * 4096])
+    if offset < 0:  # the first value of a btree node: after max_entries keys
+        max_entries = struct.unpack_from("<I", buf, 20)[0]
+        offset = 32 + 8 * max_entries + (-offset - 1)
+    struct.pack_into(fmt, buf, offset, value)
+    stamp(buf, BlockType[block_type])
+    raw[block * 4096:(block + 1) * 4096] = buf
+    dest.write_bytes(bytes(raw))
+    return dest
+
+
+@pytest.mark.parametrize("case", ["bitmap_blocknr", "root_pointer_high_bits"])
+def test_damage_only_rust_thin_check_misses(tmp_path, case: str) -> None:
+    """Two kinds of damage under valid checksums that 0.9.0, thinpool and the kernel refuse and 1.1.0's thin_check
+    passes (exit 0), found by fuzzing both checkers against ours:
+
+    - a data-space-map bitmap whose blocknr is not its own location (f1_empty_pool block 9): the kernel's bitmap
+      validator (dm-space-map-common.c, bitmap_check) fails it with -ENOTBLK;
+    - a device's root in the top-level mapping tree with high bits set, 2**38 + 10 on a 64-block device
+      (f5_needs_check_v1 block 7): a block past the end of the device. 1.1.0's check still walks block 10 (the
+      low 32 bits) and finds nothing wrong, while its own thin_dump fails on the same file ("io error").
+    """
+    if case == "bitmap_blocknr":
+        meta = _patch_image("f1_empty_pool", tmp_path / "bad.bin", 9, 8, "<Q", 7, "BITMAP")
+    else:
+        meta = _patch_image("f5_needs_check_v1", tmp_path / "bad.bin", 7, -5, "<I", 64, "BTREE_NODE")
+    cxx, rs = run_checker(CXX_CHECK, meta), run_checker(RUST_CHECK, meta)
+    assert not cxx.ok and rs.ok, (cxx.describe(), rs.describe())
+    assert tp_exit("check", meta) == 1
+    if case == "root_pointer_high_bits":
+        assert "block out of bounds (274877906954 >= 64)" in cxx.stderr
+        assert run_tool(rust("thin_dump"), str(meta), check=False).returncode != 0
