@@ -216,18 +216,14 @@ def metadata_blocks_in_use(store: Any, *, trees_only: bool = False) -> int:
     less the space maps' bitmaps and the metadata index (what a tool that reads only the details and mapping
     trees reads); 0 when the superblock is unreadable (the tool reports that itself)."""
     from thinpool.errors import ThinpoolError
-    from thinpool.formats.space_map import ENTRIES_PER_BITMAP
+    from thinpool.metadata.check import blocks_in_use
     from thinpool.metadata.readonly import read_superblock
 
     try:
         sb = read_superblock(store)
     except ThinpoolError:
         return 0
-    n = int(sb.metadata_sm_root.nr_allocated)
-    if trees_only:
-        bitmaps = sum(-(-int(r.nr_blocks) // ENTRIES_PER_BITMAP) for r in (sb.metadata_sm_root, sb.data_sm_root))
-        n = max(n - bitmaps - 1, 1)
-    return n
+    return blocks_in_use(sb, trees_only=trees_only)
 
 
 @contextmanager

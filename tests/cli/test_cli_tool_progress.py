@@ -121,10 +121,9 @@ def test_auto_repair_shows_the_check_bar_and_repairs_the_same(pool_dir: Path, tm
 def test_the_bar_total_is_the_metadata_in_use_and_never_passed(pool_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """node_progress on a metered store: the total comes from the superblock's metadata space-map root (less the
     bitmaps for a tool that reads trees only), every update stays within it, and the job's end completes it."""
-    from thinpool_cli import output, tools_common
-
     from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.readonly import read_superblock
+    from thinpool_cli import output, tools_common
 
     seen: list[tuple[str, int]] = []
 
