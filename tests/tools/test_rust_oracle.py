@@ -15,7 +15,8 @@ the comparison normalises exactly that:
 - thin_delta: no newline at the end; with ``--verbose``, adjacent thin blocks of the same kind are merged into one
   range even where their data blocks are not consecutive (src/thin/delta_visitor.rs joins runs on thin_begin alone),
   so only the first block of such a range has the data block written; 0.9.0 and thinpool split the range there.
-- thin_rmap: the same lines, ordered by (data begin, data end, thin device) rather than 0.9.0's order.
+- thin_rmap: the same lines, ordered by (data begin, data end, thin device) rather than 0.9.0's order (thinpool's
+  ``rmap --order sorted`` prints exactly 1.1.0's).
 - thin_restore / thin_repair: what they write from thinpool's dump / metadata opens in thinpool with the same dump,
   except that both write needs_check clear and version 2 (thin_restore 0.9.0 and thinpool's restore keep the XML's;
   `thinpool pool repair` writes a fresh superblock too), and thin_repair 1.1.0 fails on a pool without devices ("no
@@ -384,6 +385,8 @@ def test_rmap_agrees_with_rust_thin_rmap(pools) -> None:
                 assert m is not None, ln
                 return int(m[1]), int(m[2]), int(m[3])
             assert theirs == sorted(theirs, key=key), (name, region)
+            # and thinpool's --order sorted prints 1.1.0's order, byte for byte
+            assert tp("rmap", "--order", "sorted", region, meta).splitlines() == theirs, (name, region)
 
 
 # --- thin_restore / thin_repair ------------------------------------------------------------------------------------
