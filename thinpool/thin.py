@@ -430,12 +430,13 @@ class ThinDevice:
         if last - first >= _PLAN_CACHED_CHUNKS:
             return self.md.find_mapped_dict(first, last + 1)
         mc = self._cache()
-        find, shift, mask = mc.find, mc.TIME_BITS, mc.TIME_MASK
+        get, find, shift, mask = mc.map.get, mc.find, mc.TIME_BITS, mc.TIME_MASK
         out = {}
         for c in range(first, last + 1):
-            v = find(c)
-            if v is not None:
-                out[c] = (v >> shift, v & mask)
+            v = get(c)  # a hit straight from the cache's dict; else its full lookup
+            if v is None and (v := find(c)) is None:
+                continue
+            out[c] = (v >> shift, v & mask)
         return out
 
     def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int,
@@ -489,11 +490,8 @@ class ThinDevice:
             if self._overwrite_run(offset, view, first, last, snap_time, mapped):
                 return
         while True:
-            need = 0
-            for c in range(first, last + 1):
-                m = mapped.get(c)
-                if m is None or m[1] < snap_time:
-                    need += 1
+            # the chunks unmapped or shared (``mapped`` holds only chunks of the range)
+            need = last - first + 1 - sum(1 for _, t in mapped.values() if t >= snap_time)
             if not need or md.has_free(need):
                 break
             pool.no_data_space(need)  # raises, or (no_space=queue) waits with the pool lock released:

@@ -114,3 +114,102 @@ def test_a_failed_read_between_good_ones(served) -> None:
             assert err == P.EIO
         err, data = c.read(9 * MiB, MiB, cookie=99)
         assert err == 0 and data == content[9 * MiB:10 * MiB]
+
+
+class HoldingTransport:
+    """A transport that, like asyncio's from Python 3.12 on, keeps the memoryviews it is given, uncopied, while
+    the socket is backlogged (``open`` False), with write buffer limits high=1, low=0 as the server sets them.
+    Every piece's bytes are recorded when written and checked again when the socket drains: a reply buffer the
+    server reused while the transport still held it shows up as changed bytes."""
+
+    def __init__(self) -> None:
+        self.protocol = None
+        self.open = True
+        self.held: list[tuple[memoryview, bytes]] = []
+        self.stream = bytearray()
+        self.paused = False
+
+    def write(self, data) -> None:
+        snap = bytes(data)
+        self.stream += snap
+        if self.open and not self.held:
+            return  # the socket took it whole
+        self.held.append((memoryview(data), snap))
+        if not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def drain(self) -> None:
+        for view, snap in self.held:
+            assert bytes(view) == snap, "a reply buffer was reused while the transport held it"
+        self.held = []
+        if self.paused:
+            self.paused = False
+            self.protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(s) for _v, s in self.held)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_reply_buffers_come_back_only_after_the_transport_drained(served) -> None:
+    """Pipelined 256 KiB reads against a backlogged transport that keeps what it is given (Python 3.12+
+    behaviour, checked here on any version): no reply buffer is reused while held, every reply carries its own
+    bytes, and the buffers the transport gave back are reused by later reads."""
+    from thinpool.nbd.connection import _Connection
+
+    srv, content = served
+    conn = _Connection(srv.server)
+    t = HoldingTransport()
+    t.protocol = conn
+    conn.transport = t
+    conn._hs = None
+    conn._export = srv.server.exports["0"]
+    conn._structured = True
+    rng = random.Random(3)
+    wanted: list[tuple[int, int, int]] = []
+
+    def feed(n: int) -> None:
+        reqs = b""
+        for _ in range(n):
+            cookie = len(wanted)
+            offset = rng.choice([0, 3 * MiB, 5 * MiB, 12 * MiB, SIZE - 256 * 1024])
+            wanted.append((cookie, offset, 256 * 1024))
+            reqs += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, cookie, offset, 256 * 1024)
+        buf = conn.get_buffer(len(reqs))
+        buf[:len(reqs)] = reqs
+        conn.buffer_updated(len(reqs))
+
+    t.open = False  # backlogged: the transport keeps each reply it is given
+    feed(6)
+    for _ in range(4):
+        feed(3)  # more reads while the transport still holds an earlier reply
+        t.drain()
+    while t.held or conn._out:
+        t.drain()
+    made = conn.reply_buffers_made
+    t.open = True
+    feed(12)
+    t.drain()
+    assert conn.reply_buffers_made - made < 12  # the buffers given back were used again
+    stream = memoryview(bytes(t.stream))
+    pos = 0
+    for cookie, offset, length in wanted:
+        magic, flags, rtype, got_cookie, n, got_off = struct.unpack_from(">IHHQIQ", stream, pos)
+        assert (magic, rtype, got_cookie, n, got_off) == (P.STRUCTURED_REPLY_MAGIC, P.REPLY_TYPE_OFFSET_DATA,
+                                                          cookie, 8 + length, offset)
+        assert flags & P.REPLY_FLAG_DONE
+        assert stream[pos + 28:pos + 28 + length] == content[offset:offset + length]
+        pos += 28 + length
+    assert pos == len(stream)

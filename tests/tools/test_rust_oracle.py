@@ -463,7 +463,7 @@ def test_restore_refuses_bad_def_and_ref(tmp_path, body: str, what: str) -> None
 def test_held_metadata_snapshot_checks_and_dumps_agree(tmp_path) -> None:
     """With a held metadata snapshot: both checkers pass the live metadata and (-m) the snapshot, and 1.1.0's
     thin_dump -m holds the same mappings as thinpool's (and 0.9.0's, byte for byte). thin_check -m prints the
-    snapshot superblock's TRANSACTION_ID in 0.9.0, the live one in 1.1.0."""
+    snapshot superblock's TRANSACTION_ID in 0.9.0 (and thinpool's check -m), the live one in 1.1.0."""
     with Pool.create(tmp_path / "p", data_size=64 << 20) as p:
         a = p.create_thin(1, 8 << 20)
         a.write(0, b"A" * (1 << 20))
@@ -481,6 +481,8 @@ def test_held_metadata_snapshot_checks_and_dumps_agree(tmp_path) -> None:
     rs = run_checker(RUST_CHECK, meta, "-m")
     assert rs.ok and not rs.odd_stderr(), rs.describe()
     assert f"TRANSACTION_ID={snap_tid}\n" in cxx.stdout and f"TRANSACTION_ID={live_tid}\n" in rs.stdout
+    assert tp("check", "-m", meta) == cxx.stdout  # thinpool prints 0.9.0's (the snapshot's)
+    assert tp("check", meta).startswith(f"TRANSACTION_ID={live_tid}\n")
     ours = tp("dump", "-m", meta)
     assert ours == run_tool("thin_dump", "-m", str(meta)).stdout
     theirs = run_tool(rust("thin_dump"), "-m", str(meta)).stdout

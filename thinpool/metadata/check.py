@@ -676,6 +676,7 @@ def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_m
             from thinpool.formats.superblock import parse_superblock
             held = parse_superblock(buf, sb.held_root)
             view = sb.replace(device_details_root=held.device_details_root, data_mapping_root=held.data_mapping_root)
+            report.transaction_id = held.trans_id  # the snapshot's, as thin_check 0.9.0 -m prints
     nr_data = sb.data_sm_root.nr_blocks
     data_refs = _Refs(nr_data)
     roots = [(sb, "live")]
