@@ -71,8 +71,12 @@ class _LazyProgress:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+        # stdout is redirected through the bar's console (so that lines printed meanwhile land above the bar)
+        # only when it is a terminal too: output to a file or a pipe keeps its bytes (rich would send them to
+        # stderr); soft_wrap: a redirected long line is not cut at the terminal's width
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                             TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+                             TimeRemainingColumn(), console=Console(file=sys.stderr, soft_wrap=True),
+                             transient=True, redirect_stdout=sys.stdout.isatty())
         self._bar.start()
         self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed)
 
@@ -104,13 +108,16 @@ def _progress_delay() -> float:
 
 
 @contextmanager
-def progress(description: str, total: int, *, min_total: int = 1) -> Iterator[_NullProgress | _LazyProgress]:
-    """A progress bar on stderr when stderr is a terminal: at once for a large job (``total >= min_total``),
-    else as soon as the job has taken more than a second ($THINPOOL_PROGRESS_DELAY seconds)."""
+def progress(description: str, total: int, *, min_total: int = 1,
+             at_once: bool | None = None) -> Iterator[_NullProgress | _LazyProgress]:
+    """A progress bar on stderr when stderr is a terminal: at once for a large job (``total >= min_total``, or
+    ``at_once`` when given: for a bar whose unit is not the one the size threshold counts), else as soon as the
+    job has taken more than a second ($THINPOOL_PROGRESS_DELAY seconds)."""
     if not sys.stderr.isatty() or total <= 0:
         yield _NullProgress()
         return
-    bar = _LazyProgress(description, total, 0.0 if total >= min_total else _progress_delay())
+    big = total >= min_total if at_once is None else at_once
+    bar = _LazyProgress(description, total, 0.0 if big else _progress_delay())
     try:
         yield bar
     finally:

@@ -16,7 +16,7 @@ import click
 
 from thinpool_cli.output import echo_json
 from thinpool_cli.params import is_pool_dir, json_option, metadata_path
-from thinpool_cli.tools_common import busy, require_metadata_snap, target_option
+from thinpool_cli.tools_common import node_progress, require_metadata_snap, target_option, tool_store
 
 # --- check ------------------------------------------------------------------------------------------------------
 _STEPS = ("examining superblock", "examining devices tree", "examining mapping tree", "checking space map counts")
@@ -59,7 +59,6 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
     Example: thinpool check mypool   (or: thinpool check mypool/metadata; thinpool check --auto-repair mypool)
     """
     from thinpool.errors import ThinpoolError
-    from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.check import check_metadata
     from thinpool.metadata.pool_metadata import PoolMetadata
 
@@ -74,14 +73,14 @@ def check(target: str | None, pool_path: str | None, quiet: bool, super_block_on
         return
     if metadata_snap:
         require_metadata_snap(path)
-    store = FileBlockStore(path, readonly=True)
+    store = tool_store(path)
     try:
-        # about 250 mappings per allocated metadata block: the work estimate for the progress display
+        # about 250 mappings per allocated metadata block: the work estimate for the progress bar's threshold
         try:
             work = PoolMetadata.read_superblock(store).metadata_sm_root.nr_allocated * 250
         except ThinpoolError:
             work = 0  # a damaged superblock: check_metadata reports it
-        with busy("checking metadata", work):
+        with node_progress("checking metadata", store, work, trees_only=False):
             report = check_metadata(store, use_metadata_snap=metadata_snap, skip_mappings=skip_mappings)
         nr_blocks = store.nr_blocks
     finally:
@@ -107,20 +106,20 @@ def _auto_repair(target: str, path: str, quiet: bool, ignore_non_fatal_errors: b
     """check --auto-repair under the pool's lock: the check's output, a line saying what was repaired, and the
     re-check's output; a refusal prints the check's output and raises (nothing written)."""
     from thinpool.errors import LeakRepairRefused, ThinpoolError
-    from thinpool.io.block_store import FileBlockStore
     from thinpool.metadata.check import repair_leaks
     from thinpool.metadata.pool_metadata import PoolMetadata
     from thinpool.pool import lock_pool_dir
 
     lock_fd = lock_pool_dir(target) if is_pool_dir(target) else None
     try:
-        store = FileBlockStore(path)
+        store = tool_store(path, readonly=False)
         try:
             try:  # the same work estimate as a plain check (about 250 mappings per allocated metadata block)
                 work = PoolMetadata.read_superblock(store).metadata_sm_root.nr_allocated * 250
             except ThinpoolError:
                 work = 0
-            with busy("checking metadata", work):
+            # check, then (after the repair) check again: the metadata is read twice
+            with node_progress("checking metadata", store, work, passes=2, trees_only=False):
                 try:
                     res = repair_leaks(store, name=path)
                 except LeakRepairRefused as e:

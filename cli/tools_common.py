@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -27,11 +27,11 @@ def target_option(f: F) -> F:
 
 @contextmanager
 def open_metadata(target: str | None, *, use_metadata_snap: bool = False) -> Iterator[Any]:
-    """Open a pool directory's or a bare file's metadata read-only (superblock, details and mappings only)."""
-    from thinpool.io.block_store import FileBlockStore
+    """Open a pool directory's or a bare file's metadata read-only (superblock, details and mappings only), on
+    a ``tool_store`` (``node_progress(..., pmd.store, ...)`` can meter it)."""
     from thinpool.metadata.pool_metadata import PoolMetadata
 
-    store = FileBlockStore(metadata_path(target), readonly=True)
+    store = tool_store(metadata_path(target))
     try:
         yield PoolMetadata.open(store, readonly=True, space_maps=False, use_metadata_snap=use_metadata_snap)
     finally:
@@ -167,18 +167,93 @@ def mapping_progress(description: str, total_mappings: int) -> Iterator[Any]:
         yield bar
 
 
+METER_STEP = 64  # metadata blocks read between two updates of a bar (keeps the per-read cost to a subtraction)
+_METERED: Any = None
+
+
+def _metered_class() -> Any:
+    """``FileBlockStore`` counting the blocks it reads, for ``node_progress`` (the class is made on first use: the
+    library is imported only inside the functions)."""
+    global _METERED
+    if _METERED is None:
+        from thinpool.io.block_store import FileBlockStore
+
+        class MeteredStore(FileBlockStore):
+            """Counts ``read_block`` calls; every METER_STEP of them hands the count to ``meter`` (when set)."""
+
+            def __init__(self, path: str, *, readonly: bool = False) -> None:
+                super().__init__(path, readonly=readonly)
+                self.meter: Callable[[int], None] | None = None
+                self.nr_read = 0
+                self._left = METER_STEP
+
+            def read_block(self, b: int) -> bytes:
+                data = FileBlockStore.read_block(self, b)
+                self._left -= 1
+                if not self._left:
+                    self._left = METER_STEP
+                    self.nr_read += METER_STEP
+                    if self.meter is not None:
+                        self.meter(self.nr_read)
+                return data
+
+        _METERED = MeteredStore
+    return _METERED
+
+
+def tool_store(path: str, *, readonly: bool = True) -> Any:
+    """The store a metadata tool reads: one that counts the blocks read (for ``node_progress``) when stderr is a
+    terminal, a plain ``FileBlockStore`` otherwise (nothing added to a read when no bar can show)."""
+    if sys.stderr.isatty():
+        return _metered_class()(path, readonly=readonly)
+    from thinpool.io.block_store import FileBlockStore
+
+    return FileBlockStore(path, readonly=readonly)
+
+
+def metadata_blocks_in_use(store: Any, *, trees_only: bool = False) -> int:
+    """The metadata blocks in use, from the superblock's metadata space-map root (no walk); with ``trees_only``,
+    less the space maps' bitmaps and the metadata index (what a tool that reads only the details and mapping
+    trees reads); 0 when the superblock is unreadable (the tool reports that itself)."""
+    from thinpool.errors import ThinpoolError
+    from thinpool.metadata.check import blocks_in_use
+    from thinpool.metadata.readonly import read_superblock
+
+    try:
+        sb = read_superblock(store)
+    except ThinpoolError:
+        return 0
+    return blocks_in_use(sb, trees_only=trees_only)
+
+
 @contextmanager
-def busy(text: str, work_mappings: int) -> Iterator[None]:
-    """An indeterminate progress display (a rich status spinner on stderr, terminals only) for jobs whose size
-    in mappings is at least ``progress_threshold()`` but whose progress is not linear (delta skips shared
-    subtrees; ls and map walk distinct nodes)."""
-    if not sys.stderr.isatty() or work_mappings < max(progress_threshold(), 1):
+def node_progress(description: str, store: Any, work_mappings: int, *, passes: int = 1,
+                  trees_only: bool = True) -> Iterator[None]:
+    """A progress bar over metadata nodes for the tools whose work is not linear in mappings (check; ls with
+    EXCLUSIVE/SHARED; delta, which skips shared subtrees; map): the total is the metadata blocks in use (times
+    ``passes``, for a job that reads the metadata several times; the tree nodes alone with ``trees_only``, for
+    a tool that reads no space map), advanced by the blocks ``store`` (from
+    ``tool_store``) reads; it completes when the job ends, however much it skipped, and never passes its total
+    (a block read twice). On a terminal only (rich, transient): at once when ``work_mappings`` reaches
+    ``progress_threshold()``, else once the job has run $THINPOOL_PROGRESS_DELAY seconds."""
+    if not isinstance(store, _metered_class()):
         yield
         return
-    from rich.console import Console
+    from thinpool_cli.output import progress
 
-    with Console(file=sys.stderr).status(text):
-        yield
+    total = metadata_blocks_in_use(store, trees_only=trees_only) * passes
+    with progress(description, total, at_once=work_mappings >= max(progress_threshold(), 1)) as bar:
+        start = store.nr_read
+
+        def meter(nr_read: int) -> None:
+            bar.update(min(nr_read - start, total))
+
+        store.meter = meter
+        try:
+            yield
+        finally:
+            store.meter = None
+        bar.update(total)
 
 
 def total_mapped(md: Any, ids: Sequence[int] | None = None) -> int:

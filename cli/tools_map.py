@@ -14,7 +14,7 @@ import click
 from thinpool_cli.output import echo_json, table
 from thinpool_cli.params import json_option, pool_option
 from thinpool_cli.tools_common import (
-    busy,
+    node_progress,
     open_metadata,
     require_devices,
     require_metadata_snap,
@@ -98,7 +98,7 @@ def map_cmd(args: tuple[str, ...], metadata_snap: bool, png: str | None, pool_pa
         ids = wanted or pmd.device_ids()
         require_devices(pmd, ids)
         inputs = _map_inputs(target, pmd)
-        with busy("mapping devices", total_mapped(pmd)):
+        with node_progress("mapping devices", pmd.store, total_mapped(pmd)):
             sharing = Sharing(pmd)
             maps = {d: device_map(pmd, d, inputs[d][1], sharing, inputs[d][2]) for d in ids}
         ch = pmd.data_block_size * 512

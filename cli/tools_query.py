@@ -14,8 +14,8 @@ import click
 
 from thinpool_cli.params import json_option, parse_region, pool_option
 from thinpool_cli.tools_common import (
-    busy,
     mapping_progress,
+    node_progress,
     open_details,
     open_metadata,
     require_devices,
@@ -64,7 +64,7 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     else:
         with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
             walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
-            with busy("counting shared blocks", total_mapped(pmd) if walks else 0):
+            with node_progress("counting shared blocks", pmd.store, total_mapped(pmd) if walks else 0):
                 rows = ls_rows(pmd, chosen)
     if as_json:
         from thinpool_cli.output import echo_json
@@ -101,7 +101,7 @@ def delta(args: tuple[str, ...], snap1: str | None, snap2: str | None, verbose: 
         require_metadata_snap(target)
     with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
         require_devices(pmd, (a, b))
-        with busy("comparing mappings", total_mapped(pmd, (a, b))):
+        with node_progress("comparing mappings", pmd.store, total_mapped(pmd, (a, b))):
             _write_delta(pmd, a, b, verbose, metadata_snap, as_json)
 
 

@@ -15,7 +15,8 @@ the comparison normalises exactly that:
 - thin_delta: no newline at the end; with ``--verbose``, adjacent thin blocks of the same kind are merged into one
   range even where their data blocks are not consecutive (src/thin/delta_visitor.rs joins runs on thin_begin alone),
   so only the first block of such a range has the data block written; 0.9.0 and thinpool split the range there.
-- thin_rmap: the same lines, ordered by (data begin, data end, thin device) rather than 0.9.0's order.
+- thin_rmap: the same lines, ordered by (data begin, data end, thin device) rather than 0.9.0's order (thinpool's
+  ``rmap --order sorted`` prints exactly 1.1.0's).
 - thin_restore / thin_repair: what they write from thinpool's dump / metadata opens in thinpool with the same dump,
   except that both write needs_check clear and version 2 (thin_restore 0.9.0 and thinpool's restore keep the XML's;
   `thinpool pool repair` writes a fresh superblock too), and thin_repair 1.1.0 fails on a pool without devices ("no
@@ -384,6 +385,8 @@ def test_rmap_agrees_with_rust_thin_rmap(pools) -> None:
                 assert m is not None, ln
                 return int(m[1]), int(m[2]), int(m[3])
             assert theirs == sorted(theirs, key=key), (name, region)
+            # and thinpool's --order sorted prints 1.1.0's order, byte for byte
+            assert tp("rmap", "--order", "sorted", region, meta).splitlines() == theirs, (name, region)
 
 
 # --- thin_restore / thin_repair ------------------------------------------------------------------------------------
@@ -487,3 +490,43 @@ def test_held_metadata_snapshot_checks_and_dumps_agree(tmp_path) -> None:
     assert ours == run_tool("thin_dump", "-m", str(meta)).stdout
     theirs = run_tool(rust("thin_dump"), "-m", str(meta)).stdout
     assert dump_model(theirs) == dump_model(ours) and 'dev_id="2"' in ours and 'dev_id="4"' not in ours
+
+
+def _patch_image(name: str, dest: Path, block: int, offset: int, fmt: str, value: int, block_type: str) -> Path:
+    import gzip
+    import struct
+
+    from thinpool.checksum import BlockType, stamp
+    raw = bytearray(gzip.open(IMAGES / f"{name}.bin.gz").read())
+    buf = bytearray(raw[block * 4096:(block + 1) * 4096])
+    if offset < 0:  # the first value of a btree node: after max_entries keys
+        max_entries = struct.unpack_from("<I", buf, 20)[0]
+        offset = 32 + 8 * max_entries + (-offset - 1)
+    struct.pack_into(fmt, buf, offset, value)
+    stamp(buf, BlockType[block_type])
+    raw[block * 4096:(block + 1) * 4096] = buf
+    dest.write_bytes(bytes(raw))
+    return dest
+
+
+@pytest.mark.parametrize("case", ["bitmap_blocknr", "root_pointer_high_bits"])
+def test_damage_only_rust_thin_check_misses(tmp_path, case: str) -> None:
+    """Two kinds of damage under valid checksums that 0.9.0, thinpool and the kernel refuse and 1.1.0's thin_check
+    passes (exit 0), found by fuzzing both checkers against ours:
+
+    - a data-space-map bitmap whose blocknr is not its own location (f1_empty_pool block 9): the kernel's bitmap
+      validator (dm-space-map-common.c, bitmap_check) fails it with -ENOTBLK;
+    - a device's root in the top-level mapping tree with high bits set, 2**38 + 10 on a 64-block device
+      (f5_needs_check_v1 block 7): a block past the end of the device. 1.1.0's check still walks block 10 (the
+      low 32 bits) and finds nothing wrong, while its own thin_dump fails on the same file ("io error").
+    """
+    if case == "bitmap_blocknr":
+        meta = _patch_image("f1_empty_pool", tmp_path / "bad.bin", 9, 8, "<Q", 7, "BITMAP")
+    else:
+        meta = _patch_image("f5_needs_check_v1", tmp_path / "bad.bin", 7, -5, "<I", 64, "BTREE_NODE")
+    cxx, rs = run_checker(CXX_CHECK, meta), run_checker(RUST_CHECK, meta)
+    assert not cxx.ok and rs.ok, (cxx.describe(), rs.describe())
+    assert tp_exit("check", meta) == 1
+    if case == "root_pointer_high_bits":
+        assert "block out of bounds (274877906954 >= 64)" in cxx.stderr
+        assert run_tool(rust("thin_dump"), str(meta), check=False).returncode != 0

@@ -635,6 +635,16 @@ def _compare(w: _Walker, kind: str, stored: np.ndarray | None, expected: np.ndar
         w.problem(f"{leaks} {kind} blocks have leaked in all", None, fatal=False)
 
 
+def blocks_in_use(sb: Superblock, *, trees_only: bool = False) -> int:
+    """The metadata blocks a full check reads about once: those in use, from the superblock's metadata
+    space-map root (no walk); with ``trees_only``, less the space maps' bitmaps and the metadata index (about
+    what a tool that reads only the details and mapping trees reads: ls, delta, map). A progress bar's total."""
+    n = int(sb.metadata_sm_root.nr_allocated)
+    if trees_only:
+        n -= sum(-(-int(r.nr_blocks) // E) for r in (sb.metadata_sm_root, sb.data_sm_root)) + 1
+    return max(n, 1)
+
+
 def check_metadata(store: BlockStore, *, use_metadata_snap: bool = False, skip_mappings: bool = False) -> CheckReport:
     """Check the metadata on ``store`` and return a report (never raises for damaged metadata)."""
     report = CheckReport()
