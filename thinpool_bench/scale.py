@@ -28,8 +28,8 @@ The Rust tools are looked for in $THINPOOL_RUST_TOOLS (default /opt/thin-provisi
 Rust thin_check 1.1.0 never takes less than 0.5 s: its progress thread sleeps 500 ms and is joined at the end.
 
 ``python -m thinpool_bench.scale --only-tools --mappings 4000000 --results benchmarks/RESULTS-scale.md`` runs only
-the tools of the mappings part (no pool-size or devices part, no pool steps) and replaces only those rows of an
-existing report.
+the mappings part (its pool steps, the metadata tools, the deletes; no pool-size or devices part) and writes its
+report on top of the existing one, which it keeps below.
 """
 
 from __future__ import annotations
@@ -467,9 +467,8 @@ def _measure_tool(case: ToolCase, wd: Path, rounds: int, label: str, progress: P
     return t
 
 
-def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress, *,
-                  tools_only: bool = False) -> list[dict[str, Any]]:
-    """The mappings part; ``tools_only``: only the metadata tools (no pool steps, no deletes)."""
+def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progress) -> list[dict[str, Any]]:
+    """The mappings part: the pool steps (which leave device 3, a snapshot of 1), the tools, the deletes."""
     tp = thinpool_cmd()
     src = wd / "4k.bin"
     if not src.exists():
@@ -488,14 +487,12 @@ def mappings_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progre
                           "write 4 KiB + commit": [*tp, "thin", "write", "1", str(src), "--offset", "64k", "-p", p],
                           "snapshot": [*tp, "thin", "snap", "3", "1", "-p", p],
                           "pool status": [*tp, "pool", "status", p]}
-            for step, cmd in ({} if tools_only else pool_steps).items():
+            for step, cmd in pool_steps.items():
                 progress(f"scale: {n:,} mappings: {step}")
                 row["steps"][step] = _median([run_measured(cmd)])
             md = str(d / "metadata")
             for case in _tool_cases(tp, md, wd, n):
                 row["tools"][case.name] = _measure_tool(case, wd, rounds, f"{n:,} mappings", progress)
-            if tools_only:
-                continue
             for step, cmd in (("delete snapshot (1 % own)", [*tp, "thin", "delete", "2", "--force", "-p", p]),
                               ("delete origin", [*tp, "thin", "delete", "1", "--force", "-p", p])):
                 progress(f"scale: {n:,} mappings: {step}")
@@ -561,7 +558,7 @@ def devices_part(wd: Path, counts: Sequence[int], rounds: int, progress: Progres
 def run_scale(wd: Path, *, quick: bool = False, progress: Progress = _noop, tools_only: bool = False,
               mappings: Sequence[int] | None = None, rounds: int | None = None) -> dict[str, Any]:
     """Measure the three parts in ``wd`` (scratch pools are removed as they are done). ``tools_only``: only the
-    metadata tools of the mappings part; ``mappings`` and ``rounds`` override that part's counts and rounds."""
+    mappings part (with the metadata tools); ``mappings`` and ``rounds`` override that part's counts and rounds."""
     wd = Path(wd) / "scale"
     wd.mkdir(parents=True, exist_ok=True)
     try:
@@ -570,7 +567,7 @@ def run_scale(wd: Path, *, quick: bool = False, progress: Progress = _noop, tool
             result["pool_size"] = pool_size_part(wd, POOL_SIZES_QUICK if quick else POOL_SIZES, 2 if quick else 3,
                                                  progress)
         result["mappings"] = mappings_part(wd, mappings or (MAPPINGS_QUICK if quick else MAPPINGS),
-                                           rounds or (1 if quick else 3), progress, tools_only=tools_only)
+                                           rounds or (1 if quick else 3), progress)
         if not tools_only:
             result["devices"] = devices_part(wd, DEVICES_QUICK if quick else DEVICES, 5 if quick else 20, progress)
         result["cpp_version"] = _cpp_version()
@@ -656,9 +653,10 @@ def report_lines(res: dict[str, Any]) -> list[str]:
     if res.get("tools_only"):
         counts = " ".join(f"--mappings {row['mappings']}" for row in res.get("mappings") or [])
         lines[2] = ("A tools-only run (`python -m thinpool_bench.scale --only-tools " + counts +
-                    " --results benchmarks/RESULTS-scale.md`): only the metadata tools of the mappings part, on "
-                    "this run's freshly built pool. Every number is from this run on this machine: whole processes "
-                    "(wall time, peak RSS), medians over the rounds shown; thinpool, the C++ and the Rust tools "
+                    " --results benchmarks/RESULTS-scale.md`): only the mappings part (pool steps, the metadata "
+                    "tools, the deletes), on this run's freshly built pool. Every number is from this run on this "
+                    "machine: whole processes (wall time, peak RSS), medians over the rounds shown; thinpool, the "
+                    "C++ and the Rust tools "
                     "interleaved on the same metadata. Peak RSS: " + f"{res.get('rss_source', '?')}.")
     if res.get("quick"):
         lines += ["**Quick run**: small sizes, few rounds; the numbers are noisy.", ""]
@@ -748,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     ap = argparse.ArgumentParser(prog="python -m thinpool_bench.scale", description=main.__doc__)
-    ap.add_argument("--only-tools", action="store_true", help="only the metadata tools of the mappings part")
+    ap.add_argument("--only-tools", action="store_true", help="only the mappings part (with the metadata tools)")
     ap.add_argument("--mappings", type=int, action="append", help="mapping counts (repeatable)")
     ap.add_argument("--rounds", type=int, help="rounds of the mappings part")
     ap.add_argument("--quick", action="store_true")
