@@ -227,7 +227,7 @@ def metadata_blocks_in_use(store: Any, *, trees_only: bool = False) -> int:
 
 
 @contextmanager
-def node_progress(description: str, store: Any, work_mappings: int, *, passes: int = 1,
+def node_progress(description: str, store: Any, work_mappings: int, *, passes: float = 1,
                   trees_only: bool = True) -> Iterator[None]:
     """A progress bar over metadata nodes for the tools whose work is not linear in mappings (check; ls with
     EXCLUSIVE/SHARED; delta, which skips shared subtrees; map): the total is the metadata blocks in use (times
@@ -241,7 +241,7 @@ def node_progress(description: str, store: Any, work_mappings: int, *, passes: i
         return
     from thinpool_cli.output import progress
 
-    total = metadata_blocks_in_use(store, trees_only=trees_only) * passes
+    total = round(metadata_blocks_in_use(store, trees_only=trees_only) * passes)
     with progress(description, total, at_once=work_mappings >= max(progress_threshold(), 1)) as bar:
         start = store.nr_read
 

@@ -98,7 +98,10 @@ def map_cmd(args: tuple[str, ...], metadata_snap: bool, png: str | None, pool_pa
         ids = wanted or pmd.device_ids()
         require_devices(pmd, ids)
         inputs = _map_inputs(target, pmd)
-        with node_progress("mapping devices", pmd.store, total_mapped(pmd)):
+        # the sharing walk reads every distinct node, then each device's tree is read again for its map
+        everything = total_mapped(pmd)
+        again = total_mapped(pmd, ids) / max(everything, 1)
+        with node_progress("mapping devices", pmd.store, everything, passes=1 + again):
             sharing = Sharing(pmd)
             maps = {d: device_map(pmd, d, inputs[d][1], sharing, inputs[d][2]) for d in ids}
         ch = pmd.data_block_size * 512

@@ -97,13 +97,15 @@ def busy_pool(tmp_path: Path) -> Path:
 
 def read_pty(master: int, idle_timeout: float) -> bytes:
     """Everything the terminal side ``master`` of a pty gets until the child closes it (EOF or EIO), or until
-    nothing arrives for ``idle_timeout`` seconds."""
+    nothing arrives for ``idle_timeout`` seconds. poll, not select: a descriptor numbered past FD_SETSIZE (1024)
+    must work too."""
     import select
 
+    poller = select.poll()
+    poller.register(master, select.POLLIN)
     out = b""
     while True:
-        r, _, _ = select.select([master], [], [], idle_timeout)
-        if not r:
+        if not poller.poll(idle_timeout * 1000):
             break
         try:
             chunk = os.read(master, 65536)

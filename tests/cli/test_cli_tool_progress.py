@@ -161,3 +161,22 @@ def test_the_bar_total_is_the_metadata_in_use_and_never_passed(pool_dir: Path, m
     updates = [n for k, n in seen if k == "update"]
     assert len(updates) > 2 and updates == sorted(updates) and updates[0] < total and updates[-1] == total
     assert seen[-1] == ("stop", 0)
+
+
+@pytest.mark.external
+def test_under_a_bar_stdout_still_equals_the_real_tools(pool_dir: Path, tmp_path: Path):
+    """With the bar drawn on a terminal, stdout is byte for byte thin_ls's, thin_delta's (both verbose and
+    not) and thin_check's (C++ 0.9.0)."""
+    from conftest import need_tool, run_tool
+
+    need_tool("thin_ls", "thin_delta", "thin_check")
+    md = str(pool_dir / "metadata")
+    fields = "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,MAPPED,EXCLUSIVE,SHARED"
+    for ours, theirs in ((["ls", "-o", fields, md], ["thin_ls", "-o", fields, md]),
+                         (["delta", "1", "2", md], ["thin_delta", "--snap1", "1", "--snap2", "2", md]),
+                         (["delta", "--verbose", "1", "2", md],
+                          ["thin_delta", "--verbose", "--snap1", "1", "--snap2", "2", md]),
+                         (["check", md], ["thin_check", md])):
+        seen, out = _run(ours, tmp_path / "o.out", on_pty=True)
+        assert b"\x1b[" in seen and b"100%" in seen, ours
+        assert out.decode() == run_tool(*theirs).stdout, ours

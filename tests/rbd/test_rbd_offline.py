@@ -366,27 +366,18 @@ def _on_pty(args: list[str]) -> str:
     """The CLI with stderr on a pseudo-terminal; what the terminal got."""
     import os
     import pty
-    import select
     import subprocess
     import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli"))
+    from cli_helpers import read_pty
 
     env = dict(os.environ, COLUMNS="100", TERM="xterm")
     master, slave = pty.openpty()
     p = subprocess.Popen([sys.executable, "-c", "from thinpool_cli.main import main; main()", *args], stdin=slave,
                          stdout=subprocess.DEVNULL, stderr=slave, env=env, close_fds=True)
     os.close(slave)
-    out = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 60)
-        if not r:
-            break
-        try:
-            piece = os.read(master, 65536)
-        except OSError:
-            break
-        if not piece:
-            break
-        out += piece
+    out = read_pty(master, 60)
     p.wait(timeout=120)
     os.close(master)
     assert p.returncode == 0, out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from typing import Protocol
 
 from thinpool.errors import HostNoSpace, MetadataCorrupt, StoreIOError
@@ -86,6 +87,9 @@ class FileBlockStore:
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self._fd = open_pool_file(self.path, flags) if pool_file else os.open(self.path, flags)
+            # a store dropped without close() still closes its descriptor when it is collected (as a Python file
+            # does), so code that forgets close() cannot run the process out of descriptors
+            self._closer = weakref.finalize(self, os.close, self._fd)
             size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:
             raise StoreIOError(what=self.path, op="open", reason=e.strerror or str(e)) from e
@@ -164,6 +168,7 @@ class FileBlockStore:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._closer.detach()
             os.close(self._fd)
             self._fd = -1
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from array import array
 from typing import Any, Protocol, runtime_checkable
 
@@ -95,6 +96,7 @@ class DataStore:
             self.fd = open_pool_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         except OSError as e:
             raise StoreIOError(what=path, op="open", reason=e.strerror or str(e)) from e
+        self._closer = weakref.finalize(self, os.close, self.fd)  # closed when collected, if close() was not called
         # [start, end) byte ranges written since the last sync, flat (start, end, start, end...): an array of
         # int64, not a list of tuples, so a burst of random writes holds no objects the garbage collector walks
         self._dirty = array("q")
@@ -268,5 +270,6 @@ class DataStore:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self._closer.detach()
             os.close(self.fd)
             self.fd = -1
