@@ -1005,6 +1005,7 @@ class Pool:
         called with nothing uncommitted. Returns the number of chunks punched. O(nr_data_blocks) in numpy."""
         with self.lock:
             self.check_writable()
+            self.commit()  # only blocks free in the committed state too (and no deferred copy left to read them)
             counts = np.asarray(self.md.data_sm.counts)
             free = np.concatenate([[False], counts == 0, [False]])
             edges = np.flatnonzero(np.diff(free.astype(np.int8)))

@@ -367,6 +367,9 @@ class ThinDevice:
                     if v & mc.TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
                         if self._pend and first in self._pend:
                             self._note_written(first, o, end - offset)
+                            pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
+                            self._drop_full(first, first)
+                            return
                         pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
                         return  # nothing allocated: no low-water event to deliver
                     hint = (v >> mc.TIME_BITS, v & mc.TIME_MASK)  # shared: _write breaks it without a second lookup
@@ -388,11 +391,7 @@ class ThinDevice:
         if (o | n) & (SECTOR_SIZE - 1):
             self._complete(c)
             return
-        bits = e[2] | ((1 << (n >> 9)) - 1) << (o >> 9)
-        if bits == self._full:
-            del self._pend[c]
-        else:
-            e[2] = bits
+        e[2] |= ((1 << (n >> 9)) - 1) << (o >> 9)  # a full entry is dropped by the caller after its pwrite
 
     def _note_range(self, offset: int, end: int) -> None:
         """``_note_written`` for every pending chunk [offset, end) touches."""
@@ -403,6 +402,12 @@ class ThinDevice:
         for c in cs:
             lo = max(offset, c * ch)
             self._note_written(c, lo - c * ch, min(end, (c + 1) * ch) - lo)
+
+    def _drop_full(self, first: int, last: int) -> None:
+        """Forget the pending chunks in [first, last] whose every sector is written (after the write's pwrite)."""
+        pend, full = self._pend, self._full
+        for c in [c for c in pend if first <= c <= last and pend[c][2] == full]:
+            del pend[c]
 
     def _settle(self, offset: int, end: int) -> None:
         """Complete the pending copies of the chunks [offset, end) touches (before reading them)."""
@@ -440,7 +445,7 @@ class ThinDevice:
         return out
 
     def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int,
-                       mapped: dict[int, tuple[int, int]]) -> bool:
+                       mapped: dict[int, tuple[int, int]], touched: list[int] | None = None) -> bool:
         """Fast path: every chunk of [first, last] is mapped, unshared, to consecutive data blocks: one pwrite."""
         if len(mapped) != last - first + 1:
             return False
@@ -448,6 +453,8 @@ class ThinDevice:
         for c, (db, t) in mapped.items():
             if db - c != d0 or t < snap_time:
                 return False
+        if touched:
+            self._note_range(offset, offset + len(view))
         self.pool.data.pwrite((d0 + first) * self.chunk + offset - first * self.chunk, view)
         return True
 
@@ -457,10 +464,27 @@ class ThinDevice:
         pwrite). New mappings are inserted only after their data is written; if writing fails, the blocks
         allocated for it are released. ``hint``: the one chunk's (data block, time) as the mapping cache just
         gave it under the same lock hold (a shared chunk), so it is not looked up again."""
+        ch = self.chunk
+        end = offset + len(view)
+        first, last = offset // ch, (end - 1) // ch
+        if not self._pend:
+            self._write_chunks(offset, view, hint)
+            return
+        pend = self._pend
+        touched = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
+            [c for c in range(first, last + 1) if c in pend]
+        self._write_chunks(offset, view, hint, touched)
+        if touched:
+            self._drop_full(first, last)
+
+    def _write_chunks(self, offset: int, view: memoryview, hint: tuple[int, int] | None = None,
+                      touched: list[int] | None = None) -> None:
+        """_write's body; ``touched``: pending chunks of the range, noted as written once the write is sure to
+        be made (after the space check)."""
         pool, md, ch = self.pool, self.md, self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
-        if self._pend:  # pending chunks this write touches (owned: they take it in place)
+        if touched and first == last:  # one chunk, pending: owned, so written in place below
             self._note_range(offset, end)
         snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
         if first == last:  # one chunk
@@ -487,7 +511,7 @@ class ThinDevice:
             mapped = {} if m is None else {first: m}
         else:
             mapped = self._lookup_range(first, last)
-            if self._overwrite_run(offset, view, first, last, snap_time, mapped):
+            if self._overwrite_run(offset, view, first, last, snap_time, mapped, touched):
                 return
         while True:
             # the chunks unmapped or shared (``mapped`` holds only chunks of the range)
@@ -498,6 +522,8 @@ class ThinDevice:
             # other threads may have changed the mappings (and committed) meanwhile, so plan again
             snap_time = md.snapshotted_time
             mapped = self._lookup_range(first, last)
+        if touched and first != last:  # the write is made now: its sectors of pending chunks count as written
+            self._note_range(offset, end)
         data = pool.data
         nr = last - first + 1
         if need == nr and offset == first * ch and end == (last + 1) * ch:

@@ -224,3 +224,25 @@ def test_export_diff_of_the_origin_with_pending_chunks(tmp_path: Path) -> None:
     import_diff(p, 5, buf)
     assert p.device(5).read(0, 4 * CH) == bytes(want)
     p.close()
+
+
+def test_metadata_exhaustion_in_the_middle_of_deferred_breaks(tmp_path: Path) -> None:
+    """Deferred breaks until the metadata is full: the failing write raises NoMetadataSpace, the transaction is
+    dropped (needs_check, as dm-thin), nothing stays pending, and both devices read their last commit."""
+    from thinpool.errors import NoMetadataSpace
+
+    n = 1700
+    p = Pool.create(tmp_path / "pool", data_size=8192 * CH, chunk_size=CH, metadata_size=128 << 10)
+    d = p.create_thin(1, n * CH)
+    data = random.Random(1).randbytes(n * CH)
+    for c in range(0, n, 100):
+        d.write(c * CH, data[c * CH:(c + 100) * CH])
+    p.commit()
+    p.create_snap(2, 1)
+    with pytest.raises(NoMetadataSpace):
+        for c in range(n):
+            d.write(c * CH + 512, b"x" * 512)  # one deferred break a chunk
+    assert p.md.needs_check and not p.md.pending_devices()
+    assert p.device(1).read(0, n * CH) == data
+    assert p.device(2).read(0, n * CH) == data
+    p.close()
