@@ -115,3 +115,35 @@ def read_pty(master: int, idle_timeout: float) -> bytes:
             break
         out += chunk
     return out
+
+
+def random_pool(path: Path, seed: int, dev_chunks: int) -> list[int]:
+    """A pool at ``path`` built by random writes, snapshots of snapshots, overwrites and deletes (64 KiB chunks;
+    ``dev_chunks`` > 126 gives multi-level mapping trees partly shared between snapshots). Returns the live device ids."""
+    import random
+
+    from thinpool.pool import Pool
+
+    CH = 64 << 10  # noqa: N806
+    rng = random.Random(seed)
+    big = dev_chunks > 126  # multi-level mapping trees, partly shared between snapshots
+    with Pool.create(path, data_size=(4096 if big else 512) * CH) as p:
+        live = [0]
+        p.create_thin(0, dev_chunks * CH)
+        for i in range(1, 12):
+            op = rng.random()
+            dev = p.device(rng.choice(live))
+            for _ in range(rng.randint(1, 12)):
+                n = rng.choice([512, 4096, CH, 3 * CH // 2] + ([40 * CH, 100 * CH] if big else []))
+                dev.write(rng.randrange(0, dev.size - n), bytes([rng.randrange(256)]) * n)
+            if op < 0.6:
+                p.create_snap(i, rng.choice(live))
+                live.append(i)
+            elif op < 0.75 and len(live) > 2:
+                victim = rng.choice(live[1:])
+                p.delete_thin(victim)
+                live.remove(victim)
+            else:
+                p.create_thin(i, dev_chunks // 2 * CH)
+                live.append(i)
+    return live

@@ -9,7 +9,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import IMAGE_NAMES, IMAGES, busy_pool, fails, file_hash, fingerprint, ok, pool, run, unpack_image  # noqa: F401
+from cli_helpers import (  # noqa: F401
+    IMAGE_NAMES,
+    IMAGES,
+    busy_pool,
+    fails,
+    file_hash,
+    fingerprint,
+    ok,
+    pool,
+    random_pool,
+    run,
+    unpack_image,
+)
 from conftest import need_tool, run_tool
 from oracles import RUST_CHECK, assert_thin_check, checkers_verdict, run_checker
 
@@ -372,34 +384,9 @@ def test_tool_target_errors(tmp_path: Path):
 def test_random_pools_agree_with_the_real_tools(tmp_path: Path, seed: int, dev_chunks: int):
     """Pools built by random writes, snapshots of snapshots, overwrites and deletes: dump, ls, delta and rmap equal
     thin_dump, thin_ls, thin_delta and thin_rmap, and the pool passes thin_check."""
-    import random
-
-    from thinpool.pool import Pool
-
     need_tool("thin_dump", "thin_ls", "thin_delta", "thin_rmap", "thin_check")
-    rng = random.Random(seed)
     path = tmp_path / "rnd"
-    chunk = 64 * 1024
-    big = dev_chunks > 126  # multi-level mapping trees, partly shared between snapshots
-    with Pool.create(path, data_size=(4096 if big else 512) * chunk) as p:
-        live = [0]
-        p.create_thin(0, dev_chunks * chunk)
-        for i in range(1, 12):
-            op = rng.random()
-            dev = p.device(rng.choice(live))
-            for _ in range(rng.randint(1, 12)):
-                n = rng.choice([512, 4096, chunk, 3 * chunk // 2] + ([40 * chunk, 100 * chunk] if big else []))
-                dev.write(rng.randrange(0, dev.size - n), bytes([rng.randrange(256)]) * n)
-            if op < 0.6:
-                p.create_snap(i, rng.choice(live))
-                live.append(i)
-            elif op < 0.75 and len(live) > 2:
-                victim = rng.choice(live[1:])
-                p.delete_thin(victim)
-                live.remove(victim)
-            else:
-                p.create_thin(i, dev_chunks // 2 * chunk)
-                live.append(i)
+    live = random_pool(path, seed, dev_chunks)
     md = str(path / "metadata")
     assert_thin_check(md)
     assert ok("dump", path).stdout == run_tool("thin_dump", md).stdout

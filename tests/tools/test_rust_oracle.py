@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from oracles import (
 from thinpool.io.block_store import FileBlockStore
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.pool import Pool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from cli_helpers import random_pool  # noqa: E402
 
 pytestmark = pytest.mark.external
 
@@ -75,30 +79,6 @@ def tp(*args: object) -> str:
 
 
 # --- pools ------------------------------------------------------------------------------------------------------
-def random_pool(path: Path, seed: int, dev_chunks: int) -> list[int]:
-    """Random writes, snapshots of snapshots, overwrites and deletes (as tests/cli's agreement test builds)."""
-    rng = random.Random(seed)
-    big = dev_chunks > 126  # multi-level mapping trees, partly shared between snapshots
-    with Pool.create(path, data_size=(4096 if big else 512) * CH) as p:
-        live = [0]
-        p.create_thin(0, dev_chunks * CH)
-        for i in range(1, 12):
-            op = rng.random()
-            dev = p.device(rng.choice(live))
-            for _ in range(rng.randint(1, 12)):
-                n = rng.choice([512, 4096, CH, 3 * CH // 2] + ([40 * CH, 100 * CH] if big else []))
-                dev.write(rng.randrange(0, dev.size - n), bytes([rng.randrange(256)]) * n)
-            if op < 0.6:
-                p.create_snap(i, rng.choice(live))
-                live.append(i)
-            elif op < 0.75 and len(live) > 2:
-                victim = rng.choice(live[1:])
-                p.delete_thin(victim)
-                live.remove(victim)
-            else:
-                p.create_thin(i, dev_chunks // 2 * CH)
-                live.append(i)
-    return live
 
 
 @pytest.fixture(scope="module")
