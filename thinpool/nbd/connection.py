@@ -393,11 +393,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                                 self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, cookie))
                                 self._out_bytes += 16
                             finally:
-                                try:
-                                    view.release()
-                                except BufferError:  # the device kept a view: detach from our buffer for good
-                                    log.warning("nbd: device kept a reference to a write buffer")
-                                    self._buf = bytearray(self._buf)
+                                self._release_payload(view)
                             continue
                         # the common requests, as many as arrived, under one hold of the lock
                         self._run(size, flags, cmd, cookie, offset, length)
@@ -412,11 +408,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
                 try:
                     self._request(flags, cmd, cookie, offset, length, view)
                 finally:
-                    try:
-                        view.release()
-                    except BufferError:  # the device kept a view: detach from our buffer for good
-                        log.warning("nbd: device kept a reference to a write buffer")
-                        self._buf = bytearray(self._buf)
+                    self._release_payload(view)
                 continue
             self._start += 28
             if cmd == P.CMD_DISC:
@@ -752,6 +744,15 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             self._resume()
 
         fut.add_done_callback(done)
+
+    def _release_payload(self, view: memoryview) -> None:
+        """Release the view of the receive buffer a WRITE's payload was handed in; if the device kept a view of it,
+        detach from that buffer for good (a new receive buffer), so later requests never overwrite what it holds."""
+        try:
+            view.release()
+        except BufferError:
+            log.warning("nbd: device kept a reference to a write buffer")
+            self._buf = bytearray(self._buf)
 
     def _device_failed(self, cmd: int, cookie: int, exp: _Export, e: BaseException) -> None:
         cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
