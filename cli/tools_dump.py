@@ -78,9 +78,10 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
 
     Example: thinpool restore -i mypool.xml -o copy.bin
     """
-    from thinpool.errors import InvalidArgument
+    from thinpool.errors import InvalidArgument, NoMetadataSpace
     from thinpool.metadata.restore import restore_xml
     from thinpool.pool import lock_pool_dir
+    from thinpool.units import MAX_METADATA_BLOCKS
 
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output
@@ -89,8 +90,18 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
         # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet. A bar
         # of the XML read on a terminal, from about 64 bytes of XML a mapping times the threshold in mappings
         size = os.path.getsize(xml_path)
-        with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
-            restore_xml(xml_path, sink, progress=bar.update)
+        while True:
+            try:
+                with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
+                    restore_xml(xml_path, sink, progress=bar.update)
+                break
+            except NoMetadataSpace:
+                # A new output is sized as thin_metadata_size estimates (each data block mapped once); devices
+                # that map the same blocks need more: build again in a scratch file twice the size (the target
+                # is still untouched). An existing output keeps its size, as thin_restore's does.
+                if not sink.estimated or sink.nr_blocks >= MAX_METADATA_BLOCKS:
+                    raise
+                sink.scale *= 2
         if sink.summary is None:
             raise InvalidArgument(reason="no <superblock> element in the XML")
         ir, chunk = sink.summary, sink.chunk
@@ -147,6 +158,9 @@ class _RestoreSink:
         self.builder: Any = None
         self._hi: tuple[int | None, int | None] = (None, None)
         self._dev = 0
+        self.estimated = False  # the scratch (and a new output) sized by the estimate, not by an existing output
+        self.scale = 1  # times the estimate (restore() doubles it when the estimate proves too small)
+        self.nr_blocks = 0
 
     def close(self) -> None:
         if self.builder is not None:
@@ -174,7 +188,12 @@ class _RestoreSink:
             if nr_blocks < 8:
                 raise InvalidArgument(reason=f"{self.md_path}: output file too small (need at least 32 KiB)")
         else:
+            from thinpool.units import MAX_METADATA_BLOCKS
+
             nr_blocks = metadata_size_for(max(sb.nr_data_blocks, 1) * self.chunk, self.chunk) // 4096
+            nr_blocks = min(nr_blocks * self.scale, MAX_METADATA_BLOCKS)
+            self.estimated = True
+        self.nr_blocks = nr_blocks
         self.close()
         self.scratch, self.written, self.scratch_fd = _scratch_store(self.md_path, nr_blocks)
         self.summary = _Restored(sb.transaction, sb.nr_data_blocks)

@@ -242,3 +242,40 @@ def test_streamed_restore_and_repair_pass_both_checkers_and_dump_back(tmp_path: 
     assert_thin_check(rep_out, what="streamed repair")
     mappings = [ln for ln in run_tool("thin_dump", str(rep_out)).stdout.splitlines() if "_mapping " in ln]
     assert mappings == [ln for ln in xml.read_text().splitlines() if "_mapping " in ln]
+
+
+@pytest.mark.external
+def test_restore_to_a_new_file_grows_past_the_estimate_when_devices_share_every_block(tmp_path: Path) -> None:
+    """A new output is sized as thin_metadata_size estimates (each data block mapped once). Ten devices that each
+    map all 40,000 blocks need more than that: the CLI builds again in a larger scratch file instead of failing
+    with "no metadata space", and the result passes both checkers and dumps back byte for byte."""
+    from click.testing import CliRunner
+    from conftest import need_tool, run_tool
+    from oracles import assert_thin_check
+
+    from thinpool.pool import metadata_size_for
+    from thinpool_cli.main import cli
+
+    need_tool("thin_dump")
+    n, devices = 40_000, 10
+    lines = [f'<superblock uuid="" time="1" transaction="1" flags="0" version="2" data_block_size="128" '
+             f'nr_data_blocks="{n}">']
+    for d in range(devices):
+        lines += [f'  <device dev_id="{d}" mapped_blocks="{n}" transaction="0" creation_time="0" snap_time="1">',
+                  f'    <range_mapping origin_begin="0" data_begin="0" length="{n}" time="0"/>', "  </device>"]
+    lines.append("</superblock>")
+    xml = tmp_path / "shared.xml"
+    xml.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "new.bin"
+    r = CliRunner().invoke(cli, ["restore", "-i", str(xml), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > metadata_size_for(n * (64 << 10), 64 << 10)  # grown past the estimate
+    assert_thin_check(out, what="restore past the estimate")
+    assert run_tool("thin_dump", str(out)).stdout == xml.read_text()
+    # an existing output keeps its size, as thin_restore's does: too small is "no metadata space", nothing written
+    small = tmp_path / "small.bin"
+    with open(small, "wb") as f:
+        f.truncate(metadata_size_for(n * (64 << 10), 64 << 10))
+    r = CliRunner().invoke(cli, ["restore", "-i", str(xml), "-o", str(small)])
+    assert r.exit_code == 3 and "no metadata space" in r.output
+    assert small.read_bytes() == bytes(small.stat().st_size)
