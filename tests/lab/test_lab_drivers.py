@@ -174,7 +174,11 @@ def test_page_cache_thinpool_keeps_a_copy_per_container_overlayfs_one(driver, im
     if isinstance(driver, D.ThinpoolDM):
         assert one["ext2_files_bytes"] == img.shared_bytes
         assert three["ext2_files_bytes"] == 3 * img.shared_bytes
-        assert three["pool_data_file_bytes"] < 2 * img.shared_bytes + (8 << 20)  # the shared chunks: once
+        # the shared chunks are cached once: two more containers reading the same file add less than one more
+        # copy of it to the pool's data file (a copy per container would add two). An absolute bound was flaky:
+        # what the readahead around ext2's metadata brings in varies by a few MiB from run to run, and mostly
+        # in common (measured: 12.5 MB for one container and for three).
+        assert three["pool_data_file_bytes"] < one["pool_data_file_bytes"] + img.shared_bytes, (one, three)
     else:
         assert one["resident_bytes"] == three["resident_bytes"] == img.shared_bytes
 
