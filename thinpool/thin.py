@@ -393,29 +393,31 @@ class ThinDevice:
             return
         e[2] |= ((1 << (n >> 9)) - 1) << (o >> 9)  # a full entry is dropped by the caller after its pwrite
 
+    def _pending_in(self, first: int, last: int) -> list[int]:
+        """The pending chunks in [first, last]: from whichever is smaller, the range or the table."""
+        pend = self._pend
+        if last - first > len(pend):
+            return [c for c in pend if first <= c <= last]
+        return [c for c in range(first, last + 1) if c in pend]
+
     def _note_range(self, offset: int, end: int) -> None:
-        """``_note_written`` for every pending chunk [offset, end) touches."""
-        ch, pend = self.chunk, self._pend
-        first, last = offset // ch, (end - 1) // ch
-        cs = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
-            [c for c in range(first, last + 1) if c in pend]
-        for c in cs:
+        """``_note_written`` for every pending chunk [offset, end) touches (as the table is now)."""
+        ch = self.chunk
+        for c in self._pending_in(offset // ch, (end - 1) // ch):
             lo = max(offset, c * ch)
             self._note_written(c, lo - c * ch, min(end, (c + 1) * ch) - lo)
 
     def _drop_full(self, first: int, last: int) -> None:
         """Forget the pending chunks in [first, last] whose every sector is written (after the write's pwrite)."""
         pend, full = self._pend, self._full
-        for c in [c for c in pend if first <= c <= last and pend[c][2] == full]:
-            del pend[c]
+        for c in self._pending_in(first, last):
+            if pend[c][2] == full:
+                del pend[c]
 
     def _settle(self, offset: int, end: int) -> None:
         """Complete the pending copies of the chunks [offset, end) touches (before reading them)."""
-        ch, pend = self.chunk, self._pend
-        first, last = offset // ch, (end - 1) // ch
-        cs = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
-            [c for c in range(first, last + 1) if c in pend]
-        for c in cs:
+        ch = self.chunk
+        for c in self._pending_in(offset // ch, (end - 1) // ch):
             self._complete(c)
 
     def _complete(self, c: int) -> None:
@@ -445,7 +447,7 @@ class ThinDevice:
         return out
 
     def _overwrite_run(self, offset: int, view: memoryview, first: int, last: int, snap_time: int,
-                       mapped: dict[int, tuple[int, int]], touched: list[int] | None = None) -> bool:
+                       mapped: dict[int, tuple[int, int]]) -> bool:
         """Fast path: every chunk of [first, last] is mapped, unshared, to consecutive data blocks: one pwrite."""
         if len(mapped) != last - first + 1:
             return False
@@ -453,7 +455,7 @@ class ThinDevice:
         for c, (db, t) in mapped.items():
             if db - c != d0 or t < snap_time:
                 return False
-        if touched:
+        if self._pend:
             self._note_range(offset, offset + len(view))
         self.pool.data.pwrite((d0 + first) * self.chunk + offset - first * self.chunk, view)
         return True
@@ -467,24 +469,18 @@ class ThinDevice:
         ch = self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
-        if not self._pend:
-            self._write_chunks(offset, view, hint)
-            return
-        pend = self._pend
-        touched = [c for c in pend if first <= c <= last] if last - first > len(pend) else \
-            [c for c in range(first, last + 1) if c in pend]
-        self._write_chunks(offset, view, hint, touched)
-        if touched:
+        self._write_chunks(offset, view, hint)
+        if self._pend:
             self._drop_full(first, last)
 
-    def _write_chunks(self, offset: int, view: memoryview, hint: tuple[int, int] | None = None,
-                      touched: list[int] | None = None) -> None:
-        """_write's body; ``touched``: pending chunks of the range, noted as written once the write is sure to
-        be made (after the space check)."""
+    def _write_chunks(self, offset: int, view: memoryview, hint: tuple[int, int] | None = None) -> None:
+        """_write's body. The sectors it writes of pending chunks count as written only once the write is sure to
+        be made (after the space check), from the table as it is then: a wait for space releases the pool lock,
+        and other writers may have completed pending chunks or made new ones meanwhile."""
         pool, md, ch = self.pool, self.md, self.chunk
         end = offset + len(view)
         first, last = offset // ch, (end - 1) // ch
-        if touched and first == last:  # one chunk, pending: owned, so written in place below
+        if self._pend and first == last:  # one chunk, pending: owned, so written in place below
             self._note_range(offset, end)
         snap_time = md.snapshotted_time  # a mapping older than this may be shared (__snapshotted_since)
         if first == last:  # one chunk
@@ -511,7 +507,7 @@ class ThinDevice:
             mapped = {} if m is None else {first: m}
         else:
             mapped = self._lookup_range(first, last)
-            if self._overwrite_run(offset, view, first, last, snap_time, mapped, touched):
+            if self._overwrite_run(offset, view, first, last, snap_time, mapped):
                 return
         while True:
             # the chunks unmapped or shared (``mapped`` holds only chunks of the range)
@@ -522,7 +518,7 @@ class ThinDevice:
             # other threads may have changed the mappings (and committed) meanwhile, so plan again
             snap_time = md.snapshotted_time
             mapped = self._lookup_range(first, last)
-        if touched and first != last:  # the write is made now: its sectors of pending chunks count as written
+        if self._pend and first != last:  # the write is made now: its sectors of pending chunks count as written
             self._note_range(offset, end)
         data = pool.data
         nr = last - first + 1
