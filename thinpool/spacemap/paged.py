@@ -148,6 +148,18 @@ class _FreeBitmap:
         return buf
 
 
+_ZERO_COMMITTED: list[np.ndarray] = []
+
+
+def _zero_committed() -> np.ndarray:
+    """One read-only uint8 array of E zeros, shared by every dirty page that was all free at the last commit."""
+    if not _ZERO_COMMITTED:
+        z = np.zeros(E, dtype=np.uint8)
+        z.flags.writeable = False
+        _ZERO_COMMITTED.append(z)
+    return _ZERO_COMMITTED[0]
+
+
 class _Page:
     """Counts of one bitmap (uint32). ``committed`` is ``counts`` itself until the page is first changed; then
     ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the last commit capped at 3 (the
@@ -167,7 +179,9 @@ class _Page:
     def make_dirty(self) -> None:
         if not self.dirty:
             c = self.counts
-            self.committed = np.minimum(c, 3).astype(np.uint8)
+            # a page all free at the last commit (new space: a restore's, a new pool's) shares one read-only zero
+            # copy: a dirty page costs its counts alone (4 bytes a block, not 5)
+            self.committed = np.minimum(c, 3).astype(np.uint8) if c.any() else _zero_committed()
             at = np.flatnonzero(c >= 3)
             self._big_at, self._big = at, c[at]
             self.dirty = True
