@@ -53,7 +53,11 @@ def thin_import(ref: str, image: str, name: str | None, pool_path: str | None, a
             dev = p.create_thin(ref_v, max(512, -(-size // 512) * 512), name=name)
         try:
             if not created:
-                p.ensure_free(p.blocks_needed(dev.dev_id, _nonzero_chunks(fd, size, extents, ch)))
+                chunks = _nonzero_chunks(fd, size, extents, ch)
+                origin = p.external_origin(dev.dev_id)
+                if origin is not None:  # zeros written over the origin's extent allocate too
+                    chunks += range(-(-min(origin.size, dev.size) // ch))
+                p.ensure_free(p.blocks_needed(dev.dev_id, chunks))
             written = _import_image(p, dev, fd, size, extents, image)
             p.commit()
         except BaseException:
@@ -148,19 +152,20 @@ def _import_image(p: Any, dev: Any, fd: int, size: int, extents: list[tuple[int,
                 if np.frombuffer(buf, dtype=np.uint8).any():
                     dev.write(lo, buf + bytes(hi - lo - len(buf)))
                     written += len(buf)
-                elif p.md.lookup(dev.dev_id, c) is not None or p.external_origin(dev.dev_id):
+                elif dev.mapped_ranges(lo, hi - lo):  # provisioned, or showing the external origin
                     dev.write_zeroes(lo, hi - lo)
                 bar.update(min(hi, size))
             if last > first:
                 done.append((first, last))
             next_chunk = max(next_chunk, last)
-    # mapped chunks that lie wholly in holes of the image (or beyond its end) must read as zeros too
+    # chunks holding data (mapped, or showing the external origin) that lie wholly in holes of the image (or
+    # beyond its end) must read as zeros too
     starts = [a for a, _ in done]
-    k, _, _ = p.md.mappings(dev.dev_id)
-    for c in k.tolist():
-        i = bisect.bisect_right(starts, c) - 1
-        if (i < 0 or not done[i][0] <= c < done[i][1]) and c * ch < dev_size:
-            dev.write_zeroes(c * ch, min(ch, dev_size - c * ch))
+    for off, n in dev.mapped_ranges():
+        for c in range(off // ch, -(-(off + n) // ch)):
+            i = bisect.bisect_right(starts, c) - 1
+            if i < 0 or not done[i][0] <= c < done[i][1]:
+                dev.write_zeroes(c * ch, min(ch, dev_size - c * ch))
     return written
 
 

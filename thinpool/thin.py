@@ -365,14 +365,35 @@ class ThinDevice:
                 v = mc.map.get(first)
                 if v is not None:
                     if v & mc.TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
-                        if self._pend and first in self._pend:
-                            self._note_written(first, o, end - offset)
-                            pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
-                            self._drop_full(first, first)
-                            return
+                        pend = self._pend
+                        if pend and (e := pend.get(first)) is not None:  # a pending chunk (_note_written inline)
+                            n = end - offset
+                            if not (o | n) & (SECTOR_SIZE - 1):
+                                pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
+                                # its sectors count as written once the pwrite is made (a failed one leaves
+                                # them to the copy); a full entry goes only now (a lock-free read that still
+                                # sees it takes the lock and waits for this write)
+                                bits = e[2] | ((1 << (n >> 9)) - 1) << (o >> 9)
+                                if bits == self._full:
+                                    del pend[first]
+                                else:
+                                    e[2] = bits
+                                return
+                            self._complete(first)  # unaligned: the copy first, then a plain overwrite
                         pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
                         return  # nothing allocated: no low-water event to deliver
                     hint = (v >> mc.TIME_BITS, v & mc.TIME_MASK)  # shared: _write breaks it without a second lookup
+                    n = end - offset
+                    if (n < ch <= _WHOLE_FIRST_WRITE_BYTES and not (o | n) & (SECTOR_SIZE - 1) and DEFER_COPIES
+                            and pmd.data_sm.has_free(1)):
+                        try:  # the deferred break of one shared chunk (_write's path, without its generality)
+                            self._break_deferred(first, o, data, hint[0])
+                        except NoMetadataSpace:
+                            self._metadata_exhausted()
+                            raise
+                        finally:
+                            pool.fire_low_water()
+                        return
             try:
                 self._write(offset, memoryview(data).cast("B"), hint)
             except NoMetadataSpace:
@@ -384,6 +405,36 @@ class ThinDevice:
             self._lock_release()
 
     # --- deferred copy-on-write (see the module docstring) ----------------------------------------------------
+    def _break_deferred(self, c: int, o: int, data: bytes | bytearray | memoryview, old: int) -> None:
+        """A sector-aligned write of part of shared chunk ``c`` (mapped to data block ``old``; chunks up to
+        _WHOLE_FIRST_WRITE_BYTES) with a free data block: the new block written whole (the piece in a chunk of
+        zeros, placeholders for the copy), registered as pending, then mapped. What _write_chunks and
+        _prepare_new(defer=True) do for this case, in one call. Pool lock held."""
+        pool, ch, pend = self.pool, self.chunk, self._pend
+        db = pool.alloc_data_block()
+        n = len(data)
+        try:
+            zb = self._zbuf
+            if zb is None:
+                zb = self._zbuf = bytearray(ch)
+            zb[o:o + n] = data
+            try:
+                pool.data.pwrite(db * ch, zb)
+            finally:
+                zb[o:o + n] = bytes(n)
+            if len(pend) >= self._pend_max:
+                self._complete(next(iter(pend)))  # the table is full: the oldest first
+            pend[c] = [old, db, ((1 << (n >> 9)) - 1) << (o >> 9)]
+        except BaseException:
+            pend.pop(c, None)
+            self.md.release(db)  # nothing maps it yet: give it back
+            raise
+        try:
+            self.md.insert_block(c, db)
+        except BaseException:
+            pend.pop(c, None)
+            raise
+
     def _note_written(self, c: int, o: int, n: int) -> None:
         """A write of [o, o+n) of pending chunk ``c`` is about to be made: its sectors count as written (all of
         them: the copy is dropped); a write not on sector boundaries completes the copy first. Pool lock held."""

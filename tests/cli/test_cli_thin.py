@@ -188,6 +188,24 @@ def test_external_origin(pool: Path, tmp_path: Path):
     fails(2, "thin", "create", "5", "--size", "1M", "--origin", tmp_path / "missing", "-p", pool)
 
 
+def test_import_over_external_origin(pool: Path, tmp_path: Path):
+    """An import makes the device equal the image even where an external origin shows through: the image's
+    zero chunks and its holes (inside and past its data) read as zeros, not as the origin's bytes."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"O" * (8 * CH))
+    ok("thin", "create", "4", "--size", f"{8 * CH}", "--origin", base, "-p", pool)
+    img = tmp_path / "img.raw"
+    with open(img, "wb") as f:
+        f.write(b"\x01" * CH + bytes(CH))  # data chunk 0, zero chunk 1 (within the data extent)
+        f.seek(4 * CH)
+        f.write(b"\x02" * CH)  # a hole for chunks 2 and 3, data in chunk 4
+        f.truncate(6 * CH)  # a hole for chunk 5; chunks 6 and 7 lie past the image's end
+    ok("thin", "import", "4", img, "-p", pool)
+    back = ok("thin", "read", "4", "-p", pool).stdout_bytes
+    want = img.read_bytes()
+    assert back == want + bytes(8 * CH - len(want))
+
+
 def test_flush(pool: Path):
     ok("thin", "create", "1", "--size", "1M", "-p", pool)
     r = ok("thin", "flush", "-p", pool)

@@ -56,15 +56,19 @@ def level_plan(nr_entries: int, leaf_max: int, internal_max: int) -> list[int]:
 class _Level:
     """One level's plan (node j holds ``base + (j < extra)`` entries) and its one pending node."""
 
-    __slots__ = ("nr_nodes", "base", "extra", "first", "next", "keys", "values", "fill", "is_leaf", "max_entries")
+    __slots__ = ("nr_nodes", "base", "extra", "first", "next", "keys", "values", "fill", "is_leaf", "max_entries",
+                 "value_size", "value_dtype")
 
-    def __init__(self, nr_nodes: int, nr_entries: int, first: int, is_leaf: bool, max_entries: int) -> None:
+    def __init__(self, nr_nodes: int, nr_entries: int, first: int, is_leaf: bool, max_entries: int,
+                 value_size: int = 8) -> None:
         self.nr_nodes = nr_nodes
         self.base, self.extra = divmod(nr_entries, nr_nodes)
         self.first = first  # index of this level's first block in the allocation order
         self.next = 0  # the node being filled
         self.is_leaf = is_leaf
         self.max_entries = max_entries
+        self.value_size = value_size
+        self.value_dtype = "<u8" if value_size == 8 else "<u4"
         self.keys = np.zeros(max_entries, dtype=np.uint64)
         self.values = np.zeros(max_entries, dtype=np.uint64)
         self.fill = 0
@@ -75,14 +79,18 @@ class _Level:
 
 
 class BulkTreeBuilder:
-    """Builds one tree of 8-byte values (see the module docstring). ``add`` chunks of sorted keys (each above the
-    last), ``finish`` returns the root. Allocates every block of the tree when created.
+    """Builds one tree of 8-byte values (``value_size`` 4: of 4-byte values, as the ref-count tree of a space map;
+    see the module docstring). ``add`` chunks of sorted keys (each above the last), ``finish`` returns the root.
+    Allocates every block of the tree when created.
 
     Raises (from ``add``/``finish``): InvalidArgument when more or fewer entries than announced arrive.
     """
 
-    def __init__(self, tm: TransactionManager, nr_entries: int) -> None:
+    def __init__(self, tm: TransactionManager, nr_entries: int, value_size: int = 8) -> None:
+        if value_size not in (4, 8):
+            raise InvalidArgument(reason=f"bulk build: values of {value_size} bytes (4 or 8 only)")
         self.tm = tm
+        self.value_size = value_size
         self.nr_entries = nr_entries
         self.added = 0
         self.root: int | None = None
@@ -95,12 +103,13 @@ class BulkTreeBuilder:
         self._run_starts: list[int] = []
         if nr_entries <= 0:
             return
-        leaf_max, internal_max = calc_max_entries(8), calc_max_entries(8)
+        leaf_max, internal_max = calc_max_entries(value_size), calc_max_entries(8)
         plan = level_plan(nr_entries, leaf_max, internal_max)
         first = 0
         below = nr_entries
         for depth, nodes in enumerate(plan):
-            self._levels.append(_Level(nodes, below, first, depth == 0, leaf_max if depth == 0 else internal_max))
+            self._levels.append(_Level(nodes, below, first, depth == 0, leaf_max if depth == 0 else internal_max,
+                                       value_size if depth == 0 else 8))
             first += nodes
             below = nodes
         for i in range(first):  # BTree.build's order: every leaf, then each level up
@@ -157,10 +166,10 @@ class BulkTreeBuilder:
         nr = len(keys)
         buf = bytearray(4096)
         NODE_HEADER_FMT.pack_into(buf, 0, 0, LEAF_NODE if lv.is_leaf else INTERNAL_NODE, block, nr,
-                                  lv.max_entries, 8, 0)
+                                  lv.max_entries, lv.value_size, 0)
         buf[NODE_HEADER_SIZE:NODE_HEADER_SIZE + 8 * nr] = keys.astype("<u8").tobytes()
         vbase = NODE_HEADER_SIZE + 8 * lv.max_entries
-        buf[vbase:vbase + 8 * nr] = values.astype("<u8").tobytes()
+        buf[vbase:vbase + lv.value_size * nr] = values.astype(lv.value_dtype).tobytes()
         checksum.stamp(buf, BlockType.BTREE_NODE)
         self._queue.append((block, buf))
         self.max_held = max(self.max_held, self.nodes_held)
@@ -202,7 +211,7 @@ class BulkTreeBuilder:
     def finish(self) -> int:
         """Write what is left and return the root (an empty tree: one new empty leaf, as BTree.empty)."""
         if self.nr_entries <= 0:
-            return NodeCache.of(self.tm).new_node(True, 8).block
+            return NodeCache.of(self.tm).new_node(True, self.value_size).block
         if self.added != self.nr_entries or self.root is None:
             raise InvalidArgument(reason=f"bulk build: {self.added} entries of the {self.nr_entries} announced")
         self._flush()

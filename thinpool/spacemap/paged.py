@@ -59,6 +59,8 @@ E: Final = ENTRIES_PER_BITMAP
 _BATCH: Final = 4096  # allocation candidates taken from a page at a time
 INDEX_WINDOW: Final = 252  # index entries loaded at a time (one leaf of 16-byte values holds 252)
 REBUILD_FRACTION: Final = 4  # rebuild the index tree when more than 1/4 of its entries (and > 256) changed
+RC_REBUILD_MIN: Final = 1024  # ref-count entries a commit changes before the tree is rebuilt rather than updated
+RC_REBUILD_FRACTION: Final = 64  # ... and at least 1/64 of the tree's (estimated) entries
 # a list, not an np.dtype: building that at import would load numpy (numpy takes the list wherever a dtype goes)
 _INDEX_DTYPE: Final = [("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")]
 
@@ -146,6 +148,18 @@ class _FreeBitmap:
         return buf
 
 
+_ZERO_COMMITTED: list[np.ndarray] = []
+
+
+def _zero_committed() -> np.ndarray:
+    """One read-only uint8 array of E zeros, shared by every dirty page that was all free at the last commit."""
+    if not _ZERO_COMMITTED:
+        z = np.zeros(E, dtype=np.uint8)
+        z.flags.writeable = False
+        _ZERO_COMMITTED.append(z)
+    return _ZERO_COMMITTED[0]
+
+
 class _Page:
     """Counts of one bitmap (uint32). ``committed`` is ``counts`` itself until the page is first changed; then
     ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the last commit capped at 3 (the
@@ -165,7 +179,9 @@ class _Page:
     def make_dirty(self) -> None:
         if not self.dirty:
             c = self.counts
-            self.committed = np.minimum(c, 3).astype(np.uint8)
+            # a page all free at the last commit (new space: a restore's, a new pool's) shares one read-only zero
+            # copy: a dirty page costs its counts alone (4 bytes a block, not 5)
+            self.committed = np.minimum(c, 3).astype(np.uint8) if c.any() else _zero_committed()
             at = np.flatnonzero(c >= 3)
             self._big_at, self._big = at, c[at]
             self.dirty = True
@@ -461,6 +477,8 @@ class PagedSpaceMap:
 
     def _by_page(self, blocks: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         uniq, times = np.unique(np.asarray(blocks, dtype=np.int64), return_counts=True)
+        if not len(uniq):
+            return []
         if len(uniq) and (int(uniq[0]) < 0 or int(uniq[-1]) >= self._nr_blocks):
             bad = int(uniq[0]) if int(uniq[0]) < 0 else int(uniq[-1])
             self._check(bad)
@@ -631,6 +649,7 @@ class PagedSpaceMap:
         tm = self.tm
         idx = self._index
         order = sorted(self._dirty)
+        rebuild = self._rebuild_ref_counts(order)
         for i in order:
             page = self._pages.get(i)
             new = tm.new_block()
@@ -638,7 +657,8 @@ class PagedSpaceMap:
                 tm.add_dirty(new, _FreeBitmap(new))
                 idx[i] = (new, E, 0)
                 continue
-            self._update_ref_counts(i, page)
+            if not rebuild:
+                self._update_ref_counts(i, page)
             old = int(self._entry_of(i)["blocknr"])
             if old:
                 tm.dec(old)
@@ -657,10 +677,98 @@ class PagedSpaceMap:
             for i in order:
                 self.index_root, _ = self.index_tree.insert(self.index_root, i, idx[i:i + 1].tobytes())
 
-    def _update_ref_counts(self, i: int, page: _Page) -> None:
+    @staticmethod
+    def _ref_count_changes(page: _Page) -> np.ndarray:
+        """Offsets in a dirty page whose ref-count entry changes at the commit (added, altered or removed)."""
         counts = page.counts
         cand = np.flatnonzero((counts >= 3) | (page.committed >= 3))
-        changed = cand[counts[cand] != page.committed_exact(cand)]
+        changed: np.ndarray = cand[counts[cand] != page.committed_exact(cand)]
+        return changed
+
+    def _ref_count_estimate(self) -> int:
+        """About how many entries the ref-count tree holds: the fan-outs along its leftmost path multiplied
+        (O(depth) node reads)."""
+        est = 1
+        b = self.ref_count_root
+        for _ in range(16):
+            is_leaf, keys, values = self.rc_tree.node_arrays(b)
+            est *= max(len(keys), 1)
+            if is_leaf:
+                return est if len(keys) else 0
+            b = int(values[0])
+        return est
+
+    def _rebuild_ref_counts(self, order: list[int]) -> bool:
+        """When the dirty pages change many ref-count entries (a restore's or repair's commit, where every block
+        shared three ways crosses 3 at once; a delete that drops millions of counts from 3), build the ref-count
+        tree anew bottom-up (btree/bulk.py: leaves written as they fill, memory one node per level) from the old
+        tree's entries outside the dirty pages merged with the dirty pages' counts >= 3, instead of one B-tree
+        insert or remove per entry (whose shadowed nodes the transaction would hold until the commit: 80 MB and
+        most of the time of a 4M-block restore). Returns whether it did (False: the caller updates the tree entry
+        by entry, the cheaper way for a few changes)."""
+        pages = [(i, p) for i in order if (p := self._pages.get(i)) is not None]
+        nr_changes = sum(len(self._ref_count_changes(p)) for _, p in pages)
+        if nr_changes < RC_REBUILD_MIN:
+            return False
+        est = self._ref_count_estimate()
+        if est > nr_changes * RC_REBUILD_FRACTION:
+            return False
+        from thinpool.btree.bulk import BulkTreeBuilder
+
+        old_root = self.ref_count_root
+        dirty = np.array([i for i, _ in pages], dtype=np.uint64)
+
+        def old_entries() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            """The old tree's entries outside the dirty pages, a leaf at a time."""
+            if est == 0:
+                return
+            for leaf in self.rc_tree.leaves(old_root):
+                k = np.frombuffer(leaf.keys, dtype=np.uint64)
+                if not len(k):
+                    continue
+                v = np.frombuffer(leaf.values, dtype=np.uint32)
+                keep = ~np.isin(k // np.uint64(E), dirty)
+                if keep.any():
+                    yield k[keep], v[keep]
+
+        def new_entries(i: int, p: _Page) -> tuple[np.ndarray, np.ndarray]:
+            counts = p.counts[:min(E, self._nr_blocks - i * E)]
+            local = np.flatnonzero(counts >= 3)
+            return local.astype(np.uint64) + np.uint64(i * E), counts[local]
+
+        total = sum(len(k) for k, _ in old_entries()) + \
+            sum(int(np.count_nonzero(p.counts[:min(E, self._nr_blocks - i * E)] >= 3)) for i, p in pages)
+        builder = BulkTreeBuilder(self.tm, total, value_size=4)
+        old = old_entries()
+        held: tuple[np.ndarray, np.ndarray] | None = None
+
+        def add_old_below(limit: int | None) -> None:
+            nonlocal held
+            while True:
+                if held is None:
+                    held = next(old, None)
+                    if held is None:
+                        return
+                k, v = held
+                j = len(k) if limit is None else int(np.searchsorted(k, np.uint64(limit)))
+                if j:
+                    builder.add(k[:j], v[:j])
+                if j < len(k):
+                    held = (k[j:], v[j:])
+                    return
+                held = None
+
+        for i, p in pages:
+            add_old_below(i * E)
+            builder.add(*new_entries(i, p))
+        add_old_below(None)
+        self.ref_count_root = builder.finish()
+        self.rc_tree.delete(old_root)
+        return True
+
+    def _update_ref_counts(self, i: int, page: _Page) -> None:
+        counts = page.counts
+        changed = self._ref_count_changes(page)
         for j in changed.tolist():
             b = i * E + j
             if counts[j] >= 3:
