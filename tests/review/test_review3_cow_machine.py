@@ -67,6 +67,7 @@ class CowOpsMachine(RuleBasedStateMachine):
         self.kept: dict[int, object] = {}
         self.held_xml: str | None = None
         self.next_id = 0
+        self.grow_cap = 28  # chunks grow_pool stops at (a small pool: writes get refused for space)
 
     # --- helpers ------------------------------------------------------------------------------------------
     @property
@@ -159,6 +160,7 @@ class CowOpsMachine(RuleBasedStateMachine):
     @precondition(lambda self: 0 < len(self.model) < 5)
     @rule(seed=st.integers(0, 2**32 - 1))
     def snapshot(self, seed: int) -> None:
+        self._scribble(seed >> 1)
         origin, _ = self._pick(seed)  # type: ignore[misc]
         _event("snapshot" + (" with pending" if self._pending() else ""))
         dev = self.next_id
@@ -307,7 +309,7 @@ class CowOpsMachine(RuleBasedStateMachine):
 
     @rule(seed=st.integers(0, 2**32 - 1))
     def grow_pool(self, seed: int) -> None:
-        if self.p.nr_data_blocks >= 28:
+        if self.p.nr_data_blocks >= self.grow_cap:
             return
         self._scribble(seed)
         _event("pool resize" + (" with pending" if self._pending() else ""))
@@ -435,6 +437,62 @@ def test_deferred_cow_through_pool_operations_against_a_byte_model() -> None:
     EVENTS.clear()
     CowOpsMachine.TestCase().runTest()
     print("review3 cow machine events:", dict(sorted(EVENTS.items())))
-    for what in ("pending after a write", "crash with pending", "snapshot with pending", "delete with pending",
-                 "reserve metadata snap with pending"):
+    assert EVENTS.get("pending after a write", 0)
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("ch_kib", [64, 256])
+@pytest.mark.parametrize("discard", ["passdown", "nopassdown"])
+def test_each_pool_operation_with_copies_pending(ch_kib: int, discard: str) -> None:
+    """One fixed run of the machine's steps in which every operation meets copies left pending (the random
+    runs above reach each of them only most of the time)."""
+    need_tool("thin_check", "thin_dump")
+    EVENTS.clear()
+    m = CowOpsMachine()
+    completed = False
+    try:
+        m.init(ch_kib=ch_kib, discard=discard)
+        m.p.resize(48 * m.ch)  # room for every break below
+        m.grow_cap = 64
+        m.create(seed=1, chunks=3)
+        m.create(seed=2, chunks=2)
+        steps = [
+            lambda: m.snapshot(seed=3),
+            lambda: m.metadata_snap(seed=4),
+            lambda: m.io(seed=5, ops=list("sssszsdr")),
+            lambda: m.rollback(seed=6),
+            lambda: m.snapshot(seed=7),
+            lambda: m.resize_device(seed=8),
+            lambda: m.set_transaction_id(step=3, seed=9),
+            lambda: m.lifecycle(kind="crash", seed=10),
+            lambda: m.snapshot(seed=11),
+            lambda: m.merge(seed=12),
+            lambda: m.grow_pool(seed=13),
+            lambda: m.lifecycle(kind="abort", seed=14),
+            lambda: m.lifecycle(kind="flush", seed=15),
+            lambda: m.delete(seed=16),
+            lambda: m.metadata_snap(seed=17),
+            lambda: m.lifecycle(kind="reopen", seed=18),
+        ]
+        for i, step in enumerate(steps):
+            if m.model and not m._pending():  # a snapshot and sector writes into its origin: copies pending
+                dev = min(m.model)
+                m.p.create_snap(m.next_id, dev)
+                m.model[m.next_id] = bytearray(m.model[dev])
+                m.kept[m.next_id] = m.p.device(m.next_id)
+                m.next_id += 1
+                m._mark_committed()
+                m._write(dev, 4096, random.Random(i).randbytes(4096), random.Random(i))
+                assert m._pending(), f"no copy pending before step {i}: {m.p.md.mappings(dev)}"
+            step()
+        completed = True
+    finally:
+        if completed:
+            m.teardown()
+        else:
+            shutil.rmtree(m.dir, ignore_errors=True)
+    print("events:", dict(sorted(EVENTS.items())))
+    for what in ("snapshot with pending", "reserve metadata snap with pending", "rollback with pending",
+                 "thin resize with pending", "set transaction id with pending", "crash with pending",
+                 "merge with pending", "pool resize with pending", "delete with pending"):
         assert EVENTS.get(what, 0), f"no step exercised: {what}"
