@@ -78,10 +78,9 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
 
     Example: thinpool restore -i mypool.xml -o copy.bin
     """
-    from thinpool.errors import InvalidArgument, NoMetadataSpace
+    from thinpool.errors import InvalidArgument
     from thinpool.metadata.restore import restore_xml
     from thinpool.pool import lock_pool_dir
-    from thinpool.units import MAX_METADATA_BLOCKS
 
     pool_dir = os.path.isdir(output)
     md_path = os.path.join(output, "metadata") if pool_dir else output
@@ -89,19 +88,14 @@ def restore(xml_path: str, output: str, force: bool, quiet: bool) -> None:
     try:
         # parsed, checked and built into a scratch file as it streams: nothing is written to the target yet. A bar
         # of the XML read on a terminal, from about 64 bytes of XML a mapping times the threshold in mappings
+        # A new output starts at the thin_metadata_size estimate for its data device and grows as the devices
+        # need (MetadataBuilder grow: devices sharing blocks need more than one mapping per data block), ending
+        # at what the restore used plus the headroom thin_metadata_size allows (MetadataBuilder.size_with_headroom).
+        # An existing output keeps its size, as thin_restore's does: too small is "no metadata space" (exit 3),
+        # the target untouched.
         size = os.path.getsize(xml_path)
-        while True:
-            try:
-                with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
-                    restore_xml(xml_path, sink, progress=bar.update)
-                break
-            except NoMetadataSpace:
-                # A new output is sized as thin_metadata_size estimates (each data block mapped once); devices
-                # that map the same blocks need more: build again in a scratch file twice the size (the target
-                # is still untouched). An existing output keeps its size, as thin_restore's does.
-                if not sink.estimated or sink.nr_blocks >= MAX_METADATA_BLOCKS:
-                    raise
-                sink.scale *= 2
+        with progress("restoring", size, min_total=max(progress_threshold(), 1) * 64) as bar:
+            restore_xml(xml_path, sink, progress=bar.update)
         if sink.summary is None:
             raise InvalidArgument(reason="no <superblock> element in the XML")
         ir, chunk = sink.summary, sink.chunk
@@ -158,8 +152,7 @@ class _RestoreSink:
         self.builder: Any = None
         self._hi: tuple[int | None, int | None] = (None, None)
         self._dev = 0
-        self.estimated = False  # the scratch (and a new output) sized by the estimate, not by an existing output
-        self.scale = 1  # times the estimate (restore() doubles it when the estimate proves too small)
+        self.estimated = False  # a new output: sized by the estimate, grown as needed (not an existing output's)
         self.nr_blocks = 0
 
     def close(self) -> None:
@@ -190,14 +183,14 @@ class _RestoreSink:
         else:
             from thinpool.units import MAX_METADATA_BLOCKS
 
-            nr_blocks = metadata_size_for(max(sb.nr_data_blocks, 1) * self.chunk, self.chunk) // 4096
-            nr_blocks = min(nr_blocks * self.scale, MAX_METADATA_BLOCKS)
+            nr_blocks = min(metadata_size_for(max(sb.nr_data_blocks, 1) * self.chunk, self.chunk) // 4096,
+                            MAX_METADATA_BLOCKS)
             self.estimated = True
         self.nr_blocks = nr_blocks
         self.close()
         self.scratch, self.written, self.scratch_fd = _scratch_store(self.md_path, nr_blocks)
         self.summary = _Restored(sb.transaction, sb.nr_data_blocks)
-        self.builder = MetadataBuilder(self.scratch)
+        self.builder = MetadataBuilder(self.scratch, grow=self.estimated)
         self.builder.superblock_b(sb)
 
     def device_b(self, d: Any) -> None:
@@ -227,6 +220,12 @@ class _RestoreSink:
 
     def superblock_e(self) -> None:
         self.builder.superblock_e()
+        if self.estimated:
+            before = self.scratch.nr_blocks
+            self.builder.size_with_headroom()
+            if self.scratch.nr_blocks != before:
+                self.builder.md.commit()
+        self.nr_blocks = self.scratch.nr_blocks
 
     def eof(self) -> None:
         self.builder.eof()
@@ -285,6 +284,11 @@ def _scratch_store(md_path: str, nr_blocks: int) -> tuple[Any, bytearray, int]:
     written = bytearray(nr_blocks)
 
     class Scratch(FileBlockStore):
+        def grow(self, n: int) -> None:
+            super().grow(n)
+            if len(written) < self.nr_blocks:
+                written.extend(bytes(self.nr_blocks - len(written)))
+
         def write_block(self, b: int, data: bytes | bytearray) -> None:
             written[b] = 1
             super().write_block(b, data)

@@ -207,11 +207,13 @@ def _device(e: Any, key: str, bad: Any) -> dict[str, Any]:
 
 
 def validate_changed(m: dict[str, Any], keys: Any, path: str, pool: str = "POOL", *,
-                     names: dict[str, str] | None = None) -> dict[str, Any]:
+                     names: dict[str, str] | None = None, in_place: bool = False) -> dict[str, Any]:
     """``m`` with only its top-level fields and the device entries ``keys`` checked (as ``validate`` does), for a
     manifest whose other entries were validated before (an update of a validated manifest): O(changed entries)
     given ``names`` (name -> key of the entries before the change), else plus one pass over the names. Returns a
-    new dict sharing the unchanged entries. Raises ManifestError."""
+    new dict sharing the unchanged entries; its ``devices`` is ``m``'s own when no entry is to be checked, or
+    when ``in_place`` (the caller's fresh dict, whose checked entries are replaced by their validated copies),
+    else a copy: no pass over the devices. Raises ManifestError."""
 
     def bad(reason: str) -> ManifestError:
         return ManifestError(path=path, reason=reason, pool=pool)
@@ -220,7 +222,8 @@ def validate_changed(m: dict[str, Any], keys: Any, path: str, pool: str = "POOL"
     devs = m.get("devices")
     if not isinstance(devs, dict):
         raise bad("devices is missing or not an object")
-    out_devs = dict(devs)
+    keys = [k for k in keys if k in devs]
+    out_devs = devs if in_place or not keys else dict(devs)
     named: dict[str, Any] = {}
     for key in keys:
         if key not in devs:

@@ -779,14 +779,18 @@ class Pool:
         cur = self.manifest["devices"]
         path, pool = str(self.path / MANIFEST), str(self.path)
         head = {k: v for k, v in self.manifest.items() if k not in ("devices", "previous_transaction_id")}
-        pending = dict(head, devices=cur | sets, transaction_id=tid, previous_transaction_id=old_tid)
+        # the devices dict is copied once a change at most (a create: the union, shared by pending and final; a
+        # delete: final without the entry, pending sharing the current one), never changed in place
+        pending = dict(head, devices=cur | sets if sets else cur, transaction_id=tid, previous_transaction_id=old_tid)
         # only the changed entries are validated (the rest were, at open or at their own change); names against
         # the index of the current ones
-        pending = mf.validate_changed(pending, list(sets), path, pool, names=self._names)
+        pending = mf.validate_changed(pending, list(sets), path, pool, names=self._names, in_place=bool(sets))
         sets = {k: pending["devices"][k] for k in sets}
-        final_devs = dict(pending["devices"])
-        for k in dels:
-            final_devs.pop(k, None)
+        final_devs = pending["devices"]
+        if any(k in final_devs for k in dels):
+            final_devs = dict(final_devs)
+            for k in dels:
+                final_devs.pop(k, None)
         final = dict(pending, devices=final_devs)
         del final["previous_transaction_id"]
         rec: dict[str, Any] = {"transaction_id": tid, "previous_transaction_id": old_tid}

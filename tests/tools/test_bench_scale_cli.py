@@ -50,7 +50,9 @@ def test_bench_scale_quick_end_to_end(tmp_path: Path) -> None:
                 assert t["identical"] is True and t["rust_same"] is True, (row["mappings"], name)
         assert all(m["failed"] == [] for m in row["steps"].values()), row["steps"]
         assert row["thin_check_after_deletes"] is True and row["rust_thin_check_after_deletes"] is True
-    assert [d["devices"] for d in scale["devices"]] == [1, 100, 1000]
+    assert [d["devices"] for d in scale["devices"]] == [1, 10, 100, 1000]
+    goal = next(c for c in scale["claims"] if c["claim"].startswith("create_snap"))
+    assert goal["claim"].endswith("within 2x of at 10") and "of at 1:" in goal["measured"]
     assert not list(work.iterdir())  # scratch pools removed
     assert "| Rust |" in text and f"Rust pdata_tools {scale_mod._rust_version()}" in text
 

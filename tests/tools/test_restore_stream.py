@@ -272,9 +272,11 @@ def test_streamed_restore_and_repair_pass_both_checkers_and_dump_back(tmp_path: 
 
 @pytest.mark.external
 def test_restore_to_a_new_file_grows_past_the_estimate_when_devices_share_every_block(tmp_path: Path) -> None:
-    """A new output is sized as thin_metadata_size estimates (each data block mapped once). Ten devices that each
-    map all 40,000 blocks need more than that: the CLI builds again in a larger scratch file instead of failing
-    with "no metadata space", and the result passes both checkers and dumps back byte for byte."""
+    """A new output starts at the thin_metadata_size estimate (each data block mapped once). Ten devices that each
+    map all 40,000 blocks need more than that: the metadata device grows as the devices are built (in one pass,
+    not a failed build and a retry) and ends at what the restore used plus the mapping trees once more plus
+    1,000 blocks (thin_metadata_size's half-full leaves and 1,000 roots) free: Rust thin_check counts that many
+    free blocks. The result passes both checkers and dumps back byte for byte."""
     from click.testing import CliRunner
     from conftest import need_tool, run_tool
     from oracles import assert_thin_check
@@ -282,7 +284,7 @@ def test_restore_to_a_new_file_grows_past_the_estimate_when_devices_share_every_
     from thinpool.pool import metadata_size_for
     from thinpool_cli.main import cli
 
-    need_tool("thin_dump")
+    need_tool("thin_dump", "rust:thin_check")
     n, devices = 40_000, 10
     lines = [f'<superblock uuid="" time="1" transaction="1" flags="0" version="2" data_block_size="128" '
              f'nr_data_blocks="{n}">']
@@ -298,6 +300,13 @@ def test_restore_to_a_new_file_grows_past_the_estimate_when_devices_share_every_
     assert out.stat().st_size > metadata_size_for(n * (64 << 10), 64 << 10)  # grown past the estimate
     assert_thin_check(out, what="restore past the estimate")
     assert run_tool("thin_dump", str(out)).stdout == xml.read_text()
+    free = [ln for ln in run_tool("rust:thin_check", str(out)).stdout.splitlines() if "METADATA_FREE_BLOCKS" in ln]
+    assert len(free) == 1 and int(free[0].split("=")[1]) >= -(-n * devices // 252) + 1000, free
+    store = FileBlockStore(str(out), readonly=True)
+    md = PoolMetadata.open(store, readonly=True)
+    used = md.tm.sm.nr_allocated()
+    md.close()
+    assert out.stat().st_size // 4096 <= used + -(-n * devices // 252) + 1000 + 2048  # headroom, not a doubling
     # an existing output keeps its size, as thin_restore's does: too small is "no metadata space", nothing written
     small = tmp_path / "small.bin"
     with open(small, "wb") as f:

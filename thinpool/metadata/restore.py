@@ -567,10 +567,13 @@ class MetadataBuilder:
     Raises (from the calls): InvalidArgument for mappings beyond the data device or a bad geometry.
     """
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, *, grow: bool = False) -> None:
         if store.nr_blocks < 8:
             raise InvalidArgument(reason="output too small (need at least 32 KiB)")
         self.store = store
+        self.grow = grow  # grow the metadata device (and ``store``) as the devices need it (a new output)
+        self.nr_mappings = 0  # mappings of the devices built so far
+        self.resized = 0  # times the metadata device was grown (tests)
         self.md: PoolMetadata | None = None
         self._sb: SuperblockIR | None = None
         self._dev: DeviceDetailsIR | None = None
@@ -627,6 +630,9 @@ class MetadataBuilder:
 
         assert self.md is not None and self._sb is not None and self._dev is not None
         d = self._dev
+        self.nr_mappings += self._count
+        if self.grow:
+            self._make_room(self._count)
         try:
             if self._in_order:
                 b = DeviceBuilder(self.md, d.dev_id, self._count,
@@ -647,6 +653,45 @@ class MetadataBuilder:
         finally:
             self._spill.close()
         self._dev = None
+
+    def _make_room(self, count: int) -> None:
+        """Grow the metadata device, if need be, so that a device of ``count`` mappings and the commit after it
+        fit: its tree (full leaves, as the bulk build makes them), the ref-count tree built anew beside the old one
+        (at most a third of the mappings so far can have count >= 3), the data bitmaps it relocates, the metadata
+        space map's own bitmaps and a few nodes of the details and top-level trees."""
+        from thinpool.btree.bulk import level_plan
+        from thinpool.formats.btree_node import calc_max_entries
+        from thinpool.formats.space_map import MAX_METADATA_BITMAPS
+        from thinpool.spacemap.paged import nr_bitmaps
+        from thinpool.units import MAX_METADATA_BLOCKS
+
+        assert self.md is not None
+        md = self.md
+        leaf, rc_leaf = calc_max_entries(8), calc_max_entries(4)
+        nr_data = md.data_sm.nr_blocks
+        rc_entries = min(self.nr_mappings // 3, nr_data)
+        need = (sum(level_plan(count, leaf, leaf)) if count else 1) + \
+            2 * (sum(level_plan(rc_entries, rc_leaf, leaf)) if rc_entries else 1) + \
+            min(count, nr_bitmaps(nr_data)) + MAX_METADATA_BITMAPS + 64
+        sm = md.tm.sm
+        free = sm.nr_blocks - sm.nr_allocated()  # (the CLI commits after each device: nothing freed is held)
+        if free < need and sm.nr_blocks < MAX_METADATA_BLOCKS:
+            md.resize_metadata(min(sm.nr_blocks + need - free, MAX_METADATA_BLOCKS))
+            self.resized += 1
+
+    def size_with_headroom(self) -> None:
+        """Grow the metadata device to at least the blocks in use plus the mapping trees once more (the headroom
+        thin_metadata_size allows: it sizes mapping leaves half full, where a restore writes them full) plus 1,000
+        blocks (its default of 1,000 thin roots); never shrunk. For a new output, after the last commit (commit
+        again to make it durable)."""
+        from thinpool.formats.btree_node import calc_max_entries
+        from thinpool.units import MAX_METADATA_BLOCKS
+
+        assert self.md is not None
+        sm = self.md.tm.sm
+        want = min(sm.nr_allocated() + -(-self.nr_mappings // calc_max_entries(8)) + 1000, MAX_METADATA_BLOCKS)
+        if want > sm.nr_blocks:
+            self.md.resize_metadata(want)
 
     def superblock_e(self) -> None:
         assert self.md is not None and self._sb is not None
