@@ -1132,9 +1132,11 @@ class Pool:
         self._low_water_fired = False
         return True
 
-    def no_data_space(self, need: int) -> None:
+    def no_data_space(self, need: int, replan: Callable[[], int] | None = None) -> None:
         """Out of data space: queue (wait for a resize, up to no_space_timeout seconds; 0 = forever) or refuse
-        with NoDataSpace."""
+        with NoDataSpace. ``replan``: what the waiting I/O needs now, asked again after every wake (other
+        writers run while it waits and may have provisioned or broken some of its chunks, or discarded some:
+        waiting for the first figure could wait for space it no longer needs, forever with no timeout)."""
         if self._take_up_grown_data() and self.md.data_sm.has_free(need):
             return
         if self.no_space_policy == "queue" and not self.failed:
@@ -1149,6 +1151,8 @@ class Pool:
                     break
                 self._space_cv.wait(remaining)
                 self._take_up_grown_data()
+                if replan is not None and not self.failed:
+                    need = replan()
             if self.md.data_sm.has_free(need):
                 self.out_of_data_space = False
                 return

@@ -560,19 +560,22 @@ class ThinDevice:
             mapped = self._lookup_range(first, last)
             if self._overwrite_run(offset, view, first, last, snap_time, mapped):
                 return
+        nr = last - first + 1
         while True:
             # the chunks unmapped or shared (``mapped`` holds only chunks of the range)
-            need = last - first + 1 - sum(1 for _, t in mapped.values() if t >= snap_time)
+            need = nr - sum(1 for _, t in mapped.values() if t >= snap_time)
             if not need or md.has_free(need):
                 break
-            pool.no_data_space(need)  # raises, or (no_space=queue) waits with the pool lock released:
-            # other threads may have changed the mappings (and committed) meanwhile, so plan again
+            # raises, or (no_space=queue) waits with the pool lock released: other threads may change the
+            # mappings (and commit) meanwhile, so the wait asks what the write needs after each wake, and the
+            # write plans again once it returns
+            pool.no_data_space(need, lambda: nr - sum(
+                1 for _, t in self._lookup_range(first, last).values() if t >= md.snapshotted_time))
             snap_time = md.snapshotted_time
             mapped = self._lookup_range(first, last)
         if self._pend and first != last:  # the write is made now: its sectors of pending chunks count as written
             self._note_range(offset, end)
         data = pool.data
-        nr = last - first + 1
         if need == nr and offset == first * ch and end == (last + 1) * ch:
             # whole chunks, each needing a new block (provision, or break sharing with nothing to copy): the
             # blocks, one pwrite per run of consecutive ones, one insert run

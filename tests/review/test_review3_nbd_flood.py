@@ -1,10 +1,12 @@
-"""Review: `thinpool serve` under 2000 clients that connect and drop at every stage of a session.
+"""Review: `thinpool serve` under 2100 clients that connect and drop at every stage of a session.
 
 The server process runs over a real pool whose device 0 is shared with a snapshot, so the writes the clients get
 acknowledged leave copy-on-write copies pending. Clients vanish before the greeting, after it, mid-option,
 after GO, with a request's payload half sent, with a read's reply unread, after an acknowledged write (no
 flush), and some end properly. Pinned:
 
+- clients that get error replies (an unknown export, a read past the end, a write to the read-only snapshot
+  export, an unknown command) or break the framing (a bad request magic) change nothing either;
 - the server stays bounded: its descriptors and threads come back to what they were after a warm-up, and its
   resident set grows by less than 32 MiB;
 - a write whose payload never fully arrived changes nothing; an acknowledged write reads back from the next
@@ -38,7 +40,7 @@ from thinpool.pool import Pool  # noqa: E402
 
 CH = 64 << 10
 DEV = 64 * CH  # 4 MiB
-ROUNDS = 2000
+ROUNDS = 2100
 SECT = 512
 
 
@@ -95,9 +97,10 @@ class _Flood:
         self.stages: dict[str, int] = {}
 
     def one(self, i: int, rng: random.Random) -> None:
-        stage = i % 10
+        stage = i % 15
         name = ["connect", "greeting", "flags", "half option", "after go", "half payload", "unread reply",
-                "acked write", "proper", "snapshot read"][stage]
+                "acked write", "proper", "snapshot read", "unknown export", "read out of range",
+                "write to the read-only snapshot", "unknown command", "bad request magic"][stage]
         self.stages[name] = self.stages.get(name, 0) + 1
         c = RawClient(self.sock, timeout=30)
         try:
@@ -112,8 +115,26 @@ class _Flood:
             if stage == 3:
                 c.send(P.S_OPTION.pack(P.IHAVEOPT, P.OPT_GO, 64)[:10])
                 return
-            c.go("snap" if stage == 9 else "0")
+            if stage == 10:  # GO to an export that does not exist: an error reply, then the client leaves
+                c.option(P.OPT_GO, c.info_payload("no-such-export"))
+                assert c.replies_until_final()[-1][1] & P.REP_FLAG_ERROR
+                return
+            c.go("snap" if stage in (9, 12) else "0")
             if stage == 4:
+                return
+            if stage == 11:
+                err, _ = c.read(DEV - 512, 4096)
+                assert err != 0
+                return
+            if stage == 12:
+                assert c.write(0, b"w" * 4096) != 0
+                return
+            if stage == 13:
+                assert c.command(99) != 0
+                return
+            if stage == 14:  # the server drops a client that breaks the framing
+                c.request(P.CMD_READ, 0, 512, magic=0x12345678)
+                assert c.is_closed_by_server()
                 return
             if stage == 9:
                 off = rng.randrange(0, DEV - CH, SECT)
@@ -167,7 +188,7 @@ def _settled(pid: int, fds0: int, threads0: int, timeout: float = 20.0) -> tuple
 
 
 @pytest.mark.external
-def test_serve_stays_bounded_under_2000_dropped_clients() -> None:
+def test_serve_stays_bounded_under_2100_dropped_clients() -> None:
     need_tool("thin_check")
     d = tempfile.mkdtemp(prefix="tpr3flood", dir="/tmp")
     try:
@@ -208,7 +229,7 @@ def test_serve_stays_bounded_under_2000_dropped_clients() -> None:
             rc, out, err = srv.stop()
         assert rc == 0, err
         assert "Traceback" not in err, err
-        assert min(flood.stages.values()) >= ROUNDS // 10
+        assert len(flood.stages) == 15 and min(flood.stages.values()) >= ROUNDS // 15
         with Pool.open(pool_path, readonly=True) as ro:
             assert ro.device(0).read(0, DEV) == bytes(model)
             assert ro.device(1).read(0, DEV) == old

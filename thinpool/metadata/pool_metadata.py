@@ -487,9 +487,10 @@ class PoolMetadata:
         c = self._mcaches.get(dev_id)
         if c is not None:
             c.put(thin_block, value)
+        d.changed = True  # on every insert, new or replaced, as the kernel's __insert: the commit then writes the
+        # device's details, so no details leaf stays shared with a held metadata snapshot
         if is_new:
             d.mapped_blocks += 1
-            d.changed = True
 
     def insert_run(self, dev_id: int, thin_blocks: list[int], data_blocks: list[int]) -> None:
         """``insert`` of each thin_blocks[i] -> data_blocks[i] at the pool time, for thin blocks sorted ascending
@@ -511,9 +512,9 @@ class PoolMetadata:
         c = self._mcaches.get(dev_id)
         if c is not None:
             c.put_many(thin_blocks, values)
+        d.changed = True  # (as insert)
         if nr_new:
             d.mapped_blocks += nr_new
-            d.changed = True
 
     def remove(self, dev_id: int, thin_block: int) -> bool:
         """Unmap ``thin_block``; its data block loses a reference. Returns whether it was mapped."""
