@@ -116,3 +116,40 @@ def test_a_second_process_meets_the_lock_and_the_last_commit(tmp_path: Path) -> 
         assert ro.device(1).read(0, 4 * CH) == bytes(want)
         assert ro.device(2).read(0, 4 * CH) == old
     assert_thin_check(pool / "metadata")
+
+
+@pytest.mark.external
+def test_metadata_snapshot_tools_in_a_second_process_while_the_writer_goes_on(tmp_path: Path) -> None:
+    """A metadata snapshot reserved with copies pending; the writer then writes, deletes, commits and leaves
+    new copies pending. Another process's ``-m`` tools read exactly the reservation: ``dump -m`` equals C++
+    ``thin_dump -m`` and the dump taken at the reservation, ``ls -m`` and ``delta -m`` equal thin_ls/thin_delta
+    ``-m`` byte for byte, ``check -m`` passes."""
+    need_tool("thin_dump", "thin_ls", "thin_delta")
+    pool = tmp_path / "pool"
+    md = str(pool / "metadata")
+    p = Pool.create(pool, data_size=64 * CH, chunk_size=CH)
+    try:
+        p.create_thin(1, 8 * CH).write(0, random.Random(1).randbytes(8 * CH))
+        p.create_snap(2, 1)
+        p.create_thin(3, 4 * CH).write(0, b"q" * CH)
+        p.device(1).write(2 * CH + 4096, b"p" * 4096)  # pending at the reservation (it completes them)
+        p.reserve_metadata_snap()
+        held = subprocess.run(["thin_dump", "-m", md], capture_output=True, text=True, check=True).stdout
+        p.device(1).write(4096, b"z" * 4096)
+        p.delete_thin(3)
+        p.device(1).write(3 * CH, b"y" * CH)
+        p.commit()
+        p.device(1).write(5 * CH + 512, b"w" * 512)
+        assert p.md.pending_copies(1)
+        r = _cli("dump", "-m", str(pool))
+        assert r.returncode == 0 and r.stdout.decode() == held
+        for ours, theirs in ((("ls", "-m", str(pool)), ("thin_ls", "-m", md)),
+                             (("delta", "-m", "1", "2", str(pool)),
+                              ("thin_delta", "-m", "--snap1", "1", "--snap2", "2", md))):
+            a = _cli(*ours)
+            b = subprocess.run(list(theirs), capture_output=True, timeout=60)
+            assert a.returncode == 0 == b.returncode, (a.stderr, b.stderr)
+            assert a.stdout == b.stdout, ours
+        assert _cli("check", "-m", str(pool)).returncode == 0
+    finally:
+        p.close()
