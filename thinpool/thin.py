@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 from thinpool.errors import DeviceNotFound, InvalidArgument, NoMetadataSpace
+from thinpool.io.data_store import DataStore
 from thinpool.io.device import check_bounds, new_bytes, zero_fill
 from thinpool.units import SECTOR_SIZE, lazy_module
 
@@ -265,25 +266,39 @@ class ThinDevice:
         plan: list[list[int]] = []
         pos = offset
         cs = first * ch
+        prev: list[int] = [0, 0, -2]  # the piece being extended ([2] == -2: none yet)
+        prev_end = -1  # file offset just past prev (when it is mapped)
         for v in vals:
-            pe = cs + ch if cs + ch < end else end
+            pe = cs + ch
+            if pe > end:
+                pe = end
+            n = pe - pos
             if v is None:
-                if plan and plan[-1][2] < 0:
-                    plan[-1][1] += pe - pos
+                if prev[2] == -1:
+                    prev[1] += n
                 else:
-                    plan.append([pos - offset, pe - pos, -1])
+                    prev = [pos - offset, n, -1]
+                    plan.append(prev)
             else:
                 fo = (v >> shift) * ch + pos - cs
-                if plan and (prev := plan[-1])[2] >= 0 and prev[2] + prev[1] == fo:
-                    prev[1] += pe - pos
+                if fo == prev_end and prev[2] >= 0:
+                    prev[1] += n
                 else:
-                    plan.append([pos - offset, pe - pos, fo])
+                    prev = [pos - offset, n, fo]
+                    plan.append(prev)
+                prev_end = fo + n
             pos = pe
             cs += ch
         return plan
 
     def _fill(self, view: memoryview, offset: int, plan: list[list[int]]) -> None:
         data = self.pool.data
+        if len(plan) > 1 and type(data) is DataStore:  # the file store: every mapped piece in one call
+            mapped = [p for p in plan if p[2] >= 0]
+            data.preadinto_pieces(view, mapped)
+            if len(mapped) == len(plan):
+                return
+            plan = [p for p in plan if p[2] < 0]
         for boff, n, file_off in plan:
             piece = view[boff:boff + n]
             if file_off >= 0:

@@ -186,3 +186,41 @@ def test_three_devices_sharing_every_block_then_one_deleted_pass_both_checkers(t
     assert _rc_items(pmd) == ([], [])
     pmd.close()
     assert_thin_check(path, what="after one of the three deleted")
+
+
+def test_compact_pages_widen_past_255_through_every_path(tmp_path) -> None:
+    """Data space-map pages hold uint8 counts until one passes 255: inc, inc_many and a page loaded with ref-count
+    entries above 255 widen it, and the counts survive commit, abort and reopen exactly."""
+    path = tmp_path / "pool.bin"
+    pmd = new_pool_file(path, nr_meta_blocks=4096, nr_data_blocks=NR_DATA)
+    sm = pmd.data_sm
+    oracle = np.zeros(NR_DATA, dtype=np.int64)
+    sm.inc_many(np.arange(2 * E, dtype=np.int64))
+    oracle[:2 * E] += 1
+    assert sm._page(0).counts.dtype == np.uint8
+    for _ in range(300):
+        sm.inc(5)
+    oracle[5] += 300
+    assert sm._page(0).counts.dtype == np.uint32
+    sm.inc_many(np.repeat(np.array([E + 7, E + 8], dtype=np.int64), 256))
+    oracle[[E + 7, E + 8]] += 256
+    assert sm._page(1).counts.dtype == np.uint32
+    sm.inc_many(np.repeat(np.array([3 * E + 1], dtype=np.int64), 255))  # 255 fits a byte
+    oracle[3 * E + 1] += 255
+    assert sm._page(3).counts.dtype == np.uint8
+    pmd.commit()
+    sm.inc(3 * E + 1)  # 256 after the commit
+    pmd.abort()
+    _assert_exact(pmd, oracle)
+    pmd.close()
+    pmd = PoolMetadata.open(FileBlockStore(path))
+    _assert_exact(pmd, oracle)
+    assert pmd.data_sm._page(0).counts.dtype == np.uint32  # loaded with a count of 301
+    assert pmd.data_sm._page(2).counts.dtype == np.uint8
+    pmd.data_sm.dec_many(np.array([5, E + 7], dtype=np.int64))
+    oracle[[5, E + 7]] -= 1
+    pmd.commit()
+    pmd.close()
+    pmd = PoolMetadata.open(FileBlockStore(path))
+    _assert_exact(pmd, oracle)
+    pmd.close()

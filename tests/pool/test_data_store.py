@@ -100,3 +100,24 @@ def test_hole_check_is_one_lseek_in_an_8tib_file(tmp_path: Path, monkeypatch) ->
     monkeypatch.undo()
     assert sys.getsizeof(ds.__dict__) < 4096 and all(sys.getsizeof(v) < 4096 for v in vars(ds).values())
     ds.close()
+
+
+def test_preadinto_pieces_reads_each_piece_and_zeros_past_the_end(tmp_path: Path) -> None:
+    """preadinto_pieces (a scattered read in one call) gives what one preadinto per piece gives, bytes past the end
+    of the file as zeros (a short read), and counts every byte once."""
+    path = tmp_path / "data"
+    path.write_bytes(b"")
+    ds = DataStore(str(path), CH)
+    ds.resize(4 * CH)
+    content = bytes((i * 7 + 3) % 251 for i in range(4 * CH))
+    ds.pwrite(0, content)
+    # out of file order, adjacent in the buffer; the last piece runs 100 bytes past the end of the file
+    pieces = [[0, 3000, 2 * CH + 17], [3000, 5000, 5], [8000, 1100, 4 * CH - 1000]]
+    buf = bytearray(b"\xff" * 9100)
+    before = ds.bytes_read
+    ds.preadinto_pieces(memoryview(buf), pieces)
+    assert buf[:3000] == content[2 * CH + 17:2 * CH + 3017]
+    assert buf[3000:8000] == content[5:5005]
+    assert buf[8000:9000] == content[4 * CH - 1000:] and buf[9000:] == bytes(100)
+    assert ds.bytes_read - before == 9100
+    ds.close()

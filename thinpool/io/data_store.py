@@ -168,6 +168,24 @@ class DataStore:
         if done < length:
             view[done:] = bytes(length - done)
 
+    def preadinto_pieces(self, view: memoryview, pieces: list[list[int]]) -> None:
+        """``preadinto`` of each [view offset, length, file offset] piece (file offsets >= 0) in one call: a
+        read gathered from several places (a chunk read through a snapshot chain) pays one Python call, not one
+        per piece. A short read (the end of the file) reads the rest as zeros, as ``preadinto``."""
+        fd, preadv = self.fd, os.preadv
+        total = 0
+        try:
+            for boff, n, off in pieces:
+                piece = view[boff:boff + n]
+                if preadv(fd, [piece], off) != n:
+                    self.preadinto(off, piece)  # a short read: the careful path (it counts its bytes)
+                    total -= n
+                total += n
+        except OSError as e:
+            raise StoreIOError(what=self.path, op="read", reason=e.strerror or str(e)) from e
+        finally:
+            self.bytes_read += total
+
     def _mark_dirty(self, start: int, end: int) -> None:
         if end > self._hole_from:
             self._hole_from = end

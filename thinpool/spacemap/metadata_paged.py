@@ -73,6 +73,8 @@ def read_metadata_index(tm: TransactionManager, root: SmRoot) -> list[tuple[int,
 class MetadataSpaceMap(PagedSpaceMap):
     """The metadata space map (tx/api.py SpaceMap); the transaction manager's ``sm`` is this map itself."""
 
+    COMPACT_PAGES = False  # at most 255 pages, and the hot inc path stores counts without a width check
+
     def __init__(self, tm: TransactionManager, root: SmRoot) -> None:
         # the index entries read at open, as Python tuples: the numpy index is built from them at its first use
         # (a writable open whose transaction changes no metadata block, a 4 KiB overwrite, loads no numpy)

@@ -12,8 +12,9 @@ In memory, cost follows the work, not the pool:
   loaded on first use a window of INDEX_WINDOW bitmaps at a time (the one or two leaves that hold it, values
   decoded with numpy), a bitmap only when a block in it is counted, allocated or freed. A read-only open never
   touches the data space map; a write near the start of an 8 TiB pool reads one index leaf of its 33.
-- a **page** holds one bitmap's counts (uint32, counts >= 3 resolved through the ref-count tree when the page is
-  loaded) and, once changed, the counts of the last commit beside them (copy on first write). Clean pages are
+- a **page** holds one bitmap's counts (uint8 until a count passes 255, then uint32; counts >= 3 resolved
+  through the ref-count tree when the page is loaded) and, once changed, the counts of the last commit beside
+  them (copy on first write; one shared zero array for a page all free at the last commit). Clean pages are
   evicted LRU beyond ``max_clean_pages``; dirty pages stay until the commit.
 - **commit** (``write``) relocates each dirty bitmap once (copy on write: the committed bitmap stays intact until
   the superblock moves), updates its index entry and the ref-count entries that crossed 3: O(dirty pages).
@@ -192,9 +193,9 @@ def _zero_committed() -> np.ndarray:
 
 
 class _Page:
-    """Counts of one bitmap (uint32). ``committed`` is ``counts`` itself until the page is first changed; then
-    ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the last commit capped at 3 (the
-    bitmap's own two-bit values: 16 KB, not a second 64 KB array), the exact committed counts >= 3 kept beside it
+    """Counts of one bitmap (uint8 or uint32: see PagedSpaceMap). ``committed`` is ``counts`` itself until the
+    page is first changed; then ``counts`` changes in place and ``committed`` is a uint8 copy of the counts at the
+    last commit capped at 3 (the bitmap's own two-bit values: 16 KB), the exact committed counts >= 3 kept beside it
     (``_big_at``/``_big``: offsets and counts, as the ref-count tree has them). ``committed == 0`` and
     ``committed >= 3`` read the capped copy; ``committed_exact`` gives counts."""
 
@@ -250,7 +251,12 @@ class _Page:
 
 
 class PagedSpaceMap:
-    """The data space map (tx/api.py SpaceMap, plus batch operations and the commit-time write)."""
+    """The data space map (tx/api.py SpaceMap, plus batch operations and the commit-time write).
+
+    A page's counts are uint8 while every count in it is below 256 (1 byte a block: a restore's or repair's
+    dirty pages of millions of blocks), widened to uint32 by the first count that needs it (``_fit``)."""
+
+    COMPACT_PAGES: bool = True  # uint8 page counts until a count needs more (the metadata map: always uint32)
 
     def __init__(self, tm: TransactionManager, root: SmRoot, *, kind: str = "data",
                  max_clean_pages: int = 64) -> None:
@@ -418,11 +424,14 @@ class PagedSpaceMap:
             raise MetadataCorrupt(block=None, reason=f"{self.kind} block {i * E} beyond the {self.kind} space map "
                                                      f"({self._nr_blocks} blocks)")
         blocknr = int(self._entry_of(i)["blocknr"])
+        compact = self.COMPACT_PAGES
         if blocknr == 0:  # never written: all free
-            counts = np.zeros(E, dtype=np.uint32)
+            counts = np.zeros(E, dtype=np.uint8 if compact else np.uint32)
         else:
             buf = self.tm.read_raw(blocknr, BlockType.BITMAP, f"{self.kind} space map bitmap")
-            counts = decode_bitmap(buf).astype(np.uint32)
+            counts = decode_bitmap(buf)  # uint8, a fresh array
+            if not compact:
+                counts = counts.astype(np.uint32)
             self.pages_loaded += 1
             if (counts == 3).any():
                 lo = i * E
@@ -431,6 +440,8 @@ class PagedSpaceMap:
                 if len(k) and (not (counts[local] == 3).all() or int(v.min()) < 3):
                     raise MetadataCorrupt(block=self.ref_count_root, reason=f"{self.kind} ref-count tree "
                                           "disagrees with the bitmap")
+                if len(v) and counts.dtype == np.uint8 and int(v.max()) > 255:
+                    counts = counts.astype(np.uint32)
                 counts[local] = v
                 if np.count_nonzero(counts == 3) != np.count_nonzero(v == 3):
                     b = lo + int(np.flatnonzero(counts == 3)[0])
@@ -480,6 +491,12 @@ class PagedSpaceMap:
         self._check(b)
         return int(self._page(b // E).committed_exact(np.array([b % E]))[0])
 
+    @staticmethod
+    def _fit(page: _Page, top: int) -> None:
+        """Widen a dirty page's uint8 counts to uint32 before a count above 255 (``top``) is stored."""
+        if top > 255 and page.counts.dtype == np.uint8:
+            page.counts = page.counts.astype(np.uint32)
+
     def inc(self, b: int, n: int = 1) -> None:
         self._check(b)
         page = self._wpage(b // E)
@@ -489,6 +506,7 @@ class PagedSpaceMap:
             self._nr_allocated += 1
             if page.committed[i] == 0:
                 self._nr_allocatable -= 1
+        self._fit(page, c + n)
         page.counts[i] = c + n
 
     def dec(self, b: int) -> int:
@@ -528,7 +546,10 @@ class PagedSpaceMap:
             was0 = cur == 0
             self._nr_allocated += int(np.count_nonzero(was0))
             self._nr_allocatable -= int(np.count_nonzero(was0 & (page.committed[local] == 0)))
-            page.counts[local] = cur + times
+            new = cur + times  # uint32 (times is)
+            if page.counts.dtype == np.uint8:
+                self._fit(page, int(new.max()))
+            page.counts[local] = new
 
     def dec_many(self, blocks: np.ndarray) -> None:
         """One reference less per occurrence; raises (changing nothing) if a count would go below zero."""
