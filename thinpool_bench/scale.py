@@ -690,8 +690,9 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         rust = f"Rust pdata_tools {res['rust_version']} ({res.get('rust_dir')})" if res.get("rust_version") else \
             f"Rust pdata_tools not installed (looked in {res.get('rust_dir')})"
         lines += ["## Mappings: device 1 maps N chunks (random data order), device 2 a snapshot with 1 % rewritten",
-                  "", "The pool steps below make device 3, a snapshot of device 1, before the tools run: in the "
-                  "tools' metadata most data blocks have reference count 3 (the ref-count tree holds them). "
+                  "", "The pool steps below make device 3, a snapshot of device 1, before the tools run (it shares "
+                  "device 1's tree): the dump restore reads maps most data blocks three times, so restore and "
+                  "repair write metadata in which most counts are 3 (held by the ref-count tree). "
                   f"C++ tools: {res.get('cpp_version') or 'not installed'}. {rust}. Output: thinpool's compared "
                   "with the C++ tool's byte for byte (restore: the results' dumps; repair: their mappings), and with "
                   "the Rust tool's as far as the formats agree (see thinpool_bench/scale.py). Rust thin_check 1.1.0 "
