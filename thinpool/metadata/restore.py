@@ -150,6 +150,11 @@ class IRCollector:
         pass
 
 
+def _int_or(el: ET.Element, name: str, default: int) -> int:
+    """An optional numeric attribute (``default`` when absent), checked as ``_int`` checks a required one."""
+    return default if el.get(name) is None else _int(el, name)
+
+
 def _int(el: ET.Element, name: str) -> int:
     v = el.get(name)
     if v is None:
@@ -236,7 +241,7 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
                         if el.get(a) is None:
                             raise InvalidArgument(reason=f"could not find attribute: {a}")
                     visitor.superblock_b(SuperblockIR(el.get("uuid", ""), _int(el, "time"), _int(el, "transaction"),
-                                                      int(el.get("flags", "0")), int(el.get("version", "2")),
+                                                      _int_or(el, "flags", 0), _int_or(el, "version", 2),
                                                       _int(el, "data_block_size"), _int(el, "nr_data_blocks")))
                     in_sb = saw_sb = True
                 elif tag == "device":

@@ -554,10 +554,15 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
             self._closing = True
             if old is not None:
                 old.close()
+            # asyncio calls no connection_lost when the transport was lost during the handshake (a client gone
+            # after its ClientHello): without this the connection kept its slot and its receive buffer for ever
+            self.connection_lost(e)
             return
         if self._closing or new is None:
             if new is not None:
                 new.close()
+            else:
+                self.connection_lost(None)
             return
         self.transport = new
         self._reading = True
