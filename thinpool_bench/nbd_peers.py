@@ -7,7 +7,9 @@ processes, runs interleaved (A B, B A, ...) and medians reported, because the ma
   provisioned, nothing shared) vs nbdkit's ``memory`` plugin written the same way. Goal >= 1.0x.
 - **snapshot-break**: one 4 KiB write per 64 KiB chunk (fio ``rw=write:60k``), every write on a chunk shared
   with a snapshot (thinpool: the origin after ``create_snap``; qemu-nbd: a qcow2 with 64 KiB clusters over a
-  raw backing file, qemu-nbd's default writeback cache). Each round gets a fresh pool / overlay. Goal >= 1.5x.
+  raw backing file, qemu-nbd's default writeback cache). Each round gets a fresh pool / overlay and ends with
+  one FLUSH (fio ``end_fsync=1``, counted in fio's runtime) so deferred copies are measured on both sides.
+  Goal >= 1.5x.
 - **1 MiB sequential read**: the written devices of the first cell. Goal >= 0.9x nbdkit.
 
 Layer: bench (uses the library from the pool up, the CLI's ``serve``, and external tools).
@@ -197,8 +199,11 @@ def snapshot_break(wd: Path, *, span: int, rounds: int, progress: Progress = _no
     with open(backing, "wb") as f:
         for _ in range(span // MiB):
             f.write(pattern)
-    # io_size: one pass (fio would otherwise wrap around and write 16 times per chunk)
-    args = ["--rw=write:60k", "--bs=4k", "--iodepth=16", f"--io_size={span // CHUNK * 4096}"]
+    # io_size: one pass (fio would otherwise wrap around and write 16 times per chunk). end_fsync: one FLUSH when
+    # the writes are done, inside fio's runtime (so in its IOPS): thinpool's deferred copies and its commit,
+    # qemu-nbd's fdatasync of the clusters it copied, are both measured (without it thinpool's last pending
+    # copies, up to 256 MiB of chunks, were never paid within the run, while qcow2 copies at every write)
+    args = ["--rw=write:60k", "--bs=4k", "--iodepth=16", f"--io_size={span // CHUNK * 4096}", "--end_fsync=1"]
 
     def one(name: str, r: int) -> dict[str, float]:
         d = wd / f"sb-{name}-{r}"
@@ -286,9 +291,11 @@ def report(res: dict[str, Any]) -> str:
               "pool per round whose device 0 was written end to end and then snapshotted (so every chunk is "
               "shared), served writable; the peer is a fresh qcow2 (64 KiB clusters) over a raw backing file "
               "with the same bytes, served by `qemu-nbd -t` (writeback cache, its default). fio writes 4 KiB at "
-              "the start of each 64 KiB chunk (`rw=write:60k`), every write a copy-on-write; no flushes on "
-              "either side. Server CPU per I/O: the server process's user + system time over the fio job (ramp "
-              "included) divided by the I/Os fio completed; less dependent on the machine's load than IOPS. "
+              "the start of each 64 KiB chunk (`rw=write:60k`), every write a copy-on-write, then one FLUSH "
+              "(fio `end_fsync=1`, inside fio's runtime and so in the IOPS): thinpool completes its deferred "
+              "copies and commits, qemu-nbd fdatasyncs its image. Server CPU per I/O: the server process's user "
+              "+ system time over the fio job (ramp included) divided by the I/Os fio completed; less dependent "
+              "on the machine's load than IOPS. "
               f"`{FILL64}`: a second thinpool server whose device was written with 64 KiB writes; on ext4 with "
               "large folios (Linux 6.16 to 6.18) a 4 KiB overwrite inside a folio that a 1 MiB write or "
               "readahead created walks every buffer head of that folio (measured here: ~6.4 us a pwrite against "

@@ -187,16 +187,29 @@ def test_unaligned_write_completes_the_copy_first(tmp_path: Path) -> None:
     p.close()
 
 
-def test_a_full_table_completes_the_oldest(tmp_path: Path, small_table: None) -> None:
+def test_a_full_table_breaks_the_next_chunk_at_once(tmp_path: Path, small_table: None) -> None:
+    """A break that finds the table full copies around its piece at once (a chunk written whole in zeros and
+    copied into later would cost a chunk write more); the chunks already pending stay pending."""
     p, old = _snapshotted(tmp_path)
     d = p.device(1)
+    model = bytearray(old)
     for c in range(4):
         d.write(c * CH, b"q" * 512)
-    assert list(p.md.pending_copies(1)) == [1, 2, 3]  # three chunks fit: chunk 0 was completed
-    assert p.stats["cow_copies"] == 1
+        model[c * CH:c * CH + 512] = b"q" * 512
+    assert list(p.md.pending_copies(1)) == [0, 1, 2]  # three chunks fit: chunk 3 was copied when it broke
+    assert p.stats["cow_copies"] == 1 and p.stats["cow_bytes"] == CH - 512
+    d.write(3 * CH + 512, b"r" * 512)  # the chunk broken at once is owned: an overwrite in place
+    model[3 * CH + 512:3 * CH + 1024] = b"r" * 512
+    d.write(1 * CH + 512, b"s" * (CH - 512))  # pending chunk 1 rewritten whole: its copy is dropped
+    model[1 * CH + 512:2 * CH] = b"s" * (CH - 512)
+    assert list(p.md.pending_copies(1)) == [0, 2] and p.stats["cow_copies"] == 1
+    assert d.read(0, 4 * CH) == model  # completes 0 and 2
+    assert p.stats["cow_copies"] == 3
     p.commit()
-    assert d.read(0, 4 * CH) == b"".join(b"q" * 512 + old[c * CH + 512:(c + 1) * CH] for c in range(4))
     p.close()
+    with Pool.open(tmp_path / "pool") as p2:
+        assert p2.device(1).read(0, 4 * CH) == model and p2.device(2).read(0, 4 * CH) == old
+    _thin_check(str(tmp_path / "pool"))
 
 
 def test_abort_forgets_pending_chunks(tmp_path: Path) -> None:

@@ -687,6 +687,11 @@ class PoolMetadata:
                 # a mix of both), so fail the pool instead; reopening reads whichever commit is on disk.
                 self.failed = True
                 raise
+            if self.sb.data_sm_root.bitmap_root == 0:
+                # format's first commit: there is no committed state to go back to (its superblock was never
+                # written, so reloading it would read unwritten blocks): the error goes up, this object failed
+                self.failed = True
+                raise
             self.abort()
             raise
         except BaseException:

@@ -263,15 +263,15 @@ def read_xml(src: IO[bytes] | IO[str] | str, visitor: MetadataVisitor, *,
                     in_def = defs[name] = []
                 elif tag == "ref":
                     name = el.get("name")
-                    if not in_dev and in_def is None:
-                        raise InvalidArgument(reason="<ref> outside <device> or <def>")
-                    if name not in defs or defs[name] is in_def:
+                    if not in_dev or in_def is not None:
+                        # as Rust thin_restore; a <ref> inside a <def> would also let nested defs grow exponentially
+                        # (ten refs to the def before, level after level: 10^n runs held in memory)
+                        raise InvalidArgument(reason="<ref> outside <device> (as Rust thin_restore: <ref> tags may "
+                                                     "only occur within <device> sections)")
+                    if name not in defs:
                         raise InvalidArgument(reason=f"<ref name={name!r}> to no <def> before it")
                     for run in defs[name]:
-                        if in_def is not None:
-                            in_def.append(run)
-                        else:
-                            buf.add(*run)
+                        buf.add(*run)
                 elif tag in ("range_mapping", "single_mapping"):
                     if not in_dev and in_def is None:
                         raise InvalidArgument(reason=f"<{tag}> outside <device>")

@@ -561,8 +561,7 @@ class _Connection(HandshakeMixin, asyncio.BufferedProtocol):
         if self._closing or new is None:
             if new is not None:
                 new.close()
-            else:
-                self.connection_lost(None)
+            self.connection_lost(None)  # (idempotent: asyncio may call it too, once the new transport closes)
             return
         self.transport = new
         self._reading = True
