@@ -120,6 +120,10 @@ class ThinpoolGroup(click.Group):
                 sys.stdout = None
             finally:
                 raise click.exceptions.Exit(1)
+        except MemoryError:
+            # the work did not fit in this process's memory (a ulimit, a container's limit): one line, as every
+            # other error; a failing command changes nothing, as for any exception before its commit
+            report_error("out of memory", 1)
         except KeyboardInterrupt:
             click.echo("thinpool: interrupted", err=True)
             raise click.exceptions.Exit(130) from None

@@ -127,3 +127,21 @@ def test_help_imports_no_heavy_module():
             "if m in sys.modules]\nprint('HEAVY', heavy)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().endswith("HEAVY []"), r.stdout + r.stderr
+
+
+def test_out_of_memory_is_one_error_line():
+    """A command that runs out of memory (a ulimit, a container's limit) ends with one line and exit 1, as every
+    error does, not a traceback: a command registered on the real group allocates under an address-space limit
+    of its current size + 64 MiB, in a subprocess."""
+    code = ("import resource\n"
+            "from thinpool_cli.main import cli\n"
+            "@cli.command('eat')\n"
+            "def eat():\n"
+            "    vm = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmSize:'))\n"
+            "    limit = (vm << 10) + (64 << 20)\n"
+            "    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+            "    [bytearray(1 << 20) for _ in range(1 << 16)]\n"
+            "cli(['eat'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == ["thinpool: error: out of memory"]
