@@ -187,9 +187,11 @@ def test_unaligned_write_completes_the_copy_first(tmp_path: Path) -> None:
     p.close()
 
 
+@pytest.mark.external
 def test_a_full_table_breaks_the_next_chunk_at_once(tmp_path: Path, small_table: None) -> None:
     """A break that finds the table full copies around its piece at once (a chunk written whole in zeros and
     copied into later would cost a chunk write more); the chunks already pending stay pending."""
+    need_tool("thin_check")
     p, old = _snapshotted(tmp_path)
     d = p.device(1)
     model = bytearray(old)
@@ -544,4 +546,29 @@ def test_lock_free_reads_never_see_a_pending_chunks_gaps(tmp_path: Path) -> None
         t.join()
     assert not errors, errors
     p.close()
+    _thin_check(str(tmp_path / "pool"))
+
+
+@pytest.mark.external
+def test_a_full_table_with_large_chunks_breaks_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks above 128 KiB take the general deferred path (_prepare_new, the piece alone written); a full table
+    sends it to the copy at once as well."""
+    need_tool("thin_check")
+    ch = 256 << 10
+    monkeypatch.setattr(thin_mod, "PENDING_MAX_BYTES", 2 * ch)
+    p = Pool.create(tmp_path / "pool", data_size=16 * ch, chunk_size=ch)
+    d = p.create_thin(1, 4 * ch)
+    old = random.Random(3).randbytes(4 * ch)
+    d.write(0, old)
+    p.create_snap(2, 1)
+    model = bytearray(old)
+    for c in range(4):
+        piece = random.Random(c).randbytes(8192)
+        d.write(c * ch + 4096, piece)
+        model[c * ch + 4096:c * ch + 4096 + 8192] = piece
+    assert list(p.md.pending_copies(1)) == [0, 1]
+    assert p.stats["cow_copies"] == 2 and p.stats["cow_bytes"] == 2 * (ch - 8192)
+    p.close()
+    with Pool.open(tmp_path / "pool") as p2:
+        assert p2.device(1).read(0, 4 * ch) == model and p2.device(2).read(0, 4 * ch) == old
     _thin_check(str(tmp_path / "pool"))
