@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
+from review_helpers import stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -102,12 +103,7 @@ def test_control_snapshots_and_deletes_between_writes_left_pending() -> None:
                     err, got = c.read(off, CH)
                     assert err == 0 and got == bytes(model[off:off + CH]), f"origin chunk {off // CH}"
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _out, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _out, err = proc.communicate()
+            _rc, _out, err = stop_process(proc)
         assert proc.returncode == 0, err
         with Pool.open(pool, readonly=True) as ro:
             assert sorted(ro.list_devices()) == [0, 3]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
+from review_helpers import proc_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuse"))
 from test_fuse_export import is_mounted, need_fuse  # noqa: E402
@@ -34,18 +35,6 @@ DEV = 32 * CH  # 2 MiB
 ROUNDS = 2000
 
 pytestmark = pytest.mark.root
-
-
-def _counts(pid: int) -> tuple[int, int, int]:
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    threads = rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return fds, threads, rss
 
 
 def _expect_errno(code: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
@@ -111,11 +100,11 @@ def test_mount_stays_bounded_under_2000_cycles_with_errors() -> None:
         for i in range(100):
             cycle(i)
         time.sleep(0.3)
-        fds0, threads0, rss0 = _counts(proc.pid)
+        fds0, threads0, rss0 = proc_counts(proc.pid)
         for i in range(100, 100 + ROUNDS):
             cycle(i)
         time.sleep(0.3)
-        fds, threads, rss = _counts(proc.pid)
+        fds, threads, rss = proc_counts(proc.pid)
         print(f"mount: fds {fds0}->{fds}, threads {threads0}->{threads}, rss {rss0 >> 20}->{rss >> 20} MiB")
         assert fds <= fds0, f"descriptors {fds0} -> {fds}"
         assert threads <= threads0, f"threads {threads0} -> {threads}"

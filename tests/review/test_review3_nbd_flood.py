@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
+from review_helpers import proc_counts, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -42,19 +43,6 @@ CH = 64 << 10
 DEV = 64 * CH  # 4 MiB
 ROUNDS = 2100
 SECT = 512
-
-
-def _proc_counts(pid: int) -> tuple[int, int, int]:
-    """(open descriptors, threads, VmRSS bytes) of ``pid``."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    threads = rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return fds, threads, rss
 
 
 class _Server:
@@ -70,14 +58,7 @@ class _Server:
                 raise AssertionError(f"serve did not start: {line!r} {self.proc.stderr.read()}")
 
     def stop(self) -> tuple[int, str, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, out, err
+        return stop_process(self.proc)
 
 
 def _drop(c: RawClient) -> None:
@@ -181,7 +162,7 @@ def _settled(pid: int, fds0: int, threads0: int, timeout: float = 20.0) -> tuple
     """The server's counts once its descriptors and threads are back to the baseline (or after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        now = _proc_counts(pid)
+        now = proc_counts(pid)
         if (now[0] <= fds0 and now[1] <= threads0) or time.monotonic() > deadline:
             return now
         time.sleep(0.1)
@@ -208,12 +189,12 @@ def test_serve_stays_bounded_under_2100_dropped_clients() -> None:
                 flood.one(i, rng)
             flood.verify()
             time.sleep(0.5)
-            fds0, threads0, rss0 = _proc_counts(pid)
+            fds0, threads0, rss0 = proc_counts(pid)
             peak_fds = fds0
             for i in range(100, 100 + ROUNDS):
                 flood.one(i, rng)
                 if i % 97 == 0:
-                    peak_fds = max(peak_fds, _proc_counts(pid)[0])
+                    peak_fds = max(peak_fds, proc_counts(pid)[0])
                 if i % 500 == 0:
                     flood.verify()
             flood.verify()

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool, run_tool
 from oracles import assert_thin_check
+from review_helpers import proc_counts, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -36,18 +37,6 @@ from thinpool.pool import Pool  # noqa: E402
 CH = 64 << 10
 DEV = 32 * CH
 ROUNDS = 1200
-
-
-def _counts(pid: int) -> tuple[int, int, int]:
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    threads = rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return fds, threads, rss
 
 
 def _reset(sock: socket.socket) -> None:
@@ -138,12 +127,12 @@ def test_tls_serve_stays_bounded_under_failed_and_dropped_upgrades() -> None:
             for i in range(60):
                 one(i)
             time.sleep(0.5)
-            fds0, threads0, rss0 = _counts(proc.pid)
+            fds0, threads0, rss0 = proc_counts(proc.pid)
             for i in range(60, 60 + ROUNDS):
                 one(i)
             deadline = time.monotonic() + 20
             while True:
-                fds, threads, rss = _counts(proc.pid)
+                fds, threads, rss = proc_counts(proc.pid)
                 if (fds <= fds0 and threads <= threads0) or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
@@ -153,12 +142,7 @@ def test_tls_serve_stays_bounded_under_failed_and_dropped_upgrades() -> None:
             assert rss - rss0 < 32 << 20, f"resident set {rss0 >> 20} -> {rss >> 20} MiB"
             assert min(stages.values()) >= ROUNDS // 6
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _out, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _out, err = proc.communicate()
+            _rc, _out, err = stop_process(proc)
         assert proc.returncode == 0, err
         assert "Traceback" not in err, err[-2000:]
         with Pool.open(pool, readonly=True) as ro:
