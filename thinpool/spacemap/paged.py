@@ -63,6 +63,7 @@ INDEX_WINDOW: Final = 252  # index entries loaded at a time (one leaf of 16-byte
 REBUILD_FRACTION: Final = 4  # rebuild the index tree when more than 1/4 of its entries (and > 256) changed
 RC_REBUILD_MIN: Final = 1024  # ref-count entries a commit changes before the tree is rebuilt rather than updated
 RC_REBUILD_FRACTION: Final = 64  # ... and at least 1/64 of the tree's (estimated) entries
+MAX_COUNT: Final = (1 << 32) - 1  # ref-count tree values are 4 bytes (the kernel's uint32_t counts)
 # a list, not an np.dtype: building that at import would load numpy (numpy takes the list wherever a dtype goes)
 _INDEX_DTYPE: Final = [("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")]
 
@@ -502,6 +503,8 @@ class PagedSpaceMap:
         page = self._wpage(b // E)
         i = b % E
         c = int(page.counts[i])
+        if c + n > MAX_COUNT:
+            raise self._overflow(b)
         if c == 0:
             self._nr_allocated += 1
             if page.committed[i] == 0:
@@ -538,9 +541,18 @@ class PagedSpaceMap:
             out.append((int(pages[lo]), uniq[lo:hi] % E, times[lo:hi].astype(np.uint32)))
         return out
 
+    def _overflow(self, b: int) -> MetadataCorrupt:
+        return MetadataCorrupt(block=None, reason=f"{self.kind} block {b}: reference count would pass {MAX_COUNT}")
+
     def inc_many(self, blocks: np.ndarray) -> None:
-        """One reference more per occurrence of each block in ``blocks``."""
-        for i, local, times in self._by_page(blocks):
+        """One reference more per occurrence of each block in ``blocks``; raises (changing nothing) if a count
+        would pass MAX_COUNT (it would wrap in uint32 and read as free)."""
+        groups = self._by_page(blocks)
+        for i, local, times in groups:
+            over = self._page(i).counts[local].astype(np.uint64) + times > MAX_COUNT
+            if over.any():
+                raise self._overflow(i * E + int(local[np.argmax(over)]))
+        for i, local, times in groups:
             page = self._wpage(i)
             cur = page.counts[local]
             was0 = cur == 0
