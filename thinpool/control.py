@@ -172,12 +172,18 @@ class NbdHost(Host):
 
     def device_removing(self, dev_id: int) -> None:
         name = self.pool.device_name(dev_id)
-        exp = self.server.exports.get(name)
-        if exp is None:
-            return
-        if any(c._export is exp for c in list(self.server.connections)):
-            raise DeviceBusy(dev_id=dev_id)
-        self._on_loop(lambda: self.server.remove_export(name))
+
+        def remove() -> None:
+            # on the event loop, where handshakes choose their export: the check and the removal are one step, so
+            # no client can pick the export between them and then reach a deleted (or reused) device id
+            exp = self.server.exports.get(name)
+            if exp is None:
+                return
+            if any(c._export is exp for c in list(self.server.connections)):
+                raise DeviceBusy(dev_id=dev_id)
+            self.server.remove_export(name)
+
+        self._on_loop(remove)
 
 
 class FuseHost(Host):

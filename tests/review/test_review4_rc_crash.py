@@ -59,7 +59,7 @@ def _state_a() -> tuple[dict[int, bytes], np.ndarray, np.ndarray, np.ndarray, np
     return dict(store.blocks), oracle, d3, wide, rng.choice(np.arange(3 * E, 4 * E), 2000, replace=False)
 
 
-def _workload_b(pmd: PoolMetadata, fresh: np.ndarray) -> None:
+def _workload_b(pmd: PoolMetadata, fresh: np.ndarray, *, commit: bool = True) -> None:
     pmd.delete_thin(3)
     for dev in range(10, 15):
         pmd.delete_thin(dev)
@@ -70,7 +70,8 @@ def _workload_b(pmd: PoolMetadata, fresh: np.ndarray) -> None:
     for dev in range(1000, 1000 + WIDE):
         _build(pmd, dev, one)
     pmd.set_transaction_id(1, 2)
-    pmd.commit()
+    if commit:
+        pmd.commit()
 
 
 def _oracle_b(oracle_a: np.ndarray, d3: np.ndarray, wide: np.ndarray, fresh: np.ndarray) -> np.ndarray:
@@ -154,3 +155,51 @@ def test_power_cut_at_every_event_of_a_rebuild_and_widen_commit(monkeypatch: pyt
                           f"lose={lose if isinstance(lose, str) else 'random'}", real=real)
             seen[tid] += 1
     assert seen[1] and seen[2], seen
+
+
+@pytest.mark.external
+def test_a_write_error_at_any_event_of_the_rebuild_commit_aborts_to_the_old_commit_and_a_retry_lands() -> None:
+    """An I/O error (then a full disk) at every write of the same rebuild-and-widen commit: the commit raises, the
+    pool metadata is back at the old commit in memory (counts, ref-count tree) and on disk, and the same workload
+    run again on the same object then commits exactly the new state (both checkers accept it at sampled points)."""
+    from thinpool.errors import ThinpoolError
+
+    disk_a, oracle_a, d3, wide, fresh = _state_a()
+    oracle_b = _oracle_b(oracle_a, d3, wide, fresh)
+    rec = FaultPlan(record=True)
+    rstore = FaultyBlockStore(MemoryBlockStore_from(disk_a), rec)
+    rpmd = PoolMetadata.open(rstore)
+    _workload_b(rpmd, fresh, commit=False)
+    before_commit = rec.writes  # the mapping trees' nodes written as they fill, before the commit
+    rpmd.commit()
+    nr_writes = rec.writes
+    assert nr_writes - before_commit > 20
+    rng = random.Random(9)
+    sample = set(rng.sample(range(before_commit + 1, nr_writes + 1), 4)) | {before_commit + 1, nr_writes}
+    failed = 0
+    for n in range(before_commit + 1, nr_writes + 1):
+        kind = "eio" if n % 2 else "enospc"
+        plan = FaultPlan(at=n, kind=kind, ops=("write",))
+        fstore = FaultyBlockStore(MemoryBlockStore_from(disk_a), plan)
+        pmd = PoolMetadata.open(fstore)
+        _workload_b(pmd, fresh, commit=False)
+        try:
+            pmd.commit()
+        except ThinpoolError:
+            failed += 1
+            assert not pmd.failed or n == nr_writes, n  # (only the superblock's own write may fail the object)
+            if pmd.failed:
+                continue
+            assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle_a), n
+            items = list(pmd.data_disk.rc_tree.items(pmd.data_disk.ref_count_root))
+            big = np.flatnonzero(oracle_a >= 3)
+            assert [k for k, _ in items] == big.tolist() and [v for _, v in items] == oracle_a[big].tolist(), n
+            on_disk = dict(fstore.inner.blocks)
+            on_disk.update(fstore.pending)  # whatever the failed commit wrote, landed
+            assert _verify(on_disk, {1: oracle_a}, f"failed commit at write {n}", real=False) == 1
+            _workload_b(pmd, fresh)  # again, on the same object: no fault now
+        final = dict(fstore.inner.blocks)
+        final.update(fstore.pending)
+        assert _verify(final, {2: oracle_b}, f"retried after a failure at write {n}",
+                       real=RUN_CHECKERS and n in sample) == 2
+    assert failed == nr_writes - before_commit
