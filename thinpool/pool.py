@@ -1145,11 +1145,21 @@ class Pool:
             self.out_of_data_space = True
             if self.on_queue is not None:
                 self.on_queue(self, need, timeout)
+            committed = False
             while not self.md.data_sm.has_free(need) and not self.failed:
+                if not committed and self.md.data_sm.nr_free() >= need:
+                    # blocks freed in this transaction (a discard, a delete) are allocatable once it commits:
+                    # commit now, as dm-thin's periodic commit does before it requeues the bios it held
+                    self.commit()
+                    committed = True
+                    if replan is not None:
+                        need = replan()
+                    continue
                 remaining = QUEUE_POLL_S if deadline is None else min(QUEUE_POLL_S, deadline - _time.monotonic())
                 if remaining <= 0:
                     break
                 self._space_cv.wait(remaining)
+                committed = False
                 self._take_up_grown_data()
                 if replan is not None and not self.failed:
                     need = replan()
