@@ -53,6 +53,20 @@ _PLAN_CACHED_CHUNKS = 64  # a read of up to this many chunks looks each one up i
 PENDING_MAX_BYTES = 256 << 20  # chunks whose copy a device defers, in bytes of chunks (at least one chunk)
 DEFER_COPIES = True  # defer the copy of a shared chunk a sector-aligned write breaks (module docstring)
 _WHOLE_FIRST_WRITE_BYTES = 128 << 10  # chunks up to this size take a deferred break's first write whole
+_SECTOR_MASK = SECTOR_SIZE - 1
+_MASKS: dict[int, list[int]] = {}  # chunk bytes -> _four_k_masks (shared by the devices of every pool)
+
+
+def _four_k_masks(chunk: int) -> list[int] | None:
+    """The pending-chunk bits of a 4 KiB write at each sector of a chunk (entry i: sectors i..i+7; past the end of
+    the chunk: never used), for chunks up to _WHOLE_FIRST_WRITE_BYTES; None for larger chunks (the table would
+    grow as the square of the chunk: the bits are then computed per write)."""
+    if chunk > _WHOLE_FIRST_WRITE_BYTES:
+        return None
+    m = _MASKS.get(chunk)
+    if m is None:
+        m = _MASKS[chunk] = [0xFF << i for i in range(chunk // SECTOR_SIZE)]
+    return m
 
 
 class ThinDevice:
@@ -63,10 +77,14 @@ class ThinDevice:
         self.dev_id = dev_id
         self.chunk = pool.chunk_bytes
         self.md = pool.md.device(dev_id)
+        # how a mapping-cache value packs (data block << bits | time), as instance attributes: the I/O paths read
+        # them on every call, and a class attribute read through an instance is a type lookup each time (3.11)
+        self._tbits, self._tmask = self.md.TIME_BITS, self.md.TIME_MASK
         self._lock_acquire, self._lock_release = pool.lock.acquire, pool.lock.release
         self._pend = pool.md.pending_copies(dev_id)  # the deferred copies (see the module docstring)
         self._pend_max = max(1, PENDING_MAX_BYTES // self.chunk)
         self._full = (1 << (self.chunk // SECTOR_SIZE)) - 1  # every sector of a chunk
+        self._m4 = _four_k_masks(self.chunk)  # the sectors of a 4 KiB write at each sector (small chunks only)
         self._scratch: bytearray | None = None  # read()'s gather buffer (used under the pool lock)
         self._zbuf: bytearray | None = None  # a chunk of zeros for a deferred break's first write (pool lock)
         self._mc: MappingCache | None = None  # the device's mapping cache while it stays valid
@@ -129,7 +147,7 @@ class ThinDevice:
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
                 if v is not None and not (self._pend and first in self._pend):
-                    out = pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
+                    out = pool.data.pread((v >> self._tbits) * ch + offset - first * ch, length)
                     if mc.valid and mc.pmd.sb is sb:
                         return out
         with pool.lock:
@@ -140,7 +158,7 @@ class ThinDevice:
                 v = mc.find(first)
                 if v is None:
                     return self._unprovisioned(offset, length)
-                return pool.data.pread((v >> mc.TIME_BITS) * ch + offset - first * ch, length)
+                return pool.data.pread((v >> self._tbits) * ch + offset - first * ch, length)
             return self._read(offset, length)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
@@ -164,7 +182,7 @@ class ThinDevice:
                 sb = mc.pmd.sb
                 v = mc.map.get(first)
                 if v is not None and not (self._pend and first in self._pend):
-                    pool.data.preadinto((v >> mc.TIME_BITS) * ch + offset - first * ch, view)
+                    pool.data.preadinto((v >> self._tbits) * ch + offset - first * ch, view)
                     if mc.valid and mc.pmd.sb is sb:
                         return length
         with pool.lock:
@@ -176,7 +194,7 @@ class ThinDevice:
                 if v is None:
                     plan = [[0, length, -1]]
                 else:
-                    plan = [[0, length, (v >> mc.TIME_BITS) * ch + offset - first * ch]]
+                    plan = [[0, length, (v >> self._tbits) * ch + offset - first * ch]]
             else:
                 plan = self._plan(offset, length)
             self._fill(view, offset, plan)
@@ -380,25 +398,28 @@ class ThinDevice:
                     mc = self._cache()
                 v = mc.map.get(first)
                 if v is not None:
-                    if v & mc.TIME_MASK >= mc.details.snapshotted_time:  # owned: an overwrite in place
+                    if v & self._tmask >= mc.details.snapshotted_time:  # owned: an overwrite in place
                         pend = self._pend
                         if pend and (e := pend.get(first)) is not None:  # a pending chunk (_note_written inline)
                             n = end - offset
-                            if not (o | n) & (SECTOR_SIZE - 1):
-                                pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
+                            if not (o | n) & _SECTOR_MASK:
+                                pool.data.pwrite((v >> self._tbits) * ch + o, data)
                                 # its sectors count as written once the pwrite is made (a failed one leaves
                                 # them to the copy); a full entry goes only now (a lock-free read that still
                                 # sees it takes the lock and waits for this write)
-                                bits = e[2] | ((1 << (n >> 9)) - 1) << (o >> 9)
+                                if n == 4096 and (m4 := self._m4) is not None:
+                                    bits = e[2] | m4[o >> 9]  # a 4 KiB write's sectors from the table
+                                else:
+                                    bits = e[2] | ((1 << (n >> 9)) - 1) << (o >> 9)
                                 if bits == self._full:
                                     del pend[first]
                                 else:
                                     e[2] = bits
                                 return
                             self._complete(first)  # unaligned: the copy first, then a plain overwrite
-                        pool.data.pwrite((v >> mc.TIME_BITS) * ch + o, data)
+                        pool.data.pwrite((v >> self._tbits) * ch + o, data)
                         return  # nothing allocated: no low-water event to deliver
-                    hint = (v >> mc.TIME_BITS, v & mc.TIME_MASK)  # shared: _write breaks it without a second lookup
+                    hint = (v >> self._tbits, v & self._tmask)  # shared: _write breaks it without a second lookup
                     n = end - offset
                     if (n < ch <= _WHOLE_FIRST_WRITE_BYTES and not (o | n) & (SECTOR_SIZE - 1) and DEFER_COPIES
                             and pmd.data_sm.has_free(1)):

@@ -572,3 +572,38 @@ def test_a_full_table_with_large_chunks_breaks_at_once(tmp_path: Path, monkeypat
     with Pool.open(tmp_path / "pool") as p2:
         assert p2.device(1).read(0, 4 * ch) == model and p2.device(2).read(0, 4 * ch) == old
     _thin_check(str(tmp_path / "pool"))
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("ch", [CH, 256 << 10])
+def test_4k_writes_at_any_sector_of_a_pending_chunk_count_exactly_their_sectors(tmp_path: Path, ch: int) -> None:
+    """A 4 KiB write into a pending chunk marks its 8 sectors (from the table of 4 KiB masks for chunks up to
+    128 KiB, computed for larger ones) wherever it starts, 4 KiB-aligned or not, up to the chunk's last 4 KiB: the
+    pending bits are the union of the sectors written, the commit copies exactly the rest, and the device reads
+    back as a byte model after a reopen."""
+    need_tool("thin_check")
+    p = Pool.create(tmp_path / "pool", data_size=16 * ch, chunk_size=ch)
+    d = p.create_thin(1, 2 * ch)
+    old = random.Random(1).randbytes(2 * ch)
+    d.write(0, old)
+    p.create_snap(2, 1)
+    want = bytearray(old)
+    spc = ch // 512
+    sectors = [1, 3, 8, 17, spc - 8, spc - 9]  # in sectors: not 4 KiB-aligned, aligned, the chunk's last 4 KiB
+    rng = random.Random(2)
+    written: set[int] = set()
+    for i, s in enumerate(sectors):
+        piece = rng.randbytes(4096)
+        d.write(ch + s * 512, piece)
+        want[ch + s * 512:ch + s * 512 + 4096] = piece
+        written.update(range(s, s + 8))
+        bits = p.md.pending_copies(1)[1][2]
+        assert bits == sum(1 << k for k in written), i
+    assert d.read(0, ch) == old[:ch]  # the other chunk is untouched (and still shared)
+    p.commit()
+    assert p.stats["cow_bytes"] == ch - 512 * len(written)
+    p.close()
+    with Pool.open(tmp_path / "pool", readonly=True) as ro:
+        assert ro.device(1).read(0, 2 * ch) == want
+        assert ro.device(2).read(0, 2 * ch) == old
+    _thin_check(str(tmp_path / "pool"))

@@ -128,6 +128,8 @@ class ThinDeviceMetadata:
     """Metadata operations on device ``dev_id`` of ``pmd`` (see the module docstring)."""
 
     __slots__ = ("pmd", "dev_id")
+    TIME_BITS: Final = TIME_BITS  # how the mapping cache packs a value (MappingCache.TIME_BITS), for the data path
+    TIME_MASK: Final = TIME_MASK
 
     def __init__(self, pmd: PoolMetadata, dev_id: int) -> None:
         self.pmd = pmd
