@@ -95,3 +95,46 @@ def test_two_queued_writers_sharing_a_chunk_replan_after_a_discard_and_a_resize(
     with Pool.open(path) as q:
         assert q.device(2).read(0, 8 * CH) == bytes(model)
         assert q.device(1).read(0, 8 * CH) == bytes(d1_bytes)
+
+
+@pytest.mark.parametrize("when", ["before", "while-queued"])
+def test_queued_write_takes_blocks_a_discard_freed_in_the_open_transaction(tmp_path: Path, when: str) -> None:
+    """Blocks a discard freed are allocatable only after a commit; a queued write that they would satisfy commits
+    and goes on (as dm-thin's periodic commit and check_for_data_space do), whether the discard came before the
+    write or while it waited (found by review4: it waited for a commit or a resize that might never come)."""
+    p = Pool.create(tmp_path / "pool", data_size=8 * CH, chunk_size=CH, no_space="queue", no_space_timeout=30)
+    try:
+        p.create_thin(1, 8 * CH)
+        p.create_thin(2, 8 * CH)
+        p.device(1).write(0, b"x" * 8 * CH)
+        p.commit()
+        errors: list[BaseException] = []
+        if when == "before":
+            p.device(1).discard(0, 4 * CH)
+            assert p.md.data_sm.nr_free() == 4 and not p.md.data_sm.has_free(1)
+            p.device(2).write(0, b"y" * 2 * CH)
+        else:
+            queued = threading.Event()
+            p.on_queue = lambda pool, need, timeout: queued.set()
+
+            def writer() -> None:
+                try:
+                    p.device(2).write(0, b"y" * 2 * CH)
+                except BaseException as e:  # reported by the main thread
+                    errors.append(e)
+
+            t = threading.Thread(target=writer)
+            t.start()
+            assert queued.wait(30)
+            p.device(1).discard(0, 4 * CH)
+            t.join(60)
+            assert not t.is_alive()
+        assert not errors, errors
+        assert p.device(2).read(0, 2 * CH) == b"y" * 2 * CH
+        assert p.device(1).read(0, 8 * CH) == bytes(4 * CH) + b"x" * 4 * CH
+        p.commit()
+    finally:
+        p.close()
+    with Pool.open(tmp_path / "pool") as q:
+        assert q.device(2).read(0, 2 * CH) == b"y" * 2 * CH
+        assert q.device(1).read(0, 8 * CH) == bytes(4 * CH) + b"x" * 4 * CH

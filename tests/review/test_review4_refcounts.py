@@ -194,6 +194,30 @@ def test_widening_in_a_rebuild_commit_then_loaded_big_and_decremented_below_256_
         mp.undo()
 
 
+def test_a_count_past_uint32_is_refused_not_wrapped(tmp_path) -> None:
+    """A reference count of 2^32 does not fit the ref-count tree's 4-byte value: inc and inc_many refuse it with a
+    typed error and change nothing (inc_many used to wrap it to 0: a referenced block that read free; found by
+    review4)."""
+    from thinpool.errors import ThinpoolError
+
+    pmd = _new(tmp_path / "pool.bin")
+    sm = pmd.data_sm
+    top = (1 << 32) - 1
+    sm.inc(7, top)
+    sm.inc_many(np.array([8, 9], dtype=np.int64))
+    allocated = sm.nr_allocated()
+    with pytest.raises(ThinpoolError):
+        sm.inc(7)
+    with pytest.raises(ThinpoolError):
+        sm.inc_many(np.array([8, 7, 9], dtype=np.int64))
+    assert (sm.count(7), sm.count(8), sm.count(9), sm.nr_allocated()) == (top, 1, 1, allocated)
+    pmd.commit()
+    pmd.close()
+    pmd = PoolMetadata.open(FileBlockStore(tmp_path / "pool.bin"))
+    assert pmd.data_sm.count(7) == top and pmd.data_sm.count(8) == 1
+    pmd.close()
+
+
 # --- the all-free bitmaps of a new map ------------------------------------------------------------------------
 def _slow_free_bitmap(blocknr: int) -> bytes:
     buf = bytearray(4096)
