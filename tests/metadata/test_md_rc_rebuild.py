@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from md_helpers import new_pool_file
+from refcount_oracle import assert_exact_counts, force_rebuild, rc_items
 
 from thinpool.formats.space_map import ENTRIES_PER_BITMAP as E
 from thinpool.io.block_store import FileBlockStore
@@ -21,22 +22,10 @@ from thinpool.spacemap import paged
 NR_DATA = 4 * E + 901  # 5 bitmaps, the last one partial
 
 
-def _rc_items(pmd: PoolMetadata) -> tuple[list[int], list[int]]:
-    items = list(pmd.data_disk.rc_tree.items(pmd.data_disk.ref_count_root))
-    return [k for k, _ in items], [v for _, v in items]
 
 
-def _assert_exact(pmd: PoolMetadata, oracle: np.ndarray) -> None:
-    assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle)
-    big = np.flatnonzero(oracle >= 3)
-    keys, values = _rc_items(pmd)
-    assert keys == big.tolist() and values == oracle[big].tolist()
-    pmd.data_sm.validate_all()
 
 
-def _force_rebuild(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
-    monkeypatch.setattr(paged, "RC_REBUILD_MIN", 1 if on else 1 << 62)
-    monkeypatch.setattr(paged, "RC_REBUILD_FRACTION", 1 << 40)
 
 
 BLOCKS = st.one_of(st.integers(0, NR_DATA - 1), st.sampled_from([0, E - 1, E, 2 * E + 5, 4 * E, NR_DATA - 1]))
@@ -55,7 +44,7 @@ OPS = st.lists(st.one_of(
 def test_ref_count_tree_vs_oracle_rebuilt_or_updated(ops, rebuild, tmp_path_factory) -> None:
     mp = pytest.MonkeyPatch()
     try:
-        _force_rebuild(mp, rebuild)
+        force_rebuild(mp, rebuild)
         path = tmp_path_factory.mktemp("rc") / "pool.bin"
         pmd = new_pool_file(path, nr_meta_blocks=4096, nr_data_blocks=NR_DATA)
         oracle = np.zeros(NR_DATA, dtype=np.int64)
@@ -93,12 +82,12 @@ def test_ref_count_tree_vs_oracle_rebuilt_or_updated(ops, rebuild, tmp_path_fact
                 committed = oracle.copy()
                 pmd.close()
                 pmd = PoolMetadata.open(FileBlockStore(path))
-                _assert_exact(pmd, committed)
+                assert_exact_counts(pmd, committed)
             assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle)
         pmd.commit()
         pmd.close()
         pmd = PoolMetadata.open(FileBlockStore(path))
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         pmd.close()
         report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
         assert report.problems == [], [str(p) for p in report.problems]
@@ -112,7 +101,7 @@ def test_rebuild_keeps_the_entries_outside_the_dirty_bitmaps(tmp_path, monkeypat
     entry-by-entry path gives."""
     results = []
     for rebuild in (True, False):
-        _force_rebuild(monkeypatch, rebuild)
+        force_rebuild(monkeypatch, rebuild)
         path = tmp_path / f"pool-{rebuild}.bin"
         pmd = new_pool_file(path, nr_meta_blocks=4096, nr_data_blocks=NR_DATA)
         oracle = np.zeros(NR_DATA, dtype=np.int64)
@@ -126,14 +115,14 @@ def test_rebuild_keeps_the_entries_outside_the_dirty_bitmaps(tmp_path, monkeypat
         pmd.data_sm.inc_many(np.repeat(mid, 3))
         oracle[mid] += 3
         pmd.commit()
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         pmd.data_sm.dec_many(mid[::2])  # half of them back to 2: their entries go
         oracle[mid[::2]] -= 1
         pmd.commit()
         pmd.close()
         pmd = PoolMetadata.open(FileBlockStore(path))
-        _assert_exact(pmd, oracle)
-        results.append(_rc_items(pmd))
+        assert_exact_counts(pmd, oracle)
+        results.append(rc_items(pmd))
         pmd.close()
     assert results[0] == results[1]
 
@@ -158,7 +147,7 @@ def test_default_thresholds_rebuild_a_large_change_and_update_a_small_one(tmp_pa
     oracle = np.zeros(NR_DATA, dtype=np.int64)
     oracle[:3 * E] = 3
     oracle[4 * E:4 * E + 10] = 3
-    _assert_exact(pmd, oracle)
+    assert_exact_counts(pmd, oracle)
 
 
 @pytest.mark.external
@@ -176,14 +165,14 @@ def test_three_devices_sharing_every_block_then_one_deleted_pass_both_checkers(t
     for dev in (1, 2, 3):
         pmd.build_device(dev, np.arange(n, dtype=np.uint64), data, np.zeros(n, dtype=np.uint64))
     pmd.commit()
-    keys, _ = _rc_items(pmd)
+    keys, _ = rc_items(pmd)
     assert len(keys) == n
     pmd.close()
     assert_thin_check(path, what="three devices sharing every block")
     pmd = PoolMetadata.open(FileBlockStore(path))
     pmd.delete_thin(3)
     pmd.commit()
-    assert _rc_items(pmd) == ([], [])
+    assert rc_items(pmd) == ([], [])
     pmd.close()
     assert_thin_check(path, what="after one of the three deleted")
 
@@ -211,10 +200,10 @@ def test_compact_pages_widen_past_255_through_every_path(tmp_path) -> None:
     pmd.commit()
     sm.inc(3 * E + 1)  # 256 after the commit
     pmd.abort()
-    _assert_exact(pmd, oracle)
+    assert_exact_counts(pmd, oracle)
     pmd.close()
     pmd = PoolMetadata.open(FileBlockStore(path))
-    _assert_exact(pmd, oracle)
+    assert_exact_counts(pmd, oracle)
     assert pmd.data_sm._page(0).counts.dtype == np.uint32  # loaded with a count of 301
     assert pmd.data_sm._page(2).counts.dtype == np.uint8
     pmd.data_sm.dec_many(np.array([5, E + 7], dtype=np.int64))
@@ -222,5 +211,5 @@ def test_compact_pages_widen_past_255_through_every_path(tmp_path) -> None:
     pmd.commit()
     pmd.close()
     pmd = PoolMetadata.open(FileBlockStore(path))
-    _assert_exact(pmd, oracle)
+    assert_exact_counts(pmd, oracle)
     pmd.close()

@@ -1,5 +1,5 @@
-"""What the review tests of long-lived servers share: a process's descriptors, threads and resident set, and a
-server stopped with SIGTERM (killed after 60 s)."""
+"""What the review tests share: a process's descriptors, threads and resident set, a server stopped with SIGTERM
+(killed after 60 s), and a device read through each of its read paths."""
 
 from __future__ import annotations
 
@@ -31,3 +31,27 @@ def stop_process(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
         proc.kill()
         out, err = proc.communicate()
     return proc.returncode, out, err
+
+
+def read_by(dev, off: int, n: int, how: int) -> bytes:  # type: ignore[no-untyped-def]
+    """``n`` bytes at ``off`` through one of a device's read paths: 0 read, 1 readinto, 2 readv (two pieces),
+    3 ThinFile (short reads followed up)."""
+    if how == 0:
+        return dev.read(off, n)
+    if how == 1:
+        buf = bytearray(n)
+        dev.readinto(off, buf)
+        return bytes(buf)
+    if how == 2:
+        half = n // 2
+        parts = dev.readv([(off, half), (off + half, n - half)]) if half else [dev.read(off, n)]
+        return b"".join(parts)
+    f = dev.open("rb")
+    f.seek(off)
+    out = b""
+    while len(out) < n:
+        got = f.read(n - len(out))
+        if not got:
+            break
+        out += got
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
+from review_helpers import read_by
 
 from thinpool.pool import Pool
 
@@ -22,26 +23,6 @@ CH = 64 << 10
 SECT = 512
 
 
-def _read(dev, off: int, n: int, how: int) -> bytes:  # type: ignore[no-untyped-def]
-    if how == 0:
-        return dev.read(off, n)
-    if how == 1:
-        buf = bytearray(n)
-        dev.readinto(off, buf)
-        return bytes(buf)
-    if how == 2:
-        half = n // 2
-        parts = dev.readv([(off, half), (off + half, n - half)]) if half else [dev.read(off, n)]
-        return b"".join(parts)
-    f = dev.open("rb")
-    f.seek(off)
-    out = b""
-    while len(out) < n:
-        got = f.read(n - len(out))
-        if not got:
-            break
-        out += got
-    return out
 
 
 @pytest.mark.external
@@ -113,7 +94,7 @@ def test_reads_over_an_external_origin_with_snapshots_and_pending_copies(tmp_pat
             else:
                 off = rng.randrange(size)
                 n = min(rng.randrange(1, 3 * CH), size - off)
-                got = _read(h, off, n, rng.randrange(4))
+                got = read_by(h, off, n, rng.randrange(4))
                 assert got == bytes(model[dev][off:off + n]), (seed, step, dev, off, n)
         assert pending_seen > 10
         for dev, m in model.items():

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
+from review_helpers import read_by
 
 from thinpool import thin
 from thinpool.pool import Pool
@@ -30,16 +31,6 @@ CH = 64 << 10
 SECT = 512
 
 
-def _read(dev, off: int, n: int, how: int) -> bytes:  # type: ignore[no-untyped-def]
-    if how == 0:
-        return dev.read(off, n)
-    if how == 1:
-        buf = bytearray(n)
-        dev.readinto(off, buf)
-        return bytes(buf)
-    third = max(n // 3, 1)
-    cuts = [(off, third), (off + third, n - third)] if n > third else [(off, n)]
-    return b"".join(dev.readv(cuts))
 
 
 @pytest.mark.external
@@ -101,7 +92,7 @@ def test_reads_race_writes_that_note_pending_sectors(tmp_path: Path, with_origin
                 while (not stop.is_set() or nr_reads[0] < 30) and not errors:
                     off = r.randrange(0, size - 1)
                     n = r.randrange(1, min(3 * CH, size - off) + 1)
-                    got = np.frombuffer(_read(h, off, n, r.randrange(3)), dtype=np.uint8)
+                    got = np.frombuffer(read_by(h, off, n, r.randrange(3)), dtype=np.uint8)
                     nr_reads[0] += 1
                     bad = np.flatnonzero(got != old[off:off + n])
                     bad = bad[~(allowed[off + bad] & (got[bad] == new_byte))]
@@ -122,7 +113,7 @@ def test_reads_race_writes_that_note_pending_sectors(tmp_path: Path, with_origin
             for off, n in written:
                 model[off:off + n] = bytes([new_byte]) * n
             for how in range(3):
-                assert _read(d1, 0, size, how) == bytes(model), (rnd, how)
+                assert read_by(d1, 0, size, how) == bytes(model), (rnd, how)
         snaps = {dev: p.device(dev).read(0, size) for dev in (100, 101, 102, 103)}
         p.commit()
         assert d1.read(0, size) == bytes(model)
@@ -183,7 +174,7 @@ def test_full_pending_table_copies_around_against_a_byte_model(tmp_path: Path, m
             else:
                 off = rng.randrange(size - 1)
                 n = rng.randrange(1, min(2 * CH + 1000, size - off) + 1)
-                assert _read(d, off, n, rng.randrange(3)) == bytes(model[dev][off:off + n]), (step, dev, off, n)
+                assert read_by(d, off, n, rng.randrange(3)) == bytes(model[dev][off:off + n]), (step, dev, off, n)
                 continue
             data = rng.randbytes(n)
             d.write(off, data)
@@ -191,7 +182,7 @@ def test_full_pending_table_copies_around_against_a_byte_model(tmp_path: Path, m
         assert p.stats["cow_copies"] > copies_before
         for dev in sorted(model):
             for how in range(3):
-                assert _read(p.device(dev), 0, size, how) == bytes(model[dev]), (dev, how)
+                assert read_by(p.device(dev), 0, size, how) == bytes(model[dev]), (dev, how)
         p.commit()
     finally:
         p.close()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from refcount_oracle import assert_exact_counts, force_rebuild, rc_items
 
 from thinpool import checksum
 from thinpool.checksum import BlockType
@@ -36,22 +37,10 @@ def _new(path) -> PoolMetadata:
     return PoolMetadata.format(FileBlockStore(path), data_block_size=128, nr_data_blocks=NR_DATA)
 
 
-def _rc_items(pmd: PoolMetadata) -> tuple[list[int], list[int]]:
-    items = list(pmd.data_disk.rc_tree.items(pmd.data_disk.ref_count_root))
-    return [k for k, _ in items], [v for _, v in items]
 
 
-def _assert_exact(pmd: PoolMetadata, oracle: np.ndarray) -> None:
-    assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle)
-    big = np.flatnonzero(oracle >= 3)
-    keys, values = _rc_items(pmd)
-    assert keys == big.tolist() and values == oracle[big].tolist()
-    pmd.data_sm.validate_all()
 
 
-def _thresholds(mp: pytest.MonkeyPatch, rebuild: bool) -> None:
-    mp.setattr(paged, "RC_REBUILD_MIN", 1 if rebuild else 1 << 62)
-    mp.setattr(paged, "RC_REBUILD_FRACTION", 1 << 40)
 
 
 BLOCK = st.sampled_from(HOT) | st.integers(0, NR_DATA - 1)
@@ -73,7 +62,7 @@ OPS = st.lists(st.one_of(
 def test_counts_across_byte_and_tree_boundaries_vs_oracle(ops, tmp_path_factory) -> None:
     mp = pytest.MonkeyPatch()
     try:
-        _thresholds(mp, True)
+        force_rebuild(mp, True)
         path = tmp_path_factory.mktemp("rc4") / "pool.bin"
         pmd = _new(path)
         pmd.data_sm.max_clean_pages = 1
@@ -120,21 +109,21 @@ def test_counts_across_byte_and_tree_boundaries_vs_oracle(ops, tmp_path_factory)
             elif kind == "evict":
                 sm.evict_clean()
             elif kind == "commit":
-                _thresholds(mp, op[1])
+                force_rebuild(mp, op[1])
                 pmd.commit()
                 committed = oracle.copy()
-                _assert_exact(pmd, oracle)
+                assert_exact_counts(pmd, oracle)
             elif kind == "abort":
                 pmd.abort()
                 oracle = committed.copy()
             else:
-                _thresholds(mp, op[1])
+                force_rebuild(mp, op[1])
                 pmd.commit()
                 committed = oracle.copy()
                 pmd.close()
                 pmd = PoolMetadata.open(FileBlockStore(path))
                 pmd.data_sm.max_clean_pages = 1
-                _assert_exact(pmd, committed)
+                assert_exact_counts(pmd, committed)
             assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle)
             for b in HOT:
                 assert pmd.data_sm.count(b) == oracle[b]
@@ -142,7 +131,7 @@ def test_counts_across_byte_and_tree_boundaries_vs_oracle(ops, tmp_path_factory)
         pmd.commit()
         pmd.close()
         pmd = PoolMetadata.open(FileBlockStore(path))
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         pmd.close()
         report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
         assert report.problems == [], [str(p) for p in report.problems]
@@ -157,7 +146,7 @@ def test_widening_in_a_rebuild_commit_then_loaded_big_and_decremented_below_256_
     back exactly after a further commit and reopen, against the other path's result."""
     mp = pytest.MonkeyPatch()
     try:
-        _thresholds(mp, rebuild)
+        force_rebuild(mp, rebuild)
         path = tmp_path / "pool.bin"
         pmd = _new(path)
         oracle = np.zeros(NR_DATA, dtype=np.int64)
@@ -170,10 +159,10 @@ def test_widening_in_a_rebuild_commit_then_loaded_big_and_decremented_below_256_
         pmd.data_sm.inc(3 * E + 1, (1 << 32) - 1 - 0)  # the largest count a uint32 holds
         oracle[3 * E + 1] += (1 << 32) - 1
         pmd.commit()
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         pmd.close()
         pmd = PoolMetadata.open(FileBlockStore(path))
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         sm = pmd.data_sm
         assert sm._page(0).counts.dtype == np.uint32 and sm._page(3).counts.dtype == np.uint32
         sm.dec_many(np.repeat(big, [48, 300, 301]))  # 255, 3, 2
@@ -185,7 +174,7 @@ def test_widening_in_a_rebuild_commit_then_loaded_big_and_decremented_below_256_
         pmd.commit()
         pmd.close()
         pmd = PoolMetadata.open(FileBlockStore(path))
-        _assert_exact(pmd, oracle)
+        assert_exact_counts(pmd, oracle)
         assert pmd.data_sm.count(11) == 255 and pmd.data_sm.count(E + 5) == 3 and pmd.data_sm.count(2 * E + 9) == 2
         pmd.close()
         report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
