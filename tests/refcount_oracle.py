@@ -1,11 +1,16 @@
 """What the reference-count tests share: the data space map and its ref-count tree compared with a numpy oracle of
-every block's count, and the rebuild-or-update thresholds of the ref-count tree forced either way."""
+every block's count (also after a commit and a reopen), and the rebuild-or-update thresholds of the ref-count tree
+forced either way."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
+from thinpool.io.block_store import FileBlockStore
+from thinpool.metadata.check import check_metadata
 from thinpool.metadata.pool_metadata import PoolMetadata
 from thinpool.spacemap import paged
 
@@ -29,3 +34,14 @@ def force_rebuild(mp: pytest.MonkeyPatch, on: bool) -> None:
     """Make every commit rebuild the ref-count tree (``on``) or update it entry by entry."""
     mp.setattr(paged, "RC_REBUILD_MIN", 1 if on else 1 << 62)
     mp.setattr(paged, "RC_REBUILD_FRACTION", 1 << 40)
+
+
+def commit_reopen_and_check(pmd: PoolMetadata, path: str | os.PathLike[str], oracle: np.ndarray) -> None:
+    """Commit, reopen from ``path``: the counts are the oracle's; then thinpool's checker finds no problem."""
+    pmd.commit()
+    pmd.close()
+    pmd = PoolMetadata.open(FileBlockStore(path))
+    assert_exact_counts(pmd, oracle)
+    pmd.close()
+    report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
+    assert report.problems == [], [str(p) for p in report.problems]

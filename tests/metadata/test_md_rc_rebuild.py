@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from md_helpers import new_pool_file
-from refcount_oracle import assert_exact_counts, force_rebuild, rc_items
+from refcount_oracle import assert_exact_counts, commit_reopen_and_check, force_rebuild, rc_items
 
 from thinpool.formats.space_map import ENTRIES_PER_BITMAP as E
 from thinpool.io.block_store import FileBlockStore
@@ -84,13 +84,7 @@ def test_ref_count_tree_vs_oracle_rebuilt_or_updated(ops, rebuild, tmp_path_fact
                 pmd = PoolMetadata.open(FileBlockStore(path))
                 assert_exact_counts(pmd, committed)
             assert np.array_equal(pmd.data_sm.counts.astype(np.int64), oracle)
-        pmd.commit()
-        pmd.close()
-        pmd = PoolMetadata.open(FileBlockStore(path))
-        assert_exact_counts(pmd, oracle)
-        pmd.close()
-        report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
-        assert report.problems == [], [str(p) for p in report.problems]
+        commit_reopen_and_check(pmd, path, oracle)
     finally:
         mp.undo()
 

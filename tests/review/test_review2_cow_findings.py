@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +75,31 @@ def test_trim_with_a_pending_copy_keeps_its_source(tmp_path: Path) -> None:
     p.close()
 
 
+def _read_during_the_last_write(p: Pool, d: Any, ch: int) -> list[bytes]:
+    """Write "B" over the last 4 KiB of chunk 0 and, inside that write's pwrite, read the same 4 KiB from another
+    thread (the window of BUG 3): what the read returned, or nothing if it never finished."""
+    seen: list[bytes] = []
+    real = p.data.pwrite
+
+    def pwrite(off: int, data: bytes | memoryview) -> None:
+        if len(data) == 4096 and bytes(data[:1]) == b"B" and not seen:
+            t = threading.Thread(target=lambda: seen.append(d.read(ch - 4096, 4096)))
+            t.start()
+            t.join(0.5)  # the reader either finished (lock-free) or waits for the pool lock (correct)
+        real(off, data)
+
+    p.data.pwrite = pwrite  # type: ignore[method-assign]
+    try:
+        d.write(ch - 4096, b"B" * 4096)
+    finally:
+        p.data.pwrite = real  # type: ignore[method-assign]
+    for _ in range(100):
+        if seen:
+            break
+        threading.Event().wait(0.01)
+    return seen
+
+
 def test_lock_free_read_during_the_write_that_completes_a_pending_chunk(tmp_path: Path) -> None:
     """BUG 3. The write that covers a pending chunk's last unwritten sectors deletes its pending entry
     (_note_written) BEFORE its pwrite. A lock-free read (another thread: FUSE, a long NBD read, a library user)
@@ -85,25 +111,7 @@ def test_lock_free_read_during_the_write_that_completes_a_pending_chunk(tmp_path
     d = p.device(1)
     d.write(0, b"A" * (CH - 4096))  # deferred: all but the last 4 KiB written
     assert 0 in d._pend
-    seen: list[bytes] = []
-    real = p.data.pwrite
-
-    def pwrite(off: int, data: bytes | memoryview) -> None:
-        if len(data) == 4096 and bytes(data[:1]) == b"B" and not seen:
-            t = threading.Thread(target=lambda: seen.append(d.read(CH - 4096, 4096)))
-            t.start()
-            t.join(0.5)  # the reader either finished (lock-free) or waits for the pool lock (correct)
-        real(off, data)
-
-    p.data.pwrite = pwrite  # type: ignore[method-assign]
-    try:
-        d.write(CH - 4096, b"B" * 4096)
-    finally:
-        p.data.pwrite = real  # type: ignore[method-assign]
-    for _ in range(100):
-        if seen:
-            break
-        threading.Event().wait(0.01)
+    seen = _read_during_the_last_write(p, d, CH)
     assert seen and seen[0] in (old[CH - 4096:CH], b"B" * 4096), "the read saw bytes never written"
     p.close()
 
@@ -122,25 +130,7 @@ def test_lock_free_read_window_with_large_chunks_shows_a_deleted_devices_bytes(t
     p.delete_thin(9)
     p.commit()
     d.write(0, b"A" * (ch - 4096))  # deferred into a reused block
-    seen: list[bytes] = []
-    real = p.data.pwrite
-
-    def pwrite(off: int, data: bytes | memoryview) -> None:
-        if len(data) == 4096 and bytes(data[:1]) == b"B" and not seen:
-            t = threading.Thread(target=lambda: seen.append(d.read(ch - 4096, 4096)))
-            t.start()
-            t.join(0.5)
-        real(off, data)
-
-    p.data.pwrite = pwrite  # type: ignore[method-assign]
-    try:
-        d.write(ch - 4096, b"B" * 4096)
-    finally:
-        p.data.pwrite = real  # type: ignore[method-assign]
-    for _ in range(100):
-        if seen:
-            break
-        threading.Event().wait(0.01)
+    seen = _read_during_the_last_write(p, d, ch)
     assert seen and seen[0] != b"S" * 4096, "a lock-free read returned a deleted device's bytes"
     assert seen[0] in (old[ch - 4096:ch], b"B" * 4096)
     p.close()

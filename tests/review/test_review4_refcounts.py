@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from refcount_oracle import assert_exact_counts, force_rebuild, rc_items
+from refcount_oracle import assert_exact_counts, commit_reopen_and_check, force_rebuild, rc_items
 
 from thinpool import checksum
 from thinpool.checksum import BlockType
@@ -128,13 +128,7 @@ def test_counts_across_byte_and_tree_boundaries_vs_oracle(ops, tmp_path_factory)
             for b in HOT:
                 assert pmd.data_sm.count(b) == oracle[b]
                 assert pmd.data_sm.committed_count(b) == committed[b]
-        pmd.commit()
-        pmd.close()
-        pmd = PoolMetadata.open(FileBlockStore(path))
-        assert_exact_counts(pmd, oracle)
-        pmd.close()
-        report = check_metadata(FileBlockStore(path, readonly=True), skip_mappings=True)
-        assert report.problems == [], [str(p) for p in report.problems]
+        commit_reopen_and_check(pmd, path, oracle)
     finally:
         mp.undo()
 
