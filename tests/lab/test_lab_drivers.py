@@ -174,11 +174,13 @@ def test_page_cache_thinpool_keeps_a_copy_per_container_overlayfs_one(driver, im
     if isinstance(driver, D.ThinpoolDM):
         assert one["ext2_files_bytes"] == img.shared_bytes
         assert three["ext2_files_bytes"] == 3 * img.shared_bytes
-        # the shared chunks are cached once: two more containers reading the same file add less than one more
-        # copy of it to the pool's data file (a copy per container would add two). An absolute bound was flaky:
-        # what the readahead around ext2's metadata brings in varies by a few MiB from run to run, and mostly
-        # in common (measured: 12.5 MB for one container and for three).
-        assert three["pool_data_file_bytes"] < one["pool_data_file_bytes"] + img.shared_bytes, (one, three)
+        # the shared chunks are cached once: the three containers' copies of the file are the same data blocks of
+        # the pool, cached once. (The data file's total resident bytes were asserted here before: they also count
+        # the host's readahead beyond what ext2 asked for, 12.5-16.5 MB for the same reads, and CI caught it.)
+        for r in (one, three):
+            assert r["pool_file_copy_bytes"] == img.shared_bytes, r
+            assert r["pool_file_copy_resident_bytes"] == img.shared_bytes, r
+        assert three["pool_data_file_bytes"] >= img.shared_bytes
     else:
         assert one["resident_bytes"] == three["resident_bytes"] == img.shared_bytes
 

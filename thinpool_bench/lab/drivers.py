@@ -24,6 +24,7 @@ from thinpool_bench.lab import image as I
 from thinpool_bench.lab.image import Op, Tree
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+PAGE = 4096
 
 
 def run(cmd: list[str], **kw: Any) -> str:
@@ -84,6 +85,56 @@ def drop_cache(path: str) -> None:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_pages(path: str) -> Any:
+    """Which 4 KiB pages of a file are in the page cache (mincore(2) on a read-only mapping, which faults nothing
+    in): a numpy bool array, one entry per page."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        npages = -(-size // PAGE)
+        if not size:
+            return np.zeros(0, dtype=bool)
+        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        view = np.frombuffer(m, dtype=np.uint8)
+        vec = np.zeros(npages, dtype=np.uint8)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size),
+                        ctypes.c_void_p(vec.ctypes.data)):
+            raise OSError(ctypes.get_errno(), f"mincore {path}")
+        del view
+        return (vec & 1).astype(bool)
+    finally:
+        m.close()
+
+
+def file_block_offsets(path: str) -> list[int]:
+    """The byte offset on its block device of each block of a file on a kernel-mounted filesystem (FIBMAP, which
+    ext2 answers; root only), 0 for a hole."""
+    import fcntl
+    import struct
+
+    fibmap = 1
+    bsize = os.statvfs(path).f_bsize
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        nblocks = -(-os.fstat(fd).st_size // bsize)
+        out = []
+        for lblk in range(nblocks):
+            phys = struct.unpack("i", fcntl.ioctl(fd, fibmap, struct.pack("i", lblk)))[0]
+            out.append(phys * bsize)
+        return out
     finally:
         os.close(fd)
 
@@ -874,10 +925,10 @@ class ThinpoolDM(Driver):
             parts = fincore(files)
             loop_parts = fincore(loops)
             backing = fincore([data_file])[data_file]
-            return {"resident_bytes": sum(parts.values()) + sum(loop_parts.values()) + backing,
-                    "files_count": len(parts), "ext2_files_bytes": sum(parts.values()),
-                    "loop_devices_bytes": sum(loop_parts.values()), "pool_data_file_bytes": backing,
-                    "note": "FUSE export with direct I/O (no page cache in the FUSE files)"}
+            resident = resident_pages(data_file)
+            # where each container's copy of the file lies on its device (its ext2's block map), for the pool's
+            # mapping below: only the pool knows which data blocks those are
+            where = {c: file_block_offsets(p) for c, p in zip(cids, files, strict=True)}
         finally:
             for mp in reversed(mounts):
                 subprocess.run(["umount", mp], capture_output=True)
@@ -891,6 +942,22 @@ class ThinpoolDM(Driver):
                 proc.kill()
                 proc.wait()
             self.pool = Pool.open(self.pool_dir)
+        # the data file's pages that hold the file for any of the containers: one copy if they share its chunks.
+        # (The whole data file's resident bytes also count the readahead around what ext2 read, which varies.)
+        pages: set[int] = set()
+        ch = self.chunk_size
+        for c, offsets in where.items():
+            dev_id = self.pool.find_device(c)
+            for off in offsets:
+                hit = self.pool.md.lookup(dev_id, off // ch) if off else None
+                if hit is not None:
+                    pages.add((hit[0] * ch + off % ch) // PAGE)
+        held = sum(1 for pg in pages if pg < len(resident) and resident[pg])
+        return {"resident_bytes": sum(parts.values()) + sum(loop_parts.values()) + backing,
+                "files_count": len(parts), "ext2_files_bytes": sum(parts.values()),
+                "loop_devices_bytes": sum(loop_parts.values()), "pool_data_file_bytes": backing,
+                "pool_file_copy_bytes": len(pages) * PAGE, "pool_file_copy_resident_bytes": held * PAGE,
+                "note": "FUSE export with direct I/O (no page cache in the FUSE files)"}
 
     def teardown(self) -> None:
         pool = getattr(self, "pool", None)
