@@ -296,3 +296,67 @@ def test_the_declaration_module_imports_no_click() -> None:
                         "print('click' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
     assert FAST_PATH_ENVVAR == "THINPOOL_CLICK_ONLY"
+
+
+def test_thinpool_ls_imports_neither_dataclasses_nor_inspect(pools: dict[str, Path]) -> None:
+    probe_mods = PROBE.replace('m == "click" or m.startswith("click.")', 'm in ("dataclasses", "inspect", "ast")')
+    r = subprocess.run([sys.executable, "-c", probe_mods, json.dumps(["ls", str(pools["held"])])],
+                       capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stderr.splitlines()[-1]) == {"code": 0, "click": []}, r.stderr
+    assert r.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME")
+
+
+# --- the formats' value classes without dataclasses --------------------------------------------------------------
+def test_the_format_records_behave_as_frozen_dataclasses() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    from thinpool.formats.device_details import DeviceDetails
+    from thinpool.formats.fields import record, replace
+    from thinpool.formats.space_map import IndexEntry, SmRoot
+    from thinpool.formats.superblock import Superblock
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Ref:
+        a: int
+        b: bytes
+        c: int = 7
+
+    @record
+    class Rec:
+        a: int
+        b: bytes
+        c: int = 7
+
+        @property
+        def twice(self) -> int:
+            return 2 * self.a
+
+    for args, kw in (((1, b"x"), {}), ((1, b"x", 3), {}), ((), {"b": b"y", "a": 2}), ((4,), {"b": b"", "c": 0})):
+        ref, rec = Ref(*args, **kw), Rec(*args, **kw)  # type: ignore[arg-type]
+        assert repr(rec).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+        assert (rec.a, rec.b, rec.c) == (ref.a, ref.b, ref.c) and rec.twice == 2 * ref.a
+        assert rec == Rec(*args, **kw) and hash(rec) == hash(Rec(*args, **kw))  # type: ignore[arg-type]
+        assert rec != Rec(rec.a + 1, rec.b, rec.c) and rec != (rec.a, rec.b, rec.c)
+        assert copy.copy(rec) == rec and copy.deepcopy(rec) == rec
+        assert replace(rec, c=99) == Rec(rec.a, rec.b, 99) and rec.c == ref.c
+        with pytest.raises(AttributeError):
+            rec.a = 5  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            del rec.a  # type: ignore[misc]
+        assert not hasattr(rec, "__dict__") and Rec.__match_args__ == Ref.__match_args__
+    with pytest.raises(TypeError):
+        Rec(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        replace(Rec(1, b""), d=1)
+    for cls in (DeviceDetails, SmRoot, IndexEntry, Superblock):
+        assert not dataclasses.is_dataclass(cls) and cls.__slots__  # type: ignore[attr-defined]
+    d = DeviceDetails(1, 2, 3, 4)
+    assert pickle.loads(pickle.dumps(d)) == d and copy.deepcopy(d) == d and d == DeviceDetails(1, 2, 3, 4)
+    sb = Superblock(flags=1, blocknr=0, uuid=bytes(16), magic=27022010, version=2, time=3, trans_id=4, held_root=0,
+                    data_sm_root=SmRoot(1, 2, 3, 4), metadata_sm_root=SmRoot(5, 6, 7, 8), data_mapping_root=9,
+                    device_details_root=10, data_block_size=128, metadata_block_size=8, metadata_nr_blocks=100)
+    assert sb.needs_check and sb.incompat_flags == 0
+    assert sb.replace(time=5, held_root=6) == Superblock(**{**{n: getattr(sb, n) for n in Superblock.__match_args__},
+                                                           "time": 5, "held_root": 6})
