@@ -108,10 +108,25 @@ def main(argv: Sequence[str] | None = None, *, fast: bool | None = None) -> None
 
         code = run_fast(args[1:])
         if code is not None:
+            if argv is None:  # the process is this command's (console script, python -m): no teardown to wait for
+                _exit_now(code)
             sys.exit(code)
     from thinpool_cli.app import cli as app
 
     app(args=args, prog_name="thinpool")
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after flushing stdout and stderr: the fast path has closed what it opened and registered no
+    exit handler, so the interpreter's teardown (freeing every module: ~15M instructions, ~3 ms, a tenth of
+    ``thinpool ls``) does nothing anyone sees."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def __getattr__(name: str) -> Any:

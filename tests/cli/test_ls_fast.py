@@ -244,17 +244,31 @@ def test_what_the_fast_path_is_not_sure_of_goes_to_click(pools: dict[str, Path],
 
 # --- the real entry: no click ------------------------------------------------------------------------------------
 PROBE = r"""
-import json, sys
+import json, os, sys
 sys.argv = ["thinpool"] + json.loads(sys.argv[1])
+
+
+def report(code):
+    print(json.dumps({"code": code, "click": sorted(m for m in sys.modules if m == "click" or m.startswith("click."))}),
+          file=sys.stderr)
+
+
+real_exit = os._exit
+
+
+def exit_now(code):  # the fast path ends the process with os._exit (no teardown): report first
+    report(code)
+    sys.stderr.flush()
+    real_exit(code)
+
+
+os._exit = exit_now
 from thinpool_cli.main import main
 try:
     main()
 except SystemExit as e:
-    code = e.code
-print(json.dumps({"code": code, "click": sorted(m for m in sys.modules if m == "click" or m.startswith("click."))}),
-      file=sys.stderr)
+    report(e.code)
 """
-
 
 def probe(args: list[str], *, click_only: bool = False) -> tuple[str, str, dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if k not in ("THINPOOL_POOL", "THINPOOL_CLICK_ONLY")}
