@@ -108,12 +108,19 @@ def main(argv: Sequence[str] | None = None, *, fast: bool | None = None) -> None
 
         code = run_fast(args[1:])
         if code is not None:
-            if argv is None:  # the process is this command's (console script, python -m): no teardown to wait for
+            if argv is None and _is_console_script():  # the process is this command's: no teardown to wait for
                 _exit_now(code)
             sys.exit(code)
     from thinpool_cli.app import cli as app
 
     app(args=args, prog_name="thinpool")
+
+
+def _is_console_script() -> bool:
+    """Whether the process runs the installed ``thinpool`` script (not ``python -c``, a test or another program
+    calling ``main()``, which get SystemExit as from click)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is not None and os.path.basename(main_file) == "thinpool"
 
 
 def _exit_now(code: int) -> None:

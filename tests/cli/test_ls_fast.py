@@ -244,31 +244,17 @@ def test_what_the_fast_path_is_not_sure_of_goes_to_click(pools: dict[str, Path],
 
 # --- the real entry: no click ------------------------------------------------------------------------------------
 PROBE = r"""
-import json, os, sys
+import json, sys
 sys.argv = ["thinpool"] + json.loads(sys.argv[1])
-
-
-def report(code):
-    print(json.dumps({"code": code, "click": sorted(m for m in sys.modules if m == "click" or m.startswith("click."))}),
-          file=sys.stderr)
-
-
-real_exit = os._exit
-
-
-def exit_now(code):  # the fast path ends the process with os._exit (no teardown): report first
-    report(code)
-    sys.stderr.flush()
-    real_exit(code)
-
-
-os._exit = exit_now
 from thinpool_cli.main import main
 try:
     main()
 except SystemExit as e:
-    report(e.code)
+    code = e.code
+print(json.dumps({"code": code, "click": sorted(m for m in sys.modules if m == "click" or m.startswith("click."))}),
+      file=sys.stderr)
 """
+
 
 def probe(args: list[str], *, click_only: bool = False) -> tuple[str, str, dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if k not in ("THINPOOL_POOL", "THINPOOL_CLICK_ONLY")}
@@ -295,14 +281,22 @@ def test_a_usage_error_still_comes_from_click(pools: dict[str, Path]) -> None:
 
 
 def test_the_console_script_lists_without_click(pools: dict[str, Path]) -> None:
+    # the installed script ends the process at once after the listing (os._exit, no teardown): same bytes, status
     exe = Path(sys.executable).parent / "thinpool"
     if not exe.exists():
         pytest.skip(f"no console script beside {sys.executable}")
-    fast = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
-    slow = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
-    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
-    assert fast.returncode == 0 and fast.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME")
+    for args in ([str(pools["held"])], [str(pools["held"]), "--json", "-m"], [str(pools["details"])],
+                 [str(pools["missing"])], ["-o", "BOGUS", str(pools["held"])]):
+        fast = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+    ok = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME") and ok.stderr == ""
+    with subprocess.Popen([str(exe), "ls", str(pools["held"])], stdout=subprocess.PIPE) as p:  # through a pipe
+        assert p.stdout is not None
+        assert p.stdout.read().decode() == ok.stdout
+    assert p.returncode == 0
 
 
 def test_the_declaration_module_imports_no_click() -> None:
