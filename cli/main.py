@@ -78,8 +78,9 @@ def report_failure(e: BaseException) -> int:
         # a failing command changes nothing, as for any exception before its commit
         return _error_line("out of memory", 1)
     if isinstance(e, KeyboardInterrupt):
-        sys.stderr.write("thinpool: interrupted\n")
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.write("thinpool: interrupted\n")
+            sys.stderr.flush()
         return 130
     if isinstance(e, OSError):
         if e.errno == errno.EPIPE:
@@ -90,8 +91,10 @@ def report_failure(e: BaseException) -> int:
 
 
 def _error_line(message: str, code: int) -> int:
-    sys.stderr.write(f"thinpool: error: {message}\n")
-    sys.stderr.flush()
+    err = sys.stderr
+    if err is not None:  # None: no stderr at all; click.echo then prints nothing, as here
+        err.write(f"thinpool: error: {message}\n")
+        err.flush()
     return code
 
 

@@ -291,6 +291,21 @@ def test_the_console_script_lists_without_click(pools: dict[str, Path]) -> None:
         slow = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
         assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+    odd = os.fsencode(pools["missing"]) + b"-caf\xe9 \xff"  # not UTF-8: printed as Python prints such names
+    for args_b in ([odd], [b"-p", odd], [os.fsencode(pools["held"]), b"-o", b"DEV,\xff"]):
+        fast_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120)
+        slow_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120,
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_b.returncode, fast_b.stdout, fast_b.stderr) == (slow_b.returncode, slow_b.stdout, slow_b.stderr)
+        assert fast_b.returncode in (1, 2) and fast_b.stderr
+    for fd_closed in (1, 2):  # no stdout, or no stderr, at all
+        fast_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, pass_fds=(), close_fds=True,
+                                preexec_fn=lambda fd=fd_closed: os.close(fd))  # noqa: PLW1509
+        slow_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, preexec_fn=lambda fd=fd_closed: os.close(fd),
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_c.returncode, fast_c.stdout, fast_c.stderr) == (slow_c.returncode, slow_c.stdout, slow_c.stderr)
     ok = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME") and ok.stderr == ""
     with subprocess.Popen([str(exe), "ls", str(pools["held"])], stdout=subprocess.PIPE) as p:  # through a pipe
