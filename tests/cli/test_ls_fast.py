@@ -281,14 +281,37 @@ def test_a_usage_error_still_comes_from_click(pools: dict[str, Path]) -> None:
 
 
 def test_the_console_script_lists_without_click(pools: dict[str, Path]) -> None:
+    # the installed script ends the process at once after the listing (os._exit, no teardown): same bytes, status
     exe = Path(sys.executable).parent / "thinpool"
     if not exe.exists():
         pytest.skip(f"no console script beside {sys.executable}")
-    fast = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
-    slow = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
-    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
-    assert fast.returncode == 0 and fast.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME")
+    for args in ([str(pools["held"])], [str(pools["held"]), "--json", "-m"], [str(pools["details"])],
+                 [str(pools["missing"])], ["-o", "BOGUS", str(pools["held"])]):
+        fast = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+    odd = os.fsencode(pools["missing"]) + b"-caf\xe9 \xff"  # not UTF-8: printed as Python prints such names
+    for args_b in ([odd], [b"-p", odd], [os.fsencode(pools["held"]), b"-o", b"DEV,\xff"]):
+        fast_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120)
+        slow_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120,
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_b.returncode, fast_b.stdout, fast_b.stderr) == (slow_b.returncode, slow_b.stdout, slow_b.stderr)
+        assert fast_b.returncode in (1, 2) and fast_b.stderr
+    for fd_closed in (1, 2):  # no stdout, or no stderr, at all
+        fast_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, pass_fds=(), close_fds=True,
+                                preexec_fn=lambda fd=fd_closed: os.close(fd))  # noqa: PLW1509
+        slow_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, preexec_fn=lambda fd=fd_closed: os.close(fd),
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_c.returncode, fast_c.stdout, fast_c.stderr) == (slow_c.returncode, slow_c.stdout, slow_c.stderr)
+    ok = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME") and ok.stderr == ""
+    with subprocess.Popen([str(exe), "ls", str(pools["held"])], stdout=subprocess.PIPE) as p:  # through a pipe
+        assert p.stdout is not None
+        assert p.stdout.read().decode() == ok.stdout
+    assert p.returncode == 0
 
 
 def test_the_declaration_module_imports_no_click() -> None:
@@ -296,3 +319,67 @@ def test_the_declaration_module_imports_no_click() -> None:
                         "print('click' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
     assert FAST_PATH_ENVVAR == "THINPOOL_CLICK_ONLY"
+
+
+def test_thinpool_ls_imports_neither_dataclasses_nor_inspect(pools: dict[str, Path]) -> None:
+    probe_mods = PROBE.replace('m == "click" or m.startswith("click.")', 'm in ("dataclasses", "inspect", "ast")')
+    r = subprocess.run([sys.executable, "-c", probe_mods, json.dumps(["ls", str(pools["held"])])],
+                       capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stderr.splitlines()[-1]) == {"code": 0, "click": []}, r.stderr
+    assert r.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME")
+
+
+# --- the formats' value classes without dataclasses --------------------------------------------------------------
+def test_the_format_records_behave_as_frozen_dataclasses() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    from thinpool.formats.device_details import DeviceDetails
+    from thinpool.formats.fields import record, replace
+    from thinpool.formats.space_map import IndexEntry, SmRoot
+    from thinpool.formats.superblock import Superblock
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Ref:
+        a: int
+        b: bytes
+        c: int = 7
+
+    @record
+    class Rec:
+        a: int
+        b: bytes
+        c: int = 7
+
+        @property
+        def twice(self) -> int:
+            return 2 * self.a
+
+    for args, kw in (((1, b"x"), {}), ((1, b"x", 3), {}), ((), {"b": b"y", "a": 2}), ((4,), {"b": b"", "c": 0})):
+        ref, rec = Ref(*args, **kw), Rec(*args, **kw)  # type: ignore[arg-type]
+        assert repr(rec).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+        assert (rec.a, rec.b, rec.c) == (ref.a, ref.b, ref.c) and rec.twice == 2 * ref.a
+        assert rec == Rec(*args, **kw) and hash(rec) == hash(Rec(*args, **kw))  # type: ignore[arg-type]
+        assert rec != Rec(rec.a + 1, rec.b, rec.c) and rec != (rec.a, rec.b, rec.c)
+        assert copy.copy(rec) == rec and copy.deepcopy(rec) == rec
+        assert replace(rec, c=99) == Rec(rec.a, rec.b, 99) and rec.c == ref.c
+        with pytest.raises(AttributeError):
+            rec.a = 5  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            del rec.a  # type: ignore[misc]
+        assert not hasattr(rec, "__dict__") and Rec.__match_args__ == Ref.__match_args__
+    with pytest.raises(TypeError):
+        Rec(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        replace(Rec(1, b""), d=1)
+    for cls in (DeviceDetails, SmRoot, IndexEntry, Superblock):
+        assert not dataclasses.is_dataclass(cls) and cls.__slots__  # type: ignore[attr-defined]
+    d = DeviceDetails(1, 2, 3, 4)
+    assert pickle.loads(pickle.dumps(d)) == d and copy.deepcopy(d) == d and d == DeviceDetails(1, 2, 3, 4)
+    sb = Superblock(flags=1, blocknr=0, uuid=bytes(16), magic=27022010, version=2, time=3, trans_id=4, held_root=0,
+                    data_sm_root=SmRoot(1, 2, 3, 4), metadata_sm_root=SmRoot(5, 6, 7, 8), data_mapping_root=9,
+                    device_details_root=10, data_block_size=128, metadata_block_size=8, metadata_nr_blocks=100)
+    assert sb.needs_check and sb.incompat_flags == 0
+    assert sb.replace(time=5, held_root=6) == Superblock(**{**{n: getattr(sb, n) for n in Superblock.__match_args__},
+                                                           "time": 5, "held_root": 6})
