@@ -1,10 +1,13 @@
-"""Entry point of the `thinpool` command line.
+"""Entry point of the `thinpool` command line: ``main()``, the command table, and the one mapping of errors to
+exit statuses.
 
-Layer: cli. May import: click, thinpool.errors and the command modules (each of which imports numpy, rich and the
-library only inside its commands, so ``thinpool --help`` stays fast).
+Layer: cli. May import: thinpool.errors, ``thinpool_cli.ls_fast``, and (inside ``main`` and ``__getattr__``) the
+click app in ``thinpool_cli.app``. This module imports no click: ``thinpool ls`` with the fields the device details
+give runs without it (``ls_fast.run_fast``: the same declaration of ``ls``'s options as the click command, and the
+same listing); every other command line, and anything the fast path is not certain of, goes to click.
 
-Errors are handled once, here (``ThinpoolGroup.invoke``): one line on stderr and a documented exit status, never a
-traceback.
+Errors are handled once, here (``report_failure``, which the click group's ``invoke`` and the fast path both call):
+one line on stderr and a documented exit status, never a traceback.
 
 Exit status: 0 success; 1 generic error (and ``check`` found errors); 2 usage error (bad option, bad size, missing
 pool argument); 3 no space (data or metadata); 4 metadata error (corrupt, unsupported, needs_check);
@@ -14,14 +17,13 @@ pool argument); 3 no space (data or metadata); 4 metadata error (corrupt, unsupp
 from __future__ import annotations
 
 import errno
-import importlib
+import os
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from thinpool import __version__
-from thinpool.errors import ThinpoolError
+if TYPE_CHECKING:
+    from thinpool_cli.app import ThinpoolGroup, cli
 
 # Every command is loaded on first use, so that --help imports no command module (name -> module, attribute,
 # one-line help shown by --help). A command whose module is not installed is not listed; a module that exists
@@ -54,99 +56,96 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def report_error(message: str, code: int) -> None:
-    """Print one line on stderr and exit with ``code``."""
-    click.echo(f"thinpool: error: {message}", err=True)
-    raise click.exceptions.Exit(code)
+
+FAST_PATH_ENVVAR = "THINPOOL_CLICK_ONLY"  # "1": every command line through click (tests compare the two paths)
 
 
-class ThinpoolGroup(click.Group):
-    """The root group: lazy commands, and the one place where exceptions become exit codes."""
+def report_failure(e: BaseException) -> int:
+    """Print the one stderr line for an exception a command raised and return its exit status; re-raise what is
+    not an error of the command's work (SystemExit, click's own exceptions, bugs).
 
-    def _lazy(self, name: str) -> click.Command | None:
-        spec = LAZY_COMMANDS.get(name)
-        if spec is None:
-            return None
-        module, attr, _ = spec
-        if not self._lazy_available(name):
-            return None
-        cmd = getattr(importlib.import_module(module), attr, None)
-        if not isinstance(cmd, click.Command):
-            raise RuntimeError(f"{module}.{attr} is not a command")
-        self.add_command(cmd, name)
-        return cmd
-
-    def _lazy_available(self, name: str) -> bool:
-        from importlib.util import find_spec
-
-        try:
-            return find_spec(LAZY_COMMANDS[name][0]) is not None
-        except (ImportError, ValueError):
-            return False
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        names = set(self.commands)
-        names.update(n for n in LAZY_COMMANDS if self._lazy_available(n))
-        return sorted(names)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        cmd = self.commands.get(cmd_name)
-        if cmd is None:
-            cmd = self._lazy(cmd_name)
-        return cmd
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = []
-        for name in self.list_commands(ctx):
-            cmd = self.commands.get(name)
-            if cmd is not None:
-                if cmd.hidden:
-                    continue
-                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
-            else:
-                rows.append((name, LAZY_COMMANDS[name][2]))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ThinpoolError as e:
-            report_error(str(e), getattr(e, "exit_code", 1))
-        except BrokenPipeError:
-            # the reader went away (e.g. `thinpool dump | head`): quiet, like the C tools
-            try:
-                sys.stdout = None
-            finally:
-                raise click.exceptions.Exit(1)
-        except MemoryError:
-            # the work did not fit in this process's memory (a ulimit, a container's limit): one line, as every
-            # other error; a failing command changes nothing, as for any exception before its commit
-            report_error("out of memory", 1)
-        except KeyboardInterrupt:
-            click.echo("thinpool: interrupted", err=True)
-            raise click.exceptions.Exit(130) from None
-        except OSError as e:
-            if e.errno == errno.EPIPE:
-                raise click.exceptions.Exit(1) from None
-            where = f"{e.filename}: " if e.filename else ""
-            report_error(f"{where}{e.strerror or e}", 1)
-
-
-@click.group(cls=ThinpoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="thinpool")
-def cli() -> None:
-    """thinpool: thin-provisioned block devices with Linux dm-thin metadata.
-
-    A pool is a directory (metadata, data, pool.json). Commands that act on a pool take --pool PATH or read
-    $THINPOOL_POOL. The tools (check, dump, restore, ls, delta, rmap, map) also accept a bare metadata file.
-
-    Exit status: 0 ok, 1 error, 2 usage error, 3 no space, 4 metadata error, 5 device error.
-
-    Start with: thinpool quickstart
+    ThinpoolError: its ``exit_code``; a reader that went away (``thinpool dump | head``): 1, quietly, like the C
+    tools; MemoryError (a ulimit, a container's limit): 1; Ctrl-C: 130; another OSError: 1, with the file it names.
     """
+    from thinpool.errors import ThinpoolError
+
+    if isinstance(e, ThinpoolError):
+        return _error_line(str(e), getattr(e, "exit_code", 1))
+    if isinstance(e, BrokenPipeError):
+        sys.stdout = None  # type: ignore[assignment]  # nothing more reaches the closed pipe, not even a flush
+        return 1
+    if isinstance(e, MemoryError):
+        # a failing command changes nothing, as for any exception before its commit
+        return _error_line("out of memory", 1)
+    if isinstance(e, KeyboardInterrupt):
+        if sys.stderr is not None:
+            sys.stderr.write("thinpool: interrupted\n")
+            sys.stderr.flush()
+        return 130
+    if isinstance(e, OSError):
+        if e.errno == errno.EPIPE:
+            return 1
+        where = f"{e.filename}: " if e.filename else ""
+        return _error_line(f"{where}{e.strerror or e}", 1)
+    raise e
 
 
-def main() -> None:
-    cli(prog_name="thinpool")
+def _error_line(message: str, code: int) -> int:
+    err = sys.stderr
+    if err is not None:  # None: no stderr at all; click.echo then prints nothing, as here
+        err.write(f"thinpool: error: {message}\n")
+        err.flush()
+    return code
+
+
+def main(argv: Sequence[str] | None = None, *, fast: bool | None = None) -> None:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and exit with its status.
+
+    ``fast``: whether ``thinpool ls`` may take the click-free path (default: unless $THINPOOL_CLICK_ONLY is 1).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if fast is None:
+        fast = os.environ.get(FAST_PATH_ENVVAR) != "1"
+    if fast and args and args[0] == "ls":
+        from thinpool_cli.ls_fast import run_fast
+
+        code = run_fast(args[1:])
+        if code is not None:
+            if argv is None and _is_console_script():  # the process is this command's: no teardown to wait for
+                _exit_now(code)
+            sys.exit(code)
+    from thinpool_cli.app import cli as app
+
+    app(args=args, prog_name="thinpool")
+
+
+def _is_console_script() -> bool:
+    """Whether the process runs the installed ``thinpool`` script (not ``python -c``, a test or another program
+    calling ``main()``, which get SystemExit as from click)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is not None and os.path.basename(main_file) == "thinpool"
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after flushing stdout and stderr: the fast path has closed what it opened and registered no
+    exit handler, so the interpreter's teardown (freeing every module: ~15M instructions, ~3 ms, a tenth of
+    ``thinpool ls``) does nothing anyone sees."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def __getattr__(name: str) -> Any:
+    """The click app's names (``cli``, ``ThinpoolGroup``), imported on first use."""
+    if name in ("cli", "ThinpoolGroup"):
+        from thinpool_cli import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FAST_PATH_ENVVAR", "LAZY_COMMANDS", "ThinpoolGroup", "cli", "main", "report_failure"]

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 import click
 
-from thinpool.errors import InvalidArgument, PoolNotFound
+from thinpool.errors import InvalidArgument
 from thinpool.units import SECTOR_SIZE, check_data_block_size, parse_size
+from thinpool_cli.ls_fast import metadata_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,14 +91,7 @@ def metadata_path(target: str | None) -> str:
     """The metadata file of a tool's target: a pool directory (its ``metadata``) or a bare metadata file/device."""
     if not target:
         raise click.UsageError(f"no pool or metadata file given: pass TARGET, --pool PATH or set {POOL_ENVVAR}")
-    if os.path.isdir(target):
-        md = os.path.join(target, "metadata")
-        if not os.path.exists(md):
-            raise PoolNotFound(path=target)
-        return md
-    if not os.path.exists(target):
-        raise PoolNotFound(path=target)
-    return target
+    return metadata_file(target)
 
 
 def is_pool_dir(target: str) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
 import click
 
+from thinpool_cli import ls_fast
 from thinpool_cli.params import F, device_ref, is_target, metadata_path, pool_option
 
 BIG_MAPPINGS = 1 << 19  # mappings (about a second of work) from which the tools show progress on a terminal
@@ -38,18 +39,10 @@ def open_metadata(target: str | None, *, use_metadata_snap: bool = False) -> Ite
         store.close()
 
 
-@contextmanager
-def open_details(target: str | None, *, use_metadata_snap: bool = False) -> Iterator[Any]:
+def open_details(target: str | None, *, use_metadata_snap: bool = False) -> AbstractContextManager[Any]:
     """Open a pool directory's or a bare file's metadata as a ``ReadOnlyMetadata`` view: the superblock and the
     device details only (what ``ls`` needs for its default fields; no space map, transaction manager or numpy)."""
-    from thinpool.io.block_store import FileBlockStore
-    from thinpool.metadata.readonly import ReadOnlyMetadata
-
-    store = FileBlockStore(metadata_path(target), readonly=True)
-    try:
-        yield ReadOnlyMetadata.open(store, use_metadata_snap=use_metadata_snap)
-    finally:
-        store.close()
+    return ls_fast.open_details(metadata_path(target), use_metadata_snap=use_metadata_snap)
 
 
 @contextmanager
@@ -134,19 +127,7 @@ def require_devices(md: Any, ids: Sequence[int]) -> None:
 
 def require_metadata_snap(target: str | None) -> None:
     """-m needs a held metadata snapshot (thin_check/thin_dump refuse otherwise): refuse the same way."""
-    from thinpool.io.block_store import FileBlockStore
-    from thinpool.metadata.readonly import read_superblock
-
-    store = FileBlockStore(metadata_path(target), readonly=True)
-    try:
-        held = read_superblock(store).held_root
-    finally:
-        store.close()
-    if not held:
-        from thinpool.errors import InvalidArgument
-
-        raise InvalidArgument(reason="no metadata snapshot is held (reserve one with `thinpool pool "
-                                     "reserve-metadata-snap`, or drop -m)")
+    ls_fast.require_metadata_snap(metadata_path(target))
 
 
 def progress_threshold() -> int:

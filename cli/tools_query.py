@@ -12,33 +12,37 @@ from typing import Any
 
 import click
 
-from thinpool_cli.params import json_option, parse_region, pool_option
+from thinpool_cli.ls_fast import LS_PARAMS, ls_details_text
+from thinpool_cli.params import F, json_option, metadata_path, parse_region, pool_option
 from thinpool_cli.tools_common import (
     mapping_progress,
     node_progress,
-    open_details,
     open_metadata,
     require_devices,
     require_metadata_snap,
     resolve_device,
     split_target,
-    target_option,
     total_mapped,
 )
 
-_LS_HELP_FIELDS = ("DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS, MAPPED_SECTORS, EXCLUSIVE_SECTORS, "
-                   "SHARED_SECTORS, MAPPED_BYTES, EXCLUSIVE_BYTES, SHARED_BYTES, MAPPED, EXCLUSIVE, SHARED, "
-                   "TRANSACTION, CREATE_TIME, SNAP_TIME, HIGHEST_BLOCK")
-
 
 # --- ls ---------------------------------------------------------------------------------------------------------
+def _ls_params(f: F) -> F:
+    """``ls``'s parameters, built from their one declaration (``ls_fast.LS_PARAMS``, which the fast path parses
+    with): an optional TARGET argument, options with a value, flags; ``path`` options are click ``Path``s."""
+    for p in reversed(LS_PARAMS):
+        if p.is_argument:
+            f = click.argument(p.dest, required=False, metavar=p.metavar)(f)
+        elif p.is_flag:
+            f = click.option(*p.flags, p.dest, is_flag=True, help=p.help)(f)
+        else:
+            f = click.option(*p.flags, p.dest, metavar=p.metavar, envvar=p.envvar, help=p.help,
+                             type=click.Path(file_okay=True, dir_okay=True) if p.path else None)(f)
+    return f
+
+
 @click.command("ls")
-@target_option
-@click.option("-o", "--format", "fields", metavar="FIELDS",
-              help=f"Comma-separated fields: {_LS_HELP_FIELDS}. Default: DEV,MAPPED,CREATE_TIME,SNAP_TIME.")
-@click.option("--no-headers", is_flag=True, help="No header line.")
-@click.option("-m", "--metadata-snap", is_flag=True, help="Read through the held metadata snapshot.")
-@json_option
+@_ls_params
 def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers: bool, metadata_snap: bool,
        as_json: bool) -> None:
     """List thin devices like thin_ls: mapped, exclusive and shared space, times.
@@ -56,16 +60,17 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     except InvalidArgument as e:
         raise click.BadParameter(str(e), param_hint="'-o'") from None
     target = target or pool_path
+    if not needs_mappings(chosen):  # the details alone: no space map, transaction manager or numpy loaded
+        # the fast path's listing (``thinpool_cli.main`` runs it without click when it can)
+        click.echo(ls_details_text(metadata_path(target), chosen, no_headers=no_headers,
+                                   metadata_snap=metadata_snap, as_json=as_json), nl=False)
+        return
     if metadata_snap:
         require_metadata_snap(target)
-    if not needs_mappings(chosen):  # the details alone: no space map, transaction manager or numpy loaded
-        with open_details(target, use_metadata_snap=metadata_snap) as view:
-            rows = ls_rows(view, chosen)
-    else:
-        with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
-            walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
-            with node_progress("counting shared blocks", pmd.store, total_mapped(pmd) if walks else 0):
-                rows = ls_rows(pmd, chosen)
+    with open_metadata(target, use_metadata_snap=metadata_snap) as pmd:
+        walks = any(f.startswith(("EXCLUSIVE", "SHARED")) for f in chosen)
+        with node_progress("counting shared blocks", pmd.store, total_mapped(pmd) if walks else 0):
+            rows = ls_rows(pmd, chosen)
     if as_json:
         from thinpool_cli.output import echo_json
 

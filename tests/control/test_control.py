@@ -157,12 +157,17 @@ def test_snapshot_while_fio_writes(pooldir):
     t = threading.Thread(target=pattern)
     t.start()
     try:
-        while len(rounds) < 3 and not errors:
+        deadline = time.monotonic() + 120  # (a hang guard, not a timing check)
+        while len(rounds) < 3 and not errors and time.monotonic() < deadline:
             time.sleep(0.01)
         before = rounds[-1] if rounds else 0
         thinpool("thin", "snap", "1", "vol", "--name", "cut", pool=pool)
         after = rounds[-1] + 1 if rounds else 1  # the round in progress when the reply came
-        time.sleep(0.3)
+        # the pattern goes on until a round begun after the reply is complete (the origin's later writes), however
+        # slowly the host runs it: a wait on that round, not a fixed 0.3 s
+        deadline = time.monotonic() + 120
+        while not (rounds and rounds[-1] > after) and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
         stop.set()
         t.join(120)
         out, _ = fio.communicate(timeout=300)

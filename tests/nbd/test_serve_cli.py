@@ -174,6 +174,18 @@ def test_serve_nbdcopy_and_qemu_img_on_thin_device(pooldir):
         assert sum(n for _o, n in data) <= sum(n for _o, n in regions) + 6 * 65536
 
 
+def _committed_ranges(pool_path: str) -> list[tuple[int, int]] | None:
+    """Device 0's mapped ranges in the pool's last commit (no lock: beside the running server), or None while a
+    commit is being written (a superblock or manifest caught mid-update)."""
+    from thinpool.errors import ThinpoolError
+
+    try:
+        with Pool.open(pool_path, readonly=True, lock="none") as p:
+            return p.device(0).mapped_ranges()
+    except ThinpoolError:
+        return None
+
+
 def test_serve_commit_interval_survives_kill(pooldir):
     """With --commit-interval, writes a client never flushed are committed anyway: a SIGKILL loses nothing."""
     import time
@@ -189,7 +201,12 @@ def test_serve_commit_interval_survives_kill(pooldir):
             c.greeting()
             c.go("0")
             assert c.write(2 * MiB, b"\x5a" * 65536) == 0  # no FLUSH, no FUA
-        time.sleep(1.0)
+        # the interval's commit, seen on disk (the last commit, read without the lock) before the kill: a wait on
+        # the commit itself, not on a guess of how long the server takes to get to it under load
+        deadline = time.monotonic() + 60
+        while _committed_ranges(pool_path) != [(2 * MiB, 65536)]:
+            assert srv.proc.poll() is None and time.monotonic() < deadline, "no commit within 60 s of the write"
+            time.sleep(0.05)
         srv.proc.kill()
     finally:
         srv.stop()

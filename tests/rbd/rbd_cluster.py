@@ -18,10 +18,17 @@ from pathlib import Path
 DAEMONS = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: each socket stays bound until all are picked (one closed before
+    the next bind could hand the same port out twice, and the mon could not bind its second address)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class CephCluster:
@@ -43,7 +50,7 @@ class CephCluster:
         (r / "log").mkdir(exist_ok=True)
         (r / "mon").mkdir(exist_ok=True)
         (r / "osd").mkdir(exist_ok=True)
-        v2, v1 = _free_port(), _free_port()
+        v2, v1 = _free_ports(2)
         addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}

@@ -1,4 +1,5 @@
-"""What the review tests share: a process's descriptors, threads and resident set, a server stopped with SIGTERM
+"""What the review tests share: a process's descriptors, threads and resident set (and a wait for them to settle),
+a server stopped with SIGTERM
 (killed after 60 s), and a device read through each of its read paths."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 
 def proc_counts(pid: int) -> tuple[int, int, int]:
@@ -19,6 +21,18 @@ def proc_counts(pid: int) -> tuple[int, int, int]:
             elif line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     return fds, threads, rss
+
+
+def settled_counts(pid: int, fds0: int, threads0: int, timeout: float = 20.0) -> tuple[int, int, int]:
+    """``proc_counts(pid)`` once its descriptors and threads are back to the baseline ``fds0``/``threads0``, or
+    after ``timeout`` seconds (what a slow host needs to finish closing what clients left: FUSE sends RELEASE
+    after close() returns; a server closes a dropped socket at its next loop turn)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = proc_counts(pid)
+        if (now[0] <= fds0 and now[1] <= threads0) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen[str]) -> tuple[int, str, str]:

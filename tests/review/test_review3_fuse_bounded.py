@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
-from review_helpers import proc_counts
+from review_helpers import proc_counts, settled_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuse"))
 from test_fuse_export import is_mounted, need_fuse  # noqa: E402
@@ -103,8 +103,7 @@ def test_mount_stays_bounded_under_2000_cycles_with_errors() -> None:
         fds0, threads0, rss0 = proc_counts(proc.pid)
         for i in range(100, 100 + ROUNDS):
             cycle(i)
-        time.sleep(0.3)
-        fds, threads, rss = proc_counts(proc.pid)
+        fds, threads, rss = settled_counts(proc.pid, fds0, threads0)
         print(f"mount: fds {fds0}->{fds}, threads {threads0}->{threads}, rss {rss0 >> 20}->{rss >> 20} MiB")
         assert fds <= fds0, f"descriptors {fds0} -> {fds}"
         assert threads <= threads0, f"threads {threads0} -> {threads}"

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool
 from oracles import assert_thin_check
-from review_helpers import proc_counts, stop_process
+from review_helpers import proc_counts, settled_counts, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -158,16 +158,6 @@ class _Flood:
             c.request(P.CMD_DISC)
 
 
-def _settled(pid: int, fds0: int, threads0: int, timeout: float = 20.0) -> tuple[int, int, int]:
-    """The server's counts once its descriptors and threads are back to the baseline (or after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = proc_counts(pid)
-        if (now[0] <= fds0 and now[1] <= threads0) or time.monotonic() > deadline:
-            return now
-        time.sleep(0.1)
-
-
 @pytest.mark.external
 def test_serve_stays_bounded_under_2100_dropped_clients() -> None:
     need_tool("thin_check")
@@ -198,7 +188,7 @@ def test_serve_stays_bounded_under_2100_dropped_clients() -> None:
                 if i % 500 == 0:
                     flood.verify()
             flood.verify()
-            fds, threads, rss = _settled(pid, fds0, threads0)
+            fds, threads, rss = settled_counts(pid, fds0, threads0)
             assert fds <= fds0, f"descriptors {fds0} -> {fds} after {ROUNDS} dropped clients"
             assert threads <= threads0, f"threads {threads0} -> {threads}"
             assert rss - rss0 < 32 << 20, f"resident set {rss0 >> 20} -> {rss >> 20} MiB"

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import need_tool, run_tool
 from oracles import assert_thin_check
-from review_helpers import proc_counts, stop_process
+from review_helpers import proc_counts, settled_counts, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nbd"))
 from nbd_client import RawClient  # noqa: E402
@@ -130,12 +130,7 @@ def test_tls_serve_stays_bounded_under_failed_and_dropped_upgrades() -> None:
             fds0, threads0, rss0 = proc_counts(proc.pid)
             for i in range(60, 60 + ROUNDS):
                 one(i)
-            deadline = time.monotonic() + 20
-            while True:
-                fds, threads, rss = proc_counts(proc.pid)
-                if (fds <= fds0 and threads <= threads0) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
+            fds, threads, rss = settled_counts(proc.pid, fds0, threads0)
             print(f"tls serve: fds {fds0}->{fds}, threads {threads0}->{threads}, rss {rss0 >> 20}->{rss >> 20} MiB")
             assert fds <= fds0, f"descriptors {fds0} -> {fds}"
             assert threads <= threads0, f"threads {threads0} -> {threads}"

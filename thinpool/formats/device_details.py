@@ -11,11 +11,10 @@ block_time (u64) = data_block << 24 | time  (time: 24 bits, data block: 40 bits)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from thinpool.errors import InvalidArgument
-from thinpool.formats.fields import Layout
+from thinpool.formats.fields import Layout, record
 from thinpool.units import lazy_module
 
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeviceDetails:
     mapped_blocks: int
     transaction_id: int

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from thinpool.formats.fields import Layout
+from thinpool.formats.fields import Layout, record
 from thinpool.units import lazy_module
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SmRoot:
     nr_blocks: int
     nr_allocated: int
@@ -69,7 +68,7 @@ class SmRoot:
     ref_count_root: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IndexEntry:
     blocknr: int
     nr_free: int

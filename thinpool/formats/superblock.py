@@ -27,13 +27,11 @@ Layer: formats. May import: thinpool.errors, thinpool.formats.fields, thinpool.f
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from dataclasses import dataclass
 from typing import Final
 
 from thinpool.errors import MetadataCorrupt
-from thinpool.formats.fields import Layout
+from thinpool.formats.fields import Layout, record, replace
 from thinpool.formats.space_map import SM_ROOT_SLOT_SIZE, SmRoot, build_sm_root, parse_sm_root
 
 THIN_SUPERBLOCK_MAGIC: Final = 27022010
@@ -71,7 +69,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Superblock:
     flags: int
     blocknr: int
@@ -97,7 +95,7 @@ class Superblock:
         return bool(self.flags & NEEDS_CHECK_FLAG)
 
     def replace(self, **kw: object) -> Superblock:
-        return dataclasses.replace(self, **kw)  # type: ignore[arg-type]
+        return replace(self, **kw)
 
 
 def parse_superblock(buf: bytes | bytearray | memoryview, blocknr: int = 0) -> Superblock:
