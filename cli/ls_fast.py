@@ -230,9 +230,11 @@ def run_fast(args: Sequence[str]) -> int | None:
     try:
         text = ls_details_text(metadata_file(target), chosen, no_headers=values["no_headers"],
                                metadata_snap=values["metadata_snap"], as_json=values["as_json"])
-        if text:
-            sys.stdout.write(text)
-        sys.stdout.flush()
+        out = sys.stdout
+        if out is not None:  # None: no stdout at all (fd 1 closed); click.echo then prints nothing, as here
+            if text:
+                out.write(text)
+            out.flush()
     except BaseException as e:  # noqa: B036  # report_failure re-raises what it does not map to an exit status
         return report_failure(e)
     return 0

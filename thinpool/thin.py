@@ -237,20 +237,16 @@ class ThinDevice:
         first, last = offset // ch, (end - 1) // ch
         if last - first < _PLAN_CACHED_CHUNKS:  # a few chunks: cached lookups (no tree walk, no arrays)
             mc = self._cache()
-            get, shift = mc.map.get, mc.TIME_BITS
-            vals = [get(c) for c in range(first, last + 1)]  # the hits, straight from the cache's dict
-            if None in vals:  # unmapped, or not cached yet: the cache's full lookup for those
-                find = mc.find
-                vals = [find(first + i) if v is None else v for i, v in enumerate(vals)]
-                if None in vals:
-                    return self._plan_pieces(offset, end, first, vals, shift)
-            mapped = cast("list[int]", vals)  # every chunk mapped
-            d0 = mapped[0] >> shift
-            nr = last - first + 1
-            if (mapped[-1] >> shift) - d0 == nr - 1 and (
-                    nr < 3 or [v >> shift for v in mapped] == list(range(d0, d0 + nr))):
-                return [[0, length, d0 * ch + offset - first * ch]]  # one contiguous run: one pread
-            return self._plan_pieces(offset, end, first, vals, shift)
+            try:  # every chunk a hit: the values straight from the cache's dict (no Python loop)
+                vals = list(map(mc.map.__getitem__, range(first, last + 1)))
+            except KeyError:  # unmapped, or not cached yet: the cache's full lookup for those
+                get, find, shift = mc.map.get, mc.find, self._tbits
+                maybe = [get(c) for c in range(first, last + 1)]
+                maybe = [find(first + i) if v is None else v for i, v in enumerate(maybe)]
+                if None in maybe:
+                    return self._plan_pieces(offset, end, first, maybe, shift)
+                vals = cast("list[int]", maybe)
+            return self._plan_mapped(offset, length, first, vals)
         else:
             k, d, _ = self.md.find_mapped_range(first, last + 1)
             thin_blocks, data_blocks = k.tolist(), d.tolist()
@@ -277,6 +273,26 @@ class ThinDevice:
             pos += n
         if pos < end:
             plan.append([pos - offset, end - pos, -1])
+        return plan
+
+    def _plan_mapped(self, offset: int, length: int, first: int, vals: list[int]) -> list[list[int]]:
+        """_plan's pieces when every chunk from ``first`` on is mapped (``vals``: their packed mappings): one
+        piece per run of consecutive data blocks (a contiguous range is one piece). Per chunk one shift and one
+        comparison; the arithmetic is per piece."""
+        ch, shift = self.chunk, self._tbits
+        head = offset - first * ch  # the read's offset inside its first chunk
+        d0 = nxt = vals[0] >> shift
+        s = 0  # the first chunk (index into vals) of the current run, whose data block is d0
+        plan: list[list[int]] = []
+        for i, v in enumerate(vals):
+            d = v >> shift
+            if d != nxt:  # the run of chunks s..i-1 ends: its piece [buffer start, buffer end, file offset]
+                plan.append([s * ch - head if s else 0, i * ch - head, d0 * ch + (0 if s else head)])
+                s, d0 = i, d
+            nxt = d + 1
+        plan.append([s * ch - head if s else 0, length, d0 * ch + (0 if s else head)])
+        for p in plan:  # [buffer start, buffer end, file offset] -> [buffer start, length, file offset]
+            p[1] -= p[0]
         return plan
 
     def _plan_pieces(self, offset: int, end: int, first: int, vals: list[int | None], shift: int) -> list[list[int]]:

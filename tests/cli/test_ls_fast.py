@@ -281,14 +281,37 @@ def test_a_usage_error_still_comes_from_click(pools: dict[str, Path]) -> None:
 
 
 def test_the_console_script_lists_without_click(pools: dict[str, Path]) -> None:
+    # the installed script ends the process at once after the listing (os._exit, no teardown): same bytes, status
     exe = Path(sys.executable).parent / "thinpool"
     if not exe.exists():
         pytest.skip(f"no console script beside {sys.executable}")
-    fast = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
-    slow = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
-    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
-    assert fast.returncode == 0 and fast.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME")
+    for args in ([str(pools["held"])], [str(pools["held"]), "--json", "-m"], [str(pools["details"])],
+                 [str(pools["missing"])], ["-o", "BOGUS", str(pools["held"])]):
+        fast = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120)
+        slow = subprocess.run([str(exe), "ls", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+    odd = os.fsencode(pools["missing"]) + b"-caf\xe9 \xff"  # not UTF-8: printed as Python prints such names
+    for args_b in ([odd], [b"-p", odd], [os.fsencode(pools["held"]), b"-o", b"DEV,\xff"]):
+        fast_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120)
+        slow_b = subprocess.run([os.fsencode(exe), b"ls", *args_b], capture_output=True, timeout=120,
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_b.returncode, fast_b.stdout, fast_b.stderr) == (slow_b.returncode, slow_b.stdout, slow_b.stderr)
+        assert fast_b.returncode in (1, 2) and fast_b.stderr
+    for fd_closed in (1, 2):  # no stdout, or no stderr, at all
+        fast_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, pass_fds=(), close_fds=True,
+                                preexec_fn=lambda fd=fd_closed: os.close(fd))  # noqa: PLW1509
+        slow_c = subprocess.run([str(exe), "ls", str(pools["missing"] if fd_closed == 2 else pools["held"])],
+                                capture_output=True, timeout=120, preexec_fn=lambda fd=fd_closed: os.close(fd),
+                                env={**os.environ, "THINPOOL_CLICK_ONLY": "1"})
+        assert (fast_c.returncode, fast_c.stdout, fast_c.stderr) == (slow_c.returncode, slow_c.stdout, slow_c.stderr)
+    ok = subprocess.run([str(exe), "ls", str(pools["held"])], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("DEV MAPPED CREATE_TIME SNAP_TIME") and ok.stderr == ""
+    with subprocess.Popen([str(exe), "ls", str(pools["held"])], stdout=subprocess.PIPE) as p:  # through a pipe
+        assert p.stdout is not None
+        assert p.stdout.read().decode() == ok.stdout
+    assert p.returncode == 0
 
 
 def test_the_declaration_module_imports_no_click() -> None:
