@@ -248,6 +248,7 @@ class BTree:
 
     def _split_node(self, node: Node) -> Node:
         """Move the upper half of ``node`` into a new sibling; returns the sibling."""
+        self.tm.share_gen += 1  # the tree's shape changes (tx/transaction.py share_gen)
         sib = self.nodes.new_node(node.is_leaf, node.value_size)
         half = len(node.keys) // 2
         sib.keys = node.keys[half:]
@@ -258,6 +259,7 @@ class BTree:
 
     def _split_beneath(self, root: Node) -> None:
         """Root is full: move its entries into two new children; the root becomes internal over them."""
+        self.tm.share_gen += 1
         left = self.nodes.new_node(root.is_leaf, root.value_size)
         left.keys, left.values = root.keys, root.values
         right = self._split_node(left)
@@ -374,6 +376,39 @@ class BTree:
             raise KeyError(key)
         return new_root, node, i
 
+    def writable_leaf(self, root: int, key: int, *, room: bool = True) -> tuple[int, int, Node] | None:
+        """The leaf an insert of ``key`` at ``root`` would change, as (lo, hi, leaf), if that insert would shadow
+        nothing: every node from the root to the leaf was shadowed or created in this transaction (dirty) and has
+        one reference, and (``room``) no internal node on the way is full, so no split happens above the leaf. Any
+        key in [lo, hi) descends through the same nodes to the same leaf, changing none of them but the leaf.
+        While the transaction manager's ``share_gen`` stays as it is now, all of this stays true (only the leaf's
+        entries change, through inserts): an insert of a key in [lo, hi) may then change the leaf in place, as the
+        full path would (overwriting a key; adding one while the leaf has room). None otherwise. Reads nothing
+        that is not in memory (a node off the dirty set ends the walk).
+        """
+        tm = self.tm
+        dirty, count = tm.dirty, tm.sm.count
+        lo, hi = 0, 1 << 64
+        b = root
+        for _ in range(MAX_DEPTH):
+            node = dirty.get(b)
+            if type(node) is not Node or count(b) != 1:
+                return None
+            if node.is_leaf:
+                return (lo, hi, node) if node.value_size == self.value_size else None
+            keys = node.keys
+            if room and len(keys) >= node.max_entries:
+                return None
+            i = bisect_right(keys, key) - 1
+            if i < 0:  # an insert would lower the node's first key
+                return None
+            if keys[i] > lo:
+                lo = keys[i]
+            if i + 1 < len(keys) and keys[i + 1] < hi:
+                hi = keys[i + 1]
+            b = node.values[i]
+        return None
+
     def remove(self, root: int, key: int) -> tuple[int, bool]:
         """Remove ``key`` (dropping its value's reference). Returns (new root, whether it was present)."""
         if self.lookup(root, key) is None:
@@ -400,6 +435,7 @@ class BTree:
     def _remove_run(self, root: int, key: int, hi: int, at_most: int) -> tuple[int, int]:
         """Descend towards ``key`` (present), rebalancing, and delete the leaf's entries from ``key`` up to
         ``hi`` (exclusive): at most ``at_most``, and no more than keep a non-root leaf above max/3."""
+        self.tm.share_gen += 1
         node = self._shadow(root)
         new_root = node.block
         steps = 0
@@ -451,6 +487,7 @@ class BTree:
         child = self._read(parent.values[i])
         if len(child.keys) > self._min_entries(child) or len(parent.keys) < 2:
             return i
+        self.tm.share_gen += 1  # a merge or a redistribution
         li = i if i + 1 < len(parent.keys) else i - 1
         left = self._shadow(parent.values[li])
         parent.values[li] = left.block
@@ -485,6 +522,7 @@ class BTree:
 
     def _absorb_only_child(self, root: Node) -> None:
         """A root with one child takes the child's entries (the tree loses a level)."""
+        self.tm.share_gen += 1
         child = self._shadow(root.values[0])
         root.is_leaf = child.is_leaf
         root.value_size = child.value_size
@@ -524,6 +562,7 @@ class BTree:
     # --- deletion -------------------------------------------------------------------------------------------
     def delete(self, root: int) -> None:
         """Drop one reference to the tree at ``root``; nodes (and values) no longer referenced are freed."""
+        self.tm.share_gen += 1
         # Value types whose dec takes a whole array (MappingValue: data blocks) get the leaves' values in batches of
         # about a million, not one call per leaf: a 4M-mapping delete in random data order went from ~19 s to ~2 s.
         batch = getattr(self.vt, "batch_dec", False)

@@ -130,6 +130,7 @@ class NodeCache:
             if node.values:
                 vt.inc(node.values)
         else:
+            self.tm.share_gen += 1  # nodes gain references (tx/transaction.py share_gen)
             inc = self.tm.sm.inc
             for c in node.values:
                 inc(c)

@@ -6,16 +6,57 @@ The top level maps dev_id -> the root of that device's tree; the bottom level ma
 (block_time). The kernel builds it from dm_btree_info with levels = 2; here two BTrees share one node cache. A
 change to a device's tree shadows the top-level path to its dev_id first, then the device's own path, and stores
 the new subtree root in place (no reference moves: the top-level entry keeps holding the one reference).
+
+Writable leaves (``insert``): once an insert has shadowed the path to a leaf, a later insert into that leaf in the
+same transaction would shadow nothing (every node on the path is dirty with one reference: shadowing returns it
+as it is) and change nothing but the leaf. So each device keeps the leaves its inserts left writable, with the
+key range each one answers for (BTree.writable_leaf), stamped with the transaction manager's sharing generation
+(tx/transaction.py ``share_gen``) and the two roots. An insert of a key in such a range, at the same generation
+and roots, overwrites the key in the leaf or adds it while the leaf has room, as the full path would, without
+the descent and its reference-count reads; anything else takes the full path. The generation changes on every
+reference added to a metadata block (snapshots, held roots, copies of shared nodes), every block freed, every
+split, merge, rebalance or removal, commit and abort, so no kept leaf outlives the conditions that made it
+writable.
+
+Why that is enough: a node on a kept path was dirty with count 1 when kept. Its count can rise only through
+``tm.inc`` (create_snap, reserve_metadata_snap, the subtree roots of a copied top-level leaf) or ``inc_children``
+of a copied shared node, and a shared node above a kept node would have needed an ``inc`` first; it can drop
+(to 0, freed) only when the tree loses it (merge, removal, delete); it stops being dirty only at commit or
+abort. Each of these moves the generation. Internal separator keys change only through splits, merges and
+rebalancing (which move it) and through an insert below a node's first key, which only widens the range of its
+leftmost leaf, so a kept range stays inside the leaf's true range. The metadata also drops every kept leaf at
+commit and abort, and a device's own at insert_run, remove_range and any change of the device table.
+
+    device 1: gen 7, roots (top 40, sub 52)   [0, 4410) -> leaf 53   [4410, 8822) -> leaf 61   ...
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
 from thinpool.btree.btree import BTree
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from thinpool.btree.node import Node
+
+HOT_LEAVES_MAX = 4096  # writable leaves kept per device (about 1M mappings' worth) before it starts over
+
+
+class _Hot:
+    """The writable leaves of one device's tree (see the module docstring)."""
+
+    __slots__ = ("gen", "root", "sub", "starts", "ends", "leaves")
+
+    def __init__(self, gen: int, root: int, sub: int) -> None:
+        self.gen = gen
+        self.root = root  # the top-level root and the device's subtree root they were found under
+        self.sub = sub
+        self.starts: list[int] = []  # key ranges [starts[i], ends[i]) -> leaves[i]; sorted, disjoint
+        self.ends: list[int] = []
+        self.leaves: list[Node] = []
 
 
 class TwoLevelTree:
@@ -24,6 +65,9 @@ class TwoLevelTree:
     def __init__(self, top: BTree, bottom: BTree) -> None:
         self.top = top
         self.bottom = bottom
+        self.tm = bottom.tm
+        self._hot: dict[int, _Hot] = {}
+        self.full_inserts = 0  # inserts that took the full path (tests and benchmarks count them)
 
     def subtree(self, root: int, dev_id: int) -> int | None:
         """The root of ``dev_id``'s tree, or None."""
@@ -37,12 +81,37 @@ class TwoLevelTree:
     def lookup_range(self, sub_root: int, lo: int, hi: int | None) -> tuple[np.ndarray, np.ndarray]:
         return self.bottom.lookup_range(sub_root, lo, hi)
 
-    def insert(self, root: int, dev_id: int, key: int, value: Any) -> tuple[int, int, bool]:
+    def insert(self, root: int, dev_id: int, key: int, value: Any, sub: int | None = None) -> tuple[int, int, bool]:
         """Insert or overwrite (dev_id, key). Returns (new top root, new subtree root, whether the key is new).
+        In a kept writable leaf (module docstring) when it can (``sub``: the device's subtree root as the caller
+        knows it, which that leaf must have been found under); otherwise the full path, which then keeps the
+        leaf it left writable.
 
         Raises:
             KeyError: ``dev_id`` has no tree.
         """
+        h = self._hot.get(dev_id)
+        if h is not None and h.gen == self.tm.share_gen and h.root == root and (sub is None or h.sub == sub):
+            j = bisect_right(h.starts, key) - 1
+            if j >= 0 and key < h.ends[j]:
+                leaf = h.leaves[j]
+                keys = leaf.keys
+                i = bisect_right(keys, key)
+                if i and keys[i - 1] == key:  # an overwrite (a remap: copy-on-write)
+                    vals = leaf.values
+                    old = vals[i - 1]
+                    vals[i - 1] = value
+                    self.bottom.vt.dec([old])
+                    return root, h.sub, False
+                if len(keys) < leaf.max_entries:
+                    keys.insert(i, key)
+                    leaf.values.insert(i, value)
+                    return root, h.sub, True
+        return self._insert_full(root, dev_id, key, value, h)
+
+    def _insert_full(self, root: int, dev_id: int, key: int, value: Any, h: _Hot | None) -> tuple[int, int, bool]:
+        """``insert`` through the top-level path and the device's tree (BTree.update, BTree.insert)."""
+        self.full_inserts += 1
         out: list[bool] = []
 
         def f(sub: Any) -> int:
@@ -51,7 +120,42 @@ class TwoLevelTree:
             return new_sub
 
         root, new_sub = self.top.update(root, dev_id, f)
-        return root, int(new_sub), out[0]
+        new_sub = int(new_sub)
+        self._keep(root, dev_id, new_sub, key, h)
+        return root, new_sub, out[0]
+
+    def _keep(self, root: int, dev_id: int, sub: int, key: int, h: _Hot | None) -> None:
+        """After a full insert of ``key``: keep the leaf it left writable (if it did) for later inserts."""
+        gen = self.tm.share_gen
+        if h is None or h.gen != gen or h.root != root or h.sub != sub or len(h.leaves) >= HOT_LEAVES_MAX:
+            self._hot.pop(dev_id, None)
+            if self.top.writable_leaf(root, dev_id, room=False) is None:
+                return
+            h = self._hot[dev_id] = _Hot(gen, root, sub)
+        found = self.bottom.writable_leaf(sub, key)
+        if found is None:
+            return
+        lo, hi, leaf = found
+        starts, ends, leaves = h.starts, h.ends, h.leaves
+        j = bisect_right(starts, lo)
+        # a range kept earlier for this leaf may have grown since (an insert below its parent's first key lowers
+        # it): ranges of different leaves never overlap, so an overlapping one is this leaf's and is replaced
+        while j > 0 and ends[j - 1] > lo:
+            j -= 1
+            del starts[j], ends[j], leaves[j]
+        while j < len(starts) and starts[j] < hi:
+            del starts[j], ends[j], leaves[j]
+        starts.insert(j, lo)
+        ends.insert(j, hi)
+        leaves.insert(j, leaf)
+
+    def forget(self, dev_id: int | None = None) -> None:
+        """Drop the kept writable leaves of ``dev_id`` (every device's when None: the metadata does at every commit
+        and abort, so no leaf is held past its transaction)."""
+        if dev_id is None:
+            self._hot.clear()
+        else:
+            self._hot.pop(dev_id, None)
 
     def insert_run(self, root: int, dev_id: int, keys: list[int], values: list[Any]) -> tuple[int, int, int]:
         """Insert or overwrite (dev_id, k) for sorted, unique ``keys``: the top-level path is shadowed once and the
@@ -60,6 +164,7 @@ class TwoLevelTree:
         Raises:
             KeyError: ``dev_id`` has no tree.
         """
+        self._hot.pop(dev_id, None)
         out: list[int] = []
 
         def f(sub: Any) -> int:
@@ -82,6 +187,7 @@ class TwoLevelTree:
             raise KeyError(dev_id)
         if not len(self.bottom.lookup_range(sub, lo, hi)[0]):
             return root, sub, 0
+        self._hot.pop(dev_id, None)
         out: list[int] = []
 
         def f(sub: Any) -> int:

@@ -40,6 +40,7 @@ from thinpool.errors import (
     UnsupportedMetadata,
 )
 from thinpool.formats.device_details import (
+    MAX_DATA_BLOCK,
     TIME_BITS,
     TIME_MASK,
     DeviceDetails,
@@ -80,6 +81,7 @@ else:
     np = lazy_module("numpy")
 
 MIN_METADATA_BLOCKS = 16
+_KEY_LIMIT = 1 << 64  # thin blocks are 64-bit keys
 
 
 class ThinDetails:
@@ -134,10 +136,10 @@ class MappingValue:
             self.data_sm.inc_many(unpack_block_times(np.frombuffer(values, dtype=np.uint64))[0])
 
     def dec(self, values: Any) -> None:
-        if isinstance(values, list) and len(values) == 1:
+        if type(values) is list and len(values) == 1:
             # Fast path (profiled): an overwritten or removed single mapping. Going through np.unique for one
             # value made the overwrite path of insert/remove ~3x slower.
-            self.data_sm.dec(unpack_block_time(int(values[0]))[0])
+            self.data_sm.dec(int(values[0]) >> TIME_BITS)
             return
         if len(values):
             arr = np.frombuffer(values, dtype=np.uint64) if not isinstance(values, list) else \
@@ -192,6 +194,7 @@ class PoolMetadata:
 
     def _load_state(self, sb: Superblock) -> None:
         self._forget_mappings()
+        self.tree.forget()
         for p in self._pending.values():
             p.clear()
         self.time = sb.time
@@ -354,6 +357,13 @@ class PoolMetadata:
             caches[dev_id] = c
         return c
 
+    def _device_table_changed(self, dev_id: int) -> None:
+        """A device is created, snapshotted or deleted: no leaf the mapping tree kept writable for inserts
+        (btree/two_level.py) is trusted past this (the sharing generation moves; create_snap's inc and delete's
+        removal move it too)."""
+        self.tm.share_gen += 1
+        self.tree.forget(dev_id)
+
     def _forget_mappings(self, dev_id: int | None = None) -> None:
         """Drop the lookup cache of ``dev_id`` (all devices' when None): its mappings or root changed other than
         by ``insert``, or the in-core state is reloaded."""
@@ -404,6 +414,7 @@ class PoolMetadata:
         if dev_id in self.devices:
             raise DeviceExists(dev_id=dev_id)
         sub = self.mapping.empty()
+        self._device_table_changed(dev_id)
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, sub)
         self._forget_mappings(dev_id)
         self._roots[dev_id] = sub
@@ -420,6 +431,7 @@ class PoolMetadata:
         if self.time >= TIME_MASK:
             raise InvalidArgument(reason="pool time would overflow 24 bits")
         root = self._roots[origin_id]
+        self._device_table_changed(dev_id)
         self.tm.inc(root)
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
         self._forget_mappings(dev_id)
@@ -434,6 +446,7 @@ class PoolMetadata:
         """dm-thin 'delete': drop the device; only blocks nobody else references are freed."""
         self._check_writable()
         self.get_device(dev_id)
+        self._device_table_changed(dev_id)
         self.mapping_root, _ = self.top.remove(self.mapping_root, dev_id)
         self.details_root, _ = self.details_tree.remove(self.details_root, dev_id)
         del self.devices[dev_id]
@@ -474,21 +487,31 @@ class PoolMetadata:
     def insert(self, dev_id: int, thin_block: int, data_block: int, time: int | None = None) -> None:
         """Map ``thin_block`` -> ``data_block`` at the pool time. The mapping takes over the caller's reference
         on the data block (from ``alloc_data_block``); a replaced mapping drops its own."""
-        self._check_writable()
-        d = self.get_device(dev_id)
+        if self.failed or self.readonly:
+            self._check_writable()
+        d = self.devices.get(dev_id)
+        if d is None:
+            raise DeviceNotFound(dev_id=dev_id)
         # Reject what would otherwise surface as OverflowError from array('Q') or as a mapping past the data
         # device that only a checker notices later.
-        if not 0 <= data_block < self.data_sm.nr_blocks or not 0 <= thin_block < 2**64:
+        if not 0 <= data_block < self.data_sm.nr_blocks or not 0 <= thin_block < _KEY_LIMIT:
             raise InvalidArgument(reason=f"insert: thin block {thin_block} -> data block {data_block} out of range "
                                          f"(data device has {self.data_sm.nr_blocks} blocks)")
-        value = pack_block_time(data_block, self.time if time is None else time)
-        self.mapping_root, new_sub, is_new = self.tree.insert(self.mapping_root, dev_id, thin_block, value)
-        self._roots[dev_id] = new_sub
+        if time is None:
+            time = self.time
+        if not 0 <= time <= TIME_MASK or data_block > MAX_DATA_BLOCK:
+            pack_block_time(data_block, time)  # raises InvalidArgument
+        value = data_block << TIME_BITS | time  # pack_block_time, inline
+        roots = self._roots
+        self.mapping_root, new_sub, is_new = self.tree.insert(self.mapping_root, dev_id, thin_block, value,
+                                                              roots[dev_id])
+        roots[dev_id] = new_sub
         c = self._mcaches.get(dev_id)
         if c is not None:
-            c.put(thin_block, value)
-        d.changed = True  # on every insert, new or replaced, as the kernel's __insert: the commit then writes the
-        # device's details, so no details leaf stays shared with a held metadata snapshot
+            c.map[thin_block] = value  # MappingCache.put
+        if not d._changed:
+            d.changed = True  # on every insert, new or replaced, as the kernel's __insert: the commit then writes
+            # the device's details, so no details leaf stays shared with a held metadata snapshot
         if is_new:
             d.mapped_blocks += 1
 
@@ -584,6 +607,7 @@ class PoolMetadata:
     def _attach_device(self, dev_id: int, root: int, nr_mappings: int, details: DeviceDetails) -> None:
         """Enter a device whose mapping tree was built at ``root`` (metadata/builder.py) in the top-level tree
         and the in-core details (written at the next commit)."""
+        self._device_table_changed(dev_id)
         self.mapping_root, _ = self.top.insert(self.mapping_root, dev_id, root)
         self._forget_mappings(dev_id)
         self._roots[dev_id] = root
@@ -616,6 +640,7 @@ class PoolMetadata:
         if self.held_root:
             raise InvalidArgument(reason="pool metadata snapshot already exists")
         self.commit(force=True)
+        self.tm.share_gen += 1  # (the incs below move it too)
         b = self.tm.new_block()
         copy = self.sb.replace(blocknr=b, held_root=0)
         self.tm.write_raw(b, build_superblock(copy, zero_sm_roots=True), BlockType.SUPERBLOCK)
@@ -630,6 +655,7 @@ class PoolMetadata:
         if not self.held_root:
             raise InvalidArgument(reason="no pool metadata snapshot is held")
         held = self.read_superblock(self.store, self.held_root)
+        self.tm.share_gen += 1  # (the deletes below move it too)
         self.details_tree.delete(held.device_details_root)
         self.top.delete(held.data_mapping_root)
         self.tm.dec(self.held_root)
@@ -697,6 +723,7 @@ class PoolMetadata:
         except BaseException:
             self.failed = True
             raise
+        self.tree.forget()  # the transaction's writable leaves are clean now (tm.commit moved share_gen)
         for d in changed:
             d.changed = False
         self._changed_ids.clear()

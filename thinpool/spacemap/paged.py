@@ -516,7 +516,7 @@ class PagedSpaceMap:
         self._check(b)
         page = self._wpage(b // E)
         i = b % E
-        c = int(page.counts[i])
+        c: int = page.counts.item(i)
         if c == 0:
             raise MetadataCorrupt(block=None, reason=f"{self.kind} block {b}: reference count would go below zero")
         page.counts[i] = c - 1
@@ -607,11 +607,13 @@ class PagedSpaceMap:
             NoDataSpace: none is free.
         """
         while True:
-            while self._candidates:
-                b = self._candidates.pop()
+            cand = self._candidates
+            while cand:
+                b = cand.pop()
                 page = self._wpage(b // E)
                 i = b % E
-                if page.counts[i] == 0 and page.committed[i] == 0:
+                # (``item``: a Python int, not a numpy scalar and its comparison: a data write allocates here)
+                if page.counts.item(i) == 0 and page.committed.item(i) == 0:
                     page.counts[i] = 1
                     self._nr_allocated += 1
                     self._nr_allocatable -= 1

@@ -14,6 +14,12 @@ thinpool.checksum) and the SpaceMap protocol of tx/api.py, nothing of B-tree nod
 - ``pre_commit`` writes every dirty block and syncs; ``commit`` then writes the superblock (block 0) and syncs
   again. ``abort`` drops the dirty blocks. Clients (tx/api.py BlockClient: the node cache) hear of freed and
   reallocated blocks, commits and aborts.
+- ``share_gen``, the sharing generation, changes whenever a block shadowed in this transaction could stop being
+  writable in place: a reference added to any block (``inc``: a snapshot, a held root, the children of a shared
+  node's copy), a block freed (``dec`` to 0), a commit, an abort. The B-tree adds its structural changes (splits,
+  merges, rebalancing, removals). While it is unchanged, a node found dirty with count 1 stays so, and shadowing
+  it again would return it as it is (what the kernel's dm_tm_shadow_block asks of dm_sm_count_is_more_than_one):
+  the mapping tree keeps the leaves it shadowed for later inserts on that (btree/two_level.py).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class TransactionManager:
         self.clients: list[BlockClient] = []
         self.blocks_written = 0
         self.blocks_read = 0  # metadata blocks read from the store (tests bound what an open reads)
+        self.share_gen = 0  # the sharing generation (see the module docstring)
 
     def client(self, kind: type[Any]) -> Any | None:
         """The registered client of class ``kind``, or None."""
@@ -108,12 +115,14 @@ class TransactionManager:
         return self.sm.count(b)
 
     def inc(self, b: int) -> None:
+        self.share_gen += 1  # (first: a failing inc may still have changed something)
         self.sm.inc(b)
 
     def dec(self, b: int) -> int:
         """Drop a reference; a block whose count reaches 0 is forgotten (no recursion into children)."""
         c = self.sm.dec(b)
         if c == 0:
+            self.share_gen += 1
             self.dirty.pop(b, None)
             self.dirty_raw.pop(b, None)
             for cl in self.clients:
@@ -169,12 +178,14 @@ class TransactionManager:
         self.store.write_block(0, superblock)
         self.store.sync()
         self.blocks_written += 1
+        self.share_gen += 1
         for c in self.clients:
             c.committed()
         self.dirty = {}
         self.dirty_raw = {}
 
     def abort(self) -> None:
+        self.share_gen += 1
         for c in self.clients:
             c.aborted()
         self.dirty = {}
