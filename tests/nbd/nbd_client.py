@@ -13,7 +13,9 @@ class Disconnected(Exception):
 
 
 class RawClient:
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    # a hang guard, not a latency bound: a FLUSH on a loaded host (fsync behind another process's writes) can
+    # take seconds
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)

@@ -322,7 +322,8 @@ def test_no_space_queue_times_out_or_resumes_after_resize(tmp_path: Path) -> Non
 
         t = threading.Thread(target=writer)
         t.start()
-        while pool.status().mode != "out_of_data_space" or not pool._space_cv._waiters:  # type: ignore[attr-defined]
+        # until the writer waits (or, a failure, has ended: its error is asserted below instead of a hang)
+        while t.is_alive() and (pool.status().mode != "out_of_data_space" or not pool._space_cv._waiters):  # type: ignore[attr-defined]
             t.join(0.01)
         pool.resize(4 * CH)
         t.join(30)
@@ -679,7 +680,7 @@ def test_queued_write_plans_again_after_waiting(tmp_path: Path) -> None:
 
         t = threading.Thread(target=writer)
         t.start()
-        while not pool._space_cv._waiters:  # type: ignore[attr-defined]
+        while t.is_alive() and not pool._space_cv._waiters:  # type: ignore[attr-defined]  (a dead writer: asserted below)
             t.join(0.01)
         with pool.lock:
             a.discard(0, CH)  # frees chunk 0's block ...
