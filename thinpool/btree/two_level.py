@@ -33,6 +33,7 @@ commit and abort, and a device's own at insert_run, remove_range and any change 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from thinpool.btree.btree import BTree
@@ -66,6 +67,9 @@ class TwoLevelTree:
         self.top = top
         self.bottom = bottom
         self.tm = bottom.tm
+        vt = bottom.vt
+        # an overwritten value's reference, dropped: the value type's dec_one where it has one (MappingValue)
+        self._dec_one: Callable[[Any], None] = getattr(vt, "dec_one", None) or (lambda v: vt.dec([v]))
         self._hot: dict[int, _Hot] = {}
         self.full_inserts = 0  # inserts that took the full path (tests and benchmarks count them)
 
@@ -101,7 +105,7 @@ class TwoLevelTree:
                     vals = leaf.values
                     old = vals[i - 1]
                     vals[i - 1] = value
-                    self.bottom.vt.dec([old])
+                    self._dec_one(old)
                     return root, h.sub, False
                 if len(keys) < leaf.max_entries:
                     keys.insert(i, key)

@@ -135,6 +135,10 @@ class MappingValue:
         if len(values):
             self.data_sm.inc_many(unpack_block_times(np.frombuffer(values, dtype=np.uint64))[0])
 
+    def dec_one(self, value: int) -> None:
+        """``dec([value])``: an overwritten mapping (a copy-on-write remap) gives up its data block."""
+        self.data_sm.dec(value >> TIME_BITS)
+
     def dec(self, values: Any) -> None:
         if type(values) is list and len(values) == 1:
             # Fast path (profiled): an overwritten or removed single mapping. Going through np.unique for one
@@ -481,7 +485,8 @@ class PoolMetadata:
         return self.get_device(dev_id).snapshotted_time > mapping_time
 
     def alloc_data_block(self) -> int:
-        self._check_writable()
+        if self.failed or self.readonly:
+            self._check_writable()
         return self.data_sm.new_block()
 
     def insert(self, dev_id: int, thin_block: int, data_block: int, time: int | None = None) -> None:

@@ -513,9 +513,15 @@ class PagedSpaceMap:
         page.counts[i] = c + n
 
     def dec(self, b: int) -> int:
-        self._check(b)
-        page = self._wpage(b // E)
-        i = b % E
+        p = b // E
+        page = self._pages.get(p)
+        if page is not None and page.dirty and 0 <= b < self._nr_blocks:  # _check and _wpage, inline
+            self._pages.move_to_end(p)
+            self.changed = True
+        else:
+            self._check(b)
+            page = self._wpage(p)
+        i = b - p * E
         c: int = page.counts.item(i)
         if c == 0:
             raise MetadataCorrupt(block=None, reason=f"{self.kind} block {b}: reference count would go below zero")
@@ -606,12 +612,19 @@ class PagedSpaceMap:
         Raises:
             NoDataSpace: none is free.
         """
+        pages = self._pages
         while True:
             cand = self._candidates
             while cand:
                 b = cand.pop()
-                page = self._wpage(b // E)
-                i = b % E
+                p = b // E
+                page = pages.get(p)
+                if page is not None and page.dirty:  # _wpage, inline
+                    pages.move_to_end(p)
+                    self.changed = True
+                else:
+                    page = self._wpage(p)
+                i = b - p * E
                 # (``item``: a Python int, not a numpy scalar and its comparison: a data write allocates here)
                 if page.counts.item(i) == 0 and page.committed.item(i) == 0:
                     page.counts[i] = 1
