@@ -716,3 +716,42 @@ def test_nbd_concurrent_writers_over_shared_chunks(tmp_path: Path, spy: KernelRu
         assert p.device(0).read(0, size) == final
         assert p.device(1).read(0, size) == old
         assert p.device(2).read(0, size) == mid
+
+
+@pytest.mark.external
+def test_inserts_around_bulk_builds_resizes_and_removals(tmp_path: Path, spy: KernelRuleSpy) -> None:
+    """Between inserts into the same leaves, in one transaction: a device built in bulk (restore's path, whose
+    nodes are written as they fill), inserts into it; the data and metadata devices grown (new bitmaps, the index
+    relocated); a removal that empties a leaf and one that takes a range across leaves; a transaction id set."""
+    import numpy as np
+
+    path = str(tmp_path / "metadata")
+    pmd = _new(path)
+    pmd.create_thin(0)
+    m0: dict[int, int] = {}
+    _fill(pmd, 0, range(0, 900), m0)
+    pmd.commit()
+    _fill(pmd, 0, range(900, 960), m0)  # writable leaves of device 0
+    tb = np.arange(0, 3000, 2, dtype=np.uint64)
+    db = np.arange(150_000, 150_000 + len(tb), dtype=np.uint64)  # build_device takes a reference on each itself
+    pmd.build_device(4, tb, db, np.zeros(len(tb), dtype=np.uint64))
+    m4 = dict(zip(tb.tolist(), db.tolist()))
+    _fill(pmd, 4, [1, 3, 5, 2999, 1001], m4)
+    _fill(pmd, 0, range(960, 1000), m0)
+    pmd.resize_data(NR_DATA + 70_000)
+    _fill(pmd, 0, range(1000, 1040), m0)
+    _fill(pmd, 4, [7, 9, 11], m4)
+    pmd.resize_metadata(NR_META + 2048)
+    _fill(pmd, 0, range(1040, 1080), m0)
+    assert pmd.remove_range(0, 0, 260) == 260  # the first leaf (and some) emptied: a merge or rebalance
+    for k in range(260):
+        del m0[k]
+    _fill(pmd, 0, [5, 6, 300, 1081], m0)
+    pmd.set_transaction_id(pmd.trans_id, pmd.trans_id + 5)
+    _fill(pmd, 0, [1082, 1083], m0)
+    assert _mappings(pmd, 0) == m0 and _mappings(pmd, 4) == m4
+    assert spy.fast > 100
+    pmd.commit()
+    _check_committed(path)
+    pmd.close()
+    _reopen_equals(path, {0: m0, 4: m4})
