@@ -145,6 +145,30 @@ def ls_details_text(md_file: str, chosen: Sequence[str], *, no_headers: bool, me
     return ls_text(rows, chosen, headers=not no_headers)
 
 
+def write_all(out: Any, text: str) -> None:
+    """Write ``text`` to ``out`` (sys.stdout; None: no stdout at all, nothing printed) and flush. Through the
+    binary buffer with its count checked: given more than its buffer, BufferedWriter.write returns the count of a
+    short write (a reader gone while the pipe was full) and TextIOWrapper.write drops the rest silently; here the
+    next write raises BrokenPipeError (exit 1, quietly).
+
+    Raises:
+        OSError (BrokenPipeError, ENOSPC, ...).
+    """
+    if out is None:
+        return
+    buf = getattr(out, "buffer", None)
+    if buf is None or not text:
+        if text:
+            out.write(text)
+        out.flush()
+        return
+    out.flush()
+    with memoryview(text.encode(out.encoding, out.errors or "strict")) as view:
+        while view:
+            view = view[buf.write(view):]
+    buf.flush()
+
+
 # --- the fast path ------------------------------------------------------------------------------------------------
 def parse_fast(args: Sequence[str], params: Sequence[Param] = LS_PARAMS) -> dict[str, Any] | None:
     """``args`` (after the command name) -> {dest: value} by ``params``, or None where click might differ (see the
@@ -230,11 +254,7 @@ def run_fast(args: Sequence[str]) -> int | None:
     try:
         text = ls_details_text(metadata_file(target), chosen, no_headers=values["no_headers"],
                                metadata_snap=values["metadata_snap"], as_json=values["as_json"])
-        out = sys.stdout
-        if out is not None:  # None: no stdout at all (fd 1 closed); click.echo then prints nothing, as here
-            if text:
-                out.write(text)
-            out.flush()
+        write_all(sys.stdout, text)
     except BaseException as e:  # noqa: B036  # report_failure re-raises what it does not map to an exit status
         return report_failure(e)
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from thinpool_cli.ls_fast import LS_PARAMS, ls_details_text
+from thinpool_cli.ls_fast import LS_PARAMS, ls_details_text, write_all
 from thinpool_cli.params import F, json_option, metadata_path, parse_region, pool_option
 from thinpool_cli.tools_common import (
     mapping_progress,
@@ -62,8 +62,8 @@ def ls(target: str | None, pool_path: str | None, fields: str | None, no_headers
     target = target or pool_path
     if not needs_mappings(chosen):  # the details alone: no space map, transaction manager or numpy loaded
         # the fast path's listing (``thinpool_cli.main`` runs it without click when it can)
-        click.echo(ls_details_text(metadata_path(target), chosen, no_headers=no_headers,
-                                   metadata_snap=metadata_snap, as_json=as_json), nl=False)
+        write_all(sys.stdout, ls_details_text(metadata_path(target), chosen, no_headers=no_headers,
+                                              metadata_snap=metadata_snap, as_json=as_json))
         return
     if metadata_snap:
         require_metadata_snap(target)
