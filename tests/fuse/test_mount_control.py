@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,17 @@ pytestmark = pytest.mark.root
 CLI = [sys.executable, "-c", "from thinpool_cli.main import main; main()"]
 
 
+def _accepts(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:  # not there yet, or there and not listening yet (ECONNREFUSED)
+        return False
+    finally:
+        s.close()
+
+
 def test_mount_applies_create_and_snap(tmp_path):
     need_fuse()
     d = tempfile.mkdtemp(prefix="tpmc", dir="/tmp")
@@ -30,8 +42,11 @@ def test_mount_applies_create_and_snap(tmp_path):
         os.mkdir(mnt)
         env = {**os.environ, "THINPOOL_POOL": pool}
         with mounted(pool, mnt) as res:
-            deadline = time.monotonic() + 20
-            while not os.path.exists(os.path.join(pool, "control.sock")) and time.monotonic() < deadline:
+            # until the control channel accepts a connection (the socket file can exist before it listens)
+            ctl = os.path.join(pool, "control.sock")
+            deadline = time.monotonic() + 60
+            while not _accepts(ctl):
+                assert time.monotonic() < deadline, f"{ctl} does not accept connections"
                 time.sleep(0.05)
             with open(os.path.join(mnt, "vol"), "r+b") as f:
                 f.write(b"\x61" * 65536)

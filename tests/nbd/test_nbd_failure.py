@@ -142,8 +142,9 @@ def test_failed_periodic_commit_fails_the_server(tmp):
             c.greeting()
             c.go("vol")
             assert c.write(0, b"\x42" * 4096) == 0
-            fail_next_sync(plan)
-            deadline = time.monotonic() + 10
+            with pool.lock:  # no periodic commit counts a sync between reading plan.events and setting plan.at
+                fail_next_sync(plan)
+            deadline = time.monotonic() + 60
             while box["server"].failed is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert box["server"].failed is not None and "periodic" in box["server"].failed

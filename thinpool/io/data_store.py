@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import weakref
 from array import array
 from typing import Any, Final, Protocol, runtime_checkable
@@ -32,6 +33,8 @@ _pwrite = os.pwrite
 # A write longer than this goes to the file in pieces that end on its multiples (see DataStore.pwrite): the
 # smallest chunk size dm-thin allows, so every chunk boundary is a piece boundary
 PIECE_BYTES: Final = 64 * 1024
+# dirty ranges kept in a list (cheap to append) until there are this many numbers, then packed into the array
+_DIRTY_FOLD: Final = 4096
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
 _fallocate: Any = None  # libc's fallocate, loaded at the first punch (ctypes.util.find_library spawns ldconfig)
@@ -100,9 +103,14 @@ class DataStore:
         except OSError as e:
             raise StoreIOError(what=path, op="open", reason=e.strerror or str(e)) from e
         self._closer = weakref.finalize(self, os.close, self.fd)  # closed when collected, if close() was not called
-        # [start, end) byte ranges written since the last sync, flat (start, end, start, end...): an array of
-        # int64, not a list of tuples, so a burst of random writes holds no objects the garbage collector walks
+        # [start, end) byte ranges written since the last sync, flat (start, end, start, end...): the latest in
+        # a list (an append there is a tenth of an array's, whose append parses its argument), packed into an
+        # array of int64 every _DIRTY_FOLD numbers, so a burst of random writes holds 16 bytes a range and no
+        # objects the garbage collector walks. The list is never empty while _dirty_end >= 0 (a fold keeps the
+        # last range in it).
         self._dirty = array("q")
+        self._recent: list[int] = []
+        self._dirty_end = -1  # the end of the last range (a write starting there extends it); -1: none
         self._limit = os.fstat(self.fd).st_size  # writes never grow the file (resize does)
         self.bytes_written = 0
         self.bytes_read = 0
@@ -114,6 +122,10 @@ class DataStore:
         # block past it needs no lseek. One integer whatever the file's size; only this process writes the file
         # (the pool's exclusive lock)
         self._hole_from = 1 << 63
+        self._fast_end = self._limit  # min(_limit, _hole_from): a write ending at or below it checks nothing more
+
+    def _set_fast_end(self) -> None:
+        self._fast_end = min(self._limit, self._hole_from)
 
     def is_hole(self, offset: int, length: int) -> bool:
         """Whether [offset, offset+length) holds no data (one ``lseek(SEEK_DATA)``: O(1) in the file's size).
@@ -127,6 +139,7 @@ class DataStore:
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data at or after offset
                 self._hole_from = offset
+                self._set_fast_end()
                 return True
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                 self._seek_data = False
@@ -137,7 +150,7 @@ class DataStore:
     @property
     def dirty(self) -> list[tuple[int, int]]:
         """The [start, end) byte ranges written since the last successful ``sync`` (consecutive ones merged)."""
-        d = self._dirty
+        d = self._dirty.tolist() + self._recent
         return list(zip(d[0::2], d[1::2]))
 
     @property
@@ -190,20 +203,42 @@ class DataStore:
             self.bytes_read += total
 
     def _mark_dirty(self, start: int, end: int) -> None:
+        """Record [start, end) as written since the last sync (pwrite does the same inline); moves the hole tail."""
         if end > self._hole_from:
             self._hole_from = end
-        d = self._dirty
-        if d and d[-1] == start:
-            d[-1] = end
-        else:
-            d.append(start)
-            d.append(end)
+            self._set_fast_end()
+        if start == self._dirty_end:
+            self._recent[-1] = end
+            self._dirty_end = end
+        elif end > start:
+            r = self._recent
+            r.append(start)
+            r.append(end)
+            self._dirty_end = end
+            if len(r) >= _DIRTY_FOLD:
+                self._fold_dirty()
+
+    def _fold_dirty(self) -> None:
+        """Pack the recent dirty ranges but the last into the array (one struct.pack: no per-number parsing)."""
+        r = self._recent
+        k = len(r) - 2
+        self._dirty.frombytes(struct.pack(f"={k}q", *r[:k]))
+        del r[:k]
+
+    def _slow_end(self, end: int) -> None:
+        """pwrite's checks for a write ending past _fast_end: the file's end (raises there), the hole tail."""
+        if end > self._limit:
+            self._check_limit(end)
+        if end > self._hole_from:
+            self._hole_from = end
+        self._set_fast_end()
 
     def _check_limit(self, end: int) -> None:
         """A write past the end of the data file means a mapping beyond the data device (corrupt metadata, or a
         hostile pool): refused instead of silently growing the file (dm-thin would hit the device's end)."""
         if end > self._limit:
             self._limit = max(self._limit, self.size)  # another process may have grown it (grow_data_file)
+            self._set_fast_end()
             if end > self._limit:
                 raise StoreIOError(what=self.path, op="write", reason=f"offset {end} is past the end of the data "
                                    f"file ({self._limit} bytes): a mapping beyond the data device (run check)")
@@ -223,20 +258,22 @@ class DataStore:
             HostNoSpace: the host filesystem is full (ENOSPC, EDQUOT).
             StoreIOError: any other failure, or a write past the end of the file.
         """
-        # the 4 KiB overwrite's path: the limit, the dirty range and the known-hole tail each one comparison in
-        # the common case (the checks themselves are in _check_limit / _mark_dirty)
+        # the 4 KiB overwrite's path: the file's end and the known-hole tail one comparison (_slow_end has the
+        # checks), the dirty range _mark_dirty's steps inline
         n = len(data)
         end = offset + n
-        if end > self._limit:
-            self._check_limit(end)
-        if end > self._hole_from:
-            self._hole_from = end
-        d = self._dirty
-        if d and d[-1] == offset:
-            d[-1] = end
+        if end > self._fast_end:
+            self._slow_end(end)
+        if offset == self._dirty_end:
+            self._recent[-1] = end
+            self._dirty_end = end
         elif n:
-            d.append(offset)
-            d.append(end)
+            r = self._recent
+            r.append(offset)
+            r.append(end)
+            self._dirty_end = end
+            if len(r) >= _DIRTY_FOLD:
+                self._fold_dirty()
         try:
             if n > PIECE_BYTES:
                 self._pwrite_pieces(offset, data, end)
@@ -315,6 +352,7 @@ class DataStore:
             self.punched += length
             if offset + length >= self._hole_from:  # the hole tail now starts at this hole
                 self._hole_from = offset
+                self._set_fast_end()
         else:
             self.pwrite(offset, bytes(length))
 
@@ -324,18 +362,22 @@ class DataStore:
         except OSError as e:
             raise _io_error(e, self.path, "fdatasync") from e
         del self._dirty[:]
+        self._recent.clear()
+        self._dirty_end = -1
 
     def resize(self, size: int) -> None:
         """Grow the file to ``size`` bytes (never shrinks it: another process may have grown it meanwhile)."""
         old = self.size
         if size <= old:
             self._limit = max(self._limit, size)
+            self._set_fast_end()
             return
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise _io_error(e, self.path, "resize") from e
         self._limit = size
+        self._set_fast_end()
 
     def close(self) -> None:
         if self.fd >= 0:

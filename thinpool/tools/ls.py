@@ -31,6 +31,7 @@ _NEEDS_SHARING = frozenset(f for f in LS_FIELDS if f.startswith(("EXCLUSIVE", "S
 _NEEDS_MAPPINGS = _NEEDS_SHARING | {"HIGHEST_BLOCK"}
 
 Value = int | str | None
+_U64 = (1 << 64) - 1  # thin_ls computes sizes in uint64_t: a damaged count wraps there as here (not an IndexError)
 
 
 def disk_unit(nbytes: int) -> str:
@@ -89,17 +90,18 @@ def ls_rows(md: PoolMetadata | ReadOnlyMetadata, fields: Sequence[str] = LS_FIEL
     for dev_id in md.device_ids():
         d = md.get_device(dev_id)
         mapped = d.mapped_blocks
-        row: dict[str, Value] = {"DEV": dev_id, "MAPPED_BLOCKS": mapped, "MAPPED_SECTORS": mapped * bs,
-                                 "MAPPED_BYTES": mapped * bs * 512, "MAPPED": disk_unit(mapped * bs * 512),
+        row: dict[str, Value] = {"DEV": dev_id, "MAPPED_BLOCKS": mapped, "MAPPED_SECTORS": mapped * bs & _U64,
+                                 "MAPPED_BYTES": mapped * bs * 512 & _U64,
+                                 "MAPPED": disk_unit(mapped * bs * 512 & _U64),
                                  "TRANSACTION": d.transaction_id, "CREATE_TIME": d.creation_time,
                                  "SNAP_TIME": d.snapshotted_time}
         if sharing is not None:
             excl = sharing.exclusive_blocks(dev_id)
-            shared = mapped - excl
+            shared = mapped - excl & _U64
             row.update({"EXCLUSIVE_BLOCKS": excl, "SHARED_BLOCKS": shared, "EXCLUSIVE_SECTORS": excl * bs,
-                        "SHARED_SECTORS": shared * bs, "EXCLUSIVE_BYTES": excl * bs * 512,
-                        "SHARED_BYTES": shared * bs * 512, "EXCLUSIVE": disk_unit(excl * bs * 512),
-                        "SHARED": disk_unit(shared * bs * 512)})
+                        "SHARED_SECTORS": shared * bs & _U64, "EXCLUSIVE_BYTES": excl * bs * 512,
+                        "SHARED_BYTES": shared * bs * 512 & _U64, "EXCLUSIVE": disk_unit(excl * bs * 512),
+                        "SHARED": disk_unit(shared * bs * 512 & _U64)})
         if full is not None and "HIGHEST_BLOCK" in chosen:
             row["HIGHEST_BLOCK"] = full.highest_mapped(dev_id)
         rows.append(row)
