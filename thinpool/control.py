@@ -71,8 +71,8 @@ def _bind(path: str, mode: int) -> socket.socket:
     try:
         sock.bind(tmp)
         os.chmod(tmp, mode)
+        sock.listen(16)  # before the rename: a client that finds the path must find it accepting
         os.rename(tmp, path)
-        sock.listen(16)
     except OSError as e:
         sock.close()
         if os.path.lexists(tmp):
@@ -251,9 +251,10 @@ class ControlServer:
             pass
 
     def _serve(self) -> None:
+        waiter = select.poll()  # poll, not select: a descriptor past FD_SETSIZE in a busy process is still fine
+        waiter.register(self.sock, select.POLLIN)
         while not self._stop.is_set():
-            r, _w, _x = select.select([self.sock], [], [], 0.2)
-            if not r:
+            if not waiter.poll(200):
                 continue
             try:
                 conn, _ = self.sock.accept()
