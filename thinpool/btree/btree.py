@@ -272,17 +272,29 @@ class BTree:
     def insert(self, root: int, key: int, value: Any) -> tuple[int, bool]:
         """Insert or overwrite ``key``. The tree takes over the caller's reference held by ``value``; an
         overwritten value has its reference dropped. Returns (new root, whether the key is new). O(log n)."""
-        new_root, node, _ = self._insert_descent(root, key)
+        new_root, is_new, _, _, _ = self.insert_leaf(root, key, value)
+        return new_root, is_new
+
+    def insert_leaf(self, root: int, key: int, value: Any) -> tuple[int, bool, Node | None, int, int]:
+        """``insert``, also returning the leaf it changed and the key range [lo, hi) that leaf answers for, when
+        no internal node on the path is full (else None for the leaf). Every node on the path was shadowed in
+        this transaction, so it is dirty with one reference: any key in [lo, hi) descends through the same nodes
+        to the same leaf, changing none but the leaf (while it has room), and while the transaction manager's
+        ``share_gen`` stays as it is now all of that stays true, so a later insert of such a key may change the
+        leaf in place as this full path would (btree/two_level.py). Returns (new root, whether the key is new,
+        leaf, lo, hi)."""
+        new_root, node, lo, hi, roomy = self._insert_descent(root, key)
         keys = node.keys
         i = bisect_right(keys, key)
+        leaf = node if roomy else None
         if i > 0 and keys[i - 1] == key:
             old = node.values[i - 1]
             node.values[i - 1] = value
             self.vt.dec([old])
-            return new_root, False
+            return new_root, False, leaf, lo, hi
         keys.insert(i, key)
         node.values.insert(i, value)
-        return new_root, True
+        return new_root, True, leaf, lo, hi
 
     def insert_run(self, root: int, keys: list[int], values: list[Any]) -> tuple[int, int]:
         """``insert`` of each (key, value) pair, for keys sorted ascending without repeats, with one descent per
@@ -296,7 +308,7 @@ class BTree:
         olds: list[Any] = []
         i = 0
         while i < n:
-            root, leaf, hi = self._insert_descent(root, keys[i])
+            root, leaf, _, hi, _ = self._insert_descent(root, keys[i])
             lkeys, lvals = leaf.keys, leaf.values
             cap = leaf.max_entries
             while i < n:
@@ -321,15 +333,18 @@ class BTree:
                 self.vt.dec([old])
         return root, new
 
-    def _insert_descent(self, root: int, key: int) -> tuple[int, Node, int]:
+    def _insert_descent(self, root: int, key: int) -> tuple[int, Node, int, int, bool]:
         """Shadow the path from ``root`` to the leaf ``key`` belongs in, splitting full nodes on the way down
         (so the leaf has room for one entry), as ``insert`` does. Returns (new root, the writable leaf, the
-        leaf's upper key bound: keys at or above it belong in a later leaf)."""
+        leaf's key bounds lo and hi: keys below lo or at or above hi belong in another leaf, whether no internal
+        node on the path is full now). Every node on the path is then dirty with one reference (each came from
+        ``_shadow``; a copy's inc_children reaches only the nodes below it, which are shadowed after)."""
         node = self._shadow(root)
         new_root = node.block
         if len(node.keys) >= node.max_entries:
             self._split_beneath(node)
-        hi = 1 << 64
+        lo, hi = 0, 1 << 64
+        path: list[Node] = []
         depth = 0
         while not node.is_leaf:
             keys = node.keys
@@ -351,8 +366,14 @@ class BTree:
                     i += 1
             if i + 1 < len(keys) and keys[i + 1] < hi:
                 hi = keys[i + 1]
+            if keys[i] > lo:
+                lo = keys[i]
+            path.append(node)
             node = child
-        return new_root, node, hi
+        for n in path:  # a child's split may have filled its parent
+            if len(n.keys) >= n.max_entries:
+                return new_root, node, lo, hi, False
+        return new_root, node, lo, hi, True
 
     def _shadow_path(self, root: int, key: int) -> tuple[int, Node, int]:
         """Shadow every node from the root to the leaf holding ``key`` (which must exist).
@@ -375,39 +396,6 @@ class BTree:
         if i < 0 or node.keys[i] != key:
             raise KeyError(key)
         return new_root, node, i
-
-    def writable_leaf(self, root: int, key: int, *, room: bool = True) -> tuple[int, int, Node] | None:
-        """The leaf an insert of ``key`` at ``root`` would change, as (lo, hi, leaf), if that insert would shadow
-        nothing: every node from the root to the leaf was shadowed or created in this transaction (dirty) and has
-        one reference, and (``room``) no internal node on the way is full, so no split happens above the leaf. Any
-        key in [lo, hi) descends through the same nodes to the same leaf, changing none of them but the leaf.
-        While the transaction manager's ``share_gen`` stays as it is now, all of this stays true (only the leaf's
-        entries change, through inserts): an insert of a key in [lo, hi) may then change the leaf in place, as the
-        full path would (overwriting a key; adding one while the leaf has room). None otherwise. Reads nothing
-        that is not in memory (a node off the dirty set ends the walk).
-        """
-        tm = self.tm
-        dirty, count = tm.dirty, tm.sm.count
-        lo, hi = 0, 1 << 64
-        b = root
-        for _ in range(MAX_DEPTH):
-            node = dirty.get(b)
-            if type(node) is not Node or count(b) != 1:
-                return None
-            if node.is_leaf:
-                return (lo, hi, node) if node.value_size == self.value_size else None
-            keys = node.keys
-            if room and len(keys) >= node.max_entries:
-                return None
-            i = bisect_right(keys, key) - 1
-            if i < 0:  # an insert would lower the node's first key
-                return None
-            if keys[i] > lo:
-                lo = keys[i]
-            if i + 1 < len(keys) and keys[i + 1] < hi:
-                hi = keys[i + 1]
-            b = node.values[i]
-        return None
 
     def remove(self, root: int, key: int) -> tuple[int, bool]:
         """Remove ``key`` (dropping its value's reference). Returns (new root, whether it was present)."""

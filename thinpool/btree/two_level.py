@@ -10,7 +10,7 @@ the new subtree root in place (no reference moves: the top-level entry keeps hol
 Writable leaves (``insert``): once an insert has shadowed the path to a leaf, a later insert into that leaf in the
 same transaction would shadow nothing (every node on the path is dirty with one reference: shadowing returns it
 as it is) and change nothing but the leaf. So each device keeps the leaves its inserts left writable, with the
-key range each one answers for (BTree.writable_leaf), stamped with the transaction manager's sharing generation
+key range each one answers for (BTree.insert_leaf), stamped with the transaction manager's sharing generation
 (tx/transaction.py ``share_gen``) and the two roots. An insert of a key in such a range, at the same generation
 and roots, overwrites the key in the leaf or adds it while the leaf has room, as the full path would, without
 the descent and its reference-count reads; anything else takes the full path. The generation changes on every
@@ -116,30 +116,27 @@ class TwoLevelTree:
     def _insert_full(self, root: int, dev_id: int, key: int, value: Any, h: _Hot | None) -> tuple[int, int, bool]:
         """``insert`` through the top-level path and the device's tree (BTree.update, BTree.insert)."""
         self.full_inserts += 1
-        out: list[bool] = []
+        out: list[tuple[bool, Node | None, int, int]] = []
 
         def f(sub: Any) -> int:
-            new_sub, is_new = self.bottom.insert(int(sub), key, value)
-            out.append(is_new)
+            new_sub, is_new, leaf, lo, hi = self.bottom.insert_leaf(int(sub), key, value)
+            out.append((is_new, leaf, lo, hi))
             return new_sub
 
+        # (top.update shadows the top-level path, BTree.insert_leaf the device's: every node on both is then dirty
+        # with one reference, see BTree._insert_descent)
         root, new_sub = self.top.update(root, dev_id, f)
         new_sub = int(new_sub)
-        self._keep(root, dev_id, new_sub, key, h)
-        return root, new_sub, out[0]
+        is_new, leaf, lo, hi = out[0]
+        if leaf is not None:
+            self._keep(root, dev_id, new_sub, leaf, lo, hi, h)
+        return root, new_sub, is_new
 
-    def _keep(self, root: int, dev_id: int, sub: int, key: int, h: _Hot | None) -> None:
-        """After a full insert of ``key``: keep the leaf it left writable (if it did) for later inserts."""
+    def _keep(self, root: int, dev_id: int, sub: int, leaf: Node, lo: int, hi: int, h: _Hot | None) -> None:
+        """After a full insert: keep the leaf it left writable, answering for [lo, hi), for later inserts."""
         gen = self.tm.share_gen
         if h is None or h.gen != gen or h.root != root or h.sub != sub or len(h.leaves) >= HOT_LEAVES_MAX:
-            self._hot.pop(dev_id, None)
-            if self.top.writable_leaf(root, dev_id, room=False) is None:
-                return
             h = self._hot[dev_id] = _Hot(gen, root, sub)
-        found = self.bottom.writable_leaf(sub, key)
-        if found is None:
-            return
-        lo, hi, leaf = found
         starts, ends, leaves = h.starts, h.ends, h.leaves
         j = bisect_right(starts, lo)
         # a range kept earlier for this leaf may have grown since (an insert below its parent's first key lowers
