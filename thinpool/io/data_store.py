@@ -260,6 +260,8 @@ class DataStore:
         """
         # the 4 KiB overwrite's path: the file's end and the known-hole tail one comparison (_slow_end has the
         # checks), the dirty range _mark_dirty's steps inline
+        if data.__class__ is memoryview and (data.itemsize != 1 or data.ndim != 1 or not data.c_contiguous):
+            data = data.cast("B") if data.c_contiguous else data.tobytes()  # so that len() counts bytes
         n = len(data)
         end = offset + n
         if end > self._fast_end:
