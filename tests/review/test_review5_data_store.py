@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,24 @@ def _store(tmp_path: Path) -> DataStore:
     with open(p, "wb") as f:
         f.truncate(FILE_BYTES)
     return DataStore(str(p), 64 * 1024)
+
+
+def _short_first(keep: int, *, then: Callable[[], int]) -> Callable[[int, object, int], int]:
+    """A pwrite whose first call writes only ``keep`` bytes of its buffer; every later call returns ``then()``."""
+    real = os.pwrite
+    calls = [0]
+
+    def pwrite(fd: int, buf: object, pos: int) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            return real(fd, memoryview(buf).cast("B")[:keep], pos)  # type: ignore[arg-type]
+        return then()
+
+    return pwrite
+
+
+def _enospc() -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 writes = st.lists(
@@ -101,16 +120,7 @@ def test_split_writes_land_byte_for_byte(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_pwrite_that_makes_no_progress_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           size: int) -> None:
     store = _store(tmp_path)
-    real = os.pwrite
-    state = {"n": 0}
-
-    def pwrite(fd: int, buf: object, pos: int) -> int:
-        state["n"] += 1
-        if state["n"] == 1:
-            return real(fd, memoryview(buf).cast("B")[:100], pos)  # type: ignore[arg-type]
-        return 0
-
-    monkeypatch.setattr(ds_mod, "_pwrite", pwrite)
+    monkeypatch.setattr(ds_mod, "_pwrite", _short_first(100, then=lambda: 0))
     with pytest.raises(StoreIOError) as ei:
         store.pwrite(8192, b"z" * size)
     assert not isinstance(ei.value, HostNoSpace)
@@ -122,16 +132,7 @@ def test_a_pwrite_that_makes_no_progress_is_a_typed_error(tmp_path: Path, monkey
 def test_enospc_after_a_short_write_is_host_no_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      size: int) -> None:
     store = _store(tmp_path)
-    real = os.pwrite
-    state = {"n": 0}
-
-    def pwrite(fd: int, buf: object, pos: int) -> int:
-        state["n"] += 1
-        if state["n"] == 1:
-            return real(fd, memoryview(buf).cast("B")[:1000], pos)  # type: ignore[arg-type]
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(ds_mod, "_pwrite", pwrite)
+    monkeypatch.setattr(ds_mod, "_pwrite", _short_first(1000, then=_enospc))
     with pytest.raises(HostNoSpace):
         store.pwrite(0, b"q" * size)
     assert store.pread(0, 1000) == b"q" * 1000

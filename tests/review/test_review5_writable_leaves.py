@@ -182,20 +182,11 @@ def _load(rel: str, name: str) -> Any:
     return mod
 
 
-# --- metadata-level helpers ----------------------------------------------------------------------------------
-NR_META = 4096
-NR_DATA = 200_000
-
-
-def _new(path: str) -> PoolMetadata:
-    with open(path, "wb") as f:
-        f.truncate(NR_META * 4096)
-    return PoolMetadata.format(FileBlockStore(path), data_block_size=128, nr_data_blocks=NR_DATA)
-
-
-def _mappings(pmd: PoolMetadata, dev_id: int) -> dict[int, int]:
-    k, d, _ = pmd.mappings(dev_id)
-    return dict(zip(k.tolist(), d.tolist()))
+# --- metadata-level helpers: datapath6's test module's (a fresh metadata file of its geometry, a device's map) ---
+_DP6 = _load("pool/test_dp6_writable_leaves.py", "_review5_dp6")
+_new = _DP6._new
+_mappings = _DP6._mappings
+NR_META, NR_DATA = _DP6.NR_META, _DP6.NR_DATA
 
 
 def _all(pmd: PoolMetadata) -> dict[int, dict[int, int]]:
